@@ -1,0 +1,74 @@
+"""Make ``duck.utils.multiprocessing.processpool`` importable from duckpool.
+
+Installed as a ``.pth`` hook, so it runs at interpreter start-up: it only
+appends an import finder to ``sys.meta_path`` (no duckpool import happens
+until the seed path is actually imported).
+
+* Without the Duck framework installed, ``import duck.utils.multiprocessing.processpool``
+  gives duckpool's API (``duck``, ``duck.utils`` and ``duck.utils.multiprocessing``
+  become empty namespace packages).
+* With the Duck framework installed, Duck's own modules win and nothing changes,
+  unless ``DUCKPOOL_REPLACE_DUCK=1`` is set in the environment: then only the
+  ``processpool`` module resolves to duckpool's, and the rest of Duck is untouched.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import os
+import sys
+import types
+from typing import Optional, Sequence
+
+SEED_MODULE = "duck.utils.multiprocessing.processpool"
+_PARENTS = ("duck", "duck.utils", "duck.utils.multiprocessing")
+
+
+class _ShimLoader(importlib.abc.Loader):
+    """Loads the seed module as a re-export of :mod:`duckpool._seed`."""
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> Optional[types.ModuleType]:
+        return None
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        from duckpool import _seed
+
+        module.__dict__.update(
+            {name: getattr(_seed, name) for name in _seed.__all__},
+            __all__=list(_seed.__all__),
+            __doc__=_seed.__doc__,
+        )
+
+
+class DuckAliasFinder(importlib.abc.MetaPathFinder):
+    """Finds the seed module path when no Duck framework provides it."""
+
+    def __init__(self, *, provide_parents: bool) -> None:
+        self.provide_parents = provide_parents
+
+    def find_spec(
+        self,
+        fullname: str,
+        path: Optional[Sequence[str]] = None,
+        target: Optional[types.ModuleType] = None,
+    ) -> Optional[importlib.machinery.ModuleSpec]:
+        if fullname == SEED_MODULE:
+            return importlib.machinery.ModuleSpec(fullname, _ShimLoader())
+        if fullname in _PARENTS and self.provide_parents:
+            # Reached only when no installed package provides it: this finder
+            # sits at the end of sys.meta_path.
+            return importlib.machinery.ModuleSpec(fullname, None, is_package=True)
+        return None
+
+
+def install() -> None:
+    """Register the finder once (idempotent)."""
+    if any(isinstance(f, DuckAliasFinder) for f in sys.meta_path):
+        return
+    # At the end of sys.meta_path: reached only for names nothing else provides.
+    sys.meta_path.append(DuckAliasFinder(provide_parents=True))
+    if os.environ.get("DUCKPOOL_REPLACE_DUCK", "") not in ("", "0"):
+        # At the front: the seed module resolves to duckpool's even when the
+        # Duck framework is installed; Duck's other modules are untouched.
+        sys.meta_path.insert(0, DuckAliasFinder(provide_parents=False))

@@ -1,0 +1,37 @@
+"""duckpool: named, fork-aware, self-healing process pools for Python servers.
+
+The public API is the Duck framework's process-pool system
+(``duck.utils.multiprocessing.processpool``) plus duckpool's own executor::
+
+    from duckpool import get_or_create_process_manager
+
+    manager = get_or_create_process_manager("render")
+    manager.start(max_workers=2, task_type="render", process_name_prefix="render")
+    future = manager.submit_task(pow, 2, 10, task_type="render")
+    assert future.result(timeout=10) == 1024
+    manager.stop()
+"""
+
+from duckpool._errors import (
+    InheritedManagerError,
+    ManagerNotFound,
+    UnknownTaskError,
+    WorkerDiedError,
+)
+from duckpool._executor import ProcessPoolExecutor
+from duckpool._manager import ProcessPoolManager
+from duckpool._registry import REGISTRY, get_or_create_process_manager
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "REGISTRY",
+    "InheritedManagerError",
+    "ManagerNotFound",
+    "ProcessPoolExecutor",
+    "ProcessPoolManager",
+    "UnknownTaskError",
+    "WorkerDiedError",
+    "__version__",
+    "get_or_create_process_manager",
+]

@@ -1,0 +1,124 @@
+"""Every exception duckpool raises, in one hierarchy.
+
+The seed's two errors (:class:`ManagerNotFound`, :class:`UnknownTaskError`)
+subclass :class:`Exception` directly, as on the Duck API page.  Errors about a
+broken or dead worker subclass the standard library's
+:class:`~concurrent.futures.process.BrokenProcessPool`, so existing
+``except BrokenProcessPool`` clauses keep working.
+"""
+
+from __future__ import annotations
+
+import signal
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Optional
+
+__all__ = [
+    "InheritedManagerError",
+    "ManagerNotFound",
+    "UnknownTaskError",
+    "WorkerDiedError",
+]
+
+
+class ManagerNotFound(Exception):
+    """No manager is registered under the requested id in this process.
+
+    Raised by ``get_or_create_process_manager(id, strictly_get=True)`` when
+    the current process has no manager with that id.
+    """
+
+
+class UnknownTaskError(Exception):
+    """A task's type is not accepted by the pool it was submitted to.
+
+    A pool started with ``task_type="render"`` accepts only tasks submitted
+    with ``task_type="render"``; any other type, or no type, raises this error
+    before anything is queued.
+
+    Attributes:
+        task_type: the type the task was submitted with (``None`` if untyped).
+        pool_task_type: the type the pool accepts.
+    """
+
+    def __init__(self, task_type: Any, pool_task_type: Any) -> None:
+        self.task_type = task_type
+        self.pool_task_type = pool_task_type
+        super().__init__(
+            f"task_type {task_type!r} is not accepted by this pool "
+            f"(the pool accepts task_type {pool_task_type!r}); submit it with "
+            f"task_type={pool_task_type!r} or to a pool started for {task_type!r}"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.task_type, self.pool_task_type))
+
+
+class InheritedManagerError(RuntimeError):
+    """A manager or executor was used in a process that did not create it.
+
+    A process forked from one that owns pools inherits copies of those
+    objects, but not their worker processes or dispatch thread: using such a
+    copy would hang, so it raises this error instead.  Create a new manager in
+    the child (``get_or_create_process_manager`` does so, since a forked child
+    starts with an empty registry).
+    """
+
+
+def describe_exit(exitcode: Optional[int]) -> str:
+    """Say in words how a process ended, from its ``Process.exitcode``."""
+    if exitcode is None:
+        return "exit status unknown"
+    if exitcode < 0:
+        return f"killed by signal {signal_name(-exitcode)}"
+    return f"exited with code {exitcode}"
+
+
+def signal_name(signum: int) -> str:
+    """Return ``"SIGKILL"`` for 9, or ``"signal 99"`` for an unknown number."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+class WorkerDiedError(BrokenProcessPool):
+    """The worker process running a task died before returning its result.
+
+    Only the task that was running fails with this error; the pool starts a
+    replacement worker in the same slot and goes on serving.
+
+    Attributes:
+        pid: the dead worker's process id.
+        exitcode: its ``Process.exitcode`` (negative: killed by that signal).
+        signal_name: e.g. ``"SIGKILL"`` when killed by a signal, else ``None``.
+        slot: the worker slot the process occupied.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        pid: Optional[int] = None,
+        exitcode: Optional[int] = None,
+        slot: Optional[int] = None,
+    ) -> None:
+        super().__init__(message)
+        self.pid = pid
+        self.exitcode = exitcode
+        self.slot = slot
+        self.signal_name = (
+            signal_name(-exitcode) if exitcode is not None and exitcode < 0 else None
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            _rebuild_worker_died,
+            (str(self), self.pid, self.exitcode, self.slot),
+        )
+
+
+def _rebuild_worker_died(
+    message: str, pid: Optional[int], exitcode: Optional[int], slot: Optional[int]
+) -> WorkerDiedError:
+    return WorkerDiedError(message, pid=pid, exitcode=exitcode, slot=slot)

@@ -1,0 +1,284 @@
+"""ProcessPoolManager: a named, typed process pool that belongs to one process."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+import weakref
+from concurrent.futures import Future
+from multiprocessing.context import BaseContext
+from typing import Any, Callable, Dict, List, Optional
+
+from duckpool._errors import InheritedManagerError, UnknownTaskError
+from duckpool._executor import ProcessPoolExecutor
+from duckpool._registry import REGISTRY
+
+__all__ = ["ProcessPoolManager"]
+
+_instances_lock = threading.Lock()
+
+
+class ProcessPoolManager:
+    """A process pool with task-type protection, owned by the process that made it.
+
+    ``start()`` creates the pool (a :class:`duckpool.ProcessPoolExecutor`);
+    ``submit_task()`` runs work on it, refusing tasks of the wrong type;
+    ``stop()`` shuts it down.  A worker that dies fails only the task it was
+    running; the pool replaces it and goes on.  Usually obtained through
+    :func:`get_or_create_process_manager`, which names it.
+
+    A copy of a manager inherited by a forked child raises
+    :class:`~duckpool.InheritedManagerError` when used, instead of hanging.
+    """
+
+    __instances: List[Any] = []
+    """Weak references to the managers created in this process (see ``all_instances``)."""
+
+    def __init__(
+        self, creator_process: Optional[multiprocessing.process.BaseProcess] = None
+    ) -> None:
+        """Create a stopped manager.
+
+        Args:
+            creator_process: the process responsible for this manager
+                (informational; defaults to none recorded).
+        """
+        self._creator_process = creator_process
+        self._id: Any = None
+        self._owner_pid = os.getpid()
+        self._lock = threading.RLock()
+        self._pool: Optional[ProcessPoolExecutor] = None
+        self._max_workers: Optional[int] = None
+        self._daemon: Optional[bool] = None
+        self._task_type: Optional[str] = None
+        self._process_name_prefix: Optional[str] = None
+        self._mp_context: Optional[BaseContext] = None
+        self._stopped = False
+        with _instances_lock:
+            ProcessPoolManager.__instances.append(weakref.ref(self))
+
+    # -- identity -------------------------------------------------------
+
+    @property
+    def id(self) -> Any:
+        """The id this manager is registered under (``None`` for the default id)."""
+        return self._id
+
+    @classmethod
+    def all_instances(cls) -> List[ProcessPoolManager]:
+        """The managers of this process that are still in use.
+
+        A manager replaced through ``force_create`` drops out, and so does one
+        that was garbage collected; copies inherited from a parent are not listed.
+        """
+        pid = os.getpid()
+        with _instances_lock:
+            live = [ref() for ref in ProcessPoolManager.__instances]
+            ProcessPoolManager.__instances[:] = [
+                weakref.ref(m) for m in live if m is not None
+            ]
+        return [m for m in live if m is not None and m._owner_pid == pid]
+
+    @classmethod
+    def registry(cls) -> Dict[int, Dict[Any, ProcessPoolManager]]:
+        """The module's ``REGISTRY`` itself: ``{pid: {id: manager}}``."""
+        return REGISTRY
+
+    def _forget(self) -> None:
+        """Drop out of ``all_instances`` (this manager was replaced)."""
+        with _instances_lock:
+            ProcessPoolManager.__instances[:] = [
+                ref for ref in ProcessPoolManager.__instances if ref() is not self
+            ]
+
+    def _check_owner(self) -> None:
+        if self._owner_pid != os.getpid():
+            raise InheritedManagerError(
+                f"process pool manager {self._id!r} belongs to process {self._owner_pid}; "
+                f"process {os.getpid()} inherited a copy by fork and cannot use it. "
+                "Call get_or_create_process_manager() in this process for a manager of its own."
+            )
+
+    # -- lifecycle --------------------------------------------------------
+
+    def start(
+        self,
+        max_workers: int,
+        task_type: Optional[str] = None,
+        daemon: bool = False,
+        process_name_prefix: Optional[str] = None,
+        mp_context: Optional[BaseContext] = None,
+    ) -> None:
+        """Start the pool, ready to accept tasks.
+
+        Workers start on the first submitted task.
+
+        Args:
+            max_workers: the number of worker processes (a positive int).
+            task_type: if given, the pool accepts only tasks submitted with this type.
+            daemon: if true, interpreter exit kills running tasks instead of
+                waiting for submitted work; either way workers never outlive
+                this process, and tasks may start child processes.
+            process_name_prefix: names each worker ``<prefix>-<slot>``, both
+                its ``multiprocessing.current_process().name`` and the process
+                title ``ps`` and ``top`` show; a replacement keeps its slot.
+            mp_context: a multiprocessing context (fork, spawn or forkserver);
+                the default context if ``None``.
+
+        Raises:
+            ValueError: if ``max_workers`` is not a positive int.
+            TypeError: if another argument has the wrong type.
+            RuntimeError: if the pool is already running.
+        """
+        self._check_owner()
+        if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
+            raise ValueError(f"max_workers must be a positive int, got {max_workers!r}")
+        if task_type is not None and not isinstance(task_type, str):
+            raise TypeError(f"task_type must be a str or None, got {task_type!r}")
+        if process_name_prefix is not None and not isinstance(process_name_prefix, str):
+            raise TypeError(
+                f"process_name_prefix must be a str or None, got {process_name_prefix!r}"
+            )
+        if mp_context is not None and not isinstance(mp_context, BaseContext):
+            raise TypeError(
+                f"mp_context must be a multiprocessing context, got {mp_context!r}"
+            )
+        with self._lock:
+            if self._pool is not None:
+                raise RuntimeError(
+                    f"process pool manager {self._id!r} is already running; stop() it first"
+                )
+            self._pool = ProcessPoolExecutor(
+                max_workers,
+                mp_context,
+                process_name_prefix=process_name_prefix,
+                daemon=bool(daemon),
+            )
+            self._max_workers = max_workers
+            self._task_type = task_type
+            self._daemon = bool(daemon)
+            self._process_name_prefix = process_name_prefix
+            self._mp_context = mp_context
+            self._stopped = False
+
+    def get_pool(self) -> ProcessPoolExecutor:
+        """Return the running pool (a ``concurrent.futures.ProcessPoolExecutor``).
+
+        Raises:
+            RuntimeError: if the manager has not been started or was stopped.
+        """
+        self._check_owner()
+        pool = self._pool
+        if pool is None:
+            raise RuntimeError(
+                f"process pool manager {self._id!r} is not running; call start() first"
+            )
+        return pool
+
+    def submit_task(
+        self,
+        task: Callable[..., Any],
+        *args: Any,
+        task_type: Optional[str] = None,
+        **kwargs: Any,
+    ) -> Future[Any]:
+        """Run ``task(*args, **kwargs)`` in the pool and return its future.
+
+        A task that raises delivers its exception through the future; a task
+        whose worker dies fails with :class:`~duckpool.WorkerDiedError`; the
+        pool goes on serving in both cases.
+
+        Raises:
+            UnknownTaskError: if the pool was started with a ``task_type`` and
+                this task's type differs (an untyped task included).
+            RuntimeError: if the manager is not running.
+        """
+        pool = self.get_pool()
+        pool_type = self._task_type
+        if pool_type is not None and task_type != pool_type:
+            raise UnknownTaskError(task_type, pool_type)
+        return pool.submit(task, *args, **kwargs)
+
+    def stop(self, wait: bool = True) -> None:
+        """Shut the pool down; calling it again is harmless.
+
+        Args:
+            wait: wait for submitted tasks to finish and workers to exit.
+                With ``False`` it returns at once; submitted tasks still run
+                and their futures still resolve.
+        """
+        self._check_owner()
+        with self._lock:
+            pool = self._pool
+            self._pool = None
+            if pool is not None:
+                self._stopped = True
+        if pool is not None:
+            pool.shutdown(wait=wait)
+
+    def _worker_init(self) -> None:
+        """Apply this manager's worker naming in the current (worker) process.
+
+        Kept from the Duck original.  duckpool names workers itself, so the
+        pool never uses this as an initializer; it is harmless under every
+        start method, since a manager pickles as its plain settings.
+        """
+        if not self._process_name_prefix:
+            return
+        current = multiprocessing.current_process()
+        suffix = current.name.rsplit("-", 1)[-1]
+        title = f"{self._process_name_prefix}-{suffix}"
+        current.name = title
+        import setproctitle
+
+        setproctitle.setproctitle(title)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # Only plain settings cross a process boundary: never the pool, its
+        # locks, or the creator process (the Duck original's spawn failure).
+        return {
+            "_id": self._id,
+            "_owner_pid": self._owner_pid,
+            "_max_workers": self._max_workers,
+            "_daemon": self._daemon,
+            "_task_type": self._task_type,
+            "_process_name_prefix": self._process_name_prefix,
+        }
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._creator_process = None
+        self._lock = threading.RLock()
+        self._pool = None
+        self._mp_context = None
+        self._stopped = False
+
+    # -- display ------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """``"new"``, ``"running"``, ``"stopped"`` or ``"inherited"``."""
+        if self._owner_pid != os.getpid():
+            return "inherited"
+        if self._pool is not None:
+            return "running"
+        return "stopped" if self._stopped else "new"
+
+    def _start_method(self) -> Optional[str]:
+        if self._pool is not None:
+            return self._pool.start_method
+        if self._mp_context is not None:
+            return str(self._mp_context.get_start_method())
+        return None
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} id={self._id!r} state={self.state} "
+            f"max_workers={self._max_workers} task_type={self._task_type!r} "
+            f"start_method={self._start_method()!r} daemon={self._daemon} "
+            f"owner_pid={self._owner_pid}>"
+        )
+
+    def __str__(self) -> str:
+        return self.__repr__()

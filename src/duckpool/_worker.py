@@ -1,0 +1,188 @@
+"""What runs inside a worker process, and nothing else.
+
+A worker reads task frames from its task pipe, runs them one at a time in its
+main thread, and writes one result frame per task to its result pipe, in the
+order the tasks arrived.  The frame layouts are the whole protocol between
+the parent (``_executor``) and a worker:
+
+* task frame (parent -> worker): ``task_id`` (8 bytes, little endian) followed
+  by the pickle of ``(fn, args, kwargs)``; an empty frame asks the worker to exit.
+* result frame (worker -> parent): ``task_id`` (8 bytes), one status byte,
+  then a pickle: the return value for ``STATUS_OK``, or ``(exception,
+  traceback_text)`` for ``STATUS_ERROR`` and ``STATUS_INIT_FAILED``.
+
+The task id travels outside the pickle so that a payload that fails to
+unpickle, on either side, fails only its own future.
+
+This module is imported by every spawned worker: it imports as little as it can.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sys
+import threading
+import traceback
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
+STATUS_OK = 0
+STATUS_ERROR = 1
+STATUS_INIT_FAILED = 2
+
+TASK_ID_BYTES = 8
+RESULT_HEADER_BYTES = TASK_ID_BYTES + 1
+
+#: How often the parent-death watchdog polls where no pidfd is available.
+_PARENT_POLL_SECONDS = 0.2
+
+
+class WorkerConfig(NamedTuple):
+    """Everything a worker needs to know, sent once when it starts."""
+
+    slot: int
+    title: Optional[str]
+    parent_pid: int
+    initializer: Optional[Callable[..., object]]
+    initargs: tuple[Any, ...]
+
+
+def encode_result(task_id: int, status: int, payload: bytes) -> bytes:
+    """Build a result frame."""
+    return task_id.to_bytes(TASK_ID_BYTES, "little") + bytes((status,)) + payload
+
+
+def dump_exception(exc: BaseException) -> bytes:
+    """Pickle ``(exc, traceback_text)``, degrading to a picklable stand-in."""
+    tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        return pickle.dumps((exc, tb_text), pickle.HIGHEST_PROTOCOL)
+    except BaseException as pickling_error:
+        stand_in = RuntimeError(
+            f"the task raised {type(exc).__qualname__}: {exc!s} "
+            f"(the exception itself could not be pickled: {pickling_error!r})"
+        )
+        return pickle.dumps((stand_in, tb_text), pickle.HIGHEST_PROTOCOL)
+
+
+def run_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any]:
+    """Apply ``fn`` to each argument tuple of a ``map`` chunk."""
+    return [fn(*args) for args in chunk]
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exit this worker as soon as the parent process is gone.
+
+    A pidfd becomes readable when the process exits, whoever its parent is
+    (under forkserver the worker's parent is the fork server, so getppid()
+    alone would not do); where pidfds are missing, poll.
+    """
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is not None:
+        try:
+            fd = pidfd_open(parent_pid)
+        except ProcessLookupError:
+            os._exit(1)
+        except OSError:
+            pass
+        else:
+            import select
+
+            select.select([fd], [], [])
+            os._exit(1)
+    import time
+
+    while True:
+        try:
+            os.kill(parent_pid, 0)
+        except ProcessLookupError:
+            os._exit(1)
+        except PermissionError:
+            pass
+        time.sleep(_PARENT_POLL_SECONDS)
+
+
+def _ignore_interrupt(signum: int, frame: object) -> None:
+    """SIGINT goes to the whole foreground process group on Ctrl-C; the parent
+    decides what to stop, so a worker neither dies nor prints a traceback."""
+
+
+def _prepare(config: WorkerConfig) -> None:
+    """Name the process, ignore Ctrl-C, and start the parent-death watchdog."""
+    if config.title:
+        import setproctitle
+
+        setproctitle.setproctitle(config.title)
+    signal.signal(signal.SIGINT, _ignore_interrupt)
+    threading.Thread(
+        target=_watch_parent,
+        args=(config.parent_pid,),
+        name="duckpool-parent-watchdog",
+        daemon=True,
+    ).start()
+
+
+def worker_main(task_conn: Connection, result_conn: Connection, config: WorkerConfig) -> None:
+    """Entry point of a worker process: serve tasks until told to stop."""
+    _prepare(config)
+    send = result_conn.send_bytes
+    if config.initializer is not None:
+        try:
+            config.initializer(*config.initargs)
+        except BaseException as exc:
+            import logging
+
+            # The standard library logs here too; keeping its logger name lets
+            # existing log configuration (and CPython's own tests) see it.
+            logging.getLogger("concurrent.futures").critical(
+                "Exception in initializer:", exc_info=True
+            )
+            send(encode_result(0, STATUS_INIT_FAILED, dump_exception(exc)))
+            return
+    _serve(task_conn.recv_bytes, send)
+
+
+def _serve(recv: Callable[[], bytes], send: Callable[[bytes], None]) -> None:
+    """The task loop: one frame in, one frame out, in order."""
+    loads = pickle.loads
+    dumps = pickle.dumps
+    protocol = pickle.HIGHEST_PROTOCOL
+    while True:
+        try:
+            frame = recv()
+        except (EOFError, OSError):
+            return  # the parent is gone or closed the pipe
+        if not frame:
+            return
+        view = memoryview(frame)
+        task_id = int.from_bytes(view[:TASK_ID_BYTES], "little")
+        try:
+            fn, args, kwargs = loads(view[TASK_ID_BYTES:])
+        except BaseException as exc:
+            send(encode_result(task_id, STATUS_ERROR, dump_exception(exc)))
+            continue
+        del view, frame
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:
+            # SystemExit and KeyboardInterrupt raised by a task are that task's
+            # outcome, not an order to this worker.
+            send(encode_result(task_id, STATUS_ERROR, dump_exception(exc)))
+            continue
+        finally:
+            del fn, args, kwargs
+        try:
+            payload = dumps(result, protocol)
+        except BaseException as exc:
+            send(encode_result(task_id, STATUS_ERROR, dump_exception(exc)))
+            continue
+        del result
+        send(encode_result(task_id, STATUS_OK, payload))
+
+
+if __name__ == "__main__":  # pragma: no cover - not an entry point
+    sys.exit("duckpool._worker is started by duckpool, not run directly")
