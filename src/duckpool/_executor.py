@@ -118,7 +118,7 @@ def _exception_from_payload(payload: memoryview) -> BaseException:
 class _WorkItem:
     """One submitted call, from submit() until its future is resolved."""
 
-    __slots__ = ("delivered", "frame", "future", "label", "started", "task_id")
+    __slots__ = ("frame", "future", "label", "started", "task_id")
 
     def __init__(self, future: Future[Any], task_id: int, frame: bytes, label: str) -> None:
         self.future = future
@@ -127,8 +127,6 @@ class _WorkItem:
         self.label = label
         #: set_running_or_notify_cancel() has been called on the future.
         self.started = False
-        #: The frame was written to the current worker's pipe without error.
-        self.delivered = False
 
 
 class _Slot:
@@ -202,6 +200,8 @@ class _PoolCore:
         self.broken_cause: Optional[BaseException] = None
         self.kill_requested: Optional[int] = None  # a signal number
         self.thread: Optional[threading.Thread] = None
+        #: Shared with the workers: the task id each slot last took up.
+        self.started_marks: Any = None
         self.wakeup_r, self.wakeup_w = os.pipe()
         os.set_blocking(self.wakeup_r, False)
         os.set_blocking(self.wakeup_w, False)
@@ -234,6 +234,8 @@ class _PoolCore:
             return
         # Workers first, then the thread: under fork, the first workers are
         # then forked before this pool adds a thread to the process.
+        if self.started_marks is None:
+            self.started_marks = self.context.RawArray("Q", self.max_workers)
         for slot in self.slots:
             if slot.process is None:
                 self.start_worker(slot)
@@ -256,6 +258,7 @@ class _PoolCore:
             parent_pid=os.getpid(),
             initializer=self.initializer,
             initargs=self.initargs,
+            started_marks=self.started_marks,
         )
         # The parent-side ends go on the slot first, so that the fork hook
         # closes them in the new child (and in any other forked process).
@@ -308,10 +311,8 @@ class _PoolCore:
             slot.task_conn.send_bytes(item.frame)
         except OSError:
             # The worker is dead or dying: the dispatcher will see its sentinel
-            # and give this undelivered item to another worker.
-            item.delivered = False
-        else:
-            item.delivered = True
+            # and, since the worker never took this item up, requeue it.
+            pass
         if self.max_tasks_per_child is not None and slot.tasks_sent >= self.max_tasks_per_child:
             self.retire(slot)
         return True
@@ -538,7 +539,9 @@ class _PoolCore:
             assigned = slot.assigned
             if assigned:
                 head = assigned[0]
-                if head.delivered and not self.never_read(slot):
+                # The worker marks each task it takes up: an item it never
+                # reached (killed while idle, mid-send) is requeued, not failed.
+                if self.started_marks[slot.index] == head.task_id:
                     assigned.popleft()
                     error = WorkerDiedError(
                         f"worker {slot.index} (pid {process.pid}) died while running "
@@ -550,25 +553,10 @@ class _PoolCore:
                     failed = (head, error)
                 # The rest never started: they go back to the front of the queue.
                 self.pending.extendleft(reversed(assigned))
-                for item in assigned:
-                    item.delivered = False
                 assigned.clear()
             self.close_slot(slot)
         if failed is not None:
             _set_exception(failed[0].future, failed[1])
-
-    def never_read(self, slot: _Slot) -> bool:
-        """Did the dead worker leave every frame it was sent unread? (lock held)
-
-        A worker killed while idle can be sent a task in the instant before
-        the kernel closes its pipe; that task never started and must not fail.
-        """
-        conn = slot.task_conn
-        if conn is None:
-            return False
-        unread = _unread_bytes(conn)
-        wire = sum(_wire_size(item.frame) for item in slot.assigned)
-        return unread >= wire
 
     def close_slot(self, slot: _Slot) -> None:
         """Forget the slot's process and close its pipes (lock held)."""
@@ -647,6 +635,7 @@ class _PoolCore:
             started = self.thread is not None
         for item in cancelled:
             item.future.cancel()
+            _notify_if_cancelled(item.future)
         if started:
             self.wake()
         else:
@@ -690,25 +679,6 @@ class _PoolCore:
         self.lock = threading.Lock()
 
 
-def _unread_bytes(conn: mp_connection.Connection) -> int:
-    """How many bytes written to a pipe its reader has not consumed (0 if unknown)."""
-    import array
-    import fcntl
-    import termios
-
-    buf = array.array("i", [0])
-    try:
-        fcntl.ioctl(conn.fileno(), termios.FIONREAD, buf, True)
-    except (OSError, ValueError):
-        return 0
-    return buf[0]
-
-
-def _wire_size(frame: bytes) -> int:
-    """Bytes a frame takes in a pipe: multiprocessing's length header plus the frame."""
-    return len(frame) + (4 if len(frame) < 0x7FFFFFFF else 12)
-
-
 def _reap(processes: list[BaseProcess], grace: float) -> None:
     """Join processes; terminate, then kill, those that outstay ``grace``."""
     for process in processes:
@@ -722,18 +692,30 @@ def _reap(processes: list[BaseProcess], grace: float) -> None:
             process.join(_KILL_GRACE_SECONDS)
 
 
+def _notify_if_cancelled(future: Future[Any]) -> None:
+    """Let ``concurrent.futures.wait`` see a cancelled future as done.
+
+    A future cancelled while queued counts as done for waiters only once the
+    executor acknowledges it (CANCELLED -> CANCELLED_AND_NOTIFIED).
+    """
+    try:
+        future.set_running_or_notify_cancel()
+    except RuntimeError:  # already acknowledged, or running
+        pass
+
+
 def _set_result(future: Future[Any], value: Any) -> None:
     try:
         future.set_result(value)
     except Exception:  # cancelled or already resolved by a racing path
-        pass
+        _notify_if_cancelled(future)
 
 
 def _set_exception(future: Future[Any], error: BaseException) -> None:
     try:
         future.set_exception(error)
-    except Exception:  # InvalidStateError
-        pass
+    except Exception:  # cancelled or already resolved by a racing path
+        _notify_if_cancelled(future)
 
 
 def _after_fork_in_child() -> None:

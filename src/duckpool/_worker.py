@@ -49,6 +49,10 @@ class WorkerConfig(NamedTuple):
     parent_pid: int
     initializer: Optional[Callable[..., object]]
     initargs: tuple[Any, ...]
+    #: Shared ``RawArray('Q')``, one cell per slot: the id of the task this
+    #: slot's worker has taken up, so that after a death the parent knows
+    #: whether the task it sent had started.
+    started_marks: Any
 
 
 def encode_result(task_id: int, status: int, payload: bytes) -> bytes:
@@ -143,10 +147,12 @@ def worker_main(task_conn: Connection, result_conn: Connection, config: WorkerCo
             )
             send(encode_result(0, STATUS_INIT_FAILED, dump_exception(exc)))
             return
-    _serve(task_conn.recv_bytes, send)
+    _serve(task_conn.recv_bytes, send, config.started_marks, config.slot)
 
 
-def _serve(recv: Callable[[], bytes], send: Callable[[bytes], None]) -> None:
+def _serve(
+    recv: Callable[[], bytes], send: Callable[[bytes], None], marks: Any, slot: int
+) -> None:
     """The task loop: one frame in, one frame out, in order."""
     loads = pickle.loads
     dumps = pickle.dumps
@@ -160,6 +166,7 @@ def _serve(recv: Callable[[], bytes], send: Callable[[bytes], None]) -> None:
             return
         view = memoryview(frame)
         task_id = int.from_bytes(view[:TASK_ID_BYTES], "little")
+        marks[slot] = task_id
         try:
             fn, args, kwargs = loads(view[TASK_ID_BYTES:])
         except BaseException as exc:

@@ -1,0 +1,72 @@
+"""Functions the executor tests run in worker processes (importable under spawn)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def getpid() -> int:
+    return os.getpid()
+
+
+def exit_now(code: int) -> None:
+    os._exit(code)
+
+
+def kill_self(signum: int = signal.SIGKILL) -> None:
+    os.kill(os.getpid(), signum)
+
+
+def raise_key_error(key: str) -> None:
+    raise KeyError(key)
+
+
+def wait_for_file(path: str, timeout: float = 30.0) -> str:
+    """Block until ``path`` exists (the test's signal to go on)."""
+    deadline = time.monotonic() + timeout
+    while not Path(path).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.005)
+    return "released"
+
+
+def touch_then_wait(started: str, gate: str) -> str:
+    """Say "running" by creating ``started``, then wait for ``gate``."""
+    Path(started).touch()
+    return wait_for_file(gate)
+
+
+def return_lambda() -> Any:
+    return lambda: None
+
+
+def init_fail() -> None:
+    raise ValueError("error in initializer")
+
+
+class _FailsToUnpickle:
+    """Pickles fine, raises when unpickled."""
+
+    def __reduce__(self) -> Any:
+        return (_refuse, ("refused to unpickle",))
+
+
+def _refuse(message: str) -> None:
+    raise RuntimeError(message)
+
+
+def fails_to_unpickle() -> _FailsToUnpickle:
+    return _FailsToUnpickle()
+
+
+def identity(x: Any) -> Any:
+    return x

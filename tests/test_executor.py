@@ -1,0 +1,257 @@
+"""duckpool.ProcessPoolExecutor: results, failures that stay local, shutdown paths."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import gc
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+import _executor_tasks as tasks
+import duckpool
+from conftest import process_gone, wait_until
+
+TIMEOUT = 30
+
+
+@pytest.fixture
+def executor(ctx: object) -> Iterator[duckpool.ProcessPoolExecutor]:
+    pool = duckpool.ProcessPoolExecutor(2, mp_context=ctx)  # type: ignore[arg-type]
+    yield pool
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def test_is_a_stdlib_process_pool_executor() -> None:
+    pool = duckpool.ProcessPoolExecutor(1)
+    assert isinstance(pool, concurrent.futures.ProcessPoolExecutor)
+    pool.shutdown()
+
+
+def test_submit_and_map_return_results(executor: duckpool.ProcessPoolExecutor) -> None:
+    futures = [executor.submit(tasks.add, i, 1) for i in range(20)]
+    assert [f.result(TIMEOUT) for f in futures] == list(range(1, 21))
+    assert list(executor.map(tasks.add, range(7), range(7), chunksize=3)) == [
+        2 * i for i in range(7)
+    ]
+    assert list(executor.map(tasks.identity, range(9), buffersize=2)) == list(range(9))
+
+
+def test_task_exception_keeps_its_type_with_remote_traceback(
+    executor: duckpool.ProcessPoolExecutor,
+) -> None:
+    future = executor.submit(tasks.raise_key_error, "missing")
+    with pytest.raises(KeyError, match="missing") as info:
+        future.result(TIMEOUT)
+    assert "raise_key_error" in str(info.value.__cause__)
+    assert executor.submit(tasks.add, 1, 1).result(TIMEOUT) == 2
+
+
+def test_worker_exit_fails_only_its_task(
+    executor: duckpool.ProcessPoolExecutor, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    started = tmp_path / "started"
+    innocent = executor.submit(tasks.touch_then_wait, str(started), str(gate))
+    wait_until(started.exists, TIMEOUT)
+    doomed = executor.submit(tasks.exit_now, 3)
+    queued = [executor.submit(tasks.add, i, i) for i in range(5)]
+    with pytest.raises(duckpool.WorkerDiedError, match="exited with code 3") as info:
+        doomed.result(TIMEOUT)
+    assert isinstance(info.value, BrokenProcessPool)
+    assert info.value.exitcode == 3
+    assert info.value.signal_name is None
+    assert info.value.pid not in executor.worker_pids()
+    gate.touch()
+    assert innocent.result(TIMEOUT) == "released"
+    assert [f.result(TIMEOUT) for f in queued] == [0, 2, 4, 6, 8]
+
+
+def test_worker_killed_by_signal_names_the_signal(executor: duckpool.ProcessPoolExecutor) -> None:
+    with pytest.raises(duckpool.WorkerDiedError, match="SIGKILL") as info:
+        executor.submit(tasks.kill_self, signal.SIGKILL).result(TIMEOUT)
+    assert info.value.signal_name == "SIGKILL"
+    assert info.value.exitcode == -signal.SIGKILL
+    assert executor.submit(tasks.add, 2, 2).result(TIMEOUT) == 4
+
+
+def test_idle_worker_killed_from_outside_fails_no_future(
+    executor: duckpool.ProcessPoolExecutor,
+) -> None:
+    assert executor.submit(tasks.add, 0, 0).result(TIMEOUT) == 0
+    victim = executor.worker_pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    # Submitted at once, before the pool can have noticed the death.
+    futures = [executor.submit(tasks.add, i, 0) for i in range(10)]
+    assert [f.result(TIMEOUT) for f in futures] == list(range(10))
+    wait_until(lambda: len(executor.worker_pids()) == 2 and victim not in executor.worker_pids())
+
+
+def test_unpicklable_argument_fails_only_its_future(
+    executor: duckpool.ProcessPoolExecutor,
+) -> None:
+    future = executor.submit(tasks.identity, lambda: None)
+    with pytest.raises(pickle.PicklingError, match="identity"):
+        future.result(0)
+    assert executor.submit(tasks.add, 1, 2).result(TIMEOUT) == 3
+
+
+def test_unpicklable_result_fails_only_its_future(executor: duckpool.ProcessPoolExecutor) -> None:
+    with pytest.raises(Exception, match="lambda"):
+        executor.submit(tasks.return_lambda).result(TIMEOUT)
+    assert executor.submit(tasks.add, 1, 2).result(TIMEOUT) == 3
+
+
+def test_argument_that_fails_to_unpickle_in_worker_fails_only_its_future(
+    executor: duckpool.ProcessPoolExecutor,
+) -> None:
+    with pytest.raises(RuntimeError, match="refused to unpickle"):
+        executor.submit(tasks.identity, tasks._FailsToUnpickle()).result(TIMEOUT)
+    assert executor.submit(tasks.add, 1, 2).result(TIMEOUT) == 3
+
+
+def test_result_that_fails_to_unpickle_in_parent_fails_only_its_future(
+    executor: duckpool.ProcessPoolExecutor,
+) -> None:
+    with pytest.raises(pickle.UnpicklingError, match="fails_to_unpickle") as info:
+        executor.submit(tasks.fails_to_unpickle).result(TIMEOUT)
+    assert "refused to unpickle" in str(info.value.__cause__)
+    assert executor.submit(tasks.add, 1, 2).result(TIMEOUT) == 3
+
+
+def test_max_tasks_per_child_recycles_without_hanging(ctx: object) -> None:
+    pool = duckpool.ProcessPoolExecutor(1, ctx, max_tasks_per_child=2)  # type: ignore[arg-type]
+    try:
+        pids = [f.result(TIMEOUT) for f in [pool.submit(tasks.getpid) for _ in range(10)]]
+    finally:
+        pool.shutdown()
+    assert len(set(pids)) == 5
+    assert all(pids.count(pid) == 2 for pid in set(pids))
+
+
+def test_initializer_failure_breaks_the_pool_once(ctx: object) -> None:
+    pool = duckpool.ProcessPoolExecutor(2, ctx, initializer=tasks.init_fail)  # type: ignore[arg-type]
+    try:
+        future = pool.submit(tasks.add, 1, 1)
+        with pytest.raises(BrokenProcessPool, match="error in initializer") as info:
+            future.result(TIMEOUT)
+        assert isinstance(info.value.__cause__, ValueError)
+        wait_until(lambda: bool(pool._broken))
+        with pytest.raises(BrokenProcessPool):
+            pool.submit(tasks.add, 1, 1)
+        wait_until(lambda: pool.worker_pids() == [])
+    finally:
+        pool.shutdown()
+
+
+def test_shutdown_without_wait_still_resolves_futures(
+    executor: duckpool.ProcessPoolExecutor,
+) -> None:
+    futures = [executor.submit(tasks.add, i, 1) for i in range(10)]
+    executor.shutdown(wait=False)
+    assert [f.result(TIMEOUT) for f in futures] == list(range(1, 11))
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        executor.submit(tasks.add, 1, 1)
+
+
+def test_shutdown_cancel_futures_cancels_what_has_not_started(
+    executor: duckpool.ProcessPoolExecutor, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    running = [executor.submit(tasks.wait_for_file, str(gate)) for _ in range(2)]
+    queued = [executor.submit(tasks.add, i, 1) for i in range(20)]
+    executor.shutdown(wait=False, cancel_futures=True)
+    gate.touch()
+    assert [f.result(TIMEOUT) for f in running] == ["released", "released"]
+    concurrent.futures.wait(queued, TIMEOUT)
+    assert all(f.done() for f in queued)
+    assert any(f.cancelled() for f in queued)
+
+
+def test_garbage_collected_executor_finishes_its_work_and_its_workers_exit(ctx: object) -> None:
+    pool = duckpool.ProcessPoolExecutor(2, ctx)  # type: ignore[arg-type]
+    futures = [pool.submit(tasks.add, i, 1) for i in range(10)]
+    pids = pool.worker_pids()
+    del pool
+    gc.collect()
+    assert [f.result(TIMEOUT) for f in futures] == list(range(1, 11))
+    wait_until(lambda: all(process_gone(pid) for pid in pids), TIMEOUT)
+
+
+def test_kill_workers_fails_running_tasks_and_cancels_queued(
+    executor: duckpool.ProcessPoolExecutor, tmp_path: Path
+) -> None:
+    started = tmp_path / "started"
+    running = executor.submit(tasks.touch_then_wait, str(started), str(tmp_path / "never"))
+    wait_until(started.exists, TIMEOUT)
+    pids = executor.worker_pids()
+    executor.kill_workers()
+    with pytest.raises(duckpool.WorkerDiedError, match="SIGKILL"):
+        running.result(TIMEOUT)
+    wait_until(lambda: all(process_gone(pid) for pid in pids), TIMEOUT)
+    with pytest.raises(RuntimeError):
+        executor.submit(tasks.add, 1, 1)
+
+
+def test_inherited_executor_refuses_use_in_forked_child(
+    executor: duckpool.ProcessPoolExecutor,
+) -> None:
+    assert executor.submit(tasks.add, 1, 1).result(TIMEOUT) == 2
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            executor.submit(tasks.add, 1, 1)
+            os.write(write_end, b"submitted")
+        except duckpool.InheritedManagerError:
+            os.write(write_end, b"refused")
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        assert reader.read() == b"refused"
+    os.waitpid(pid, 0)
+    assert executor.submit(tasks.add, 2, 2).result(TIMEOUT) == 4
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_max_workers_must_be_positive(bad: int) -> None:
+    with pytest.raises(ValueError, match=str(bad)):
+        duckpool.ProcessPoolExecutor(bad)
+
+
+PARENT_SCRIPT = textwrap.dedent(
+    """
+    import multiprocessing, sys, time
+    import duckpool, _executor_tasks as tasks
+    pool = duckpool.ProcessPoolExecutor(2, multiprocessing.get_context(sys.argv[1]))
+    [f.result(30) for f in [pool.submit(tasks.add, i, 1) for i in range(4)]]
+    pool.submit(tasks.wait_for_file, sys.argv[2], 300)   # one busy worker, one idle
+    print(*pool.worker_pids(), flush=True)
+    time.sleep(300)
+    """
+)
+
+
+def test_workers_exit_when_the_parent_is_killed(start_method: str, tmp_path: Path) -> None:
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT_SCRIPT, start_method, str(tmp_path / "never")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert parent.stdout is not None
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        assert len(pids) == 2
+    finally:
+        parent.kill()
+        parent.wait(TIMEOUT)
+    wait_until(lambda: all(process_gone(pid) for pid in pids), timeout=2)
