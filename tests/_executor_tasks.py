@@ -70,3 +70,30 @@ def fails_to_unpickle() -> _FailsToUnpickle:
 
 def identity(x: Any) -> Any:
     return x
+
+
+def sleep_forever(started: str) -> None:
+    Path(started).touch()
+    while True:
+        time.sleep(1)
+
+
+def allocate(megabytes: int) -> int:
+    """Grow this worker's resident memory and keep it (a leak)."""
+    global _LEAK
+    _LEAK = bytearray(megabytes * 1024 * 1024)
+    for i in range(0, len(_LEAK), 4096):
+        _LEAK[i] = 1
+    return os.getpid()
+
+
+_LEAK = bytearray()
+
+
+def kwargs_echo(**kwargs: Any) -> dict[str, Any]:
+    return kwargs
+
+
+def sleep_forever_in(directory: str) -> None:
+    """Say "running" with a file named for this worker's pid, then never return."""
+    sleep_forever(str(Path(directory) / str(os.getpid())))

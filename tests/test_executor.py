@@ -255,3 +255,154 @@ def test_workers_exit_when_the_parent_is_killed(start_method: str, tmp_path: Pat
         parent.kill()
         parent.wait(TIMEOUT)
     wait_until(lambda: all(process_gone(pid) for pid in pids), timeout=2)
+
+
+def test_task_timeout_stops_the_worker_and_fails_only_that_task(
+    executor: duckpool.ProcessPoolExecutor, tmp_path: Path
+) -> None:
+    started = tmp_path / "started"
+    runaway = executor.options(timeout=0.5).submit(tasks.sleep_forever, str(started))
+    wait_until(started.exists, TIMEOUT)
+    others = [executor.submit(tasks.add, i, 1) for i in range(5)]
+    with pytest.raises(duckpool.TaskTimeoutError, match=r"timeout of 0\.5 s") as info:
+        runaway.result(TIMEOUT)
+    assert isinstance(info.value, TimeoutError)
+    assert isinstance(info.value, concurrent.futures.TimeoutError)
+    assert [f.result(TIMEOUT) for f in others] == [1, 2, 3, 4, 5]
+    wait_until(lambda: len(executor.worker_pids()) == 2, TIMEOUT)
+
+
+def test_pool_wide_task_timeout_and_task_keywords_do_not_collide(ctx: object) -> None:
+    pool = duckpool.ProcessPoolExecutor(1, ctx, task_timeout=0.5)  # type: ignore[arg-type]
+    try:
+        assert pool.submit(tasks.kwargs_echo, timeout=7).result(TIMEOUT) == {"timeout": 7}
+        with pytest.raises(duckpool.TaskTimeoutError):
+            pool.submit(tasks.sleep_forever, os.devnull).result(TIMEOUT)
+        # options(timeout=None) lifts the pool's default for one task.
+        assert pool.options(timeout=None).submit(tasks.add, 1, 1).result(TIMEOUT) == 2
+    finally:
+        pool.shutdown()
+
+
+def test_cancel_task_stops_a_running_task(
+    executor: duckpool.ProcessPoolExecutor, tmp_path: Path
+) -> None:
+    started = tmp_path / "started"
+    running = executor.submit(tasks.sleep_forever, str(started))
+    wait_until(started.exists, TIMEOUT)
+    pid = next(p for p in executor.worker_pids())
+    assert executor.cancel_task(running)
+    with pytest.raises(duckpool.TaskCancelledError):
+        running.result(TIMEOUT)
+    assert isinstance(running.exception(), concurrent.futures.CancelledError)
+    assert executor.submit(tasks.add, 1, 1).result(TIMEOUT) == 2
+    wait_until(lambda: process_gone(pid) or pid not in executor.worker_pids(), TIMEOUT)
+
+
+def test_cancel_task_on_a_queued_task_cancels_it(
+    ctx: object, tmp_path: Path
+) -> None:
+    pool = duckpool.ProcessPoolExecutor(1, ctx)  # type: ignore[arg-type]
+    try:
+        gate = tmp_path / "gate"
+        blocker = pool.submit(tasks.wait_for_file, str(gate))
+        queued = [pool.submit(tasks.add, i, 0) for i in range(3)]
+        assert all(pool.cancel_task(f) for f in queued)
+        gate.touch()
+        assert blocker.result(TIMEOUT) == "released"
+        for future in queued:
+            with pytest.raises(concurrent.futures.CancelledError):
+                future.result(TIMEOUT)
+        assert pool.submit(tasks.add, 2, 2).result(TIMEOUT) == 4
+        assert not pool.cancel_task(blocker)  # already done
+    finally:
+        pool.shutdown()
+
+
+def test_cloudpickle_serializer_sends_lambdas_and_closures(ctx: object) -> None:
+    pool = duckpool.ProcessPoolExecutor(1, ctx, serializer="cloudpickle")  # type: ignore[arg-type]
+    offset = 10
+    try:
+        assert pool.submit(lambda x: x + offset, 5).result(TIMEOUT) == 15
+        assert list(pool.map(lambda x: x * offset, range(3))) == [0, 10, 20]
+    finally:
+        pool.shutdown()
+
+
+def test_max_memory_per_child_recycles_the_worker_that_crossed_it(ctx: object) -> None:
+    pool = duckpool.ProcessPoolExecutor(  # type: ignore[arg-type]
+        1, ctx, max_memory_per_child=200 * 1024 * 1024
+    )
+    try:
+        small = pool.submit(tasks.allocate, 1).result(TIMEOUT)
+        assert pool.submit(tasks.getpid).result(TIMEOUT) == small
+        big = pool.submit(tasks.allocate, 300).result(TIMEOUT)
+        assert big == small
+        after = pool.submit(tasks.getpid).result(TIMEOUT)
+        assert after != big
+        wait_until(lambda: process_gone(big), TIMEOUT)
+    finally:
+        pool.shutdown()
+
+
+IDLE_EXIT_SCRIPT = textwrap.dedent(
+    """
+    import multiprocessing, sys
+    import duckpool, _executor_tasks as tasks
+    pool = duckpool.ProcessPoolExecutor(2, multiprocessing.get_context(sys.argv[1]))
+    print(pool.submit(tasks.add, 1, 1).result(30), *pool.worker_pids(), flush=True)
+    """
+)
+
+
+def test_interpreter_exit_does_not_hang_on_an_idle_pool(start_method: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", IDLE_EXIT_SCRIPT, start_method],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr
+    result, *pids = done.stdout.split()
+    assert result == "2"
+    wait_until(lambda: all(process_gone(int(pid)) for pid in pids), TIMEOUT)
+
+
+CTRL_C_SCRIPT = textwrap.dedent(
+    """
+    import multiprocessing, sys
+    import duckpool, _executor_tasks as tasks
+    pool = duckpool.ProcessPoolExecutor(2, multiprocessing.get_context(sys.argv[1]))
+    futures = [pool.submit(tasks.sleep_forever_in, sys.argv[2]) for _ in range(4)]
+    print(*pool.worker_pids(), flush=True)
+    futures[0].result()
+    """
+)
+
+
+def test_ctrl_c_stops_the_pool_without_worker_tracebacks(
+    start_method: str, tmp_path: Path
+) -> None:
+    started = tmp_path / "started"
+    started.mkdir()
+    parent = subprocess.Popen(
+        [sys.executable, "-c", CTRL_C_SCRIPT, start_method, str(started)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert parent.stdout is not None
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        wait_until(lambda: len(list(started.iterdir())) == 2, TIMEOUT)
+        # Ctrl-C reaches the whole foreground process group.
+        os.killpg(parent.pid, signal.SIGINT)
+        _, stderr = parent.communicate(timeout=TIMEOUT)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(TIMEOUT)
+    assert "KeyboardInterrupt" in stderr
+    assert stderr.count("Traceback") == 1, stderr
+    wait_until(lambda: all(process_gone(pid) for pid in pids), TIMEOUT)

@@ -15,6 +15,8 @@ The public API is the Duck framework's process-pool system
 from duckpool._errors import (
     InheritedManagerError,
     ManagerNotFound,
+    TaskCancelledError,
+    TaskTimeoutError,
     UnknownTaskError,
     WorkerDiedError,
 )
@@ -30,6 +32,8 @@ __all__ = [
     "ManagerNotFound",
     "ProcessPoolExecutor",
     "ProcessPoolManager",
+    "TaskCancelledError",
+    "TaskTimeoutError",
     "UnknownTaskError",
     "WorkerDiedError",
     "__version__",

@@ -9,13 +9,17 @@ broken or dead worker subclass the standard library's
 
 from __future__ import annotations
 
+import concurrent.futures
 import signal
+import sys
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Optional
 
 __all__ = [
     "InheritedManagerError",
     "ManagerNotFound",
+    "TaskCancelledError",
+    "TaskTimeoutError",
     "UnknownTaskError",
     "WorkerDiedError",
 ]
@@ -122,3 +126,30 @@ def _rebuild_worker_died(
     message: str, pid: Optional[int], exitcode: Optional[int], slot: Optional[int]
 ) -> WorkerDiedError:
     return WorkerDiedError(message, pid=pid, exitcode=exitcode, slot=slot)
+
+
+# Before 3.11, concurrent.futures.TimeoutError is its own class; since 3.11 it
+# is the builtin.  A task timeout is both, whatever the version.
+_TIMEOUT_BASES: tuple[type[BaseException], ...] = (
+    (TimeoutError,)
+    if sys.version_info >= (3, 11)
+    else (TimeoutError, concurrent.futures.TimeoutError)
+)
+
+
+class TaskTimeoutError(*_TIMEOUT_BASES):  # type: ignore[misc]
+    """A task ran longer than its timeout and its worker was stopped.
+
+    The worker gets SIGTERM, then SIGKILL after a short grace; a replacement
+    starts in its slot.  Subclasses :class:`TimeoutError` (and, before Python
+    3.11, ``concurrent.futures.TimeoutError``).
+    """
+
+
+class TaskCancelledError(concurrent.futures.CancelledError):
+    """A task was stopped by ``cancel_task()`` (its worker was killed if it had started).
+
+    A subclass of :class:`concurrent.futures.CancelledError`; unlike a future
+    cancelled with ``Future.cancel()``, the future reports it as its
+    exception (``future.cancelled()`` is false).
+    """

@@ -9,7 +9,14 @@ the parent (``_executor``) and a worker:
   by the pickle of ``(fn, args, kwargs)``; an empty frame asks the worker to exit.
 * result frame (worker -> parent): ``task_id`` (8 bytes), one status byte,
   then a pickle: the return value for ``STATUS_OK``, or ``(exception,
-  traceback_text)`` for ``STATUS_ERROR`` and ``STATUS_INIT_FAILED``.
+  traceback_text)`` for ``STATUS_ERROR`` and ``STATUS_INIT_FAILED``.  A
+  worker sends one ``STATUS_READY`` frame (task id 0, no payload) once its
+  initializer has run.
+
+Besides the pipes, a worker shares one array with the parent: in cell
+``slot`` it writes the id of each task it takes up (so that after a death the
+parent knows whether the task had started), and in cell ``max_workers + slot``
+the parent may write the id of a queued task the worker must skip.
 
 The task id travels outside the pickle so that a payload that fails to
 unpickle, on either side, fails only its own future.
@@ -33,6 +40,7 @@ if TYPE_CHECKING:
 STATUS_OK = 0
 STATUS_ERROR = 1
 STATUS_INIT_FAILED = 2
+STATUS_READY = 3
 
 TASK_ID_BYTES = 8
 RESULT_HEADER_BYTES = TASK_ID_BYTES + 1
@@ -45,14 +53,17 @@ class WorkerConfig(NamedTuple):
     """Everything a worker needs to know, sent once when it starts."""
 
     slot: int
+    max_workers: int
     title: Optional[str]
     parent_pid: int
     initializer: Optional[Callable[..., object]]
     initargs: tuple[Any, ...]
-    #: Shared ``RawArray('Q')``, one cell per slot: the id of the task this
-    #: slot's worker has taken up, so that after a death the parent knows
-    #: whether the task it sent had started.
-    started_marks: Any
+    #: The shared ``RawArray('Q')`` of started and skip marks (see above).
+    marks: Any
+    #: Exit after a task that leaves the worker's RSS above this many bytes.
+    max_memory: Optional[int]
+    #: "pickle" or "cloudpickle": how results and errors are pickled.
+    serializer: str
 
 
 def encode_result(task_id: int, status: int, payload: bytes) -> bytes:
@@ -60,17 +71,25 @@ def encode_result(task_id: int, status: int, payload: bytes) -> bytes:
     return task_id.to_bytes(TASK_ID_BYTES, "little") + bytes((status,)) + payload
 
 
-def dump_exception(exc: BaseException) -> bytes:
+def dump_exception(exc: BaseException, dumps: Callable[..., bytes] = pickle.dumps) -> bytes:
     """Pickle ``(exc, traceback_text)``, degrading to a picklable stand-in."""
     tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
-        return pickle.dumps((exc, tb_text), pickle.HIGHEST_PROTOCOL)
+        return dumps((exc, tb_text), pickle.HIGHEST_PROTOCOL)
     except BaseException as pickling_error:
         stand_in = RuntimeError(
             f"the task raised {type(exc).__qualname__}: {exc!s} "
             f"(the exception itself could not be pickled: {pickling_error!r})"
         )
         return pickle.dumps((stand_in, tb_text), pickle.HIGHEST_PROTOCOL)
+
+
+def _rss_reader() -> Callable[[], int]:
+    """A function returning this process's resident set size in bytes."""
+    import psutil
+
+    memory_info = psutil.Process().memory_info
+    return lambda: int(memory_info().rss)
 
 
 def run_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any]:
@@ -122,6 +141,8 @@ def _prepare(config: WorkerConfig) -> None:
 
         setproctitle.setproctitle(config.title)
     signal.signal(signal.SIGINT, _ignore_interrupt)
+    # The parent starts workers with SIGINT blocked (see _core.start_worker).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     threading.Thread(
         target=_watch_parent,
         args=(config.parent_pid,),
@@ -147,16 +168,26 @@ def worker_main(task_conn: Connection, result_conn: Connection, config: WorkerCo
             )
             send(encode_result(0, STATUS_INIT_FAILED, dump_exception(exc)))
             return
-    _serve(task_conn.recv_bytes, send, config.started_marks, config.slot)
+    send(encode_result(0, STATUS_READY, b""))
+    _serve(task_conn.recv_bytes, send, config)
 
 
 def _serve(
-    recv: Callable[[], bytes], send: Callable[[bytes], None], marks: Any, slot: int
+    recv: Callable[[], bytes], send: Callable[[bytes], None], config: WorkerConfig
 ) -> None:
     """The task loop: one frame in, one frame out, in order."""
     loads = pickle.loads
-    dumps = pickle.dumps
+    if config.serializer == "cloudpickle":
+        import cloudpickle
+
+        dumps: Callable[..., bytes] = cloudpickle.dumps
+    else:
+        dumps = pickle.dumps
     protocol = pickle.HIGHEST_PROTOCOL
+    marks = config.marks
+    slot = config.slot
+    skip_cell = config.max_workers + slot
+    rss = _rss_reader() if config.max_memory is not None else None
     while True:
         try:
             frame = recv()
@@ -167,6 +198,9 @@ def _serve(
         view = memoryview(frame)
         task_id = int.from_bytes(view[:TASK_ID_BYTES], "little")
         marks[slot] = task_id
+        if marks[skip_cell] == task_id:  # cancelled while queued here
+            send(encode_result(task_id, STATUS_ERROR, dump_exception(_skipped(task_id))))
+            continue
         try:
             fn, args, kwargs = loads(view[TASK_ID_BYTES:])
         except BaseException as exc:
@@ -178,7 +212,7 @@ def _serve(
         except BaseException as exc:
             # SystemExit and KeyboardInterrupt raised by a task are that task's
             # outcome, not an order to this worker.
-            send(encode_result(task_id, STATUS_ERROR, dump_exception(exc)))
+            send(encode_result(task_id, STATUS_ERROR, dump_exception(exc, dumps)))
             continue
         finally:
             del fn, args, kwargs
@@ -189,6 +223,14 @@ def _serve(
             continue
         del result
         send(encode_result(task_id, STATUS_OK, payload))
+        if rss is not None and config.max_memory is not None and rss() > config.max_memory:
+            return  # recycled: the parent requeues whatever was queued here
+
+
+def _skipped(task_id: int) -> BaseException:
+    from concurrent.futures import CancelledError
+
+    return CancelledError(f"task {task_id} was cancelled before it started")
 
 
 if __name__ == "__main__":  # pragma: no cover - not an entry point

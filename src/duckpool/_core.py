@@ -1,0 +1,883 @@
+"""The engine behind duckpool's executor: dispatch, futures and worker supervision.
+
+Data flow::
+
+    submit() [any thread]                          worker slot i (a process)
+      |  pickles (fn, args, kwargs) at once           |
+      |  lock held:                                   |
+      |   idle slot? --task frame--> task pipe i -->  | mark "took up task N",
+      |   else -> _PoolCore.pending (deque)           | run it, answer
+      |                                               v
+      |                       result pipe i <-- result frame (task id, status)
+      v
+    _PoolCore.dispatch_loop [one thread per pool]
+      waits on: wakeup pipe, every result pipe, every process sentinel,
+                and the nearest task deadline
+      result frame -> pop the slot's head item, resolve its future,
+                      refill the slot from pending
+      sentinel     -> read what the pipe still holds; the dead worker's head
+                      item fails with WorkerDiedError (pid, exit code, signal)
+                      if the worker had taken it up; everything else it held
+                      goes back to the front of pending; a replacement
+                      starts in the same slot
+      deadline     -> the head item overran its timeout: SIGTERM its worker,
+                      SIGKILL after a short grace; the item fails with
+                      TaskTimeoutError when the worker is gone
+      wakeup       -> new work, shutdown, kill or cancel requests
+
+Where a future is resolved, on every path:
+
+* result or task error ....... dispatcher, from the result frame
+* unpicklable call ........... submit(), before anything is queued
+* worker death ............... dispatcher (on_worker_exit)
+* timeout / cancel_task() .... dispatcher, once the stopped worker is gone
+                               (a queued item is cancelled at once)
+* initializer failure ........ dispatcher: the pool is broken, every
+                               outstanding future fails, submit() raises
+* shutdown(cancel_futures) ... request_shutdown(): pending futures cancelled
+* interpreter exit ........... atexit hook: non-daemon pools finish their
+                               work; daemon pools (and Ctrl-C) kill workers
+                               and fail or cancel what is left
+* dispatcher bug ............. dispatcher's last resort: every outstanding
+                               future fails with BrokenProcessPool
+
+The parent always knows which worker runs which task: each slot keeps the
+items it was sent, in order, and a worker answers in that order.  A shared
+array holds, per slot, the id of the task the worker last took up, so after a
+death the parent can tell a task that started from one still in the pipe.
+Only the dispatcher reads result pipes and reaps processes; writes to task
+pipes happen under ``_PoolCore.lock``, from submit() or the dispatcher.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import os
+import pickle
+import signal
+import threading
+import time
+import weakref
+from collections import deque
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import connection as mp_connection
+from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
+from typing import Any, Callable, NamedTuple, Optional
+
+from duckpool import _worker
+from duckpool._errors import (
+    InheritedManagerError,
+    TaskCancelledError,
+    TaskTimeoutError,
+    WorkerDiedError,
+    describe_exit,
+)
+
+#: Items a worker may hold at once (one running, the rest queued in its pipe),
+#: so it never waits on the parent between small tasks.
+_PREFETCH = 2
+#: Never queue more than this many unread bytes in a task pipe, so a write to a
+#: busy worker cannot block (Linux pipes buffer 64 KiB).
+_PREFETCH_BYTES = 32 * 1024
+#: How long shutdown waits for an idle worker to exit before terminating it.
+_STOP_GRACE_SECONDS = 5.0
+#: How long a worker stopped with SIGTERM (timeout, cancel) gets before SIGKILL.
+KILL_GRACE_SECONDS = 1.0
+#: Workers that die before they are ready, in a row, before the pool gives up.
+_MAX_STARTUP_DEATHS = 3
+
+_task_ids = itertools.count(1)
+
+
+def next_task_id() -> int:
+    return next(_task_ids)
+
+
+class _RemoteTraceback(Exception):
+    """Carries a worker's formatted traceback as the cause of a task error."""
+
+    def __init__(self, tb_text: str) -> None:
+        super().__init__(tb_text)
+        self.tb_text = tb_text
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb_text}"""'
+
+
+def _exception_from_payload(payload: memoryview) -> BaseException:
+    """Rebuild a worker's exception, chaining its remote traceback."""
+    exc, tb_text = pickle.loads(payload)
+    exc.__cause__ = _RemoteTraceback(tb_text)
+    return exc  # type: ignore[no-any-return]
+
+
+class WorkItem:
+    """One submitted call, from submit() until its future is resolved."""
+
+    __slots__ = ("frame", "future", "label", "started", "task_id", "timeout")
+
+    def __init__(
+        self,
+        future: Future[Any],
+        task_id: int,
+        frame: bytes,
+        label: str,
+        timeout: Optional[float],
+    ) -> None:
+        self.future = future
+        self.task_id = task_id
+        self.frame = frame
+        self.label = label
+        self.timeout = timeout
+        #: set_running_or_notify_cancel() has been called on the future.
+        self.started = False
+
+
+class _Stopping(NamedTuple):
+    """A worker being stopped because its running item overran or was cancelled."""
+
+    item: WorkItem
+    error: BaseException
+    kill_at: float
+
+
+class _Slot:
+    """A worker slot: a stable index, and the process that currently fills it."""
+
+    __slots__ = (
+        "assigned",
+        "head_since",
+        "index",
+        "process",
+        "queued_bytes",
+        "ready",
+        "result_conn",
+        "retiring",
+        "stopping",
+        "task_conn",
+        "tasks_sent",
+    )
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.process: Optional[BaseProcess] = None
+        self.task_conn: Optional[mp_connection.Connection] = None
+        self.result_conn: Optional[mp_connection.Connection] = None
+        #: Items sent to the current process whose results have not arrived, in order.
+        self.assigned: deque[WorkItem] = deque()
+        self.queued_bytes = 0
+        self.tasks_sent = 0
+        #: Reached max_tasks_per_child: told to exit once its items are done.
+        self.retiring = False
+        #: The worker said it is ready (its initializer ran).
+        self.ready = False
+        #: When the head of ``assigned`` became the worker's current task.
+        self.head_since = 0.0
+        self.stopping: Optional[_Stopping] = None
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None
+
+    def reset(self) -> None:
+        self.process = None
+        self.task_conn = self.result_conn = None
+        self.queued_bytes = 0
+        self.tasks_sent = 0
+        self.retiring = False
+        self.ready = False
+        self.stopping = None
+
+
+# Every pool core of this process, for the fork and exit hooks.
+LIVE_CORES: weakref.WeakSet[PoolCore] = weakref.WeakSet()
+
+
+class PoolSettings(NamedTuple):
+    """What a pool is configured with; fixed for its lifetime."""
+
+    max_workers: int
+    context: BaseContext
+    initializer: Optional[Callable[..., object]]
+    initargs: tuple[Any, ...]
+    max_tasks_per_child: Optional[int]
+    max_memory_per_child: Optional[int]
+    name_prefix: Optional[str]
+    daemon: bool
+    serializer: str
+
+
+class PoolCore:
+    """The state of one pool, shared by the executor and its dispatcher thread.
+
+    It holds no reference to the executor object, so an executor that is
+    garbage collected can be noticed (``weakref.finalize``) and shut down.
+    """
+
+    def __init__(self, settings: PoolSettings) -> None:
+        self.settings = settings
+        self.owner_pid = os.getpid()
+        self.lock = threading.Lock()
+        self.pending: deque[WorkItem] = deque()
+        self.slots = [_Slot(i) for i in range(settings.max_workers)]
+        self.shutdown_requested = False
+        #: Why the pool is broken (submit raises BrokenProcessPool), or None.
+        self.broken: Optional[str] = None
+        self.broken_cause: Optional[BaseException] = None
+        self.kill_requested: Optional[int] = None  # a signal number
+        self.thread: Optional[threading.Thread] = None
+        #: Shared with the workers: per slot, the id of the task it took up
+        #: (cells 0..n-1), and an id it must skip (cells n..2n-1).
+        self.marks: Any = None
+        self.startup_deaths = 0
+        self.wakeup_r, self.wakeup_w = os.pipe()
+        os.set_blocking(self.wakeup_r, False)
+        os.set_blocking(self.wakeup_w, False)
+        self.closed = False
+        LIVE_CORES.add(self)
+
+    # -- called from any thread ------------------------------------------------
+
+    def check_usable(self) -> None:
+        """Raise if no new work may be submitted (lock held)."""
+        if self.owner_pid != os.getpid():
+            raise InheritedManagerError(
+                f"this pool belongs to process {self.owner_pid}; "
+                f"process {os.getpid()} inherited a copy by fork and cannot use it"
+            )
+        if self.broken is not None:
+            raise BrokenProcessPool(self.broken)
+        if self.shutdown_requested:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+
+    def wake(self) -> None:
+        """Interrupt the dispatcher's wait (safe from any thread)."""
+        try:
+            os.write(self.wakeup_w, b"\0")
+        except OSError:
+            pass  # the pipe is full (a wake-up is already due) or closed
+
+    def submit(self, item: WorkItem) -> None:
+        """Queue ``item``, sending it straight to an idle worker if there is one."""
+        with self.lock:
+            self.check_usable()
+            if self.thread is None:
+                self.ensure_started()
+            if not self.pending:
+                for slot in self.slots:
+                    if slot.process is not None and not slot.retiring and not slot.assigned:
+                        self.send(slot, item)
+                        return
+            self.pending.append(item)
+            self.dispatch_pending()  # a busy slot may still have prefetch room
+
+    def cancel(self, future: Future[Any]) -> bool:
+        """Cancel a queued item, or stop the worker running it; False if unknown."""
+        with self.lock:
+            for item in self.pending:
+                if item.future is future:
+                    self.pending.remove(item)
+                    break
+            else:
+                return self._stop_assigned(future)
+        future.cancel()
+        _notify_if_cancelled(future)
+        return True
+
+    def _stop_assigned(self, future: Future[Any]) -> bool:
+        """Stop an item a worker holds (lock held)."""
+        for slot in self.slots:
+            for position, item in enumerate(slot.assigned):
+                if item.future is not future:
+                    continue
+                error = TaskCancelledError(f"task {item.label} was cancelled while running")
+                if position == 0 and self.marks[slot.index] == item.task_id:
+                    self.stop_worker(slot, item, error)
+                    self.wake()
+                else:
+                    # Still in the worker's pipe: the worker skips it when it
+                    # gets there, and its answer is ignored.
+                    self.marks[self.settings.max_workers + slot.index] = item.task_id
+                    _set_exception(future, error)
+                return True
+        return False
+
+    # -- workers (lock held) ---------------------------------------------------
+
+    def ensure_started(self) -> None:
+        """Start every worker and the dispatcher thread, once."""
+        if self.thread is not None:
+            return
+        if self.marks is None:
+            self.marks = self.settings.context.RawArray("Q", 2 * self.settings.max_workers)
+        # Workers first, then the thread: under fork, the first workers are
+        # then forked before this pool adds a thread to the process.
+        for slot in self.slots:
+            if slot.process is None:
+                self.start_worker(slot)
+        self.thread = threading.Thread(
+            target=self.dispatch_loop,
+            name=f"duckpool-dispatcher-{id(self):x}",
+            daemon=True,
+        )
+        self.thread.start()
+
+    def start_worker(self, slot: _Slot) -> None:
+        """Start a process in ``slot``."""
+        settings = self.settings
+        ctx: Any = settings.context  # typeshed's BaseContext lacks Process
+        task_r, task_w = ctx.Pipe(duplex=False)
+        result_r, result_w = ctx.Pipe(duplex=False)
+        name = f"{settings.name_prefix or 'duckpool-worker'}-{slot.index}"
+        config = _worker.WorkerConfig(
+            slot=slot.index,
+            max_workers=settings.max_workers,
+            title=name if settings.name_prefix else None,
+            parent_pid=os.getpid(),
+            initializer=settings.initializer,
+            initargs=settings.initargs,
+            marks=self.marks,
+            max_memory=settings.max_memory_per_child,
+            serializer=settings.serializer,
+        )
+        # The parent-side ends go on the slot first, so that the fork hook
+        # closes them in the new child (and in any other forked process).
+        slot.task_conn = task_w
+        slot.result_conn = result_r
+        process = ctx.Process(
+            target=_worker.worker_main,
+            args=(task_r, result_w, config),
+            name=name,
+            daemon=False,  # tasks may start child processes
+        )
+        # SIGINT stays blocked in the new process until the worker has set its
+        # own handler: a Ctrl-C during start-up must not print a traceback.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            process.start()
+        except BaseException:
+            slot.task_conn = slot.result_conn = None
+            for conn in (task_r, task_w, result_r, result_w):
+                conn.close()
+            raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            task_r.close()
+            result_w.close()
+        slot.process = process
+        slot.queued_bytes = 0
+        slot.tasks_sent = 0
+        slot.retiring = False
+        slot.ready = False
+        slot.stopping = None
+
+    def can_take(self, slot: _Slot, item: WorkItem) -> bool:
+        if slot.process is None or slot.retiring or slot.stopping is not None:
+            return False
+        if not slot.assigned:
+            return True
+        return (
+            len(slot.assigned) < _PREFETCH
+            and slot.queued_bytes + len(item.frame) <= _PREFETCH_BYTES
+        )
+
+    def send(self, slot: _Slot, item: WorkItem) -> bool:
+        """Give ``item`` to ``slot``'s worker; False if it was cancelled meanwhile."""
+        if not item.started:
+            if not item.future.set_running_or_notify_cancel():
+                return False
+            item.started = True
+        if not slot.assigned:
+            slot.head_since = time.monotonic()
+            if item.timeout is not None:
+                self.wake()  # the dispatcher must now watch this deadline
+        slot.assigned.append(item)
+        slot.queued_bytes += len(item.frame)
+        slot.tasks_sent += 1
+        assert slot.task_conn is not None
+        try:
+            slot.task_conn.send_bytes(item.frame)
+        except OSError:
+            # The worker is dead or dying: the dispatcher will see its sentinel
+            # and, since the worker never took this item up, requeue it.
+            pass
+        limit = self.settings.max_tasks_per_child
+        if limit is not None and slot.tasks_sent >= limit:
+            self.retire(slot)
+        return True
+
+    def retire(self, slot: _Slot) -> None:
+        """Ask ``slot``'s worker to exit after the items it holds."""
+        slot.retiring = True
+        assert slot.task_conn is not None
+        try:
+            slot.task_conn.send_bytes(b"")
+        except OSError:
+            pass
+
+    def dispatch_pending(self) -> None:
+        """Hand pending items to slots with room, round-robin."""
+        pending = self.pending
+        while pending:
+            placed = False
+            for slot in self.slots:
+                if not pending:
+                    break
+                if self.can_take(slot, pending[0]):
+                    self.send(slot, pending.popleft())
+                    placed = True
+            if not placed:
+                return
+
+    def refill_slots(self) -> Optional[BaseException]:
+        """Start a replacement in every empty slot; return a start error."""
+        if self.broken is not None or self.kill_requested is not None:
+            return None
+        for slot in self.slots:
+            if slot.process is None:
+                try:
+                    self.start_worker(slot)
+                except Exception as exc:
+                    return exc
+        return None
+
+    def stop_worker(self, slot: _Slot, item: WorkItem, error: BaseException) -> None:
+        """Stop the worker running ``item``: SIGTERM now, SIGKILL after the grace."""
+        if slot.stopping is not None or slot.process is None:
+            return
+        slot.stopping = _Stopping(item, error, time.monotonic() + KILL_GRACE_SECONDS)
+        _signal(slot.process, signal.SIGTERM)
+
+    # -- the dispatcher thread ---------------------------------------------------
+
+    def dispatch_loop(self) -> None:
+        try:
+            self._dispatch_until_done()
+        except BaseException as exc:  # last resort: never leave a future unresolved
+            self.fail_everything(
+                BrokenProcessPool(f"duckpool's dispatcher failed: {exc!r}"), cause=exc
+            )
+            self.kill_all_workers()
+        finally:
+            self.close_wakeup()
+
+    def _dispatch_until_done(self) -> None:
+        while True:
+            with self.lock:
+                waitables: list[Any] = [self.wakeup_r]
+                by_object: dict[Any, tuple[bool, _Slot]] = {}
+                for slot in self.slots:
+                    if slot.process is not None and slot.result_conn is not None:
+                        waitables.append(slot.result_conn)
+                        by_object[slot.result_conn] = (True, slot)
+                        waitables.append(slot.process.sentinel)
+                        by_object[slot.process.sentinel] = (False, slot)
+                timeout = self.check_deadlines()
+            ready = mp_connection.wait(waitables, timeout)
+            exited: list[_Slot] = []
+            for obj in ready:
+                if obj == self.wakeup_r:
+                    self.drain_wakeup()
+                    continue
+                is_result, slot = by_object[obj]
+                if is_result:
+                    self.on_results(slot)
+                else:
+                    exited.append(slot)
+            for slot in exited:
+                self.on_worker_exit(slot)
+            if self.kill_requested is not None:
+                self.kill_all_workers(self.kill_requested)
+            start_error: Optional[BaseException] = None
+            with self.lock:
+                if not self.shutdown_requested or self.pending:
+                    start_error = self.refill_slots()
+                    self.dispatch_pending()
+                done = (
+                    self.shutdown_requested
+                    and not self.pending
+                    and not any(s.assigned for s in self.slots)
+                ) or (self.broken is not None and not any(s.alive for s in self.slots))
+            if start_error is not None:
+                self.mark_broken(f"could not start a worker process: {start_error!r}", start_error)
+            elif done:
+                break
+        self.stop_workers()
+
+    def check_deadlines(self) -> Optional[float]:
+        """Stop overrunning tasks; return seconds until the next deadline (lock held)."""
+        now = time.monotonic()
+        nearest: Optional[float] = None
+        for slot in self.slots:
+            stopping = slot.stopping
+            if stopping is not None:
+                if now >= stopping.kill_at and slot.process is not None:
+                    _signal(slot.process, signal.SIGKILL)
+                    continue
+                deadline = stopping.kill_at
+            elif slot.assigned and slot.ready and slot.assigned[0].timeout is not None:
+                head = slot.assigned[0]
+                assert head.timeout is not None
+                deadline = slot.head_since + head.timeout
+                if now >= deadline:
+                    self.stop_worker(
+                        slot,
+                        head,
+                        TaskTimeoutError(
+                            f"task {head.label} ran longer than its timeout of "
+                            f"{head.timeout:g} s; its worker (pid "
+                            f"{slot.process.pid if slot.process else None}) was stopped"
+                        ),
+                    )
+                    deadline = now + KILL_GRACE_SECONDS
+            else:
+                continue
+            if nearest is None or deadline < nearest:
+                nearest = deadline
+        return None if nearest is None else max(0.0, nearest - now)
+
+    def drain_wakeup(self) -> None:
+        try:
+            while os.read(self.wakeup_r, 4096):
+                pass
+        except OSError:
+            pass
+
+    def on_results(self, slot: _Slot) -> None:
+        """Read every result frame the slot's pipe holds now."""
+        conn = slot.result_conn
+        assert conn is not None
+        resolved: list[tuple[WorkItem, int, memoryview]] = []
+        init_failure: Optional[memoryview] = None
+        while True:
+            try:
+                frame = conn.recv_bytes()
+            except (EOFError, OSError):
+                break  # the worker is gone; its sentinel says how
+            view = memoryview(frame)
+            task_id = int.from_bytes(view[: _worker.TASK_ID_BYTES], "little")
+            status = view[_worker.TASK_ID_BYTES]
+            payload = view[_worker.RESULT_HEADER_BYTES :]
+            if status == _worker.STATUS_INIT_FAILED:
+                init_failure = payload
+                break
+            with self.lock:
+                if status == _worker.STATUS_READY:
+                    slot.ready = True
+                    slot.head_since = time.monotonic()
+                    self.startup_deaths = 0
+                else:
+                    item = slot.assigned.popleft()
+                    slot.queued_bytes -= len(item.frame)
+                    slot.head_since = time.monotonic()
+                    assert item.task_id == task_id, (item.task_id, task_id)
+                    resolved.append((item, status, payload))
+            if not conn.poll():
+                break
+        with self.lock:
+            if slot.process is not None and not (self.shutdown_requested and not self.pending):
+                self.dispatch_pending()
+        for item, status, payload in resolved:
+            self.resolve(item, status, payload)
+        if init_failure is not None:
+            self.on_initializer_failure(init_failure)
+
+    def resolve(self, item: WorkItem, status: int, payload: memoryview) -> None:
+        """Set a future from a result frame (no lock held: callbacks run here)."""
+        future = item.future
+        if future.done():
+            return  # cancelled while queued in the worker
+        try:
+            if status == _worker.STATUS_OK:
+                value = pickle.loads(payload)
+            else:
+                error = _exception_from_payload(payload)
+        except BaseException as exc:
+            failure = pickle.UnpicklingError(
+                f"could not unpickle what task {item.label} sent back: {exc!r}"
+            )
+            failure.__cause__ = exc
+            _set_exception(future, failure)
+            return
+        if status == _worker.STATUS_OK:
+            _set_result(future, value)
+        else:
+            _set_exception(future, error)
+
+    def on_initializer_failure(self, payload: memoryview) -> None:
+        try:
+            cause = _exception_from_payload(payload)
+        except BaseException as exc:
+            cause = exc
+        self.mark_broken(f"a worker's initializer failed: {cause!r}; the pool is broken", cause)
+
+    def mark_broken(self, reason: str, cause: Optional[BaseException]) -> None:
+        """Break the pool for good: fail every outstanding future, stop workers."""
+        with self.lock:
+            if self.broken is not None:
+                return
+            self.broken = reason
+            self.broken_cause = cause
+        self.fail_everything(BrokenProcessPool(reason), cause=cause)
+        self.kill_all_workers()
+
+    def fail_everything(self, error: BaseException, cause: Optional[BaseException]) -> None:
+        """Fail every pending and assigned future with ``error``."""
+        with self.lock:
+            items = list(self.pending)
+            self.pending.clear()
+            for slot in self.slots:
+                items.extend(slot.assigned)
+                slot.assigned.clear()
+                slot.queued_bytes = 0
+        if cause is not None and error.__cause__ is None:
+            error.__cause__ = cause
+        for item in items:
+            _set_exception(item.future, error)
+
+    def on_worker_exit(self, slot: _Slot) -> None:
+        """A worker's sentinel fired: settle its items and free the slot."""
+        conn = slot.result_conn
+        if conn is not None:
+            # Results written just before the exit are still in the pipe.
+            try:
+                has_data = conn.poll()
+            except (EOFError, OSError):
+                has_data = False
+            if has_data:
+                self.on_results(slot)
+        process = slot.process
+        if process is None:  # already handled (e.g. killed by mark_broken)
+            return
+        process.join(KILL_GRACE_SECONDS)
+        exitcode = process.exitcode
+        failed: Optional[tuple[WorkItem, BaseException]] = None
+        with self.lock:
+            assigned = slot.assigned
+            if assigned:
+                head = assigned[0]
+                # The worker marks each task it takes up: an item it never
+                # reached (killed while idle, mid-send) is requeued, not failed.
+                if self.marks[slot.index] == head.task_id:
+                    assigned.popleft()
+                    stopping = slot.stopping
+                    if stopping is not None and stopping.item is head:
+                        failed = (head, stopping.error)
+                    else:
+                        failed = (head, self._death_error(slot, process, head, exitcode))
+                # The rest never started: back to the front of the queue.
+                self.pending.extendleft(reversed(assigned))
+                assigned.clear()
+            if not slot.ready and not self.shutdown_requested:
+                self.startup_deaths += 1
+            self.close_slot(slot)
+            give_up = self.startup_deaths >= _MAX_STARTUP_DEATHS
+        if failed is not None:
+            _set_exception(failed[0].future, failed[1])
+        if give_up:
+            self.mark_broken(
+                f"{_MAX_STARTUP_DEATHS} worker processes in a row died before they were "
+                f"ready (the last {describe_exit(exitcode)}); the pool is broken",
+                None,
+            )
+
+    @staticmethod
+    def _death_error(
+        slot: _Slot, process: BaseProcess, item: WorkItem, exitcode: Optional[int]
+    ) -> WorkerDiedError:
+        return WorkerDiedError(
+            f"worker {slot.index} (pid {process.pid}) died while running "
+            f"{item.label}: {describe_exit(exitcode)}",
+            pid=process.pid,
+            exitcode=exitcode,
+            slot=slot.index,
+        )
+
+    def close_slot(self, slot: _Slot) -> None:
+        """Forget the slot's process and close its pipes (lock held)."""
+        for conn in (slot.task_conn, slot.result_conn):
+            if conn is not None:
+                try:
+                    conn.close()
+                except OSError:
+                    pass
+        slot.reset()
+
+    def stop_workers(self) -> None:
+        """Ask idle workers to exit, then make sure they did."""
+        with self.lock:
+            processes = []
+            for slot in self.slots:
+                if slot.process is not None and slot.task_conn is not None:
+                    try:
+                        slot.task_conn.send_bytes(b"")
+                    except OSError:
+                        pass
+                    processes.append(slot.process)
+        _reap(processes, _STOP_GRACE_SECONDS)
+        with self.lock:
+            for slot in self.slots:
+                self.close_slot(slot)
+
+    def kill_all_workers(self, signum: int = signal.SIGKILL) -> None:
+        """Signal every worker, then settle their items as worker deaths."""
+        with self.lock:
+            live = [s for s in self.slots if s.process is not None]
+        for slot in live:
+            assert slot.process is not None
+            _signal(slot.process, signum)
+        for slot in live:
+            self.on_worker_exit(slot)
+        # The worker-death path requeues what never started; nothing restarts now.
+        if self.pending and (self.broken is not None or self.kill_requested is not None):
+            self.fail_everything(
+                BrokenProcessPool(self.broken or "the pool's workers were stopped"),
+                cause=self.broken_cause,
+            )
+
+    def close_wakeup(self) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+        for fd in (self.wakeup_r, self.wakeup_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # -- shutdown -----------------------------------------------------------------
+
+    def request_shutdown(self, cancel_futures: bool) -> None:
+        """Stop accepting work; with ``cancel_futures``, cancel what is pending."""
+        with self.lock:
+            self.shutdown_requested = True
+            cancelled: list[WorkItem] = []
+            if cancel_futures:
+                cancelled = list(self.pending)
+                self.pending.clear()
+            started = self.thread is not None
+        for item in cancelled:
+            item.future.cancel()
+            _notify_if_cancelled(item.future)
+        if started:
+            self.wake()
+        else:
+            self.close_wakeup()
+
+    def request_kill(self, signum: int) -> None:
+        """Cancel pending work and signal every worker; the pool is finished."""
+        self.request_shutdown(cancel_futures=True)
+        with self.lock:
+            if self.thread is None:
+                return
+            self.kill_requested = signum
+        self.wake()
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        thread = self.thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def shutdown_at_exit(self, interrupted: bool) -> None:
+        """Interpreter exit: daemon pools (and Ctrl-C) stop now, others finish."""
+        if self.owner_pid != os.getpid():
+            return
+        if self.settings.daemon or interrupted:
+            self.request_kill(signal.SIGKILL)
+            self.join(_STOP_GRACE_SECONDS)
+        else:
+            self.request_shutdown(cancel_futures=False)
+            self.join()
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: close this copy's pipe ends; the copy is unusable."""
+        for slot in self.slots:
+            for conn in (slot.task_conn, slot.result_conn):
+                if conn is not None:
+                    try:
+                        conn.close()
+                    except OSError:
+                        pass
+        for fd in (self.wakeup_r, self.wakeup_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.closed = True
+        self.lock = threading.Lock()
+
+
+def _signal(process: BaseProcess, signum: int) -> None:
+    """Send ``signum`` to a worker that has not been reaped yet."""
+    pid = process.pid
+    if pid is None or process.exitcode is not None:
+        return
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _reap(processes: list[BaseProcess], grace: float) -> None:
+    """Join processes; terminate, then kill, those that outstay ``grace``."""
+    deadline = time.monotonic() + grace
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.exitcode is None:
+            process.terminate()
+            process.join(KILL_GRACE_SECONDS)
+        if process.exitcode is None:
+            process.kill()
+            process.join(KILL_GRACE_SECONDS)
+
+
+def _notify_if_cancelled(future: Future[Any]) -> None:
+    """Let ``concurrent.futures.wait`` see a cancelled future as done.
+
+    A future cancelled while queued counts as done for waiters only once the
+    executor acknowledges it (CANCELLED -> CANCELLED_AND_NOTIFIED).
+    """
+    try:
+        future.set_running_or_notify_cancel()
+    except RuntimeError:  # already acknowledged, or running
+        pass
+
+
+def _set_result(future: Future[Any], value: Any) -> None:
+    try:
+        future.set_result(value)
+    except Exception:  # cancelled or already resolved by a racing path
+        _notify_if_cancelled(future)
+
+
+def _set_exception(future: Future[Any], error: BaseException) -> None:
+    try:
+        future.set_exception(error)
+    except Exception:  # cancelled or already resolved by a racing path
+        _notify_if_cancelled(future)
+
+
+def _after_fork_in_child() -> None:
+    for core in list(LIVE_CORES):
+        core.forget_after_fork()
+
+
+def at_exit() -> None:
+    """Stop every pool of this process at interpreter exit."""
+    import sys
+
+    interrupted = isinstance(getattr(sys, "last_value", None), KeyboardInterrupt)
+    for core in list(LIVE_CORES):
+        if core.thread is not None and not core.closed:
+            core.shutdown_at_exit(interrupted)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+# Registered after multiprocessing's own exit hook (imported above), so it runs
+# first: workers are stopped before multiprocessing joins its children.
+atexit.register(at_exit)
