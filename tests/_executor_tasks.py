@@ -97,3 +97,15 @@ def kwargs_echo(**kwargs: Any) -> dict[str, Any]:
 def sleep_forever_in(directory: str) -> None:
     """Say "running" with a file named for this worker's pid, then never return."""
     sleep_forever(str(Path(directory) / str(os.getpid())))
+
+
+def soak_task(kind: str, value: int) -> int:
+    """One soak-test task: answer, raise, die, or overrun its timeout."""
+    if kind == "raise":
+        raise ValueError(value)
+    if kind == "die":
+        os._exit(7)
+    if kind == "hang":
+        while True:
+            time.sleep(1)
+    return value * 2
