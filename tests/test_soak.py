@@ -12,12 +12,12 @@ import signal
 import threading
 from typing import Optional
 
-import _executor_tasks as tasks
 import psutil
 import pytest
-from conftest import process_gone, wait_until
 
+import _executor_tasks as tasks
 import duckpool
+from conftest import process_gone, wait_until
 
 TIMEOUT = 120
 
@@ -66,7 +66,7 @@ def _soak(ctx: object, n_tasks: int, seed: int) -> None:
             timeout: Optional[float] = 0.3 if kind == "hang" else None
             future = pool.options(timeout=timeout).submit(tasks.soak_task, kind, i)
             expected.append((future, kind, i))
-        done, not_done = concurrent.futures.wait([f for f, _, _ in expected], TIMEOUT)
+        _, not_done = concurrent.futures.wait([f for f, _, _ in expected], TIMEOUT)
         assert not not_done, f"{len(not_done)} futures never resolved"
     finally:
         stop_killer.set()
