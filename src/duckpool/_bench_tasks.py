@@ -1,0 +1,64 @@
+"""What the benchmark's worker processes run, and nothing else.
+
+Every library under test pickles these functions by reference, so they must be
+importable by name from a spawned or forkserver worker: they cannot live in
+``__main__``.  The module imports only the standard library's ``os`` and
+``time`` so that a spawned worker pays as little as possible for it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
+__all__ = ["bench_child_pid", "increment", "pipe_worker_loop", "worker_identity"]
+
+
+def increment(value: int) -> int:
+    """The tiny task: as little work as a task can do, so only overhead is measured."""
+    return value + 1
+
+
+# Set by the benchmark child in its own memory before it opens a pool: a worker
+# that still sees it was forked from the child; a fresh interpreter does not.
+bench_child_pid: Optional[int] = None
+
+
+def worker_identity(seconds: float, child_pid: int) -> tuple[int, str]:
+    """Stay busy briefly, then name this worker and how it was started.
+
+    The warm-up uses it to reach every worker (a busy worker makes the pool use
+    another) and to report the start method actually in effect: ``fork`` if the
+    child's memory was inherited, otherwise ``spawn`` when the child is the
+    parent (loky's own method counts as spawn) or ``forkserver`` when it is not.
+    """
+    time.sleep(seconds)
+    if bench_child_pid == child_pid:
+        origin = "fork"
+    elif os.getppid() == child_pid:
+        origin = "spawn"
+    else:
+        origin = "forkserver"
+    return os.getpid(), origin
+
+
+def pipe_worker_loop(connection: Connection) -> None:
+    """The bare-Pipe floor's worker: receive ``(fn, args)``, send back ``fn(*args)``.
+
+    ``None`` (or a closed pipe) ends the loop.  There is no error handling on
+    purpose: the floor measures the cheapest possible round trip, and a task
+    exception simply kills the worker, which the parent reports as a failure.
+    """
+    while True:
+        try:
+            message: Any = connection.recv()
+        except EOFError:
+            return
+        if message is None:
+            return
+        function: Callable[..., Any] = message[0]
+        connection.send(function(*message[1]))
