@@ -78,7 +78,11 @@ from duckpool._errors import (
 
 #: Items a worker may hold at once (one running, the rest queued in its pipe),
 #: so it never waits on the parent between small tasks.
-_PREFETCH = 2
+_PREFETCH = 16
+#: Work is queued behind a worker's current task only if its last task took
+#: less than this and the current one has not run longer: a task queued behind
+#: a long one would wait for it while another worker may be free.
+_PREFETCH_BEHIND_SECONDS = 0.001
 #: Never queue more than this many unread bytes in a task pipe, so a write to a
 #: busy worker cannot block (Linux pipes buffer 64 KiB).
 _PREFETCH_BYTES = 32 * 1024
@@ -151,6 +155,7 @@ class _Slot:
         "assigned",
         "head_since",
         "index",
+        "last_service",
         "process",
         "queued_bytes",
         "ready",
@@ -176,6 +181,8 @@ class _Slot:
         self.ready = False
         #: When the head of ``assigned`` became the worker's current task.
         self.head_since = 0.0
+        #: How long the worker's last task took, as seen from here.
+        self.last_service = float("inf")
         self.stopping: Optional[_Stopping] = None
 
     @property
@@ -189,6 +196,7 @@ class _Slot:
         self.tasks_sent = 0
         self.retiring = False
         self.ready = False
+        self.last_service = float("inf")
         self.stopping = None
 
 
@@ -268,7 +276,7 @@ class PoolCore:
                 self.ensure_started()
             if not self.pending:
                 for slot in self.slots:
-                    if slot.process is not None and not slot.retiring and not slot.assigned:
+                    if self.is_idle(slot):
                         self.send(slot, item)
                         return
             self.pending.append(item)
@@ -374,14 +382,26 @@ class PoolCore:
         slot.ready = False
         slot.stopping = None
 
-    def can_take(self, slot: _Slot, item: WorkItem) -> bool:
-        if slot.process is None or slot.retiring or slot.stopping is not None:
-            return False
-        if not slot.assigned:
-            return True
+    @staticmethod
+    def is_idle(slot: _Slot) -> bool:
         return (
-            len(slot.assigned) < _PREFETCH
+            slot.process is not None
+            and not slot.assigned
+            and not slot.retiring
+            and slot.stopping is None
+        )
+
+    @staticmethod
+    def can_prefetch(slot: _Slot, item: WorkItem, now: float) -> bool:
+        """May ``item`` queue in the pipe of ``slot``'s busy worker?"""
+        return (
+            slot.process is not None
+            and not slot.retiring
+            and slot.stopping is None
+            and len(slot.assigned) < _PREFETCH
             and slot.queued_bytes + len(item.frame) <= _PREFETCH_BYTES
+            and slot.last_service < _PREFETCH_BEHIND_SECONDS
+            and now - slot.head_since < _PREFETCH_BEHIND_SECONDS
         )
 
     def send(self, slot: _Slot, item: WorkItem) -> bool:
@@ -419,14 +439,22 @@ class PoolCore:
             pass
 
     def dispatch_pending(self) -> None:
-        """Hand pending items to slots with room, round-robin."""
+        """Hand pending items to idle workers, then queue some behind busy ones."""
         pending = self.pending
+        if not pending:
+            return
+        for slot in self.slots:
+            if not pending:
+                return
+            if self.is_idle(slot):
+                self.send(slot, pending.popleft())
+        if any(slot.process is None for slot in self.slots):
+            return  # a replacement worker is coming: it takes what is left
+        now = time.monotonic()
         while pending:
             placed = False
             for slot in self.slots:
-                if not pending:
-                    break
-                if self.can_take(slot, pending[0]):
+                if pending and self.can_prefetch(slot, pending[0], now):
                     self.send(slot, pending.popleft())
                     placed = True
             if not placed:
@@ -572,7 +600,9 @@ class PoolCore:
                 else:
                     item = slot.assigned.popleft()
                     slot.queued_bytes -= len(item.frame)
-                    slot.head_since = time.monotonic()
+                    now = time.monotonic()
+                    slot.last_service = now - slot.head_since
+                    slot.head_since = now
                     assert item.task_id == task_id, (item.task_id, task_id)
                     resolved.append((item, status, payload))
             if not conn.poll():
@@ -862,9 +892,37 @@ def _set_exception(future: Future[Any], error: BaseException) -> None:
         _notify_if_cancelled(future)
 
 
+def _forget_inherited_fork_server() -> None:
+    """Let a forked child start a fork server of its own.
+
+    The stdlib's fork-server singleton, copied into a forked child, still
+    names the parent's server; the child cannot ``waitpid`` it, so its first
+    forkserver pool fails with ChildProcessError.  Holding the parent's
+    "alive" pipe open would also keep that server from noticing the parent's
+    exit.  The child forgets both, and starts its own server when needed.
+    """
+    import sys
+
+    module = sys.modules.get("multiprocessing.forkserver")
+    server = getattr(module, "_forkserver", None)
+    if server is None or getattr(server, "_forkserver_pid", None) is None:
+        return
+    alive_fd = getattr(server, "_forkserver_alive_fd", None)
+    if alive_fd is not None:
+        try:
+            os.close(alive_fd)
+        except OSError:
+            pass
+    server._forkserver_alive_fd = None
+    server._forkserver_pid = None
+    server._forkserver_address = None
+    server._lock = threading.Lock()
+
+
 def _after_fork_in_child() -> None:
     for core in list(LIVE_CORES):
         core.forget_after_fork()
+    _forget_inherited_fork_server()
 
 
 def at_exit() -> None:

@@ -48,10 +48,16 @@ class UnknownTaskError(Exception):
     def __init__(self, task_type: Any, pool_task_type: Any) -> None:
         self.task_type = task_type
         self.pool_task_type = pool_task_type
+        if task_type is None:
+            what = "an untyped task (task_type None)"
+            elsewhere = "a pool started without a task_type"
+        else:
+            what = f"task_type {task_type!r}"
+            elsewhere = f"a pool started with task_type={task_type!r}"
         super().__init__(
-            f"task_type {task_type!r} is not accepted by this pool "
-            f"(the pool accepts task_type {pool_task_type!r}); submit it with "
-            f"task_type={pool_task_type!r} or to a pool started for {task_type!r}"
+            f"{what} is not accepted by this pool, which accepts task_type "
+            f"{pool_task_type!r} only; submit it with task_type={pool_task_type!r}, "
+            f"or to {elsewhere}"
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
