@@ -55,6 +55,7 @@ import atexit
 import itertools
 import os
 import pickle
+import selectors
 import signal
 import threading
 import time
@@ -244,6 +245,11 @@ class PoolCore:
         self.wakeup_r, self.wakeup_w = os.pipe()
         os.set_blocking(self.wakeup_r, False)
         os.set_blocking(self.wakeup_w, False)
+        #: What the dispatcher waits on: the wakeup pipe, and per live worker
+        #: its result pipe and its sentinel.  Changed only by the thread that
+        #: owns the pool's workers (the dispatcher, or submit() before it exists).
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.wakeup_r, selectors.EVENT_READ, None)
         self.closed = False
         LIVE_CORES.add(self)
 
@@ -375,6 +381,8 @@ class PoolCore:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             task_r.close()
             result_w.close()
+        self.selector.register(result_r, selectors.EVENT_READ, (True, slot))
+        self.selector.register(process.sentinel, selectors.EVENT_READ, (False, slot))
         slot.process = process
         slot.queued_bytes = 0
         slot.tasks_sent = 0
@@ -495,22 +503,13 @@ class PoolCore:
     def _dispatch_until_done(self) -> None:
         while True:
             with self.lock:
-                waitables: list[Any] = [self.wakeup_r]
-                by_object: dict[Any, tuple[bool, _Slot]] = {}
-                for slot in self.slots:
-                    if slot.process is not None and slot.result_conn is not None:
-                        waitables.append(slot.result_conn)
-                        by_object[slot.result_conn] = (True, slot)
-                        waitables.append(slot.process.sentinel)
-                        by_object[slot.process.sentinel] = (False, slot)
                 timeout = self.check_deadlines()
-            ready = mp_connection.wait(waitables, timeout)
             exited: list[_Slot] = []
-            for obj in ready:
-                if obj == self.wakeup_r:
+            for key, _ in self.selector.select(timeout):
+                if key.data is None:
                     self.drain_wakeup()
                     continue
-                is_result, slot = by_object[obj]
+                is_result, slot = key.data
                 if is_result:
                     self.on_results(slot)
                 else:
@@ -728,12 +727,22 @@ class PoolCore:
 
     def close_slot(self, slot: _Slot) -> None:
         """Forget the slot's process and close its pipes (lock held)."""
+        process = slot.process
+        if process is not None:
+            for watched in (slot.result_conn, process.sentinel):
+                if watched is not None:
+                    try:
+                        self.selector.unregister(watched)
+                    except (KeyError, ValueError):
+                        pass
         for conn in (slot.task_conn, slot.result_conn):
             if conn is not None:
                 try:
                     conn.close()
                 except OSError:
                     pass
+        if process is not None and process.exitcode is not None:
+            process.close()  # releases its sentinel now, not at garbage collection
         slot.reset()
 
     def stop_workers(self) -> None:
@@ -773,6 +782,7 @@ class PoolCore:
             if self.closed:
                 return
             self.closed = True
+        self.selector.close()
         for fd in (self.wakeup_r, self.wakeup_w):
             try:
                 os.close(fd)
@@ -837,6 +847,7 @@ class PoolCore:
                 os.close(fd)
             except OSError:
                 pass
+        self.selector.close()
         self.closed = True
         self.lock = threading.Lock()
 
