@@ -101,6 +101,19 @@ def next_task_id() -> int:
     return next(_task_ids)
 
 
+def callable_label(fn: object) -> str:
+    """A short human name for a task's callable, for error messages."""
+    import functools
+
+    if isinstance(fn, functools.partial):
+        return callable_label(fn.func)
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+    if name is None:
+        return repr(fn)
+    module = getattr(fn, "__module__", None)
+    return f"{module}.{name}" if module else str(name)
+
+
 class _RemoteTraceback(Exception):
     """Carries a worker's formatted traceback as the cause of a task error."""
 
@@ -122,23 +135,29 @@ def _exception_from_payload(payload: memoryview) -> BaseException:
 class WorkItem:
     """One submitted call, from submit() until its future is resolved."""
 
-    __slots__ = ("frame", "future", "label", "started", "task_id", "timeout")
+    __slots__ = ("fn", "frame", "future", "started", "task_id", "timeout")
 
     def __init__(
         self,
         future: Future[Any],
         task_id: int,
         frame: bytes,
-        label: str,
+        fn: object,
         timeout: Optional[float],
     ) -> None:
         self.future = future
         self.task_id = task_id
+        #: The task as written to the worker's pipe (length header included).
         self.frame = frame
-        self.label = label
+        #: The callable, kept only to name the task in error messages.
+        self.fn = fn
         self.timeout = timeout
         #: set_running_or_notify_cancel() has been called on the future.
         self.started = False
+
+    @property
+    def label(self) -> str:
+        return callable_label(self.fn)
 
 
 class _Stopping(NamedTuple):
@@ -159,9 +178,11 @@ class _Slot:
         "last_service",
         "process",
         "queued_bytes",
+        "reader",
         "ready",
         "result_conn",
         "retiring",
+        "stop_sent",
         "stopping",
         "task_conn",
         "tasks_sent",
@@ -172,12 +193,15 @@ class _Slot:
         self.process: Optional[BaseProcess] = None
         self.task_conn: Optional[mp_connection.Connection] = None
         self.result_conn: Optional[mp_connection.Connection] = None
+        self.reader: Optional[_worker.FrameReader] = None
         #: Items sent to the current process whose results have not arrived, in order.
         self.assigned: deque[WorkItem] = deque()
         self.queued_bytes = 0
         self.tasks_sent = 0
-        #: Reached max_tasks_per_child: told to exit once its items are done.
+        #: Reached max_tasks_per_child: to exit once its items are done.
         self.retiring = False
+        #: The empty frame that tells the worker to exit has been written.
+        self.stop_sent = False
         #: The worker said it is ready (its initializer ran).
         self.ready = False
         #: When the head of ``assigned`` became the worker's current task.
@@ -193,9 +217,11 @@ class _Slot:
     def reset(self) -> None:
         self.process = None
         self.task_conn = self.result_conn = None
+        self.reader = None
         self.queued_bytes = 0
         self.tasks_sent = 0
         self.retiring = False
+        self.stop_sent = False
         self.ready = False
         self.last_service = float("inf")
         self.stopping = None
@@ -229,6 +255,8 @@ class PoolCore:
     def __init__(self, settings: PoolSettings) -> None:
         self.settings = settings
         self.owner_pid = os.getpid()
+        #: Set in a forked child's copy (cheaper to test than os.getpid()).
+        self.inherited = False
         self.lock = threading.Lock()
         self.pending: deque[WorkItem] = deque()
         self.slots = [_Slot(i) for i in range(settings.max_workers)]
@@ -257,7 +285,7 @@ class PoolCore:
 
     def check_usable(self) -> None:
         """Raise if no new work may be submitted (lock held)."""
-        if self.owner_pid != os.getpid():
+        if self.inherited:
             raise InheritedManagerError(
                 f"this pool belongs to process {self.owner_pid}; "
                 f"process {os.getpid()} inherited a copy by fork and cannot use it"
@@ -285,8 +313,9 @@ class PoolCore:
                     if self.is_idle(slot):
                         self.send(slot, item)
                         return
+            # Every worker is busy: the dispatcher hands this on as results come
+            # back, several items per write.
             self.pending.append(item)
-            self.dispatch_pending()  # a busy slot may still have prefetch room
 
     def cancel(self, future: Future[Any]) -> bool:
         """Cancel a queued item, or stop the worker running it; False if unknown."""
@@ -381,6 +410,8 @@ class PoolCore:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             task_r.close()
             result_w.close()
+        os.set_blocking(result_r.fileno(), False)
+        slot.reader = _worker.FrameReader(result_r.fileno())
         self.selector.register(result_r, selectors.EVENT_READ, (True, slot))
         self.selector.register(process.sentinel, selectors.EVENT_READ, (False, slot))
         slot.process = process
@@ -412,8 +443,11 @@ class PoolCore:
             and now - slot.head_since < _PREFETCH_BEHIND_SECONDS
         )
 
-    def send(self, slot: _Slot, item: WorkItem) -> bool:
-        """Give ``item`` to ``slot``'s worker; False if it was cancelled meanwhile."""
+    def assign(self, slot: _Slot, item: WorkItem) -> bool:
+        """Record ``item`` as ``slot``'s; False if it was cancelled meanwhile.
+
+        The caller writes the item's frame to the worker (see ``write``).
+        """
         if not item.started:
             if not item.future.set_running_or_notify_cancel():
                 return False
@@ -425,48 +459,60 @@ class PoolCore:
         slot.assigned.append(item)
         slot.queued_bytes += len(item.frame)
         slot.tasks_sent += 1
-        assert slot.task_conn is not None
-        try:
-            slot.task_conn.send_bytes(item.frame)
-        except OSError:
-            # The worker is dead or dying: the dispatcher will see its sentinel
-            # and, since the worker never took this item up, requeue it.
-            pass
         limit = self.settings.max_tasks_per_child
         if limit is not None and slot.tasks_sent >= limit:
-            self.retire(slot)
+            slot.retiring = True  # the worker is told to exit after this item
         return True
 
-    def retire(self, slot: _Slot) -> None:
-        """Ask ``slot``'s worker to exit after the items it holds."""
-        slot.retiring = True
+    def write(self, slot: _Slot, data: bytes) -> None:
+        """Write task frames to ``slot``'s worker (and the stop frame, if due)."""
         assert slot.task_conn is not None
+        if slot.retiring and not slot.stop_sent:
+            data += _worker.wire(b"")
+            slot.stop_sent = True
         try:
-            slot.task_conn.send_bytes(b"")
+            _worker.write_all(slot.task_conn.fileno(), data)
         except OSError:
+            # The worker is dead or dying: the dispatcher will see its sentinel
+            # and, since the worker never took these items up, requeue them.
             pass
 
+    def send(self, slot: _Slot, item: WorkItem) -> None:
+        """Give one item to ``slot``'s worker."""
+        if self.assign(slot, item):
+            self.write(slot, item.frame)
+
     def dispatch_pending(self) -> None:
-        """Hand pending items to idle workers, then queue some behind busy ones."""
+        """Hand pending items to idle workers, then queue some behind busy ones.
+
+        What one worker gets here goes out in a single write.
+        """
         pending = self.pending
         if not pending:
             return
+        batches: dict[int, list[bytes]] = {}
         for slot in self.slots:
             if not pending:
-                return
+                break
             if self.is_idle(slot):
-                self.send(slot, pending.popleft())
-        if any(slot.process is None for slot in self.slots):
-            return  # a replacement worker is coming: it takes what is left
-        now = time.monotonic()
-        while pending:
-            placed = False
-            for slot in self.slots:
-                if pending and self.can_prefetch(slot, pending[0], now):
-                    self.send(slot, pending.popleft())
-                    placed = True
-            if not placed:
-                return
+                item = pending.popleft()
+                if self.assign(slot, item):
+                    batches[slot.index] = [item.frame]
+        if pending and all(slot.process is not None for slot in self.slots):
+            # (While a replacement worker is coming, it takes what is left.)
+            now = time.monotonic()
+            while pending:
+                placed = False
+                for slot in self.slots:
+                    if pending and self.can_prefetch(slot, pending[0], now):
+                        item = pending.popleft()
+                        if self.assign(slot, item):
+                            batches.setdefault(slot.index, []).append(item.frame)
+                        placed = True
+                if not placed:
+                    break
+        for index, frames in batches.items():
+            self.write(self.slots[index], b"".join(frames))
 
     def refill_slots(self) -> Optional[BaseException]:
         """Start a replacement in every empty slot; return a start error."""
@@ -575,15 +621,18 @@ class PoolCore:
 
     def on_results(self, slot: _Slot) -> None:
         """Read every result frame the slot's pipe holds now."""
-        conn = slot.result_conn
-        assert conn is not None
+        reader = slot.reader
+        assert reader is not None
+        frames, eof = reader.read_available()
+        if eof and slot.result_conn is not None:
+            # The worker is gone (its sentinel says how); stop watching the pipe.
+            try:
+                self.selector.unregister(slot.result_conn)
+            except (KeyError, ValueError):
+                pass
         resolved: list[tuple[WorkItem, int, memoryview]] = []
         init_failure: Optional[memoryview] = None
-        while True:
-            try:
-                frame = conn.recv_bytes()
-            except (EOFError, OSError):
-                break  # the worker is gone; its sentinel says how
+        for frame in frames:
             view = memoryview(frame)
             task_id = int.from_bytes(view[: _worker.TASK_ID_BYTES], "little")
             status = view[_worker.TASK_ID_BYTES]
@@ -604,8 +653,6 @@ class PoolCore:
                     slot.head_since = now
                     assert item.task_id == task_id, (item.task_id, task_id)
                     resolved.append((item, status, payload))
-            if not conn.poll():
-                break
         with self.lock:
             if slot.process is not None and not (self.shutdown_requested and not self.pending):
                 self.dispatch_pending()
@@ -669,15 +716,8 @@ class PoolCore:
 
     def on_worker_exit(self, slot: _Slot) -> None:
         """A worker's sentinel fired: settle its items and free the slot."""
-        conn = slot.result_conn
-        if conn is not None:
-            # Results written just before the exit are still in the pipe.
-            try:
-                has_data = conn.poll()
-            except (EOFError, OSError):
-                has_data = False
-            if has_data:
-                self.on_results(slot)
+        if slot.reader is not None:
+            self.on_results(slot)  # results written just before the exit
         process = slot.process
         if process is None:  # already handled (e.g. killed by mark_broken)
             return
@@ -752,7 +792,7 @@ class PoolCore:
             for slot in self.slots:
                 if slot.process is not None and slot.task_conn is not None:
                     try:
-                        slot.task_conn.send_bytes(b"")
+                        _worker.write_all(slot.task_conn.fileno(), _worker.wire(b""))
                     except OSError:
                         pass
                     processes.append(slot.process)
@@ -834,22 +874,27 @@ class PoolCore:
             self.join()
 
     def forget_after_fork(self) -> None:
-        """In a forked child: close this copy's pipe ends; the copy is unusable."""
+        """In a forked child: the copy becomes unusable, and its pipe ends close."""
+        # Flags first: nothing below may keep the copy usable if it fails.
+        self.inherited = True
+        self.closed = True
+        self.lock = threading.Lock()
         for slot in self.slots:
             for conn in (slot.task_conn, slot.result_conn):
                 if conn is not None:
                     try:
-                        conn.close()
-                    except OSError:
+                        conn.close()  # not os.close: the object must know
+                    except Exception:
                         pass
         for fd in (self.wakeup_r, self.wakeup_w):
             try:
                 os.close(fd)
             except OSError:
                 pass
-        self.selector.close()
-        self.closed = True
-        self.lock = threading.Lock()
+        try:
+            self.selector.close()
+        except Exception:
+            pass
 
 
 def _signal(process: BaseProcess, signum: int) -> None:

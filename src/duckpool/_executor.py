@@ -42,17 +42,6 @@ def default_max_workers() -> int:
         return os.cpu_count() or 1
 
 
-def _callable_label(fn: object) -> str:
-    """A short human name for a task's callable, for error messages."""
-    if isinstance(fn, functools.partial):
-        return _callable_label(fn.func)
-    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
-    if name is None:
-        return repr(fn)
-    module = getattr(fn, "__module__", None)
-    return f"{module}.{name}" if module else str(name)
-
-
 def _positive_int(name: str, value: Any, *, allow_none: bool = True) -> Optional[int]:
     """Validate an optional positive int argument, naming it in the error."""
     if value is None and allow_none:
@@ -228,23 +217,23 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, got {fn!r}")
         core = self._core
-        with core.lock:
-            core.check_usable()
+        if core.shutdown_requested or core.broken is not None or core.inherited:
+            with core.lock:
+                core.check_usable()  # raises the error that applies
         future: Future[_T] = Future()
         task_id = _core.next_task_id()
         try:
-            frame = task_id.to_bytes(_worker.TASK_ID_BYTES, "little") + self._dumps(
-                (fn, args, kwargs), pickle.HIGHEST_PROTOCOL
-            )
+            payload = self._dumps((fn, args, kwargs), pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
             error = pickle.PicklingError(
-                f"cannot send {_callable_label(fn)} to a worker process: "
+                f"cannot send {_core.callable_label(fn)} to a worker process: "
                 f"its callable or arguments cannot be pickled: {exc}"
             )
             error.__cause__ = exc
             future.set_exception(error)
             return future
-        core.submit(_core.WorkItem(future, task_id, frame, _callable_label(fn), timeout))
+        frame = _worker.task_frame(task_id, payload)
+        core.submit(_core.WorkItem(future, task_id, frame, fn, timeout))
         return future
 
     def options(self, *, timeout: Optional[float] = None) -> TaskOptions:

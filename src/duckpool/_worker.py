@@ -47,6 +47,98 @@ RESULT_HEADER_BYTES = TASK_ID_BYTES + 1
 
 #: How often the parent-death watchdog polls where no pidfd is available.
 _PARENT_POLL_SECONDS = 0.2
+#: Bytes asked of the kernel per read(): a pipe holds 64 KiB by default.
+_READ_SIZE = 1 << 16
+_LONG_FRAME = b"\xff\xff\xff\xff"
+
+
+def wire(frame: bytes) -> bytes:
+    """A frame as ``multiprocessing.connection.Connection.send_bytes`` writes it."""
+    size = len(frame)
+    if size < 0x7FFFFFFF:
+        return size.to_bytes(4, "big") + frame
+    return _LONG_FRAME + size.to_bytes(8, "big") + frame
+
+
+def task_frame(task_id: int, payload: bytes) -> bytes:
+    """A task frame as written to the pipe: length header, task id, pickle."""
+    size = TASK_ID_BYTES + len(payload)
+    if size >= 0x7FFFFFFF:
+        return wire(task_id.to_bytes(TASK_ID_BYTES, "little") + payload)
+    return b"".join((size.to_bytes(4, "big"), task_id.to_bytes(TASK_ID_BYTES, "little"), payload))
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to a blocking pipe."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class FrameReader:
+    """Reads ``Connection``-format frames from a pipe, as many as one read() brings.
+
+    ``Connection.recv_bytes`` costs two system calls per frame; a busy pool
+    has many small frames waiting, and this reads them all at once.
+    """
+
+    __slots__ = ("_buffer", "_fd")
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._buffer = bytearray()
+
+    def read_available(self) -> tuple[list[bytes], bool]:
+        """Frames complete now, from a non-blocking pipe; and whether it hit EOF."""
+        eof = False
+        while True:
+            try:
+                chunk = os.read(self._fd, _READ_SIZE)
+            except BlockingIOError:
+                break
+            except OSError:
+                eof = True
+                break
+            if not chunk:
+                eof = True
+                break
+            self._buffer += chunk
+            if len(chunk) < _READ_SIZE:
+                break
+        return self._split(), eof
+
+    def read_blocking(self) -> list[bytes]:
+        """At least one frame, waiting for it; an empty list at EOF."""
+        while True:
+            frames = self._split()
+            if frames:
+                return frames
+            chunk = os.read(self._fd, _READ_SIZE)
+            if not chunk:
+                return []
+            self._buffer += chunk
+
+    def _split(self) -> list[bytes]:
+        buffer = self._buffer
+        end = len(buffer)
+        position = 0
+        frames = []
+        while end - position >= 4:
+            size = int.from_bytes(buffer[position : position + 4], "big")
+            header = 4
+            if size == 0xFFFFFFFF:
+                if end - position < 12:
+                    break
+                size = int.from_bytes(buffer[position + 4 : position + 12], "big")
+                header = 12
+            start = position + header
+            if end - start < size:
+                break
+            frames.append(bytes(buffer[start : start + size]))
+            position = start + size
+        if position:
+            del buffer[:position]
+        return frames
 
 
 class WorkerConfig(NamedTuple):
@@ -169,11 +261,11 @@ def worker_main(task_conn: Connection, result_conn: Connection, config: WorkerCo
             send(encode_result(0, STATUS_INIT_FAILED, dump_exception(exc)))
             return
     send(encode_result(0, STATUS_READY, b""))
-    _serve(task_conn.recv_bytes, send, config)
+    _serve(FrameReader(task_conn.fileno()).read_blocking, send, config)
 
 
 def _serve(
-    recv: Callable[[], bytes], send: Callable[[bytes], None], config: WorkerConfig
+    recv: Callable[[], list[bytes]], send: Callable[[bytes], None], config: WorkerConfig
 ) -> None:
     """The task loop: one frame in, one frame out, in order."""
     loads = pickle.loads
@@ -190,41 +282,60 @@ def _serve(
     rss = _rss_reader() if config.max_memory is not None else None
     while True:
         try:
-            frame = recv()
-        except (EOFError, OSError):
+            frames = recv()
+        except OSError:
             return  # the parent is gone or closed the pipe
-        if not frame:
+        if not frames:
             return
-        view = memoryview(frame)
-        task_id = int.from_bytes(view[:TASK_ID_BYTES], "little")
-        marks[slot] = task_id
-        if marks[skip_cell] == task_id:  # cancelled while queued here
-            send(encode_result(task_id, STATUS_ERROR, dump_exception(_skipped(task_id))))
-            continue
-        try:
-            fn, args, kwargs = loads(view[TASK_ID_BYTES:])
-        except BaseException as exc:
-            send(encode_result(task_id, STATUS_ERROR, dump_exception(exc)))
-            continue
-        del view, frame
-        try:
-            result = fn(*args, **kwargs)
-        except BaseException as exc:
-            # SystemExit and KeyboardInterrupt raised by a task are that task's
-            # outcome, not an order to this worker.
-            send(encode_result(task_id, STATUS_ERROR, dump_exception(exc, dumps)))
-            continue
-        finally:
-            del fn, args, kwargs
-        try:
-            payload = dumps(result, protocol)
-        except BaseException as exc:
-            send(encode_result(task_id, STATUS_ERROR, dump_exception(exc)))
-            continue
-        del result
-        send(encode_result(task_id, STATUS_OK, payload))
-        if rss is not None and config.max_memory is not None and rss() > config.max_memory:
-            return  # recycled: the parent requeues whatever was queued here
+        frames.reverse()
+        while frames:
+            if not frames[-1]:
+                return  # an empty frame: stop
+            # Popped, not iterated: a frame is freed as soon as it is decoded.
+            _run_one(frames.pop(), send, loads, dumps, protocol, marks, slot, skip_cell)
+            if rss is not None and config.max_memory is not None and rss() > config.max_memory:
+                return  # recycled: the parent requeues what was queued here
+
+
+def _run_one(
+    frame: bytes,
+    send: Callable[[bytes], None],
+    loads: Callable[..., Any],
+    dumps: Callable[..., bytes],
+    protocol: int,
+    marks: Any,
+    slot: int,
+    skip_cell: int,
+) -> None:
+    """Run one task frame and send its result frame."""
+    view = memoryview(frame)
+    task_id = int.from_bytes(view[:TASK_ID_BYTES], "little")
+    marks[slot] = task_id
+    if marks[skip_cell] == task_id:  # cancelled while queued here
+        send(encode_result(task_id, STATUS_ERROR, dump_exception(_skipped(task_id))))
+        return
+    try:
+        fn, args, kwargs = loads(view[TASK_ID_BYTES:])
+    except BaseException as exc:
+        send(encode_result(task_id, STATUS_ERROR, dump_exception(exc)))
+        return
+    del view, frame
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException as exc:
+        # SystemExit and KeyboardInterrupt raised by a task are that task's
+        # outcome, not an order to this worker.
+        send(encode_result(task_id, STATUS_ERROR, dump_exception(exc, dumps)))
+        return
+    finally:
+        del fn, args, kwargs
+    try:
+        payload = dumps(result, protocol)
+    except BaseException as exc:
+        send(encode_result(task_id, STATUS_ERROR, dump_exception(exc)))
+        return
+    del result
+    send(encode_result(task_id, STATUS_OK, payload))
 
 
 def _skipped(task_id: int) -> BaseException:
