@@ -55,6 +55,7 @@ import atexit
 import itertools
 import os
 import pickle
+import select
 import selectors
 import signal
 import threading
@@ -227,6 +228,66 @@ class _Slot:
         self.stopping = None
 
 
+def _fileno(watched: Any) -> int:
+    return watched if isinstance(watched, int) else int(watched.fileno())
+
+
+class _Waiter:
+    """What the dispatcher sleeps on: file descriptors, each with a tag.
+
+    epoll where there is one (one system call per wake-up, no per-call set-up),
+    else the selectors module.
+    """
+
+    def __init__(self) -> None:
+        self._tags: dict[int, Any] = {}
+        self._epoll = select.epoll() if hasattr(select, "epoll") else None
+        self._selector = None if self._epoll is not None else selectors.DefaultSelector()
+
+    def register(self, watched: Any, tag: Any) -> None:
+        fd = _fileno(watched)
+        self._tags[fd] = tag
+        if self._epoll is not None:
+            try:
+                self._epoll.register(fd, select.EPOLLIN)
+            except FileExistsError:  # a closed descriptor's number, reused
+                self._epoll.modify(fd, select.EPOLLIN)
+        else:
+            assert self._selector is not None
+            self._selector.register(fd, selectors.EVENT_READ)
+
+    def unregister(self, watched: Any) -> None:
+        fd = _fileno(watched)
+        if self._tags.pop(fd, _MISSING) is _MISSING:
+            return
+        try:
+            if self._epoll is not None:
+                self._epoll.unregister(fd)
+            else:
+                assert self._selector is not None
+                self._selector.unregister(fd)
+        except (KeyError, ValueError, OSError):
+            pass
+
+    def wait(self, timeout: Optional[float]) -> list[Any]:
+        """The tags of the descriptors that are ready, waiting up to ``timeout``."""
+        tags = self._tags
+        if self._epoll is not None:
+            events = self._epoll.poll(-1 if timeout is None else timeout)
+            return [tags[fd] for fd, _ in events if fd in tags]
+        assert self._selector is not None
+        return [tags[key.fd] for key, _ in self._selector.select(timeout) if key.fd in tags]
+
+    def close(self) -> None:
+        if self._epoll is not None:
+            self._epoll.close()
+        elif self._selector is not None:
+            self._selector.close()
+
+
+_MISSING = object()
+_WAKEUP = object()
+
 # Every pool core of this process, for the fork and exit hooks.
 LIVE_CORES: weakref.WeakSet[PoolCore] = weakref.WeakSet()
 
@@ -276,8 +337,8 @@ class PoolCore:
         #: What the dispatcher waits on: the wakeup pipe, and per live worker
         #: its result pipe and its sentinel.  Changed only by the thread that
         #: owns the pool's workers (the dispatcher, or submit() before it exists).
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(self.wakeup_r, selectors.EVENT_READ, None)
+        self.selector = _Waiter()
+        self.selector.register(self.wakeup_r, _WAKEUP)
         self.closed = False
         LIVE_CORES.add(self)
 
@@ -412,8 +473,8 @@ class PoolCore:
             result_w.close()
         os.set_blocking(result_r.fileno(), False)
         slot.reader = _worker.FrameReader(result_r.fileno())
-        self.selector.register(result_r, selectors.EVENT_READ, (True, slot))
-        self.selector.register(process.sentinel, selectors.EVENT_READ, (False, slot))
+        self.selector.register(result_r, (True, slot))
+        self.selector.register(process.sentinel, (False, slot))
         slot.process = process
         slot.queued_bytes = 0
         slot.tasks_sent = 0
@@ -551,11 +612,11 @@ class PoolCore:
             with self.lock:
                 timeout = self.check_deadlines()
             exited: list[_Slot] = []
-            for key, _ in self.selector.select(timeout):
-                if key.data is None:
+            for tag in self.selector.wait(timeout):
+                if tag is _WAKEUP:
                     self.drain_wakeup()
                     continue
-                is_result, slot = key.data
+                is_result, slot = tag
                 if is_result:
                     self.on_results(slot)
                 else:

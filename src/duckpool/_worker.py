@@ -159,8 +159,12 @@ class WorkerConfig(NamedTuple):
 
 
 def encode_result(task_id: int, status: int, payload: bytes) -> bytes:
-    """Build a result frame."""
-    return task_id.to_bytes(TASK_ID_BYTES, "little") + bytes((status,)) + payload
+    """A result frame as written to the pipe: length header, task id, status, pickle."""
+    size = RESULT_HEADER_BYTES + len(payload)
+    head = task_id.to_bytes(TASK_ID_BYTES, "little") + bytes((status,))
+    if size >= 0x7FFFFFFF:
+        return wire(head + payload)
+    return b"".join((size.to_bytes(4, "big"), head, payload))
 
 
 def dump_exception(exc: BaseException, dumps: Callable[..., bytes] = pickle.dumps) -> bytes:
@@ -246,7 +250,11 @@ def _prepare(config: WorkerConfig) -> None:
 def worker_main(task_conn: Connection, result_conn: Connection, config: WorkerConfig) -> None:
     """Entry point of a worker process: serve tasks until told to stop."""
     _prepare(config)
-    send = result_conn.send_bytes
+    result_fd = result_conn.fileno()
+
+    def send(frame: bytes) -> None:
+        write_all(result_fd, frame)
+
     if config.initializer is not None:
         try:
             config.initializer(*config.initargs)
