@@ -406,3 +406,19 @@ def test_ctrl_c_stops_the_pool_without_worker_tracebacks(
     assert "KeyboardInterrupt" in stderr
     assert stderr.count("Traceback") == 1, stderr
     wait_until(lambda: all(process_gone(pid) for pid in pids), TIMEOUT)
+
+
+def test_workers_that_keep_failing_at_start_up_break_the_pool_instead_of_looping(
+    ctx: object,
+) -> None:
+    pool = duckpool.ProcessPoolExecutor(  # type: ignore[arg-type]
+        1, ctx, initializer=tasks.exit_now, initargs=(3,)
+    )
+    try:
+        future = pool.submit(tasks.add, 1, 1)
+        with pytest.raises(BrokenProcessPool, match="before they were ready"):
+            future.result(TIMEOUT)
+        with pytest.raises(BrokenProcessPool):
+            pool.submit(tasks.add, 1, 1)
+    finally:
+        pool.shutdown()

@@ -92,7 +92,8 @@ _PREFETCH_BYTES = 32 * 1024
 _STOP_GRACE_SECONDS = 5.0
 #: How long a worker stopped with SIGTERM (timeout, cancel) gets before SIGKILL.
 KILL_GRACE_SECONDS = 1.0
-#: Workers that die before they are ready, in a row, before the pool gives up.
+#: Workers that fail by themselves before they are ready (an exit code, or a
+#: crash signal), in a row, before the pool gives up instead of respawning.
 _MAX_STARTUP_DEATHS = 3
 
 _task_ids = itertools.count(1)
@@ -801,7 +802,7 @@ class PoolCore:
                 # The rest never started: back to the front of the queue.
                 self.pending.extendleft(reversed(assigned))
                 assigned.clear()
-            if not slot.ready and not self.shutdown_requested:
+            if not slot.ready and not self.shutdown_requested and _self_inflicted(exitcode):
                 self.startup_deaths += 1
             self.close_slot(slot)
             give_up = self.startup_deaths >= _MAX_STARTUP_DEATHS
@@ -956,6 +957,22 @@ class PoolCore:
             self.selector.close()
         except Exception:
             pass
+
+
+#: Signals a process sends itself by failing (a crash loop), as opposed to
+#: signals sent from outside (SIGKILL, SIGTERM, ...), which are not its fault.
+_CRASH_SIGNALS = frozenset(
+    {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT}
+)
+
+
+def _self_inflicted(exitcode: Optional[int]) -> bool:
+    """Did a worker that died during start-up fail by itself?"""
+    if exitcode is None:
+        return False
+    if exitcode < 0:
+        return -exitcode in _CRASH_SIGNALS
+    return exitcode != 0
 
 
 def _signal(process: BaseProcess, signum: int) -> None:
