@@ -1,0 +1,122 @@
+"""Shared fixtures: start methods, registry clean-up, deadline waits.
+
+Worker-side functions live in ``_tasks.py``; this file makes that module
+importable from every worker, whatever the start method:
+
+* the tests directory goes on ``sys.path`` (fork inherits it, spawn and
+  forkserver children receive the parent's ``sys.path``), and
+* on ``PYTHONPATH`` (for interpreters started with ``subprocess``).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.context
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))
+
+# setproctitle finds the argv area by walking back from environ[0].  Changing an
+# existing variable replaces its environ slot; when that variable is the first one
+# (PYTHONPATH in `PYTHONPATH=src python -m pytest`) setproctitle, first called in a
+# fork worker, finds nothing and silently leaves the title alone
+# (dvarrazzo/py-setproctitle#42).  Initialise it before touching the environment.
+try:
+    import setproctitle
+except ImportError:  # pragma: no cover - a core dependency of duckpool
+    pass
+else:
+    setproctitle.getproctitle()
+
+_pythonpath = os.environ.get("PYTHONPATH", "")
+if str(TESTS_DIR) not in _pythonpath.split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS_DIR), _pythonpath) if p)
+
+try:
+    # Installed as a .pth hook by the package; with a plain PYTHONPATH=src run
+    # the hook has not run yet.  install() is idempotent.
+    import _duckpool_duck_alias
+except ImportError:  # pragma: no cover - the seed-path tests report it
+    pass
+else:
+    _duckpool_duck_alias.install()
+
+START_METHODS = ("fork", "spawn", "forkserver")
+
+
+@pytest.fixture(params=START_METHODS, ids=START_METHODS)
+def start_method(request: pytest.FixtureRequest) -> str:
+    """The name of a multiprocessing start method; every pool test runs under each."""
+    return str(request.param)
+
+
+@pytest.fixture
+def ctx(start_method: str) -> multiprocessing.context.BaseContext:
+    """The multiprocessing context for ``start_method``."""
+    return multiprocessing.get_context(start_method)
+
+
+@pytest.fixture(autouse=True)
+def _stop_registered_managers() -> Iterator[None]:
+    """After each test, stop every manager this process registered and clear REGISTRY."""
+    yield
+    duckpool = sys.modules.get("duckpool")
+    if duckpool is None:
+        return
+    registry = duckpool.REGISTRY
+    try:
+        for manager in list(registry.get(os.getpid(), {}).values()):
+            manager.stop(wait=False)
+    finally:
+        registry.clear()
+
+
+@pytest.fixture
+def gate(tmp_path: Path) -> Iterator[Path]:
+    """A file path that blocked tasks wait for; created at teardown so no worker lingers."""
+    path = tmp_path / "gate"
+    yield path
+    path.touch()
+
+
+def wait_until(
+    predicate: Callable[[], object], timeout: float = 10, interval: float = 0.01
+) -> None:
+    """Poll ``predicate`` until it is true; AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s: {predicate!r}")
+        time.sleep(interval)
+
+
+def process_gone(pid: int) -> bool:
+    """True once ``pid`` has exited (a zombie awaiting its parent's wait counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):  # gone between open and read
+        return True
+    # The state letter follows the parenthesised command name, which may contain spaces.
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def proc_cmdline(pid: int) -> str:
+    """``/proc/<pid>/cmdline`` read from outside, as ``ps`` shows it (NULs as spaces)."""
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+
+
+def proc_comm(pid: int) -> str:
+    """``/proc/<pid>/comm``: the short name ``top`` shows (at most 15 characters)."""
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
