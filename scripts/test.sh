@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # duckpool's one test command (the README shows it; .ci/run calls exactly it).
 #
-#   bash scripts/test.sh            ruff + mypy + the whole suite on python3,
-#                                   then the seed-contract tests on python3.9 and python3.13
+#   bash scripts/test.sh            ruff + mypy + the whole suite on python3; the whole
+#                                   suite on python3.9 and python3.13 (with CPython's own
+#                                   process-pool tests); the seed contract on 3.10 and 3.12
 #   bash scripts/test.sh --quick    only the whole suite on python3 (for development)
 #   bash scripts/test.sh -- ARGS    ARGS go to every pytest run (e.g. -- -x -k demo)
 #
@@ -149,7 +150,7 @@ case "$main_ver" in
 esac
 
 current_step="install on python $main_ver"
-main_extras="test,lint"
+main_extras="test,lint,bench"
 prepare_venv "$main_python" "$main_extras"
 main_venv_python="$venv_python"
 main_bin="$(dirname "$main_venv_python")"
@@ -175,25 +176,38 @@ fi
 run_pytest "pytest, whole suite, python $main_ver" "$main_venv_python"
 ran+=("whole suite on $main_ver")
 
-# --- oldest and newest supported Python: the seed contract --------------------
+# --- the rest of the matrix ----------------------------------------------------
+# 3.9 (oldest) and 3.13 (newest) run the whole suite; 3.13 also runs CPython's
+# own process-pool tests against duckpool's executor (the installed test
+# package ships with it).  3.10 and 3.12 run the seed-contract tests.
 if ((!quick)); then
-    for name in python3.9 python3.13; do
+    for name in python3.9 python3.10 python3.12 python3.13; do
         exe="$(resolve_python "$name")"
         if [[ -z "$exe" ]]; then
             echo
             echo "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
-            echo "!!! SKIPPED: $name not found -- the contract tests did NOT run on it !!!"
+            echo "!!! SKIPPED: $name not found -- its tests did NOT run             !!!"
             echo "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
-            steps+=("contract on $name: SKIPPED (interpreter not found)")
+            steps+=("$name: SKIPPED (interpreter not found)")
             continue
         fi
         ver="$(py_version "$exe")"
-        extras="test"
-        [[ "$ver" == "$main_ver" ]] && extras="$main_extras"
+        [[ "$ver" == "$main_ver" ]] && continue
         current_step="install on python $ver"
-        prepare_venv "$exe" "$extras"
-        run_pytest "pytest -m contract, python $ver" "$venv_python" -m contract
-        ran+=("contract on $ver")
+        prepare_venv "$exe" "test"
+        case "$ver" in
+            3.9)
+                run_pytest "pytest, whole suite, python $ver" "$venv_python" \
+                    -m "not soak and not cpython_suite"
+                ran+=("whole suite on $ver") ;;
+            3.13)
+                run_pytest "pytest, whole suite + CPython's process-pool tests, python $ver" \
+                    "$venv_python"
+                ran+=("whole suite + CPython suite on $ver") ;;
+            *)
+                run_pytest "pytest -m contract, python $ver" "$venv_python" -m contract
+                ran+=("contract on $ver") ;;
+        esac
     done
 fi
 

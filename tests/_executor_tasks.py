@@ -109,3 +109,14 @@ def soak_task(kind: str, value: int) -> int:
         while True:
             time.sleep(1)
     return value * 2
+
+
+class Token:
+    """A weak-referenceable result."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+def make_object(value: int) -> Token:
+    return Token(value)

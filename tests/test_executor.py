@@ -45,13 +45,28 @@ def test_submit_and_map_return_results(executor: duckpool.ProcessPoolExecutor) -
     assert list(executor.map(tasks.identity, range(9), buffersize=2)) == list(range(9))
 
 
+def test_map_holds_no_reference_to_results_it_has_handed_out(
+    executor: duckpool.ProcessPoolExecutor,
+) -> None:
+    import weakref
+
+    results = executor.map(tasks.make_object, range(3), chunksize=2)
+    first = next(results)
+    ref = weakref.ref(first)
+    del first
+    assert ref() is None
+    assert [type(r).__name__ for r in results] == ["Token", "Token"]
+
+
 def test_task_exception_keeps_its_type_with_remote_traceback(
     executor: duckpool.ProcessPoolExecutor,
 ) -> None:
     future = executor.submit(tasks.raise_key_error, "missing")
     with pytest.raises(KeyError, match="missing") as info:
         future.result(TIMEOUT)
-    assert "raise_key_error" in str(info.value.__cause__)
+    cause = info.value.__cause__
+    assert isinstance(cause, concurrent.futures.process._RemoteTraceback)
+    assert "raise_key_error" in cause.tb
     assert executor.submit(tasks.add, 1, 1).result(TIMEOUT) == 2
 
 
@@ -113,15 +128,18 @@ def test_unpicklable_result_fails_only_its_future(executor: duckpool.ProcessPool
 def test_argument_that_fails_to_unpickle_in_worker_fails_only_its_future(
     executor: duckpool.ProcessPoolExecutor,
 ) -> None:
-    with pytest.raises(RuntimeError, match="refused to unpickle"):
+    with pytest.raises(duckpool.TaskUnpicklingError, match="could not unpickle") as info:
         executor.submit(tasks.identity, tasks._FailsToUnpickle()).result(TIMEOUT)
+    assert isinstance(info.value, BrokenProcessPool)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert "refused to unpickle" in str(info.value.__cause__)
     assert executor.submit(tasks.add, 1, 2).result(TIMEOUT) == 3
 
 
 def test_result_that_fails_to_unpickle_in_parent_fails_only_its_future(
     executor: duckpool.ProcessPoolExecutor,
 ) -> None:
-    with pytest.raises(pickle.UnpicklingError, match="fails_to_unpickle") as info:
+    with pytest.raises(duckpool.TaskUnpicklingError, match="fails_to_unpickle") as info:
         executor.submit(tasks.fails_to_unpickle).result(TIMEOUT)
     assert "refused to unpickle" in str(info.value.__cause__)
     assert executor.submit(tasks.add, 1, 2).result(TIMEOUT) == 3

@@ -17,6 +17,7 @@ from duckpool._errors import (
     ManagerNotFound,
     TaskCancelledError,
     TaskTimeoutError,
+    TaskUnpicklingError,
     UnknownTaskError,
     WorkerDiedError,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "ProcessPoolManager",
     "TaskCancelledError",
     "TaskTimeoutError",
+    "TaskUnpicklingError",
     "UnknownTaskError",
     "WorkerDiedError",
     "__version__",

@@ -63,7 +63,7 @@ import time
 import weakref
 from collections import deque
 from concurrent.futures import Future
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 from multiprocessing import connection as mp_connection
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
@@ -74,6 +74,7 @@ from duckpool._errors import (
     InheritedManagerError,
     TaskCancelledError,
     TaskTimeoutError,
+    TaskUnpicklingError,
     WorkerDiedError,
     describe_exit,
 )
@@ -116,19 +117,12 @@ def callable_label(fn: object) -> str:
     return f"{module}.{name}" if module else str(name)
 
 
-class _RemoteTraceback(Exception):
-    """Carries a worker's formatted traceback as the cause of a task error."""
-
-    def __init__(self, tb_text: str) -> None:
-        super().__init__(tb_text)
-        self.tb_text = tb_text
-
-    def __str__(self) -> str:
-        return f'\n"""\n{self.tb_text}"""'
-
-
 def _exception_from_payload(payload: memoryview) -> BaseException:
-    """Rebuild a worker's exception, chaining its remote traceback."""
+    """Rebuild a worker's exception, chaining its remote traceback.
+
+    The cause is the standard library's own ``_RemoteTraceback`` (its text in
+    ``.tb``), so code written against the stdlib's executor reads it unchanged.
+    """
     exc, tb_text = pickle.loads(payload)
     exc.__cause__ = _RemoteTraceback(tb_text)
     return exc  # type: ignore[no-any-return]
@@ -734,7 +728,7 @@ class PoolCore:
             else:
                 error = _exception_from_payload(payload)
         except BaseException as exc:
-            failure = pickle.UnpicklingError(
+            failure = TaskUnpicklingError(
                 f"could not unpickle what task {item.label} sent back: {exc!r}"
             )
             failure.__cause__ = exc
@@ -742,6 +736,12 @@ class PoolCore:
             return
         if status == _worker.STATUS_OK:
             _set_result(future, value)
+        elif status == _worker.STATUS_UNPICKLE_FAILED:
+            failure = TaskUnpicklingError(
+                f"the worker could not unpickle the call to {item.label}: {error!r}"
+            )
+            failure.__cause__ = error
+            _set_exception(future, failure)
         else:
             _set_exception(future, error)
 
@@ -760,7 +760,9 @@ class PoolCore:
             self.broken = reason
             self.broken_cause = cause
         self.fail_everything(BrokenProcessPool(reason), cause=cause)
-        self.kill_all_workers()
+        # Not SIGKILL at once: a worker whose initializer failed is exiting by
+        # itself, and may still be flushing what it logged about the failure.
+        self.stop_workers(KILL_GRACE_SECONDS)
 
     def fail_everything(self, error: BaseException, cause: Optional[BaseException]) -> None:
         """Fail every pending and assigned future with ``error``."""
@@ -847,8 +849,8 @@ class PoolCore:
             process.close()  # releases its sentinel now, not at garbage collection
         slot.reset()
 
-    def stop_workers(self) -> None:
-        """Ask idle workers to exit, then make sure they did."""
+    def stop_workers(self, grace: float = _STOP_GRACE_SECONDS) -> None:
+        """Ask workers to exit; terminate, then kill, those still there after ``grace``."""
         with self.lock:
             processes = []
             for slot in self.slots:
@@ -858,7 +860,7 @@ class PoolCore:
                     except OSError:
                         pass
                     processes.append(slot.process)
-        _reap(processes, _STOP_GRACE_SECONDS)
+        _reap(processes, grace)
         with self.lock:
             for slot in self.slots:
                 self.close_slot(slot)

@@ -10,6 +10,7 @@ broken or dead worker subclass the standard library's
 from __future__ import annotations
 
 import concurrent.futures
+import pickle
 import signal
 import sys
 from concurrent.futures.process import BrokenProcessPool
@@ -20,6 +21,7 @@ __all__ = [
     "ManagerNotFound",
     "TaskCancelledError",
     "TaskTimeoutError",
+    "TaskUnpicklingError",
     "UnknownTaskError",
     "WorkerDiedError",
 ]
@@ -158,4 +160,14 @@ class TaskCancelledError(concurrent.futures.CancelledError):
     A subclass of :class:`concurrent.futures.CancelledError`; unlike a future
     cancelled with ``Future.cancel()``, the future reports it as its
     exception (``future.cancelled()`` is false).
+    """
+
+
+class TaskUnpicklingError(BrokenProcessPool, pickle.UnpicklingError):
+    """A task's call could not be unpickled in its worker, or its result in the parent.
+
+    Only that task's future fails; the pool goes on.  The original error is
+    the ``__cause__``.  It is a ``BrokenProcessPool`` (what the standard
+    library's executor raises here, so existing handlers keep working) and a
+    :class:`pickle.UnpicklingError`.
     """

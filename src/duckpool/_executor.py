@@ -140,14 +140,6 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
             mp_context = multiprocessing.get_context()
         elif not isinstance(mp_context, BaseContext):
             raise TypeError(f"mp_context must be a multiprocessing context, got {mp_context!r}")
-        if mp_context.get_start_method() != "fork" and initializer is not None:
-            try:
-                self._dumps((initializer, tuple(initargs)))
-            except Exception as exc:
-                raise TypeError(
-                    f"initializer {initializer!r} and its initargs must be picklable "
-                    f"under the {mp_context.get_start_method()!r} start method: {exc}"
-                ) from exc
         self._max_workers = workers
         self._task_timeout = timeout
         self._core = _core.PoolCore(
@@ -390,7 +382,11 @@ def _map_results(
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise FuturesTimeoutError()
-            yield from future.result(remaining)
+            chunk = future.result(remaining)
+            del future  # hold no reference to a result once it is handed out
+            chunk.reverse()
+            while chunk:
+                yield chunk.pop()
     finally:
         for future in futures:
             future.cancel()

@@ -9,7 +9,8 @@ the parent (``_executor``) and a worker:
   by the pickle of ``(fn, args, kwargs)``; an empty frame asks the worker to exit.
 * result frame (worker -> parent): ``task_id`` (8 bytes), one status byte,
   then a pickle: the return value for ``STATUS_OK``, or ``(exception,
-  traceback_text)`` for ``STATUS_ERROR`` and ``STATUS_INIT_FAILED``.  A
+  traceback_text)`` for ``STATUS_ERROR``, ``STATUS_UNPICKLE_FAILED`` (the
+  task's call itself could not be unpickled) and ``STATUS_INIT_FAILED``.  A
   worker sends one ``STATUS_READY`` frame (task id 0, no payload) once its
   initializer has run.
 
@@ -41,6 +42,7 @@ STATUS_OK = 0
 STATUS_ERROR = 1
 STATUS_INIT_FAILED = 2
 STATUS_READY = 3
+STATUS_UNPICKLE_FAILED = 4
 
 TASK_ID_BYTES = 8
 RESULT_HEADER_BYTES = TASK_ID_BYTES + 1
@@ -325,7 +327,7 @@ def _run_one(
     try:
         fn, args, kwargs = loads(view[TASK_ID_BYTES:])
     except BaseException as exc:
-        send(encode_result(task_id, STATUS_ERROR, dump_exception(exc)))
+        send(encode_result(task_id, STATUS_UNPICKLE_FAILED, dump_exception(exc)))
         return
     del view, frame
     try:
