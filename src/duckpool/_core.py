@@ -66,10 +66,9 @@ from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 from multiprocessing import connection as mp_connection
 from multiprocessing.context import BaseContext
-from multiprocessing.process import BaseProcess
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Protocol
 
-from duckpool import _worker
+from duckpool import _worker, _zygote
 from duckpool._errors import (
     InheritedManagerError,
     TaskCancelledError,
@@ -156,6 +155,22 @@ class WorkItem:
         return callable_label(self.fn)
 
 
+class WorkerProcess(Protocol):
+    """A worker process as the pool handles it: a ``multiprocessing`` process,
+    or a handle on one the zygote forked (``_zygote.ZygoteChild``)."""
+
+    @property
+    def pid(self) -> Optional[int]: ...
+    @property
+    def exitcode(self) -> Optional[int]: ...
+    @property
+    def sentinel(self) -> Optional[int]: ...
+    def join(self, timeout: Optional[float] = None) -> None: ...
+    def terminate(self) -> None: ...
+    def kill(self) -> None: ...
+    def close(self) -> None: ...
+
+
 class _Stopping(NamedTuple):
     """A worker being stopped because its running item overran or was cancelled."""
 
@@ -186,7 +201,7 @@ class _Slot:
 
     def __init__(self, index: int) -> None:
         self.index = index
-        self.process: Optional[BaseProcess] = None
+        self.process: Optional[WorkerProcess] = None
         self.task_conn: Optional[mp_connection.Connection] = None
         self.result_conn: Optional[mp_connection.Connection] = None
         self.reader: Optional[_worker.FrameReader] = None
@@ -282,6 +297,8 @@ class _Waiter:
 
 _MISSING = object()
 _WAKEUP = object()
+_ZYGOTE_NOTICES = object()
+_ZYGOTE_EXIT = object()
 
 # Every pool core of this process, for the fork and exit hooks.
 LIVE_CORES: weakref.WeakSet[PoolCore] = weakref.WeakSet()
@@ -322,10 +339,13 @@ class PoolCore:
         self.broken_cause: Optional[BaseException] = None
         self.kill_requested: Optional[int] = None  # a signal number
         self.thread: Optional[threading.Thread] = None
+        #: Under fork, the process that forks this pool's workers.
+        self.zygote: Optional[_zygote.Zygote] = None
         #: Shared with the workers: per slot, the id of the task it took up
         #: (cells 0..n-1), and an id it must skip (cells n..2n-1).
         self.marks: Any = None
         self.startup_deaths = 0
+        self.wakeup_lock = threading.Lock()
         self.wakeup_r, self.wakeup_w = os.pipe()
         os.set_blocking(self.wakeup_r, False)
         os.set_blocking(self.wakeup_w, False)
@@ -353,10 +373,15 @@ class PoolCore:
 
     def wake(self) -> None:
         """Interrupt the dispatcher's wait (safe from any thread)."""
-        try:
-            os.write(self.wakeup_w, b"\0")
-        except OSError:
-            pass  # the pipe is full (a wake-up is already due) or closed
+        # Under its own lock: once the pipe is closed its number may belong
+        # to another file, which a stray write would corrupt.
+        with self.wakeup_lock:
+            if self.closed:
+                return
+            try:
+                os.write(self.wakeup_w, b"\0")
+            except OSError:
+                pass  # the pipe is full: a wake-up is already due
 
     def submit(self, item: WorkItem) -> None:
         """Queue ``item``, sending it straight to an idle worker if there is one."""
@@ -410,10 +435,15 @@ class PoolCore:
         """Start every worker and the dispatcher thread, once."""
         if self.thread is not None:
             return
+        settings = self.settings
         if self.marks is None:
-            self.marks = self.settings.context.RawArray("Q", 2 * self.settings.max_workers)
-        # Workers first, then the thread: under fork, the first workers are
-        # then forked before this pool adds a thread to the process.
+            self.marks = settings.context.RawArray("Q", 2 * settings.max_workers)
+        if settings.context.get_start_method() == "fork" and self.zygote is None:
+            # Forked now, before this pool's thread exists; it forks the
+            # workers from then on (see _zygote).
+            self.zygote = _zygote.Zygote(settings.context, self.worker_config)
+            self.selector.register(self.zygote.notices_fd, _ZYGOTE_NOTICES)
+            self.selector.register(self.zygote.sentinel, _ZYGOTE_EXIT)
         for slot in self.slots:
             if slot.process is None:
                 self.start_worker(slot)
@@ -424,58 +454,73 @@ class PoolCore:
         )
         self.thread.start()
 
-    def start_worker(self, slot: _Slot) -> None:
-        """Start a process in ``slot``."""
+    def worker_config(self, slot_index: int) -> _worker.WorkerConfig:
+        """What the worker in ``slot_index`` is started with."""
         settings = self.settings
-        ctx: Any = settings.context  # typeshed's BaseContext lacks Process
-        task_r, task_w = ctx.Pipe(duplex=False)
-        result_r, result_w = ctx.Pipe(duplex=False)
-        name = f"{settings.name_prefix or 'duckpool-worker'}-{slot.index}"
-        config = _worker.WorkerConfig(
-            slot=slot.index,
+        name = f"{settings.name_prefix or 'duckpool-worker'}-{slot_index}"
+        return _worker.WorkerConfig(
+            slot=slot_index,
             max_workers=settings.max_workers,
+            name=name,
             title=name if settings.name_prefix else None,
-            parent_pid=os.getpid(),
+            parent_pid=self.owner_pid,
             initializer=settings.initializer,
             initargs=settings.initargs,
             marks=self.marks,
             max_memory=settings.max_memory_per_child,
             serializer=settings.serializer,
         )
-        # The parent-side ends go on the slot first, so that the fork hook
-        # closes them in the new child (and in any other forked process).
-        slot.task_conn = task_w
-        slot.result_conn = result_r
-        process = ctx.Process(
-            target=_worker.worker_main,
-            args=(task_r, result_w, config),
-            name=name,
-            daemon=False,  # tasks may start child processes
-        )
+
+    def start_worker(self, slot: _Slot) -> None:
+        """Start a process in ``slot``: through the zygote under fork, else directly."""
         # SIGINT stays blocked in the new process until the worker has set its
         # own handler: a Ctrl-C during start-up must not print a traceback.
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
-            process.start()
-        except BaseException:
-            slot.task_conn = slot.result_conn = None
-            for conn in (task_r, task_w, result_r, result_w):
-                conn.close()
-            raise
+            if self.zygote is not None:
+                process, task_w, result_r = self.zygote.start_worker(slot.index)
+            else:
+                process, task_w, result_r = self._start_process(slot)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-            task_r.close()
-            result_w.close()
+        slot.task_conn = task_w
+        slot.result_conn = result_r
         os.set_blocking(result_r.fileno(), False)
         slot.reader = _worker.FrameReader(result_r.fileno())
         self.selector.register(result_r, (True, slot))
-        self.selector.register(process.sentinel, (False, slot))
+        if process.sentinel is not None:
+            self.selector.register(process.sentinel, (False, slot))
         slot.process = process
         slot.queued_bytes = 0
         slot.tasks_sent = 0
         slot.retiring = False
+        slot.stop_sent = False
         slot.ready = False
         slot.stopping = None
+
+    def _start_process(
+        self, slot: _Slot
+    ) -> tuple[Any, mp_connection.Connection, mp_connection.Connection]:
+        ctx: Any = self.settings.context  # typeshed's BaseContext lacks Process
+        task_r, task_w = ctx.Pipe(duplex=False)
+        result_r, result_w = ctx.Pipe(duplex=False)
+        config = self.worker_config(slot.index)
+        process = ctx.Process(
+            target=_worker.worker_main,
+            args=(task_r, result_w, config),
+            name=config.name,
+            daemon=False,  # tasks may start child processes
+        )
+        try:
+            process.start()
+        except BaseException:
+            task_w.close()
+            result_r.close()
+            raise
+        finally:
+            task_r.close()
+            result_w.close()
+        return process, task_w, result_r
 
     @staticmethod
     def is_idle(slot: _Slot) -> bool:
@@ -600,6 +645,8 @@ class PoolCore:
             )
             self.kill_all_workers()
         finally:
+            if self.zygote is not None:
+                self.zygote.close(KILL_GRACE_SECONDS)
             self.close_wakeup()
 
     def _dispatch_until_done(self) -> None:
@@ -610,6 +657,9 @@ class PoolCore:
             for tag in self.selector.wait(timeout):
                 if tag is _WAKEUP:
                     self.drain_wakeup()
+                    continue
+                if tag is _ZYGOTE_NOTICES or tag is _ZYGOTE_EXIT:
+                    exited.extend(self.on_zygote_event(tag is _ZYGOTE_EXIT))
                     continue
                 is_result, slot = tag
                 if is_result:
@@ -635,6 +685,24 @@ class PoolCore:
             elif done:
                 break
         self.stop_workers()
+
+    def on_zygote_event(self, zygote_died: bool) -> list[_Slot]:
+        """Worker exits the zygote reported; if the zygote itself died, break the pool."""
+        zygote = self.zygote
+        assert zygote is not None
+        exited_children = zygote.read_notices()
+        with self.lock:
+            exited = [s for s in self.slots if s.process in exited_children]
+        if zygote_died:
+            self.selector.unregister(zygote.sentinel)
+            self.selector.unregister(zygote.notices_fd)
+            exitcode = zygote.process.exitcode
+            self.mark_broken(
+                f"the process that forks this pool's workers (pid {zygote.process.pid}) "
+                f"died ({describe_exit(exitcode)}); the pool is broken",
+                None,
+            )
+        return exited
 
     def check_deadlines(self) -> Optional[float]:
         """Stop overrunning tasks; return seconds until the next deadline (lock held)."""
@@ -819,7 +887,7 @@ class PoolCore:
 
     @staticmethod
     def _death_error(
-        slot: _Slot, process: BaseProcess, item: WorkItem, exitcode: Optional[int]
+        slot: _Slot, process: WorkerProcess, item: WorkItem, exitcode: Optional[int]
     ) -> WorkerDiedError:
         return WorkerDiedError(
             f"worker {slot.index} (pid {process.pid}) died while running "
@@ -882,16 +950,16 @@ class PoolCore:
             )
 
     def close_wakeup(self) -> None:
-        with self.lock:
+        with self.lock, self.wakeup_lock:
             if self.closed:
                 return
             self.closed = True
-        self.selector.close()
-        for fd in (self.wakeup_r, self.wakeup_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            self.selector.close()
+            for fd in (self.wakeup_r, self.wakeup_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
     # -- shutdown -----------------------------------------------------------------
 
@@ -938,27 +1006,18 @@ class PoolCore:
             self.join()
 
     def forget_after_fork(self) -> None:
-        """In a forked child: the copy becomes unusable, and its pipe ends close."""
-        # Flags first: nothing below may keep the copy usable if it fails.
+        """In a forked child: the copy of this pool becomes unusable.
+
+        Nothing is closed by number here: another thread of the parent may
+        have closed one of these descriptors just before the fork and the
+        number been reused, so closing it could break the child.  Nothing
+        relies on the child closing them: workers and the zygote learn of
+        the parent's death from its pid, and of shutdown from a message.
+        """
         self.inherited = True
         self.closed = True
         self.lock = threading.Lock()
-        for slot in self.slots:
-            for conn in (slot.task_conn, slot.result_conn):
-                if conn is not None:
-                    try:
-                        conn.close()  # not os.close: the object must know
-                    except Exception:
-                        pass
-        for fd in (self.wakeup_r, self.wakeup_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        try:
-            self.selector.close()
-        except Exception:
-            pass
+        self.wakeup_lock = threading.Lock()
 
 
 #: Signals a process sends itself by failing (a crash loop), as opposed to
@@ -977,7 +1036,7 @@ def _self_inflicted(exitcode: Optional[int]) -> bool:
     return exitcode != 0
 
 
-def _signal(process: BaseProcess, signum: int) -> None:
+def _signal(process: WorkerProcess, signum: int) -> None:
     """Send ``signum`` to a worker that has not been reaped yet."""
     pid = process.pid
     if pid is None or process.exitcode is not None:
@@ -988,7 +1047,7 @@ def _signal(process: BaseProcess, signum: int) -> None:
         pass
 
 
-def _reap(processes: list[BaseProcess], grace: float) -> None:
+def _reap(processes: list[WorkerProcess], grace: float) -> None:
     """Join processes; terminate, then kill, those that outstay ``grace``."""
     deadline = time.monotonic() + grace
     for process in processes:

@@ -148,6 +148,9 @@ class WorkerConfig(NamedTuple):
 
     slot: int
     max_workers: int
+    #: multiprocessing's name for the process: ``<prefix>-<slot>``.
+    name: str
+    #: The OS process title to set, if any.
     title: Optional[str]
     parent_pid: int
     initializer: Optional[Callable[..., object]]
@@ -195,7 +198,7 @@ def run_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any]
     return [fn(*args) for args in chunk]
 
 
-def _watch_parent(parent_pid: int) -> None:
+def watch_parent(parent_pid: int) -> None:
     """Exit this worker as soon as the parent process is gone.
 
     A pidfd becomes readable when the process exits, whoever its parent is
@@ -242,7 +245,7 @@ def _prepare(config: WorkerConfig) -> None:
     # The parent starts workers with SIGINT blocked (see _core.start_worker).
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     threading.Thread(
-        target=_watch_parent,
+        target=watch_parent,
         args=(config.parent_pid,),
         name="duckpool-parent-watchdog",
         daemon=True,

@@ -1,0 +1,265 @@
+"""Fork-safe worker starts under the ``fork`` start method: the zygote.
+
+Forking a process that runs threads is unsafe: a lock another thread holds
+at that instant stays locked forever in the child (CPython gh-90622; Python
+3.12+ warns).  A pool's dispatcher thread makes its parent multi-threaded,
+so replacement workers must not be forked from the parent.
+
+Under ``fork``, a pool therefore forks one *zygote* when it starts, before
+its dispatcher thread exists.  The zygote stays single-threaded and forks
+every worker of the pool on request: each worker inherits the parent's
+memory as it was when the pool started, and comes from a one-thread process.
+
+::
+
+    parent (dispatcher thread)         zygote (one thread)          worker
+      "start slot i" --control socket--> ctx.Process(...).start() --fork-->
+      <-- pid, and the parent's ends of the worker's two pipes (SCM_RIGHTS)
+      <-- (pid, exit code) --notice pipe-- when a worker exits
+
+The zygote exits when the parent closes the control socket (or dies).  If
+the zygote itself dies, the pool cannot start workers any more and breaks.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import time
+from multiprocessing import connection as mp_connection
+from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
+from typing import Any, Callable, Optional
+
+from duckpool import _worker
+
+_REQUEST = struct.Struct("<I")  # slot index, or _EXIT
+_EXIT = 0xFFFFFFFF
+_REPLY = struct.Struct("<i")  # pid (negative: errno of a failed start)
+_NOTICE = struct.Struct("<ii")  # pid, exit code
+_START_TIMEOUT = 60.0
+_PARENT_POLL_SECONDS = 0.5
+
+
+class ZygoteChild:
+    """The parent's handle on a worker the zygote forked (a ``Process`` look-alike)."""
+
+    sentinel = None  # exits are reported on the zygote's notice pipe instead
+
+    def __init__(self, pid: int, zygote: Zygote) -> None:
+        self.pid = pid
+        self.exitcode: Optional[int] = None
+        self._zygote = zygote
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        if self.exitcode is None:
+            self._zygote.wait_for_exit(self, timeout)
+
+    def is_alive(self) -> bool:
+        return self.exitcode is None
+
+    def terminate(self) -> None:
+        self._send(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._send(signal.SIGKILL)
+
+    def _send(self, signum: int) -> None:
+        if self.exitcode is None:
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def close(self) -> None:
+        self._zygote.forget(self)
+
+
+class Zygote:
+    """The parent's side of one pool's zygote process."""
+
+    def __init__(
+        self, context: BaseContext, build_config: Callable[[int], _worker.WorkerConfig]
+    ) -> None:
+        self._control, zygote_end = socket.socketpair()
+        self.notices_fd, notices_w = os.pipe()
+        os.set_blocking(self.notices_fd, False)
+        self._pending_notices = b""
+        self._closed = False
+        self.children: dict[int, ZygoteChild] = {}
+        ctx: Any = context
+        self.process: BaseProcess = ctx.Process(
+            target=_zygote_main,
+            args=(zygote_end, notices_w, build_config, os.getpid()),
+            name="duckpool-zygote",
+            daemon=False,  # its children are workers, and daemons may have none
+        )
+        try:
+            self.process.start()
+        finally:
+            zygote_end.close()
+            os.close(notices_w)
+
+    @property
+    def sentinel(self) -> int:
+        return int(self.process.sentinel)
+
+    def start_worker(
+        self, slot: int
+    ) -> tuple[ZygoteChild, mp_connection.Connection, mp_connection.Connection]:
+        """Have the zygote fork a worker for ``slot``; its handle and the parent's pipe ends."""
+        self._control.settimeout(_START_TIMEOUT)
+        self._control.sendall(_REQUEST.pack(slot))
+        message, fds, _, _ = socket.recv_fds(self._control, _REPLY.size, 2)
+        if len(message) < _REPLY.size:
+            for fd in fds:
+                os.close(fd)
+            raise OSError(f"the pool's zygote (pid {self.process.pid}) is gone")
+        (pid,) = _REPLY.unpack(message)
+        if pid <= 0 or len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            raise OSError(-pid, f"the pool's zygote could not start a worker: {os.strerror(-pid)}")
+        child = ZygoteChild(pid, self)
+        self.children[pid] = child
+        task_w = mp_connection.Connection(fds[0], readable=False)
+        result_r = mp_connection.Connection(fds[1], writable=False)
+        return child, task_w, result_r
+
+    def read_notices(self) -> list[ZygoteChild]:
+        """Record the exits the zygote has reported; return those workers."""
+        data = self._pending_notices
+        while True:
+            try:
+                chunk = os.read(self.notices_fd, 4096)
+            except BlockingIOError:
+                break
+            except OSError:
+                break
+            if not chunk:
+                break
+            data += chunk
+        usable = len(data) - len(data) % _NOTICE.size
+        self._pending_notices = data[usable:]
+        exited = []
+        for pid, exitcode in _NOTICE.iter_unpack(data[:usable]):
+            child = self.children.get(pid)
+            if child is not None and child.exitcode is None:
+                child.exitcode = exitcode
+                exited.append(child)
+        return exited
+
+    def wait_for_exit(self, child: ZygoteChild, timeout: Optional[float]) -> None:
+        """Read notices until ``child`` has exited or ``timeout`` passes."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while child.exitcode is None:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return
+            if not mp_connection.wait([self.notices_fd, self.sentinel], remaining):
+                return
+            self.read_notices()
+            if child.exitcode is None and self.process.exitcode is not None:
+                self.read_notices()
+                return  # the zygote is gone: no notice will come
+
+    def forget(self, child: ZygoteChild) -> None:
+        self.children.pop(child.pid, None)
+
+    def close(self, timeout: float) -> None:
+        """Let the zygote exit (it has no workers left to watch) and reap it."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            # An explicit message, not EOF: processes forked since may hold
+            # copies of this socket.
+            self._control.sendall(_REQUEST.pack(_EXIT))
+        except OSError:
+            pass
+        self._control.close()
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            self.process.kill()
+            self.process.join()  # SIGKILL cannot be ignored
+        try:
+            os.close(self.notices_fd)
+        except OSError:
+            pass
+        self.process.close()
+
+def _zygote_main(
+    control: socket.socket,
+    notices_w: int,
+    build_config: Callable[[int], _worker.WorkerConfig],
+    parent_pid: int,
+) -> None:
+    """The zygote: fork workers on request, report their exits, until told to stop."""
+    import multiprocessing
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    ctx: Any = multiprocessing.get_context("fork")
+    workers: dict[int, BaseProcess] = {}  # by sentinel
+    buffered = b""
+    while True:
+        # No EOF tells the zygote that the parent died: the parent's end of
+        # the control socket came along with the fork (as did other pools').
+        # The zygote is the parent's child, so its parent id says it; no
+        # watchdog thread, since the zygote must stay single-threaded.
+        ready = mp_connection.wait([control, *workers], _PARENT_POLL_SECONDS)
+        if os.getppid() != parent_pid:
+            return
+        for sentinel in ready:
+            if sentinel is control:
+                continue
+            assert isinstance(sentinel, int)
+            process = workers.pop(sentinel)
+            process.join()
+            assert process.pid is not None and process.exitcode is not None
+            _worker.write_all(notices_w, _NOTICE.pack(process.pid, process.exitcode))
+            process.close()
+        if control not in ready:
+            continue
+        chunk = control.recv(4096)
+        if not chunk:
+            return
+        buffered += chunk
+        usable = len(buffered) - len(buffered) % _REQUEST.size
+        requests, buffered = buffered[:usable], buffered[usable:]
+        for (slot,) in _REQUEST.iter_unpack(requests):
+            if slot == _EXIT:
+                return  # the pool has shut down; its workers are gone
+            _start_one(ctx, control, build_config(slot), workers)
+
+
+def _start_one(
+    ctx: Any,
+    control: socket.socket,
+    config: _worker.WorkerConfig,
+    workers: dict[int, BaseProcess],
+) -> None:
+    """Fork one worker and hand the parent its pid and pipe ends."""
+    task_r, task_w = ctx.Pipe(duplex=False)
+    result_r, result_w = ctx.Pipe(duplex=False)
+    process = ctx.Process(
+        target=_worker.worker_main,
+        args=(task_r, result_w, config),
+        name=config.name,
+        daemon=False,  # tasks may start child processes
+    )
+    try:
+        process.start()
+    except OSError as exc:
+        control.sendall(_REPLY.pack(-(exc.errno or 1)))
+        return
+    finally:
+        task_r.close()
+        result_w.close()
+    workers[process.sentinel] = process
+    assert process.pid is not None
+    socket.send_fds(control, [_REPLY.pack(process.pid)], [task_w.fileno(), result_r.fileno()])
+    task_w.close()
+    result_r.close()
