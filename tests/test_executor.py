@@ -440,3 +440,53 @@ def test_workers_that_keep_failing_at_start_up_break_the_pool_instead_of_looping
             pool.submit(tasks.add, 1, 1)
     finally:
         pool.shutdown()
+
+
+def test_fork_workers_come_from_a_single_threaded_zygote(tmp_path: Path) -> None:
+    import multiprocessing
+    import threading
+
+    import psutil
+
+    pool = duckpool.ProcessPoolExecutor(2, multiprocessing.get_context("fork"))
+    stop = threading.Event()
+    busy_thread = threading.Thread(target=stop.wait, args=(TIMEOUT,))
+    try:
+        assert pool.submit(tasks.add, 1, 1).result(TIMEOUT) == 2
+        # From now on the parent is multi-threaded, as a server would be: on
+        # 3.12+ a fork from here would warn, and the suite makes that an error.
+        busy_thread.start()
+        victim = pool.worker_pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: victim not in pool.worker_pids() and len(pool.worker_pids()) == 2)
+        assert [pool.submit(tasks.add, i, 0).result(TIMEOUT) for i in range(4)] == [0, 1, 2, 3]
+        for pid in pool.worker_pids():
+            zygote = psutil.Process(pid).parent()
+            assert zygote is not None and zygote.pid != os.getpid()
+            assert zygote.ppid() == os.getpid()
+            assert zygote.num_threads() == 1
+    finally:
+        stop.set()
+        if busy_thread.is_alive():
+            busy_thread.join(TIMEOUT)
+        pool.shutdown()
+
+
+def test_a_dead_zygote_breaks_the_pool_with_a_clear_error() -> None:
+    import multiprocessing
+
+    import psutil
+
+    pool = duckpool.ProcessPoolExecutor(1, multiprocessing.get_context("fork"))
+    try:
+        worker = pool.submit(tasks.getpid).result(TIMEOUT)
+        zygote = psutil.Process(worker).parent()
+        assert zygote is not None
+        os.kill(zygote.pid, signal.SIGKILL)
+        wait_until(lambda: bool(pool._broken), TIMEOUT)
+        assert "forks this pool's workers" in str(pool._broken)
+        with pytest.raises(BrokenProcessPool, match="SIGKILL"):
+            pool.submit(tasks.add, 1, 1)
+        wait_until(lambda: process_gone(worker), TIMEOUT)
+    finally:
+        pool.shutdown()

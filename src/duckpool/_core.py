@@ -345,6 +345,8 @@ class PoolCore:
         #: (cells 0..n-1), and an id it must skip (cells n..2n-1).
         self.marks: Any = None
         self.startup_deaths = 0
+        #: A worker's initializer raised: the pool breaks once that worker is gone.
+        self.initializer_error: Optional[BaseException] = None
         self.wakeup_lock = threading.Lock()
         self.wakeup_r, self.wakeup_w = os.pipe()
         os.set_blocking(self.wakeup_r, False)
@@ -617,7 +619,11 @@ class PoolCore:
 
     def refill_slots(self) -> Optional[BaseException]:
         """Start a replacement in every empty slot; return a start error."""
-        if self.broken is not None or self.kill_requested is not None:
+        if (
+            self.broken is not None
+            or self.kill_requested is not None
+            or self.initializer_error is not None
+        ):
             return None
         for slot in self.slots:
             if slot.process is None:
@@ -814,11 +820,19 @@ class PoolCore:
             _set_exception(future, error)
 
     def on_initializer_failure(self, payload: memoryview) -> None:
+        """Remember a worker's initializer error; the pool breaks when it has exited.
+
+        Not before: the worker may still be flushing what it logged about the
+        failure (a multiprocessing queue handler, say), and once the pool is
+        broken its caller moves on.
+        """
         try:
             cause = _exception_from_payload(payload)
         except BaseException as exc:
             cause = exc
-        self.mark_broken(f"a worker's initializer failed: {cause!r}; the pool is broken", cause)
+        with self.lock:
+            if self.initializer_error is None:
+                self.initializer_error = cause
 
     def mark_broken(self, reason: str, cause: Optional[BaseException]) -> None:
         """Break the pool for good: fail every outstanding future, stop workers."""
@@ -878,7 +892,10 @@ class PoolCore:
             give_up = self.startup_deaths >= _MAX_STARTUP_DEATHS
         if failed is not None:
             _set_exception(failed[0].future, failed[1])
-        if give_up:
+        if self.initializer_error is not None:
+            cause = self.initializer_error
+            self.mark_broken(f"a worker's initializer failed: {cause!r}; the pool is broken", cause)
+        elif give_up:
             self.mark_broken(
                 f"{_MAX_STARTUP_DEATHS} worker processes in a row died before they were "
                 f"ready (the last {describe_exit(exitcode)}); the pool is broken",

@@ -101,9 +101,22 @@ class Zygote:
         finally:
             zygote_end.close()
             os.close(notices_w)
+        # The zygote's multiprocessing sentinel does not fire while its workers
+        # live (they inherit its end of that pipe); a pidfd fires when the
+        # zygote itself exits.
+        self._pidfd: Optional[int] = None
+        pidfd_open = getattr(os, "pidfd_open", None)
+        if pidfd_open is not None and self.process.pid is not None:
+            try:
+                self._pidfd = pidfd_open(self.process.pid)
+            except OSError:
+                pass
 
     @property
     def sentinel(self) -> int:
+        """Readable once the zygote has exited."""
+        if self._pidfd is not None:
+            return self._pidfd
         return int(self.process.sentinel)
 
     def start_worker(
@@ -184,10 +197,12 @@ class Zygote:
         if self.process.exitcode is None:
             self.process.kill()
             self.process.join()  # SIGKILL cannot be ignored
-        try:
-            os.close(self.notices_fd)
-        except OSError:
-            pass
+        for fd in (self.notices_fd, self._pidfd):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
         self.process.close()
 
 def _zygote_main(
