@@ -113,8 +113,9 @@ def test_idle_worker_killed_from_outside_fails_no_future(
 def test_unpicklable_argument_fails_only_its_future(
     executor: duckpool.ProcessPoolExecutor,
 ) -> None:
-    future = executor.submit(tasks.identity, lambda: None)
-    with pytest.raises(pickle.PicklingError, match="identity"):
+    future = executor.submit(tasks.add, 1, lambda: None)
+    assert future.done()  # failed at submit(), before anything was queued
+    with pytest.raises(pickle.PicklingError, match=r"add .* argument 1 \(<function"):
         future.result(0)
     assert executor.submit(tasks.add, 1, 2).result(TIMEOUT) == 3
 
@@ -490,3 +491,25 @@ def test_a_dead_zygote_breaks_the_pool_with_a_clear_error() -> None:
         wait_until(lambda: process_gone(worker), TIMEOUT)
     finally:
         pool.shutdown()
+
+
+def test_an_error_in_the_dispatcher_resolves_every_future(
+    executor: duckpool.ProcessPoolExecutor,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    from duckpool import _core
+
+    def broken_on_results(self: object, slot: object) -> None:
+        raise RuntimeError("injected dispatcher fault")
+
+    gate = tmp_path / "gate"
+    running = executor.submit(tasks.wait_for_file, str(gate), 5)
+    queued = [executor.submit(tasks.add, i, 0) for i in range(10)]
+    monkeypatch.setattr(_core.PoolCore, "on_results", broken_on_results)
+    gate.touch()  # the running task's result now reaches the broken handler
+    _, not_done = concurrent.futures.wait([running, *queued], TIMEOUT)
+    assert not not_done
+    errors = [f.exception(0) for f in [running, *queued]]
+    assert any(isinstance(e, BrokenProcessPool) and "dispatcher" in str(e) for e in errors)
+    assert all(e is None or isinstance(e, BrokenProcessPool) for e in errors)

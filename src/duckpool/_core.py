@@ -646,10 +646,11 @@ class PoolCore:
         try:
             self._dispatch_until_done()
         except BaseException as exc:  # last resort: never leave a future unresolved
-            self.fail_everything(
-                BrokenProcessPool(f"duckpool's dispatcher failed: {exc!r}"), cause=exc
-            )
-            self.kill_all_workers()
+            with self.lock:
+                self.broken = f"duckpool's dispatcher failed: {exc!r}"
+                self.broken_cause = exc
+            self.fail_everything(BrokenProcessPool(self.broken), cause=exc)
+            self.kill_without_bookkeeping()
         finally:
             if self.zygote is not None:
                 self.zygote.close(KILL_GRACE_SECONDS)
@@ -965,6 +966,20 @@ class PoolCore:
                 BrokenProcessPool(self.broken or "the pool's workers were stopped"),
                 cause=self.broken_cause,
             )
+
+    def kill_without_bookkeeping(self) -> None:
+        """SIGKILL and reap every worker, relying on nothing that may have failed."""
+        processes = [s.process for s in self.slots if s.process is not None]
+        for process in processes:
+            try:
+                _signal(process, signal.SIGKILL)
+            except Exception:
+                pass
+        for process in processes:
+            try:
+                process.join(KILL_GRACE_SECONDS)
+            except Exception:
+                pass
 
     def close_wakeup(self) -> None:
         with self.lock, self.wakeup_lock:

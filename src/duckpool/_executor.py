@@ -42,6 +42,11 @@ def default_max_workers() -> int:
         return os.cpu_count() or 1
 
 
+def _short_repr(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _positive_int(name: str, value: Any, *, allow_none: bool = True) -> Optional[int]:
     """Validate an optional positive int argument, naming it in the error."""
     if value is None and allow_none:
@@ -217,9 +222,11 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         try:
             payload = self._dumps((fn, args, kwargs), pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
+            # Failed at once, not raised: code written for the stdlib's
+            # executor (and CPython's tests) expects the error from the future.
             error = pickle.PicklingError(
                 f"cannot send {_core.callable_label(fn)} to a worker process: "
-                f"its callable or arguments cannot be pickled: {exc}"
+                f"{self._unpicklable_part(fn, args, kwargs)} cannot be pickled: {exc}"
             )
             error.__cause__ = exc
             future.set_exception(error)
@@ -227,6 +234,20 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         frame = _worker.task_frame(task_id, payload)
         core.submit(_core.WorkItem(future, task_id, frame, fn, timeout))
         return future
+
+    def _unpicklable_part(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> str:
+        """Name the first part of a call that does not pickle (for the error)."""
+        parts: list[tuple[str, Any]] = [("the callable", fn)]
+        parts += [(f"argument {i} ({_short_repr(a)})", a) for i, a in enumerate(args)]
+        parts += [(f"keyword argument {k}={_short_repr(v)}", v) for k, v in kwargs.items()]
+        for name, part in parts:
+            try:
+                self._dumps(part, pickle.HIGHEST_PROTOCOL)
+            except Exception:
+                return name
+        return "the call"
 
     def options(self, *, timeout: Optional[float] = None) -> TaskOptions:
         """Submit with per-task options, leaving the task's own keywords alone.
