@@ -171,6 +171,10 @@ class WorkerProcess(Protocol):
     def close(self) -> None: ...
 
 
+#: A future to resolve from a result frame: the item, the status, the payload.
+_Resolution = tuple[WorkItem, int, memoryview]
+
+
 class _Stopping(NamedTuple):
     """A worker being stopped because its running item overran or was cancelled."""
 
@@ -345,6 +349,8 @@ class PoolCore:
         #: (cells 0..n-1), and an id it must skip (cells n..2n-1).
         self.marks: Any = None
         self.startup_deaths = 0
+        #: Results read but not yet given to their futures (dispatcher only).
+        self.deferred: list[_Resolution] = []
         #: A worker's initializer raised: the pool breaks once that worker is gone.
         self.initializer_error: Optional[BaseException] = None
         self.wakeup_lock = threading.Lock()
@@ -649,6 +655,9 @@ class PoolCore:
             with self.lock:
                 self.broken = f"duckpool's dispatcher failed: {exc!r}"
                 self.broken_cause = exc
+                # Results read but not handed out: their items left `assigned`.
+                self.pending.extend(item for item, _, _ in self.deferred)
+                self.deferred.clear()
             self.fail_everything(BrokenProcessPool(self.broken), cause=exc)
             self.kill_without_bookkeeping()
         finally:
@@ -657,9 +666,14 @@ class PoolCore:
             self.close_wakeup()
 
     def _dispatch_until_done(self) -> None:
+        # Futures are resolved last, just before the thread sleeps: the caller
+        # waiting on one then gets the GIL at once, not after our bookkeeping.
+        deferred = self.deferred
         while True:
             with self.lock:
                 timeout = self.check_deadlines()
+            if deferred:
+                self.resolve_all(deferred)
             exited: list[_Slot] = []
             for tag in self.selector.wait(timeout):
                 if tag is _WAKEUP:
@@ -670,9 +684,11 @@ class PoolCore:
                     continue
                 is_result, slot = tag
                 if is_result:
-                    self.on_results(slot)
+                    self.on_results(slot, deferred)
                 else:
                     exited.append(slot)
+            if exited or self.kill_requested is not None:
+                self.resolve_all(deferred)  # results come before the deaths
             for slot in exited:
                 self.on_worker_exit(slot)
             if self.kill_requested is not None:
@@ -691,6 +707,7 @@ class PoolCore:
                 self.mark_broken(f"could not start a worker process: {start_error!r}", start_error)
             elif done:
                 break
+        self.resolve_all(deferred)
         self.stop_workers()
 
     def on_zygote_event(self, zygote_died: bool) -> list[_Slot]:
@@ -750,8 +767,12 @@ class PoolCore:
         except OSError:
             pass
 
-    def on_results(self, slot: _Slot) -> None:
-        """Read every result frame the slot's pipe holds now."""
+    def on_results(self, slot: _Slot, deferred: Optional[list[_Resolution]] = None) -> None:
+        """Read every result frame the slot's pipe holds now.
+
+        The futures are resolved here, or, given ``deferred``, appended to it
+        for the caller to resolve later.
+        """
         reader = slot.reader
         assert reader is not None
         frames, eof = reader.read_available()
@@ -761,36 +782,38 @@ class PoolCore:
                 self.selector.unregister(slot.result_conn)
             except (KeyError, ValueError):
                 pass
-        resolved: list[tuple[WorkItem, int, memoryview]] = []
+        resolved: list[_Resolution] = [] if deferred is None else deferred
         init_failure: Optional[memoryview] = None
-        for frame in frames:
-            view = memoryview(frame)
-            task_id = int.from_bytes(view[: _worker.TASK_ID_BYTES], "little")
-            status = view[_worker.TASK_ID_BYTES]
-            payload = view[_worker.RESULT_HEADER_BYTES :]
-            if status == _worker.STATUS_INIT_FAILED:
-                init_failure = payload
-                break
-            with self.lock:
+        now = time.monotonic()
+        with self.lock:  # once for the whole batch
+            for frame in frames:
+                view = memoryview(frame)
+                status = view[_worker.TASK_ID_BYTES]
+                payload = view[_worker.RESULT_HEADER_BYTES :]
+                if status == _worker.STATUS_INIT_FAILED:
+                    init_failure = payload
+                    break
                 if status == _worker.STATUS_READY:
                     slot.ready = True
-                    slot.head_since = time.monotonic()
-                    self.startup_deaths = 0
-                else:
-                    item = slot.assigned.popleft()
-                    slot.queued_bytes -= len(item.frame)
-                    now = time.monotonic()
-                    slot.last_service = now - slot.head_since
                     slot.head_since = now
-                    assert item.task_id == task_id, (item.task_id, task_id)
-                    resolved.append((item, status, payload))
-        with self.lock:
+                    self.startup_deaths = 0
+                    continue
+                item = slot.assigned.popleft()
+                slot.queued_bytes -= len(item.frame)
+                slot.last_service = now - slot.head_since
+                slot.head_since = now
+                resolved.append((item, status, payload))
             if slot.process is not None and not (self.shutdown_requested and not self.pending):
                 self.dispatch_pending()
-        for item, status, payload in resolved:
-            self.resolve(item, status, payload)
+        if deferred is None:
+            self.resolve_all(resolved)
         if init_failure is not None:
             self.on_initializer_failure(init_failure)
+
+    def resolve_all(self, resolutions: list[_Resolution]) -> None:
+        for item, status, payload in resolutions:
+            self.resolve(item, status, payload)
+        resolutions.clear()
 
     def resolve(self, item: WorkItem, status: int, payload: memoryview) -> None:
         """Set a future from a result frame (no lock held: callbacks run here)."""
