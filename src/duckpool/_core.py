@@ -68,7 +68,7 @@ from multiprocessing import connection as mp_connection
 from multiprocessing.context import BaseContext
 from typing import Any, Callable, NamedTuple, Optional, Protocol
 
-from duckpool import _worker, _zygote
+from duckpool import _spawn, _worker, _zygote
 from duckpool._errors import (
     InheritedManagerError,
     TaskCancelledError,
@@ -488,7 +488,9 @@ class PoolCore:
             if self.zygote is not None:
                 process, task_w, result_r = self.zygote.start_worker(slot.index)
             else:
-                process, task_w, result_r = self._start_process(slot)
+                process, task_w, result_r = _spawn.start_worker_process(
+                    self.settings.context, self.worker_config(slot.index)
+                )
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         slot.task_conn = task_w
@@ -498,37 +500,7 @@ class PoolCore:
         self.selector.register(result_r, (True, slot))
         if process.sentinel is not None:
             self.selector.register(process.sentinel, (False, slot))
-        slot.process = process
-        slot.queued_bytes = 0
-        slot.tasks_sent = 0
-        slot.retiring = False
-        slot.stop_sent = False
-        slot.ready = False
-        slot.stopping = None
-
-    def _start_process(
-        self, slot: _Slot
-    ) -> tuple[Any, mp_connection.Connection, mp_connection.Connection]:
-        ctx: Any = self.settings.context  # typeshed's BaseContext lacks Process
-        task_r, task_w = ctx.Pipe(duplex=False)
-        result_r, result_w = ctx.Pipe(duplex=False)
-        config = self.worker_config(slot.index)
-        process = ctx.Process(
-            target=_worker.worker_main,
-            args=(task_r, result_w, config),
-            name=config.name,
-            daemon=False,  # tasks may start child processes
-        )
-        try:
-            process.start()
-        except BaseException:
-            task_w.close()
-            result_r.close()
-            raise
-        finally:
-            task_r.close()
-            result_w.close()
-        return process, task_w, result_r
+        slot.process = process  # the other fields were reset when the slot closed
 
     @staticmethod
     def is_idle(slot: _Slot) -> bool:

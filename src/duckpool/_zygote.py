@@ -33,7 +33,7 @@ from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from typing import Any, Callable, Optional
 
-from duckpool import _worker
+from duckpool import _spawn, _worker
 
 _REQUEST = struct.Struct("<I")  # slot index, or _EXIT
 _EXIT = 0xFFFFFFFF
@@ -257,24 +257,12 @@ def _start_one(
     workers: dict[int, BaseProcess],
 ) -> None:
     """Fork one worker and hand the parent its pid and pipe ends."""
-    task_r, task_w = ctx.Pipe(duplex=False)
-    result_r, result_w = ctx.Pipe(duplex=False)
-    process = ctx.Process(
-        target=_worker.worker_main,
-        args=(task_r, result_w, config),
-        name=config.name,
-        daemon=False,  # tasks may start child processes
-    )
     try:
-        process.start()
+        process, task_w, result_r = _spawn.start_worker_process(ctx, config)
     except OSError as exc:
         control.sendall(_REPLY.pack(-(exc.errno or 1)))
         return
-    finally:
-        task_r.close()
-        result_w.close()
     workers[process.sentinel] = process
-    assert process.pid is not None
     socket.send_fds(control, [_REPLY.pack(process.pid)], [task_w.fileno(), result_r.fileno()])
     task_w.close()
     result_r.close()
