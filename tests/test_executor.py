@@ -513,3 +513,32 @@ def test_an_error_in_the_dispatcher_resolves_every_future(
     errors = [f.exception(0) for f in [running, *queued]]
     assert any(isinstance(e, BrokenProcessPool) and "dispatcher" in str(e) for e in errors)
     assert all(e is None or isinstance(e, BrokenProcessPool) for e in errors)
+
+
+def test_run_awaits_the_result_from_asyncio(executor: duckpool.ProcessPoolExecutor) -> None:
+    import asyncio
+
+    async def main() -> list[int]:
+        return list(await asyncio.gather(*(executor.run(tasks.add, i, 1) for i in range(5))))
+
+    assert asyncio.run(main()) == [1, 2, 3, 4, 5]
+
+
+def test_cancelling_an_awaited_run_stops_the_running_task(
+    executor: duckpool.ProcessPoolExecutor, tmp_path: Path
+) -> None:
+    import asyncio
+
+    started = tmp_path / "started"
+
+    async def main() -> None:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(executor.run(tasks.sleep_forever, str(started)), 0.5)
+
+    assert executor.submit(tasks.add, 0, 0).result(TIMEOUT) == 0
+    before = set(executor.worker_pids())
+    asyncio.run(main())
+    assert started.exists()
+    # The worker that ran it was stopped and replaced.
+    wait_until(lambda: len(set(executor.worker_pids()) - before) == 1, TIMEOUT)
+    assert executor.submit(tasks.add, 2, 2).result(TIMEOUT) == 4

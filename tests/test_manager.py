@@ -523,3 +523,16 @@ def test_default_context_from_set_start_method_is_used(start_method: str) -> Non
     report = json.loads(out.strip().splitlines()[-1])
     assert report["total"] == 42
     _assert_started_with(start_method, report["facts"], report["parent"])
+
+
+def test_run_is_submit_task_for_asyncio(start_method: str) -> None:
+    import asyncio
+
+    manager = _started(start_method, task_type="render")
+
+    async def main() -> Any:
+        with pytest.raises(UnknownTaskError):
+            await manager.run(_tasks.add, 1, 2)
+        return await manager.run(_tasks.add, 1, 2, task_type="render")
+
+    assert asyncio.run(main()) == 3

@@ -204,6 +204,25 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         """
         return self._submit(fn, args, kwargs, self._task_timeout)
 
+    async def run(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+        """Run ``fn(*args, **kwargs)`` in the pool and await its result (asyncio).
+
+        Cancelling the awaiting task cancels the pool task: a queued one never
+        runs, and a running one's worker is stopped and replaced (see
+        :meth:`cancel_task`).  So ``asyncio.wait_for(executor.run(...), 5)`` and
+        ``asyncio.timeout`` bound the work itself, not only the wait.
+        """
+        return await self._await(self.submit(fn, *args, **kwargs))
+
+    async def _await(self, future: Future[_T]) -> _T:
+        import asyncio
+
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            self.cancel_task(future)
+            raise
+
     def _submit(
         self,
         fn: Callable[..., _T],

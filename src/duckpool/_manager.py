@@ -200,6 +200,21 @@ class ProcessPoolManager:
             raise UnknownTaskError(task_type, pool_type)
         return pool.submit(task, *args, **kwargs)
 
+    async def run(
+        self,
+        task: Callable[..., Any],
+        *args: Any,
+        task_type: Optional[str] = None,
+        **kwargs: Any,
+    ) -> Any:
+        """``submit_task`` for asyncio: await the task's result.
+
+        Raises what ``submit_task`` raises, at once.  Cancelling the awaiting
+        task cancels the pool task, stopping its worker if it is running.
+        """
+        future = self.submit_task(task, *args, task_type=task_type, **kwargs)
+        return await self.get_pool()._await(future)
+
     def stop(self, wait: bool = True) -> None:
         """Shut the pool down; calling it again is harmless.
 
