@@ -926,8 +926,12 @@ class PoolCore:
                     conn.close()
                 except OSError:
                     pass
-        if process is not None and process.exitcode is not None:
-            process.close()  # releases its sentinel now, not at garbage collection
+        # No Process.close(): on 3.9 it races with Process.start() in another
+        # thread (a closed process is briefly still in multiprocessing's list
+        # of children). join() has taken it off that list; dropping the last
+        # reference closes its sentinel.
+        if isinstance(process, _zygote.ZygoteChild):
+            process.close()
         slot.reset()
 
     def stop_workers(self, grace: float = _STOP_GRACE_SECONDS) -> None:

@@ -203,7 +203,6 @@ class Zygote:
                     os.close(fd)
                 except OSError:
                     pass
-        self.process.close()
 
 def _zygote_main(
     control: socket.socket,
@@ -235,7 +234,7 @@ def _zygote_main(
             process.join()
             assert process.pid is not None and process.exitcode is not None
             _worker.write_all(notices_w, _NOTICE.pack(process.pid, process.exitcode))
-            process.close()
+            del process  # the last reference: its sentinel closes
         if control not in ready:
             continue
         chunk = control.recv(4096)
