@@ -249,26 +249,27 @@ def test_max_workers_must_be_positive(bad: int) -> None:
 
 PARENT_SCRIPT = textwrap.dedent(
     """
-    import multiprocessing, sys, time
+    import multiprocessing, os, sys, time
     import duckpool, _executor_tasks as tasks
     pool = duckpool.ProcessPoolExecutor(2, multiprocessing.get_context(sys.argv[1]))
     [f.result(30) for f in [pool.submit(tasks.add, i, 1) for i in range(4)]]
     pool.submit(tasks.wait_for_file, sys.argv[2], 300)   # one busy worker, one idle
-    print(*pool.worker_pids(), flush=True)
+    with open(sys.argv[3] + ".tmp", "w") as out:
+        out.write(" ".join(map(str, pool.worker_pids())))
+    os.rename(sys.argv[3] + ".tmp", sys.argv[3])
     time.sleep(300)
     """
 )
 
 
 def test_workers_exit_when_the_parent_is_killed(start_method: str, tmp_path: Path) -> None:
+    pid_file = tmp_path / "pids"
     parent = subprocess.Popen(
-        [sys.executable, "-c", PARENT_SCRIPT, start_method, str(tmp_path / "never")],
-        stdout=subprocess.PIPE,
-        text=True,
+        [sys.executable, "-c", PARENT_SCRIPT, start_method, str(tmp_path / "never"), str(pid_file)]
     )
     try:
-        assert parent.stdout is not None
-        pids = [int(p) for p in parent.stdout.readline().split()]
+        wait_until(pid_file.exists, TIMEOUT)
+        pids = [int(p) for p in pid_file.read_text().split()]
         assert len(pids) == 2
     finally:
         parent.kill()
