@@ -300,6 +300,13 @@ def _run_batch(
         (_call_text(task, args), _submit(manager, tally, task, *args, task_type=task_type))
         for args in calls
     ]
+    return _collect_rows(submitted, tally, why_it_must_succeed)
+
+
+def _collect_rows(
+    submitted: Sequence[tuple[str, Future[Any]]], tally: _PoolTally, why_it_must_succeed: str
+) -> list[tuple[str, str, str]]:
+    """Wait for each submitted call; rows of (call, result, worker)."""
     rows = []
     for call, future in submitted:
         try:
@@ -406,13 +413,7 @@ def _demo_steps(
     else:
         render_tally.ok += 1
         raise _DemoFailure("crash_worker() returned instead of killing its worker")
-    rows = []
-    for call, future in bystanders:
-        try:
-            receipt = _collect(future, render_tally)
-        except Exception as exc:
-            raise _DemoFailure(f"{call} failed along with the crashed task: {exc!r}") from exc
-        rows.append((call, receipt.result, _worker_label(receipt)))
+    rows = _collect_rows(bystanders, render_tally, "along with the crashed task")
     _say(_table(("task", "result", "worker"), rows))
 
     _say("\n5. The pool healed itself: the next tasks run with no restart")
