@@ -673,28 +673,26 @@ def _format_number(value: float) -> str:
 
 
 def _format_value(value: float, unit: str) -> str:
-    if unit == "tasks/s":
-        return f"{_format_number(value)}/s"
-    if unit == "us":
-        if value >= 1000:
-            return f"{value / 1000:.3g} ms"
-        return f"{value:.3g} {_microseconds()}"
-    return f"{_format_number(value)} {unit}"
+    return _format_range([value], unit)
 
 
 def _format_spread(summary: dict[str, Any], unit: str) -> str:
     """``low-high`` of the reps; empty with fewer than two reps."""
     if len(summary["samples"]) < 2:
         return ""
+    return _format_range([summary["min"], summary["max"]], unit)
+
+
+def _format_range(values: list[float], unit: str) -> str:
+    """One value, or ``low-high``, with the unit once at the end."""
     dash = _dash()
-    low, high = summary["min"], summary["max"]
     if unit == "tasks/s":
-        return f"{_format_number(low)}{dash}{_format_number(high)}/s"
+        return dash.join(_format_number(v) for v in values) + "/s"
     if unit == "us":
-        if high >= 1000:
-            return f"{low / 1000:.3g}{dash}{high / 1000:.3g} ms"
-        return f"{low:.3g}{dash}{high:.3g} {_microseconds()}"
-    return f"{_format_number(low)}{dash}{_format_number(high)} {unit}"
+        if max(values) >= 1000:
+            return dash.join(f"{v / 1000:.3g}" for v in values) + " ms"
+        return dash.join(f"{v:.3g}" for v in values) + f" {_microseconds()}"
+    return dash.join(_format_number(v) for v in values) + f" {unit}"
 
 
 def _format_cell(summary: dict[str, Any], unit: str) -> str:
