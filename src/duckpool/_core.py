@@ -27,7 +27,10 @@ Data flow::
 
 Where a future is resolved, on every path:
 
-* result or task error ....... dispatcher, from the result frame
+* result or task error ....... dispatcher, from the result frame; or, on a
+                               quiet pool, the thread waiting in result(),
+                               which reads its worker's result pipe itself
+                               for a few ms (PoolCore.help_resolve)
 * unpicklable call ........... submit(), before anything is queued
 * worker death ............... dispatcher (on_worker_exit)
 * timeout / cancel_task() .... dispatcher, once the stopped worker is gone
@@ -45,8 +48,11 @@ The parent always knows which worker runs which task: each slot keeps the
 items it was sent, in order, and a worker answers in that order.  A shared
 array holds, per slot, the id of the task the worker last took up, so after a
 death the parent can tell a task that started from one still in the pipe.
-Only the dispatcher reads result pipes and reaps processes; writes to task
-pipes happen under ``_PoolCore.lock``, from submit() or the dispatcher.
+Only the dispatcher reaps processes.  It reads every result pipe except one
+a helping caller has paused in its selector (``_Slot.assist``); frames are
+read and booked under the slot's ``read_lock``, so they are taken in order
+whoever reads them.  Writes to task pipes happen under ``_PoolCore.lock``,
+from submit() or the dispatcher.
 """
 
 from __future__ import annotations
@@ -66,7 +72,7 @@ from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 from multiprocessing import connection as mp_connection
 from multiprocessing.context import BaseContext
-from typing import Any, Callable, NamedTuple, Optional, Protocol
+from typing import Any, Callable, NamedTuple, Optional, Protocol, TypeVar
 
 from duckpool import _spawn, _worker, _zygote
 from duckpool._errors import (
@@ -92,9 +98,18 @@ _PREFETCH_BYTES = 32 * 1024
 _STOP_GRACE_SECONDS = 5.0
 #: How long a worker stopped with SIGTERM (timeout, cancel) gets before SIGKILL.
 KILL_GRACE_SECONDS = 1.0
+#: How long a thread blocked in ``result()`` reads its task's result pipe
+#: itself before it leaves that to the dispatcher again (see ``help_resolve``).
+#: Long enough for any short task; a long one is then waited for as usual.
+_ASSIST_SECONDS = 0.005
+#: Of that, how long it polls without sleeping, when its worker's last task was
+#: this short too.  One thread per pool at a time.
+_SPIN_SECONDS = 0.0001
 #: Workers that fail by themselves before they are ready (an exit code, or a
 #: crash signal), in a row, before the pool gives up instead of respawning.
 _MAX_STARTUP_DEATHS = 3
+
+_T = TypeVar("_T")
 
 _task_ids = itertools.count(1)
 
@@ -155,6 +170,40 @@ class WorkItem:
         return callable_label(self.fn)
 
 
+class PoolFuture(Future[_T]):
+    """The future a pool's ``submit()`` returns.
+
+    A thread that blocks on ``result()`` or ``exception()`` reads the task's
+    result from its worker itself, when it can (``PoolCore.help_resolve``),
+    instead of sleeping until the dispatcher thread wakes it.
+    """
+
+    def __init__(self, core: PoolCore) -> None:
+        super().__init__()
+        self._duckpool_core = core
+
+    def result(self, timeout: Optional[float] = None) -> _T:
+        if not self.done():
+            timeout = self._help(timeout)
+        return super().result(timeout)
+
+    def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
+        if not self.done():
+            timeout = self._help(timeout)
+        return super().exception(timeout)
+
+    def _help(self, timeout: Optional[float]) -> Optional[float]:
+        """Help resolve this future; return what is left of ``timeout``."""
+        if timeout is None:
+            self._duckpool_core.help_resolve(self, None)
+            return None
+        if timeout <= 0:
+            return timeout
+        started = time.monotonic()
+        self._duckpool_core.help_resolve(self, timeout)
+        return max(0.0, timeout - (time.monotonic() - started))
+
+
 class WorkerProcess(Protocol):
     """A worker process as the pool handles it: a ``multiprocessing`` process,
     or a handle on one the zygote forked (``_zygote.ZygoteChild``)."""
@@ -183,16 +232,31 @@ class _Stopping(NamedTuple):
     kill_at: float
 
 
+class _Assist:
+    """A caller thread watching a slot's result pipe in the dispatcher's stead."""
+
+    __slots__ = ("conn", "orphaned")
+
+    def __init__(self, conn: mp_connection.Connection) -> None:
+        self.conn = conn
+        #: The slot was closed meanwhile: the helper closes ``conn`` when done
+        #: (not before, or its number could be reused under the helper's poll).
+        self.orphaned = False
+
+
 class _Slot:
     """A worker slot: a stable index, and the process that currently fills it."""
 
     __slots__ = (
         "assigned",
+        "assist",
         "head_since",
         "index",
         "last_service",
+        "poisoned",
         "process",
         "queued_bytes",
+        "read_lock",
         "reader",
         "ready",
         "result_conn",
@@ -224,6 +288,14 @@ class _Slot:
         #: How long the worker's last task took, as seen from here.
         self.last_service = float("inf")
         self.stopping: Optional[_Stopping] = None
+        #: Held while frames are read from the result pipe and booked, so the
+        #: dispatcher and a helping caller take them in order.
+        self.read_lock = threading.Lock()
+        #: A caller thread reading the result pipe itself (see help_resolve).
+        self.assist: Optional[_Assist] = None
+        #: Why the worker is being killed because its result stream is not to
+        #: be trusted (see PoolCore._poison).
+        self.poisoned: Optional[WorkerDiedError] = None
 
     @property
     def alive(self) -> bool:
@@ -240,6 +312,7 @@ class _Slot:
         self.ready = False
         self.last_service = float("inf")
         self.stopping = None
+        self.poisoned = None
 
 
 def _fileno(watched: Any) -> int:
@@ -281,6 +354,23 @@ class _Waiter:
                 assert self._selector is not None
                 self._selector.unregister(fd)
         except (KeyError, ValueError, OSError):
+            pass
+
+    @property
+    def can_pause(self) -> bool:
+        return self._epoll is not None
+
+    def pause(self, watched: Any) -> None:
+        """Stop reporting ``watched`` (safe while another thread waits)."""
+        assert self._epoll is not None
+        self._epoll.modify(_fileno(watched), 0)
+
+    def resume(self, watched: Any) -> None:
+        """Report ``watched`` again; a paused descriptor that is ready now is reported."""
+        assert self._epoll is not None
+        try:
+            self._epoll.modify(_fileno(watched), select.EPOLLIN)
+        except OSError:  # unregistered meanwhile
             pass
 
     def wait(self, timeout: Optional[float]) -> list[Any]:
@@ -349,6 +439,8 @@ class PoolCore:
         #: (cells 0..n-1), and an id it must skip (cells n..2n-1).
         self.marks: Any = None
         self.startup_deaths = 0
+        #: Threads polling a result pipe without sleeping (see help_resolve).
+        self.spinning = 0
         #: Results read but not yet given to their futures (dispatcher only).
         self.deferred: list[_Resolution] = []
         #: A worker's initializer raised: the pool breaks once that worker is gone.
@@ -739,48 +831,215 @@ class PoolCore:
         except OSError:
             pass
 
-    def on_results(self, slot: _Slot, deferred: Optional[list[_Resolution]] = None) -> None:
-        """Read every result frame the slot's pipe holds now.
+    def on_results(
+        self,
+        slot: _Slot,
+        deferred: Optional[list[_Resolution]] = None,
+        helper: Optional[mp_connection.Connection] = None,
+        final: bool = False,
+    ) -> bool:
+        """Read every result frame the slot's pipe holds now; True at EOF.
 
         The futures are resolved here, or, given ``deferred``, appended to it
-        for the caller to resolve later.
+        for the caller to resolve later.  The dispatcher calls this; so does a
+        thread helping with a result (``helper`` is the pipe it watches).
+        While a thread helps, the pipe is its own: the dispatcher reads it
+        only for the last time (``final``: the worker has exited).
         """
-        reader = slot.reader
-        assert reader is not None
-        frames, eof = reader.read_available()
-        if eof and slot.result_conn is not None:
-            # The worker is gone (its sentinel says how); stop watching the pipe.
-            try:
-                self.selector.unregister(slot.result_conn)
-            except (KeyError, ValueError):
-                pass
         resolved: list[_Resolution] = [] if deferred is None else deferred
         init_failure: Optional[memoryview] = None
+        try:
+            with slot.read_lock:  # frames are booked in the order they were read
+                reader = slot.reader
+                if reader is None or (helper is not None and slot.result_conn is not helper):
+                    return True
+                if slot.poisoned is not None:
+                    return False  # the worker is being killed; its pipe is not to be trusted
+                if helper is None and not final and slot.assist is not None:
+                    # Readiness seen before the helper paused the pipe: what it
+                    # holds is the helper's to read (see help_resolve).
+                    return False
+                frames, eof = reader.read_available()
+                if eof and helper is None and slot.result_conn is not None:
+                    # The worker is gone (its sentinel says how); stop watching the pipe.
+                    try:
+                        self.selector.unregister(slot.result_conn)
+                    except (KeyError, ValueError):
+                        pass
+                if frames:
+                    init_failure = self._book_results(slot, reader, frames, resolved)
+                    if helper is not None and (
+                        self.shutdown_requested
+                        or (slot.assigned and slot.assigned[0].timeout is not None)
+                    ):
+                        # What the dispatcher decides on changed behind its back:
+                        # shutdown may be complete, or a new deadline runs.
+                        self.wake()
+        except BaseException as exc:
+            # In a helping thread, an exception a signal handler raised (Ctrl-C
+            # in the main thread) may have struck between reading bytes and
+            # booking them: what the pipe held may be lost.
+            if helper is None:
+                raise
+            self._poison(slot, exc)
+            self.resolve_all(resolved)  # what was booked is sound
+            raise
+        if deferred is None:
+            self.resolve_all(resolved)
+        if init_failure is not None:
+            self.on_initializer_failure(init_failure)
+        return eof
+
+    def _book_results(
+        self,
+        slot: _Slot,
+        reader: _worker.FrameReader,
+        frames: list[bytes],
+        resolved: list[_Resolution],
+    ) -> Optional[memoryview]:
+        """Match result frames to the slot's items; return an initializer failure."""
         now = time.monotonic()
         with self.lock:  # once for the whole batch
+            if slot.reader is not reader:
+                # Closed meanwhile (the pool broke): its items are settled.
+                return None
+            assigned = slot.assigned
             for frame in frames:
                 view = memoryview(frame)
                 status = view[_worker.TASK_ID_BYTES]
                 payload = view[_worker.RESULT_HEADER_BYTES :]
                 if status == _worker.STATUS_INIT_FAILED:
-                    init_failure = payload
-                    break
+                    return payload
                 if status == _worker.STATUS_READY:
                     slot.ready = True
                     slot.head_since = now
                     self.startup_deaths = 0
                     continue
-                item = slot.assigned.popleft()
+                item = assigned[0] if assigned else None
+                if item is None or item.task_id != int.from_bytes(
+                    view[: _worker.TASK_ID_BYTES], "little"
+                ):
+                    raise RuntimeError(
+                        f"worker {slot.index} answered out of order "
+                        f"(expected task {item.task_id if item else None})"
+                    )
+                # Booked before it leaves `assigned`: never in neither.
+                resolved.append((item, status, payload))
+                assigned.popleft()
                 slot.queued_bytes -= len(item.frame)
                 slot.last_service = now - slot.head_since
                 slot.head_since = now
-                resolved.append((item, status, payload))
             if slot.process is not None and not (self.shutdown_requested and not self.pending):
                 self.dispatch_pending()
-        if deferred is None:
-            self.resolve_all(resolved)
-        if init_failure is not None:
-            self.on_initializer_failure(init_failure)
+        return None
+
+    def _poison(self, slot: _Slot, cause: BaseException) -> None:
+        """The slot's result stream can no longer be trusted: kill its worker.
+
+        Its items that had started fail (with ``cause`` chained); the others
+        are requeued, as after any worker death (see ``on_worker_exit``).
+        """
+        with self.lock:
+            process = slot.process
+            if process is None or slot.poisoned is not None:
+                return
+            slot.poisoned = WorkerDiedError(
+                f"worker {slot.index} (pid {process.pid}) was stopped: the thread "
+                f"reading its results was interrupted ({cause!r}), so results it "
+                f"had sent may be lost",
+                pid=process.pid,
+                slot=slot.index,
+            )
+            slot.poisoned.__cause__ = cause
+        _signal(process, signal.SIGKILL)
+        self.wake()
+
+    def help_resolve(self, future: Future[Any], timeout: Optional[float]) -> None:
+        """Wait for ``future`` by reading its worker's result pipe in this thread.
+
+        A thread blocked in ``result()`` would otherwise sleep until the
+        dispatcher reads the result and wakes it: two thread wake-ups per
+        round trip, each costing more than a tiny task.  When the pool is
+        quiet (the future's worker holds only that task and nothing is
+        queued), the dispatcher stops watching that one pipe for up to
+        ``_ASSIST_SECONDS`` (or ``timeout``) and this thread reads it instead,
+        booking and resolving what arrives, its own result included.  If the
+        worker's last task was that short too, it polls without sleeping for
+        up to ``_SPIN_SECONDS`` first.  Deaths, deadlines and the other pipes
+        stay the dispatcher's; what this thread has not read when it stops,
+        the dispatcher reads next.
+        """
+        if (
+            self.inherited
+            or not self.selector.can_pause
+            or threading.current_thread() is self.thread
+        ):
+            return
+        with self.lock:
+            slot = self._slot_running(future)
+            if slot is None or slot.assist is not None or self.closed:
+                return
+            conn = slot.result_conn
+            if conn is None or slot.poisoned is not None:
+                return
+            try:
+                self.selector.pause(conn)
+            except OSError:  # no longer watched: the worker is gone
+                return
+            item = slot.assigned[0]
+            assist = slot.assist = _Assist(conn)
+            spin = slot.last_service < _SPIN_SECONDS and self.spinning < 1
+            if spin:
+                self.spinning += 1
+        try:
+            # A read the dispatcher began before the pipe was ours ends first;
+            # if it took our result, the dispatcher resolves the future.
+            with slot.read_lock:
+                pass
+            now = time.monotonic()
+            window = _ASSIST_SECONDS if timeout is None else min(timeout, _ASSIST_SECONDS)
+            end = now + window
+            # A result due within microseconds is polled for without sleeping:
+            # waking a sleeping thread costs more than such a task itself.
+            spin_until = now + min(window, _SPIN_SECONDS) if spin else now
+            poller = select.poll()
+            poller.register(conn.fileno(), select.POLLIN)
+            assigned = slot.assigned
+            while assigned and assigned[0] is item:  # not yet booked
+                now = time.monotonic()
+                if now >= end:
+                    break
+                spinning = now < spin_until
+                if not poller.poll(0 if spinning else (end - now) * 1000.0):
+                    if spinning:
+                        continue
+                    break  # the window closed
+                if self.on_results(slot, helper=conn):
+                    break
+        finally:
+            with self.lock:
+                if spin:
+                    self.spinning -= 1
+                slot.assist = None
+                if assist.orphaned:
+                    conn.close()
+                elif slot.result_conn is conn and not self.closed:
+                    self.selector.resume(conn)
+
+    def _slot_running(self, future: Future[Any]) -> Optional[_Slot]:
+        """The slot whose worker holds ``future``'s item and nothing else, if
+        no other work waits (lock held).
+
+        Helping pays off when the pool is quiet; a busy pool's results come in
+        batches, which the dispatcher reads more cheaply.
+        """
+        if self.pending:
+            return None
+        for slot in self.slots:
+            assigned = slot.assigned
+            if len(assigned) == 1 and assigned[0].future is future:
+                return slot
+        return None
 
     def resolve_all(self, resolutions: list[_Resolution]) -> None:
         for item, status, payload in resolutions:
@@ -859,16 +1118,27 @@ class PoolCore:
     def on_worker_exit(self, slot: _Slot) -> None:
         """A worker's sentinel fired: settle its items and free the slot."""
         if slot.reader is not None:
-            self.on_results(slot)  # results written just before the exit
+            self.on_results(slot, final=True)  # results written just before the exit
         process = slot.process
         if process is None:  # already handled (e.g. killed by mark_broken)
             return
         process.join(KILL_GRACE_SECONDS)
         exitcode = process.exitcode
-        failed: Optional[tuple[WorkItem, BaseException]] = None
+        failed: list[tuple[WorkItem, BaseException]] = []
         with self.lock:
             assigned = slot.assigned
-            if assigned:
+            poisoned = slot.poisoned
+            if poisoned is not None:
+                # Results of tasks up to the one it last took up may be lost:
+                # those fail; the rest never started.
+                ids = [item.task_id for item in assigned]
+                mark = self.marks[slot.index]
+                started = ids.index(mark) + 1 if mark in ids else 0
+                for _ in range(started):
+                    failed.append((assigned.popleft(), poisoned))
+                self.pending.extendleft(reversed(assigned))
+                assigned.clear()
+            elif assigned:
                 head = assigned[0]
                 # The worker marks each task it takes up: an item it never
                 # reached (killed while idle, mid-send) is requeued, not failed.
@@ -876,9 +1146,9 @@ class PoolCore:
                     assigned.popleft()
                     stopping = slot.stopping
                     if stopping is not None and stopping.item is head:
-                        failed = (head, stopping.error)
+                        failed.append((head, stopping.error))
                     else:
-                        failed = (head, self._death_error(slot, process, head, exitcode))
+                        failed.append((head, self._death_error(slot, process, head, exitcode)))
                 # The rest never started: back to the front of the queue.
                 self.pending.extendleft(reversed(assigned))
                 assigned.clear()
@@ -886,8 +1156,8 @@ class PoolCore:
                 self.startup_deaths += 1
             self.close_slot(slot)
             give_up = self.startup_deaths >= _MAX_STARTUP_DEATHS
-        if failed is not None:
-            _set_exception(failed[0].future, failed[1])
+        for item, error in failed:
+            _set_exception(item.future, error)
         if self.initializer_error is not None:
             cause = self.initializer_error
             self.mark_broken(f"a worker's initializer failed: {cause!r}; the pool is broken", cause)
@@ -920,12 +1190,17 @@ class PoolCore:
                         self.selector.unregister(watched)
                     except (KeyError, ValueError):
                         pass
+        assist = slot.assist
         for conn in (slot.task_conn, slot.result_conn):
-            if conn is not None:
-                try:
-                    conn.close()
-                except OSError:
-                    pass
+            if conn is None:
+                continue
+            if assist is not None and assist.conn is conn:
+                assist.orphaned = True  # the helper closes it
+                continue
+            try:
+                conn.close()
+            except OSError:
+                pass
         # No Process.close(): on 3.9 it races with Process.start() in another
         # thread (a closed process is briefly still in multiprocessing's list
         # of children). join() has taken it off that list; dropping the last

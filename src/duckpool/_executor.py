@@ -236,7 +236,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         if core.shutdown_requested or core.broken is not None or core.inherited:
             with core.lock:
                 core.check_usable()  # raises the error that applies
-        future: Future[_T] = Future()
+        future: Future[_T] = _core.PoolFuture(core)
         task_id = _core.next_task_id()
         try:
             payload = self._dumps((fn, args, kwargs), pickle.HIGHEST_PROTOCOL)

@@ -1,0 +1,177 @@
+"""A thread blocked in ``result()`` reads its worker's answer itself.
+
+On a quiet pool the waiting thread takes over the result pipe of the worker
+running its task (``PoolCore.help_resolve``).  These tests pin down what that
+must never change: every future resolves, with its own result or a clear
+error, whatever happens to the worker or to the waiting thread meanwhile.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+import _executor_tasks as tasks
+import duckpool
+from conftest import wait_until
+
+TIMEOUT = 30
+
+
+@pytest.fixture
+def executor(ctx: object) -> Iterator[duckpool.ProcessPoolExecutor]:
+    pool = duckpool.ProcessPoolExecutor(2, mp_context=ctx)  # type: ignore[arg-type]
+    yield pool
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def test_a_waiting_thread_resolves_a_quiet_pools_future_itself(
+    executor: duckpool.ProcessPoolExecutor,
+) -> None:
+    executor.submit(tasks.add, 0, 0).result(TIMEOUT)  # workers up
+    caller = threading.current_thread()
+    resolved_here = 0
+    for i in range(200):
+        future = executor.submit(tasks.add, i, 1)
+        if future.done():
+            continue  # the dispatcher was first: this round tells nothing
+        threads: list[threading.Thread] = []
+        future.add_done_callback(lambda _, t=threads: t.append(threading.current_thread()))
+        assert future.result(TIMEOUT) == i + 1
+        wait_until(lambda t=threads: bool(t), TIMEOUT)
+        resolved_here += threads[0] is caller
+        if resolved_here >= 3:
+            break
+    assert resolved_here >= 3
+
+
+def test_a_worker_death_under_a_waiting_thread_fails_only_its_task(
+    executor: duckpool.ProcessPoolExecutor,
+) -> None:
+    executor.submit(tasks.add, 0, 0).result(TIMEOUT)
+    for _ in range(3):
+        with pytest.raises(duckpool.WorkerDiedError, match="exited with code 5"):
+            executor.submit(tasks.exit_now, 5).result(TIMEOUT)
+        assert executor.submit(tasks.add, 2, 3).result(TIMEOUT) == 5
+
+
+def test_a_short_result_timeout_expires_and_the_task_still_resolves(
+    executor: duckpool.ProcessPoolExecutor, tmp_path: Path
+) -> None:
+    gate, started = tmp_path / "gate", tmp_path / "started"
+    future = executor.submit(tasks.touch_then_wait, str(started), str(gate))
+    wait_until(started.exists, TIMEOUT)
+    with pytest.raises(concurrent.futures.TimeoutError):
+        future.result(timeout=0.001)
+    with pytest.raises(concurrent.futures.TimeoutError):
+        future.exception(timeout=0.02)
+    gate.touch()
+    assert future.result(TIMEOUT) == "released"
+    assert future.exception(TIMEOUT) is None
+
+
+def test_many_waiting_threads_each_get_their_own_results(
+    executor: duckpool.ProcessPoolExecutor,
+) -> None:
+    errors: list[str] = []
+
+    def client(offset: int) -> None:
+        for i in range(150):
+            value = executor.submit(tasks.add, offset, i).result(TIMEOUT)
+            if value != offset + i:
+                errors.append(f"client {offset}: {value} != {offset + i}")
+
+    threads = [threading.Thread(target=client, args=(1000 * n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT)
+        assert not thread.is_alive()
+    assert errors == []
+
+
+class _Interrupt(Exception):
+    """Raised asynchronously in a waiting thread, as a signal handler would."""
+
+
+def _raise_in(thread: threading.Thread) -> None:
+    assert thread.ident is not None
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread.ident), ctypes.py_object(_Interrupt)
+    )
+
+
+def test_an_interrupted_waiting_thread_loses_no_future_and_gets_no_wrong_result(
+    executor: duckpool.ProcessPoolExecutor,
+) -> None:
+    """Asynchronous exceptions (Ctrl-C) may strike while the waiting thread
+    reads the pipe: each future still ends with its own value or a clear error."""
+    futures: list[tuple[int, concurrent.futures.Future[int]]] = []
+    interrupted = threading.Event()
+    stop = threading.Event()
+    rounds = {"n": 0}
+
+    def client() -> None:
+        i = 0
+        while not stop.is_set():
+            try:
+                while not stop.is_set():
+                    future = executor.submit(tasks.add, i, 1)
+                    futures.append((i, future))
+                    future.result(TIMEOUT)
+                    i += 1
+                    rounds["n"] += 1
+            except _Interrupt:
+                interrupted.set()
+            except duckpool.WorkerDiedError:
+                pass
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        for _ in range(15):
+            interrupted.clear()
+            before = rounds["n"]
+            wait_until(lambda b=before: rounds["n"] > b + 20, TIMEOUT)
+            _raise_in(thread)
+            # (An exception that strikes inside a garbage-collection callback
+            # is printed and dropped by Python: then the client just goes on.)
+            after = rounds["n"]
+            wait_until(lambda a=after: interrupted.is_set() or rounds["n"] > a + 20, TIMEOUT)
+    finally:
+        stop.set()
+        thread.join(TIMEOUT)
+    assert not thread.is_alive()
+    for i, future in futures:
+        try:
+            assert future.result(TIMEOUT) == i + 1
+        except duckpool.WorkerDiedError as exc:
+            assert "interrupted" in str(exc)
+            assert isinstance(exc.__cause__, _Interrupt)
+    assert executor.submit(tasks.add, 1, 1).result(TIMEOUT) == 2
+
+
+def test_poisoned_slot_fails_the_started_task_and_requeues_the_rest(
+    ctx: object, tmp_path: Path
+) -> None:
+    """The recovery an interrupted read triggers, driven directly."""
+    pool = duckpool.ProcessPoolExecutor(1, mp_context=ctx)  # type: ignore[arg-type]
+    try:
+        gate, started = tmp_path / "gate", tmp_path / "started"
+        running = pool.submit(tasks.touch_then_wait, str(started), str(gate))
+        wait_until(started.exists, TIMEOUT)
+        queued = [pool.submit(tasks.add, i, 1) for i in range(3)]
+        core = pool._core
+        cause = KeyboardInterrupt()
+        core._poison(core.slots[0], cause)
+        with pytest.raises(duckpool.WorkerDiedError, match="interrupted") as info:
+            running.result(TIMEOUT)
+        assert info.value.__cause__ is cause
+        assert [f.result(TIMEOUT) for f in queued] == [1, 2, 3]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
