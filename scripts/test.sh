@@ -158,7 +158,7 @@ main_bin="$(dirname "$main_venv_python")"
 ran=()
 if ((!quick)); then
     lint_paths=()
-    for p in src tests benchmarks; do
+    for p in src tests benchmarks examples; do
         [[ -e "$p" ]] && lint_paths+=("$p")
     done
     current_step="ruff check"

@@ -120,3 +120,19 @@ class Token:
 
 def make_object(value: int) -> Token:
     return Token(value)
+
+
+def mark_running_then_wait(directory: str, name: str, gate: str) -> str:
+    """Create ``directory/name`` while running (removed on return), then wait for ``gate``."""
+    marker = Path(directory) / name
+    marker.touch()
+    try:
+        return wait_for_file(gate)
+    finally:
+        marker.unlink()
+
+
+def ignore_sigterm_then_wait(started: str, gate: str) -> str:
+    """Like ``touch_then_wait``, in a worker that ignores SIGTERM (only SIGKILL stops it)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return touch_then_wait(started, gate)

@@ -15,7 +15,9 @@ The public API is the Duck framework's process-pool system
 from duckpool._errors import (
     InheritedManagerError,
     ManagerNotFound,
+    PoolSaturatedError,
     TaskCancelledError,
+    TaskQuarantinedError,
     TaskTimeoutError,
     TaskUnpicklingError,
     UnknownTaskError,
@@ -24,6 +26,9 @@ from duckpool._errors import (
 from duckpool._executor import ProcessPoolExecutor
 from duckpool._manager import ProcessPoolManager
 from duckpool._registry import REGISTRY, get_or_create_process_manager
+from duckpool._routing import pool_for, run_task, submit_task
+from duckpool._shutdown import drain_all, install_shutdown_handlers
+from duckpool._stats import PoolStats, WorkerStats
 
 __version__ = "0.1.0"
 
@@ -31,13 +36,22 @@ __all__ = [
     "REGISTRY",
     "InheritedManagerError",
     "ManagerNotFound",
+    "PoolSaturatedError",
+    "PoolStats",
     "ProcessPoolExecutor",
     "ProcessPoolManager",
     "TaskCancelledError",
+    "TaskQuarantinedError",
     "TaskTimeoutError",
     "TaskUnpicklingError",
     "UnknownTaskError",
     "WorkerDiedError",
+    "WorkerStats",
     "__version__",
+    "drain_all",
     "get_or_create_process_manager",
+    "install_shutdown_handlers",
+    "pool_for",
+    "run_task",
+    "submit_task",
 ]

@@ -75,14 +75,17 @@ from multiprocessing.context import BaseContext
 from typing import Any, Callable, NamedTuple, Optional, Protocol, TypeVar
 
 from duckpool import _spawn, _worker, _zygote
+from duckpool._admission import Admission
 from duckpool._errors import (
     InheritedManagerError,
     TaskCancelledError,
+    TaskQuarantinedError,
     TaskTimeoutError,
     TaskUnpicklingError,
     WorkerDiedError,
     describe_exit,
 )
+from duckpool._stats import PoolStats, WorkerStats
 
 #: Items a worker may hold at once (one running, the rest queued in its pipe),
 #: so it never waits on the parent between small tasks.
@@ -105,6 +108,10 @@ _ASSIST_SECONDS = 0.005
 #: Of that, how long it polls without sleeping, when its worker's last task was
 #: this short too.  One thread per pool at a time.
 _SPIN_SECONDS = 0.0001
+#: The least number of worker slots a pool can grow to with ``resize``.
+_MIN_CAPACITY = 64
+#: How many recent task latencies ``stats()`` takes its percentiles from.
+_LATENCY_WINDOW = 1024
 #: Workers that fail by themselves before they are ready (an exit code, or a
 #: crash signal), in a row, before the pool gives up instead of respawning.
 _MAX_STARTUP_DEATHS = 3
@@ -112,6 +119,9 @@ _MAX_STARTUP_DEATHS = 3
 _T = TypeVar("_T")
 
 _task_ids = itertools.count(1)
+
+#: An argument left out (where ``None`` has a meaning of its own).
+UNSET: Any = object()
 
 
 def next_task_id() -> int:
@@ -145,7 +155,7 @@ def _exception_from_payload(payload: memoryview) -> BaseException:
 class WorkItem:
     """One submitted call, from submit() until its future is resolved."""
 
-    __slots__ = ("fn", "frame", "future", "started", "task_id", "timeout")
+    __slots__ = ("fn", "frame", "future", "kind", "started", "submitted", "task_id", "timeout")
 
     def __init__(
         self,
@@ -154,6 +164,7 @@ class WorkItem:
         frame: bytes,
         fn: object,
         timeout: Optional[float],
+        kind: Optional[str] = None,
     ) -> None:
         self.future = future
         self.task_id = task_id
@@ -164,6 +175,9 @@ class WorkItem:
         self.timeout = timeout
         #: set_running_or_notify_cancel() has been called on the future.
         self.started = False
+        #: The task type, for per-type concurrency caps (``type_limits``).
+        self.kind = kind
+        self.submitted = time.monotonic()
 
     @property
     def label(self) -> str:
@@ -264,7 +278,9 @@ class _Slot:
         "stop_sent",
         "stopping",
         "task_conn",
+        "tasks_done",
         "tasks_sent",
+        "used",
     )
 
     def __init__(self, index: int) -> None:
@@ -277,6 +293,10 @@ class _Slot:
         self.assigned: deque[WorkItem] = deque()
         self.queued_bytes = 0
         self.tasks_sent = 0
+        #: Results the current process has sent back.
+        self.tasks_done = 0
+        #: A process has filled this slot before (the next one is a restart).
+        self.used = False
         #: Reached max_tasks_per_child: to exit once its items are done.
         self.retiring = False
         #: The empty frame that tells the worker to exit has been written.
@@ -307,12 +327,37 @@ class _Slot:
         self.reader = None
         self.queued_bytes = 0
         self.tasks_sent = 0
+        self.tasks_done = 0
         self.retiring = False
         self.stop_sent = False
         self.ready = False
         self.last_service = float("inf")
         self.stopping = None
         self.poisoned = None
+
+
+class _Counters:
+    """What a pool has done so far, for ``stats()`` (changed under the pool's lock)."""
+
+    __slots__ = (
+        "completed",
+        "failed",
+        "latencies",
+        "recycles",
+        "restarts",
+        "timed_out",
+        "worker_deaths",
+    )
+
+    def __init__(self) -> None:
+        self.completed = 0  # results returned
+        self.failed = 0  # exceptions raised by tasks (or a call that did not unpickle)
+        self.timed_out = 0
+        self.worker_deaths = 0  # workers that died by no request of the pool's
+        self.restarts = 0  # workers started in a slot that had one before
+        self.recycles = 0  # workers that left by themselves (task or memory limit)
+        #: Seconds from submit() to result, of the latest tasks.
+        self.latencies: deque[float] = deque(maxlen=_LATENCY_WINDOW)
 
 
 def _fileno(watched: Any) -> int:
@@ -410,6 +455,11 @@ class PoolSettings(NamedTuple):
     name_prefix: Optional[str]
     daemon: bool
     serializer: str
+    #: Per task type, how many of its tasks may run (or wait in a worker's pipe) at once.
+    type_limits: Optional[dict[str, int]] = None
+    #: Worker deaths in a row that put a callable in quarantine (None: never).
+    quarantine_after: Optional[int] = None
+    quarantine_seconds: float = 60.0
 
 
 class PoolCore:
@@ -426,12 +476,26 @@ class PoolCore:
         self.inherited = False
         self.lock = threading.Lock()
         self.pending: deque[WorkItem] = deque()
+        #: How many workers the pool runs now (``resize`` changes it).  Slots
+        #: at or past it are surplus: they take no work and go once idle.
+        self.size = settings.max_workers
+        #: The most ``size`` can grow to (the shared marks array is this long).
+        self.capacity = max(_MIN_CAPACITY, 4 * settings.max_workers)
+        #: Replaced, never changed in place, so it can be iterated without the lock.
         self.slots = [_Slot(i) for i in range(settings.max_workers)]
+        self.counters = _Counters()
+        #: Per callable label: worker deaths in a row; and quarantined labels,
+        #: with when they are accepted again (see settings.quarantine_after).
+        self.death_streaks: dict[str, int] = {}
+        self.quarantined: dict[str, float] = {}
         self.shutdown_requested = False
         #: Why the pool is broken (submit raises BrokenProcessPool), or None.
         self.broken: Optional[str] = None
         self.broken_cause: Optional[BaseException] = None
         self.kill_requested: Optional[int] = None  # a signal number
+        self.kill_reason: Optional[str] = None
+        #: Admission control (``max_pending``), if the pool has it.
+        self.admission: Optional[Admission] = None
         self.thread: Optional[threading.Thread] = None
         #: Under fork, the process that forks this pool's workers.
         self.zygote: Optional[_zygote.Zygote] = None
@@ -487,9 +551,11 @@ class PoolCore:
         """Queue ``item``, sending it straight to an idle worker if there is one."""
         with self.lock:
             self.check_usable()
+            if self.quarantined and self.refuse_quarantined(item):
+                return
             if self.thread is None:
                 self.ensure_started()
-            if not self.pending:
+            if not self.pending and (item.kind is None or self.has_room(item.kind)):
                 for slot in self.slots:
                     if self.is_idle(slot):
                         self.send(slot, item)
@@ -497,6 +563,10 @@ class PoolCore:
             # Every worker is busy: the dispatcher hands this on as results come
             # back, several items per write.
             self.pending.append(item)
+            if self.settings.type_limits is not None:
+                # Or a worker is idle while the items before this one wait for
+                # their type's cap: this one may go now.
+                self.dispatch_pending()
 
     def cancel(self, future: Future[Any]) -> bool:
         """Cancel a queued item, or stop the worker running it; False if unknown."""
@@ -524,7 +594,7 @@ class PoolCore:
                 else:
                     # Still in the worker's pipe: the worker skips it when it
                     # gets there, and its answer is ignored.
-                    self.marks[self.settings.max_workers + slot.index] = item.task_id
+                    self.marks[self.capacity + slot.index] = item.task_id
                     _set_exception(future, error)
                 return True
         return False
@@ -537,7 +607,7 @@ class PoolCore:
             return
         settings = self.settings
         if self.marks is None:
-            self.marks = settings.context.RawArray("Q", 2 * settings.max_workers)
+            self.marks = settings.context.RawArray("Q", 2 * self.capacity)
         if settings.context.get_start_method() == "fork" and self.zygote is None:
             # Forked now, before this pool's thread exists; it forks the
             # workers from then on (see _zygote).
@@ -560,7 +630,7 @@ class PoolCore:
         name = f"{settings.name_prefix or 'duckpool-worker'}-{slot_index}"
         return _worker.WorkerConfig(
             slot=slot_index,
-            max_workers=settings.max_workers,
+            max_workers=self.capacity,  # the stride of the marks array
             name=name,
             title=name if settings.name_prefix else None,
             parent_pid=self.owner_pid,
@@ -593,21 +663,25 @@ class PoolCore:
         if process.sentinel is not None:
             self.selector.register(process.sentinel, (False, slot))
         slot.process = process  # the other fields were reset when the slot closed
+        if slot.used:
+            self.counters.restarts += 1
+        slot.used = True
 
-    @staticmethod
-    def is_idle(slot: _Slot) -> bool:
+    def is_idle(self, slot: _Slot) -> bool:
         return (
             slot.process is not None
             and not slot.assigned
             and not slot.retiring
             and slot.stopping is None
+            and slot.index < self.size
         )
 
-    @staticmethod
-    def can_prefetch(slot: _Slot, item: WorkItem, now: float) -> bool:
+    def can_prefetch(self, slot: _Slot, item: WorkItem, now: float) -> bool:
         """May ``item`` queue in the pipe of ``slot``'s busy worker?"""
         return (
             slot.process is not None
+            and slot.index < self.size
+            and self.settings.type_limits is None
             and not slot.retiring
             and slot.stopping is None
             and len(slot.assigned) < _PREFETCH
@@ -664,10 +738,12 @@ class PoolCore:
         if not pending:
             return
         batches: dict[int, list[bytes]] = {}
+        if self.settings.type_limits is not None:
+            self.dispatch_within_limits(batches)
         for slot in self.slots:
             if not pending:
                 break
-            if self.is_idle(slot):
+            if self.is_idle(slot) and self.settings.type_limits is None:
                 item = pending.popleft()
                 if self.assign(slot, item):
                     batches[slot.index] = [item.frame]
@@ -687,6 +763,110 @@ class PoolCore:
         for index, frames in batches.items():
             self.write(self.slots[index], b"".join(frames))
 
+    def dispatch_within_limits(self, batches: dict[int, list[bytes]]) -> None:
+        """Hand pending items to idle workers, skipping types at their cap.
+
+        Skipped items keep their place; items behind them may go first.
+        """
+        idle = [slot for slot in self.slots if self.is_idle(slot)]
+        if not idle:
+            return
+        kept: deque[WorkItem] = deque()
+        pending = self.pending
+        while pending and idle:
+            item = pending.popleft()
+            if item.kind is not None and not self.has_room(item.kind):
+                kept.append(item)
+                continue
+            slot = idle.pop(0)
+            if self.assign(slot, item):
+                batches[slot.index] = [item.frame]
+            else:
+                idle.insert(0, slot)
+        kept.extend(pending)
+        self.pending = kept
+
+    def has_room(self, kind: str) -> bool:
+        """May another task of type ``kind`` go to a worker now? (lock held)"""
+        limits = self.settings.type_limits
+        if limits is None or kind not in limits:
+            return True
+        running = sum(1 for s in self.slots for item in s.assigned if item.kind == kind)
+        return running < limits[kind]
+
+    def refuse_quarantined(self, item: WorkItem) -> bool:
+        """Fail ``item`` if its callable is in quarantine (lock held); True if so."""
+        label = item.label
+        until = self.quarantined.get(label)
+        if until is None:
+            return False
+        now = time.monotonic()
+        if now >= until:
+            del self.quarantined[label]
+            self.death_streaks.pop(label, None)
+            return False
+        _set_exception(item.future, self._quarantine_error(label, until - now))
+        return True
+
+    def _quarantine_error(self, label: str, retry_after: float) -> TaskQuarantinedError:
+        deaths = self.death_streaks.get(label, 0)
+        return TaskQuarantinedError(
+            f"{label} is in quarantine for another {retry_after:.1f} s: its last "
+            f"{deaths} runs each killed their worker process",
+            callable_name=label,
+            deaths=deaths,
+            retry_after=retry_after,
+        )
+
+    def count_death(self, item: WorkItem) -> list[WorkItem]:
+        """A worker died running ``item``; quarantine its callable if that is
+        one death too many.  Returns the queued items that then fail (lock held)."""
+        limit = self.settings.quarantine_after
+        if limit is None:
+            return []
+        label = item.label
+        deaths = self.death_streaks.get(label, 0) + 1
+        self.death_streaks[label] = deaths
+        if deaths < limit:
+            return []
+        self.quarantined[label] = time.monotonic() + self.settings.quarantine_seconds
+        refused = [queued for queued in self.pending if queued.label == label]
+        if refused:
+            self.pending = deque(queued for queued in self.pending if queued.label != label)
+        return refused
+
+    def resize(self, size: int) -> None:
+        """Run ``size`` workers from now on (lock held).
+
+        Growing starts workers in the new slots; shrinking retires the
+        surplus slots' workers once their current items are done.
+        """
+        if size > self.capacity:
+            raise ValueError(
+                f"max_workers can grow to at most {self.capacity} for this pool, got {size}"
+            )
+        self.size = size
+        if size > len(self.slots):
+            self.slots = self.slots + [_Slot(i) for i in range(len(self.slots), size)]
+        for slot in self.slots:
+            if slot.index >= size and slot.process is not None and not slot.stop_sent:
+                # Told to exit after what it holds (at once if idle).
+                slot.retiring = True
+                if slot.task_conn is not None:
+                    self.write(slot, b"")
+        self.drop_surplus_slots()
+        if self.thread is not None:
+            self.wake()
+
+    def drop_surplus_slots(self) -> None:
+        """Forget trailing surplus slots whose process is gone (lock held)."""
+        slots = self.slots
+        end = len(slots)
+        while end > self.size and slots[end - 1].process is None:
+            end -= 1
+        if end < len(slots):
+            self.slots = slots[:end]
+
     def refill_slots(self) -> Optional[BaseException]:
         """Start a replacement in every empty slot; return a start error."""
         if (
@@ -696,7 +876,7 @@ class PoolCore:
         ):
             return None
         for slot in self.slots:
-            if slot.process is None:
+            if slot.process is None and slot.index < self.size:
                 try:
                     self.start_worker(slot)
                 except Exception as exc:
@@ -904,6 +1084,7 @@ class PoolCore:
                 # Closed meanwhile (the pool broke): its items are settled.
                 return None
             assigned = slot.assigned
+            counters = self.counters
             for frame in frames:
                 view = memoryview(frame)
                 status = view[_worker.TASK_ID_BYTES]
@@ -926,6 +1107,14 @@ class PoolCore:
                 # Booked before it leaves `assigned`: never in neither.
                 resolved.append((item, status, payload))
                 assigned.popleft()
+                slot.tasks_done += 1
+                counters.latencies.append(now - item.submitted)
+                if status == _worker.STATUS_OK:
+                    counters.completed += 1
+                else:
+                    counters.failed += 1
+                if self.death_streaks:
+                    self.death_streaks.pop(item.label, None)
                 slot.queued_bytes -= len(item.frame)
                 slot.last_service = now - slot.head_since
                 slot.head_since = now
@@ -1126,8 +1315,18 @@ class PoolCore:
         exitcode = process.exitcode
         failed: list[tuple[WorkItem, BaseException]] = []
         with self.lock:
+            counters = self.counters
             assigned = slot.assigned
             poisoned = slot.poisoned
+            stopping = slot.stopping
+            if stopping is not None:
+                if isinstance(stopping.error, TaskTimeoutError):
+                    counters.timed_out += 1
+            elif exitcode == 0:  # it left by itself: recycled, resized away, shut down
+                if slot.index < self.size and not self.shutdown_requested:
+                    counters.recycles += 1
+            elif self.kill_requested is None:
+                counters.worker_deaths += 1
             if poisoned is not None:
                 # Results of tasks up to the one it last took up may be lost:
                 # those fail; the rest never started.
@@ -1144,17 +1343,27 @@ class PoolCore:
                 # reached (killed while idle, mid-send) is requeued, not failed.
                 if self.marks[slot.index] == head.task_id:
                     assigned.popleft()
-                    stopping = slot.stopping
                     if stopping is not None and stopping.item is head:
                         failed.append((head, stopping.error))
                     else:
                         failed.append((head, self._death_error(slot, process, head, exitcode)))
+                        if self.kill_requested is None:
+                            for refused in self.count_death(head):
+                                failed.append(
+                                    (
+                                        refused,
+                                        self._quarantine_error(
+                                            refused.label, self.settings.quarantine_seconds
+                                        ),
+                                    )
+                                )
                 # The rest never started: back to the front of the queue.
                 self.pending.extendleft(reversed(assigned))
                 assigned.clear()
             if not slot.ready and not self.shutdown_requested and _self_inflicted(exitcode):
                 self.startup_deaths += 1
             self.close_slot(slot)
+            self.drop_surplus_slots()
             give_up = self.startup_deaths >= _MAX_STARTUP_DEATHS
         for item, error in failed:
             _set_exception(item.future, error)
@@ -1168,13 +1377,13 @@ class PoolCore:
                 None,
             )
 
-    @staticmethod
     def _death_error(
-        slot: _Slot, process: WorkerProcess, item: WorkItem, exitcode: Optional[int]
+        self, slot: _Slot, process: WorkerProcess, item: WorkItem, exitcode: Optional[int]
     ) -> WorkerDiedError:
+        why = "" if self.kill_reason is None else f" ({self.kill_reason})"
         return WorkerDiedError(
             f"worker {slot.index} (pid {process.pid}) died while running "
-            f"{item.label}: {describe_exit(exitcode)}",
+            f"{item.label}: {describe_exit(exitcode)}{why}",
             pid=process.pid,
             exitcode=exitcode,
             slot=slot.index,
@@ -1226,12 +1435,22 @@ class PoolCore:
                 self.close_slot(slot)
 
     def kill_all_workers(self, signum: int = signal.SIGKILL) -> None:
-        """Signal every worker, then settle their items as worker deaths."""
+        """Signal every worker, then settle their items as worker deaths.
+
+        Workers a gentler signal leaves running after a grace get SIGKILL.
+        The errors of the tasks that were running give the ``kill_reason``.
+        """
         with self.lock:
             live = [s for s in self.slots if s.process is not None]
-        for slot in live:
-            assert slot.process is not None
-            _signal(slot.process, signum)
+        processes = [slot.process for slot in live if slot.process is not None]
+        for process in processes:
+            _signal(process, signum)
+        if signum != signal.SIGKILL:
+            deadline = time.monotonic() + KILL_GRACE_SECONDS
+            for process in processes:
+                process.join(max(0.0, deadline - time.monotonic()))
+            for process in processes:
+                _signal(process, signal.SIGKILL)
         for slot in live:
             self.on_worker_exit(slot)
         # The worker-death path requeues what never started; nothing restarts now.
@@ -1271,6 +1490,8 @@ class PoolCore:
 
     def request_shutdown(self, cancel_futures: bool) -> None:
         """Stop accepting work; with ``cancel_futures``, cancel what is pending."""
+        if self.admission is not None:
+            self.admission.close()  # a submit() blocked for room raises
         with self.lock:
             self.shutdown_requested = True
             cancelled: list[WorkItem] = []
@@ -1286,14 +1507,71 @@ class PoolCore:
         else:
             self.close_wakeup()
 
-    def request_kill(self, signum: int) -> None:
-        """Cancel pending work and signal every worker; the pool is finished."""
+    def request_kill(self, signum: int, reason: Optional[str] = None) -> None:
+        """Cancel pending work and signal every worker; the pool is finished.
+
+        ``reason`` says why, in the errors of the tasks that were running.
+        """
         self.request_shutdown(cancel_futures=True)
         with self.lock:
             if self.thread is None:
                 return
+            if self.kill_requested is None:
+                self.kill_reason = reason
             self.kill_requested = signum
         self.wake()
+
+    def stats(self) -> PoolStats:
+        """A snapshot of the pool's workers, queue and counters."""
+        with self.lock:
+            counters = self.counters
+            workers = [
+                (slot.index, slot.process.pid, self._worker_state(slot), slot.tasks_done)
+                for slot in self.slots
+                if slot.process is not None and slot.process.pid is not None
+            ]
+            latencies = sorted(counters.latencies)
+            pending = len(self.pending)
+            in_flight = sum(len(slot.assigned) for slot in self.slots)
+            counts = (
+                counters.completed,
+                counters.failed,
+                counters.timed_out,
+                counters.worker_deaths,
+                counters.restarts,
+                counters.recycles,
+            )
+            now = time.monotonic()
+            quarantined = tuple(sorted(k for k, until in self.quarantined.items() if until > now))
+        rss = _rss_of([pid for _, pid, _, _ in workers])
+        completed, failed, timed_out, deaths, restarts, recycles = counts
+        return PoolStats(
+            max_workers=self.size,
+            workers=tuple(
+                WorkerStats(slot=index, pid=pid, state=state, tasks_done=done, rss=rss.get(pid))
+                for index, pid, state, done in workers
+            ),
+            pending=pending,
+            in_flight=in_flight,
+            completed=completed,
+            failed=failed,
+            timed_out=timed_out,
+            worker_deaths=deaths,
+            restarts=restarts,
+            recycles=recycles,
+            quarantined=quarantined,
+            latency_p50=_percentile(latencies, 0.50),
+            latency_p99=_percentile(latencies, 0.99),
+        )
+
+    def _worker_state(self, slot: _Slot) -> str:
+        if slot.stopping is not None:
+            return "stopping"
+        if slot.index >= self.size or (slot.retiring and not slot.assigned):
+            return "retiring"
+        if not slot.ready:
+            return "starting"
+        return "busy" if slot.assigned else "idle"
 
     def join(self, timeout: Optional[float] = None) -> None:
         thread = self.thread
@@ -1365,6 +1643,27 @@ def _reap(processes: list[WorkerProcess], grace: float) -> None:
         if process.exitcode is None:
             process.kill()
             process.join(KILL_GRACE_SECONDS)
+
+
+def _percentile(ordered: list[float], fraction: float) -> Optional[float]:
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def _rss_of(pids: list[int]) -> dict[int, int]:
+    """Resident memory of each process, in bytes (empty without psutil)."""
+    try:
+        import psutil
+    except ImportError:
+        return {}
+    sizes = {}
+    for pid in pids:
+        try:
+            sizes[pid] = int(psutil.Process(pid).memory_info().rss)
+        except (psutil.Error, OSError):
+            pass
+    return sizes
 
 
 def _notify_if_cancelled(future: Future[Any]) -> None:

@@ -19,7 +19,9 @@ from typing import Any, Optional
 __all__ = [
     "InheritedManagerError",
     "ManagerNotFound",
+    "PoolSaturatedError",
     "TaskCancelledError",
+    "TaskQuarantinedError",
     "TaskTimeoutError",
     "TaskUnpicklingError",
     "UnknownTaskError",
@@ -56,10 +58,14 @@ class UnknownTaskError(Exception):
         else:
             what = f"task_type {task_type!r}"
             elsewhere = f"a pool started with task_type={task_type!r}"
+        if isinstance(pool_task_type, str):
+            accepted = (
+                f"task_type {pool_task_type!r} only; submit it with task_type={pool_task_type!r}"
+            )
+        else:
+            accepted = f"the task types {sorted(pool_task_type)!r} only; submit it with one of them"
         super().__init__(
-            f"{what} is not accepted by this pool, which accepts task_type "
-            f"{pool_task_type!r} only; submit it with task_type={pool_task_type!r}, "
-            f"or to {elsewhere}"
+            f"{what} is not accepted by this pool, which accepts {accepted}, or to {elsewhere}"
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -119,9 +125,7 @@ class WorkerDiedError(BrokenProcessPool):
         self.pid = pid
         self.exitcode = exitcode
         self.slot = slot
-        self.signal_name = (
-            signal_name(-exitcode) if exitcode is not None and exitcode < 0 else None
-        )
+        self.signal_name = signal_name(-exitcode) if exitcode is not None and exitcode < 0 else None
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (
@@ -171,3 +175,66 @@ class TaskUnpicklingError(BrokenProcessPool, pickle.UnpicklingError):
     library's executor raises here, so existing handlers keep working) and a
     :class:`pickle.UnpicklingError`.
     """
+
+
+class PoolSaturatedError(RuntimeError):
+    """A pool with ``max_pending`` had no room for another task.
+
+    Raised by ``submit()`` (nothing is queued) when ``max_workers`` tasks run
+    and ``max_pending`` more wait: at once under the ``"reject"`` policy, or
+    once ``block_timeout`` has passed without room under ``"block"``.  A
+    server maps it to "429 Too Many Requests".
+
+    Attributes:
+        max_pending: the pool's limit on waiting tasks.
+        waited: seconds ``submit()`` blocked before giving up (0 for reject).
+    """
+
+    def __init__(self, message: str, *, max_pending: int, waited: float = 0.0) -> None:
+        super().__init__(message)
+        self.max_pending = max_pending
+        self.waited = waited
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_saturated, (str(self), self.max_pending, self.waited))
+
+
+def _rebuild_saturated(message: str, max_pending: int, waited: float) -> PoolSaturatedError:
+    return PoolSaturatedError(message, max_pending=max_pending, waited=waited)
+
+
+class TaskQuarantinedError(RuntimeError):
+    """A task's callable killed several workers in a row and is refused for a while.
+
+    A pool with ``quarantine_after=N`` stops running a callable whose last N
+    runs each killed their worker: for ``quarantine_seconds`` its new
+    submissions, and its calls still queued, fail with this error instead of
+    crashing more workers.  One run that returns clears the count.
+
+    Attributes:
+        callable_name: the callable's qualified name.
+        deaths: the worker deaths in a row that put it in quarantine.
+        retry_after: seconds until it is accepted again (when raised).
+    """
+
+    def __init__(
+        self, message: str, *, callable_name: str, deaths: int, retry_after: float
+    ) -> None:
+        super().__init__(message)
+        self.callable_name = callable_name
+        self.deaths = deaths
+        self.retry_after = retry_after
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            _rebuild_quarantined,
+            (str(self), self.callable_name, self.deaths, self.retry_after),
+        )
+
+
+def _rebuild_quarantined(
+    message: str, callable_name: str, deaths: int, retry_after: float
+) -> TaskQuarantinedError:
+    return TaskQuarantinedError(
+        message, callable_name=callable_name, deaths=deaths, retry_after=retry_after
+    )

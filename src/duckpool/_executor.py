@@ -12,17 +12,19 @@ import itertools
 import os
 import pickle
 import signal
+import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from concurrent.futures import ProcessPoolExecutor as _StdlibProcessPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from multiprocessing.context import BaseContext
 from typing import Any, Callable, Optional, TypeVar
 
-from duckpool import _core, _worker
+from duckpool import _admission, _core, _shutdown, _worker
+from duckpool._stats import PoolStats
 
 __all__ = ["ProcessPoolExecutor", "TaskOptions"]
 
@@ -98,6 +100,20 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
             resident memory above this many bytes (needs ``psutil``).
         serializer: ``"pickle"`` (default) or ``"cloudpickle"`` to send
             lambdas and closures (needs ``cloudpickle``: ``duckpool[cloudpickle]``).
+        max_pending: admission control: at most this many tasks wait for a
+            worker (besides the ``max_workers`` running); ``None``: unbounded.
+        on_saturated: past ``max_pending``, ``"reject"`` makes ``submit()``
+            raise :class:`~duckpool.PoolSaturatedError` at once; ``"block"``
+            makes it wait for room, up to ``block_timeout`` seconds (``None``:
+            as long as it takes), then raise that error.
+        type_limits: per task type, the most of its tasks that run at once
+            (``{"report": 1}``), so one workload cannot take every worker.
+            A task's type is given with ``options(task_type=...)`` or by the
+            manager's ``submit_task``.
+        quarantine_after: a callable whose last this-many runs each killed
+            their worker is refused for ``quarantine_seconds``: its futures
+            fail with :class:`~duckpool.TaskQuarantinedError` instead of
+            crashing more workers (``None``, the default: never).
     """
 
     def __init__(
@@ -113,6 +129,12 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         task_timeout: Optional[float] = None,
         max_memory_per_child: Optional[int] = None,
         serializer: str = "pickle",
+        max_pending: Optional[int] = None,
+        on_saturated: str = "reject",
+        block_timeout: Optional[float] = None,
+        type_limits: Optional[Mapping[str, int]] = None,
+        quarantine_after: Optional[int] = None,
+        quarantine_seconds: float = 60.0,
     ) -> None:
         # The standard library's __init__ is not called: this class has its own
         # dispatch and shares only the public interface (isinstance keeps working).
@@ -131,6 +153,11 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
             raise TypeError(f"process_name_prefix must be a str, got {process_name_prefix!r}")
         if serializer not in _SERIALIZERS:
             raise ValueError(f"serializer must be one of {_SERIALIZERS}, got {serializer!r}")
+        self._admission = _make_admission(workers, max_pending, on_saturated, block_timeout)
+        limits = _check_type_limits(type_limits)
+        _positive_int("quarantine_after", quarantine_after)
+        cooldown = _check_timeout("quarantine_seconds", quarantine_seconds)
+        assert cooldown is not None
         if serializer == "cloudpickle":
             import cloudpickle
 
@@ -147,7 +174,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
             raise TypeError(f"mp_context must be a multiprocessing context, got {mp_context!r}")
         self._max_workers = workers
         self._task_timeout = timeout
-        self._core = _core.PoolCore(
+        self._core = core = _core.PoolCore(
             _core.PoolSettings(
                 max_workers=workers,
                 context=mp_context,
@@ -158,9 +185,13 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
                 name_prefix=process_name_prefix,
                 daemon=bool(daemon),
                 serializer=serializer,
+                type_limits=limits,
+                quarantine_after=quarantine_after,
+                quarantine_seconds=cooldown,
             )
         )
-        weakref.finalize(self, self._core.request_shutdown, False).atexit = False
+        core.admission = self._admission
+        weakref.finalize(self, core.request_shutdown, False).atexit = False
 
     # -- introspection ------------------------------------------------------------
 
@@ -178,6 +209,33 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
     def start_method(self) -> str:
         """The multiprocessing start method of the workers."""
         return str(self._core.settings.context.get_start_method())
+
+    def stats(self) -> PoolStats:
+        """A snapshot of the pool: each worker (pid, slot, state, tasks done,
+        RSS), the queue, and counters of results, failures, timeouts, worker
+        deaths, restarts and recycles, with latency percentiles."""
+        return self._core.stats()
+
+    def resize(self, max_workers: int) -> None:
+        """Run ``max_workers`` workers from now on, without failing any future.
+
+        Growing starts the new workers at once.  Shrinking lets the surplus
+        workers finish what they hold, then they exit (idle ones at once);
+        nothing queued is lost.  Raises ``ValueError`` for a count that is
+        not a positive int or beyond what the pool can grow to, and
+        ``RuntimeError`` after shutdown.
+        """
+        workers = _positive_int("max_workers", max_workers, allow_none=False)
+        assert workers is not None
+        core = self._core
+        with core.lock:
+            core.check_usable()
+            core.resize(workers)
+            if core.thread is not None:
+                core.refill_slots()
+            self._max_workers = workers
+        if self._admission is not None:
+            self._admission.resize(workers)
 
     def worker_pids(self) -> list[int]:
         """The pids of the live worker processes, in slot order."""
@@ -202,7 +260,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         pickling error.  If the worker running the task dies, the future fails
         with :class:`~duckpool.WorkerDiedError` and the pool goes on.
         """
-        return self._submit(fn, args, kwargs, self._task_timeout)
+        return self._submit(fn, args, kwargs, self._task_timeout, None)
 
     async def run(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
         """Run ``fn(*args, **kwargs)`` in the pool and await its result (asyncio).
@@ -229,6 +287,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         timeout: Optional[float],
+        kind: Optional[str],
     ) -> Future[_T]:
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, got {fn!r}")
@@ -236,6 +295,28 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         if core.shutdown_requested or core.broken is not None or core.inherited:
             with core.lock:
                 core.check_usable()  # raises the error that applies
+        admission = self._admission
+        if admission is None:
+            return self._queue(fn, args, kwargs, timeout, kind)
+        admission.admit()
+        try:
+            future = self._queue(fn, args, kwargs, timeout, kind)
+        except BaseException:
+            admission.release()
+            raise
+        admission.track(future)  # the place is given back when it resolves
+        return future
+
+    def _queue(
+        self,
+        fn: Callable[..., _T],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: Optional[float],
+        kind: Optional[str],
+    ) -> Future[_T]:
+        """Pickle the call and hand it to the pool's core."""
+        core = self._core
         future: Future[_T] = _core.PoolFuture(core)
         task_id = _core.next_task_id()
         try:
@@ -251,7 +332,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
             future.set_exception(error)
             return future
         frame = _worker.task_frame(task_id, payload)
-        core.submit(_core.WorkItem(future, task_id, frame, fn, timeout))
+        core.submit(_core.WorkItem(future, task_id, frame, fn, timeout, kind))
         return future
 
     def _unpicklable_part(
@@ -268,14 +349,24 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
                 return name
         return "the call"
 
-    def options(self, *, timeout: Optional[float] = None) -> TaskOptions:
+    def options(
+        self, *, timeout: Any = _core.UNSET, task_type: Optional[str] = None
+    ) -> TaskOptions:
         """Submit with per-task options, leaving the task's own keywords alone.
 
         ``executor.options(timeout=2).submit(fn, *args, **kwargs)`` runs
         ``fn`` with a 2-second limit; ``.map(...)`` applies it to each chunk.
-        ``timeout=None`` means no limit, whatever the pool's default.
+        ``timeout=None`` means no limit, whatever the pool's default; left
+        out, the pool's ``task_timeout`` applies.  ``task_type`` names the
+        task's type for the pool's ``type_limits``.
         """
-        return TaskOptions(self, _check_timeout("timeout", timeout))
+        if timeout is _core.UNSET:
+            timeout = self._task_timeout
+        else:
+            timeout = _check_timeout("timeout", timeout)
+        if task_type is not None and not isinstance(task_type, str):
+            raise TypeError(f"task_type must be a str or None, got {task_type!r}")
+        return TaskOptions(self, timeout, task_type)
 
     def cancel_task(self, future: Future[Any]) -> bool:
         """Cancel a task, even a running one.
@@ -306,7 +397,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         ``TimeoutError`` if a result is not ready ``timeout`` seconds after the
         call; a call that raised re-raises when its result is reached.
         """
-        return self._map(fn, iterables, timeout, chunksize, buffersize, self._task_timeout)
+        return self._map(fn, iterables, timeout, chunksize, buffersize, self._task_timeout, None)
 
     def _map(
         self,
@@ -316,6 +407,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         chunksize: int,
         buffersize: Optional[int],
         task_timeout: Optional[float],
+        kind: Optional[str],
     ) -> Iterator[_T]:
         if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError(f"chunksize must be >= 1, got {chunksize!r}")
@@ -328,7 +420,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         run = functools.partial(_worker.run_chunk, fn)
 
         def submit_chunk(chunk: list[tuple[Any, ...]]) -> Future[list[_T]]:
-            return self._submit(run, (chunk,), {}, task_timeout)
+            return self._submit(run, (chunk,), {}, task_timeout, kind)
 
         first = chunks if buffersize is None else itertools.islice(chunks, buffersize)
         futures = deque(submit_chunk(chunk) for chunk in first)
@@ -337,20 +429,43 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
 
     # -- stopping -----------------------------------------------------------------
 
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+    def shutdown(
+        self, wait: bool = True, *, cancel_futures: bool = False, timeout: Optional[float] = None
+    ) -> None:
         """Stop accepting work and release the workers once their work is done.
 
         ``wait=True`` returns when every submitted task has finished and every
         worker has exited.  ``wait=False`` returns at once; submitted tasks
         still run and their futures still resolve.  ``cancel_futures=True``
         cancels the tasks no worker has started.  Calling it again is harmless.
+
+        ``timeout`` makes it a graceful drain with a deadline: work goes on
+        for up to that many seconds; then the tasks still queued are
+        cancelled and the workers still running get SIGTERM, then SIGKILL a
+        second later, their tasks failing with
+        :class:`~duckpool.WorkerDiedError`.  Every future resolves either way.
+        With ``wait=False`` the drain runs in a background thread.
         """
         core = self._core
         if core.owner_pid != os.getpid():
             return
-        core.request_shutdown(cancel_futures)
+        drain_timeout = _check_timeout("timeout", timeout)
+        if drain_timeout is None:
+            core.request_shutdown(cancel_futures)
+            if wait:
+                core.join()
+            return
+        if cancel_futures:
+            core.request_shutdown(cancel_futures)
         if wait:
-            core.join()
+            _shutdown.drain([core], drain_timeout)
+        else:
+            threading.Thread(
+                target=_shutdown.drain,
+                args=([core], drain_timeout),
+                name="duckpool-drain",
+                daemon=True,
+            ).start()
 
     def terminate_workers(self) -> None:
         """Shut down now: cancel queued tasks and SIGTERM every worker.
@@ -358,12 +473,12 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         Tasks that were running fail with :class:`~duckpool.WorkerDiedError`;
         the executor cannot be used afterwards (as in Python 3.14).
         """
-        self._core.request_kill(signal.SIGTERM)
+        self._core.request_kill(signal.SIGTERM, "terminate_workers() was called")
         self._core.join()
 
     def kill_workers(self) -> None:
         """Like :meth:`terminate_workers`, with SIGKILL."""
-        self._core.request_kill(signal.SIGKILL)
+        self._core.request_kill(signal.SIGKILL, "kill_workers() was called")
         self._core.join()
 
     def __repr__(self) -> str:
@@ -385,15 +500,22 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
 class TaskOptions:
     """Per-task options bound to an executor; see :meth:`ProcessPoolExecutor.options`."""
 
-    __slots__ = ("_executor", "_timeout")
+    __slots__ = ("_executor", "_kind", "_timeout")
 
-    def __init__(self, executor: ProcessPoolExecutor, timeout: Optional[float]) -> None:
+    def __init__(
+        self, executor: ProcessPoolExecutor, timeout: Optional[float], kind: Optional[str]
+    ) -> None:
         self._executor = executor
         self._timeout = timeout
+        self._kind = kind
 
     def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
         """``executor.submit`` with these options."""
-        return self._executor._submit(fn, args, kwargs, self._timeout)
+        return self._executor._submit(fn, args, kwargs, self._timeout, self._kind)
+
+    async def run(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+        """``executor.run`` with these options."""
+        return await self._executor._await(self.submit(fn, *args, **kwargs))
 
     def map(
         self,
@@ -404,7 +526,41 @@ class TaskOptions:
         buffersize: Optional[int] = None,
     ) -> Iterator[_T]:
         """``executor.map`` with these options (the task timeout applies per chunk)."""
-        return self._executor._map(fn, iterables, timeout, chunksize, buffersize, self._timeout)
+        return self._executor._map(
+            fn, iterables, timeout, chunksize, buffersize, self._timeout, self._kind
+        )
+
+
+def _make_admission(
+    workers: int, max_pending: Any, on_saturated: Any, block_timeout: Any
+) -> Optional[_admission.Admission]:
+    """Validate the admission-control arguments; ``None`` when unbounded."""
+    if on_saturated not in _admission.POLICIES:
+        raise ValueError(f"on_saturated must be one of {_admission.POLICIES}, got {on_saturated!r}")
+    timeout = _check_timeout("block_timeout", block_timeout)
+    if max_pending is None:
+        return None
+    if isinstance(max_pending, bool) or not isinstance(max_pending, int):
+        raise TypeError(f"max_pending must be an int or None, got {max_pending!r}")
+    if max_pending < 0:
+        raise ValueError(f"max_pending must be >= 0, got {max_pending!r}")
+    return _admission.Admission(workers, max_pending, on_saturated, timeout)
+
+
+def _check_type_limits(limits: Any) -> Optional[dict[str, int]]:
+    """Validate ``type_limits``: a mapping of task type to a positive int."""
+    if limits is None:
+        return None
+    if not isinstance(limits, Mapping):
+        raise TypeError(f"type_limits must be a mapping of task type to int, got {limits!r}")
+    checked = {}
+    for kind, limit in limits.items():
+        if not isinstance(kind, str):
+            raise TypeError(f"type_limits keys must be task types (str), got {kind!r}")
+        value = _positive_int(f"type_limits[{kind!r}]", limit, allow_none=False)
+        assert value is not None
+        checked[kind] = value
+    return checked
 
 
 def _map_results(

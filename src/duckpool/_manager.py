@@ -6,13 +6,15 @@ import multiprocessing
 import os
 import threading
 import weakref
+from collections.abc import Collection, Mapping
 from concurrent.futures import Future
 from multiprocessing.context import BaseContext
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Union
 
 from duckpool._errors import InheritedManagerError, UnknownTaskError
 from duckpool._executor import ProcessPoolExecutor
 from duckpool._registry import REGISTRY
+from duckpool._stats import PoolStats
 
 __all__ = ["ProcessPoolManager"]
 
@@ -51,7 +53,9 @@ class ProcessPoolManager:
         self._pool: Optional[ProcessPoolExecutor] = None
         self._max_workers: Optional[int] = None
         self._daemon: Optional[bool] = None
-        self._task_type: Optional[str] = None
+        self._task_type: Union[str, Collection[str], None] = None
+        #: Every type the pool accepts (``None``: any task).
+        self._task_types: Optional[FrozenSet[str]] = None
         self._process_name_prefix: Optional[str] = None
         self._mp_context: Optional[BaseContext] = None
         self._stopped = False
@@ -105,10 +109,18 @@ class ProcessPoolManager:
     def start(
         self,
         max_workers: int,
-        task_type: Optional[str] = None,
+        task_type: Union[str, Collection[str], None] = None,
         daemon: bool = False,
         process_name_prefix: Optional[str] = None,
         mp_context: Optional[BaseContext] = None,
+        *,
+        max_pending: Optional[int] = None,
+        on_saturated: str = "reject",
+        block_timeout: Optional[float] = None,
+        type_limits: Optional[Mapping[str, int]] = None,
+        task_timeout: Optional[float] = None,
+        quarantine_after: Optional[int] = None,
+        quarantine_seconds: float = 60.0,
     ) -> None:
         """Start the pool, ready to accept tasks.
 
@@ -116,7 +128,9 @@ class ProcessPoolManager:
 
         Args:
             max_workers: the number of worker processes (a positive int).
-            task_type: if given, the pool accepts only tasks submitted with this type.
+            task_type: if given, the pool accepts only tasks submitted with
+                this type; a collection of types (``{"render", "thumbnail"}``)
+                accepts each of them.
             daemon: if true, interpreter exit kills running tasks instead of
                 waiting for submitted work; either way workers never outlive
                 this process, and tasks may start child processes.
@@ -125,6 +139,16 @@ class ProcessPoolManager:
                 title ``ps`` and ``top`` show; a replacement keeps its slot.
             mp_context: a multiprocessing context (fork, spawn or forkserver);
                 the default context if ``None``.
+            max_pending, on_saturated, block_timeout: admission control (see
+                :class:`duckpool.ProcessPoolExecutor`): past ``max_pending``
+                waiting tasks, ``submit_task`` raises
+                :class:`~duckpool.PoolSaturatedError` (``"reject"``) or waits
+                for room up to ``block_timeout`` (``"block"``).
+            type_limits: per task type, the most of its tasks that run at
+                once, so one workload cannot take every worker.
+            task_timeout: default seconds a task may run.
+            quarantine_after, quarantine_seconds: refuse for a while a task
+                that killed this many workers in a row.
 
         Raises:
             ValueError: if ``max_workers`` is not a positive int.
@@ -134,8 +158,7 @@ class ProcessPoolManager:
         self._check_owner()
         if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
             raise ValueError(f"max_workers must be a positive int, got {max_workers!r}")
-        if task_type is not None and not isinstance(task_type, str):
-            raise TypeError(f"task_type must be a str or None, got {task_type!r}")
+        task_types = _task_types(task_type)
         if process_name_prefix is not None and not isinstance(process_name_prefix, str):
             raise TypeError(
                 f"process_name_prefix must be a str or None, got {process_name_prefix!r}"
@@ -154,9 +177,17 @@ class ProcessPoolManager:
                 mp_context,
                 process_name_prefix=process_name_prefix,
                 daemon=bool(daemon),
+                max_pending=max_pending,
+                on_saturated=on_saturated,
+                block_timeout=block_timeout,
+                type_limits=type_limits,
+                task_timeout=task_timeout,
+                quarantine_after=quarantine_after,
+                quarantine_seconds=quarantine_seconds,
             )
             self._max_workers = max_workers
             self._task_type = task_type
+            self._task_types = task_types
             self._daemon = bool(daemon)
             self._process_name_prefix = process_name_prefix
             self._mp_context = mp_context
@@ -191,14 +222,19 @@ class ProcessPoolManager:
 
         Raises:
             UnknownTaskError: if the pool was started with a ``task_type`` and
-                this task's type differs (an untyped task included).
+                this task's type is not among its types (an untyped task included).
+            PoolSaturatedError: if the pool has ``max_pending`` and no room.
             RuntimeError: if the manager is not running.
         """
         pool = self.get_pool()
-        pool_type = self._task_type
-        if pool_type is not None and task_type != pool_type:
-            raise UnknownTaskError(task_type, pool_type)
-        return pool.submit(task, *args, **kwargs)
+        if not self.accepts(task_type):
+            raise UnknownTaskError(task_type, self._task_type)
+        return pool._submit(task, args, kwargs, pool._task_timeout, task_type)
+
+    def accepts(self, task_type: Optional[str]) -> bool:
+        """Would ``submit_task`` take a task of this type?"""
+        types = self._task_types
+        return types is None or task_type in types
 
     async def run(
         self,
@@ -215,13 +251,16 @@ class ProcessPoolManager:
         future = self.submit_task(task, *args, task_type=task_type, **kwargs)
         return await self.get_pool()._await(future)
 
-    def stop(self, wait: bool = True) -> None:
+    def stop(self, wait: bool = True, timeout: Optional[float] = None) -> None:
         """Shut the pool down; calling it again is harmless.
 
         Args:
             wait: wait for submitted tasks to finish and workers to exit.
                 With ``False`` it returns at once; submitted tasks still run
                 and their futures still resolve.
+            timeout: drain with a deadline: after this many seconds, tasks
+                still queued are cancelled and running ones stopped (their
+                futures fail with :class:`~duckpool.WorkerDiedError`).
         """
         self._check_owner()
         with self._lock:
@@ -230,7 +269,26 @@ class ProcessPoolManager:
             if pool is not None:
                 self._stopped = True
         if pool is not None:
-            pool.shutdown(wait=wait)
+            pool.shutdown(wait=wait, timeout=timeout)
+
+    def stats(self) -> PoolStats:
+        """A snapshot of the running pool (see ``ProcessPoolExecutor.stats``).
+
+        Raises:
+            RuntimeError: if the manager is not running.
+        """
+        return self.get_pool().stats()
+
+    def resize(self, max_workers: int) -> None:
+        """Change the number of workers of the running pool; no future fails.
+
+        Raises:
+            ValueError: if ``max_workers`` is not a positive int.
+            RuntimeError: if the manager is not running.
+        """
+        with self._lock:
+            self.get_pool().resize(max_workers)
+            self._max_workers = max_workers
 
     def _worker_init(self) -> None:
         """Apply this manager's worker naming in the current (worker) process.
@@ -297,3 +355,18 @@ class ProcessPoolManager:
 
     def __str__(self) -> str:
         return self.__repr__()
+
+
+def _task_types(task_type: Union[str, Collection[str], None]) -> Optional[FrozenSet[str]]:
+    """Validate ``start``'s ``task_type``: the set of accepted types, or None for any."""
+    if task_type is None:
+        return None
+    if isinstance(task_type, str):
+        return frozenset((task_type,))
+    if isinstance(task_type, Collection) and not isinstance(task_type, (bytes, Mapping)):
+        types = frozenset(task_type)
+        if types and all(isinstance(t, str) for t in types):
+            return types
+    raise TypeError(
+        f"task_type must be a str, a non-empty collection of str, or None, got {task_type!r}"
+    )

@@ -1,0 +1,98 @@
+"""A small ASGI app that offloads CPU work to duckpool, run under uvicorn.
+
+Run it with two server worker processes, each owning its own pools:
+
+    pip install "duckpool[examples]"
+    uvicorn examples.asgi_app:app --workers 2 --port 8000
+
+Each uvicorn worker creates its pools in the lifespan start-up (never before
+the server forks: a pool made in the master would not belong to the
+workers), and drains them in the lifespan shutdown that SIGTERM triggers.
+
+Endpoints:
+    /fib?n=25          CPU work in the "compute" pool (200 with the result)
+    /crash             a task that kills its worker: 502, and the pool heals
+    /slow?seconds=5    a task past the 1 s per-task timeout: 504
+    /stats             the pools' ``stats()``
+A full pool answers 429 (admission control: ``max_pending``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+import duckpool
+from examples import asgi_tasks as tasks
+
+WORKERS = int(os.environ.get("DUCKPOOL_EXAMPLE_WORKERS", "2"))
+MAX_PENDING = int(os.environ.get("DUCKPOOL_EXAMPLE_MAX_PENDING", "8"))
+TASK_TIMEOUT = float(os.environ.get("DUCKPOOL_EXAMPLE_TASK_TIMEOUT", "1.0"))
+START_METHOD = os.environ.get("DUCKPOOL_EXAMPLE_START_METHOD")  # default: the platform's
+DRAIN_SECONDS = 10.0
+
+
+@asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    compute = duckpool.get_or_create_process_manager("compute")
+    compute.start(
+        WORKERS,
+        task_type={"fib", "crash", "slow"},
+        process_name_prefix="example-compute",
+        max_pending=MAX_PENDING,
+        task_timeout=TASK_TIMEOUT,
+        mp_context=multiprocessing.get_context(START_METHOD),
+    )
+    try:
+        yield
+    finally:
+        compute.stop(wait=True, timeout=DRAIN_SECONDS)
+
+
+async def _run(task_type: str, *args: object) -> JSONResponse:
+    try:
+        value = await duckpool.run_task(getattr(tasks, task_type), *args, task_type=task_type)
+    except duckpool.PoolSaturatedError:
+        return JSONResponse({"error": "busy, retry later"}, status_code=429)
+    except duckpool.TaskTimeoutError:
+        return JSONResponse({"error": "the work took too long"}, status_code=504)
+    except duckpool.WorkerDiedError as exc:
+        died = exc.signal_name or f"exit code {exc.exitcode}"
+        return JSONResponse({"error": f"the worker died ({died})"}, status_code=502)
+    return JSONResponse({"result": value, "server_pid": os.getpid()})
+
+
+async def fib(request: Request) -> JSONResponse:
+    return await _run("fib", int(request.query_params.get("n", "20")))
+
+
+async def crash(request: Request) -> JSONResponse:
+    return await _run("crash")
+
+
+async def slow(request: Request) -> JSONResponse:
+    return await _run("slow", float(request.query_params.get("seconds", "5")))
+
+
+async def stats(request: Request) -> JSONResponse:
+    snapshot = duckpool.pool_for("fib").stats()
+    return JSONResponse(dataclasses.asdict(snapshot))
+
+
+app = Starlette(
+    routes=[
+        Route("/fib", fib),
+        Route("/crash", crash),
+        Route("/slow", slow),
+        Route("/stats", stats),
+    ],
+    lifespan=lifespan,
+)

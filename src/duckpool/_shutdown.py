@@ -1,0 +1,124 @@
+"""Graceful drain of every pool of this process, and its wiring to signals and exit.
+
+A server that gets SIGTERM should stop taking work, let running tasks finish
+for a while, then stop what is left, and only then exit, with every future
+resolved.  ``drain_all`` does that for every pool of the process at once;
+``install_shutdown_handlers`` runs it on SIGTERM/SIGINT and at exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import threading
+import time
+from types import FrameType
+from typing import Any, Callable, Iterable, Optional
+
+from duckpool import _core
+
+__all__ = ["drain_all", "install_shutdown_handlers"]
+
+
+def drain_all(timeout: float) -> None:
+    """Shut down every pool of this process, waiting at most about ``timeout`` s.
+
+    Every pool stops accepting work at once; queued and running tasks go on
+    until the deadline; then what is queued is cancelled and the workers
+    still busy get SIGTERM, then SIGKILL a second later, their tasks failing
+    with :class:`~duckpool.WorkerDiedError`.  Every future resolves.
+    """
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+        raise ValueError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
+    pid = os.getpid()
+    drain([core for core in list(_core.LIVE_CORES) if core.owner_pid == pid], timeout)
+
+
+def drain(cores: list[_core.PoolCore], timeout: float) -> None:
+    """Shut these pools down, stopping their workers once ``timeout`` s have passed."""
+    for core in cores:
+        core.request_shutdown(cancel_futures=False)
+    deadline = time.monotonic() + timeout
+    for core in cores:
+        core.join(max(0.0, deadline - time.monotonic()))
+    late = [core for core in cores if core.thread is not None and core.thread.is_alive()]
+    for core in late:
+        core.request_kill(signal.SIGTERM, f"the shutdown timeout ({timeout:g} s) expired")
+    for core in late:
+        core.join()
+
+
+def install_shutdown_handlers(
+    timeout: float = 30.0,
+    signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT),
+    at_exit: bool = True,
+) -> Callable[[], None]:
+    """Drain every pool (``drain_all(timeout)``) on these signals and at exit.
+
+    On a signal, the drain runs in a background thread (the interrupted
+    thread may hold a pool's lock), then the previous handler gets the
+    signal: SIGINT raises ``KeyboardInterrupt`` as usual, SIGTERM's default
+    ends the process.  Call it from the main thread, after any framework has
+    installed its own handlers (those become the "previous" ones).  Returns
+    a function that puts the previous handlers back.
+
+    Raises:
+        ValueError: if not called from the main thread, or for a bad timeout.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        raise ValueError("install_shutdown_handlers() must be called from the main thread")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+        raise ValueError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
+    previous: dict[int, Any] = {}
+    draining = threading.Event()
+    drained = threading.Event()
+
+    def on_signal(signum: int, frame: Optional[FrameType]) -> None:
+        if drained.is_set():
+            _call_previous(previous.get(signum), signum, frame)
+        elif not draining.is_set():  # a second signal while draining: its deadline holds
+            draining.set()
+            threading.Thread(
+                target=_drain_then_signal,
+                args=(timeout, signum, drained),
+                name="duckpool-shutdown",
+                daemon=True,
+            ).start()
+
+    for signum in signals:
+        previous[signum] = signal.signal(signum, on_signal)
+
+    def drain_at_exit() -> None:
+        drain_all(timeout)
+
+    if at_exit:
+        # Registered after duckpool's own exit hook, so it runs before it.
+        atexit.register(drain_at_exit)
+
+    def uninstall() -> None:
+        for signum, handler in previous.items():
+            if signal.getsignal(signum) is on_signal:
+                signal.signal(signum, handler)
+        if at_exit:
+            atexit.unregister(drain_at_exit)
+
+    return uninstall
+
+
+def _drain_then_signal(timeout: float, signum: int, drained: threading.Event) -> None:
+    """Drain, then send the signal again: the main thread's handler passes it on."""
+    try:
+        drain_all(timeout)
+    finally:
+        drained.set()
+        os.kill(os.getpid(), signum)
+
+
+def _call_previous(handler: Any, signum: int, frame: Optional[FrameType]) -> None:
+    """Do what the handler replaced by ours would have done (main thread)."""
+    if callable(handler):
+        handler(signum, frame)  # SIGINT's default raises KeyboardInterrupt
+    elif handler != signal.SIG_IGN:
+        signal.signal(signum, signal.SIG_DFL)  # SIG_DFL (or None: not set from Python)
+        os.kill(os.getpid(), signum)

@@ -1,0 +1,67 @@
+"""What ``stats()`` returns: a typed snapshot of a pool, taken at one moment."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+__all__ = ["PoolStats", "WorkerStats"]
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """One live worker process.
+
+    Attributes:
+        slot: its stable slot number (a replacement keeps it).
+        pid: its process id.
+        state: ``"starting"`` (its initializer has not finished), ``"idle"``,
+            ``"busy"``, ``"stopping"`` (timed out or cancelled: being killed)
+            or ``"retiring"`` (leaving after its work: task limit or resize).
+        tasks_done: results this process has sent back.
+        rss: its resident memory in bytes (``None`` without ``psutil``).
+    """
+
+    slot: int
+    pid: int
+    state: str
+    tasks_done: int
+    rss: Optional[int]
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """A pool's workers, queue and counters since it started.
+
+    Attributes:
+        max_workers: the workers the pool runs now.
+        workers: each live worker, in slot order.
+        pending: tasks waiting for a worker.
+        in_flight: tasks held by workers (running, or queued in their pipe).
+        completed: tasks that returned a value.
+        failed: tasks that raised (their exception is the future's).
+        timed_out: tasks stopped by their timeout.
+        worker_deaths: workers that died without the pool asking them to
+            (a crash, a signal from outside, the OOM killer).
+        restarts: replacement workers started.
+        recycles: workers that left by themselves at ``max_tasks_per_child``
+            or ``max_memory_per_child``.
+        quarantined: names of the callables refused for now
+            (``quarantine_after``).
+        latency_p50, latency_p99: seconds from ``submit()`` to the result
+            arriving, over the latest 1024 tasks (``None`` before any).
+    """
+
+    max_workers: int
+    workers: tuple[WorkerStats, ...]
+    pending: int
+    in_flight: int
+    completed: int
+    failed: int
+    timed_out: int
+    worker_deaths: int
+    restarts: int
+    recycles: int
+    quarantined: tuple[str, ...]
+    latency_p50: Optional[float]
+    latency_p99: Optional[float]

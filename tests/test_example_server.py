@@ -1,0 +1,107 @@
+"""The ASGI example under uvicorn with 2 server workers: a burst, then SIGTERM.
+
+Every accepted request gets an answer (a result, 429 when saturated, 502 for
+a crashed worker, 504 for a timeout), and after SIGTERM no process is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import process_gone, wait_until
+
+psutil = pytest.importorskip("psutil")
+pytest.importorskip("uvicorn")
+pytest.importorskip("starlette")
+
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT = 60
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _get(url: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _server_up(url: str) -> bool:
+    try:
+        return _get(url)[0] == 200
+    except OSError:
+        return False
+
+
+def test_a_burst_is_answered_and_sigterm_leaves_no_process(start_method: str) -> None:
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, DUCKPOOL_EXAMPLE_START_METHOD=start_method)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "examples.asgi_app:app",
+            "--workers",
+            "2",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        wait_until(lambda: _server_up(f"{base}/fib?n=5"), TIMEOUT, interval=0.1)
+        paths = ["/fib?n=18"] * 24 + ["/crash"] * 4 + ["/slow?seconds=3"] * 2
+        with ThreadPoolExecutor(12) as clients:
+            answers = list(clients.map(lambda path: (path, *_get(base + path)), paths))
+        for path, status, body in answers:
+            expected = {"/fib": 200, "/crash": 502, "/slow": 504}[path.split("?")[0]]
+            assert status in (expected, 429), (path, status, body)
+            if status == 200:
+                assert body["result"] == 2584
+        assert sum(status == 200 for _, status, _ in answers) >= 1
+        assert any(status == 502 for _, status, _ in answers)
+        # The pools healed: work still goes through after the crashes.
+        status, body = _get(f"{base}/fib?n=10")
+        assert (status, body["result"]) == (200, 55)
+        stats = _get(f"{base}/stats")[1]
+        assert stats["max_workers"] == 2
+        family = [server.pid] + [p.pid for p in psutil.Process(server.pid).children(recursive=True)]
+        assert len(family) >= 1 + 2 + 2 * 2  # master, 2 server workers, their pool workers
+        server.send_signal(signal.SIGTERM)
+        output, _ = server.communicate(timeout=TIMEOUT)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(TIMEOUT)
+    assert "Traceback" not in output, output
+    wait_until(lambda: all(process_gone(pid) for pid in family), TIMEOUT)

@@ -1,0 +1,168 @@
+"""Graceful drain: shutdown(timeout=...), stop(timeout=...), drain_all and the signal helper."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import CancelledError
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+import pytest
+
+import _executor_tasks as tasks
+import duckpool
+from conftest import process_gone, wait_until
+
+TIMEOUT = 30
+
+
+def test_a_drain_lets_short_work_finish(ctx: object) -> None:
+    pool = duckpool.ProcessPoolExecutor(2, ctx)  # type: ignore[arg-type]
+    futures = [pool.submit(tasks.add, i, 1) for i in range(20)]
+    pool.shutdown(timeout=TIMEOUT)
+    assert [f.result(0) for f in futures] == list(range(1, 21))
+
+
+def test_a_drain_stops_overrunning_work_at_its_deadline(
+    ctx: object, tmp_path: Path, gate: Path
+) -> None:
+    pool = duckpool.ProcessPoolExecutor(1, ctx)  # type: ignore[arg-type]
+    started = tmp_path / "started"
+    running = pool.submit(tasks.touch_then_wait, str(started), str(gate))
+    queued = pool.submit(tasks.add, 1, 1)
+    wait_until(started.exists, TIMEOUT)
+    pid = pool.worker_pids()[0]
+    begun = time.monotonic()
+    pool.shutdown(timeout=0.2)
+    assert time.monotonic() - begun < TIMEOUT
+    with pytest.raises(duckpool.WorkerDiedError, match="shutdown timeout") as info:
+        running.result(0)
+    assert info.value.pid == pid
+    assert queued.done()
+    with pytest.raises((CancelledError, BrokenProcessPool)):  # never left pending
+        queued.result(0)
+    wait_until(lambda: process_gone(pid), TIMEOUT)
+
+
+def test_a_worker_that_ignores_sigterm_is_killed(ctx: object, tmp_path: Path, gate: Path) -> None:
+    pool = duckpool.ProcessPoolExecutor(1, ctx)  # type: ignore[arg-type]
+    started = tmp_path / "started"
+    running = pool.submit(tasks.ignore_sigterm_then_wait, str(started), str(gate))
+    wait_until(started.exists, TIMEOUT)
+    pid = pool.worker_pids()[0]
+    pool.shutdown(timeout=0.1)
+    with pytest.raises(duckpool.WorkerDiedError, match="shutdown timeout"):
+        running.result(0)
+    wait_until(lambda: process_gone(pid), TIMEOUT)
+
+
+def test_a_drain_without_waiting_returns_at_once_and_still_resolves_everything(
+    ctx: object, tmp_path: Path, gate: Path
+) -> None:
+    pool = duckpool.ProcessPoolExecutor(1, ctx)  # type: ignore[arg-type]
+    started = tmp_path / "started"
+    running = pool.submit(tasks.touch_then_wait, str(started), str(gate))
+    wait_until(started.exists, TIMEOUT)
+    pool.shutdown(wait=False, timeout=0.2)
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        pool.submit(tasks.add, 1, 1)
+    with pytest.raises(duckpool.WorkerDiedError):
+        running.result(TIMEOUT)
+
+
+def test_manager_stop_drains_with_a_timeout(ctx: object, tmp_path: Path, gate: Path) -> None:
+    manager = duckpool.get_or_create_process_manager("drain")
+    manager.start(1, mp_context=ctx)  # type: ignore[arg-type]
+    started = tmp_path / "started"
+    running = manager.submit_task(tasks.touch_then_wait, str(started), str(gate))
+    wait_until(started.exists, TIMEOUT)
+    manager.stop(timeout=0.1)
+    with pytest.raises(duckpool.WorkerDiedError, match="shutdown timeout"):
+        running.result(0)
+    assert manager.state == "stopped"
+
+
+def test_drain_all_drains_every_pool_of_the_process(
+    ctx: object, tmp_path: Path, gate: Path
+) -> None:
+    quick = duckpool.ProcessPoolExecutor(1, ctx)  # type: ignore[arg-type]
+    slow = duckpool.ProcessPoolExecutor(1, ctx)  # type: ignore[arg-type]
+    done = quick.submit(tasks.add, 2, 3)
+    started = tmp_path / "started"
+    stuck = slow.submit(tasks.touch_then_wait, str(started), str(gate))
+    wait_until(started.exists, TIMEOUT)
+    duckpool.drain_all(0.2)
+    assert done.result(0) == 5
+    with pytest.raises(duckpool.WorkerDiedError):
+        stuck.result(0)
+    for pool in (quick, slow):
+        with pytest.raises(RuntimeError):
+            pool.submit(tasks.add, 1, 1)
+
+
+def test_bad_drain_timeouts_are_refused() -> None:
+    pool = duckpool.ProcessPoolExecutor(1)
+    try:
+        with pytest.raises(ValueError, match="timeout must be greater than 0"):
+            pool.shutdown(timeout=-1)
+    finally:
+        pool.shutdown()
+    with pytest.raises(ValueError, match="timeout must be a number"):
+        duckpool.drain_all(-1)
+
+
+SIGNAL_SCRIPT = """
+import multiprocessing, sys, time
+import duckpool, _executor_tasks as tasks
+duckpool.install_shutdown_handlers(timeout=float(sys.argv[3]))
+pool = duckpool.ProcessPoolExecutor(1, multiprocessing.get_context(sys.argv[1]))
+future = pool.submit(tasks.touch_then_wait, sys.argv[2] + "/started", sys.argv[2] + "/gate")
+print(*pool.worker_pids(), flush=True)
+try:
+    while True:
+        time.sleep(0.05)
+finally:
+    print("outcome", type(future.exception(0)).__name__, flush=True)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_the_signal_helper_drains_then_lets_the_signal_act(
+    start_method: str, tmp_path: Path, signum: int
+) -> None:
+    parent = subprocess.Popen(
+        [sys.executable, "-c", SIGNAL_SCRIPT, start_method, str(tmp_path), "0.3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert parent.stdout is not None
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        wait_until((tmp_path / "started").exists, TIMEOUT)
+        os.kill(parent.pid, signum)
+        stdout, stderr = parent.communicate(timeout=TIMEOUT)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(TIMEOUT)
+    if signum == signal.SIGINT:
+        # KeyboardInterrupt after the drain: the finally block saw the task's end.
+        assert "outcome WorkerDiedError" in stdout, stderr
+        assert "KeyboardInterrupt" in stderr
+    else:
+        assert parent.returncode == -signal.SIGTERM, stderr
+    wait_until(lambda: all(process_gone(pid) for pid in pids), TIMEOUT)
+
+
+def test_the_signal_helper_can_be_uninstalled() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    uninstall = duckpool.install_shutdown_handlers(timeout=1)
+    assert signal.getsignal(signal.SIGTERM) is not before
+    uninstall()
+    assert signal.getsignal(signal.SIGTERM) is before
