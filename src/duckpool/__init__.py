@@ -12,6 +12,8 @@ The public API is the Duck framework's process-pool system
     manager.stop()
 """
 
+from typing import Any
+
 from duckpool._errors import (
     InheritedManagerError,
     ManagerNotFound,
@@ -31,6 +33,24 @@ from duckpool._shutdown import drain_all, install_shutdown_handlers
 from duckpool._stats import PoolStats, WorkerStats
 
 __version__ = "0.1.0"
+
+
+def register_prometheus(registry: Any = None, executors: Any = None) -> Any:
+    """Report this process's pools to Prometheus (needs ``duckpool[prometheus]``).
+
+    Registers a collector on ``registry`` (``prometheus_client``'s default
+    if ``None``) that reports every running manager's ``stats()``, labelled
+    by its id, and those of ``executors`` (a mapping of name to executor).
+    Returns the collector.
+    """
+    try:
+        from duckpool import _prometheus
+    except ImportError as exc:
+        raise ImportError(
+            'register_prometheus() needs prometheus-client: pip install "duckpool[prometheus]"'
+        ) from exc
+    return _prometheus.register_prometheus(registry, executors)
+
 
 __all__ = [
     "REGISTRY",
@@ -52,6 +72,7 @@ __all__ = [
     "get_or_create_process_manager",
     "install_shutdown_handlers",
     "pool_for",
+    "register_prometheus",
     "run_task",
     "submit_task",
 ]
