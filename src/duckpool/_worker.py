@@ -81,7 +81,10 @@ class FrameReader:
     """Reads ``Connection``-format frames from a pipe, as many as one read() brings.
 
     ``Connection.recv_bytes`` costs two system calls per frame; a busy pool
-    has many small frames waiting, and this reads them all at once.
+    has many small frames waiting, and this reads them all at once.  A large
+    frame is asked for whole, in one read of its remaining size, and frames
+    are cut from what was read with one copy each (none when a read brought
+    exactly whole frames).
     """
 
     __slots__ = ("_buffer", "_fd")
@@ -93,9 +96,11 @@ class FrameReader:
     def read_available(self) -> tuple[list[bytes], bool]:
         """Frames complete now, from a non-blocking pipe; and whether it hit EOF."""
         eof = False
+        frames: list[bytes] = []
         while True:
+            wanted = self._wanted()
             try:
-                chunk = os.read(self._fd, _READ_SIZE)
+                chunk = os.read(self._fd, wanted)
             except BlockingIOError:
                 break
             except OSError:
@@ -104,43 +109,77 @@ class FrameReader:
             if not chunk:
                 eof = True
                 break
-            self._buffer += chunk
-            if len(chunk) < _READ_SIZE:
+            frames += self._take(chunk)
+            if len(chunk) < wanted:
                 break
-        return self._split(), eof
+        return frames, eof
 
     def read_blocking(self) -> list[bytes]:
         """At least one frame, waiting for it; an empty list at EOF."""
         while True:
-            frames = self._split()
-            if frames:
-                return frames
-            chunk = os.read(self._fd, _READ_SIZE)
+            chunk = os.read(self._fd, self._wanted())
             if not chunk:
                 return []
+            frames = self._take(chunk)
+            if frames:
+                return frames
+
+    def _wanted(self) -> int:
+        """How much one read asks for: at least the rest of the frame begun."""
+        buffer = self._buffer
+        if len(buffer) < 4:
+            return _READ_SIZE
+        size, header = _frame_size(buffer)
+        if size < 0:
+            return _READ_SIZE
+        return max(_READ_SIZE, header + size - len(buffer))
+
+    def _take(self, chunk: bytes) -> list[bytes]:
+        """Add what was read; return the frames now complete."""
+        if self._buffer:
             self._buffer += chunk
+            return self._split()
+        # Nothing buffered: cut frames out of the chunk itself.
+        frames: list[Any] = []
+        view = memoryview(chunk)
+        position, end = 0, len(chunk)
+        while end - position >= 4:
+            size, header = _frame_size(view[position:])
+            start = position + header
+            if size < 0 or end - start < size:
+                break
+            frames.append(view[start : start + size])
+            position = start + size
+        if position < end:
+            self._buffer += view[position:]
+        return frames
 
     def _split(self) -> list[bytes]:
         buffer = self._buffer
         end = len(buffer)
         position = 0
-        frames = []
-        while end - position >= 4:
-            size = int.from_bytes(buffer[position : position + 4], "big")
-            header = 4
-            if size == 0xFFFFFFFF:
-                if end - position < 12:
+        frames: list[bytes] = []
+        with memoryview(buffer) as view:
+            while end - position >= 4:
+                size, header = _frame_size(view[position:])
+                start = position + header
+                if size < 0 or end - start < size:
                     break
-                size = int.from_bytes(buffer[position + 4 : position + 12], "big")
-                header = 12
-            start = position + header
-            if end - start < size:
-                break
-            frames.append(bytes(buffer[start : start + size]))
-            position = start + size
+                frames.append(bytes(view[start : start + size]))
+                position = start + size
         if position:
             del buffer[:position]
         return frames
+
+
+def _frame_size(data: Any) -> tuple[int, int]:
+    """The size of the frame ``data`` begins with, and its header's; -1 if unknown yet."""
+    size = int.from_bytes(data[:4], "big")
+    if size != 0xFFFFFFFF:
+        return size, 4
+    if len(data) < 12:
+        return -1, 12
+    return int.from_bytes(data[4:12], "big"), 12
 
 
 class WorkerConfig(NamedTuple):
