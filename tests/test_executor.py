@@ -27,7 +27,7 @@ TIMEOUT = 30
 def executor(ctx: object) -> Iterator[duckpool.ProcessPoolExecutor]:
     pool = duckpool.ProcessPoolExecutor(2, mp_context=ctx)  # type: ignore[arg-type]
     yield pool
-    pool.shutdown(wait=True, cancel_futures=True)
+    pool.shutdown(cancel_futures=True, timeout=TIMEOUT)  # bounded, even if a test hung
 
 
 def test_is_a_stdlib_process_pool_executor() -> None:

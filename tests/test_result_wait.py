@@ -27,7 +27,7 @@ TIMEOUT = 30
 def executor(ctx: object) -> Iterator[duckpool.ProcessPoolExecutor]:
     pool = duckpool.ProcessPoolExecutor(2, mp_context=ctx)  # type: ignore[arg-type]
     yield pool
-    pool.shutdown(wait=True, cancel_futures=True)
+    pool.shutdown(cancel_futures=True, timeout=TIMEOUT)  # bounded, even if a test hung
 
 
 def test_a_waiting_thread_resolves_a_quiet_pools_future_itself(
@@ -174,4 +174,4 @@ def test_poisoned_slot_fails_the_started_task_and_requeues_the_rest(
         assert info.value.__cause__ is cause
         assert [f.result(TIMEOUT) for f in queued] == [1, 2, 3]
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(cancel_futures=True, timeout=TIMEOUT)  # bounded, even if a test hung

@@ -105,6 +105,9 @@ KILL_GRACE_SECONDS = 1.0
 #: itself before it leaves that to the dispatcher again (see ``help_resolve``).
 #: Long enough for any short task; a long one is then waited for as usual.
 _ASSIST_SECONDS = 0.005
+#: How long past that window the dispatcher waits before it takes the pipe
+#: back from a helper that never gave it back (an exception cut it short).
+_ASSIST_GRACE_SECONDS = 0.5
 #: Of that, how long it polls without sleeping, when its worker's last task was
 #: this short too.  One thread per pool at a time.
 _SPIN_SECONDS = 0.0001
@@ -249,10 +252,16 @@ class _Stopping(NamedTuple):
 class _Assist:
     """A caller thread watching a slot's result pipe in the dispatcher's stead."""
 
-    __slots__ = ("conn", "orphaned")
+    __slots__ = ("conn", "orphaned", "spin", "until")
 
-    def __init__(self, conn: mp_connection.Connection) -> None:
+    def __init__(self, conn: mp_connection.Connection, until: float, spin: bool) -> None:
         self.conn = conn
+        #: When the helper gives the pipe back (monotonic).  Past it and a
+        #: grace, the dispatcher takes it back itself: an exception raised
+        #: asynchronously in the helper (Ctrl-C) may have cut its clean-up.
+        self.until = until
+        #: The helper polls without sleeping at first (one per pool at a time).
+        self.spin = spin
         #: The slot was closed meanwhile: the helper closes ``conn`` when done
         #: (not before, or its number could be reused under the helper's poll).
         self.orphaned = False
@@ -267,6 +276,7 @@ class _Slot:
         "head_since",
         "index",
         "last_service",
+        "outbox",
         "poisoned",
         "process",
         "queued_bytes",
@@ -292,6 +302,9 @@ class _Slot:
         #: Items sent to the current process whose results have not arrived, in order.
         self.assigned: deque[WorkItem] = deque()
         self.queued_bytes = 0
+        #: What a write to the task pipe left unwritten (the pipe was full), in
+        #: order; the dispatcher writes it as the worker reads.
+        self.outbox: deque[memoryview] = deque()
         self.tasks_sent = 0
         #: Results the current process has sent back.
         self.tasks_done = 0
@@ -326,6 +339,7 @@ class _Slot:
         self.task_conn = self.result_conn = None
         self.reader = None
         self.queued_bytes = 0
+        self.outbox.clear()
         self.tasks_sent = 0
         self.tasks_done = 0
         self.retiring = False
@@ -376,17 +390,19 @@ class _Waiter:
         self._epoll = select.epoll() if hasattr(select, "epoll") else None
         self._selector = None if self._epoll is not None else selectors.DefaultSelector()
 
-    def register(self, watched: Any, tag: Any) -> None:
+    def register(self, watched: Any, tag: Any, write: bool = False) -> None:
+        """Report ``tag`` when ``watched`` is readable (or, with ``write``, writable)."""
         fd = _fileno(watched)
         self._tags[fd] = tag
         if self._epoll is not None:
+            events = select.EPOLLOUT if write else select.EPOLLIN
             try:
-                self._epoll.register(fd, select.EPOLLIN)
+                self._epoll.register(fd, events)
             except FileExistsError:  # a closed descriptor's number, reused
-                self._epoll.modify(fd, select.EPOLLIN)
+                self._epoll.modify(fd, events)
         else:
             assert self._selector is not None
-            self._selector.register(fd, selectors.EVENT_READ)
+            self._selector.register(fd, selectors.EVENT_WRITE if write else selectors.EVENT_READ)
 
     def unregister(self, watched: Any) -> None:
         fd = _fileno(watched)
@@ -432,6 +448,12 @@ class _Waiter:
             self._epoll.close()
         elif self._selector is not None:
             self._selector.close()
+
+
+class _Writable(NamedTuple):
+    """The tag of a task pipe the dispatcher waits to write the rest of an outbox to."""
+
+    slot: _Slot
 
 
 _MISSING = object()
@@ -503,10 +525,10 @@ class PoolCore:
         #: (cells 0..n-1), and an id it must skip (cells n..2n-1).
         self.marks: Any = None
         self.startup_deaths = 0
-        #: Threads polling a result pipe without sleeping (see help_resolve).
-        self.spinning = 0
         #: Results read but not yet given to their futures (dispatcher only).
         self.deferred: list[_Resolution] = []
+        #: Results a helping thread booked but could not resolve (lock held).
+        self.handed_over: list[_Resolution] = []
         #: A worker's initializer raised: the pool breaks once that worker is gone.
         self.initializer_error: Optional[BaseException] = None
         self.wakeup_lock = threading.Lock()
@@ -656,6 +678,9 @@ class PoolCore:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         slot.task_conn = task_w
+        # Writes never block the thread (submit, the dispatcher): what a full
+        # pipe does not take waits in the slot's outbox.
+        os.set_blocking(task_w.fileno(), False)
         slot.result_conn = result_r
         os.set_blocking(result_r.fileno(), False)
         slot.reader = _worker.FrameReader(result_r.fileno())
@@ -712,17 +737,60 @@ class PoolCore:
         return True
 
     def write(self, slot: _Slot, data: bytes) -> None:
-        """Write task frames to ``slot``'s worker (and the stop frame, if due)."""
+        """Write task frames to ``slot``'s worker (and the stop frame, if due).
+
+        What the pipe does not take now waits in the slot's outbox, which
+        the dispatcher writes out as the worker reads (see ``flush``).
+        """
         assert slot.task_conn is not None
         if slot.retiring and not slot.stop_sent:
             data += _worker.wire(b"")
             slot.stop_sent = True
+        if slot.outbox:
+            slot.outbox.append(memoryview(data))
+            return
         try:
-            _worker.write_all(slot.task_conn.fileno(), data)
+            written = os.write(slot.task_conn.fileno(), data)
+        except BlockingIOError:
+            written = 0
         except OSError:
             # The worker is dead or dying: the dispatcher will see its sentinel
             # and, since the worker never took these items up, requeue them.
-            pass
+            return
+        if written < len(data):
+            slot.outbox.append(memoryview(data)[written:])
+            if threading.current_thread() is self.thread:
+                self.selector.register(slot.task_conn, _Writable(slot), write=True)
+            else:
+                self.wake()  # the dispatcher watches the pipe (see watch_outboxes)
+
+    def watch_outboxes(self) -> None:
+        """Wait for room in the pipes of slots with an outbox (dispatcher, lock held)."""
+        for slot in self.slots:
+            if slot.outbox and slot.task_conn is not None:
+                self.selector.register(slot.task_conn, _Writable(slot), write=True)
+
+    def flush(self, slot: _Slot) -> None:
+        """Write what the slot's outbox holds, as far as the pipe takes it (lock held)."""
+        outbox = slot.outbox
+        conn = slot.task_conn
+        if conn is None:
+            return
+        fd = conn.fileno()
+        while outbox:
+            head = outbox[0]
+            try:
+                written = os.write(fd, head)
+            except BlockingIOError:
+                return  # still full: wait for room again
+            except OSError:
+                outbox.clear()  # the worker is gone: its sentinel says how
+                break
+            if written < len(head):
+                outbox[0] = head[written:]
+                return
+            outbox.popleft()
+        self.selector.unregister(conn)
 
     def send(self, slot: _Slot, item: WorkItem) -> None:
         """Give one item to ``slot``'s worker."""
@@ -916,6 +984,10 @@ class PoolCore:
         while True:
             with self.lock:
                 timeout = self.check_deadlines()
+                self.watch_outboxes()
+                if self.handed_over:
+                    deferred.extend(self.handed_over)
+                    self.handed_over.clear()
             if deferred:
                 self.resolve_all(deferred)
             exited: list[_Slot] = []
@@ -925,6 +997,10 @@ class PoolCore:
                     continue
                 if tag is _ZYGOTE_NOTICES or tag is _ZYGOTE_EXIT:
                     exited.extend(self.on_zygote_event(tag is _ZYGOTE_EXIT))
+                    continue
+                if type(tag) is _Writable:
+                    with self.lock:
+                        self.flush(tag.slot)
                     continue
                 is_result, slot = tag
                 if is_result:
@@ -977,6 +1053,15 @@ class PoolCore:
         now = time.monotonic()
         nearest: Optional[float] = None
         for slot in self.slots:
+            assist = slot.assist
+            if assist is not None:
+                # A helper that overstays its window was cut short: its pipe
+                # comes back here, or its results would never be read.
+                taken_back = assist.until + _ASSIST_GRACE_SECONDS
+                if now >= taken_back:
+                    self.end_assist(slot, assist)
+                elif nearest is None or taken_back < nearest:
+                    nearest = taken_back
             stopping = slot.stopping
             if stopping is not None:
                 if now >= stopping.kill_at and slot.process is not None:
@@ -1065,10 +1150,24 @@ class PoolCore:
             self.resolve_all(resolved)  # what was booked is sound
             raise
         if deferred is None:
-            self.resolve_all(resolved)
+            if helper is None:
+                self.resolve_all(resolved)
+            else:
+                self._resolve_in_helper(resolved)
         if init_failure is not None:
             self.on_initializer_failure(init_failure)
         return eof
+
+    def _resolve_in_helper(self, resolved: list[_Resolution]) -> None:
+        """Resolve what a helping thread booked; if an exception raised in that
+        thread (Ctrl-C) cuts this short, the dispatcher resolves the rest."""
+        try:
+            self.resolve_all(resolved)
+        except BaseException:
+            with self.lock:
+                self.handed_over.extend(resolved)  # resolving twice is harmless
+            self.wake()
+            raise
 
     def _book_results(
         self,
@@ -1176,21 +1275,21 @@ class PoolCore:
             except OSError:  # no longer watched: the worker is gone
                 return
             item = slot.assigned[0]
-            assist = slot.assist = _Assist(conn)
-            spin = slot.last_service < _SPIN_SECONDS and self.spinning < 1
-            if spin:
-                self.spinning += 1
-        try:
-            # A read the dispatcher began before the pipe was ours ends first;
-            # if it took our result, the dispatcher resolves the future.
-            with slot.read_lock:
-                pass
             now = time.monotonic()
             window = _ASSIST_SECONDS if timeout is None else min(timeout, _ASSIST_SECONDS)
             end = now + window
             # A result due within microseconds is polled for without sleeping:
             # waking a sleeping thread costs more than such a task itself.
+            spin = slot.last_service < _SPIN_SECONDS and not any(
+                s.assist is not None and s.assist.spin for s in self.slots
+            )
             spin_until = now + min(window, _SPIN_SECONDS) if spin else now
+            assist = slot.assist = _Assist(conn, end, spin)
+        try:
+            # A read the dispatcher began before the pipe was ours ends first;
+            # if it took our result, the dispatcher resolves the future.
+            with slot.read_lock:
+                pass
             poller = select.poll()
             poller.register(conn.fileno(), select.POLLIN)
             assigned = slot.assigned
@@ -1207,13 +1306,20 @@ class PoolCore:
                     break
         finally:
             with self.lock:
-                if spin:
-                    self.spinning -= 1
-                slot.assist = None
-                if assist.orphaned:
-                    conn.close()
-                elif slot.result_conn is conn and not self.closed:
-                    self.selector.resume(conn)
+                self.end_assist(slot, assist)
+
+    def end_assist(self, slot: _Slot, assist: _Assist) -> None:
+        """Give a helped pipe back to the dispatcher (lock held)."""
+        if slot.assist is not assist:
+            return  # already taken back
+        slot.assist = None
+        if assist.orphaned:
+            try:
+                assist.conn.close()
+            except OSError:
+                pass
+        elif slot.result_conn is assist.conn and not self.closed:
+            self.selector.resume(assist.conn)
 
     def _slot_running(self, future: Future[Any]) -> Optional[_Slot]:
         """The slot whose worker holds ``future``'s item and nothing else, if
@@ -1392,6 +1498,8 @@ class PoolCore:
     def close_slot(self, slot: _Slot) -> None:
         """Forget the slot's process and close its pipes (lock held)."""
         process = slot.process
+        if slot.task_conn is not None:
+            self.selector.unregister(slot.task_conn)  # if it had an outbox
         if process is not None:
             for watched in (slot.result_conn, process.sentinel):
                 if watched is not None:
@@ -1424,10 +1532,11 @@ class PoolCore:
             processes = []
             for slot in self.slots:
                 if slot.process is not None and slot.task_conn is not None:
-                    try:
-                        _worker.write_all(slot.task_conn.fileno(), _worker.wire(b""))
-                    except OSError:
-                        pass
+                    if not slot.outbox:  # (else a frame is half written: _reap stops it)
+                        try:
+                            os.write(slot.task_conn.fileno(), _worker.wire(b""))
+                        except OSError:
+                            pass
                     processes.append(slot.process)
         _reap(processes, grace)
         with self.lock:
