@@ -175,3 +175,47 @@ def test_poisoned_slot_fails_the_started_task_and_requeues_the_rest(
         assert [f.result(TIMEOUT) for f in queued] == [1, 2, 3]
     finally:
         pool.shutdown(cancel_futures=True, timeout=TIMEOUT)  # bounded, even if a test hung
+
+
+def test_a_pool_future_has_every_field_of_a_standard_future() -> None:
+    from concurrent.futures import Future
+
+    from duckpool import _core
+
+    pool = duckpool.ProcessPoolExecutor(1)
+    try:
+        future = _core.PoolFuture(pool._core)
+        standard = Future()  # type: ignore[var-annotated]
+        assert set(vars(standard)) - {"_condition"} <= set(vars(future))
+        assert {k: v for k, v in vars(standard).items() if k != "_condition"} == {
+            k: vars(future)[k] for k in vars(standard) if k != "_condition"
+        }
+        assert isinstance(future._condition, type(standard._condition))
+        assert future._condition is future._condition
+    finally:
+        pool.shutdown()
+
+
+def test_a_queued_future_makes_no_condition_until_used(
+    ctx: object, tmp_path: Path, gate: Path
+) -> None:
+    pool = duckpool.ProcessPoolExecutor(1, mp_context=ctx)  # type: ignore[arg-type]
+    try:
+        started = tmp_path / "started"
+        running = pool.submit(tasks.touch_then_wait, str(started), str(gate))
+        wait_until(started.exists, TIMEOUT)
+        queued = [pool.submit(tasks.add, i, 1) for i in range(5)]
+        assert all("_lazy_condition" not in vars(f) for f in queued)
+        waiters = [threading.Thread(target=queued[0].result, args=(TIMEOUT,)) for _ in range(4)]
+        for waiter in waiters:
+            waiter.start()
+        gate.touch()
+        for waiter in waiters:
+            waiter.join(TIMEOUT)
+            assert not waiter.is_alive()
+        assert running.result(TIMEOUT) == "released"
+        assert [f.result(TIMEOUT) for f in queued] == [1, 2, 3, 4, 5]
+        done, _ = concurrent.futures.wait(queued, TIMEOUT)
+        assert done == set(queued)
+    finally:
+        pool.shutdown(cancel_futures=True, timeout=TIMEOUT)
