@@ -14,21 +14,27 @@ until the seed path is actually imported).
 
 from __future__ import annotations
 
-import importlib.abc
+# Only modules every interpreter has loaded by the time .pth files run: this
+# runs at every start-up (spawned workers included), so importing typing or
+# importlib.abc (which pulls in importlib.resources, pathlib, re, ...) here
+# would slow every Python process in the environment.
 import importlib.machinery
 import os
 import sys
-import types
-from typing import Optional, Sequence
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import types
+    from collections.abc import Sequence
 
 SEED_MODULE = "duck.utils.multiprocessing.processpool"
 _PARENTS = ("duck", "duck.utils", "duck.utils.multiprocessing")
 
 
-class _ShimLoader(importlib.abc.Loader):
+class _ShimLoader:
     """Loads the seed module as a re-export of :mod:`duckpool._seed`."""
 
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> Optional[types.ModuleType]:
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
         return None
 
     def exec_module(self, module: types.ModuleType) -> None:
@@ -41,7 +47,7 @@ class _ShimLoader(importlib.abc.Loader):
         )
 
 
-class DuckAliasFinder(importlib.abc.MetaPathFinder):
+class DuckAliasFinder:
     """Finds the seed module path when no Duck framework provides it."""
 
     def __init__(self, *, provide_parents: bool) -> None:
@@ -50,11 +56,12 @@ class DuckAliasFinder(importlib.abc.MetaPathFinder):
     def find_spec(
         self,
         fullname: str,
-        path: Optional[Sequence[str]] = None,
-        target: Optional[types.ModuleType] = None,
-    ) -> Optional[importlib.machinery.ModuleSpec]:
+        path: Sequence[str] | None = None,
+        target: types.ModuleType | None = None,
+    ) -> importlib.machinery.ModuleSpec | None:
         if fullname == SEED_MODULE:
-            return importlib.machinery.ModuleSpec(fullname, _ShimLoader())
+            # A loader by protocol (create_module, exec_module), not by base class.
+            return importlib.machinery.ModuleSpec(fullname, _ShimLoader())  # type: ignore[arg-type]
         if fullname in _PARENTS and self.provide_parents:
             # Reached only when no installed package provides it: this finder
             # sits at the end of sys.meta_path.

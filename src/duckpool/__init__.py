@@ -12,25 +12,68 @@ The public API is the Duck framework's process-pool system
     manager.stop()
 """
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from duckpool._errors import (
-    InheritedManagerError,
-    ManagerNotFound,
-    PoolSaturatedError,
-    TaskCancelledError,
-    TaskQuarantinedError,
-    TaskTimeoutError,
-    TaskUnpicklingError,
-    UnknownTaskError,
-    WorkerDiedError,
-)
-from duckpool._executor import ProcessPoolExecutor
-from duckpool._manager import ProcessPoolManager
-from duckpool._registry import REGISTRY, get_or_create_process_manager
-from duckpool._routing import pool_for, run_task, submit_task
-from duckpool._shutdown import drain_all, install_shutdown_handlers
-from duckpool._stats import PoolStats, WorkerStats
+if TYPE_CHECKING:
+    from duckpool._errors import (
+        InheritedManagerError,
+        ManagerNotFound,
+        PoolSaturatedError,
+        TaskCancelledError,
+        TaskQuarantinedError,
+        TaskTimeoutError,
+        TaskUnpicklingError,
+        UnknownTaskError,
+        WorkerDiedError,
+    )
+    from duckpool._executor import ProcessPoolExecutor
+    from duckpool._manager import ProcessPoolManager
+    from duckpool._registry import REGISTRY, get_or_create_process_manager
+    from duckpool._routing import pool_for, run_task, submit_task
+    from duckpool._shutdown import drain_all, install_shutdown_handlers
+    from duckpool._stats import PoolStats, WorkerStats
+
+#: Where each public name lives.  They are imported on first use (PEP 562), so
+#: a worker process, which needs only ``duckpool._worker``, does not import
+#: the parent's machinery (what spawn and forkserver pay for at every start).
+_EXPORTS = {
+    "InheritedManagerError": "duckpool._errors",
+    "ManagerNotFound": "duckpool._errors",
+    "PoolSaturatedError": "duckpool._errors",
+    "TaskCancelledError": "duckpool._errors",
+    "TaskQuarantinedError": "duckpool._errors",
+    "TaskTimeoutError": "duckpool._errors",
+    "TaskUnpicklingError": "duckpool._errors",
+    "UnknownTaskError": "duckpool._errors",
+    "WorkerDiedError": "duckpool._errors",
+    "ProcessPoolExecutor": "duckpool._executor",
+    "ProcessPoolManager": "duckpool._manager",
+    "REGISTRY": "duckpool._registry",
+    "get_or_create_process_manager": "duckpool._registry",
+    "pool_for": "duckpool._routing",
+    "run_task": "duckpool._routing",
+    "submit_task": "duckpool._routing",
+    "drain_all": "duckpool._shutdown",
+    "install_shutdown_handlers": "duckpool._shutdown",
+    "PoolStats": "duckpool._stats",
+    "WorkerStats": "duckpool._stats",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'duckpool' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once: later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __version__ = "0.1.0"
 
