@@ -87,6 +87,9 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
       future that has already failed, naming the callable.
     * Python 3.14's ``terminate_workers()``, ``kill_workers()`` and
       ``map(..., buffersize=)`` on every supported version.
+    * What tasks log with :mod:`logging` reaches this process's loggers,
+      under every start method (see ``forward_logs``); ``map(...,
+      progress=True)`` shows a progress bar.
 
     Extra keyword arguments:
         process_name_prefix: name each worker ``<prefix>-<slot>``: its
@@ -98,6 +101,20 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
             resident memory above this many bytes (needs ``psutil``).
         serializer: ``"pickle"`` (default) or ``"cloudpickle"`` to send
             lambdas and closures (needs ``cloudpickle``: ``duckpool[cloudpickle]``).
+        forward_logs: if true (the default), every record a worker logs goes
+            to this process's logger of the same name, which emits it if it
+            is enabled for its level; the worker's own handlers (under fork,
+            copies of this process's) are replaced, so nothing is written
+            twice.  Workers mirror this process's logger levels as they were
+            when the pool started its workers.  Records carry
+            ``duckpool_pool`` (``pool_id``), ``duckpool_slot`` and
+            ``duckpool_task_id`` attributes; ``process`` is the worker's pid.
+            They are handled in the pool's dispatcher thread (or a thread
+            waiting in ``result()``), and those a task logs before it returns
+            are handled before its future resolves.  If false, workers keep
+            the logging they have (under spawn: none configured).
+        pool_id: a picklable label for this pool's forwarded log records
+            (``record.duckpool_pool``); a manager passes its id.
     """
 
     def __init__(
@@ -113,6 +130,8 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         task_timeout: Optional[float] = None,
         max_memory_per_child: Optional[int] = None,
         serializer: str = "pickle",
+        forward_logs: bool = True,
+        pool_id: Any = None,
     ) -> None:
         # The standard library's __init__ is not called: this class has its own
         # dispatch and shares only the public interface (isinstance keeps working).
@@ -139,6 +158,10 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
             self._dumps = pickle.dumps
         if max_memory_per_child is not None:
             import psutil  # noqa: F401 - fail here, not in every worker
+        try:
+            pickle.dumps(pool_id)
+        except Exception as exc:
+            raise TypeError(f"pool_id must be picklable, got {pool_id!r}: {exc}") from exc
         if mp_context is None:
             import multiprocessing
 
@@ -158,6 +181,8 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
                 name_prefix=process_name_prefix,
                 daemon=bool(daemon),
                 serializer=serializer,
+                forward_logs=bool(forward_logs),
+                pool_id=pool_id,
             )
         )
         weakref.finalize(self, self._core.request_shutdown, False).atexit = False

@@ -109,6 +109,8 @@ class ProcessPoolManager:
         daemon: bool = False,
         process_name_prefix: Optional[str] = None,
         mp_context: Optional[BaseContext] = None,
+        *,
+        forward_logs: bool = True,
     ) -> None:
         """Start the pool, ready to accept tasks.
 
@@ -125,6 +127,11 @@ class ProcessPoolManager:
                 title ``ps`` and ``top`` show; a replacement keeps its slot.
             mp_context: a multiprocessing context (fork, spawn or forkserver);
                 the default context if ``None``.
+            forward_logs: send what tasks log to this process's loggers, each
+                record tagged with this manager's id (``record.duckpool_pool``),
+                the worker's slot and the task id (see
+                :class:`duckpool.ProcessPoolExecutor`); if false, workers keep
+                the logging they have.
 
         Raises:
             ValueError: if ``max_workers`` is not a positive int.
@@ -154,6 +161,8 @@ class ProcessPoolManager:
                 mp_context,
                 process_name_prefix=process_name_prefix,
                 daemon=bool(daemon),
+                forward_logs=bool(forward_logs),
+                pool_id=_picklable_id(self._id),
             )
             self._max_workers = max_workers
             self._task_type = task_type
@@ -297,3 +306,14 @@ class ProcessPoolManager:
 
     def __str__(self) -> str:
         return self.__repr__()
+
+
+def _picklable_id(manager_id: Any) -> Any:
+    """A manager's id as its workers' log records carry it: itself, or its repr."""
+    import pickle
+
+    try:
+        pickle.dumps(manager_id)
+    except Exception:
+        return repr(manager_id)
+    return manager_id
