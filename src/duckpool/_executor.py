@@ -322,6 +322,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         timeout: Optional[float] = None,
         chunksize: int = 1,
         buffersize: Optional[int] = None,
+        progress: Any = None,
     ) -> Iterator[_T]:
         """Like :func:`map`, computed in the pool; results come in input order.
 
@@ -330,8 +331,20 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         being yielded, so an endless iterable can be mapped lazily.  Raises
         ``TimeoutError`` if a result is not ready ``timeout`` seconds after the
         call; a call that raised re-raises when its result is reached.
+
+        ``progress=True`` shows a ``tqdm`` progress bar while the results are
+        iterated, counting items (not chunks) as their chunk's results
+        arrive, with the inputs' length as total when they all have one;
+        a string is the bar's description, a dict goes to ``tqdm`` as keyword
+        arguments (``{"desc": "rows", "file": sys.stdout}``).  The bar closes
+        when the iteration ends: at the last result, at an error or timeout,
+        or when the iterator is closed.  Raises ``ImportError`` if ``tqdm``
+        is missing (``pip install "duckpool[progress]"``) and ``TypeError``
+        for another kind of ``progress``.
         """
-        return self._map(fn, iterables, timeout, chunksize, buffersize, self._task_timeout)
+        return self._map(
+            fn, iterables, timeout, chunksize, buffersize, self._task_timeout, progress
+        )
 
     def _map(
         self,
@@ -341,10 +354,12 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         chunksize: int,
         buffersize: Optional[int],
         task_timeout: Optional[float],
+        progress: Any = None,
     ) -> Iterator[_T]:
         if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError(f"chunksize must be >= 1, got {chunksize!r}")
         _positive_int("buffersize", buffersize)
+        make_bar = _progress_bar_factory(progress, iterables)
         deadline = None if timeout is None else time.monotonic() + timeout
         calls = zip(*iterables)
         chunks: Iterator[list[tuple[Any, ...]]] = iter(
@@ -358,7 +373,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         first = chunks if buffersize is None else itertools.islice(chunks, buffersize)
         futures = deque(submit_chunk(chunk) for chunk in first)
         more = None if buffersize is None else chunks
-        return _map_results(futures, more, submit_chunk, deadline)
+        return _map_results(futures, more, submit_chunk, deadline, make_bar)
 
     # -- stopping -----------------------------------------------------------------
 
@@ -427,9 +442,40 @@ class TaskOptions:
         timeout: Optional[float] = None,
         chunksize: int = 1,
         buffersize: Optional[int] = None,
+        progress: Any = None,
     ) -> Iterator[_T]:
         """``executor.map`` with these options (the task timeout applies per chunk)."""
-        return self._executor._map(fn, iterables, timeout, chunksize, buffersize, self._timeout)
+        return self._executor._map(
+            fn, iterables, timeout, chunksize, buffersize, self._timeout, progress
+        )
+
+
+def _progress_bar_factory(
+    progress: Any, iterables: tuple[Iterable[Any], ...]
+) -> Optional[Callable[[], Any]]:
+    """What makes ``map``'s progress bar (None: no bar), checked at the call site."""
+    if progress is None or progress is False:
+        return None
+    if progress is True:
+        options: dict[str, Any] = {}
+    elif isinstance(progress, str):
+        options = {"desc": progress}
+    elif isinstance(progress, dict):
+        options = dict(progress)
+    else:
+        raise TypeError(
+            "progress must be a bool, a description string or a dict of tqdm "
+            f"keyword arguments, got {progress!r}"
+        )
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as exc:
+        raise ImportError(
+            'map(..., progress=...) needs tqdm: pip install "duckpool[progress]"'
+        ) from exc
+    if "total" not in options and all(hasattr(it, "__len__") for it in iterables):
+        options["total"] = min((len(it) for it in iterables), default=0)  # type: ignore[arg-type]
+    return functools.partial(tqdm, **options)
 
 
 def _map_results(
@@ -437,9 +483,17 @@ def _map_results(
     more_chunks: Optional[Iterator[list[tuple[Any, ...]]]],
     submit_chunk: Callable[[list[tuple[Any, ...]]], Future[list[_T]]],
     deadline: Optional[float],
+    make_bar: Optional[Callable[[], Any]] = None,
 ) -> Iterator[_T]:
-    """Yield map results in order, keeping ``len(futures)`` chunks in flight."""
+    """Yield map results in order, keeping ``len(futures)`` chunks in flight.
+
+    The progress bar, if any, is made when the iteration starts and closed
+    when it ends, however it ends.
+    """
+    bar = None
     try:
+        if make_bar is not None:
+            bar = make_bar()
         while futures:
             future = futures.popleft()
             if more_chunks is not None:
@@ -449,9 +503,13 @@ def _map_results(
                 raise FuturesTimeoutError()
             chunk = future.result(remaining)
             del future  # hold no reference to a result once it is handed out
+            if bar is not None:
+                bar.update(len(chunk))
             chunk.reverse()
             while chunk:
                 yield chunk.pop()
     finally:
         for future in futures:
             future.cancel()
+        if bar is not None:
+            bar.close()
