@@ -136,3 +136,9 @@ def ignore_sigterm_then_wait(started: str, gate: str) -> str:
     """Like ``touch_then_wait``, in a worker that ignores SIGTERM (only SIGKILL stops it)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return touch_then_wait(started, gate)
+
+
+def mark_then_divide(directory: str, a: int, b: int) -> float:
+    """Leave a file named ``a`` in ``directory``, then return ``a / b``."""
+    (Path(directory) / str(a)).touch()
+    return a / b

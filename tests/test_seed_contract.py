@@ -254,17 +254,16 @@ def test_seed_signature_matches_page(entry: SeedEntry) -> None:
         kinds = [p.kind for p in actual]
         assert kinds in ([], [inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD])
         return
-    # duckpool may add parameters after the page's, each with a default, so
-    # every call written against the page works unchanged.
-    extra = actual[len(entry.params) :]
+    # duckpool may add parameters after the page's, each keyword-only with a
+    # default (start(..., *, max_pending=None), stop(wait, *, timeout=None)):
+    # every call the page allows still means the same.
+    extensions = actual[len(entry.params) :]
+    for param in extensions:
+        assert param.kind is inspect.Parameter.KEYWORD_ONLY, f"{param.name} must be keyword-only"
+        assert param.default is not _EMPTY, f"{param.name} must have a default"
     actual = actual[: len(entry.params)]
     assert [p.name for p in actual] == [p.name for p in entry.params], "parameter names"
     assert [p.kind for p in actual] == [p.kind for p in entry.params], "parameter kinds"
-    for param in extra:
-        assert param.default is not _EMPTY or param.kind in (
-            inspect.Parameter.VAR_POSITIONAL,
-            inspect.Parameter.VAR_KEYWORD,
-        ), f"added parameter {param.name} must have a default"
     for seed_param, param in zip(entry.params, actual):
         if seed_param.default is _EMPTY:
             assert param.default is _EMPTY, f"{param.name} must have no default"

@@ -9,12 +9,16 @@ Data flow::
       |   else -> _PoolCore.pending (deque)           | run it, answer
       |                                               v
       |                       result pipe i <-- result frame (task id, status)
+      |                                     and log frames (records logged there)
       v
     _PoolCore.dispatch_loop [one thread per pool]
       waits on: wakeup pipe, every result pipe, every process sentinel,
                 and the nearest task deadline
       result frame -> pop the slot's head item, resolve its future,
                       refill the slot from pending
+      log frame    -> no item popped; the record goes to the parent's logger
+                      of its name in its place among the resolutions, after
+                      the lock (_logs.handle_forwarded)
       sentinel     -> read what the pipe still holds; the dead worker's head
                       item fails with WorkerDiedError (pid, exit code, signal)
                       if the worker had taken it up; everything else it held
@@ -75,7 +79,7 @@ from multiprocessing import connection as mp_connection
 from multiprocessing.context import BaseContext
 from typing import Any, Callable, NamedTuple, Optional, Protocol, TypeVar
 
-from duckpool import _spawn, _worker, _zygote
+from duckpool import _logs, _spawn, _worker, _zygote
 from duckpool._admission import Admission
 from duckpool._errors import (
     InheritedManagerError,
@@ -145,7 +149,7 @@ def callable_label(fn: object) -> str:
     return f"{module}.{name}" if module else str(name)
 
 
-def _exception_from_payload(payload: memoryview) -> BaseException:
+def exception_from_payload(payload: memoryview) -> BaseException:
     """Rebuild a worker's exception, chaining its remote traceback.
 
     The cause is the standard library's own ``_RemoteTraceback`` (its text in
@@ -262,6 +266,10 @@ class WorkerProcess(Protocol):
 
 #: A future to resolve from a result frame: the item, the status, the payload.
 _Resolution = tuple[WorkItem, int, memoryview]
+
+#: The item of a log frame's entry among the resolutions: a record, which
+#: answers no task, handed to logging where its frame came in the stream.
+_LOG_RECORD_ITEM = WorkItem(Future(), 0, b"", None, None)
 
 
 class _Stopping(NamedTuple):
@@ -505,6 +513,10 @@ class PoolSettings(NamedTuple):
     #: Worker deaths in a row that put a callable in quarantine (None: never).
     quarantine_after: Optional[int] = None
     quarantine_seconds: float = 60.0
+    #: Send what workers log to the parent's loggers (see _worker_logs).
+    forward_logs: bool = True
+    #: Tagged on forwarded log records (``record.duckpool_pool``).
+    pool_id: Any = None
 
 
 class PoolCore:
@@ -554,6 +566,9 @@ class PoolCore:
         self.handed_over: list[_Resolution] = []
         #: A worker's initializer raised: the pool breaks once that worker is gone.
         self.initializer_error: Optional[BaseException] = None
+        #: The parent's logger levels when the workers started, for them to
+        #: mirror; None unless the pool forwards logs.
+        self.log_levels: Optional[dict[str, int]] = None
         self.wakeup_lock = threading.Lock()
         self.wakeup_r, self.wakeup_w = os.pipe()
         os.set_blocking(self.wakeup_r, False)
@@ -653,6 +668,8 @@ class PoolCore:
         settings = self.settings
         if self.marks is None:
             self.marks = settings.context.RawArray("Q", 2 * self.capacity)
+        if settings.forward_logs and self.log_levels is None:
+            self.log_levels = _logs.level_snapshot()
         if settings.context.get_start_method() == "fork" and self.zygote is None:
             # Forked now, before this pool's thread exists; it forks the
             # workers from then on (see _zygote).
@@ -684,6 +701,8 @@ class PoolCore:
             marks=self.marks,
             max_memory=settings.max_memory_per_child,
             serializer=settings.serializer,
+            log_levels=self.log_levels,
+            pool_id=settings.pool_id,
         )
 
     def start_worker(self, slot: _Slot) -> None:
@@ -991,7 +1010,9 @@ class PoolCore:
                 self.broken = f"duckpool's dispatcher failed: {exc!r}"
                 self.broken_cause = exc
                 # Results read but not handed out: their items left `assigned`.
-                self.pending.extend(item for item, _, _ in self.deferred)
+                self.pending.extend(
+                    item for item, _, _ in self.deferred if item is not _LOG_RECORD_ITEM
+                )
                 self.deferred.clear()
             self.fail_everything(BrokenProcessPool(self.broken), cause=exc)
             self.kill_without_bookkeeping()
@@ -1218,6 +1239,10 @@ class PoolCore:
                     slot.head_since = now
                     self.startup_deaths = 0
                     continue
+                if status == _worker.STATUS_LOG:
+                    # Emitted in its place among the results, with no lock held.
+                    resolved.append((_LOG_RECORD_ITEM, status, payload))
+                    continue
                 item = assigned[0] if assigned else None
                 if item is None or item.task_id != int.from_bytes(
                     view[: _worker.TASK_ID_BYTES], "little"
@@ -1366,6 +1391,9 @@ class PoolCore:
 
     def resolve(self, item: WorkItem, status: int, payload: memoryview) -> None:
         """Set a future from a result frame (no lock held: callbacks run here)."""
+        if status == _worker.STATUS_LOG:
+            _logs.handle_forwarded(payload)
+            return
         future = item.future
         if future.done():
             return  # cancelled while queued in the worker
@@ -1373,7 +1401,7 @@ class PoolCore:
             if status == _worker.STATUS_OK:
                 value = pickle.loads(payload)
             else:
-                error = _exception_from_payload(payload)
+                error = exception_from_payload(payload)
         except BaseException as exc:
             failure = TaskUnpicklingError(
                 f"could not unpickle what task {item.label} sent back: {exc!r}"
@@ -1400,7 +1428,7 @@ class PoolCore:
         broken its caller moves on.
         """
         try:
-            cause = _exception_from_payload(payload)
+            cause = exception_from_payload(payload)
         except BaseException as exc:
             cause = exc
         with self.lock:

@@ -89,6 +89,9 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
       future that has already failed, naming the callable.
     * Python 3.14's ``terminate_workers()``, ``kill_workers()`` and
       ``map(..., buffersize=)`` on every supported version.
+    * What tasks log with :mod:`logging` reaches this process's loggers,
+      under every start method (see ``forward_logs``); ``map(...,
+      progress=True)`` shows a progress bar.
 
     Extra keyword arguments:
         process_name_prefix: name each worker ``<prefix>-<slot>``: its
@@ -114,6 +117,20 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
             their worker is refused for ``quarantine_seconds``: its futures
             fail with :class:`~duckpool.TaskQuarantinedError` instead of
             crashing more workers (``None``, the default: never).
+        forward_logs: if true (the default), every record a worker logs goes
+            to this process's logger of the same name, which emits it if it
+            is enabled for its level; the worker's own handlers (under fork,
+            copies of this process's) are replaced, so nothing is written
+            twice.  Workers mirror this process's logger levels as they were
+            when the pool started its workers.  Records carry
+            ``duckpool_pool`` (``pool_id``), ``duckpool_slot`` and
+            ``duckpool_task_id`` attributes; ``process`` is the worker's pid.
+            They are handled in the pool's dispatcher thread (or a thread
+            waiting in ``result()``), and those a task logs before it returns
+            are handled before its future resolves.  If false, workers keep
+            the logging they have (under spawn: none configured).
+        pool_id: a picklable label for this pool's forwarded log records
+            (``record.duckpool_pool``); a manager passes its id.
     """
 
     def __init__(
@@ -135,6 +152,8 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         type_limits: Optional[Mapping[str, int]] = None,
         quarantine_after: Optional[int] = None,
         quarantine_seconds: float = 60.0,
+        forward_logs: bool = True,
+        pool_id: Any = None,
     ) -> None:
         # The standard library's __init__ is not called: this class has its own
         # dispatch and shares only the public interface (isinstance keeps working).
@@ -166,6 +185,10 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
             self._dumps = pickle.dumps
         if max_memory_per_child is not None:
             import psutil  # noqa: F401 - fail here, not in every worker
+        try:
+            pickle.dumps(pool_id)
+        except Exception as exc:
+            raise TypeError(f"pool_id must be picklable, got {pool_id!r}: {exc}") from exc
         if mp_context is None:
             import multiprocessing
 
@@ -188,6 +211,8 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
                 type_limits=limits,
                 quarantine_after=quarantine_after,
                 quarantine_seconds=cooldown,
+                forward_logs=bool(forward_logs),
+                pool_id=pool_id,
             )
         )
         core.admission = self._admission
@@ -386,38 +411,72 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         fn: Callable[..., _T],
         *iterables: Iterable[Any],
         timeout: Optional[float] = None,
-        chunksize: int = 1,
+        chunksize: Optional[int] = None,
         buffersize: Optional[int] = None,
+        progress: Any = None,
     ) -> Iterator[_T]:
         """Like :func:`map`, computed in the pool; results come in input order.
 
-        ``chunksize`` sends that many calls per task.  ``buffersize`` (as in
+        ``chunksize`` sends that many calls per task.  Left out (``None``),
+        the pool chooses: about four chunks per worker, each call still
+        answering for itself (an error is raised when its own result is
+        reached, and the calls after it run, as with ``chunksize=1``); with
+        ``buffersize`` or a task timeout, one call per task.  ``buffersize`` (as in
         Python 3.14) bounds how many chunks are submitted ahead of the one
         being yielded, so an endless iterable can be mapped lazily.  Raises
         ``TimeoutError`` if a result is not ready ``timeout`` seconds after the
         call; a call that raised re-raises when its result is reached.
+
+        ``progress=True`` shows a ``tqdm`` progress bar while the results are
+        iterated, counting items (not chunks) as their chunk's results
+        arrive, with the inputs' length as total when they all have one;
+        a string is the bar's description, a dict goes to ``tqdm`` as keyword
+        arguments (``{"desc": "rows", "file": sys.stdout}``).  The bar closes
+        when the iteration ends: at the last result, at an error or timeout,
+        or when the iterator is closed.  Raises ``ImportError`` if ``tqdm``
+        is missing (``pip install "duckpool[progress]"``) and ``TypeError``
+        for another kind of ``progress``.
         """
-        return self._map(fn, iterables, timeout, chunksize, buffersize, self._task_timeout, None)
+        return self._map(
+            fn, iterables, timeout, chunksize, buffersize, self._task_timeout, None, progress
+        )
 
     def _map(
         self,
         fn: Callable[..., _T],
         iterables: tuple[Iterable[Any], ...],
         timeout: Optional[float],
-        chunksize: int,
+        chunksize: Optional[int],
         buffersize: Optional[int],
         task_timeout: Optional[float],
         kind: Optional[str],
+        progress: Any = None,
     ) -> Iterator[_T]:
-        if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
-            raise ValueError(f"chunksize must be >= 1, got {chunksize!r}")
+        automatic = chunksize is None
+        if not automatic and (
+            isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1
+        ):
+            raise ValueError(f"chunksize must be >= 1 or None, got {chunksize!r}")
         _positive_int("buffersize", buffersize)
+        make_bar = _progress_bar_factory(progress, iterables)
         deadline = None if timeout is None else time.monotonic() + timeout
-        calls = zip(*iterables)
+        calls: Iterator[tuple[Any, ...]] = zip(*iterables)
+        if automatic:
+            size = 1
+            if buffersize is None and task_timeout is None:
+                # Every call is submitted now anyway (as the stdlib does): with
+                # their number known, about four chunks per worker.
+                listed = list(calls)
+                size = max(1, -(-len(listed) // (4 * self._max_workers)))
+                calls = iter(listed)
+            run = functools.partial(_worker.run_items, fn)
+        else:
+            assert chunksize is not None
+            size = chunksize
+            run = functools.partial(_worker.run_chunk, fn)
         chunks: Iterator[list[tuple[Any, ...]]] = iter(
-            lambda: list(itertools.islice(calls, chunksize)), []
+            lambda: list(itertools.islice(calls, size)), []
         )
-        run = functools.partial(_worker.run_chunk, fn)
 
         def submit_chunk(chunk: list[tuple[Any, ...]]) -> Future[list[_T]]:
             return self._submit(run, (chunk,), {}, task_timeout, kind)
@@ -425,7 +484,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         first = chunks if buffersize is None else itertools.islice(chunks, buffersize)
         futures = deque(submit_chunk(chunk) for chunk in first)
         more = None if buffersize is None else chunks
-        return _map_results(futures, more, submit_chunk, deadline)
+        return _map_results(futures, more, submit_chunk, deadline, make_bar, automatic)
 
     # -- stopping -----------------------------------------------------------------
 
@@ -522,12 +581,13 @@ class TaskOptions:
         fn: Callable[..., _T],
         *iterables: Iterable[Any],
         timeout: Optional[float] = None,
-        chunksize: int = 1,
+        chunksize: Optional[int] = None,
         buffersize: Optional[int] = None,
+        progress: Any = None,
     ) -> Iterator[_T]:
         """``executor.map`` with these options (the task timeout applies per chunk)."""
         return self._executor._map(
-            fn, iterables, timeout, chunksize, buffersize, self._timeout, self._kind
+            fn, iterables, timeout, chunksize, buffersize, self._timeout, self._kind, progress
         )
 
 
@@ -563,14 +623,51 @@ def _check_type_limits(limits: Any) -> Optional[dict[str, int]]:
     return checked
 
 
+def _progress_bar_factory(
+    progress: Any, iterables: tuple[Iterable[Any], ...]
+) -> Optional[Callable[[], Any]]:
+    """What makes ``map``'s progress bar (None: no bar), checked at the call site."""
+    if progress is None or progress is False:
+        return None
+    if progress is True:
+        options: dict[str, Any] = {}
+    elif isinstance(progress, str):
+        options = {"desc": progress}
+    elif isinstance(progress, dict):
+        options = dict(progress)
+    else:
+        raise TypeError(
+            "progress must be a bool, a description string or a dict of tqdm "
+            f"keyword arguments, got {progress!r}"
+        )
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as exc:
+        raise ImportError(
+            'map(..., progress=...) needs tqdm: pip install "duckpool[progress]"'
+        ) from exc
+    if "total" not in options and all(hasattr(it, "__len__") for it in iterables):
+        options["total"] = min((len(it) for it in iterables), default=0)  # type: ignore[arg-type]
+    return functools.partial(tqdm, **options)
+
+
 def _map_results(
     futures: deque[Future[list[_T]]],
     more_chunks: Optional[Iterator[list[tuple[Any, ...]]]],
     submit_chunk: Callable[[list[tuple[Any, ...]]], Future[list[_T]]],
     deadline: Optional[float],
+    make_bar: Optional[Callable[[], Any]] = None,
+    item_errors: bool = False,
 ) -> Iterator[_T]:
-    """Yield map results in order, keeping ``len(futures)`` chunks in flight."""
+    """Yield map results in order, keeping ``len(futures)`` chunks in flight.
+
+    The progress bar, if any, is made when the iteration starts and closed
+    when it ends, however it ends.
+    """
+    bar = None
     try:
+        if make_bar is not None:
+            bar = make_bar()
         while futures:
             future = futures.popleft()
             if more_chunks is not None:
@@ -580,9 +677,16 @@ def _map_results(
                 raise FuturesTimeoutError()
             chunk = future.result(remaining)
             del future  # hold no reference to a result once it is handed out
+            if bar is not None:
+                bar.update(len(chunk))
             chunk.reverse()
             while chunk:
-                yield chunk.pop()
+                value = chunk.pop()
+                if item_errors and isinstance(value, _worker.ItemError):
+                    raise _core.exception_from_payload(memoryview(value.payload))
+                yield value
     finally:
         for future in futures:
             future.cancel()
+        if bar is not None:
+            bar.close()

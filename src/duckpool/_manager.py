@@ -121,6 +121,7 @@ class ProcessPoolManager:
         task_timeout: Optional[float] = None,
         quarantine_after: Optional[int] = None,
         quarantine_seconds: float = 60.0,
+        forward_logs: bool = True,
     ) -> None:
         """Start the pool, ready to accept tasks.
 
@@ -149,6 +150,11 @@ class ProcessPoolManager:
             task_timeout: default seconds a task may run.
             quarantine_after, quarantine_seconds: refuse for a while a task
                 that killed this many workers in a row.
+            forward_logs: send what tasks log to this process's loggers, each
+                record tagged with this manager's id (``record.duckpool_pool``),
+                the worker's slot and the task id (see
+                :class:`duckpool.ProcessPoolExecutor`); if false, workers keep
+                the logging they have.
 
         Raises:
             ValueError: if ``max_workers`` is not a positive int.
@@ -184,6 +190,8 @@ class ProcessPoolManager:
                 task_timeout=task_timeout,
                 quarantine_after=quarantine_after,
                 quarantine_seconds=quarantine_seconds,
+                forward_logs=bool(forward_logs),
+                pool_id=_picklable_id(self._id),
             )
             self._max_workers = max_workers
             self._task_type = task_type
@@ -251,7 +259,7 @@ class ProcessPoolManager:
         future = self.submit_task(task, *args, task_type=task_type, **kwargs)
         return await self.get_pool()._await(future)
 
-    def stop(self, wait: bool = True, timeout: Optional[float] = None) -> None:
+    def stop(self, wait: bool = True, *, timeout: Optional[float] = None) -> None:
         """Shut the pool down; calling it again is harmless.
 
         Args:
@@ -370,3 +378,14 @@ def _task_types(task_type: Union[str, Collection[str], None]) -> Optional[Frozen
     raise TypeError(
         f"task_type must be a str, a non-empty collection of str, or None, got {task_type!r}"
     )
+
+
+def _picklable_id(manager_id: Any) -> Any:
+    """A manager's id as its workers' log records carry it: itself, or its repr."""
+    import pickle
+
+    try:
+        pickle.dumps(manager_id)
+    except Exception:
+        return repr(manager_id)
+    return manager_id

@@ -13,6 +13,10 @@ the parent (``_executor``) and a worker:
   task's call itself could not be unpickled) and ``STATUS_INIT_FAILED``.  A
   worker sends one ``STATUS_READY`` frame (task id 0, no payload) once its
   initializer has run.
+* log frame (worker -> parent, when the pool forwards logs): ``STATUS_LOG``,
+  the id of the task running when the record was made (0 between tasks), and
+  the pickle of a ``logging.LogRecord``'s attributes (see ``_worker_logs``).
+  It answers no task: any number may come between two result frames.
 
 Besides the pipes, a worker shares one array with the parent: in cell
 ``slot`` it writes the id of each task it takes up (so that after a death the
@@ -43,6 +47,7 @@ STATUS_ERROR = 1
 STATUS_INIT_FAILED = 2
 STATUS_READY = 3
 STATUS_UNPICKLE_FAILED = 4
+STATUS_LOG = 5
 
 TASK_ID_BYTES = 8
 RESULT_HEADER_BYTES = TASK_ID_BYTES + 1
@@ -52,6 +57,10 @@ _PARENT_POLL_SECONDS = 0.2
 #: Bytes asked of the kernel per read(): a pipe holds 64 KiB by default.
 _READ_SIZE = 1 << 16
 _LONG_FRAME = b"\xff\xff\xff\xff"
+
+#: The id of the task this worker is running, 0 between tasks (log records
+#: carry it).
+current_task_id = 0
 
 
 def wire(frame: bytes) -> bytes:
@@ -200,6 +209,12 @@ class WorkerConfig(NamedTuple):
     max_memory: Optional[int]
     #: "pickle" or "cloudpickle": how results and errors are pickled.
     serializer: str
+    #: Forward the worker's log records to the parent, with the parent's
+    #: logger levels to mirror (``{name: level}``, ``""`` for the root); None
+    #: leaves the worker's logging alone.
+    log_levels: Optional[dict[str, int]] = None
+    #: The pool's id, tagged on forwarded records as ``duckpool_pool``.
+    pool_id: Any = None
 
 
 def encode_result(task_id: int, status: int, payload: bytes) -> bytes:
@@ -235,6 +250,34 @@ def _rss_reader() -> Callable[[], int]:
 def run_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any]:
     """Apply ``fn`` to each argument tuple of a ``map`` chunk."""
     return [fn(*args) for args in chunk]
+
+
+class ItemError:
+    """What ``run_items`` gives for an item that raised: its pickled error."""
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: bytes) -> None:
+        #: ``(exception, traceback text)``, as ``dump_exception`` pickles it.
+        self.payload = payload
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ItemError, (self.payload,))
+
+
+def run_items(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any]:
+    """Like ``run_chunk``, but an item that raises does not stop the others.
+
+    Its place holds an :class:`ItemError`, so a chunk chosen by ``map``
+    itself behaves as if every item had been its own task.
+    """
+    results: list[Any] = []
+    for args in chunk:
+        try:
+            results.append(fn(*args))
+        except BaseException as exc:  # a task's outcome, as in _run_one
+            results.append(ItemError(dump_exception(exc)))
+    return results
 
 
 def watch_parent(parent_pid: int) -> None:
@@ -299,6 +342,18 @@ def worker_main(task_conn: Connection, result_conn: Connection, config: WorkerCo
     def send(frame: bytes) -> None:
         write_all(result_fd, frame)
 
+    if config.log_levels is not None:
+        # Threads of a task may log while the main thread writes a result:
+        # frames must not interleave, so every write takes the lock.
+        write_lock = threading.Lock()
+
+        def send(frame: bytes) -> None:
+            with write_lock:
+                write_all(result_fd, frame)
+
+        from duckpool import _worker_logs
+
+        _worker_logs.install(send, config)
     if config.initializer is not None:
         try:
             config.initializer(*config.initargs)
@@ -332,6 +387,7 @@ def _serve(
     slot = config.slot
     skip_cell = config.max_workers + slot
     rss = _rss_reader() if config.max_memory is not None else None
+    global current_task_id
     while True:
         try:
             frames = recv()
@@ -345,6 +401,7 @@ def _serve(
                 return  # an empty frame: stop
             # Popped, not iterated: a frame is freed as soon as it is decoded.
             _run_one(frames.pop(), send, loads, dumps, protocol, marks, slot, skip_cell)
+            current_task_id = 0
             if rss is not None and config.max_memory is not None and rss() > config.max_memory:
                 return  # recycled: the parent requeues what was queued here
 
@@ -360,9 +417,11 @@ def _run_one(
     skip_cell: int,
 ) -> None:
     """Run one task frame and send its result frame."""
+    global current_task_id
     view = memoryview(frame)
     task_id = int.from_bytes(view[:TASK_ID_BYTES], "little")
     marks[slot] = task_id
+    current_task_id = task_id
     if marks[skip_cell] == task_id:  # cancelled while queued here
         send(encode_result(task_id, STATUS_ERROR, dump_exception(_skipped(task_id))))
         return

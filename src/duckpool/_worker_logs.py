@@ -1,0 +1,125 @@
+"""Log forwarding, the worker's side: records logged in a worker go to the parent.
+
+Imported by a worker (``_worker.worker_main``) when its pool forwards logs.
+The worker's loggers get one handler, :class:`LogForwarder`, in place of the
+handlers they had (under ``fork`` those are the parent's, inherited: left in
+place they would write a second copy of every record, and under ``spawn``
+there are none).  It sends each record, made picklable as
+``logging.handlers.QueueHandler.prepare`` does, as a ``STATUS_LOG`` frame on
+the result pipe; the parent hands it to its own logger of the same name
+(``_logs.handle_forwarded``), whose level and handlers decide what happens.
+The worker's logger levels mirror the parent's as they were when the pool
+started, so records the parent would drop are mostly not sent at all.
+
+A process forked from a worker (a task that forks) must not write to the
+worker's result pipe: there the forwarder is removed again, leaving logging
+unconfigured (warnings and worse go to stderr).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from typing import Any, Callable, Optional
+
+from duckpool import _worker
+
+#: Attribute values sent as they are when a record's attributes fail to pickle
+#: as a whole; others are sent as their repr().
+_PLAIN = (str, int, float, bool, type(None))
+
+_formatter = logging.Formatter()
+
+
+class LogForwarder(logging.Handler):
+    """Sends every record it handles to the parent as a ``STATUS_LOG`` frame.
+
+    Tags each record with ``duckpool_pool``, ``duckpool_slot`` and
+    ``duckpool_task_id`` (``record.process`` is the worker's pid already).
+    """
+
+    def __init__(self, send: Callable[[bytes], None], pool_id: Any, slot: int) -> None:
+        super().__init__(logging.NOTSET)
+        self._send = send
+        self._pool_id = pool_id
+        self._slot = slot
+
+    def emit(self, record: logging.LogRecord) -> None:
+        attributes = record.__dict__
+        if "duckpool_slot" in attributes:
+            # Sent already: the same handler sits on several loggers of the
+            # record's chain (the parent then propagates it as usual).
+            return
+        task_id = _worker.current_task_id
+        attributes["duckpool_pool"] = self._pool_id
+        attributes["duckpool_slot"] = self._slot
+        attributes["duckpool_task_id"] = task_id
+        try:
+            frame = _worker.encode_result(task_id, _worker.STATUS_LOG, dump_record(record))
+            self._send(frame)
+        except OSError:
+            pass  # the parent is gone, or closed the pipe: nobody to tell
+        except Exception:
+            self.handleError(record)
+
+
+def dump_record(record: logging.LogRecord) -> bytes:
+    """Pickle a record's attributes, as ``QueueHandler.prepare`` makes it picklable.
+
+    The message is merged with its arguments, the exception becomes its
+    traceback text (``exc_text``, which the parent's formatters print), and
+    an attribute that does not pickle is replaced by its repr().
+    """
+    state = dict(record.__dict__)
+    state["msg"] = record.getMessage()
+    state["args"] = None
+    state.pop("message", None)  # a formatter's copy of msg
+    if record.exc_info:
+        state["exc_text"] = record.exc_text or _formatter.formatException(record.exc_info)
+    state["exc_info"] = None
+    try:
+        return pickle.dumps(state, pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        plain = {k: v if isinstance(v, _PLAIN) else repr(v) for k, v in state.items()}
+        return pickle.dumps(plain, pickle.HIGHEST_PROTOCOL)
+
+
+#: The installed forwarder and the loggers it sits on (for a forked child).
+_installed: Optional[tuple[LogForwarder, list[logging.Logger]]] = None
+
+
+def install(send: Callable[[bytes], None], config: _worker.WorkerConfig) -> None:
+    """Route this worker's logging to the parent through ``send``.
+
+    The root logger, and every logger that has handlers of its own, get the
+    forwarder instead of their handlers; logger levels are set as
+    ``config.log_levels`` says.  Inherited handlers are dropped, not closed:
+    closing would flush what the parent had buffered a second time.
+    """
+    global _installed
+    forwarder = LogForwarder(send, config.pool_id, config.slot)
+    root = logging.getLogger()
+    loggers: list[logging.Logger] = [root]
+    for logger in list(logging.Logger.manager.loggerDict.values()):
+        if isinstance(logger, logging.Logger) and logger.handlers:
+            loggers.append(logger)
+    for logger in loggers:
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.addHandler(forwarder)
+    for name, level in (config.log_levels or {}).items():
+        (logging.getLogger(name) if name else root).setLevel(level)
+    _installed = (forwarder, loggers)
+    os.register_at_fork(after_in_child=_uninstall)
+
+
+def _uninstall() -> None:
+    """In a process forked from a worker: stop writing to the worker's pipe."""
+    global _installed
+    if _installed is None:
+        return
+    forwarder, loggers = _installed
+    _installed = None
+    for logger in loggers:
+        logger.removeHandler(forwarder)

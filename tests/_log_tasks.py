@@ -1,0 +1,103 @@
+"""Functions the worker-log and progress tests run in worker processes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import warnings
+from typing import Any
+
+#: The logger the worker-log tests use (the parent attaches its handler here).
+LOGGER = "duckpool_tests.worker"
+
+
+def log(level: int, message: str, *args: Any) -> int:
+    """Log one record on ``LOGGER``; return this worker's pid."""
+    logging.getLogger(LOGGER).log(level, message, *args)
+    return os.getpid()
+
+
+def log_levels_then_marker() -> int:
+    """Log one record per level, then a WARNING "marker" (the test waits for it)."""
+    logger = logging.getLogger(LOGGER)
+    logger.debug("debug record")
+    logger.info("info record")
+    logger.warning("marker")
+    return os.getpid()
+
+
+def log_exception() -> None:
+    try:
+        1 / 0  # noqa: B018
+    except ZeroDivisionError:
+        logging.getLogger(LOGGER).exception("it failed")
+
+
+def log_from_threads(threads: int, records: int, size: int) -> int:
+    """Log ``records`` large records from each of ``threads`` threads at once."""
+    logger = logging.getLogger(LOGGER)
+    start = threading.Barrier(threads)
+
+    def run(index: int) -> None:
+        start.wait()
+        for n in range(records):
+            logger.warning("thread %d record %d %s", index, n, "x" * size)
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    return os.getpid()
+
+
+def log_from_threads_while_returning(threads: int, records: int, size: int) -> bytes:
+    """Return a large result while ``threads`` threads log large records."""
+    logger = logging.getLogger(LOGGER)
+    start = threading.Barrier(threads + 1)
+
+    def run(index: int) -> None:
+        start.wait()
+        for n in range(records):
+            logger.warning("thread %d record %d %s", index, n, "x" * size)
+
+    for i in range(threads):
+        threading.Thread(target=run, args=(i,), daemon=True).start()
+    start.wait()
+    return b"r" * (16 * size)
+
+
+def log_unpicklable_extra() -> None:
+    logging.getLogger(LOGGER).warning("with a lock", extra={"lock": threading.Lock()})
+
+
+def forwarder_installed() -> bool:
+    """Does this worker's root logger forward records to the parent?"""
+    return any(type(h).__name__ == "LogForwarder" for h in logging.getLogger().handlers)
+
+
+def log_in_forked_child(message: str) -> int:
+    """Fork a child that logs ``message`` and exits; return the child's pid."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # forking a threaded worker
+        pid = os.fork()
+    if pid == 0:
+        try:
+            logging.getLogger(LOGGER).warning(message)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    return pid
+
+
+def print_and_log(text: str) -> int:
+    print(text, flush=True)
+    logging.getLogger(LOGGER).warning("logged %s", text)
+    return os.getpid()
+
+
+def fail_on(value: int, bad: int) -> int:
+    if value == bad:
+        raise ValueError(f"bad value {value}")
+    return value
