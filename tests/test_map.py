@@ -40,8 +40,11 @@ def test_an_automatic_map_raises_at_the_failing_item_and_runs_the_rest(
         with pytest.raises(ZeroDivisionError) as info:
             next(results)
         assert "Traceback" in str(info.value.__cause__)  # the worker's traceback
-        # Every call ran, as if each had been its own task (chunksize=1).
-        assert sorted(int(p.name) for p in tmp_path.iterdir()) == list(range(40))
+        # The calls after it in its chunk (40 / 4 = 10 per chunk) ran too, as
+        # if each had been its own task; the chunks not started are cancelled
+        # when the iteration stops, as the stdlib cancels the futures left.
+        ran = {int(p.name) for p in tmp_path.iterdir()}
+        assert set(range(10)) <= ran
         assert pool.stats().completed < 40
     finally:
         pool.shutdown()

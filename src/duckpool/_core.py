@@ -1729,6 +1729,8 @@ class PoolCore:
             return "stopping"
         if slot.index >= self.size or (slot.retiring and not slot.assigned):
             return "retiring"
+        if slot.assigned and self.marks[slot.index] == slot.assigned[0].task_id:
+            return "busy"  # it took its task up (its "ready" may not be read yet)
         if not slot.ready:
             return "starting"
         return "busy" if slot.assigned else "idle"

@@ -681,10 +681,10 @@ def _map_results(
                 bar.update(len(chunk))
             chunk.reverse()
             while chunk:
-                value = chunk.pop()
-                if item_errors and isinstance(value, _worker.ItemError):
-                    raise _core.exception_from_payload(memoryview(value.payload))
-                yield value
+                if item_errors and isinstance(chunk[-1], _worker.ItemError):
+                    error: Any = chunk.pop()
+                    raise _core.exception_from_payload(memoryview(error.payload))
+                yield chunk.pop()  # no local keeps what was handed out
     finally:
         for future in futures:
             future.cancel()
