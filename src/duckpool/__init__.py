@@ -10,8 +10,12 @@ The public API is the Duck framework's process-pool system
     future = manager.submit_task(pow, 2, 10, task_type="render")
     assert future.result(timeout=10) == 1024
     manager.stop()
+
+``DaskExecutor`` runs the same interface on a Dask cluster (``pip install
+"duckpool[dask]"``); ``distributed`` is imported only when one is created.
 """
 
+from duckpool._dask import DaskExecutor
 from duckpool._errors import (
     InheritedManagerError,
     ManagerNotFound,
@@ -29,6 +33,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "REGISTRY",
+    "DaskExecutor",
     "InheritedManagerError",
     "ManagerNotFound",
     "ProcessPoolExecutor",

@@ -93,9 +93,30 @@ def _default_start_method() -> str:
 
 
 def _run_bench(args: list[str]) -> int:
+    backend, args = _take_backend(args)
+    if backend == "dask":
+        from duckpool import _bench_dask  # lazy: needs the dask extra
+
+        return _bench_dask.main(args)
+    if backend != "local":
+        print(
+            f"duckpool bench: --backend must be 'local' or 'dask', got {backend!r}", file=sys.stderr
+        )
+        return 2
     from duckpool import _bench  # lazy: the harness imports the peers it measures
 
     return _bench.main(args)
+
+
+def _take_backend(args: list[str]) -> tuple[str, list[str]]:
+    """Split ``--backend NAME`` (or ``--backend=NAME``) off the bench arguments."""
+    rest = list(args)
+    for i, arg in enumerate(rest):
+        if arg == "--backend" and i + 1 < len(rest):
+            return rest[i + 1], rest[:i] + rest[i + 2 :]
+        if arg.startswith("--backend="):
+            return arg.split("=", 1)[1], rest[:i] + rest[i + 1 :]
+    return "local", rest
 
 
 def _run_info() -> int:

@@ -8,8 +8,9 @@ import threading
 import weakref
 from concurrent.futures import Future
 from multiprocessing.context import BaseContext
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
+from duckpool._dask import DaskExecutor
 from duckpool._errors import InheritedManagerError, UnknownTaskError
 from duckpool._executor import ProcessPoolExecutor
 from duckpool._registry import REGISTRY
@@ -18,11 +19,14 @@ __all__ = ["ProcessPoolManager"]
 
 _instances_lock = threading.Lock()
 
+_BACKENDS = ("local", "dask")
+
 
 class ProcessPoolManager:
     """A process pool with task-type protection, owned by the process that made it.
 
-    ``start()`` creates the pool (a :class:`duckpool.ProcessPoolExecutor`);
+    ``start()`` creates the pool (a :class:`duckpool.ProcessPoolExecutor`, or
+    with ``backend="dask"`` a :class:`duckpool.DaskExecutor`);
     ``submit_task()`` runs work on it, refusing tasks of the wrong type;
     ``stop()`` shuts it down.  A worker that dies fails only the task it was
     running; the pool replaces it and goes on.  Usually obtained through
@@ -48,12 +52,13 @@ class ProcessPoolManager:
         self._id: Any = None
         self._owner_pid = os.getpid()
         self._lock = threading.RLock()
-        self._pool: Optional[ProcessPoolExecutor] = None
+        self._pool: Optional[Union[ProcessPoolExecutor, DaskExecutor]] = None
         self._max_workers: Optional[int] = None
         self._daemon: Optional[bool] = None
         self._task_type: Optional[str] = None
         self._process_name_prefix: Optional[str] = None
         self._mp_context: Optional[BaseContext] = None
+        self._backend = "local"
         self._stopped = False
         with _instances_lock:
             ProcessPoolManager.__instances.append(weakref.ref(self))
@@ -109,10 +114,18 @@ class ProcessPoolManager:
         daemon: bool = False,
         process_name_prefix: Optional[str] = None,
         mp_context: Optional[BaseContext] = None,
+        *,
+        backend: str = "local",
+        address: Any = None,
     ) -> None:
         """Start the pool, ready to accept tasks.
 
-        Workers start on the first submitted task.
+        With the default ``backend="local"``, workers start on the first
+        submitted task.  With ``backend="dask"`` the pool is a
+        :class:`duckpool.DaskExecutor`: the tasks run on a Dask cluster, a
+        typed pool's only on workers offering its type as a Dask resource
+        (``{task_type: 1}``); ``submit_task``, ``run``, ``stop`` and the
+        registry work as for a local pool.
 
         Args:
             max_workers: the number of worker processes (a positive int).
@@ -125,9 +138,22 @@ class ProcessPoolManager:
                 title ``ps`` and ``top`` show; a replacement keeps its slot.
             mp_context: a multiprocessing context (fork, spawn or forkserver);
                 the default context if ``None``.
+            backend: ``"local"`` (worker processes of this machine) or
+                ``"dask"`` (needs ``pip install "duckpool[dask]"``).
+            address: Dask only: None starts a LocalCluster of ``max_workers``
+                worker processes whose workers offer ``task_type``; a scheduler
+                address or a ``distributed.Client`` uses that cluster (its
+                workers must offer ``task_type``, e.g. ``dask worker
+                --resources "render=1"``; ``max_workers`` is then not used).
+                ``stop()`` closes only the Client and cluster the pool created.
+                ``daemon`` does not apply to Dask, whose workers the cluster
+                manages; ``process_name_prefix`` and ``mp_context`` are refused.
 
         Raises:
-            ValueError: if ``max_workers`` is not a positive int.
+            ValueError: if ``max_workers`` is not a positive int, ``backend``
+                is unknown, ``address`` is given for the local backend, or
+                ``process_name_prefix``/``mp_context`` for the Dask backend.
+            ImportError: for ``backend="dask"`` without ``distributed`` installed.
             TypeError: if another argument has the wrong type.
             RuntimeError: if the pool is already running.
         """
@@ -144,17 +170,26 @@ class ProcessPoolManager:
             raise TypeError(
                 f"mp_context must be a multiprocessing context, got {mp_context!r}"
             )
+        _check_backend(backend, address, process_name_prefix, mp_context)
         with self._lock:
             if self._pool is not None:
                 raise RuntimeError(
                     f"process pool manager {self._id!r} is already running; stop() it first"
                 )
-            self._pool = ProcessPoolExecutor(
-                max_workers,
-                mp_context,
-                process_name_prefix=process_name_prefix,
-                daemon=bool(daemon),
-            )
+            if backend == "dask":
+                self._pool = DaskExecutor(
+                    max_workers,
+                    address,
+                    task_types=None if task_type is None or address is not None else [task_type],
+                )
+            else:
+                self._pool = ProcessPoolExecutor(
+                    max_workers,
+                    mp_context,
+                    process_name_prefix=process_name_prefix,
+                    daemon=bool(daemon),
+                )
+            self._backend = backend
             self._max_workers = max_workers
             self._task_type = task_type
             self._daemon = bool(daemon)
@@ -162,8 +197,12 @@ class ProcessPoolManager:
             self._mp_context = mp_context
             self._stopped = False
 
-    def get_pool(self) -> ProcessPoolExecutor:
-        """Return the running pool (a ``concurrent.futures.ProcessPoolExecutor``).
+    def get_pool(self) -> Any:
+        """Return the running pool.
+
+        A :class:`duckpool.ProcessPoolExecutor` (a ``concurrent.futures.ProcessPoolExecutor``),
+        or with ``backend="dask"`` a :class:`duckpool.DaskExecutor` (a
+        ``concurrent.futures.Executor``).
 
         Raises:
             RuntimeError: if the manager has not been started or was stopped.
@@ -187,17 +226,20 @@ class ProcessPoolManager:
 
         A task that raises delivers its exception through the future; a task
         whose worker dies fails with :class:`~duckpool.WorkerDiedError`; the
-        pool goes on serving in both cases.
+        pool goes on serving in both cases.  On the Dask backend a typed
+        pool's task runs only on workers offering its type as a resource.
 
         Raises:
             UnknownTaskError: if the pool was started with a ``task_type`` and
                 this task's type differs (an untyped task included).
             RuntimeError: if the manager is not running.
         """
-        pool = self.get_pool()
+        pool: Union[ProcessPoolExecutor, DaskExecutor] = self.get_pool()
         pool_type = self._task_type
         if pool_type is not None and task_type != pool_type:
             raise UnknownTaskError(task_type, pool_type)
+        if isinstance(pool, DaskExecutor):
+            return pool._submit(task, args, kwargs, pool_type, pool.task_timeout)
         return pool.submit(task, *args, **kwargs)
 
     async def run(
@@ -213,7 +255,8 @@ class ProcessPoolManager:
         task cancels the pool task, stopping its worker if it is running.
         """
         future = self.submit_task(task, *args, task_type=task_type, **kwargs)
-        return await self.get_pool()._await(future)
+        pool: Union[ProcessPoolExecutor, DaskExecutor] = self.get_pool()
+        return await pool._await(future)
 
     def stop(self, wait: bool = True) -> None:
         """Shut the pool down; calling it again is harmless.
@@ -259,10 +302,12 @@ class ProcessPoolManager:
             "_daemon": self._daemon,
             "_task_type": self._task_type,
             "_process_name_prefix": self._process_name_prefix,
+            "_backend": self._backend,
         }
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("_backend", "local")
         self._creator_process = None
         self._lock = threading.RLock()
         self._pool = None
@@ -281,7 +326,9 @@ class ProcessPoolManager:
         return "stopped" if self._stopped else "new"
 
     def _start_method(self) -> Optional[str]:
-        if self._pool is not None:
+        if self._backend == "dask":
+            return None
+        if isinstance(self._pool, ProcessPoolExecutor):
             return self._pool.start_method
         if self._mp_context is not None:
             return str(self._mp_context.get_start_method())
@@ -292,8 +339,39 @@ class ProcessPoolManager:
             f"<{type(self).__name__} id={self._id!r} state={self.state} "
             f"max_workers={self._max_workers} task_type={self._task_type!r} "
             f"start_method={self._start_method()!r} daemon={self._daemon} "
-            f"owner_pid={self._owner_pid}>"
+            f"owner_pid={self._owner_pid} backend={self._backend!r}>"
         )
 
     def __str__(self) -> str:
         return self.__repr__()
+
+
+def _check_backend(
+    backend: Any,
+    address: Any,
+    process_name_prefix: Optional[str],
+    mp_context: Optional[BaseContext],
+) -> None:
+    """Refuse a backend and options that do not go together, naming them."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be 'local' or 'dask', got {backend!r}")
+    if backend == "local" and address is not None:
+        raise ValueError(
+            f"address applies to backend='dask' only, got address={address!r} "
+            "with backend='local'"
+        )
+    if backend == "dask":
+        refused = [
+            name
+            for name, value in (
+                ("process_name_prefix", process_name_prefix),
+                ("mp_context", mp_context),
+            )
+            if value is not None
+        ]
+        if refused:
+            raise ValueError(
+                f"{' and '.join(refused)} {'applies' if len(refused) == 1 else 'apply'} "
+                "to backend='local' only: Dask's "
+                "workers are started and named by the Dask cluster"
+            )
