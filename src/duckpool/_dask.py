@@ -118,7 +118,7 @@ class DaskExecutor(Executor):
             ``address`` is None (default: the CPUs this process may use);
             ignored for an existing cluster, whose size is its own.
         address: None to start a ``distributed.LocalCluster`` of worker
-            processes (one thread each, no dashboard, on 127.0.0.1); a
+            processes (one thread each, on 127.0.0.1, no dashboard); a
             scheduler address (``"tcp://host:8786"``); or a connected,
             synchronous ``distributed.Client``.
         task_types: the task types the started LocalCluster's workers offer
@@ -673,7 +673,10 @@ def _start_local_cluster(
         "threads_per_worker": 1,
         "processes": True,
         "host": "127.0.0.1",
-        "dashboard_address": None,  # no HTTP port to collide with
+        # No dashboard, and the scheduler's HTTP endpoint (it always has one) on
+        # a free loopback port: with None it would try 8787 first and warn if taken.
+        "dashboard_address": "127.0.0.1:0",
+        "scheduler_kwargs": {"dashboard": False},
         "silence_logs": logging.CRITICAL,  # a killed worker is reported through its future
     }
     if task_types:
