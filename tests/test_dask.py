@@ -21,6 +21,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -410,3 +411,38 @@ def test_manager_start_rejects_options_that_do_not_fit_the_backend(
     with pytest.raises(ValueError, match=message):
         manager.start(max_workers=1, **arguments)
     assert manager.state == "new"
+
+
+# --- the command line -----------------------------------------------------------------
+
+
+def _duckpool(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m duckpool ARGS`` in a fresh interpreter, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "duckpool", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_demo_on_dask_runs_every_step_and_leaves_no_worker() -> None:
+    done = _duckpool("demo", "--backend", "dask")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "backend 'dask'" in done.stdout
+    assert "-> WorkerDiedError" in done.stdout
+    assert "none of their" in done.stdout and "left running" in done.stdout
+    assert "INFO" not in done.stdout + done.stderr
+
+
+def test_demo_refuses_start_method_with_dask() -> None:
+    done = _duckpool("demo", "--backend", "dask", "--start-method", "spawn")
+    assert done.returncode == 2
+    assert "--start-method" in done.stderr
+
+
+def test_bench_on_dask_reports_the_overhead_ratio() -> None:
+    done = _duckpool("bench", "--backend", "dask", "--tasks", "20", "--reps", "1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"overhead ratio DaskExecutor / plain: \d+\.\d+", done.stdout), done.stdout

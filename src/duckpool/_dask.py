@@ -459,9 +459,12 @@ class DaskExecutor(Executor):
             except Exception as exc:  # the client went away meanwhile
                 error = exc
         if isinstance(error, self._killed_worker):
+            # KilledWorker's own text is a paragraph; keep the worker's address.
+            worker = getattr(getattr(error, "last_worker", None), "address", None)
+            where = f" ({worker})" if worker else ""
             died = WorkerDiedError(
-                f"the Dask worker running {task.label} died before returning its result "
-                f"(the scheduler gave up on the task: {error})"
+                f"the Dask worker{where} running {task.label} died before returning its "
+                "result; the scheduler gave up on the task (distributed.KilledWorker)"
             )
             died.__cause__ = error
             return died
