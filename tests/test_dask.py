@@ -21,10 +21,12 @@ import itertools
 import logging
 import multiprocessing
 import os
+import pickle
 import re
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -168,6 +170,15 @@ def test_submit_rejects_a_non_callable(executor: DaskExecutor) -> None:
         executor.submit(42)  # type: ignore[arg-type]
 
 
+def test_unpicklable_argument_fails_the_future_with_pickling_error(
+    executor: DaskExecutor,
+) -> None:
+    future = executor.submit(_tasks.echo, threading.Lock())
+    with pytest.raises(pickle.PicklingError, match="echo"):
+        future.result(timeout=RESULT_TIMEOUT)
+    assert executor.submit(_tasks.add, 1, 2).result(timeout=RESULT_TIMEOUT) == 3
+
+
 # --- timeouts, cancelling, worker death ------------------------------------------------
 
 
@@ -268,6 +279,20 @@ def test_shutdown_without_wait_returns_and_the_futures_still_resolve(
     pool.shutdown(wait=False)
     assert [f.result(timeout=RESULT_TIMEOUT) for f in futures] == [0, 1, 2]
     assert pool._closed.wait(RESULT_TIMEOUT)
+
+
+def test_shutdown_does_not_wait_for_a_timed_out_task_dask_never_reports() -> None:
+    # A result Dask cannot serialize stays on its worker: the task is never
+    # reported, so only its timeout resolves the future, and shutdown must not
+    # wait for it.  Its own LocalCluster: that worker's link may not recover.
+    pool = DaskExecutor(1)
+    future = pool.options(timeout=1).submit(threading.Lock)
+    with pytest.raises(TaskTimeoutError):
+        future.result(timeout=RESULT_TIMEOUT)
+    closer = threading.Thread(target=pool.shutdown, daemon=True)
+    closer.start()
+    closer.join(RESULT_TIMEOUT)
+    assert not closer.is_alive(), "shutdown() waited for a task nobody waits for"
 
 
 def test_shutdown_leaves_a_client_passed_in_open(scheduler_address: str) -> None:

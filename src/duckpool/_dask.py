@@ -25,10 +25,12 @@ and where each future is resolved::
         deadline passed -> set_exception(TaskTimeoutError); the Dask task is cancelled
     Future.cancel() / cancel_task() in any thread -> the Dask task is cancelled
     shutdown(): refuse new work; cancel_futures -> cancel every unresolved future;
-        wait until the bridge has drained _tasks; stop both threads; close the Client
-        and the LocalCluster if this executor created them; any future still
-        unresolved is cancelled.  wait=False does the same in a "duckpool-dask-closer"
-        thread.
+        wait until the bridge has settled every future a caller still waits for;
+        forget the tasks Dask never reported (cancelled or timed out already); stop
+        both threads; close the Client and the LocalCluster if this executor created
+        them; any future still unresolved is cancelled.  wait=False does the same in
+        a "duckpool-dask-closer" thread.
+    submit() of a call Dask cannot serialize -> a future failed with PicklingError.
 
 A settled future is never settled again: whichever path comes first wins (the
 ``InvalidStateError`` of the losers is swallowed), and the bridge still pops the
@@ -44,6 +46,7 @@ import heapq
 import itertools
 import logging
 import os
+import pickle
 import threading
 import time
 from collections import deque
@@ -140,7 +143,8 @@ class DaskExecutor(Executor):
     death fails its task only once the scheduler gives up on it: at once on
     the LocalCluster (``allowed-failures`` 0), after the scheduler's retries
     on an existing cluster.  A typed task waits until a worker offering its
-    type exists.
+    type exists.  A result Dask cannot serialize stays on its worker (Dask
+    logs it), so only a timeout or a cancel resolves that task's future.
     """
 
     def __init__(
@@ -315,11 +319,20 @@ class DaskExecutor(Executor):
         call = functools.partial(fn, **kwargs) if kwargs else fn
         resources = None if task_type is None else {task_type: 1}
         future: Future[Any] = Future()
+        label = _callable_label(fn)
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            dask_future = self._client.submit(call, *args, pure=False, resources=resources)
-            task = _Task(future, dask_future, _callable_label(fn), timeout, as_list)
+            try:
+                dask_future = self._client.submit(call, *args, pure=False, resources=resources)
+            except (TypeError, pickle.PicklingError) as exc:
+                # Dask serializes the call in submit(); as on the local backend,
+                # a call that cannot be sent gives a future that has failed.
+                error = pickle.PicklingError(f"cannot send {label} to a Dask worker: {exc}")
+                error.__cause__ = exc
+                future.set_exception(error)
+                return future
+            task = _Task(future, dask_future, label, timeout, as_list)
             self._tasks[dask_future.key] = task
             self._completed.add(dask_future)
             self._changed.notify_all()
@@ -332,6 +345,9 @@ class DaskExecutor(Executor):
         """A future was cancelled by its caller: have Dask forget the task too."""
         if future.cancelled() and not getattr(self._bulk, "cancelling", False):
             self._cancel_dask([task])
+        if self._shutdown:  # a close may be waiting for this future
+            with self._lock:
+                self._changed.notify_all()
 
     def _cancel_dask(self, tasks: list[_Task]) -> None:
         pending = [t.dask_future for t in tasks if not t.dask_future.done()]
@@ -419,7 +435,9 @@ class DaskExecutor(Executor):
             with self._lock:
                 while not self._tasks and not self._closing and not self._client_closed:
                     self._changed.wait()
-                if self._client_closed or (self._closing and not self._tasks):
+                if self._client_closed or (
+                    self._closing and (not self._tasks or completed.is_empty())
+                ):
                     return
             try:
                 dask_future, value = next(completed)
@@ -514,11 +532,16 @@ class DaskExecutor(Executor):
     def _close(self) -> None:
         try:
             with self._lock:
-                while self._tasks:
+                # Only the futures a caller still waits for hold the close up: a
+                # cancelled or timed-out task may never be reported (its result
+                # stuck on a worker), and nobody waits for it.
+                while any(not task.future.done() for task in self._tasks.values()):
                     self._changed.wait()
                 self._closing = True
                 self._changed.notify_all()
                 timer = self._timer
+            # Forget the unreported rest, so that the bridge's next() returns.
+            self._completed.clear()
             self._bridge.join()
             if timer is not None:
                 timer.stop()
