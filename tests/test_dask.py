@@ -295,6 +295,28 @@ def test_shutdown_does_not_wait_for_a_timed_out_task_dask_never_reports() -> Non
     assert not closer.is_alive(), "shutdown() waited for a task nobody waits for"
 
 
+EXIT_SCRIPT = """
+import sys
+import _tasks
+from duckpool import get_or_create_process_manager
+
+if __name__ == "__main__":
+    manager = get_or_create_process_manager("exit")
+    manager.start(max_workers=1, backend="dask")
+    manager.submit_task(_tasks.touch_after, sys.argv[1], 1.0)
+"""
+
+
+def test_interpreter_exit_waits_for_submitted_tasks(tmp_path: Path) -> None:
+    script, flag = tmp_path / "exit_script.py", tmp_path / "finished"
+    script.write_text(EXIT_SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script), str(flag)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert flag.exists(), "exit did not wait for the submitted task"
+
+
 def test_shutdown_leaves_a_client_passed_in_open(scheduler_address: str) -> None:
     with distributed.Client(scheduler_address, set_as_default=False) as client:
         with DaskExecutor(address=client) as pool:

@@ -31,6 +31,8 @@ and where each future is resolved::
         them; any future still unresolved is cancelled.  wait=False does the same in
         a "duckpool-dask-closer" thread.
     submit() of a call Dask cannot serialize -> a future failed with PicklingError.
+    interpreter exit (threading's exit hook, before the Clients stop working) ->
+        shutdown(wait=True), or for a daemon executor shutdown(cancel_futures=True).
 
 A settled future is never settled again: whichever path comes first wins (the
 ``InvalidStateError`` of the losers is swallowed), and the bridge still pops the
@@ -41,6 +43,7 @@ code already running on a worker.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import heapq
 import itertools
@@ -49,6 +52,7 @@ import os
 import pickle
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future, InvalidStateError
@@ -132,6 +136,10 @@ class DaskExecutor(Executor):
             (so waiting for a free worker counts); ``None``: no limit.
         cluster_options: extra keyword arguments for the LocalCluster (they
             override duckpool's defaults); only with ``address=None``.
+        daemon: if true, interpreter exit cancels the submitted tasks
+            (best-effort) instead of waiting for them; by default it waits for
+            them and closes what the executor created, as ``shutdown(wait=True)``
+            does, whether or not ``shutdown`` was called.
 
     ``shutdown`` closes only what the executor created: the LocalCluster and
     the Client it started, or the Client it opened to ``address``; a Client
@@ -155,6 +163,7 @@ class DaskExecutor(Executor):
         task_types: Optional[Iterable[str]] = None,
         task_timeout: Optional[float] = None,
         cluster_options: Optional[Mapping[str, Any]] = None,
+        daemon: bool = False,
     ) -> None:
         workers = _positive_int("max_workers", max_workers)
         self._task_timeout = _check_timeout("task_timeout", task_timeout)
@@ -202,6 +211,7 @@ class DaskExecutor(Executor):
             )
         self._killed_worker: type[BaseException] = distributed.KilledWorker
         self._task_types = types
+        self._daemon = bool(daemon)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # _tasks or the state changed
         self._tasks: dict[Any, _Task] = {}
@@ -219,6 +229,8 @@ class DaskExecutor(Executor):
             target=self._bridge_loop, name="duckpool-dask-bridge", daemon=True
         )
         self._bridge.start()
+        _live_executors.add(self)
+        _register_exit_handler()
 
     # -- properties -----------------------------------------------------------------
 
@@ -523,7 +535,7 @@ class DaskExecutor(Executor):
                 self._close()
                 return
             self._closer = threading.Thread(
-                target=self._close, name="duckpool-dask-closer", daemon=False
+                target=self._close, name="duckpool-dask-closer", daemon=self._daemon
             )
             self._closer.start()
         if wait:
@@ -548,6 +560,7 @@ class DaskExecutor(Executor):
             self._close_client()
         finally:
             self._closed.set()
+            _live_executors.discard(self)
 
     def _close_client(self) -> None:
         try:
@@ -584,6 +597,40 @@ class DaskExecutor(Executor):
             f"<duckpool.DaskExecutor {state} {where} {self.scheduler_address} "
             f"max_workers={self._max_workers} task_types={list(self._task_types)!r}>"
         )
+
+
+_live_executors: weakref.WeakSet[DaskExecutor] = weakref.WeakSet()
+_exit_handler_lock = threading.Lock()
+_exit_handler_registered = False
+
+
+def _register_exit_handler() -> None:
+    """Register :func:`_shut_down_at_exit`, once, after ``distributed`` is imported.
+
+    It must run before the interpreter joins its threads: from then on no
+    ThreadPoolExecutor takes work, and distributed hands results to one (its
+    offload thread), so a Client can no longer deliver them.  That is
+    threading's exit hook (concurrent.futures uses it too; the last registered
+    runs first, so ours runs before theirs), and atexit, after which
+    distributed closes its clusters, only where it is missing.
+    """
+    global _exit_handler_registered
+    with _exit_handler_lock:
+        if not _exit_handler_registered:
+            register = getattr(threading, "_register_atexit", atexit.register)
+            register(_shut_down_at_exit)
+            _exit_handler_registered = True
+
+
+def _shut_down_at_exit() -> None:
+    """Interpreter exit: wait for each executor's tasks, or cancel a daemon's."""
+    for executor in list(_live_executors):
+        if executor._owner_pid != os.getpid():
+            continue
+        if executor._daemon:
+            executor.shutdown(wait=False, cancel_futures=True)
+        else:
+            executor.shutdown(wait=True)
 
 
 class DaskTaskOptions:

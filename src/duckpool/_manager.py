@@ -146,8 +146,9 @@ class ProcessPoolManager:
                 workers must offer ``task_type``, e.g. ``dask worker
                 --resources "render=1"``; ``max_workers`` is then not used).
                 ``stop()`` closes only the Client and cluster the pool created.
-                ``daemon`` does not apply to Dask, whose workers the cluster
-                manages; ``process_name_prefix`` and ``mp_context`` are refused.
+                ``daemon=True`` makes exit cancel the submitted tasks (best-effort)
+                instead of waiting for them; ``process_name_prefix`` and
+                ``mp_context`` are refused (the cluster starts its workers).
 
         Raises:
             ValueError: if ``max_workers`` is not a positive int, ``backend``
@@ -181,6 +182,7 @@ class ProcessPoolManager:
                     max_workers,
                     address,
                     task_types=None if task_type is None or address is not None else [task_type],
+                    daemon=bool(daemon),
                 )
             else:
                 self._pool = ProcessPoolExecutor(
