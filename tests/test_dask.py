@@ -271,6 +271,18 @@ def test_shutdown_cancel_futures_resolves_every_future(scheduler_address: str, g
     assert not pool._bridge.is_alive()
 
 
+def test_shutdown_stops_the_executors_threads(scheduler_address: str) -> None:
+    def ours() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("duckpool-dask-")]
+
+    before = ours()
+    pool = DaskExecutor(address=scheduler_address)
+    assert pool.options(timeout=10).submit(_tasks.add, 1, 1).result(RESULT_TIMEOUT) == 2
+    assert len(ours()) == len(before) + 2  # the bridge and the timeout timer
+    pool.shutdown(wait=True)
+    assert ours() == before
+
+
 def test_shutdown_without_wait_returns_and_the_futures_still_resolve(
     scheduler_address: str,
 ) -> None:
