@@ -123,6 +123,11 @@ def noop() -> None:
     pass
 
 
+def env_value(name: str) -> Optional[str]:
+    """The worker's environment variable ``name`` (a Dask worker's role in test_dask)."""
+    return os.environ.get(name)
+
+
 def start_child_process(method: Optional[str] = None) -> Optional[int]:
     """Start a child process from inside the task; return its exit code."""
     ctx = multiprocessing.get_context(method)

@@ -53,6 +53,17 @@ else:
 START_METHODS = ("fork", "spawn", "forkserver")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the Dask tests (marker ``dask``) after every other test.
+
+    A distributed Client leaves threads behind in this process once closed
+    (its offload thread lives as long as the interpreter), and no pool may
+    fork from a multi-threaded process: on 3.12+ that is a DeprecationWarning,
+    an error here.  The sort is stable, so every other test keeps its order.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("dask") is not None)
+
+
 @pytest.fixture(params=START_METHODS, ids=START_METHODS)
 def start_method(request: pytest.FixtureRequest) -> str:
     """The name of a multiprocessing start method; every pool test runs under each."""

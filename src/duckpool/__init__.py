@@ -10,11 +10,15 @@ The public API is the Duck framework's process-pool system
     future = manager.submit_task(pow, 2, 10, task_type="render")
     assert future.result(timeout=10) == 1024
     manager.stop()
+
+``DaskExecutor`` runs the same interface on a Dask cluster (``pip install
+"duckpool[dask]"``); ``distributed`` is imported only when one is created.
 """
 
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from duckpool._dask import DaskExecutor
     from duckpool._errors import (
         InheritedManagerError,
         ManagerNotFound,
@@ -37,6 +41,7 @@ if TYPE_CHECKING:
 #: a worker process, which needs only ``duckpool._worker``, does not import
 #: the parent's machinery (what spawn and forkserver pay for at every start).
 _EXPORTS = {
+    "DaskExecutor": "duckpool._dask",
     "InheritedManagerError": "duckpool._errors",
     "ManagerNotFound": "duckpool._errors",
     "PoolSaturatedError": "duckpool._errors",
@@ -97,6 +102,7 @@ def register_prometheus(registry: Any = None, executors: Any = None) -> Any:
 
 __all__ = [
     "REGISTRY",
+    "DaskExecutor",
     "InheritedManagerError",
     "ManagerNotFound",
     "PoolSaturatedError",

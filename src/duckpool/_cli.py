@@ -49,7 +49,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = _build_parser()
     options = parser.parse_args(args)
     if options.command == "demo":
-        return run_demo(options.start_method)
+        if options.backend == "dask" and options.start_method is not None:
+            parser.error("--start-method applies to --backend local only")
+        return run_demo(options.start_method, backend=options.backend)
     if options.command == "info":
         return _run_info()
     parser.print_help()
@@ -75,10 +77,18 @@ def _build_parser() -> argparse.ArgumentParser:
         help="how workers are started (default: the platform default, "
         f"here {_default_start_method()!r})",
     )
+    demo.add_argument(
+        "--backend",
+        choices=("local", "dask"),
+        default="local",
+        help="local worker processes (default), or a Dask LocalCluster per pool "
+        '(needs pip install "duckpool[dask]")',
+    )
     commands.add_parser(
         "bench",
         add_help=False,
-        help="compare duckpool with its peers (see 'duckpool bench --help')",
+        help="compare duckpool with its peers (see 'duckpool bench --help'); "
+        "'duckpool bench --backend dask' measures the Dask backend's overhead",
     )
     commands.add_parser(
         "info",
@@ -93,9 +103,30 @@ def _default_start_method() -> str:
 
 
 def _run_bench(args: list[str]) -> int:
+    backend, args = _take_backend(args)
+    if backend == "dask":
+        from duckpool import _bench_dask  # lazy: needs the dask extra
+
+        return _bench_dask.main(args)
+    if backend != "local":
+        print(
+            f"duckpool bench: --backend must be 'local' or 'dask', got {backend!r}", file=sys.stderr
+        )
+        return 2
     from duckpool import _bench  # lazy: the harness imports the peers it measures
 
     return _bench.main(args)
+
+
+def _take_backend(args: list[str]) -> tuple[str, list[str]]:
+    """Split ``--backend NAME`` (or ``--backend=NAME``) off the bench arguments."""
+    rest = list(args)
+    for i, arg in enumerate(rest):
+        if arg == "--backend" and i + 1 < len(rest):
+            return rest[i + 1], rest[:i] + rest[i + 2 :]
+        if arg.startswith("--backend="):
+            return arg.split("=", 1)[1], rest[:i] + rest[i + 1 :]
+    return "local", rest
 
 
 def _run_info() -> int:
@@ -230,13 +261,29 @@ class _DemoFailure(Exception):
     """duckpool did not behave as the demo promises."""
 
 
-def run_demo(start_method: Optional[str] = None) -> int:
-    """Run ``duckpool demo``; return 0 when every step behaved as shown."""
+def run_demo(start_method: Optional[str] = None, backend: str = "local") -> int:
+    """Run ``duckpool demo``; return 0 when every step behaved as shown.
+
+    With ``backend="dask"`` each pool is a Dask LocalCluster of worker
+    processes (``start(backend="dask")``); returns 1 if ``distributed`` is missing.
+    """
     began = time.monotonic()
     method = start_method or _default_start_method()
     context = multiprocessing.get_context(method)
-    how = "the platform default" if start_method is None else "--start-method"
-    _say(f"duckpool {duckpool.__version__} demo: start method {method!r} ({how})")
+    if backend == "dask":
+        try:
+            import distributed  # noqa: F401
+        except ImportError:
+            _say('duckpool demo --backend dask needs distributed: pip install "duckpool[dask]"')
+            return 1
+        _quiet_dask_logging()
+        _say(
+            f"duckpool {duckpool.__version__} demo: backend 'dask' "
+            "(each pool a LocalCluster of worker processes)"
+        )
+    else:
+        how = "the platform default" if start_method is None else "--start-method"
+        _say(f"duckpool {duckpool.__version__} demo: start method {method!r} ({how})")
     _say()
 
     render = get_or_create_process_manager("render")
@@ -245,7 +292,7 @@ def run_demo(start_method: Optional[str] = None) -> int:
     dead_workers: dict[int, str] = {}  # pid -> how it ended
     exit_status = 0
     try:
-        _demo_steps(render, reports, context, tallies, dead_workers)
+        _demo_steps(render, reports, context, tallies, dead_workers, backend)
     except _DemoFailure as exc:
         _say(f"\nDEMO FAILED: {exc}")
         exit_status = 1
@@ -281,6 +328,20 @@ def run_demo(start_method: Optional[str] = None) -> int:
     if exit_status == 0:
         _say(f"\nBoth pools stopped; none of their {len(workers)} workers is left running.")
     return exit_status
+
+
+def _quiet_dask_logging() -> None:
+    """Keep distributed's log lines out of the demo's output.
+
+    Each LocalCluster silences distributed's handlers while it runs, but on
+    close restores the level it found, so stopping the first of two clusters
+    lets the second one's shutdown chatter through.  What the demo shows goes
+    through futures, not logs.
+    """
+    import logging
+
+    for handler in logging.getLogger("distributed").handlers:
+        handler.addFilter(lambda record: record.levelno >= logging.CRITICAL)
 
 
 def _call_text(task: Callable[..., Receipt], args: tuple[Any, ...]) -> str:
@@ -323,23 +384,40 @@ def _demo_steps(
     context: multiprocessing.context.BaseContext,
     tallies: dict[str, _PoolTally],
     dead_workers: dict[int, str],
+    backend: str = "local",
 ) -> None:
     render_tally, reports_tally = tallies["render"], tallies["reports"]
+    on_dask = backend == "dask"
 
     _say("1. Two named, typed pools in one process")
     for manager, tally in ((render, render_tally), (reports, reports_tally)):
-        manager.start(
-            max_workers=tally.workers,
-            task_type=tally.name,
-            process_name_prefix=f"duckpool-{tally.name}",
-            mp_context=context,
+        if on_dask:
+            # A LocalCluster per pool, whose workers offer the pool's type as a resource.
+            manager.start(max_workers=tally.workers, task_type=tally.name, backend="dask")
+        else:
+            manager.start(
+                max_workers=tally.workers,
+                task_type=tally.name,
+                process_name_prefix=f"duckpool-{tally.name}",
+                mp_context=context,
+            )
+    if on_dask:
+        _say(
+            _table(
+                ("pool id", "task_type", "workers", "scheduler"),
+                [
+                    (t.name, t.name, t.workers, m.get_pool().scheduler_address)
+                    for t, m in ((render_tally, render), (reports_tally, reports))
+                ],
+            )
         )
-    _say(
-        _table(
-            ("pool id", "task_type", "workers", "process_name_prefix"),
-            [(t.name, t.name, t.workers, f"duckpool-{t.name}") for t in tallies.values()],
+    else:
+        _say(
+            _table(
+                ("pool id", "task_type", "workers", "process_name_prefix"),
+                [(t.name, t.name, t.workers, f"duckpool-{t.name}") for t in tallies.values()],
+            )
         )
-    )
     _say(f"    {render!r}")
     _say(f"    {reports!r}")
 
@@ -406,10 +484,16 @@ def _demo_steps(
             dead_workers[exc.pid] = f"(gone: {ended})"
             render_tally.pids.setdefault(exc.pid, f"duckpool-render-{exc.slot}")
         _say(f"    crash_worker() -> WorkerDiedError: {exc}")
-        _say(
-            f"        .pid={exc.pid} .exitcode={exc.exitcode} "
-            f".signal_name={exc.signal_name!r} .slot={exc.slot}"
-        )
+        if on_dask:
+            _say(
+                "        (Dask reports the lost worker, not its pid or exit code; "
+                "its Nanny starts a new worker process)"
+            )
+        else:
+            _say(
+                f"        .pid={exc.pid} .exitcode={exc.exitcode} "
+                f".signal_name={exc.signal_name!r} .slot={exc.slot}"
+            )
     else:
         render_tally.ok += 1
         raise _DemoFailure("crash_worker() returned instead of killing its worker")

@@ -11,6 +11,7 @@ from concurrent.futures import Future
 from multiprocessing.context import BaseContext
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Union
 
+from duckpool._dask import DaskExecutor
 from duckpool._errors import InheritedManagerError, UnknownTaskError
 from duckpool._executor import ProcessPoolExecutor
 from duckpool._registry import REGISTRY
@@ -20,11 +21,14 @@ __all__ = ["ProcessPoolManager"]
 
 _instances_lock = threading.Lock()
 
+_BACKENDS = ("local", "dask")
+
 
 class ProcessPoolManager:
     """A process pool with task-type protection, owned by the process that made it.
 
-    ``start()`` creates the pool (a :class:`duckpool.ProcessPoolExecutor`);
+    ``start()`` creates the pool (a :class:`duckpool.ProcessPoolExecutor`, or
+    with ``backend="dask"`` a :class:`duckpool.DaskExecutor`);
     ``submit_task()`` runs work on it, refusing tasks of the wrong type;
     ``stop()`` shuts it down.  A worker that dies fails only the task it was
     running; the pool replaces it and goes on.  Usually obtained through
@@ -50,7 +54,7 @@ class ProcessPoolManager:
         self._id: Any = None
         self._owner_pid = os.getpid()
         self._lock = threading.RLock()
-        self._pool: Optional[ProcessPoolExecutor] = None
+        self._pool: Optional[Union[ProcessPoolExecutor, DaskExecutor]] = None
         self._max_workers: Optional[int] = None
         self._daemon: Optional[bool] = None
         self._task_type: Union[str, Collection[str], None] = None
@@ -58,6 +62,7 @@ class ProcessPoolManager:
         self._task_types: Optional[FrozenSet[str]] = None
         self._process_name_prefix: Optional[str] = None
         self._mp_context: Optional[BaseContext] = None
+        self._backend = "local"
         self._stopped = False
         with _instances_lock:
             ProcessPoolManager.__instances.append(weakref.ref(self))
@@ -122,10 +127,17 @@ class ProcessPoolManager:
         quarantine_after: Optional[int] = None,
         quarantine_seconds: float = 60.0,
         forward_logs: bool = True,
+        backend: str = "local",
+        address: Any = None,
     ) -> None:
         """Start the pool, ready to accept tasks.
 
-        Workers start on the first submitted task.
+        With the default ``backend="local"``, workers start on the first
+        submitted task.  With ``backend="dask"`` the pool is a
+        :class:`duckpool.DaskExecutor`: the tasks run on a Dask cluster, a
+        typed pool's only on workers offering its type as a Dask resource
+        (``{task_type: 1}``); ``submit_task``, ``run``, ``stop`` and the
+        registry work as for a local pool.
 
         Args:
             max_workers: the number of worker processes (a positive int).
@@ -155,9 +167,23 @@ class ProcessPoolManager:
                 the worker's slot and the task id (see
                 :class:`duckpool.ProcessPoolExecutor`); if false, workers keep
                 the logging they have.
+            backend: ``"local"`` (worker processes of this machine) or
+                ``"dask"`` (needs ``pip install "duckpool[dask]"``).
+            address: Dask only: None starts a LocalCluster of ``max_workers``
+                worker processes whose workers offer ``task_type``; a scheduler
+                address or a ``distributed.Client`` uses that cluster (its
+                workers must offer ``task_type``, e.g. ``dask worker
+                --resources "render=1"``; ``max_workers`` is then not used).
+                ``stop()`` closes only the Client and cluster the pool created.
+                ``daemon=True`` makes exit cancel the submitted tasks (best-effort)
+                instead of waiting for them; ``process_name_prefix`` and
+                ``mp_context`` are refused (the cluster starts its workers).
 
         Raises:
-            ValueError: if ``max_workers`` is not a positive int.
+            ValueError: if ``max_workers`` is not a positive int, ``backend``
+                is unknown, ``address`` is given for the local backend, or
+                ``process_name_prefix``/``mp_context`` for the Dask backend.
+            ImportError: for ``backend="dask"`` without ``distributed`` installed.
             TypeError: if another argument has the wrong type.
             RuntimeError: if the pool is already running.
         """
@@ -173,26 +199,46 @@ class ProcessPoolManager:
             raise TypeError(
                 f"mp_context must be a multiprocessing context, got {mp_context!r}"
             )
+        _check_backend(backend, address, process_name_prefix, mp_context)
+        if backend == "dask":
+            local_only = {
+                "max_pending": max_pending is not None,
+                "type_limits": type_limits is not None,
+                "quarantine_after": quarantine_after is not None,
+            }
+            refused = [name for name, given in local_only.items() if given]
+            if refused:
+                raise ValueError(f"{', '.join(refused)}: backend='local' only, not backend='dask'")
         with self._lock:
             if self._pool is not None:
                 raise RuntimeError(
                     f"process pool manager {self._id!r} is already running; stop() it first"
                 )
-            self._pool = ProcessPoolExecutor(
-                max_workers,
-                mp_context,
-                process_name_prefix=process_name_prefix,
-                daemon=bool(daemon),
-                max_pending=max_pending,
-                on_saturated=on_saturated,
-                block_timeout=block_timeout,
-                type_limits=type_limits,
-                task_timeout=task_timeout,
-                quarantine_after=quarantine_after,
-                quarantine_seconds=quarantine_seconds,
-                forward_logs=bool(forward_logs),
-                pool_id=_picklable_id(self._id),
-            )
+            if backend == "dask":
+                self._pool = DaskExecutor(
+                    max_workers,
+                    address,
+                    task_types=None if task_types is None or address is not None else task_types,
+                    task_timeout=task_timeout,
+                    daemon=bool(daemon),
+                )
+            else:
+                self._pool = ProcessPoolExecutor(
+                    max_workers,
+                    mp_context,
+                    process_name_prefix=process_name_prefix,
+                    daemon=bool(daemon),
+                    max_pending=max_pending,
+                    on_saturated=on_saturated,
+                    block_timeout=block_timeout,
+                    type_limits=type_limits,
+                    task_timeout=task_timeout,
+                    quarantine_after=quarantine_after,
+                    quarantine_seconds=quarantine_seconds,
+                    forward_logs=bool(forward_logs),
+                    pool_id=_picklable_id(self._id),
+                )
+            self._backend = backend
             self._max_workers = max_workers
             self._task_type = task_type
             self._task_types = task_types
@@ -201,8 +247,12 @@ class ProcessPoolManager:
             self._mp_context = mp_context
             self._stopped = False
 
-    def get_pool(self) -> ProcessPoolExecutor:
-        """Return the running pool (a ``concurrent.futures.ProcessPoolExecutor``).
+    def get_pool(self) -> Any:
+        """Return the running pool.
+
+        A :class:`duckpool.ProcessPoolExecutor` (a ``concurrent.futures.ProcessPoolExecutor``),
+        or with ``backend="dask"`` a :class:`duckpool.DaskExecutor` (a
+        ``concurrent.futures.Executor``).
 
         Raises:
             RuntimeError: if the manager has not been started or was stopped.
@@ -226,7 +276,8 @@ class ProcessPoolManager:
 
         A task that raises delivers its exception through the future; a task
         whose worker dies fails with :class:`~duckpool.WorkerDiedError`; the
-        pool goes on serving in both cases.
+        pool goes on serving in both cases.  On the Dask backend a typed
+        pool's task runs only on workers offering its type as a resource.
 
         Raises:
             UnknownTaskError: if the pool was started with a ``task_type`` and
@@ -234,9 +285,11 @@ class ProcessPoolManager:
             PoolSaturatedError: if the pool has ``max_pending`` and no room.
             RuntimeError: if the manager is not running.
         """
-        pool = self.get_pool()
+        pool: Union[ProcessPoolExecutor, DaskExecutor] = self.get_pool()
         if not self.accepts(task_type):
             raise UnknownTaskError(task_type, self._task_type)
+        if isinstance(pool, DaskExecutor):
+            return pool._submit(task, args, kwargs, task_type, pool.task_timeout)
         return pool._submit(task, args, kwargs, pool._task_timeout, task_type)
 
     def accepts(self, task_type: Optional[str]) -> bool:
@@ -257,7 +310,8 @@ class ProcessPoolManager:
         task cancels the pool task, stopping its worker if it is running.
         """
         future = self.submit_task(task, *args, task_type=task_type, **kwargs)
-        return await self.get_pool()._await(future)
+        pool: Union[ProcessPoolExecutor, DaskExecutor] = self.get_pool()
+        return await pool._await(future)
 
     def stop(self, wait: bool = True, *, timeout: Optional[float] = None) -> None:
         """Shut the pool down; calling it again is harmless.
@@ -268,24 +322,38 @@ class ProcessPoolManager:
                 and their futures still resolve.
             timeout: drain with a deadline: after this many seconds, tasks
                 still queued are cancelled and running ones stopped (their
-                futures fail with :class:`~duckpool.WorkerDiedError`).
+                futures fail with :class:`~duckpool.WorkerDiedError`).  On
+                the Dask backend, which cannot stop running code, it is not
+                accepted.
         """
         self._check_owner()
         with self._lock:
             pool = self._pool
+            if isinstance(pool, DaskExecutor) and timeout is not None:
+                raise ValueError("stop(timeout=...) applies to backend='local' pools only")
             self._pool = None
             if pool is not None:
                 self._stopped = True
-        if pool is not None:
+        if isinstance(pool, DaskExecutor):
+            pool.shutdown(wait=wait)
+        elif pool is not None:
             pool.shutdown(wait=wait, timeout=timeout)
+
+    def _local_pool(self, what: str) -> ProcessPoolExecutor:
+        """The running local pool; the error that applies otherwise."""
+        pool = self.get_pool()
+        if not isinstance(pool, ProcessPoolExecutor):
+            raise NotImplementedError(f"{what} applies to backend='local' pools only")
+        return pool
 
     def stats(self) -> PoolStats:
         """A snapshot of the running pool (see ``ProcessPoolExecutor.stats``).
 
         Raises:
             RuntimeError: if the manager is not running.
+            NotImplementedError: for a Dask pool.
         """
-        return self.get_pool().stats()
+        return self._local_pool("stats()").stats()
 
     def resize(self, max_workers: int) -> None:
         """Change the number of workers of the running pool; no future fails.
@@ -293,9 +361,10 @@ class ProcessPoolManager:
         Raises:
             ValueError: if ``max_workers`` is not a positive int.
             RuntimeError: if the manager is not running.
+            NotImplementedError: for a Dask pool.
         """
         with self._lock:
-            self.get_pool().resize(max_workers)
+            self._local_pool("resize()").resize(max_workers)
             self._max_workers = max_workers
 
     def _worker_init(self) -> None:
@@ -325,10 +394,12 @@ class ProcessPoolManager:
             "_daemon": self._daemon,
             "_task_type": self._task_type,
             "_process_name_prefix": self._process_name_prefix,
+            "_backend": self._backend,
         }
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("_backend", "local")
         self._creator_process = None
         self._lock = threading.RLock()
         self._pool = None
@@ -347,7 +418,9 @@ class ProcessPoolManager:
         return "stopped" if self._stopped else "new"
 
     def _start_method(self) -> Optional[str]:
-        if self._pool is not None:
+        if self._backend == "dask":
+            return None
+        if isinstance(self._pool, ProcessPoolExecutor):
             return self._pool.start_method
         if self._mp_context is not None:
             return str(self._mp_context.get_start_method())
@@ -358,7 +431,7 @@ class ProcessPoolManager:
             f"<{type(self).__name__} id={self._id!r} state={self.state} "
             f"max_workers={self._max_workers} task_type={self._task_type!r} "
             f"start_method={self._start_method()!r} daemon={self._daemon} "
-            f"owner_pid={self._owner_pid}>"
+            f"owner_pid={self._owner_pid} backend={self._backend!r}>"
         )
 
     def __str__(self) -> str:
@@ -389,3 +462,34 @@ def _picklable_id(manager_id: Any) -> Any:
     except Exception:
         return repr(manager_id)
     return manager_id
+
+
+def _check_backend(
+    backend: Any,
+    address: Any,
+    process_name_prefix: Optional[str],
+    mp_context: Optional[BaseContext],
+) -> None:
+    """Refuse a backend and options that do not go together, naming them."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be 'local' or 'dask', got {backend!r}")
+    if backend == "local" and address is not None:
+        raise ValueError(
+            f"address applies to backend='dask' only, got address={address!r} "
+            "with backend='local'"
+        )
+    if backend == "dask":
+        refused = [
+            name
+            for name, value in (
+                ("process_name_prefix", process_name_prefix),
+                ("mp_context", mp_context),
+            )
+            if value is not None
+        ]
+        if refused:
+            raise ValueError(
+                f"{' and '.join(refused)} {'applies' if len(refused) == 1 else 'apply'} "
+                "to backend='local' only: Dask's "
+                "workers are started and named by the Dask cluster"
+            )

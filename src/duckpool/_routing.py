@@ -51,10 +51,11 @@ def pool_for(task_type: str) -> ProcessPoolManager:
 
 def _backlog(manager: ProcessPoolManager) -> int:
     try:
-        core = manager.get_pool()._core
+        pool = manager.get_pool()
     except RuntimeError:  # stopped meanwhile
         return 1 << 62
-    return len(core.pending)
+    core = getattr(pool, "_core", None)  # a Dask pool keeps no queue here
+    return 0 if core is None else len(core.pending)
 
 
 def submit_task(

@@ -1,0 +1,507 @@
+"""The Dask backend: DaskExecutor and ProcessPoolManager.start(backend="dask").
+
+One cluster serves the module: a scheduler and two single-threaded worker
+processes, one offering the Dask resource "render", the other "reports" (each
+also tells its role through an environment variable, so a task can report where
+it ran).  Like the LocalCluster duckpool starts, its scheduler gives up on a
+task whose worker died at once (allowed-failures 0).  Only the tests of
+``address=None`` start a LocalCluster of their own.
+
+These tests run last in the session (marker ``dask``, see conftest.py): a
+Client leaves a thread behind, and the fork tests must not run after one.
+They skip where ``distributed`` is not installed; scripts/test.sh installs the
+``dask`` extra on python3 and 3.13 and checks that it imports there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import multiprocessing
+import os
+import pickle
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+import _tasks
+from conftest import process_gone, wait_until
+
+distributed = pytest.importorskip("distributed")
+
+from duckpool import (  # noqa: E402 - after the skip
+    DaskExecutor,
+    TaskTimeoutError,
+    UnknownTaskError,
+    WorkerDiedError,
+    get_or_create_process_manager,
+)
+
+pytestmark = [
+    pytest.mark.dask,
+    # distributed, dask and tornado still use APIs their dependencies deprecate
+    # (which ones depends on the versions pip picked); the suite turns
+    # DeprecationWarnings into errors, so only theirs are let through here.
+    pytest.mark.filterwarnings("default::DeprecationWarning:distributed.*"),
+    pytest.mark.filterwarnings("default::DeprecationWarning:dask.*"),
+    pytest.mark.filterwarnings("default::DeprecationWarning:tornado.*"),
+]
+
+ROLE = "DUCKPOOL_TEST_ROLE"
+RESULT_TIMEOUT = 30.0
+# A task blocked on the gate waits this long; the scheduler must forget a
+# cancelled one well before (FORGET_TIMEOUT), so the two cannot be confused.
+GATE_WAIT = 90.0
+FORGET_TIMEOUT = 10.0
+
+
+@pytest.fixture(scope="module")
+def scheduler_address() -> Iterator[str]:
+    """The module's cluster: a "render" worker and a "reports" worker."""
+    import dask
+
+    workers = {
+        role: {
+            "cls": distributed.Nanny,
+            "options": {
+                "nthreads": 1,
+                "host": "127.0.0.1",
+                "resources": {role: 1},
+                "env": {ROLE: role},
+                "silence_logs": logging.CRITICAL,
+            },
+        }
+        for role in ("render", "reports")
+    }
+    scheduler = {
+        "cls": distributed.Scheduler,
+        "options": {
+            "host": "127.0.0.1",
+            "port": 0,
+            "dashboard": False,
+            "dashboard_address": "127.0.0.1:0",
+        },
+    }
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        cluster = distributed.SpecCluster(
+            workers=workers, scheduler=scheduler, silence_logs=logging.CRITICAL
+        )
+    try:
+        yield cluster.scheduler_address
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def executor(scheduler_address: str) -> Iterator[DaskExecutor]:
+    """A DaskExecutor with a Client of its own on the module's cluster."""
+    pool = DaskExecutor(address=scheduler_address)
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _children() -> set[int]:
+    """This process's descendants, less multiprocessing's resource tracker (shared, lasting)."""
+    found = set()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "resource_tracker" not in " ".join(child.cmdline()):
+                found.add(child.pid)
+        except psutil.Error:
+            pass
+    return found
+
+
+# --- submit, results, errors -----------------------------------------------------------
+
+
+def test_submit_returns_a_concurrent_future_with_the_result(executor: DaskExecutor) -> None:
+    future = executor.submit(_tasks.add, 2, b=40)
+    assert isinstance(future, concurrent.futures.Future)
+    assert future.result(timeout=RESULT_TIMEOUT) == 42
+
+
+def test_task_keywords_named_like_client_options_reach_the_task(executor: DaskExecutor) -> None:
+    future = executor.submit(_tasks.kwargs_of, 1, key="k", priority=5, resources="r", pure=True)
+    assert future.result(timeout=RESULT_TIMEOUT) == (
+        (1,),
+        {"key": "k", "priority": 5, "resources": "r", "pure": True},
+    )
+
+
+def test_task_exception_keeps_its_type(executor: DaskExecutor) -> None:
+    future = executor.submit(_tasks.raise_value_error, "bad input")
+    with pytest.raises(ValueError, match="bad input"):
+        future.result(timeout=RESULT_TIMEOUT)
+
+
+def test_executor_goes_on_after_a_task_raises(executor: DaskExecutor) -> None:
+    failed = executor.submit(_tasks.raise_value_error, "once")
+    assert isinstance(failed.exception(timeout=RESULT_TIMEOUT), ValueError)
+    assert executor.submit(_tasks.add, 1, 2).result(timeout=RESULT_TIMEOUT) == 3
+
+
+def test_typed_task_runs_only_on_workers_offering_its_type(executor: DaskExecutor) -> None:
+    for role in ("render", "reports"):
+        typed = executor.options(task_type=role)
+        futures = [typed.submit(_tasks.env_value, ROLE) for _ in range(6)]
+        assert {f.result(timeout=RESULT_TIMEOUT) for f in futures} == {role}
+
+
+def test_untyped_tasks_may_run_on_any_worker(executor: DaskExecutor) -> None:
+    futures = [executor.submit(_tasks.sleep_then, 0.2, i) for i in range(4)]
+    assert [f.result(timeout=RESULT_TIMEOUT) for f in futures] == [0, 1, 2, 3]
+
+
+def test_submit_rejects_a_non_callable(executor: DaskExecutor) -> None:
+    with pytest.raises(TypeError, match="callable"):
+        executor.submit(42)  # type: ignore[arg-type]
+
+
+def test_unpicklable_argument_fails_the_future_with_pickling_error(
+    executor: DaskExecutor,
+) -> None:
+    future = executor.submit(_tasks.echo, threading.Lock())
+    with pytest.raises(pickle.PicklingError, match="echo"):
+        future.result(timeout=RESULT_TIMEOUT)
+    assert executor.submit(_tasks.add, 1, 2).result(timeout=RESULT_TIMEOUT) == 3
+
+
+# --- timeouts, cancelling, worker death ------------------------------------------------
+
+
+def test_timeout_fails_the_future_and_cancels_the_dask_task(
+    executor: DaskExecutor, gate: Path
+) -> None:
+    future = executor.options(timeout=0.5).submit(_tasks.wait_for_file, str(gate), GATE_WAIT)
+    with pytest.raises(TaskTimeoutError, match=r"0\.5 s"):
+        future.result(timeout=RESULT_TIMEOUT)
+    # The scheduler forgets the task: the bridge sees it reported as cancelled.
+    wait_until(lambda: not executor._tasks, timeout=FORGET_TIMEOUT)
+
+
+def test_task_timeout_is_the_executors_default(scheduler_address: str, gate: Path) -> None:
+    with DaskExecutor(address=scheduler_address, task_timeout=0.5) as pool:
+        future = pool.submit(_tasks.wait_for_file, str(gate), GATE_WAIT)
+        with pytest.raises(TaskTimeoutError):
+            future.result(timeout=RESULT_TIMEOUT)
+        assert pool.options(timeout=None).submit(_tasks.add, 1, 1).result(RESULT_TIMEOUT) == 2
+
+
+def test_cancelling_a_future_cancels_the_dask_task(executor: DaskExecutor, gate: Path) -> None:
+    future = executor.submit(_tasks.wait_for_file, str(gate), GATE_WAIT)
+    assert executor.cancel_task(future)
+    assert future.cancelled()
+    wait_until(lambda: not executor._tasks, timeout=FORGET_TIMEOUT)
+
+
+def test_worker_death_fails_its_task_with_worker_died_error(executor: DaskExecutor) -> None:
+    doomed = executor.options(task_type="reports").submit(_tasks.kill_self, signal.SIGKILL)
+    with pytest.raises(WorkerDiedError, match="died") as caught:
+        doomed.result(timeout=RESULT_TIMEOUT)
+    assert isinstance(caught.value.__cause__, distributed.KilledWorker)
+    assert isinstance(caught.value, concurrent.futures.process.BrokenProcessPool)
+    # The executor goes on; the Nanny restarts the dead worker with its resources.
+    assert executor.submit(_tasks.add, 1, 2).result(timeout=RESULT_TIMEOUT) == 3
+    typed = executor.options(task_type="reports").submit(_tasks.env_value, ROLE)
+    assert typed.result(timeout=RESULT_TIMEOUT) == "reports"
+
+
+# --- map ------------------------------------------------------------------------------
+
+
+def test_map_returns_results_in_order(executor: DaskExecutor) -> None:
+    results = executor.map(_tasks.add, range(8), range(8), timeout=RESULT_TIMEOUT)
+    assert list(results) == [2 * i for i in range(8)]
+
+
+def test_map_with_chunks_returns_results_in_order(executor: DaskExecutor) -> None:
+    results = executor.map(_tasks.echo, range(10), chunksize=3, timeout=RESULT_TIMEOUT)
+    assert list(results) == list(range(10))
+
+
+def test_map_buffersize_bounds_the_calls_in_flight(executor: DaskExecutor) -> None:
+    pulled = []
+
+    def endless() -> Iterator[int]:
+        for i in itertools.count():
+            pulled.append(i)
+            yield i
+
+    results = executor.map(_tasks.echo, endless(), buffersize=2, timeout=RESULT_TIMEOUT)
+    assert [next(results) for _ in range(5)] == [0, 1, 2, 3, 4]
+    assert len(pulled) <= 5 + 2
+    results.close()  # type: ignore[attr-defined]
+    wait_until(lambda: not executor._tasks, timeout=FORGET_TIMEOUT)
+
+
+def test_map_reraises_a_calls_exception(executor: DaskExecutor) -> None:
+    results = executor.map(_tasks.raise_value_error, ["boom"], timeout=RESULT_TIMEOUT)
+    with pytest.raises(ValueError, match="boom"):
+        list(results)
+
+
+# --- shutdown -------------------------------------------------------------------------
+
+
+def test_submit_after_shutdown_raises_runtime_error(scheduler_address: str) -> None:
+    pool = DaskExecutor(address=scheduler_address)
+    pool.shutdown()
+    with pytest.raises(RuntimeError, match="shutdown"):
+        pool.submit(_tasks.noop)
+
+
+def test_shutdown_cancel_futures_resolves_every_future(scheduler_address: str, gate: Path) -> None:
+    pool = DaskExecutor(address=scheduler_address)
+    futures = [pool.submit(_tasks.wait_for_file, str(gate), GATE_WAIT) for _ in range(5)]
+    pool.shutdown(wait=True, cancel_futures=True)
+    assert all(f.cancelled() for f in futures)
+    assert not pool._bridge.is_alive()
+
+
+def test_shutdown_stops_the_executors_threads(scheduler_address: str) -> None:
+    def ours() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("duckpool-dask-")]
+
+    before = ours()
+    pool = DaskExecutor(address=scheduler_address)
+    assert pool.options(timeout=10).submit(_tasks.add, 1, 1).result(RESULT_TIMEOUT) == 2
+    assert len(ours()) == len(before) + 2  # the bridge and the timeout timer
+    pool.shutdown(wait=True)
+    assert ours() == before
+
+
+def test_shutdown_without_wait_returns_and_the_futures_still_resolve(
+    scheduler_address: str,
+) -> None:
+    pool = DaskExecutor(address=scheduler_address)
+    futures = [pool.submit(_tasks.sleep_then, 0.3, i) for i in range(3)]
+    pool.shutdown(wait=False)
+    assert [f.result(timeout=RESULT_TIMEOUT) for f in futures] == [0, 1, 2]
+    assert pool._closed.wait(RESULT_TIMEOUT)
+
+
+def test_shutdown_does_not_wait_for_a_timed_out_task_dask_never_reports() -> None:
+    # A result Dask cannot serialize stays on its worker: the task is never
+    # reported, so only its timeout resolves the future, and shutdown must not
+    # wait for it.  Its own LocalCluster: that worker's link may not recover.
+    pool = DaskExecutor(1)
+    future = pool.options(timeout=1).submit(threading.Lock)
+    with pytest.raises(TaskTimeoutError):
+        future.result(timeout=RESULT_TIMEOUT)
+    closer = threading.Thread(target=pool.shutdown, daemon=True)
+    closer.start()
+    closer.join(RESULT_TIMEOUT)
+    assert not closer.is_alive(), "shutdown() waited for a task nobody waits for"
+
+
+EXIT_SCRIPT = """
+import sys
+import _tasks
+from duckpool import get_or_create_process_manager
+
+if __name__ == "__main__":
+    manager = get_or_create_process_manager("exit")
+    manager.start(max_workers=1, backend="dask")
+    manager.submit_task(_tasks.touch_after, sys.argv[1], 1.0)
+"""
+
+
+def test_interpreter_exit_waits_for_submitted_tasks(tmp_path: Path) -> None:
+    script, flag = tmp_path / "exit_script.py", tmp_path / "finished"
+    script.write_text(EXIT_SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script), str(flag)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert flag.exists(), "exit did not wait for the submitted task"
+
+
+def test_shutdown_leaves_a_client_passed_in_open(scheduler_address: str) -> None:
+    with distributed.Client(scheduler_address, set_as_default=False) as client:
+        with DaskExecutor(address=client) as pool:
+            assert pool.submit(_tasks.add, 1, 1).result(timeout=RESULT_TIMEOUT) == 2
+        assert client.status == "running"
+        assert client.submit(_tasks.add, 2, 2, pure=False).result(RESULT_TIMEOUT) == 4
+
+
+def test_local_cluster_offers_the_task_types_and_shutdown_leaves_no_process() -> None:
+    before = _children()
+    with DaskExecutor(1, task_types=["render"]) as pool:
+        typed = pool.options(task_type="render").submit(_tasks.getpid)
+        worker_pid = typed.result(timeout=RESULT_TIMEOUT)
+        started = _children() - before
+        assert worker_pid in started
+    wait_until(lambda: all(process_gone(pid) for pid in started), timeout=RESULT_TIMEOUT)
+
+
+# --- argument checks ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "message"),
+    [
+        ({"max_workers": 0}, ValueError, "max_workers"),
+        ({"task_timeout": -1}, ValueError, "task_timeout"),
+        ({"task_types": "render"}, TypeError, "task_types"),
+        ({"address": 8786}, TypeError, "address"),
+        ({"address": "tcp://127.0.0.1:1", "task_types": ["x"]}, ValueError, "task_types"),
+        ({"address": "tcp://127.0.0.1:1", "cluster_options": {"n": 1}}, ValueError, "cluster"),
+    ],
+)
+def test_executor_rejects_bad_arguments(
+    arguments: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        DaskExecutor(**arguments)
+
+
+def test_missing_distributed_raises_import_error_naming_the_extra(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "distributed", None)
+    with pytest.raises(ImportError, match=r'pip install "duckpool\[dask\]"'):
+        DaskExecutor(1)
+
+
+def test_import_duckpool_does_not_import_distributed() -> None:
+    code = "import sys, duckpool; print('distributed' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "False"
+
+
+# --- the manager ---------------------------------------------------------------------
+
+
+def test_manager_submit_task_on_dask(scheduler_address: str) -> None:
+    manager = get_or_create_process_manager("dask-submit")
+    manager.start(max_workers=1, backend="dask", address=scheduler_address)
+    assert isinstance(manager.get_pool(), DaskExecutor)
+    future = manager.submit_task(_tasks.add, 2, b=40)
+    assert isinstance(future, concurrent.futures.Future)
+    assert future.result(timeout=RESULT_TIMEOUT) == 42
+    assert "dask" in repr(manager) and "running" in repr(manager)
+    manager.stop()
+    assert "stopped" in repr(manager)
+
+
+@pytest.mark.parametrize("role", ["render", "reports"])
+def test_manager_typed_pool_runs_only_on_workers_offering_its_type(
+    scheduler_address: str, role: str
+) -> None:
+    manager = get_or_create_process_manager(f"dask-{role}")
+    manager.start(max_workers=1, task_type=role, backend="dask", address=scheduler_address)
+    futures = [manager.submit_task(_tasks.env_value, ROLE, task_type=role) for _ in range(4)]
+    assert {f.result(timeout=RESULT_TIMEOUT) for f in futures} == {role}
+
+
+def test_manager_refuses_a_wrong_type_before_sending_anything(
+    scheduler_address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manager = get_or_create_process_manager("dask-typed")
+    manager.start(max_workers=1, task_type="render", backend="dask", address=scheduler_address)
+    sent: list[Any] = []
+    monkeypatch.setattr(manager.get_pool().client, "submit", lambda *a, **k: sent.append(a))
+    for wrong in ("reports", None):
+        with pytest.raises(UnknownTaskError):
+            manager.submit_task(_tasks.noop, task_type=wrong)
+    assert sent == []
+
+
+def test_manager_task_death_fails_with_worker_died_error(scheduler_address: str) -> None:
+    manager = get_or_create_process_manager("dask-death")
+    manager.start(max_workers=1, task_type="render", backend="dask", address=scheduler_address)
+    doomed = manager.submit_task(_tasks.exit_now, 3, task_type="render")
+    with pytest.raises(WorkerDiedError):
+        doomed.result(timeout=RESULT_TIMEOUT)
+    follow_up = manager.submit_task(_tasks.env_value, ROLE, task_type="render")
+    assert follow_up.result(timeout=RESULT_TIMEOUT) == "render"
+
+
+def test_manager_run_awaits_the_task(scheduler_address: str) -> None:
+    manager = get_or_create_process_manager("dask-run")
+    manager.start(max_workers=1, backend="dask", address=scheduler_address)
+
+    async def main() -> Any:
+        return await asyncio.wait_for(manager.run(_tasks.add, 20, 22), RESULT_TIMEOUT)
+
+    assert asyncio.run(main()) == 42
+
+
+def test_manager_stop_closes_its_local_cluster_leaving_no_process() -> None:
+    before = _children()
+    manager = get_or_create_process_manager("dask-local")
+    manager.start(max_workers=1, task_type="render", backend="dask")
+    pid = manager.submit_task(_tasks.getpid, task_type="render").result(timeout=RESULT_TIMEOUT)
+    started = _children() - before
+    assert pid in started and pid != os.getpid()
+    manager.stop(wait=True)
+    wait_until(lambda: all(process_gone(p) for p in started), timeout=RESULT_TIMEOUT)
+    assert get_or_create_process_manager("dask-local", strictly_get=True) is manager
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"backend": "ray"}, "'ray'"),
+        ({"address": "tcp://127.0.0.1:8786"}, "address"),
+        ({"backend": "dask", "process_name_prefix": "p"}, "process_name_prefix"),
+        ({"backend": "dask", "mp_context": multiprocessing.get_context("spawn")}, "mp_context"),
+    ],
+)
+def test_manager_start_rejects_options_that_do_not_fit_the_backend(
+    arguments: dict[str, Any], message: str
+) -> None:
+    manager = get_or_create_process_manager("dask-bad")
+    with pytest.raises(ValueError, match=message):
+        manager.start(max_workers=1, **arguments)
+    assert manager.state == "new"
+
+
+# --- the command line -----------------------------------------------------------------
+
+
+def _duckpool(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m duckpool ARGS`` in a fresh interpreter, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "duckpool", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_demo_on_dask_runs_every_step_and_leaves_no_worker() -> None:
+    done = _duckpool("demo", "--backend", "dask")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "backend 'dask'" in done.stdout
+    assert "-> WorkerDiedError" in done.stdout
+    assert "none of their" in done.stdout and "left running" in done.stdout
+    assert "INFO" not in done.stdout + done.stderr
+
+
+def test_demo_refuses_start_method_with_dask() -> None:
+    done = _duckpool("demo", "--backend", "dask", "--start-method", "spawn")
+    assert done.returncode == 2
+    assert "--start-method" in done.stderr
+
+
+def test_bench_on_dask_reports_the_overhead_ratio() -> None:
+    done = _duckpool("bench", "--backend", "dask", "--tasks", "20", "--reps", "1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"overhead ratio DaskExecutor / plain: \d+\.\d+", done.stdout), done.stdout
