@@ -569,7 +569,8 @@ class Metric:
     ``measure_own_pools`` (opens its own pools, timing their start if it wants)
     is set.  ``size`` counts ``size_unit``; ``--size`` overrides it only when
     ``size_option`` is true (not for metrics whose size counts pools or
-    interpreters, where a task count makes no sense).
+    interpreters, where a task count makes no sense).  ``--reps`` overrides
+    ``quick_reps``.
     """
 
     name: str
@@ -581,6 +582,9 @@ class Metric:
     measure_own_pools: Optional[_OwnPoolsMeasure] = None
     size_unit: str = "tasks"
     size_option: bool = True
+    # Reps under --quick when fewer than the others do: for a number that
+    # barely moves between reps (memory), where a second rep buys nothing.
+    quick_reps: Optional[int] = None
 
     def __post_init__(self) -> None:
         if (self.measure is None) == (self.measure_own_pools is None):
@@ -756,11 +760,13 @@ def _measure_pending(pool: _PoolAdapter, size: int, deadline: float) -> dict[str
     """Parent memory per queued task, by tracemalloc, while every worker is blocked.
 
     tracemalloc counts every Python allocation of every thread of this process
-    (the futures, the pickled calls, the pools' own queues), and nothing else:
-    unlike RSS it is not blurred by the allocator keeping freed pages, nor by
-    other threads' unrelated work.  What it cannot see is what sits in a
-    kernel pipe buffer (at most 64 KiB per pipe); a size of thousands of
-    tasks keeps that share small.
+    (the futures, the pickled calls, the pools' own queues and threads), and
+    nothing else: unlike RSS it is not blurred by the allocator keeping freed
+    pages or by the interpreter's own arenas.  What it cannot see is what sits
+    in a kernel pipe buffer (up to 64 KiB per pipe), so ``size`` tasks are
+    queued first, untraced, to fill whatever pipes a library fills; the
+    reported cost is that of the next ``size`` tasks: the marginal cost of one
+    more pending task, wherever the library keeps it.
     """
     import gc
     import tempfile
@@ -776,11 +782,13 @@ def _measure_pending(pool: _PoolAdapter, size: int, deadline: float) -> dict[str
         handles: list[Any] = []
         try:
             blockers = _block_every_worker(pool, running_dir, release_path, deadline)
+            handles = [pool.submit(increment, (i,)) for i in range(size)]  # fill the pipes
+            time.sleep(_PENDING_SETTLE_S)
             gc.collect()
             tracemalloc.start()
             try:
                 before = tracemalloc.get_traced_memory()[0]
-                handles = [pool.submit(increment, (i,)) for i in range(size)]
+                handles += [pool.submit(increment, (i,)) for i in range(size, 2 * size)]
                 time.sleep(_PENDING_SETTLE_S)
                 gc.collect()
                 after = tracemalloc.get_traced_memory()[0]
@@ -832,8 +840,9 @@ def _measure_import(opener: _PoolOpener, size: int, deadline: float) -> dict[str
     """``import <the library>`` in a fresh interpreter; median of ``size`` interpreters.
 
     Timed inside the new interpreter around the import statement alone, so its
-    own start-up does not count.  One extra interpreter runs first, untimed, so
-    that every timed one finds the files in the page cache.
+    own start-up does not count.  The child imported the library before (as for
+    every own-pool metric), so the files are in the page cache: this is the
+    import's own work, not the disk's.
     """
     import statistics
     import subprocess
@@ -841,7 +850,7 @@ def _measure_import(opener: _PoolOpener, size: int, deadline: float) -> dict[str
     statement = "import " + ", ".join(opener.imports)
     code = f"import time; t = time.perf_counter(); {statement}; print(time.perf_counter() - t)"
     samples: list[float] = []
-    for index in range(size + 1):
+    for _ in range(size):
         completed = subprocess.run(
             [sys.executable, "-c", code],
             capture_output=True,
@@ -851,8 +860,7 @@ def _measure_import(opener: _PoolOpener, size: int, deadline: float) -> dict[str
         )
         if completed.returncode != 0:
             raise _BenchError(f"{statement!r} failed: {completed.stderr.strip()[-500:]}")
-        if index:
-            samples.append(float(completed.stdout))
+        samples.append(float(completed.stdout))
     return {"import_us": statistics.median(samples) * 1e6}
 
 
@@ -954,7 +962,7 @@ METRICS: dict[str, Metric] = {
                 Quantity("map_auto_per_s", "map at automatic chunksize", "auto", "items/s", True),
                 Quantity("map_auto_share", "map: automatic / best", "auto/best", "%", True, False),
             ),
-            quick_size=5_000,
+            quick_size=2_500,
             full_size=100_000,
             measure=_measure_map,
             size_unit="items",
@@ -991,13 +999,15 @@ METRICS: dict[str, Metric] = {
         ),
         Metric(
             name="pending",
-            summary="parent memory (tracemalloc) per queued task while every worker is blocked",
+            summary="parent memory (tracemalloc) per queued task while every worker is blocked "
+            "(N tasks queued first, the next N measured)",
             quantities=(
                 Quantity("pending_bytes", "parent memory per pending task", "", "B", False),
             ),
             quick_size=2_000,
-            full_size=20_000,
+            full_size=10_000,
             measure=_measure_pending,
+            quick_reps=1,
         ),
         Metric(
             name="uss",
@@ -1006,6 +1016,7 @@ METRICS: dict[str, Metric] = {
             quick_size=1,
             full_size=1,
             measure=_measure_worker_uss,
+            quick_reps=1,
             size_unit="pools",
             size_option=False,
         ),
@@ -1032,7 +1043,7 @@ METRICS: dict[str, Metric] = {
                     False,
                 ),
             ),
-            quick_size=150,
+            quick_size=100,
             full_size=1_000,
             measure_own_pools=_measure_recycle,
         ),
@@ -1041,7 +1052,7 @@ METRICS: dict[str, Metric] = {
             summary=f"N CPU-bound tasks of ~{_SPIN_TARGET_S * 1e3:g} ms: "
             "time on 1 worker / time on all the workers",
             quantities=(Quantity("speedup", "CPU speedup, 1 worker to all", "", "x", True),),
-            quick_size=12,
+            quick_size=8,
             full_size=80,
             measure_own_pools=_measure_scaling,
         ),
@@ -1135,6 +1146,7 @@ class _Plan:
     metrics: tuple[str, ...]
     sizes: dict[str, int]
     reps: int
+    metric_reps: dict[str, int]  # each metric's reps; none more than ``reps``
     workers: int
     start_method: Optional[str]
     timeout: float
@@ -1377,6 +1389,14 @@ def _method_text(start_method: Optional[str]) -> str:
     return start_method
 
 
+def _reps_text(plan: _Plan) -> str:
+    fewer = {name: reps for name, reps in plan.metric_reps.items() if reps != plan.reps}
+    text = f"{plan.reps} reps"
+    if fewer:
+        text += " (" + ", ".join(f"{name} {reps}" for name, reps in fewer.items()) + ")"
+    return text
+
+
 def _header_lines(plan: _Plan, date: str, machine: dict[str, Any], python: str) -> list[str]:
     cores = f"{machine['cores']} cores"
     if machine["usable_cores"] != machine["cores"]:
@@ -1388,7 +1408,7 @@ def _header_lines(plan: _Plan, date: str, machine: dict[str, Any], python: str) 
     return [
         f"{plan.command} | {date} | {python} | {described} | "
         f"start method: {_method_text(plan.start_method)}",
-        f"{plan.workers} workers, {plan.reps} reps per cell (median, min{_dash()}"
+        f"{plan.workers} workers, {_reps_text(plan)} per cell (median, min{_dash()}"
         f"max), {sizes}; ratio = library median / {_BASELINE} median",
     ]
 
@@ -1454,7 +1474,10 @@ def _write_plot(path: str, document: dict[str, Any]) -> None:
                 if ratio:  # no bar for a failed or not-applicable cell
                     positions.append(position + (offset - (len(libraries) - 1) / 2) * width)
                     ratios.append(ratio)
-            axis.bar(positions, ratios, width, label=library)
+            # From the 1.0 line, up or down: on a log scale a bar from the
+            # axis bottom would make every ratio look large.
+            heights = [ratio - 1.0 for ratio in ratios]
+            axis.bar(positions, heights, width, bottom=1.0, label=library)
         axis.axhline(1.0, color="black", linewidth=0.8)
         axis.set_yscale("log")
         axis.set_xticks(range(len(rows)))
@@ -1644,6 +1667,12 @@ def _make_plans(
 
     sizes = {name: size_of(METRICS[name]) for name in metrics}
     reps = options.reps or (_QUICK_REPS if options.quick else _DEFAULT_REPS)
+    metric_reps = {
+        name: min(reps, METRICS[name].quick_reps or reps)
+        if options.quick and not options.reps
+        else reps
+        for name in metrics
+    }
     return [
         _Plan(
             command=shlex.join(["duckpool", "bench", *argv]),
@@ -1652,6 +1681,7 @@ def _make_plans(
             metrics=metrics,
             sizes=sizes,
             reps=reps,
+            metric_reps=metric_reps,
             workers=options.workers,
             start_method=method,
             timeout=options.timeout,
@@ -1724,8 +1754,8 @@ class _Progress:
 
 
 def _children_needed(plan: _Plan) -> int:
-    return plan.reps * sum(
-        1
+    return sum(
+        plan.metric_reps[metric]
         for metric in plan.metrics
         for library in plan.libraries
         if metric not in LIBRARIES[library].not_applicable
@@ -1742,6 +1772,8 @@ def _run_plan(plan: _Plan, progress: _Progress) -> dict[tuple[str, str], _Cell]:
         shift = rep % max(1, len(plan.libraries))
         order = plan.libraries[shift:] + plan.libraries[:shift]
         for metric_name in plan.metrics:
+            if rep >= plan.metric_reps[metric_name]:
+                continue
             metric = METRICS[metric_name]
             for library in order:
                 cell = cells[(metric_name, library)]
@@ -1847,7 +1879,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     python = f"{platform.python_implementation()} {platform.python_version()}"
     first = plans[0]
     print(
-        f"running {first.reps} reps x {len(first.metrics)} metrics x {len(first.libraries)} "
+        f"running {_reps_text(first)} x {len(first.metrics)} metrics x {len(first.libraries)} "
         f"libraries ({', '.join(first.libraries)}) x {len(plans)} start method(s), "
         "one child process each",
         file=sys.stderr,
@@ -1888,6 +1920,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "machine": machine,
         "workers": first.workers,
         "reps": first.reps,
+        "metric_reps": first.metric_reps,
         "baseline": _BASELINE,
         "libraries": list(first.libraries),
         "skipped": first.skipped,
