@@ -633,7 +633,9 @@ def _measure_latency(pool: _PoolAdapter, size: int, deadline: float) -> dict[str
 
 # Tried in this order on the same warm pool; the best one is reported with its rate.
 # Each maps at most _MAP_ITEMS_PER_CHUNKSIZE * chunksize items, so that the
-# small chunksizes (a task per item or so) do not take most of the time.
+# small chunksizes (a task per item or so) do not take most of the time, and
+# only while N items still make two chunks per worker: one chunk per worker is
+# no longer a parallel map but a single call each.
 _MAP_CHUNKSIZES = (1, 16, 256, 4096)
 _MAP_ITEMS_PER_CHUNKSIZE = 500
 
@@ -653,11 +655,13 @@ def _timed_map(
 
 def _measure_map(pool: _PoolAdapter, size: int, deadline: float) -> dict[str, float]:
     items = list(range(size))
+    workers = max(1, len(pool.worker_pids))
+    candidates = [c for c in _MAP_CHUNKSIZES if c == 1 or c * 2 * workers <= size]
     rates = {
         chunksize: _timed_map(
             pool, items[: _MAP_ITEMS_PER_CHUNKSIZE * chunksize], chunksize, deadline
         )
-        for chunksize in _MAP_CHUNKSIZES
+        for chunksize in candidates
     }
     best = max(rates, key=lambda chunksize: rates[chunksize])
     automatic = _timed_map(pool, items, None, deadline)
@@ -955,7 +959,8 @@ METRICS: dict[str, Metric] = {
         Metric(
             name="map",
             summary=f"map() of N tiny tasks at chunksize {'/'.join(map(str, _MAP_CHUNKSIZES))} "
-            "(best reported) and at the library's automatic chunksize",
+            "(those giving 2+ chunks per worker; best reported) and at the library's "
+            "automatic chunksize",
             quantities=(
                 Quantity("map_best_per_s", "map at best chunksize", "best", "items/s", True),
                 Quantity("map_best_chunksize", "map: the best chunksize", "at", "", True, False),
@@ -1326,8 +1331,8 @@ def _format_value(value: float, unit: str) -> str:
 
 
 def _format_spread(summary: dict[str, Any], unit: str) -> str:
-    """``low-high`` of the reps; empty with fewer than two reps."""
-    if len(summary["samples"]) < 2:
+    """``low-high`` of the reps; empty with fewer than two reps or when they all agree."""
+    if len(summary["samples"]) < 2 or summary["min"] == summary["max"]:
         return ""
     return _format_range([summary["min"], summary["max"]], unit)
 
