@@ -3,7 +3,7 @@
 Every number is reported as a ratio to the standard library's
 ``concurrent.futures.ProcessPoolExecutor`` measured in the same run::
 
-    parent: main()                               child: python -m duckpool._bench --child
+    parent: main()                               child: python -c <_CHILD_CODE> --child
     ---------------------------------------      -------------------------------------------
     for start method in --start-method:          warm-pool metric (most of them):
       for rep in 1..K:                             open ONE fresh pool of ONE library
@@ -33,8 +33,11 @@ that cannot apply to a library raises :class:`_NotApplicable` (the cell shows
 ``_open_<name>(options) -> _PoolAdapter`` and register a :class:`_Library` in
 :data:`LIBRARIES`.
 
-The module is imported by every spawned worker of a child (it is the child's
-``__main__``), so its top-level imports stay minimal; everything else is
+A child runs this module through ``python -c``, not ``-m``: a spawned or
+forkserver worker re-imports its parent's ``__main__`` when that is a module
+or a file, and every library's workers would then carry this harness in their
+start-up time and memory (the task module, ``_bench_tasks``, they import
+anyway).  The top-level imports stay minimal all the same; everything else is
 imported where it is used.
 """
 
@@ -1189,9 +1192,13 @@ def _wait_without_reaping(pid: int, timeout: float) -> bool:
     return True
 
 
+# No __main__ module for spawned workers to re-import (see the module docstring).
+_CHILD_CODE = "import sys; from duckpool._bench import main; sys.exit(main(sys.argv[1:]))"
+
+
 def _child_command(plan: _Plan, library: str, metric: str, result_path: str) -> list[str]:
     command = [
-        sys.executable, "-m", "duckpool._bench", "--child",
+        sys.executable, "-c", _CHILD_CODE, "--child",
         "--lib", library, "--metric", metric,
         "--size", str(plan.sizes[metric]), "--workers", str(plan.workers),
         "--timeout", str(plan.timeout), "--result-file", result_path,
