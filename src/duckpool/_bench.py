@@ -1742,11 +1742,12 @@ class _Progress:
 
     def running(self, what: str) -> None:
         if self._live:
-            self._show(f"{self._counter()} running {what} | {self._timing()}")
+            self._show(f"{self._counter()} {self._timing()} | running {what}")
 
     def finished(self, what: str, outcome: str, seconds: float) -> None:
         self._done += 1
-        text = f"{self._counter()} {what} {outcome} ({seconds:.1f} s) | {self._timing()}"
+        # Timing first: a narrow terminal cuts the end of the line, not the estimate.
+        text = f"{self._counter()} {self._timing()} | {what} {outcome} ({seconds:.1f} s)"
         if self._live:
             self._show(text)
         else:
