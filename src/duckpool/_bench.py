@@ -509,7 +509,12 @@ class _PoolOpener:
         start_method: Optional[str] = None,
         max_tasks_per_child: Optional[int] = None,
     ) -> _PoolAdapter:
-        """A fresh pool; each argument left None keeps the run's option."""
+        """A fresh, unwarmed pool.
+
+        ``workers`` and ``start_method`` left None keep the run's options;
+        ``max_tasks_per_child`` None means no recycling.  Raises
+        :class:`_NotApplicable` when the library cannot recycle its workers.
+        """
         options = _PoolOptions(
             workers=workers or self.options.workers,
             start_method=start_method or self.options.start_method,
