@@ -537,7 +537,7 @@ def _warm_up(pool: _PoolAdapter, workers: int, deadline: float) -> list[str]:
     while len(seen) < workers:
         if time.monotonic() >= deadline:
             raise _BenchError(f"warm-up reached only {len(seen)} of {workers} workers")
-        batch = [(0.02, os.getpid())] * (2 * workers)
+        batch = [(0.01, os.getpid())] * (2 * workers)
         seen.update(pool.run_batch(_bench_tasks.worker_identity, batch, deadline))
     pool.run_batch(_bench_tasks.increment, [(i,) for i in range(_WARM_UP_ROUND)], deadline)
     for i in range(10):
@@ -591,7 +591,9 @@ class Metric:
     size_unit: str = "tasks"
     size_option: bool = True
     # Reps under --quick when fewer than the others do: for a number that
-    # barely moves between reps (memory), where a second rep buys nothing.
+    # barely moves between reps (memory), one that takes its own median within
+    # the rep (import), or one that opens two pools and mostly measures how
+    # busy the machine is (scaling): a second rep buys little for its time.
     quick_reps: Optional[int] = None
 
     def __post_init__(self) -> None:
@@ -960,7 +962,7 @@ METRICS: dict[str, Metric] = {
                 Quantity("p50_us", "round-trip latency p50", "p50", "us", False),
                 Quantity("p99_us", "round-trip latency p99", "p99", "us", False),
             ),
-            quick_size=500,
+            quick_size=300,
             full_size=5_000,
             measure=_measure_latency,
         ),
@@ -975,7 +977,7 @@ METRICS: dict[str, Metric] = {
                 Quantity("map_auto_per_s", "map at automatic chunksize", "auto", "items/s", True),
                 Quantity("map_auto_share", "map: automatic / best", "auto/best", "%", True, False),
             ),
-            quick_size=2_500,
+            quick_size=2_000,
             full_size=100_000,
             measure=_measure_map,
             size_unit="items",
@@ -1017,7 +1019,7 @@ METRICS: dict[str, Metric] = {
             quantities=(
                 Quantity("pending_bytes", "parent memory per pending task", "", "B", False),
             ),
-            quick_size=2_000,
+            quick_size=1_000,
             full_size=10_000,
             measure=_measure_pending,
             quick_reps=1,
@@ -1037,9 +1039,10 @@ METRICS: dict[str, Metric] = {
             name="import",
             summary="import the library in a fresh interpreter (median of N interpreters)",
             quantities=(Quantity("import_us", "cold import", "", "us", False),),
-            quick_size=2,
+            quick_size=3,
             full_size=10,
             measure_own_pools=_measure_import,
+            quick_reps=1,
             size_unit="interpreters",
             size_option=False,
         ),
@@ -1068,6 +1071,7 @@ METRICS: dict[str, Metric] = {
             quick_size=8,
             full_size=80,
             measure_own_pools=_measure_scaling,
+            quick_reps=1,
         ),
     )
 }
