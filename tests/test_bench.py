@@ -329,6 +329,24 @@ def test_ratio_is_library_median_over_stdlib_median_whichever_direction_is_bette
     assert "higher is better" in out and "lower is better" in out
 
 
+def test_a_descriptive_number_is_summarised_by_a_value_seen_not_a_mean(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chunksizes = iter([16.0, 256.0])
+
+    def run_child(plan: _bench._Plan, library: str, metric: str) -> dict[str, Any]:
+        value = next(chunksizes)
+        keys = [quantity.key for quantity in _bench.METRICS[metric].quantities]
+        return {"ok": True, "values": dict.fromkeys(keys, value)}
+
+    monkeypatch.setattr(_bench, "_run_child", run_child)
+    _, document, _ = _run(["--libs", "stdlib", "--metrics", "map", "--reps", "2"], tmp_path, capsys)
+
+    cells = {row["quantity"]: row["cells"]["stdlib"] for row in _rows(document)}
+    assert cells["map_best_chunksize"]["median"] == 16.0  # the lower middle: a chunksize tried
+    assert cells["map_best_per_s"]["median"] == 136.0  # a rate: the usual median
+
+
 def test_markdown_flag_prints_a_markdown_table(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1287,9 +1287,12 @@ def _summarise(plan: _Plan, cells: dict[tuple[str, str], _Cell]) -> list[dict[st
             for library in plan.libraries:
                 cell = cells[(metric_name, library)]
                 values = [sample[quantity.key] for sample in cell.samples]
+                # A descriptive number (a chunksize) must be one that was seen:
+                # the median of 16 and 256 is no chunksize anyone tried.
+                middle = statistics.median if quantity.compared else statistics.median_low
                 summary: dict[str, Any] = {
                     "samples": values,
-                    "median": statistics.median(values) if values else None,
+                    "median": middle(values) if values else None,
                     "min": min(values) if values else None,
                     "max": max(values) if values else None,
                     "ratio": None,
