@@ -1,9 +1,11 @@
 """The benchmark harness (``duckpool bench``): it completes, reports, and never hangs.
 
-No test here asserts a speed.  The end-to-end tests run every metric with tiny
-sizes and one rep, in real child processes, for every library installed here;
-the rest replace the child with a fake (``_run_child``, ``_child_command``) to
-check the parent's bookkeeping quickly.
+No test here asserts a speed.  The end-to-end tests run in real child
+processes with tiny sizes and one rep: every metric for duckpool and the
+stdlib, the metrics whose code differs per library (submit, map, recycling)
+for every library installed here.  The rest replace the child with a fake
+(``_run_child``, ``_child_command``) to check the parent's bookkeeping quickly,
+or run a metric's function on an in-process stand-in for a pool.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import multiprocessing
+import os
 import platform
 import sys
 import time
@@ -24,7 +28,8 @@ from duckpool import _bench
 
 PEERS = ("loky", "pebble", "mpire")
 ALWAYS_PRESENT = ("stdlib", "mpool", "pipe")
-TINY = ["--reps", "1", "--size", "20", "--timeout", "60"]
+# --quick for the metrics whose size counts pools or interpreters (1 or 2 each).
+TINY = ["--quick", "--reps", "1", "--size", "20", "--timeout", "60"]
 
 
 def _duckpool_import_error() -> Optional[str]:
@@ -50,62 +55,89 @@ def _run(
     return code, json.loads(json_path.read_text(encoding="utf-8")), out
 
 
-def _assert_every_cell_has_a_ratio(document: dict[str, Any], libraries: list[str]) -> None:
+def _rows(document: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of a one-table document."""
+    assert len(document["runs"]) == 1
+    rows: list[dict[str, Any]] = document["runs"][0]["rows"]
+    return rows
+
+
+def _assert_every_cell_is_measured(
+    document: dict[str, Any], libraries: list[str], metrics: list[str]
+) -> None:
+    """Every cell has a value (or does not apply, as its library declares) and a ratio."""
     assert document["libraries"] == libraries
-    quantities = [q.key for metric in _bench.METRICS.values() for q in metric.quantities]
-    assert [row["quantity"] for row in document["rows"]] == quantities
-    for row in document["rows"]:
+    quantities = [q.key for name in metrics for q in _bench.METRICS[name].quantities]
+    assert [row["quantity"] for row in _rows(document)] == quantities
+    for row in _rows(document):
+        baseline = row["cells"]["stdlib"]
         for library in libraries:
             cell = row["cells"][library]
-            assert cell["failures"] == [], (row["quantity"], library)
-            assert cell["median"] > 0, (row["quantity"], library)
-            assert cell["ratio"] > 0, (row["quantity"], library)
-        assert row["cells"]["stdlib"]["ratio"] == 1.0
+            where = (row["quantity"], library, cell["failures"])
+            assert cell["failures"] == [], where
+            if row["metric"] in _bench.LIBRARIES[library].not_applicable:
+                assert cell["not_applicable"] and cell["median"] is None, where
+                continue
+            assert cell["not_applicable"] is None, where
+            assert cell["median"] > 0, where
+            if not row["compared"]:
+                assert cell["ratio"] is None, where
+            elif baseline["median"] is not None:
+                assert cell["ratio"] > 0, where
+        if row["compared"] and baseline["median"] is not None:
+            assert baseline["ratio"] == 1.0
 
 
-def test_tiny_run_of_every_metric_reports_a_ratio_for_every_present_peer(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    requested = [name for name in _bench.LIBRARIES if name != "duckpool"]
-    code, document, out = _run(["--libs", ",".join(requested), *TINY], tmp_path, capsys)
-
-    peers = _installed_peers()
-    assert code == 0, out
-    _assert_every_cell_has_a_ratio(document, [n for n in requested if n not in PEERS or n in peers])
-    for peer in set(PEERS) - set(peers):  # absent here: one clear line, no column
-        assert out.count(f"skipped {peer}: not installed") == 1, out
-    header = out.splitlines()[0]
-    assert header.startswith(f"duckpool bench --libs {','.join(requested)} ")
-    for part in ("UTC", platform.python_version(), "cores", "start method"):
-        assert part in header, header
-
-
-def test_duckpool_column_reports_a_ratio(
+def test_every_metric_reports_a_value_and_ratio_for_duckpool_and_stdlib(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     error = _duckpool_import_error()
     if error is not None:  # the core executor is being written; remove once it imports
         pytest.skip(f"duckpool.ProcessPoolExecutor does not import yet: {error}")
-    code, document, out = _run(["--libs", "duckpool,stdlib", *TINY], tmp_path, capsys)
+    # 60 tasks: enough for the recycle metric to replace each worker (after 25).
+    args = ["--libs", "duckpool,stdlib", *TINY, "--size", "60"]
+    code, document, out = _run(args, tmp_path, capsys)
 
     assert code == 0, out
-    _assert_every_cell_has_a_ratio(document, ["duckpool", "stdlib"])
+    _assert_every_cell_is_measured(document, ["duckpool", "stdlib"], list(_bench.METRICS))
+    header = out.splitlines()[0]
+    assert header.startswith("duckpool bench --libs duckpool,stdlib ")
+    for part in ("UTC", platform.python_version(), "cores", "start method"):
+        assert part in header, header
+
+
+def test_every_present_library_runs_the_metrics_its_adapter_implements(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    requested = [name for name in _bench.LIBRARIES if name != "duckpool"]
+    metrics = ["latency", "map", "recycle"]
+    # 30 tasks: with the 4 that start the workers, the recycle metric replaces one.
+    args = ["--libs", ",".join(requested), "--metrics", ",".join(metrics), *TINY, "--size", "30"]
+    code, document, out = _run(args, tmp_path, capsys)
+
+    peers = _installed_peers()
+    assert code == 0, out
+    present = [name for name in requested if name not in PEERS or name in peers]
+    _assert_every_cell_is_measured(document, present, metrics)
+    for peer in set(PEERS) - set(peers):  # absent here: one clear line, no column
+        assert out.count(f"skipped {peer}: not installed") == 1, out
 
 
 def test_start_method_reaches_every_library(
     start_method: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     present = (*ALWAYS_PRESENT, *_installed_peers())
-    if _duckpool_import_error() is None:  # else test_duckpool_column_reports_a_ratio skips
+    if _duckpool_import_error() is None:  # else the duckpool test above skips
         present += ("duckpool",)
     libraries = [name for name in _bench.LIBRARIES if name in present]
     args = ["--libs", ",".join(libraries), "--metrics", "latency", "--start-method", start_method]
     code, document, out = _run([*args, *TINY], tmp_path, capsys)
 
     assert code == 0, out
-    assert document["start_method"] == start_method
+    (run,) = document["runs"]
+    assert run["start_method"] == start_method
     # What the workers saw of their own start, not what the harness asked for.
-    assert document["worker_start"] == {name: [start_method] for name in libraries}
+    assert run["worker_start"] == {name: [start_method] for name in libraries}
     assert f"start method: {start_method}" in out.splitlines()[0]
 
 
@@ -121,7 +153,45 @@ def test_missing_peer_is_skipped_with_one_line_and_no_column(
     assert out.count("skipped pebble: not installed (pip install duckpool[bench])") == 1, out
     assert document["libraries"] == ["stdlib"]
     assert "pebble" in document["skipped"]
-    assert all("pebble" not in row["cells"] for row in document["rows"])
+    assert all("pebble" not in row["cells"] for row in _rows(document))
+
+
+def test_metric_that_does_not_apply_is_a_dash_and_starts_no_child(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str, str]] = []
+    monkeypatch.setattr(_bench, "_run_child", _fake_run_child({"stdlib": 5.0}, calls))
+    code, document, out = _run(["--libs", "pipe,stdlib", "--metrics", "map"], tmp_path, capsys)
+
+    assert code == 0, out
+    assert calls and all(library == "stdlib" for library, _ in calls)
+    for row in _rows(document):
+        pipe = row["cells"]["pipe"]
+        assert pipe["not_applicable"] == "no map()"
+        assert pipe["median"] is None and pipe["ratio"] is None and pipe["failures"] == []
+    best = next(line for line in out.splitlines() if line.startswith("map at best chunksize"))
+    assert best.rstrip().endswith(_bench._dash()), best
+    assert "map pipe: does not apply (no map())" in out
+
+
+def test_child_that_finds_the_metric_does_not_apply_is_a_dash_not_a_failure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def run_child(plan: _bench._Plan, library: str, metric: str) -> dict[str, Any]:
+        if library == "mpool":
+            return {"ok": True, "not_applicable": "lacks it on this Python"}
+        keys = [quantity.key for quantity in _bench.METRICS[metric].quantities]
+        return {"ok": True, "values": dict.fromkeys(keys, 3.0)}
+
+    monkeypatch.setattr(_bench, "_run_child", run_child)
+    args = ["--libs", "mpool,stdlib", "--metrics", "startup", "--reps", "2"]
+    code, document, out = _run(args, tmp_path, capsys)
+
+    assert code == 0, out
+    (row,) = _rows(document)
+    assert row["cells"]["mpool"]["not_applicable"] == "lacks it on this Python"
+    assert row["cells"]["stdlib"]["samples"] == [3.0, 3.0]
+    assert "startup mpool: does not apply (lacks it on this Python)" in out
 
 
 _HANGING_CHILD = """
@@ -149,7 +219,7 @@ def test_hung_measurement_is_killed_with_its_workers_and_reported_failed(
     assert time.monotonic() - started < 30
     assert code == 1
     assert "failed latency stdlib: timed out after 2 s (in measurement); killed" in out
-    cell = document["rows"][0]["cells"]["stdlib"]
+    cell = _rows(document)[0]["cells"]["stdlib"]
     assert cell["median"] is None and cell["ratio"] is None
     wait_until(pid_file.exists)
     wait_until(lambda: process_gone(int(pid_file.read_text())))
@@ -190,11 +260,46 @@ def test_reps_are_interleaved_across_libraries(
     monkeypatch.setattr(_bench, "_run_child", _fake_run_child(values, calls))
     _run(["--libs", "stdlib,mpool,pipe", "--reps", "3"], tmp_path, capsys)
 
-    per_rep = len(values) * len(_bench.METRICS)
+    everything = {
+        (library, metric)
+        for library in values
+        for metric in _bench.METRICS
+        if metric not in _bench.LIBRARIES[library].not_applicable
+    }
+    per_rep = len(everything)
     assert len(calls) == 3 * per_rep
-    everything = {(library, metric) for library in values for metric in _bench.METRICS}
     for rep in range(3):
         assert set(calls[rep * per_rep : (rep + 1) * per_rep]) == everything
+
+
+def test_quick_runs_fewer_reps_only_of_the_metrics_that_ask_for_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str, str]] = []
+    monkeypatch.setattr(_bench, "_run_child", _fake_run_child({"stdlib": 1.0}, calls))
+    _, document, out = _run(["--libs", "stdlib", "--quick"], tmp_path, capsys)
+
+    for name, metric in _bench.METRICS.items():
+        expected = min(_bench._QUICK_REPS, metric.quick_reps or _bench._QUICK_REPS)
+        assert document["metric_reps"][name] == expected
+        if name in _bench.LIBRARIES["stdlib"].not_applicable:  # recycle before 3.11
+            expected = 0
+        assert calls.count(("stdlib", name)) == expected, name
+    fewer = [name for name, metric in _bench.METRICS.items() if metric.quick_reps]
+    assert fewer, "no metric asks for fewer reps: drop this test"
+    assert f"{fewer[0]} 1" in out.splitlines()[1]
+
+
+def test_size_option_resizes_only_metrics_sized_in_tasks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str, str]] = []
+    monkeypatch.setattr(_bench, "_run_child", _fake_run_child({"stdlib": 1.0}, calls))
+    _, document, _ = _run(["--libs", "stdlib", "--reps", "1", "--size", "7"], tmp_path, capsys)
+
+    for row in _rows(document):
+        metric = _bench.METRICS[row["metric"]]
+        assert row["size"] == (7 if metric.size_option else metric.full_size), row["metric"]
 
 
 def test_ratio_is_library_median_over_stdlib_median_whichever_direction_is_better(
@@ -210,14 +315,36 @@ def test_ratio_is_library_median_over_stdlib_median_whichever_direction_is_bette
     monkeypatch.setattr(_bench, "_run_child", run_child)
     _, document, out = _run(["--libs", "mpool,stdlib", "--reps", "3"], tmp_path, capsys)
 
-    for row in document["rows"]:
+    for row in _rows(document):
         stdlib, mpool = row["cells"]["stdlib"], row["cells"]["mpool"]
+        assert mpool["min"] == min(mpool["samples"]) and mpool["max"] == max(mpool["samples"])
+        if not row["compared"] or stdlib["not_applicable"]:  # no ratio: nothing to rank by
+            assert stdlib["ratio"] is None and mpool["ratio"] is None
+            continue
         assert stdlib["ratio"] == 1.0
         assert mpool["ratio"] == pytest.approx(mpool["median"] / stdlib["median"])
-        assert mpool["min"] == min(mpool["samples"]) and mpool["max"] == max(mpool["samples"])
-    directions = {row["quantity"]: row["higher_is_better"] for row in document["rows"]}
-    assert directions == {"tasks_per_s": True, "p50_us": False, "p99_us": False}
+    directions = {row["quantity"]: row["higher_is_better"] for row in _rows(document)}
+    assert directions["tasks_per_s"] and directions["payload_mb_per_s"]
+    assert not directions["p50_us"] and not directions["pending_bytes"]
     assert "higher is better" in out and "lower is better" in out
+
+
+def test_a_descriptive_number_is_summarised_by_a_value_seen_not_a_mean(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chunksizes = iter([16.0, 256.0])
+
+    def run_child(plan: _bench._Plan, library: str, metric: str) -> dict[str, Any]:
+        value = next(chunksizes)
+        keys = [quantity.key for quantity in _bench.METRICS[metric].quantities]
+        return {"ok": True, "values": dict.fromkeys(keys, value)}
+
+    monkeypatch.setattr(_bench, "_run_child", run_child)
+    _, document, _ = _run(["--libs", "stdlib", "--metrics", "map", "--reps", "2"], tmp_path, capsys)
+
+    cells = {row["quantity"]: row["cells"]["stdlib"] for row in _rows(document)}
+    assert cells["map_best_chunksize"]["median"] == 16.0  # the lower middle: a chunksize tried
+    assert cells["map_best_per_s"]["median"] == 136.0  # a rate: the usual median
 
 
 def test_markdown_flag_prints_a_markdown_table(
@@ -233,6 +360,108 @@ def test_markdown_flag_prints_a_markdown_table(
     assert table[2].startswith("| tiny-task throughput (tasks/s), higher is better |")
     assert "| 40k/s (1.00x) | 80k/s (2.00x) |" in table[2]
     assert len(table) == 2 + sum(len(m.quantities) for m in _bench.METRICS.values())
+    dash = _bench._dash()
+    assert f"| map at best chunksize (items/s), higher is better | 40k/s (1.00x) | {dash} |" in (
+        table
+    )
+    assert f"- {dash} map pipe: does not apply (no map())" in out.splitlines()
+
+
+def test_json_document_holds_the_header_and_every_cell(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str, str]] = []
+    monkeypatch.setattr(_bench, "_run_child", _fake_run_child({"stdlib": 2.0, "pipe": 1.0}, calls))
+    _, document, _ = _run(["--libs", "stdlib,pipe", "--reps", "2"], tmp_path, capsys)
+
+    assert document["schema"] == 2
+    assert document["command"] == "duckpool bench --libs stdlib,pipe --reps 2 --json " + str(
+        tmp_path / "bench.json"
+    )
+    for key in ("date", "python", "machine", "workers", "reps", "baseline", "skipped"):
+        assert key in document, key
+    assert document["baseline"] == "stdlib" and document["reps"] == 2
+    (run,) = document["runs"]
+    assert run["start_method"] is None
+    row = run["rows"][0]
+    assert set(row) >= {"metric", "quantity", "unit", "higher_is_better", "compared", "size"}
+    assert row["cells"]["pipe"] == {
+        "samples": [1.0, 1.0],
+        "median": 1.0,
+        "min": 1.0,
+        "max": 1.0,
+        "ratio": 0.5,
+        "failures": [],
+        "not_applicable": None,
+    }
+
+
+def test_start_method_all_prints_one_table_per_method(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    methods: list[Optional[str]] = []
+
+    def run_child(plan: _bench._Plan, library: str, metric: str) -> dict[str, Any]:
+        methods.append(plan.start_method)
+        return {"ok": True, "values": {"p50_us": 1.0, "p99_us": 2.0}}
+
+    monkeypatch.setattr(_bench, "_run_child", run_child)
+    args = ["--libs", "stdlib", "--metrics", "latency", "--reps", "1", "--start-method", "all"]
+    code, document, out = _run(args, tmp_path, capsys)
+
+    possible = multiprocessing.get_all_start_methods()
+    available = [method for method in ("fork", "spawn", "forkserver") if method in possible]
+    assert code == 0
+    assert methods == available
+    assert [run["start_method"] for run in document["runs"]] == available
+    headers = [line for line in out.splitlines() if line.startswith("duckpool bench ")]
+    assert [line.rsplit("start method: ", 1)[1] for line in headers] == available
+
+
+def test_plot_writes_a_png_of_the_ratios(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str, str]] = []
+    values = {"stdlib": 2.0, "mpool": 3.0, "pipe": 1.0}
+    monkeypatch.setattr(_bench, "_run_child", _fake_run_child(values, calls))
+    plot = tmp_path / "ratios.png"
+    args = ["--libs", "stdlib,mpool,pipe", "--reps", "1", "--start-method", "all"]
+    code, _, _ = _run([*args, "--plot", str(plot)], tmp_path, capsys)
+
+    assert code == 0
+    assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_plot_without_matplotlib_exits_2_before_measuring(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, *args: Any) -> Any:
+        return None if name == "matplotlib" else real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(_bench, "_run_child", lambda *_: pytest.fail("a child was started"))
+    code = _bench.main(["--libs", "stdlib", "--plot", str(tmp_path / "x.png")])
+
+    assert code == 2
+    assert "needs matplotlib, which is not installed" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_progress_goes_to_stderr_one_line_per_measurement_when_not_a_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str, str]] = []
+    monkeypatch.setattr(_bench, "_run_child", _fake_run_child({"stdlib": 1.0}, calls))
+    _bench.main(["--libs", "stdlib", "--metrics", "throughput,latency", "--reps", "2"])
+    captured = capsys.readouterr()
+
+    progress = [line for line in captured.err.splitlines() if line.startswith("[")]
+    assert [line.split("]")[0] for line in progress] == ["[1/4", "[2/4", "[3/4", "[4/4"]
+    assert all("elapsed" in line and "left" in line for line in progress)
+    assert "\r" not in captured.err
+    assert not any(line.startswith("[") for line in captured.out.splitlines())
 
 
 @pytest.mark.parametrize(
@@ -242,6 +471,7 @@ def test_markdown_flag_prints_a_markdown_table(
         (["--metrics", "speed"], "speed"),
         (["--reps", "0"], "--reps must be >= 1, got 0"),
         (["--timeout", "0"], "--timeout must be > 0, got 0"),
+        (["--start-method", "thread"], "thread"),
     ],
 )
 def test_bad_option_exits_2_naming_the_value(
@@ -251,26 +481,82 @@ def test_bad_option_exits_2_naming_the_value(
     assert named in capsys.readouterr().err
 
 
+def _corrupt(value: Any) -> Any:
+    """A wrong result of the same kind: ints and bytes changed, anything else kept."""
+    if isinstance(value, bool) or not isinstance(value, (int, bytes)):
+        return value
+    return value + 1 if isinstance(value, int) else value[:-1]
+
+
 def _inline_pool(transform: Callable[[Any], Any] = lambda value: value) -> _bench._PoolAdapter:
-    """A 'pool' that runs each task at submit time, in this process."""
-    return _bench._PoolAdapter(
+    """A 'pool' that runs each task at submit time, in this process, as its one worker."""
+
+    def map_items(
+        function: Callable[..., Any], items: list[Any], chunksize: Optional[int], timeout: float
+    ) -> list[Any]:
+        return [transform(function(item)) for item in items]
+
+    pool = _bench._PoolAdapter(
         submit=lambda function, args: transform(function(*args)),
         wait=lambda handle, timeout: handle,
         close=lambda: None,
+        map_items=map_items,
     )
+    pool.worker_pids = [os.getpid()]
+    return pool
 
 
-@pytest.mark.parametrize("metric", list(_bench.METRICS))
-def test_metric_returns_every_quantity_it_declares(metric: str) -> None:
+@dataclasses.dataclass(frozen=True)
+class _InlineOpener(_bench._PoolOpener):
+    """Opens inline pools (always one 'worker', whatever is asked)."""
+
+    transform: Callable[[Any], Any] = lambda value: value
+
+    def open(
+        self,
+        workers: Optional[int] = None,
+        start_method: Optional[str] = None,
+        max_tasks_per_child: Optional[int] = None,
+    ) -> _bench._PoolAdapter:
+        return _inline_pool(self.transform)
+
+
+def _measure_inline(metric: str, transform: Callable[[Any], Any]) -> dict[str, float]:
     deadline = time.monotonic() + 30
-    values = _bench.METRICS[metric].measure(_inline_pool(), 50, deadline)
+    definition = _bench.METRICS[metric]
+    size = min(50, definition.quick_size)
+    if definition.measure_own_pools is not None:
+        options = _bench._PoolOptions(workers=1, start_method=None)
+        opener = _InlineOpener("stdlib", options, transform)
+        return definition.measure_own_pools(opener, size, deadline)
+    assert definition.measure is not None
+    return definition.measure(_inline_pool(transform), size, deadline)
+
+
+# Metrics that need real workers (to block them, or to see them exit) are
+# covered by the end-to-end tests only.
+NEED_WORKERS = {"pending", "shutdown"}
+CHECK_RESULTS = ["throughput", "latency", "map", "payload", "startup", "recycle", "scaling"]
+
+
+@pytest.mark.parametrize("metric", [name for name in _bench.METRICS if name not in NEED_WORKERS])
+def test_metric_returns_every_quantity_it_declares(metric: str) -> None:
+    values = _measure_inline(metric, lambda value: value)
 
     assert set(values) == {quantity.key for quantity in _bench.METRICS[metric].quantities}
     assert all(value > 0 for value in values.values())
 
 
-@pytest.mark.parametrize("metric", list(_bench.METRICS))
+@pytest.mark.parametrize("metric", CHECK_RESULTS)
 def test_metric_rejects_wrong_results(metric: str) -> None:
-    wrong = _inline_pool(lambda value: value + 1)
     with pytest.raises(_bench._BenchError, match="expected"):
-        _bench.METRICS[metric].measure(wrong, 50, time.monotonic() + 30)
+        _measure_inline(metric, _corrupt)
+
+
+def test_metric_definitions_are_consistent() -> None:
+    for name, metric in _bench.METRICS.items():
+        assert metric.name == name
+        assert (metric.measure is None) != (metric.measure_own_pools is None), name
+        assert len({q.key for q in metric.quantities}) == len(metric.quantities), name
+    for library in _bench.LIBRARIES.values():
+        assert set(library.not_applicable) <= set(_bench.METRICS), library.name

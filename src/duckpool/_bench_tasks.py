@@ -15,12 +15,53 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
 
-__all__ = ["bench_child_pid", "increment", "pipe_worker_loop", "worker_identity"]
+__all__ = [
+    "bench_child_pid",
+    "block_until_released",
+    "echo",
+    "increment",
+    "pipe_worker_loop",
+    "spin",
+    "worker_identity",
+]
 
 
 def increment(value: int) -> int:
     """The tiny task: as little work as a task can do, so only overhead is measured."""
     return value + 1
+
+
+def echo(payload: bytes) -> bytes:
+    """Send the payload back: the payload metric measures moving bytes both ways."""
+    return payload
+
+
+def spin(iterations: int) -> int:
+    """CPU-bound pure-Python work (it holds the GIL throughout), for the scaling metric."""
+    total = 0
+    for i in range(iterations):
+        total += i * i % 7
+    return total
+
+
+def block_until_released(release_path: str, running_dir: str, timeout: float) -> int:
+    """Occupy this worker until ``release_path`` exists; return this worker's pid.
+
+    It first creates ``running-<pid>`` in ``running_dir``, so the parent can
+    tell when every worker is occupied, then polls every millisecond (no
+    multiprocessing primitive: each library would need its own way to pass
+    one).  Raises ``TimeoutError`` if the release does not come in ``timeout``
+    seconds, so a parent that died cannot leave a worker blocked forever.
+    """
+    pid = os.getpid()
+    with open(os.path.join(running_dir, f"running-{pid}"), "w"):
+        pass
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(release_path):
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"worker {pid} was not released within {timeout:.1f} s")
+        time.sleep(0.001)
+    return pid
 
 
 # Set by the benchmark child in its own memory before it opens a pool: a worker
