@@ -314,6 +314,7 @@ class _Slot:
         "read_lock",
         "reader",
         "ready",
+        "reserved",
         "result_conn",
         "retiring",
         "stop_sent",
@@ -341,6 +342,9 @@ class _Slot:
         self.tasks_done = 0
         #: A process has filled this slot before (the next one is a restart).
         self.used = False
+        #: Its first process is being started by the dispatcher: it takes an
+        #: item already, which waits in the outbox until the process is up.
+        self.reserved = False
         #: Reached max_tasks_per_child: to exit once its items are done.
         self.retiring = False
         #: The empty frame that tells the worker to exit has been written.
@@ -662,7 +666,7 @@ class PoolCore:
     # -- workers (lock held) ---------------------------------------------------
 
     def ensure_started(self) -> None:
-        """Start every worker and the dispatcher thread, once."""
+        """Start the first worker and the dispatcher thread, once."""
         if self.thread is not None:
             return
         settings = self.settings
@@ -676,15 +680,24 @@ class PoolCore:
             self.zygote = _zygote.Zygote(settings.context, self.worker_config)
             self.selector.register(self.zygote.notices_fd, _ZYGOTE_NOTICES)
             self.selector.register(self.zygote.sentinel, _ZYGOTE_EXIT)
-        for slot in self.slots:
-            if slot.process is None:
-                self.start_worker(slot)
+        # The first worker now, for the task being submitted; the dispatcher
+        # starts the others at once, while that task already runs.  Until then
+        # they are reserved: each takes a task as an idle worker would (so it
+        # counts as started, as the stdlib's executor sends the first tasks on
+        # at once), which waits in its outbox.
+        empty = [slot for slot in self.slots if slot.process is None]
+        if empty:
+            self.start_worker(empty[0])
+        for slot in empty[1:]:
+            slot.reserved = True
         self.thread = threading.Thread(
             target=self.dispatch_loop,
             name=f"duckpool-dispatcher-{id(self):x}",
             daemon=True,
         )
         self.thread.start()
+        if len(empty) > 1:
+            self.wake()
 
     def worker_config(self, slot_index: int) -> _worker.WorkerConfig:
         """What the worker in ``slot_index`` is started with."""
@@ -733,10 +746,13 @@ class PoolCore:
         if slot.used:
             self.counters.restarts += 1
         slot.used = True
+        slot.reserved = False
+        if slot.outbox:  # what it took while reserved
+            self.flush(slot)
 
     def is_idle(self, slot: _Slot) -> bool:
         return (
-            slot.process is not None
+            (slot.process is not None or slot.reserved)
             and not slot.assigned
             and not slot.retiring
             and slot.stopping is None
@@ -784,11 +800,10 @@ class PoolCore:
         What the pipe does not take now waits in the slot's outbox, which
         the dispatcher writes out as the worker reads (see ``flush``).
         """
-        assert slot.task_conn is not None
         if slot.retiring and not slot.stop_sent:
             data += _worker.wire(b"")
             slot.stop_sent = True
-        if slot.outbox:
+        if slot.outbox or slot.task_conn is None:  # (None: reserved, not started yet)
             slot.outbox.append(memoryview(data))
             return
         try:
@@ -1059,7 +1074,11 @@ class PoolCore:
                 self.kill_all_workers(self.kill_requested)
             start_error: Optional[BaseException] = None
             with self.lock:
-                if not self.shutdown_requested or self.pending:
+                if (
+                    not self.shutdown_requested
+                    or self.pending
+                    or any(slot.reserved for slot in self.slots)
+                ):
                     start_error = self.refill_slots()
                     self.dispatch_pending()
                 done = (
@@ -1613,6 +1632,13 @@ class PoolCore:
                 _signal(process, signal.SIGKILL)
         for slot in live:
             self.on_worker_exit(slot)
+        with self.lock:
+            for slot in self.slots:
+                if slot.reserved:  # never started: what it took goes back
+                    slot.reserved = False
+                    self.pending.extendleft(reversed(slot.assigned))
+                    slot.assigned.clear()
+                    slot.outbox.clear()
         # The worker-death path requeues what never started; nothing restarts now.
         if self.pending and (self.broken is not None or self.kill_requested is not None):
             self.fail_everything(

@@ -509,13 +509,11 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         if core.owner_pid != os.getpid():
             return
         drain_timeout = _check_timeout("timeout", timeout)
+        core.request_shutdown(cancel_futures)  # at once, whether or not it waits
         if drain_timeout is None:
-            core.request_shutdown(cancel_futures)
             if wait:
                 core.join()
             return
-        if cancel_futures:
-            core.request_shutdown(cancel_futures)
         if wait:
             _shutdown.drain([core], drain_timeout)
         else:
