@@ -19,7 +19,6 @@ A full pool answers 429 (admission control: ``max_pending``).
 
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing
 import os
 from contextlib import asynccontextmanager
@@ -84,7 +83,9 @@ async def slow(request: Request) -> JSONResponse:
 
 async def stats(request: Request) -> JSONResponse:
     snapshot = duckpool.pool_for("fib").stats()
-    return JSONResponse(dataclasses.asdict(snapshot))
+    return JSONResponse(
+        dict(snapshot._asdict(), workers=[worker._asdict() for worker in snapshot.workers])
+    )
 
 
 app = Starlette(

@@ -1,15 +1,18 @@
-"""What ``stats()`` returns: a typed snapshot of a pool, taken at one moment."""
+"""What ``stats()`` returns: a typed snapshot of a pool, taken at one moment.
+
+Named tuples (immutable, typed, ``_asdict()`` for JSON), not dataclasses:
+``dataclasses`` imports ``inspect``, which would add milliseconds to the
+import of every pool.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 __all__ = ["PoolStats", "WorkerStats"]
 
 
-@dataclass(frozen=True)
-class WorkerStats:
+class WorkerStats(NamedTuple):
     """One live worker process.
 
     Attributes:
@@ -29,8 +32,7 @@ class WorkerStats:
     rss: Optional[int]
 
 
-@dataclass(frozen=True)
-class PoolStats:
+class PoolStats(NamedTuple):
     """A pool's workers, queue and counters since it started.
 
     Attributes:
