@@ -1337,10 +1337,6 @@ class PoolCore:
             conn = slot.result_conn
             if conn is None or slot.poisoned is not None:
                 return
-            try:
-                self.selector.pause(conn)
-            except OSError:  # no longer watched: the worker is gone
-                return
             item = slot.assigned[0]
             now = time.monotonic()
             window = _ASSIST_SECONDS if timeout is None else min(timeout, _ASSIST_SECONDS)
@@ -1351,7 +1347,16 @@ class PoolCore:
                 s.assist is not None and s.assist.spin for s in self.slots
             )
             spin_until = now + min(window, _SPIN_SECONDS) if spin else now
+            # Recorded before the pipe is paused: an exception raised in this
+            # thread from here on (Ctrl-C) leaves an assist the dispatcher
+            # takes back after its window (check_deadlines), never a pipe
+            # paused for good.
             assist = slot.assist = _Assist(conn, end, spin)
+            try:
+                self.selector.pause(conn)
+            except OSError:  # no longer watched: the worker is gone
+                slot.assist = None
+                return
         try:
             # A read the dispatcher began before the pipe was ours ends first;
             # if it took our result, the dispatcher resolves the future.
@@ -1379,7 +1384,9 @@ class PoolCore:
         """Give a helped pipe back to the dispatcher (lock held)."""
         if slot.assist is not assist:
             return  # already taken back
-        slot.assist = None
+        # The assist is cleared last: if an exception cuts this short, it is
+        # still there for the dispatcher to take back (and resuming twice, or
+        # closing twice, is harmless).
         if assist.orphaned:
             try:
                 assist.conn.close()
@@ -1387,6 +1394,7 @@ class PoolCore:
                 pass
         elif slot.result_conn is assist.conn and not self.closed:
             self.selector.resume(assist.conn)
+        slot.assist = None
 
     def _slot_running(self, future: Future[Any]) -> Optional[_Slot]:
         """The slot whose worker holds ``future``'s item and nothing else, if
