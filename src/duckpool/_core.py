@@ -113,9 +113,11 @@ _ASSIST_SECONDS = 0.005
 #: How long past that window the dispatcher waits before it takes the pipe
 #: back from a helper that never gave it back (an exception cut it short).
 _ASSIST_GRACE_SECONDS = 0.5
-#: Of that, how long it polls without sleeping, when its worker's last task was
-#: this short too.  One thread per pool at a time.
-_SPIN_SECONDS = 0.0001
+#: A worker whose last task took less than this (as seen from here, round trip
+#: included) is polled without sleeping for up to twice that long, before the
+#: helper sleeps in poll(): waking a sleeping thread costs as much as such a
+#: task.  One thread per pool at a time.
+_SPIN_SECONDS = 0.0005
 #: The least number of worker slots a pool can grow to with ``resize``.
 _MIN_CAPACITY = 64
 #: How many recent task latencies ``stats()`` takes its percentiles from.
@@ -1319,8 +1321,8 @@ class PoolCore:
         queued), the dispatcher stops watching that one pipe for up to
         ``_ASSIST_SECONDS`` (or ``timeout``) and this thread reads it instead,
         booking and resolving what arrives, its own result included.  If the
-        worker's last task was that short too, it polls without sleeping for
-        up to ``_SPIN_SECONDS`` first.  Deaths, deadlines and the other pipes
+        worker's last task took less than ``_SPIN_SECONDS``, it polls without
+        sleeping for up to twice that long first.  Deaths, deadlines and the other pipes
         stay the dispatcher's; what this thread has not read when it stops,
         the dispatcher reads next.
         """
@@ -1346,7 +1348,7 @@ class PoolCore:
             spin = slot.last_service < _SPIN_SECONDS and not any(
                 s.assist is not None and s.assist.spin for s in self.slots
             )
-            spin_until = now + min(window, _SPIN_SECONDS) if spin else now
+            spin_until = now + min(window, 2 * slot.last_service) if spin else now
             # Recorded before the pipe is paused: an exception raised in this
             # thread from here on (Ctrl-C) leaves an assist the dispatcher
             # takes back after its window (check_deadlines), never a pipe
