@@ -165,7 +165,17 @@ def exception_from_payload(payload: memoryview) -> BaseException:
 class WorkItem:
     """One submitted call, from submit() until its future is resolved."""
 
-    __slots__ = ("fn", "frame", "future", "kind", "started", "submitted", "task_id", "timeout")
+    __slots__ = (
+        "chunk",
+        "fn",
+        "frame",
+        "future",
+        "kind",
+        "started",
+        "submitted",
+        "task_id",
+        "timeout",
+    )
 
     def __init__(
         self,
@@ -175,6 +185,7 @@ class WorkItem:
         fn: object,
         timeout: Optional[float],
         kind: Optional[str] = None,
+        chunk: bool = False,
     ) -> None:
         self.future = future
         self.task_id = task_id
@@ -187,6 +198,8 @@ class WorkItem:
         self.started = False
         #: The task type, for per-type concurrency caps (``type_limits``).
         self.kind = kind
+        #: A chunk of a ``map``: one may wait in a worker's pipe behind another.
+        self.chunk = chunk
         self.submitted = time.monotonic()
 
     @property
@@ -762,14 +775,25 @@ class PoolCore:
         )
 
     def can_prefetch(self, slot: _Slot, item: WorkItem, now: float) -> bool:
-        """May ``item`` queue in the pipe of ``slot``'s busy worker?"""
+        """May ``item`` queue in the pipe of ``slot``'s busy worker?
+
+        Behind short tasks, a few; a ``map`` chunk, behind one other chunk
+        whatever its length (the worker then never waits for the next one,
+        and a map's chunks are alike, so none waits long behind another).
+        """
+        if (
+            slot.process is None
+            or slot.index >= self.size
+            or self.settings.type_limits is not None
+            or slot.retiring
+            or slot.stopping is not None
+        ):
+            return False
+        assigned = slot.assigned
+        if item.chunk and len(assigned) == 1 and assigned[0].chunk:
+            return True
         return (
-            slot.process is not None
-            and slot.index < self.size
-            and self.settings.type_limits is None
-            and not slot.retiring
-            and slot.stopping is None
-            and len(slot.assigned) < _PREFETCH
+            len(assigned) < _PREFETCH
             and slot.queued_bytes + len(item.frame) <= _PREFETCH_BYTES
             and slot.last_service < _PREFETCH_BEHIND_SECONDS
             and now - slot.head_since < _PREFETCH_BEHIND_SECONDS

@@ -61,7 +61,13 @@ from typing import Any, Callable, Optional, TypeVar
 
 from duckpool import _worker
 from duckpool._errors import InheritedManagerError, TaskTimeoutError, WorkerDiedError
-from duckpool._executor import _check_timeout, _map_results, _positive_int, default_max_workers
+from duckpool._executor import (
+    _check_timeout,
+    _map_results,
+    _positive_int,
+    chunk_calls,
+    default_max_workers,
+)
 
 __all__ = ["DaskExecutor", "DaskTaskOptions"]
 
@@ -422,15 +428,13 @@ class DaskExecutor(Executor):
             raise ValueError(f"chunksize must be >= 1, got {chunksize!r}")
         _positive_int("buffersize", buffersize)
         deadline = None if timeout is None else time.monotonic() + timeout
-        calls = zip(*iterables)
-        chunks: Iterator[list[tuple[Any, ...]]] = iter(
-            lambda: list(itertools.islice(calls, chunksize)), []
-        )
+        chunks = chunk_calls(iterables, chunksize)
         run_chunk = functools.partial(_worker.run_chunk, fn)
 
-        def submit_chunk(chunk: list[tuple[Any, ...]]) -> Future[list[_T]]:
-            if len(chunk) == 1:  # fn itself: the workers need nothing from duckpool
-                return self._submit(fn, chunk[0], {}, task_type, task_timeout, as_list=True)
+        def submit_chunk(chunk: _worker.Columns) -> Future[list[_T]]:
+            if len(chunk[0]) == 1:  # fn itself: the workers need nothing from duckpool
+                args = tuple(column[0] for column in chunk)
+                return self._submit(fn, args, {}, task_type, task_timeout, as_list=True)
             return self._submit(run_chunk, (chunk,), {}, task_type, task_timeout)
 
         first = chunks if buffersize is None else itertools.islice(chunks, buffersize)

@@ -313,6 +313,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         kwargs: dict[str, Any],
         timeout: Optional[float],
         kind: Optional[str],
+        chunk: bool = False,
     ) -> Future[_T]:
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, got {fn!r}")
@@ -322,10 +323,10 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
                 core.check_usable()  # raises the error that applies
         admission = self._admission
         if admission is None:
-            return self._queue(fn, args, kwargs, timeout, kind)
+            return self._queue(fn, args, kwargs, timeout, kind, chunk)
         admission.admit()
         try:
-            future = self._queue(fn, args, kwargs, timeout, kind)
+            future = self._queue(fn, args, kwargs, timeout, kind, chunk)
         except BaseException:
             admission.release()
             raise
@@ -339,8 +340,9 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         kwargs: dict[str, Any],
         timeout: Optional[float],
         kind: Optional[str],
+        chunk: bool,
     ) -> Future[_T]:
-        """Pickle the call and hand it to the pool's core."""
+        """Pickle the call and hand it to the pool's core (``chunk``: a ``map`` chunk)."""
         core = self._core
         future: Future[_T] = _core.PoolFuture(core)
         task_id = _core.next_task_id()
@@ -357,7 +359,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
             future.set_exception(error)
             return future
         frame = _worker.task_frame(task_id, payload)
-        core.submit(_core.WorkItem(future, task_id, frame, fn, timeout, kind))
+        core.submit(_core.WorkItem(future, task_id, frame, fn, timeout, kind, chunk))
         return future
 
     def _unpicklable_part(
@@ -418,7 +420,8 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         """Like :func:`map`, computed in the pool; results come in input order.
 
         ``chunksize`` sends that many calls per task.  Left out (``None``),
-        the pool chooses: about four chunks per worker, each call still
+        the pool chooses: about four chunks per worker, of at most
+        4096 calls each (so results start coming back early), each call still
         answering for itself (an error is raised when its own result is
         reached, and the calls after it run, as with ``chunksize=1``); with
         ``buffersize`` or a task timeout, one call per task.  ``buffersize`` (as in
@@ -460,26 +463,24 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         _positive_int("buffersize", buffersize)
         make_bar = _progress_bar_factory(progress, iterables)
         deadline = None if timeout is None else time.monotonic() + timeout
-        calls: Iterator[tuple[Any, ...]] = zip(*iterables)
         if automatic:
             size = 1
             if buffersize is None and task_timeout is None:
                 # Every call is submitted now anyway (as the stdlib does): with
-                # their number known, about four chunks per worker.
-                listed = list(calls)
-                size = max(1, -(-len(listed) // (4 * self._max_workers)))
-                calls = iter(listed)
+                # their number known, about four chunks per worker, none so
+                # long that the first results wait for most of the work.
+                iterables = _materialised(iterables)
+                count = len(iterables[0]) if iterables else 0
+                size = min(_AUTO_CHUNK_MAX, max(1, -(-count // (4 * self._max_workers))))
             run = functools.partial(_worker.run_items, fn)
         else:
             assert chunksize is not None
             size = chunksize
             run = functools.partial(_worker.run_chunk, fn)
-        chunks: Iterator[list[tuple[Any, ...]]] = iter(
-            lambda: list(itertools.islice(calls, size)), []
-        )
+        chunks = chunk_calls(iterables, size)
 
-        def submit_chunk(chunk: list[tuple[Any, ...]]) -> Future[list[_T]]:
-            return self._submit(run, (chunk,), {}, task_timeout, kind)
+        def submit_chunk(chunk: _worker.Columns) -> Future[list[_T]]:
+            return self._submit(run, (chunk,), {}, task_timeout, kind, chunk=True)
 
         first = chunks if buffersize is None else itertools.islice(chunks, buffersize)
         futures = deque(submit_chunk(chunk) for chunk in first)
@@ -649,10 +650,54 @@ def _progress_bar_factory(
     return functools.partial(tqdm, **options)
 
 
+#: The largest chunk ``map`` makes by itself: a few milliseconds of the
+#: tiniest calls, enough that the per-chunk cost is lost in the noise, few
+#: enough that pickling, work and unpickling overlap chunk after chunk.
+_AUTO_CHUNK_MAX = 4096
+
+
+def chunk_calls(iterables: tuple[Iterable[Any], ...], size: int) -> Iterator[_worker.Columns]:
+    """The calls of ``map(fn, *iterables)``, ``size`` at a time, as columns.
+
+    The iterables are opened here, at once, so that one which is not
+    iterable fails the ``map`` call itself; the chunks are read lazily.
+    """
+    if len(iterables) == 1:
+        return _single_column_chunks(iter(iterables[0]), size)
+    return _zipped_chunks(zip(*iterables), size)
+
+
+def _single_column_chunks(items: Iterator[Any], size: int) -> Iterator[_worker.Columns]:
+    while True:
+        column = list(itertools.islice(items, size))
+        if not column:
+            return
+        yield (column,)
+
+
+def _zipped_chunks(calls: Iterator[tuple[Any, ...]], size: int) -> Iterator[_worker.Columns]:
+    while True:
+        rows = list(itertools.islice(calls, size))
+        if not rows:
+            return
+        yield tuple(map(list, zip(*rows)))
+
+
+def _materialised(iterables: tuple[Iterable[Any], ...]) -> tuple[list[Any], ...]:
+    """The calls of ``map(fn, *iterables)`` as equal-length columns, all read now.
+
+    Several iterables are read through ``zip`` (one may be endless, as with
+    the builtin ``map``).
+    """
+    if len(iterables) == 1:
+        return (list(iterables[0]),)
+    return tuple(map(list, zip(*zip(*iterables))))
+
+
 def _map_results(
     futures: deque[Future[list[_T]]],
-    more_chunks: Optional[Iterator[list[tuple[Any, ...]]]],
-    submit_chunk: Callable[[list[tuple[Any, ...]]], Future[list[_T]]],
+    more_chunks: Optional[Iterator[_worker.Columns]],
+    submit_chunk: Callable[[_worker.Columns], Future[list[_T]]],
     deadline: Optional[float],
     make_bar: Optional[Callable[[], Any]] = None,
     item_errors: bool = False,
@@ -678,10 +723,13 @@ def _map_results(
             if bar is not None:
                 bar.update(len(chunk))
             chunk.reverse()
+            if item_errors and type(chunk) is _worker.PartlyFailed:
+                while chunk:
+                    if isinstance(chunk[-1], _worker.ItemError):
+                        error: Any = chunk.pop()
+                        raise _core.exception_from_payload(memoryview(error.payload))
+                    yield chunk.pop()
             while chunk:
-                if item_errors and isinstance(chunk[-1], _worker.ItemError):
-                    error: Any = chunk.pop()
-                    raise _core.exception_from_payload(memoryview(error.payload))
                 yield chunk.pop()  # no local keeps what was handed out
     finally:
         for future in futures:

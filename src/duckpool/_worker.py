@@ -247,9 +247,16 @@ def _rss_reader() -> Callable[[], int]:
     return lambda: int(memory_info().rss)
 
 
-def run_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any]:
-    """Apply ``fn`` to each argument tuple of a ``map`` chunk."""
-    return [fn(*args) for args in chunk]
+#: A chunk of ``map`` calls, column-wise: one list per iterable given to
+#: ``map``, so a call is ``fn(columns[0][i], columns[1][i], ...)``.  Columns
+#: pickle without a tuple per call (tuples are memoised, items mostly not),
+#: and the worker runs them through the builtin ``map``.
+Columns = tuple[list[Any], ...]
+
+
+def run_chunk(fn: Callable[..., Any], columns: Columns) -> list[Any]:
+    """Apply ``fn`` to each call of a ``map`` chunk; the first error ends it."""
+    return list(map(fn, *columns))
 
 
 class ItemError:
@@ -265,19 +272,35 @@ class ItemError:
         return (ItemError, (self.payload,))
 
 
-def run_items(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any]:
-    """Like ``run_chunk``, but an item that raises does not stop the others.
+class PartlyFailed(list):  # type: ignore[type-arg]
+    """The results of a ``run_items`` chunk in which some call raised.
+
+    A plain list means every call returned, so the parent checks items only
+    in chunks of this type.
+    """
+
+    __slots__ = ()
+
+
+def run_items(fn: Callable[..., Any], columns: Columns) -> list[Any]:
+    """Like ``run_chunk``, but a call that raises does not stop the others.
 
     Its place holds an :class:`ItemError`, so a chunk chosen by ``map``
-    itself behaves as if every item had been its own task.
+    itself behaves as if every call had been its own task.
     """
     results: list[Any] = []
-    for args in chunk:
+    calls = map(fn, *columns)
+    while True:
         try:
-            results.append(fn(*args))
+            # CPython's list.extend keeps what it appended before an error,
+            # and a map object goes on with the next call after one: the
+            # loop runs in C until a call raises.
+            results.extend(calls)
+            return results
         except BaseException as exc:  # a task's outcome, as in _run_one
+            if type(results) is list:
+                results = PartlyFailed(results)
             results.append(ItemError(dump_exception(exc)))
-    return results
 
 
 def watch_parent(parent_pid: int) -> None:
