@@ -107,3 +107,25 @@ def test_run_items_marks_a_chunk_with_failures_and_keeps_every_place() -> None:
     assert all(isinstance(results[i], _worker.ItemError) for i in (1, 3))
     error = _core.exception_from_payload(memoryview(results[1].payload))
     assert isinstance(error, ZeroDivisionError)
+
+
+def test_map_results_read_alike_through_next_and_a_loop_and_stop_when_closed(
+    ctx: object,
+) -> None:
+    pool = duckpool.ProcessPoolExecutor(2, ctx)  # type: ignore[arg-type]
+    try:
+        results = pool.map(tasks.identity, range(100), chunksize=10, timeout=TIMEOUT)
+        assert [next(results) for _ in range(5)] == [0, 1, 2, 3, 4]
+        taken = []
+        for value in results:
+            taken.append(value)
+            if value == 49:
+                break
+        assert taken == list(range(5, 50))
+        assert next(results) == 50
+        results.close()  # type: ignore[attr-defined]
+        assert list(results) == []
+        with pytest.raises(StopIteration):
+            next(results)
+    finally:
+        pool.shutdown()

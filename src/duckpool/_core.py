@@ -15,7 +15,9 @@ Data flow::
       waits on: wakeup pipe, every result pipe, every process sentinel,
                 and the nearest task deadline
       result frame -> pop the slot's head item, resolve its future,
-                      refill the slot from pending
+                      refill the slot from pending (behind a busy worker's
+                      current task, a few short tasks or one map chunk may
+                      wait in its pipe: see can_prefetch)
       log frame    -> no item popped; the record goes to the parent's logger
                       of its name in its place among the resolutions, after
                       the lock (_logs.handle_forwarded)

@@ -16,7 +16,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from concurrent.futures import ProcessPoolExecutor as _StdlibProcessPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeoutError
@@ -694,6 +694,39 @@ def _materialised(iterables: tuple[Iterable[Any], ...]) -> tuple[list[Any], ...]
     return tuple(map(list, zip(*zip(*iterables))))
 
 
+class MapResults(Iterator[_T]):
+    """What ``map`` returns: its results in order; ``close()`` cancels the calls not started.
+
+    The results of each chunk are handed out by C code (``itertools.chain``
+    over a pop per item), so a ``for`` loop or ``list()`` over it costs no
+    Python frame per item: ``__iter__`` gives that chain itself, and
+    ``next()`` on this object reads the same chain.
+    """
+
+    __slots__ = ("_chunks", "_items")
+
+    def __init__(self, chunks: Generator[Iterator[_T], None, None]) -> None:
+        self._chunks = chunks
+        self._items: Iterator[_T] = itertools.chain.from_iterable(chunks)
+
+    def __iter__(self) -> Iterator[_T]:
+        return self._items
+
+    def __next__(self) -> _T:
+        return next(self._items)
+
+    def close(self) -> None:
+        """Stop: cancel the chunks no worker has started, close the progress bar."""
+        self._items = iter(())
+        self._chunks.close()
+
+
+def _handed_out(results: list[_T]) -> Iterator[_T]:
+    """The items of ``results`` in order, each dropped from the list as it is handed out."""
+    results.reverse()
+    return itertools.starmap(results.pop, itertools.repeat((), len(results)))
+
+
 def _map_results(
     futures: deque[Future[list[_T]]],
     more_chunks: Optional[Iterator[_worker.Columns]],
@@ -701,11 +734,26 @@ def _map_results(
     deadline: Optional[float],
     make_bar: Optional[Callable[[], Any]] = None,
     item_errors: bool = False,
-) -> Iterator[_T]:
-    """Yield map results in order, keeping ``len(futures)`` chunks in flight.
+) -> MapResults[_T]:
+    """Map results in order, keeping ``len(futures)`` chunks in flight."""
+    return MapResults(
+        _result_chunks(futures, more_chunks, submit_chunk, deadline, make_bar, item_errors)
+    )
 
-    The progress bar, if any, is made when the iteration starts and closed
-    when it ends, however it ends.
+
+def _result_chunks(
+    futures: deque[Future[list[_T]]],
+    more_chunks: Optional[Iterator[_worker.Columns]],
+    submit_chunk: Callable[[_worker.Columns], Future[list[_T]]],
+    deadline: Optional[float],
+    make_bar: Optional[Callable[[], Any]],
+    item_errors: bool,
+) -> Generator[Iterator[_T], None, None]:
+    """An iterator over each chunk's results, in order; raises where a call failed.
+
+    An error, a timeout or closing stops this generator, which cancels the
+    chunks not started.  The progress bar, if any, is made when the
+    iteration starts and closed when it ends, however it ends.
     """
     bar = None
     try:
@@ -722,17 +770,17 @@ def _map_results(
             del future  # hold no reference to a result once it is handed out
             if bar is not None:
                 bar.update(len(chunk))
-            chunk.reverse()
             if item_errors and type(chunk) is _worker.PartlyFailed:
-                while chunk:
-                    if isinstance(chunk[-1], _worker.ItemError):
-                        error: Any = chunk.pop()
-                        raise _core.exception_from_payload(memoryview(error.payload))
-                    yield chunk.pop()
-            while chunk:
-                yield chunk.pop()  # no local keeps what was handed out
+                failed = next(i for i, r in enumerate(chunk) if isinstance(r, _worker.ItemError))
+                error: Any = chunk[failed]
+                del chunk[failed:]  # the map ends at the failed call
+                yield _handed_out(chunk)
+                raise _core.exception_from_payload(memoryview(error.payload))
+            yield _handed_out(chunk)
+            del chunk
     finally:
         for future in futures:
             future.cancel()
         if bar is not None:
             bar.close()
+
