@@ -83,6 +83,14 @@ def test_map_stops_at_the_shortest_iterable_even_an_endless_one(
         results = pool.map(tasks.add, range(50), itertools.count(), chunksize=chunksize)
         assert list(results) == [2 * i for i in range(50)]
         assert list(pool.map(tasks.identity, "abc", chunksize=chunksize)) == ["a", "b", "c"]
+        # Lists (sliced when they have one length) and lists of two lengths.
+        evens = [2 * i for i in range(50)]
+        assert list(pool.map(tasks.add, list(range(50)), range(50), chunksize=chunksize)) == evens
+        assert list(pool.map(tasks.add, list(range(50)), list(range(50)))) == evens
+        assert list(pool.map(tasks.add, list(range(50)), list(range(70)))) == evens
+        assert list(pool.map(tasks.identity, list(range(50)), chunksize=chunksize)) == list(
+            range(50)
+        )
         with pytest.raises(TypeError):
             pool.map(tasks.identity, 5, chunksize=chunksize)  # type: ignore[arg-type]
     finally:

@@ -428,7 +428,7 @@ class DaskExecutor(Executor):
             raise ValueError(f"chunksize must be >= 1, got {chunksize!r}")
         _positive_int("buffersize", buffersize)
         deadline = None if timeout is None else time.monotonic() + timeout
-        chunks = chunk_calls(iterables, chunksize)
+        chunks = chunk_calls(iterables, chunksize, read_now=buffersize is None)
         run_chunk = functools.partial(_worker.run_chunk, fn)
 
         def submit_chunk(chunk: _worker.Columns) -> Future[list[_T]]:

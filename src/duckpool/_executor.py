@@ -477,7 +477,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
             assert chunksize is not None
             size = chunksize
             run = functools.partial(_worker.run_chunk, fn)
-        chunks = chunk_calls(iterables, size)
+        chunks = chunk_calls(iterables, size, read_now=buffersize is None)
 
         def submit_chunk(chunk: _worker.Columns) -> Future[list[_T]]:
             return self._submit(run, (chunk,), {}, task_timeout, kind, chunk=True)
@@ -656,15 +656,29 @@ def _progress_bar_factory(
 _AUTO_CHUNK_MAX = 4096
 
 
-def chunk_calls(iterables: tuple[Iterable[Any], ...], size: int) -> Iterator[_worker.Columns]:
+def chunk_calls(
+    iterables: tuple[Iterable[Any], ...], size: int, read_now: bool
+) -> Iterator[_worker.Columns]:
     """The calls of ``map(fn, *iterables)``, ``size`` at a time, as columns.
 
     The iterables are opened here, at once, so that one which is not
-    iterable fails the ``map`` call itself; the chunks are read lazily.
+    iterable fails the ``map`` call itself.  ``read_now``: every chunk is
+    taken at once (no ``buffersize``), so lists of one length may be sliced.
     """
+    if read_now and iterables and all(type(it) is list for it in iterables):
+        lengths = {len(it) for it in iterables}  # type: ignore[arg-type]
+        if len(lengths) == 1:  # sliced: a copy in C, no call per item
+            return _sliced_chunks(iterables, lengths.pop(), size)  # type: ignore[arg-type]
     if len(iterables) == 1:
         return _single_column_chunks(iter(iterables[0]), size)
     return _zipped_chunks(zip(*iterables), size)
+
+
+def _sliced_chunks(
+    columns: tuple[list[Any], ...], length: int, size: int
+) -> Iterator[_worker.Columns]:
+    for start in range(0, length, size):
+        yield tuple(column[start : start + size] for column in columns)
 
 
 def _single_column_chunks(items: Iterator[Any], size: int) -> Iterator[_worker.Columns]:
