@@ -21,7 +21,7 @@ from concurrent.futures import Future
 from concurrent.futures import ProcessPoolExecutor as _StdlibProcessPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from multiprocessing.context import BaseContext
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, Protocol, TypeVar
 
 from duckpool import _admission, _core, _shutdown, _worker
 from duckpool._stats import PoolStats
@@ -234,6 +234,11 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
     def start_method(self) -> str:
         """The multiprocessing start method of the workers."""
         return str(self._core.settings.context.get_start_method())
+
+    @property
+    def task_timeout(self) -> Optional[float]:
+        """The default per-task timeout in seconds (None: no limit)."""
+        return self._task_timeout
 
     def stats(self) -> PoolStats:
         """A snapshot of the pool: each worker (pid, slot, state, tasks done,
@@ -555,13 +560,40 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         )
 
 
+class _OptionsTarget(Protocol):
+    """What :class:`TaskOptions` needs of an executor (local or Dask)."""
+
+    def _submit(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: Optional[float],
+        kind: Optional[str],
+    ) -> Future[Any]: ...
+
+    def _map(
+        self,
+        fn: Callable[..., Any],
+        iterables: tuple[Iterable[Any], ...],
+        timeout: Optional[float],
+        chunksize: Optional[int],
+        buffersize: Optional[int],
+        task_timeout: Optional[float],
+        kind: Optional[str],
+        progress: Any = None,
+    ) -> Iterator[Any]: ...
+
+    async def _await(self, future: Future[_T]) -> _T: ...
+
+
 class TaskOptions:
     """Per-task options bound to an executor; see :meth:`ProcessPoolExecutor.options`."""
 
     __slots__ = ("_executor", "_kind", "_timeout")
 
     def __init__(
-        self, executor: ProcessPoolExecutor, timeout: Optional[float], kind: Optional[str]
+        self, executor: _OptionsTarget, timeout: Optional[float], kind: Optional[str]
     ) -> None:
         self._executor = executor
         self._timeout = timeout
@@ -584,7 +616,11 @@ class TaskOptions:
         buffersize: Optional[int] = None,
         progress: Any = None,
     ) -> Iterator[_T]:
-        """``executor.map`` with these options (the task timeout applies per chunk)."""
+        """``executor.map`` with these options (the task timeout applies per chunk).
+
+        ``chunksize=None`` is the executor's own default: chunks the pool
+        chooses locally, one call per task on Dask.
+        """
         return self._executor._map(
             fn, iterables, timeout, chunksize, buffersize, self._timeout, self._kind, progress
         )
