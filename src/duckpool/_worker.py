@@ -36,11 +36,13 @@ import pickle
 import signal
 import sys
 import threading
-import traceback
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
+# typing is not imported at run time: this module is what a spawned worker
+# imports, and annotations are not evaluated (``from __future__``).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
+    from typing import Any, Callable, Optional
 
 STATUS_OK = 0
 STATUS_ERROR = 1
@@ -191,30 +193,65 @@ def _frame_size(data: Any) -> tuple[int, int]:
     return int.from_bytes(data[4:12], "big"), 12
 
 
-class WorkerConfig(NamedTuple):
-    """Everything a worker needs to know, sent once when it starts."""
+class WorkerConfig:
+    """Everything a worker needs to know, sent once when it starts.
 
-    slot: int
-    max_workers: int
-    #: multiprocessing's name for the process: ``<prefix>-<slot>``.
-    name: str
-    #: The OS process title to set, if any.
-    title: Optional[str]
-    parent_pid: int
-    initializer: Optional[Callable[..., object]]
-    initargs: tuple[Any, ...]
-    #: The shared ``RawArray('Q')`` of started and skip marks (see above).
-    marks: Any
-    #: Exit after a task that leaves the worker's RSS above this many bytes.
-    max_memory: Optional[int]
-    #: "pickle" or "cloudpickle": how results and errors are pickled.
-    serializer: str
-    #: Forward the worker's log records to the parent, with the parent's
-    #: logger levels to mirror (``{name: level}``, ``""`` for the root); None
-    #: leaves the worker's logging alone.
-    log_levels: Optional[dict[str, int]] = None
-    #: The pool's id, tagged on forwarded records as ``duckpool_pool``.
-    pool_id: Any = None
+    A plain class rather than a ``typing.NamedTuple``: a spawned worker
+    unpickles it first thing, and importing ``typing`` would add to every
+    worker's start.
+    """
+
+    __slots__ = (
+        "initargs",
+        "initializer",
+        "log_levels",
+        "marks",
+        "max_memory",
+        "max_workers",
+        "name",
+        "parent_pid",
+        "pool_id",
+        "serializer",
+        "slot",
+        "title",
+    )
+
+    def __init__(
+        self,
+        slot: int,
+        max_workers: int,
+        name: str,
+        title: Optional[str],
+        parent_pid: int,
+        initializer: Optional[Callable[..., object]],
+        initargs: tuple[Any, ...],
+        marks: Any,
+        max_memory: Optional[int],
+        serializer: str,
+        log_levels: Optional[dict[str, int]] = None,
+        pool_id: Any = None,
+    ) -> None:
+        self.slot = slot
+        self.max_workers = max_workers
+        #: multiprocessing's name for the process: ``<prefix>-<slot>``.
+        self.name = name
+        #: The OS process title to set, if any.
+        self.title = title
+        self.parent_pid = parent_pid
+        self.initializer = initializer
+        self.initargs = initargs
+        #: The shared ``RawArray('Q')`` of started and skip marks (see above).
+        self.marks = marks
+        #: Exit after a task that leaves the worker's RSS above this many bytes.
+        self.max_memory = max_memory
+        #: "pickle" or "cloudpickle": how results and errors are pickled.
+        self.serializer = serializer
+        #: Forward the worker's log records to the parent, with the parent's
+        #: logger levels to mirror (``{name: level}``, ``""`` for the root);
+        #: None leaves the worker's logging alone.
+        self.log_levels = log_levels
+        #: The pool's id, tagged on forwarded records as ``duckpool_pool``.
+        self.pool_id = pool_id
 
 
 def encode_result(task_id: int, status: int, payload: bytes) -> bytes:
@@ -228,6 +265,8 @@ def encode_result(task_id: int, status: int, payload: bytes) -> bytes:
 
 def dump_exception(exc: BaseException, dumps: Callable[..., bytes] = pickle.dumps) -> bytes:
     """Pickle ``(exc, traceback_text)``, degrading to a picklable stand-in."""
+    import traceback  # only when a task fails: it is not cheap to import
+
     tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
         return dumps((exc, tb_text), pickle.HIGHEST_PROTOCOL)

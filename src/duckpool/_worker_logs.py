@@ -21,9 +21,12 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-from typing import Any, Callable, Optional
 
 from duckpool import _worker
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing is not imported in a worker at run time
+    from typing import Any, Callable, Optional
 
 #: Attribute values sent as they are when a record's attributes fail to pickle
 #: as a whole; others are sent as their repr().
