@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -146,4 +149,31 @@ def test_a_successor_whose_initializer_fails_breaks_the_pool(ctx: object, pids: 
     finally:
         pool.shutdown()
     assert first in _started(pids)
+    wait_until(lambda: all(process_gone(pid) for pid in _started(pids)), TIMEOUT)
+
+
+PARENT_SCRIPT = textwrap.dedent(
+    """
+    import multiprocessing, sys, time
+    import duckpool, _successor_tasks as tasks
+    pool = duckpool.ProcessPoolExecutor(
+        1,
+        multiprocessing.get_context(sys.argv[1]),
+        max_tasks_per_child=2,
+        initializer=tasks.record_pid,
+        initargs=(sys.argv[2],),
+    )
+    pool.submit(tasks.getpid).result(30)
+    time.sleep(300)
+    """
+)
+
+
+def test_a_successor_exits_when_the_parent_is_killed(start_method: str, pids: Path) -> None:
+    parent = subprocess.Popen([sys.executable, "-c", PARENT_SCRIPT, start_method, str(pids)])
+    try:
+        wait_until(lambda: len(_started(pids)) == 2, TIMEOUT)  # the worker and its successor
+    finally:
+        parent.kill()
+        parent.wait(TIMEOUT)
     wait_until(lambda: all(process_gone(pid) for pid in _started(pids)), TIMEOUT)
