@@ -608,6 +608,8 @@ class PoolCore:
         #: Shared with the workers: per slot, the id of the task it took up
         #: (cells 0..n-1), and an id it must skip (cells n..2n-1).
         self.marks: Any = None
+        #: What holds ``marks`` and is sent to the workers (``_worker.new_marks``).
+        self.shared_marks: Any = None
         self.startup_deaths = 0
         #: Spare processes let go unused (a successor no longer wanted), until
         #: they have exited and been reaped.
@@ -721,7 +723,8 @@ class PoolCore:
             return
         settings = self.settings
         if self.marks is None:
-            self.marks = settings.context.RawArray("Q", 2 * self.capacity)
+            self.shared_marks = _worker.new_marks(settings.context, 2 * self.capacity)
+            self.marks = _worker.marks_array(self.shared_marks)
         if settings.forward_logs and self.log_levels is None:
             self.log_levels = _logs.level_snapshot()
         if settings.context.get_start_method() == "fork" and self.zygote is None:
@@ -761,7 +764,7 @@ class PoolCore:
             parent_pid=self.owner_pid,
             initializer=settings.initializer,
             initargs=settings.initargs,
-            marks=self.marks,
+            marks=self.shared_marks,
             max_memory=settings.max_memory_per_child,
             serializer=settings.serializer,
             log_levels=self.log_levels,

@@ -240,7 +240,8 @@ class WorkerConfig:
         self.parent_pid = parent_pid
         self.initializer = initializer
         self.initargs = initargs
-        #: The shared ``RawArray('Q')`` of started and skip marks (see above).
+        #: The started and skip marks shared with the parent (see above and
+        #: ``new_marks``).
         self.marks = marks
         #: Exit after a task that leaves the worker's RSS above this many bytes.
         self.max_memory = max_memory
@@ -252,6 +253,82 @@ class WorkerConfig:
         self.log_levels = log_levels
         #: The pool's id, tagged on forwarded records as ``duckpool_pool``.
         self.pool_id = pool_id
+
+
+class InheritedFd:
+    """A pipe end handed to a worker process when it starts.
+
+    Pickled (spawn, forkserver) it travels as multiprocessing's ``DupFd`` and
+    is rebuilt around the worker's copy; under fork it is inherited as it is.
+    Rebuilding a ``Connection`` instead would import ``multiprocessing.connection``
+    (and ``tempfile`` with it) in every spawned worker.
+    """
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        from multiprocessing import reduction
+
+        return (_rebuild_fd, (reduction.DupFd(self.fd),))
+
+
+def _rebuild_fd(dup: Any) -> InheritedFd:
+    return InheritedFd(dup.detach())
+
+
+class SharedMarks:
+    """The started and skip marks (see above): 8-byte cells in a memfd mapping.
+
+    ``view`` is the array itself.  Pickled, it travels as the memfd (``DupFd``)
+    and is mapped again in the worker; a ``RawArray`` would import ``ctypes``,
+    ``multiprocessing.heap`` and ``tempfile`` in every spawned worker.
+    """
+
+    __slots__ = ("_map", "cells", "fd", "view")
+
+    def __init__(self, cells: int, fd: Optional[int] = None) -> None:
+        import mmap
+
+        if fd is None:
+            fd = os.memfd_create("duckpool-marks", os.MFD_CLOEXEC)
+            os.ftruncate(fd, 8 * cells)
+        self.fd = fd
+        self.cells = cells
+        self._map = mmap.mmap(fd, 8 * cells)
+        self.view = memoryview(self._map).cast("Q")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        from multiprocessing import reduction
+
+        return (_map_marks, (reduction.DupFd(self.fd), self.cells))
+
+
+def _map_marks(dup: Any, cells: int) -> SharedMarks:
+    marks = SharedMarks(cells, dup.detach())
+    os.close(marks.fd)  # the mapping stays
+    return marks
+
+
+def new_marks(context: Any, cells: int) -> Any:
+    """A ``SharedMarks`` where memfds exist, else a ``RawArray('Q')``: either
+    is what ``WorkerConfig.marks`` carries."""
+    if hasattr(os, "memfd_create"):
+        try:
+            return SharedMarks(cells)
+        except OSError:  # no memfd after all (an old kernel, a sandbox)
+            pass
+    return context.RawArray("Q", cells)
+
+
+def marks_array(marks: Any) -> Any:
+    """The indexable array of what ``new_marks`` made."""
+    return marks.view if isinstance(marks, SharedMarks) else marks
 
 
 def encode_result(task_id: int, status: int, payload: bytes) -> bytes:
@@ -373,7 +450,9 @@ def _prepare(config: WorkerConfig) -> None:
     ).start()
 
 
-def worker_main(task_conn: Connection, result_conn: Connection, config: WorkerConfig) -> None:
+def worker_main(
+    task_conn: Connection | InheritedFd, result_conn: Connection | InheritedFd, config: WorkerConfig
+) -> None:
     """Entry point of a worker process: serve tasks until told to stop."""
     _prepare(config)
     result_fd = result_conn.fileno()
@@ -422,7 +501,7 @@ def _serve(
     else:
         dumps = pickle.dumps
     protocol = pickle.HIGHEST_PROTOCOL
-    marks = config.marks
+    marks = marks_array(config.marks)
     slot = config.slot
     skip_cell = config.max_workers + slot
     rss = _rss_reader() if config.max_memory is not None else None

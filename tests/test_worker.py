@@ -1,0 +1,63 @@
+"""duckpool._worker: what a worker process needs, and how it gets it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import _executor_tasks as tasks
+import duckpool
+
+TIMEOUT = 30
+
+#: Modules a spawned worker used to import only to rebuild what it was sent
+#: (a Connection, a RawArray) or to read its own annotations.
+AVOIDABLE = (
+    "typing",
+    "tempfile",
+    "ctypes",
+    "multiprocessing.connection",
+    "multiprocessing.sharedctypes",
+)
+
+WORKER_MODULES_SCRIPT = textwrap.dedent(
+    """
+    import multiprocessing, sys
+    import duckpool
+    avoidable = sys.argv[1].split(",")
+    with duckpool.ProcessPoolExecutor(1, multiprocessing.get_context("spawn")) as pool:
+        code = f"sorted(m for m in __import__('sys').modules if m in {avoidable!r})"
+        print(pool.submit(eval, code).result(30))
+    """
+)
+
+
+def test_a_spawned_worker_imports_nothing_avoidable() -> None:
+    # In a fresh interpreter with a -c main: a spawned worker re-imports a
+    # main module (here pytest's), which would import anything.
+    done = subprocess.run(
+        [sys.executable, "-c", WORKER_MODULES_SCRIPT, ",".join(AVOIDABLE)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_marks_work_without_memfd(ctx: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Where there is no memfd, the marks are a RawArray: a task that kills its
+    # worker is still known to have started, so it fails instead of being retried.
+    monkeypatch.delattr(os, "memfd_create")
+    pool = duckpool.ProcessPoolExecutor(1, ctx)  # type: ignore[arg-type]
+    try:
+        with pytest.raises(duckpool.WorkerDiedError):
+            pool.submit(tasks.kill_self).result(TIMEOUT)
+        assert pool.submit(tasks.add, 1, 2).result(TIMEOUT) == 3
+    finally:
+        pool.shutdown()
