@@ -15,11 +15,13 @@ import duckpool
 TIMEOUT = 30
 
 #: Modules a spawned worker used to import only to rebuild what it was sent
-#: (a Connection, a RawArray) or to read its own annotations.
+#: (a Connection, a RawArray) or to read its own annotations; and logging,
+#: since a worker forwards its records from when something imports it.
 AVOIDABLE = (
     "typing",
     "tempfile",
     "ctypes",
+    "logging",
     "multiprocessing.connection",
     "multiprocessing.sharedctypes",
 )
@@ -61,3 +63,29 @@ def test_marks_work_without_memfd(ctx: object, monkeypatch: pytest.MonkeyPatch) 
         assert pool.submit(tasks.add, 1, 2).result(TIMEOUT) == 3
     finally:
         pool.shutdown()
+
+
+LAZY_LOGGING_SCRIPT = textwrap.dedent(
+    """
+    import logging, multiprocessing, sys
+    import duckpool, _log_tasks
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(message)s")
+    with duckpool.ProcessPoolExecutor(1, multiprocessing.get_context("spawn")) as pool:
+        print(pool.submit(eval, "'logging' in __import__('sys').modules").result(30))
+        # Unpickling the call imports _log_tasks, which imports logging.
+        pool.submit(_log_tasks.log, logging.WARNING, "from the worker").result(30)
+        print(pool.submit(eval, "'logging' in __import__('sys').modules").result(30))
+    """
+)
+
+
+def test_a_worker_forwards_logs_from_when_logging_is_imported() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", LAZY_LOGGING_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[:3] == ["False", "WARNING from the worker", "True"]

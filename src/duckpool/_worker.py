@@ -450,6 +450,74 @@ def _prepare(config: WorkerConfig) -> None:
     ).start()
 
 
+def _forward_logs(send: Callable[[bytes], None], config: WorkerConfig) -> None:
+    """Forward what this worker logs to the parent, from when ``logging`` is loaded.
+
+    Now if it is (inherited under fork, or imported by the main module); else
+    the moment something imports it: a spawned worker whose tasks never log
+    does not pay for importing it at every start.
+    """
+
+    def install() -> None:
+        from duckpool import _worker_logs
+
+        _worker_logs.install(send, config)
+
+    if "logging" in sys.modules:
+        install()
+        return
+    watch = _AfterImport("logging", install)
+    sys.meta_path.insert(0, watch)
+    # A process a task forks must not write to this worker's pipe (see
+    # _worker_logs._uninstall): there the watch goes.
+    os.register_at_fork(after_in_child=watch.cancel)
+
+
+class _AfterImport:
+    """A meta path finder: runs ``action`` once module ``name`` has been executed,
+    before whatever imported it goes on (once; then it leaves ``sys.meta_path``)."""
+
+    def __init__(self, name: str, action: Callable[[], None]) -> None:
+        self._name = name
+        self._action = action
+
+    def cancel(self) -> bool:
+        """Leave ``sys.meta_path``; False if already gone."""
+        try:
+            sys.meta_path.remove(self)
+        except ValueError:
+            return False
+        return True
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != self._name or not self.cancel():  # (another thread got here first)
+            return None
+        import importlib.util
+
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            wrapper: Any = _ActAfterLoad(spec.loader, self._action)  # a loader by protocol
+            spec.loader = wrapper
+        return spec
+
+
+class _ActAfterLoad:
+    """Wraps a module's loader: runs ``action`` after the module is executed."""
+
+    def __init__(self, loader: Any, action: Callable[[], None]) -> None:
+        self._loader = loader
+        self._action = action
+
+    def create_module(self, spec: Any) -> Any:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        # The module keeps its own loader, not this wrapper.
+        module.__loader__ = module.__spec__.loader = self._loader
+        self._loader.exec_module(module)
+        self._action()
+
+
 def worker_main(
     task_conn: Connection | InheritedFd, result_conn: Connection | InheritedFd, config: WorkerConfig
 ) -> None:
@@ -469,9 +537,7 @@ def worker_main(
             with write_lock:
                 write_all(result_fd, frame)
 
-        from duckpool import _worker_logs
-
-        _worker_logs.install(send, config)
+        _forward_logs(send, config)
     if config.initializer is not None:
         try:
             config.initializer(*config.initargs)
