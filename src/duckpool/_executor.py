@@ -84,6 +84,9 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
       :class:`~duckpool.TaskTimeoutError`.  :meth:`cancel_task` stops a running task.
     * ``max_tasks_per_child`` works under every start method, fork included,
       and ``max_memory_per_child`` recycles a worker whose RSS grew too large.
+      With ``max_tasks_per_child``, a worker's successor starts once it has
+      been sent half its quota, and takes its slot as soon as it leaves
+      (so each slot may hold one process more than ``max_workers`` counts).
     * Workers exit when the parent dies, under every start method.
     * Calls are pickled in ``submit()``: a call that cannot be pickled gives a
       future that has already failed, naming the callable.
