@@ -366,8 +366,10 @@ def _rss_reader() -> Callable[[], int]:
 #: A chunk of ``map`` calls, column-wise: one list per iterable given to
 #: ``map``, so a call is ``fn(columns[0][i], columns[1][i], ...)``.  Columns
 #: pickle without a tuple per call (tuples are memoised, items mostly not),
-#: and the worker runs them through the builtin ``map``.
-Columns = tuple[list[Any], ...]
+#: and the worker runs them through the builtin ``map``.  (For annotations
+#: only: this module does not import typing at run time.)
+if TYPE_CHECKING:
+    Columns = tuple[list[Any], ...]
 
 
 def run_chunk(fn: Callable[..., Any], columns: Columns) -> list[Any]:
