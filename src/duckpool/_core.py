@@ -718,6 +718,7 @@ class PoolCore:
             serializer=settings.serializer,
             log_levels=self.log_levels,
             pool_id=settings.pool_id,
+            forked=settings.context.get_start_method() == "fork",
         )
 
     def start_worker(self, slot: _Slot) -> None:

@@ -215,6 +215,9 @@ class WorkerConfig(NamedTuple):
     log_levels: Optional[dict[str, int]] = None
     #: The pool's id, tagged on forwarded records as ``duckpool_pool``.
     pool_id: Any = None
+    #: Forked from the pool's parent or its zygote: the worker inherits the
+    #: parent's modules and logging as they were when the pool started.
+    forked: bool = False
 
 
 def encode_result(task_id: int, status: int, payload: bytes) -> bytes:
@@ -334,6 +337,49 @@ def _prepare(config: WorkerConfig) -> None:
     ).start()
 
 
+def forward_logs_from_first_record(send: Callable[[bytes], None], config: WorkerConfig) -> None:
+    """Under fork: install log forwarding when a record first reaches a handler.
+
+    A forked worker inherits the parent's logging as it was when the pool
+    started, levels included (the very levels a worker mirrors), so nothing
+    needs changing before a task logs.  Installing at start would import
+    ``_worker_logs`` and touch every logger: pages that every idle worker
+    would then hold a private copy of.  The first record that reaches
+    ``Logger.callHandlers`` installs the forwarder in place of the handlers
+    the worker started with, and is then handled as any later one.
+
+    A process a task forks before any record was handled logs as any forked
+    process does, through the handlers it inherited; never to the result pipe.
+    """
+    import logging  # the parent imported it (concurrent.futures does): no import here
+
+    logger_class = logging.Logger
+    call_handlers = logger_class.callHandlers
+    # Weak references to every handler that exists now, in creation order.
+    handler_refs = getattr(logging, "_handlerList", None)
+    started_with = None if handler_refs is None else list(handler_refs)
+    install_lock = threading.Lock()
+
+    def first_call_handlers(logger: logging.Logger, record: logging.LogRecord) -> None:
+        with install_lock:  # the task's threads may log their first records at once
+            if logger_class.callHandlers is first_call_handlers:
+                from duckpool import _worker_logs
+
+                inherited = None
+                if started_with is not None:
+                    inherited = {ref() for ref in started_with} - {None}
+                _worker_logs.install(send, config, inherited)  # type: ignore[arg-type]
+                logger_class.callHandlers = call_handlers  # type: ignore[method-assign]
+        call_handlers(logger, record)
+
+    def in_forked_child() -> None:
+        if logger_class.callHandlers is first_call_handlers:
+            logger_class.callHandlers = call_handlers  # type: ignore[method-assign]
+
+    logger_class.callHandlers = first_call_handlers  # type: ignore[method-assign,assignment]
+    os.register_at_fork(after_in_child=in_forked_child)
+
+
 def worker_main(task_conn: Connection, result_conn: Connection, config: WorkerConfig) -> None:
     """Entry point of a worker process: serve tasks until told to stop."""
     _prepare(config)
@@ -351,9 +397,12 @@ def worker_main(task_conn: Connection, result_conn: Connection, config: WorkerCo
             with write_lock:
                 write_all(result_fd, frame)
 
-        from duckpool import _worker_logs
+        if config.forked:
+            forward_logs_from_first_record(send, config)
+        else:
+            from duckpool import _worker_logs
 
-        _worker_logs.install(send, config)
+            _worker_logs.install(send, config)
     if config.initializer is not None:
         try:
             config.initializer(*config.initargs)
