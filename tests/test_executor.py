@@ -482,8 +482,10 @@ def test_a_dead_zygote_breaks_the_pool_with_a_clear_error() -> None:
     pool = duckpool.ProcessPoolExecutor(1, multiprocessing.get_context("fork"))
     try:
         worker = pool.submit(tasks.getpid).result(TIMEOUT)
-        zygote = psutil.Process(worker).parent()
-        assert zygote is not None
+        # (The first worker is forked by the pool's process itself.)
+        zygote_process = pool._core.zygote.process  # type: ignore[union-attr]
+        zygote = psutil.Process(zygote_process.pid)
+        assert zygote.ppid() == os.getpid() and zygote.num_threads() == 1
         os.kill(zygote.pid, signal.SIGKILL)
         wait_until(lambda: bool(pool._broken), TIMEOUT)
         assert "forks this pool's workers" in str(pool._broken)

@@ -562,6 +562,10 @@ class PoolCore:
         self.thread: Optional[threading.Thread] = None
         #: Under fork, the process that forks this pool's workers.
         self.zygote: Optional[_zygote.Zygote] = None
+        #: Why the zygote could not be forked: no worker can be started then.
+        self.zygote_error: Optional[OSError] = None
+        #: Under fork, a pidfd of this process, for the zygote to watch.
+        self.parent_pidfd: Optional[int] = None
         #: Shared with the workers: per slot, the id of the task it took up
         #: (cells 0..n-1), and an id it must skip (cells n..2n-1).
         self.marks: Any = None
@@ -621,18 +625,27 @@ class PoolCore:
                 return
             if self.thread is None:
                 self.ensure_started()
-            if not self.pending and (item.kind is None or self.has_room(item.kind)):
-                for slot in self.slots:
-                    if self.is_idle(slot):
-                        self.send(slot, item)
-                        return
-            # Every worker is busy: the dispatcher hands this on as results come
-            # back, several items per write.
-            self.pending.append(item)
-            if self.settings.type_limits is not None:
-                # Or a worker is idle while the items before this one wait for
-                # their type's cap: this one may go now.
-                self.dispatch_pending()
+                try:
+                    self.queue(item)
+                finally:
+                    self.start_dispatcher()
+            else:
+                self.queue(item)
+
+    def queue(self, item: WorkItem) -> None:
+        """Send ``item`` to an idle worker, else queue it (lock held)."""
+        if not self.pending and (item.kind is None or self.has_room(item.kind)):
+            for slot in self.slots:
+                if self.is_idle(slot):
+                    self.send(slot, item)
+                    return
+        # Every worker is busy: the dispatcher hands this on as results come
+        # back, several items per write.
+        self.pending.append(item)
+        if self.settings.type_limits is not None:
+            # Or a worker is idle while the items before this one wait for
+            # their type's cap: this one may go now.
+            self.dispatch_pending()
 
     def cancel(self, future: Future[Any]) -> bool:
         """Cancel a queued item, or stop the worker running it; False if unknown."""
@@ -668,38 +681,73 @@ class PoolCore:
     # -- workers (lock held) ---------------------------------------------------
 
     def ensure_started(self) -> None:
-        """Start the first worker and the dispatcher thread, once."""
-        if self.thread is not None:
-            return
+        """Start the first worker, once; the others wait for the dispatcher.
+
+        ``start_dispatcher`` must follow, once the item being submitted has
+        gone to that worker: the first task then runs while the rest of the
+        pool starts.
+        """
         settings = self.settings
         if self.marks is None:
             self.marks = settings.context.RawArray("Q", 2 * self.capacity)
         if settings.forward_logs and self.log_levels is None:
             self.log_levels = _logs.level_snapshot()
-        if settings.context.get_start_method() == "fork" and self.zygote is None:
-            # Forked now, before this pool's thread exists; it forks the
-            # workers from then on (see _zygote).
-            self.zygote = _zygote.Zygote(settings.context, self.worker_config)
-            self.selector.register(self.zygote.notices_fd, _ZYGOTE_NOTICES)
-            self.selector.register(self.zygote.sentinel, _ZYGOTE_EXIT)
-        # The first worker now, for the task being submitted; the dispatcher
-        # starts the others at once, while that task already runs.  Until then
-        # they are reserved: each takes a task as an idle worker would (so it
-        # counts as started, as the stdlib's executor sends the first tasks on
-        # at once), which waits in its outbox.
+        if settings.context.get_start_method() == "fork" and self.parent_pidfd is None:
+            # With it the zygote kills the workers when this process dies,
+            # and they need no watchdog thread of their own.
+            self.parent_pidfd = _zygote.pidfd_of(os.getpid())
+        # The first worker now, for the task being submitted (under fork,
+        # straight from this process: no thread of this pool exists yet, as
+        # when the zygote is forked).  The dispatcher starts the others at
+        # once, while that task already runs.  Until then they are reserved:
+        # each takes a task as an idle worker would (so it counts as started,
+        # as the stdlib's executor sends the first tasks on at once), which
+        # waits in its outbox.
         empty = [slot for slot in self.slots if slot.process is None]
         if empty:
             self.start_worker(empty[0])
         for slot in empty[1:]:
             slot.reserved = True
+
+    def start_dispatcher(self) -> None:
+        """Fork the zygote (under fork), then start the dispatcher thread."""
+        if self.thread is not None:
+            return
+        if self.settings.context.get_start_method() == "fork" and self.zygote is None:
+            # Forked now, before this pool's thread exists; it forks the
+            # workers from then on (see _zygote).
+            try:
+                self.zygote = _zygote.Zygote(
+                    self.settings.context,
+                    self.worker_config,
+                    inherited_fds=self.inherited_fds(),
+                    parent_pidfd=self.parent_pidfd,
+                    adopted_pids=[s.process.pid for s in self.slots if s.process and s.process.pid],
+                )
+            except OSError as exc:
+                # The pool runs on with the worker it has; a worker it cannot
+                # start later breaks it (start_worker), with this as the cause.
+                self.zygote_error = exc
+            else:
+                self.selector.register(self.zygote.notices_fd, _ZYGOTE_NOTICES)
+                self.selector.register(self.zygote.sentinel, _ZYGOTE_EXIT)
         self.thread = threading.Thread(
             target=self.dispatch_loop,
             name=f"duckpool-dispatcher-{id(self):x}",
             daemon=True,
         )
         self.thread.start()
-        if len(empty) > 1:
+        if any(slot.reserved for slot in self.slots):
             self.wake()
+
+    def inherited_fds(self) -> list[int]:
+        """This pool's ends of its workers' pipes: a zygote forked now closes its copies."""
+        fds = []
+        for slot in self.slots:
+            for conn in (slot.task_conn, slot.result_conn):
+                if conn is not None:
+                    fds.append(conn.fileno())
+        return fds
 
     def worker_config(self, slot_index: int) -> _worker.WorkerConfig:
         """What the worker in ``slot_index`` is started with."""
@@ -719,6 +767,7 @@ class PoolCore:
             log_levels=self.log_levels,
             pool_id=settings.pool_id,
             forked=settings.context.get_start_method() == "fork",
+            watched=self.parent_pidfd is not None,
         )
 
     def start_worker(self, slot: _Slot) -> None:
@@ -729,6 +778,12 @@ class PoolCore:
         try:
             if self.zygote is not None:
                 process, task_w, result_r = self.zygote.start_worker(slot.index)
+            elif self.zygote_error is not None:
+                # Not from this process: it may run threads now (see _zygote).
+                raise OSError(
+                    f"the process that forks this pool's workers could not be started: "
+                    f"{self.zygote_error}"
+                ) from self.zygote_error
             else:
                 process, task_w, result_r = _spawn.start_worker_process(
                     self.settings.context, self.worker_config(slot.index)
@@ -1037,6 +1092,8 @@ class PoolCore:
         finally:
             if self.zygote is not None:
                 self.zygote.close(KILL_GRACE_SECONDS)
+            if self.parent_pidfd is not None:
+                os.close(self.parent_pidfd)
             self.close_wakeup()
 
     def _dispatch_until_done(self) -> None:

@@ -218,6 +218,9 @@ class WorkerConfig(NamedTuple):
     #: Forked from the pool's parent or its zygote: the worker inherits the
     #: parent's modules and logging as they were when the pool started.
     forked: bool = False
+    #: The pool's zygote kills this worker as soon as the parent dies: it
+    #: needs no watchdog thread of its own (see ``watch_parent``).
+    watched: bool = False
 
 
 def encode_result(task_id: int, status: int, payload: bytes) -> bytes:
@@ -321,7 +324,7 @@ def _ignore_interrupt(signum: int, frame: object) -> None:
 
 
 def _prepare(config: WorkerConfig) -> None:
-    """Name the process, ignore Ctrl-C, and start the parent-death watchdog."""
+    """Name the process, ignore Ctrl-C, and start the parent-death watchdog if it needs one."""
     if config.title:
         import setproctitle
 
@@ -329,12 +332,13 @@ def _prepare(config: WorkerConfig) -> None:
     signal.signal(signal.SIGINT, _ignore_interrupt)
     # The parent starts workers with SIGINT blocked (see _core.start_worker).
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    threading.Thread(
-        target=watch_parent,
-        args=(config.parent_pid,),
-        name="duckpool-parent-watchdog",
-        daemon=True,
-    ).start()
+    if not config.watched:
+        threading.Thread(
+            target=watch_parent,
+            args=(config.parent_pid,),
+            name="duckpool-parent-watchdog",
+            daemon=True,
+        ).start()
 
 
 def forward_logs_from_first_record(send: Callable[[bytes], None], config: WorkerConfig) -> None:

@@ -7,8 +7,15 @@ so replacement workers must not be forked from the parent.
 
 Under ``fork``, a pool therefore forks one *zygote* when it starts, before
 its dispatcher thread exists.  The zygote stays single-threaded and forks
-every worker of the pool on request: each worker inherits the parent's
-memory as it was when the pool started, and comes from a one-thread process.
+every worker of the pool on request but the first: each inherits the
+parent's memory as it was when the pool started, and comes from a
+one-thread process.  The first worker, forked by the parent itself just
+before the zygote (no thread of the pool exists yet either), takes the first
+task at once instead of after two forks in a row.
+
+The zygote also watches the parent (through a pidfd): when the parent dies
+it kills every worker of the pool, its own and the first one, which then
+need no watchdog thread of their own (``_worker.WorkerConfig.watched``).
 
 ::
 
@@ -31,7 +38,7 @@ import time
 from multiprocessing import connection as mp_connection
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
 from duckpool import _spawn, _worker
 
@@ -77,22 +84,60 @@ class ZygoteChild:
         self._zygote.forget(self)
 
 
+def pidfd_of(pid: int) -> Optional[int]:
+    """A pidfd of process ``pid``; None where the system has none."""
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None or getattr(signal, "pidfd_send_signal", None) is None:
+        return None
+    try:
+        return int(pidfd_open(pid))
+    except OSError:
+        return None
+
+
+class _Birth(NamedTuple):
+    """What the zygote knows from the moment it is forked."""
+
+    parent_pid: int
+    #: Descriptors it must close at once (see Zygote).
+    inherited_fds: tuple[int, ...]
+    #: Readable once the parent has died; None: it polls the parent's pid.
+    parent_pidfd: Optional[int]
+    #: Pidfds of workers it did not fork, to kill with its own when the parent dies.
+    adopted: tuple[int, ...]
+
+
 class Zygote:
     """The parent's side of one pool's zygote process."""
 
     def __init__(
-        self, context: BaseContext, build_config: Callable[[int], _worker.WorkerConfig]
+        self,
+        context: BaseContext,
+        build_config: Callable[[int], _worker.WorkerConfig],
+        inherited_fds: Sequence[int] = (),
+        parent_pidfd: Optional[int] = None,
+        adopted_pids: Sequence[int] = (),
     ) -> None:
+        """Fork the zygote.
+
+        It closes ``inherited_fds`` (the parent's ends of the pipes of
+        workers started before it: its workers must not hold them).  Given
+        ``parent_pidfd`` (this process's pidfd), it kills its workers, and
+        those of ``adopted_pids`` (workers started before it), as soon as
+        this process dies: they need no watchdog of their own.
+        """
         self._control, zygote_end = socket.socketpair()
         self.notices_fd, notices_w = os.pipe()
         os.set_blocking(self.notices_fd, False)
         self._pending_notices = b""
         self._closed = False
         self.children: dict[int, ZygoteChild] = {}
+        adopted = [fd for fd in map(pidfd_of, adopted_pids) if fd is not None]
+        birth = _Birth(os.getpid(), tuple(inherited_fds), parent_pidfd, tuple(adopted))
         ctx: Any = context
         self.process: BaseProcess = ctx.Process(
             target=_zygote_main,
-            args=(zygote_end, notices_w, build_config, os.getpid()),
+            args=(zygote_end, notices_w, build_config, birth),
             name="duckpool-zygote",
             daemon=False,  # its children are workers, and daemons may have none
         )
@@ -101,6 +146,8 @@ class Zygote:
         finally:
             zygote_end.close()
             os.close(notices_w)
+            for fd in adopted:
+                os.close(fd)
         # The zygote's multiprocessing sentinel does not fire while its workers
         # live (they inherit its end of that pipe); a pidfd fires when the
         # zygote itself exits.
@@ -208,23 +255,28 @@ def _zygote_main(
     control: socket.socket,
     notices_w: int,
     build_config: Callable[[int], _worker.WorkerConfig],
-    parent_pid: int,
+    birth: _Birth,
 ) -> None:
     """The zygote: fork workers on request, report their exits, until told to stop."""
     import multiprocessing
 
+    for fd in birth.inherited_fds:
+        os.close(fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     ctx: Any = multiprocessing.get_context("fork")
     workers: dict[int, BaseProcess] = {}  # by sentinel
+    parent_gone = birth.parent_pidfd
+    watched: list[Any] = [control] if parent_gone is None else [control, parent_gone]
     buffered = b""
     while True:
         # No EOF tells the zygote that the parent died: the parent's end of
         # the control socket came along with the fork (as did other pools').
-        # The zygote is the parent's child, so its parent id says it; no
-        # watchdog thread, since the zygote must stay single-threaded.
-        ready = mp_connection.wait([control, *workers], _PARENT_POLL_SECONDS)
-        if os.getppid() != parent_pid:
+        # The parent's pidfd says it, or else its parent id (the zygote is its
+        # child); no watchdog thread, since the zygote must stay single-threaded.
+        ready = mp_connection.wait([*watched, *workers], _PARENT_POLL_SECONDS)
+        if parent_gone in ready or os.getppid() != birth.parent_pid:
+            _kill_workers(workers.values(), birth.adopted)
             return
         for sentinel in ready:
             if sentinel is control:
@@ -247,6 +299,17 @@ def _zygote_main(
             if slot == _EXIT:
                 return  # the pool has shut down; its workers are gone
             _start_one(ctx, control, build_config(slot), workers)
+
+
+def _kill_workers(workers: Iterable[BaseProcess], adopted: tuple[int, ...]) -> None:
+    """The parent died: its workers go too (they have no watchdog of their own)."""
+    for process in workers:
+        process.kill()
+    for pidfd in adopted:
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)  # type: ignore[attr-defined]
+        except OSError:
+            pass  # it exited already
 
 
 def _start_one(
