@@ -1676,6 +1676,8 @@ class PoolCore:
                         except OSError:
                             pass
                     processes.append(slot.process)
+        if self.zygote is not None:
+            self.zygote.finish()
         _reap(processes, grace)
         with self.lock:
             for slot in self.slots:

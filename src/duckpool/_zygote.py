@@ -24,7 +24,8 @@ need no watchdog thread of their own (``_worker.WorkerConfig.watched``).
       <-- pid, and the parent's ends of the worker's two pipes (SCM_RIGHTS)
       <-- (pid, exit code) --notice pipe-- when a worker exits
 
-The zygote exits when the parent closes the control socket (or dies).  If
+The zygote exits when the pool has stopped its workers (told so when they
+are told to stop), when the parent closes the control socket, or dies.  If
 the zygote itself dies, the pool cannot start workers any more and breaks.
 """
 
@@ -42,8 +43,10 @@ from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
 from duckpool import _spawn, _worker
 
-_REQUEST = struct.Struct("<I")  # slot index, or _EXIT
+_REQUEST = struct.Struct("<I")  # slot index, _EXIT or _FINISH
 _EXIT = 0xFFFFFFFF
+#: Exit as soon as every worker forked so far has exited.
+_FINISH = 0xFFFFFFFE
 _REPLY = struct.Struct("<i")  # pid (negative: errno of a failed start)
 _NOTICE = struct.Struct("<ii")  # pid, exit code
 _START_TIMEOUT = 60.0
@@ -228,6 +231,20 @@ class Zygote:
     def forget(self, child: ZygoteChild) -> None:
         self.children.pop(child.pid, None)
 
+    def finish(self) -> None:
+        """Let the zygote exit by itself once its workers have exited (the pool stops them).
+
+        Sent with the workers' stop frames, so that the zygote's exit overlaps
+        theirs; ``close`` then mostly finds it gone.  No worker may be asked
+        for afterwards.
+        """
+        if self._closed:
+            return
+        try:
+            self._control.sendall(_REQUEST.pack(_FINISH))
+        except OSError:
+            pass  # it is gone: close() reaps it
+
     def close(self, timeout: float) -> None:
         """Let the zygote exit (it has no workers left to watch) and reap it."""
         if self._closed:
@@ -269,7 +286,8 @@ def _zygote_main(
     parent_gone = birth.parent_pidfd
     watched: list[Any] = [control] if parent_gone is None else [control, parent_gone]
     buffered = b""
-    while True:
+    finishing = False
+    while not (finishing and not workers):
         # No EOF tells the zygote that the parent died: the parent's end of
         # the control socket came along with the fork (as did other pools').
         # The parent's pidfd says it, or else its parent id (the zygote is its
@@ -298,7 +316,10 @@ def _zygote_main(
         for (slot,) in _REQUEST.iter_unpack(requests):
             if slot == _EXIT:
                 return  # the pool has shut down; its workers are gone
-            _start_one(ctx, control, build_config(slot), workers)
+            if slot == _FINISH:
+                finishing = True
+            elif not finishing:
+                _start_one(ctx, control, build_config(slot), workers)
 
 
 def _kill_workers(workers: Iterable[BaseProcess], adopted: tuple[int, ...]) -> None:
