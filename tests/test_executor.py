@@ -474,6 +474,22 @@ def test_fork_workers_come_from_a_single_threaded_zygote(tmp_path: Path) -> None
         pool.shutdown()
 
 
+def test_workers_from_the_zygote_never_collect_what_they_inherited() -> None:
+    # A full collection in a worker would touch every object it inherited,
+    # copying those pages into the worker.
+    import gc
+    import multiprocessing
+
+    pool = duckpool.ProcessPoolExecutor(1, multiprocessing.get_context("fork"))
+    try:
+        first = pool.submit(tasks.getpid).result(TIMEOUT)
+        os.kill(first, signal.SIGKILL)  # its replacement comes from the zygote
+        wait_until(lambda: pool.worker_pids() not in ([], [first]), TIMEOUT)
+        assert pool.submit(gc.get_freeze_count).result(TIMEOUT) > 0
+    finally:
+        pool.shutdown()
+
+
 def test_a_dead_zygote_breaks_the_pool_with_a_clear_error() -> None:
     import multiprocessing
 

@@ -31,6 +31,7 @@ the zygote itself dies, the pool cannot start workers any more and breaks.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -281,6 +282,9 @@ def _zygote_main(
         os.close(fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    # What the workers inherit is never collected in them (see gc.freeze):
+    # a full collection there would touch, and so copy, every inherited page.
+    gc.freeze()
     ctx: Any = multiprocessing.get_context("fork")
     workers: dict[int, BaseProcess] = {}  # by sentinel
     parent_gone = birth.parent_pidfd
