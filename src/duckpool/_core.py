@@ -316,6 +316,7 @@ class _Slot:
         "read_lock",
         "reader",
         "ready",
+        "requested",
         "reserved",
         "result_conn",
         "retiring",
@@ -347,6 +348,8 @@ class _Slot:
         #: Its first process is being started by the dispatcher: it takes an
         #: item already, which waits in the outbox until the process is up.
         self.reserved = False
+        #: The zygote was asked for its next process; the answer is due.
+        self.requested = False
         #: Reached max_tasks_per_child: to exit once its items are done.
         self.retiring = False
         #: The empty frame that tells the worker to exit has been written.
@@ -385,6 +388,7 @@ class _Slot:
         self.last_service = float("inf")
         self.stopping = None
         self.poisoned = None
+        self.requested = False  # an answer still due is unwanted now
 
 
 class _Counters:
@@ -497,6 +501,7 @@ _MISSING = object()
 _WAKEUP = object()
 _ZYGOTE_NOTICES = object()
 _ZYGOTE_EXIT = object()
+_ZYGOTE_STARTED = object()
 
 # Every pool core of this process, for the fork and exit hooks.
 LIVE_CORES: weakref.WeakSet[PoolCore] = weakref.WeakSet()
@@ -731,6 +736,7 @@ class PoolCore:
             else:
                 self.selector.register(self.zygote.notices_fd, _ZYGOTE_NOTICES)
                 self.selector.register(self.zygote.sentinel, _ZYGOTE_EXIT)
+                self.selector.register(self.zygote.control, _ZYGOTE_STARTED)
         self.thread = threading.Thread(
             target=self.dispatch_loop,
             name=f"duckpool-dispatcher-{id(self):x}",
@@ -771,25 +777,41 @@ class PoolCore:
         )
 
     def start_worker(self, slot: _Slot) -> None:
-        """Start a process in ``slot``: through the zygote under fork, else directly."""
+        """Start a process in ``slot``: directly, or by asking the zygote for one.
+
+        The zygote's answer comes later (``on_zygote_started``); meanwhile the
+        slot is reserved: it takes work, which waits in its outbox.
+        """
+        if self.zygote is not None:
+            if not slot.requested:
+                self.zygote.request_start(slot.index)
+                slot.requested = slot.reserved = True
+            return
+        if self.zygote_error is not None:
+            # Not from this process: it may run threads now (see _zygote).
+            raise OSError(
+                f"the process that forks this pool's workers could not be started: "
+                f"{self.zygote_error}"
+            ) from self.zygote_error
         # SIGINT stays blocked in the new process until the worker has set its
         # own handler: a Ctrl-C during start-up must not print a traceback.
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
-            if self.zygote is not None:
-                process, task_w, result_r = self.zygote.start_worker(slot.index)
-            elif self.zygote_error is not None:
-                # Not from this process: it may run threads now (see _zygote).
-                raise OSError(
-                    f"the process that forks this pool's workers could not be started: "
-                    f"{self.zygote_error}"
-                ) from self.zygote_error
-            else:
-                process, task_w, result_r = _spawn.start_worker_process(
-                    self.settings.context, self.worker_config(slot.index)
-                )
+            process, task_w, result_r = _spawn.start_worker_process(
+                self.settings.context, self.worker_config(slot.index)
+            )
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        self.install_worker(slot, process, task_w, result_r)
+
+    def install_worker(
+        self,
+        slot: _Slot,
+        process: WorkerProcess,
+        task_w: mp_connection.Connection,
+        result_r: mp_connection.Connection,
+    ) -> None:
+        """Make a started process ``slot``'s worker, and send it what it took meanwhile."""
         slot.task_conn = task_w
         # Writes never block the thread (submit, the dispatcher): what a full
         # pipe does not take waits in the slot's outbox.
@@ -804,9 +826,60 @@ class PoolCore:
         if slot.used:
             self.counters.restarts += 1
         slot.used = True
-        slot.reserved = False
+        slot.reserved = slot.requested = False
         if slot.outbox:  # what it took while reserved
             self.flush(slot)
+
+    def await_requested_starts(self) -> None:
+        """Take the zygote's answers still due, so that those workers are stopped too.
+
+        Left unread, a worker's pipe ends would stay in the control socket,
+        which the zygote and its workers hold copies of: that worker would
+        never see its task pipe close, nor its zygote finish.
+        """
+        while self.zygote is not None and any(slot.requested for slot in self.slots):
+            if not self.on_zygote_started():
+                with self.lock:
+                    for slot in self.slots:
+                        slot.requested = False
+                return
+
+    def on_zygote_started(self) -> bool:
+        """Install the worker the zygote answered with; False if no answer can come now.
+
+        A worker nobody wants any more (its slot was closed or dropped, the
+        pool is being killed or is broken) is killed at once; a failed start
+        breaks the pool, as a failed direct start does.
+        """
+        zygote = self.zygote
+        assert zygote is not None
+        try:
+            started = zygote.receive_started()
+        except OSError as exc:
+            self.mark_broken(f"could not start a worker process: {exc!r}", exc)
+            return False
+        if started is None:  # its sentinel says how it died
+            self.selector.unregister(zygote.control)
+            return False
+        index, process, task_w, result_r = started
+        with self.lock:
+            slot = self.slots[index] if index < len(self.slots) else None
+            if slot is not None and slot.requested:
+                if index < self.size and self.broken is None and self.kill_requested is None:
+                    self.install_worker(slot, process, task_w, result_r)
+                    return True
+                # (Resized away meanwhile, or the pool is ending.)
+                slot.requested = slot.reserved = False
+                self.pending.extendleft(reversed(slot.assigned))
+                slot.assigned.clear()
+                slot.outbox.clear()
+                slot.queued_bytes = 0
+                self.drop_surplus_slots()
+        process.kill()
+        process.close()  # its exit notice is ignored
+        return True
+        task_w.close()
+        result_r.close()
 
     def is_idle(self, slot: _Slot) -> bool:
         return (
@@ -1045,7 +1118,7 @@ class PoolCore:
         """Forget trailing surplus slots whose process is gone (lock held)."""
         slots = self.slots
         end = len(slots)
-        while end > self.size and slots[end - 1].process is None:
+        while end > self.size and slots[end - 1].process is None and not slots[end - 1].requested:
             end -= 1
         if end < len(slots):
             self.slots = slots[:end]
@@ -1117,6 +1190,9 @@ class PoolCore:
                 if tag is _ZYGOTE_NOTICES or tag is _ZYGOTE_EXIT:
                     exited.extend(self.on_zygote_event(tag is _ZYGOTE_EXIT))
                     continue
+                if tag is _ZYGOTE_STARTED:
+                    self.on_zygote_started()
+                    continue
                 if type(tag) is _Writable:
                     with self.lock:
                         self.flush(tag.slot)
@@ -1163,6 +1239,7 @@ class PoolCore:
         if zygote_died:
             self.selector.unregister(zygote.sentinel)
             self.selector.unregister(zygote.notices_fd)
+            self.selector.unregister(zygote.control)
             exitcode = zygote.process.exitcode
             self.mark_broken(
                 f"the process that forks this pool's workers (pid {zygote.process.pid}) "
@@ -1666,6 +1743,7 @@ class PoolCore:
 
     def stop_workers(self, grace: float = _STOP_GRACE_SECONDS) -> None:
         """Ask workers to exit; terminate, then kill, those still there after ``grace``."""
+        self.await_requested_starts()
         with self.lock:
             processes = []
             for slot in self.slots:

@@ -21,8 +21,12 @@ need no watchdog thread of their own (``_worker.WorkerConfig.watched``).
 
     parent (dispatcher thread)         zygote (one thread)          worker
       "start slot i" --control socket--> ctx.Process(...).start() --fork-->
-      <-- pid, and the parent's ends of the worker's two pipes (SCM_RIGHTS)
+      <-- i, pid, and the parent's ends of the worker's two pipes (SCM_RIGHTS)
       <-- (pid, exit code) --notice pipe-- when a worker exits
+
+The dispatcher does not wait for an answer: it sends its requests, goes on,
+and takes each answer when the control socket becomes readable, so the pool
+is never held up (nor its lock held) while the zygote forks.
 
 The zygote exits when the pool has stopped its workers (told so when they
 are told to stop), when the parent closes the control socket, or dies.  If
@@ -48,7 +52,7 @@ _REQUEST = struct.Struct("<I")  # slot index, _EXIT or _FINISH
 _EXIT = 0xFFFFFFFF
 #: Exit as soon as every worker forked so far has exited.
 _FINISH = 0xFFFFFFFE
-_REPLY = struct.Struct("<i")  # pid (negative: errno of a failed start)
+_REPLY = struct.Struct("<Ii")  # slot index, pid (negative: errno of a failed start)
 _NOTICE = struct.Struct("<ii")  # pid, exit code
 _START_TIMEOUT = 60.0
 _PARENT_POLL_SECONDS = 0.5
@@ -170,18 +174,34 @@ class Zygote:
             return self._pidfd
         return int(self.process.sentinel)
 
-    def start_worker(
-        self, slot: int
-    ) -> tuple[ZygoteChild, mp_connection.Connection, mp_connection.Connection]:
-        """Have the zygote fork a worker for ``slot``; its handle and the parent's pipe ends."""
+    @property
+    def control(self) -> socket.socket:
+        """Readable when a start the pool asked for has been answered (``receive_started``)."""
+        return self._control
+
+    def request_start(self, slot: int) -> None:
+        """Ask the zygote to fork a worker for ``slot``; ``receive_started`` gives it.
+
+        The pool does not wait for the fork: its dispatcher reads the answer
+        when the control socket becomes readable.
+        """
         self._control.settimeout(_START_TIMEOUT)
         self._control.sendall(_REQUEST.pack(slot))
+
+    def receive_started(
+        self,
+    ) -> Optional[tuple[int, ZygoteChild, mp_connection.Connection, mp_connection.Connection]]:
+        """The next started worker: its slot, handle, and the parent's ends of its pipes.
+
+        None if the zygote is gone (its sentinel tells how); raises OSError
+        if it could not fork.
+        """
         message, fds, _, _ = socket.recv_fds(self._control, _REPLY.size, 2)
         if len(message) < _REPLY.size:
             for fd in fds:
                 os.close(fd)
-            raise OSError(f"the pool's zygote (pid {self.process.pid}) is gone")
-        (pid,) = _REPLY.unpack(message)
+            return None
+        slot, pid = _REPLY.unpack(message)
         if pid <= 0 or len(fds) != 2:
             for fd in fds:
                 os.close(fd)
@@ -190,7 +210,7 @@ class Zygote:
         self.children[pid] = child
         task_w = mp_connection.Connection(fds[0], readable=False)
         result_r = mp_connection.Connection(fds[1], writable=False)
-        return child, task_w, result_r
+        return slot, child, task_w, result_r
 
     def read_notices(self) -> list[ZygoteChild]:
         """Record the exits the zygote has reported; return those workers."""
@@ -268,6 +288,7 @@ class Zygote:
                     os.close(fd)
                 except OSError:
                     pass
+
 
 def _zygote_main(
     control: socket.socket,
@@ -347,9 +368,10 @@ def _start_one(
     try:
         process, task_w, result_r = _spawn.start_worker_process(ctx, config)
     except OSError as exc:
-        control.sendall(_REPLY.pack(-(exc.errno or 1)))
+        control.sendall(_REPLY.pack(config.slot, -(exc.errno or 1)))
         return
     workers[process.sentinel] = process
-    socket.send_fds(control, [_REPLY.pack(process.pid)], [task_w.fileno(), result_r.fileno()])
+    reply = _REPLY.pack(config.slot, process.pid)
+    socket.send_fds(control, [reply], [task_w.fileno(), result_r.fileno()])
     task_w.close()
     result_r.close()
