@@ -254,6 +254,9 @@ PARENT_SCRIPT = textwrap.dedent(
     pool = duckpool.ProcessPoolExecutor(2, multiprocessing.get_context(sys.argv[1]))
     [f.result(30) for f in [pool.submit(tasks.add, i, 1) for i in range(4)]]
     pool.submit(tasks.wait_for_file, sys.argv[2], 300)   # one busy worker, one idle
+    deadline = time.monotonic() + 30
+    while len(pool.worker_pids()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the second worker is still being started
     with open(sys.argv[3] + ".tmp", "w") as out:
         out.write(" ".join(map(str, pool.worker_pids())))
     os.rename(sys.argv[3] + ".tmp", sys.argv[3])
