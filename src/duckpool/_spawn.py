@@ -1,6 +1,7 @@
 """Starting one worker process: its two pipes and its ``multiprocessing`` process.
 
-Used by the pool itself (spawn, forkserver) and, under fork, by the zygote.
+Used by the pool itself (spawn, forkserver, and the first worker under fork) and,
+under fork, by the zygote for every later worker.
 """
 
 from __future__ import annotations
