@@ -77,6 +77,27 @@ def forwarder_installed() -> bool:
     return any(type(h).__name__ == "LogForwarder" for h in logging.getLogger().handlers)
 
 
+def log_to_own_handler_too(message: str) -> list[str]:
+    """Add a handler of the task's own to ``LOGGER``, log ``message``; what it saw."""
+
+    class Collect(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.NOTSET)
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    handler = Collect()
+    logger = logging.getLogger(LOGGER)
+    logger.addHandler(handler)
+    try:
+        logger.warning(message)
+    finally:
+        logger.removeHandler(handler)
+    return handler.messages
+
+
 def log_in_forked_child(message: str) -> int:
     """Fork a child that logs ``message`` and exits; return the child's pid."""
     with warnings.catch_warnings():

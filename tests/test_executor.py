@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import gc
+import multiprocessing
 import os
 import pickle
 import signal
@@ -254,6 +255,9 @@ PARENT_SCRIPT = textwrap.dedent(
     pool = duckpool.ProcessPoolExecutor(2, multiprocessing.get_context(sys.argv[1]))
     [f.result(30) for f in [pool.submit(tasks.add, i, 1) for i in range(4)]]
     pool.submit(tasks.wait_for_file, sys.argv[2], 300)   # one busy worker, one idle
+    deadline = time.monotonic() + 30
+    while len(pool.worker_pids()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the second worker is still being started
     with open(sys.argv[3] + ".tmp", "w") as out:
         out.write(" ".join(map(str, pool.worker_pids())))
     os.rename(sys.argv[3] + ".tmp", sys.argv[3])
@@ -461,6 +465,22 @@ def test_fork_workers_come_from_a_single_threaded_zygote(tmp_path: Path) -> None
         pool.shutdown()
 
 
+def test_workers_from_the_zygote_never_collect_what_they_inherited() -> None:
+    # A full collection in a worker would touch every object it inherited,
+    # copying those pages into the worker.
+    import gc
+    import multiprocessing
+
+    pool = duckpool.ProcessPoolExecutor(1, multiprocessing.get_context("fork"))
+    try:
+        first = pool.submit(tasks.getpid).result(TIMEOUT)
+        os.kill(first, signal.SIGKILL)  # its replacement comes from the zygote
+        wait_until(lambda: pool.worker_pids() not in ([], [first]), TIMEOUT)
+        assert pool.submit(gc.get_freeze_count).result(TIMEOUT) > 0
+    finally:
+        pool.shutdown()
+
+
 def test_a_dead_zygote_breaks_the_pool_with_a_clear_error() -> None:
     import multiprocessing
 
@@ -469,8 +489,10 @@ def test_a_dead_zygote_breaks_the_pool_with_a_clear_error() -> None:
     pool = duckpool.ProcessPoolExecutor(1, multiprocessing.get_context("fork"))
     try:
         worker = pool.submit(tasks.getpid).result(TIMEOUT)
-        zygote = psutil.Process(worker).parent()
-        assert zygote is not None
+        # (The first worker is forked by the pool's process itself.)
+        zygote_process = pool._core.zygote.process  # type: ignore[union-attr]
+        zygote = psutil.Process(zygote_process.pid)
+        assert zygote.ppid() == os.getpid() and zygote.num_threads() == 1
         os.kill(zygote.pid, signal.SIGKILL)
         wait_until(lambda: bool(pool._broken), TIMEOUT)
         assert "forks this pool's workers" in str(pool._broken)
@@ -530,3 +552,32 @@ def test_cancelling_an_awaited_run_stops_the_running_task(
     # The worker that ran it was stopped and replaced.
     wait_until(lambda: len(set(executor.worker_pids()) - before) == 1, TIMEOUT)
     assert executor.submit(tasks.add, 2, 2).result(TIMEOUT) == 4
+
+
+def _holds_write_end(pid: int, pipe_inode: int) -> bool:
+    """Does process ``pid`` hold a writable descriptor of the pipe ``pipe_inode``?"""
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            inode = os.stat(f"/proc/{pid}/fd/{fd}").st_ino
+            with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+                flags = next(int(line.split()[1], 8) for line in info if line.startswith("flags"))
+        except (FileNotFoundError, StopIteration):
+            continue
+        if inode == pipe_inode and flags & os.O_WRONLY:
+            return True
+    return False
+
+
+def test_forked_workers_hold_no_write_end_of_their_own_task_pipe() -> None:
+    # Else a worker would never see its task pipe close when the parent dies.
+    pool = duckpool.ProcessPoolExecutor(2, multiprocessing.get_context("fork"))
+    try:
+        assert [f.result(TIMEOUT) for f in [pool.submit(tasks.add, i, 1) for i in range(4)]]
+        wait_until(lambda: len(pool.worker_pids()) == 2, TIMEOUT)
+        for slot in pool._core.slots:
+            assert slot.process is not None and slot.task_conn is not None
+            inode = os.fstat(slot.task_conn.fileno()).st_ino
+            assert slot.process.pid is not None
+            assert not _holds_write_end(slot.process.pid, inode)
+    finally:
+        pool.shutdown()

@@ -1,4 +1,8 @@
-"""Warm successors: with max_tasks_per_child, a slot's next worker starts ahead of time."""
+"""Warm successors: with max_tasks_per_child, a slot's next worker starts ahead of time.
+
+Under spawn and forkserver only: under fork the zygote forks a replacement in
+a millisecond or two, so no successor is started there.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,12 @@ import duckpool
 from conftest import process_gone, wait_until
 
 TIMEOUT = 30
+
+
+@pytest.fixture(params=("spawn", "forkserver"))
+def start_method(request: pytest.FixtureRequest) -> str:
+    """The start methods with successors (overrides conftest's, for ``ctx`` too)."""
+    return str(request.param)
 
 
 def _started(directory: Path) -> set[int]:

@@ -245,9 +245,33 @@ def test_forwarding_off_leaves_worker_logging_alone(ctx: object, collected: List
     assert collected.messages() == []
 
 
-def test_forwarding_is_on_by_default(ctx: object) -> None:
+def test_forwarding_is_on_by_default(ctx: object, collected: ListHandler) -> None:
     with duckpool.ProcessPoolExecutor(1, mp_context=ctx) as pool:  # type: ignore[arg-type]
+        pool.submit(tasks.log, logging.INFO, "forwarded").result(TIMEOUT)
         assert pool.submit(tasks.forwarder_installed).result(TIMEOUT) is True
+        collected.wait_for("forwarded")
+
+
+def test_forked_worker_installs_forwarding_at_its_first_record(collected: ListHandler) -> None:
+    # Installed at start, the forwarder would make every idle worker touch
+    # (and so copy) the logging module's pages.
+    import multiprocessing
+
+    fork = multiprocessing.get_context("fork")
+    with duckpool.ProcessPoolExecutor(1, mp_context=fork) as pool:
+        assert pool.submit(tasks.forwarder_installed).result(TIMEOUT) is False
+        pool.submit(tasks.log, logging.INFO, "the first record").result(TIMEOUT)
+        collected.wait_for("the first record")
+        assert pool.submit(tasks.forwarder_installed).result(TIMEOUT) is True
+
+
+def test_handler_a_task_adds_keeps_its_records(ctx: object, collected: ListHandler) -> None:
+    # Only the handlers a worker started with (the parent's, under fork) give
+    # way to the forwarder, even when it is installed at the task's first record.
+    with duckpool.ProcessPoolExecutor(1, mp_context=ctx) as pool:  # type: ignore[arg-type]
+        seen = pool.submit(tasks.log_to_own_handler_too, "to both").result(TIMEOUT)
+        collected.wait_for("to both")
+    assert seen == ["to both"]
 
 
 def test_manager_forwarding_off(ctx: object, collected: ListHandler) -> None:

@@ -339,6 +339,7 @@ class _Slot:
         "read_lock",
         "reader",
         "ready",
+        "requested",
         "reserved",
         "result_conn",
         "retiring",
@@ -371,6 +372,8 @@ class _Slot:
         #: Its first process is being started by the dispatcher: it takes an
         #: item already, which waits in the outbox until the process is up.
         self.reserved = False
+        #: The zygote was asked for its next process; the answer is due.
+        self.requested = False
         #: Reached max_tasks_per_child: to exit once its items are done.
         self.retiring = False
         #: The empty frame that tells the worker to exit has been written.
@@ -412,6 +415,7 @@ class _Slot:
         self.last_service = float("inf")
         self.stopping = None
         self.poisoned = None
+        self.requested = False  # an answer still due is unwanted now
 
 
 class _Spare:
@@ -555,6 +559,7 @@ _MISSING = object()
 _WAKEUP = object()
 _ZYGOTE_NOTICES = object()
 _ZYGOTE_EXIT = object()
+_ZYGOTE_STARTED = object()
 
 # Every pool core of this process, for the fork and exit hooks.
 LIVE_CORES: weakref.WeakSet[PoolCore] = weakref.WeakSet()
@@ -592,6 +597,8 @@ class PoolCore:
 
     def __init__(self, settings: PoolSettings) -> None:
         self.settings = settings
+        #: Workers are forked (from this process first, then by the zygote).
+        self.forks = settings.context.get_start_method() == "fork"
         self.owner_pid = os.getpid()
         #: Set in a forked child's copy (cheaper to test than os.getpid()).
         self.inherited = False
@@ -620,6 +627,10 @@ class PoolCore:
         self.thread: Optional[threading.Thread] = None
         #: Under fork, the process that forks this pool's workers.
         self.zygote: Optional[_zygote.Zygote] = None
+        #: Why the zygote could not be forked: no worker can be started then.
+        self.zygote_error: Optional[OSError] = None
+        #: Under fork, a pidfd of this process, for the zygote to watch.
+        self.parent_pidfd: Optional[int] = None
         #: Shared with the workers: per slot, the id of the task it took up
         #: (cells 0..n-1), and an id it must skip (cells n..2n-1).
         self.marks: Any = None
@@ -686,18 +697,27 @@ class PoolCore:
                 return
             if self.thread is None:
                 self.ensure_started()
-            if not self.pending and (item.kind is None or self.has_room(item.kind)):
-                for slot in self.slots:
-                    if self.is_idle(slot):
-                        self.send(slot, item)
-                        return
-            # Every worker is busy: the dispatcher hands this on as results come
-            # back, several items per write.
-            self.pending.append(item)
-            if self.settings.type_limits is not None:
-                # Or a worker is idle while the items before this one wait for
-                # their type's cap: this one may go now.
-                self.dispatch_pending()
+                try:
+                    self.queue(item)
+                finally:
+                    self.start_dispatcher()
+            else:
+                self.queue(item)
+
+    def queue(self, item: WorkItem) -> None:
+        """Send ``item`` to an idle worker, else queue it (lock held)."""
+        if not self.pending and (item.kind is None or self.has_room(item.kind)):
+            for slot in self.slots:
+                if self.is_idle(slot):
+                    self.send(slot, item)
+                    return
+        # Every worker is busy: the dispatcher hands this on as results come
+        # back, several items per write.
+        self.pending.append(item)
+        if self.settings.type_limits is not None:
+            # Or a worker is idle while the items before this one wait for
+            # their type's cap: this one may go now.
+            self.dispatch_pending()
 
     def cancel(self, future: Future[Any]) -> bool:
         """Cancel a queued item, or stop the worker running it; False if unknown."""
@@ -733,39 +753,75 @@ class PoolCore:
     # -- workers (lock held) ---------------------------------------------------
 
     def ensure_started(self) -> None:
-        """Start the first worker and the dispatcher thread, once."""
-        if self.thread is not None:
-            return
+        """Start the first worker, once; the others wait for the dispatcher.
+
+        ``start_dispatcher`` must follow, once the item being submitted has
+        gone to that worker: the first task then runs while the rest of the
+        pool starts.
+        """
         settings = self.settings
         if self.marks is None:
             self.shared_marks = _worker.new_marks(settings.context, 2 * self.capacity)
             self.marks = _worker.marks_array(self.shared_marks)
         if settings.forward_logs and self.log_levels is None:
             self.log_levels = _logs.level_snapshot()
-        if settings.context.get_start_method() == "fork" and self.zygote is None:
-            # Forked now, before this pool's thread exists; it forks the
-            # workers from then on (see _zygote).
-            self.zygote = _zygote.Zygote(settings.context, self.worker_config)
-            self.selector.register(self.zygote.notices_fd, _ZYGOTE_NOTICES)
-            self.selector.register(self.zygote.sentinel, _ZYGOTE_EXIT)
-        # The first worker now, for the task being submitted; the dispatcher
-        # starts the others at once, while that task already runs.  Until then
-        # they are reserved: each takes a task as an idle worker would (so it
-        # counts as started, as the stdlib's executor sends the first tasks on
-        # at once), which waits in its outbox.
+        if self.forks and self.parent_pidfd is None:
+            # With it the zygote kills the workers when this process dies,
+            # and they need no watchdog thread of their own.
+            self.parent_pidfd = _zygote.pidfd_of(os.getpid())
+        # The first worker now, for the task being submitted (under fork,
+        # straight from this process: no thread of this pool exists yet, as
+        # when the zygote is forked).  The dispatcher starts the others at
+        # once, while that task already runs.  Until then they are reserved:
+        # each takes a task as an idle worker would (so it counts as started,
+        # as the stdlib's executor sends the first tasks on at once), which
+        # waits in its outbox.
         empty = [slot for slot in self.slots if slot.process is None]
         if empty:
             self.start_worker(empty[0])
         for slot in empty[1:]:
             slot.reserved = True
+
+    def start_dispatcher(self) -> None:
+        """Fork the zygote (under fork), then start the dispatcher thread."""
+        if self.thread is not None:
+            return
+        if self.forks and self.zygote is None:
+            # Forked now, before this pool's thread exists; it forks the
+            # workers from then on (see _zygote).
+            try:
+                self.zygote = _zygote.Zygote(
+                    self.settings.context,
+                    self.worker_config,
+                    inherited_fds=self.inherited_fds(),
+                    parent_pidfd=self.parent_pidfd,
+                    adopted_pids=[s.process.pid for s in self.slots if s.process and s.process.pid],
+                )
+            except OSError as exc:
+                # The pool runs on with the worker it has; a worker it cannot
+                # start later breaks it (start_worker), with this as the cause.
+                self.zygote_error = exc
+            else:
+                self.selector.register(self.zygote.notices_fd, _ZYGOTE_NOTICES)
+                self.selector.register(self.zygote.sentinel, _ZYGOTE_EXIT)
+                self.selector.register(self.zygote.control, _ZYGOTE_STARTED)
         self.thread = threading.Thread(
             target=self.dispatch_loop,
             name=f"duckpool-dispatcher-{id(self):x}",
             daemon=True,
         )
         self.thread.start()
-        if len(empty) > 1:
+        if any(slot.reserved for slot in self.slots):
             self.wake()
+
+    def inherited_fds(self) -> list[int]:
+        """This pool's ends of its workers' pipes: a zygote forked now closes its copies."""
+        fds = []
+        for slot in self.slots:
+            for conn in (slot.task_conn, slot.result_conn):
+                if conn is not None:
+                    fds.append(conn.fileno())
+        return fds
 
     def worker_config(self, slot_index: int) -> _worker.WorkerConfig:
         """What the worker in ``slot_index`` is started with."""
@@ -784,22 +840,47 @@ class PoolCore:
             serializer=settings.serializer,
             log_levels=self.log_levels,
             pool_id=settings.pool_id,
+            forked=self.forks,
+            watched=self.parent_pidfd is not None,
         )
 
+    def start_worker(self, slot: _Slot) -> None:
+        """Fill ``slot``: with its successor if it has one, else a new process,
+        started directly or asked of the zygote.
+
+        The zygote's answer comes later (``on_zygote_started``); meanwhile the
+        slot is reserved: it takes work, which waits in its outbox.
+        """
+        spare = slot.successor
+        if spare is not None:
+            slot.successor = None
+            self.unwatch_spare(spare)
+            self.install_worker(slot, spare.process, spare.task_conn, spare.result_conn)
+            return
+        if self.zygote is not None:
+            if not slot.requested:
+                self.zygote.request_start(slot.index)
+                slot.requested = slot.reserved = True
+            return
+        if self.zygote_error is not None:
+            # Not from this process: it may run threads now (see _zygote).
+            raise OSError(
+                f"the process that forks this pool's workers could not be started: "
+                f"{self.zygote_error}"
+            ) from self.zygote_error
+        self.install_worker(slot, *self.launch(slot.index))
+
     def launch(self, slot_index: int) -> tuple[WorkerProcess, Any, Any]:
-        """Start a worker process for ``slot_index``: through the zygote under
-        fork, else directly.  Returns it with the parent's (non-blocking)
-        ends of its task and result pipes."""
+        """Start a worker process for ``slot_index`` from this process, not
+        through the zygote.  Returns it with the parent's (non-blocking) ends
+        of its task and result pipes."""
         # SIGINT stays blocked in the new process until the worker has set its
         # own handler: a Ctrl-C during start-up must not print a traceback.
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
-            if self.zygote is not None:
-                process, task_w, result_r = self.zygote.start_worker(slot_index)
-            else:
-                process, task_w, result_r = _spawn.start_worker_process(
-                    self.settings.context, self.worker_config(slot_index)
-                )
+            process, task_w, result_r = _spawn.start_worker_process(
+                self.settings.context, self.worker_config(slot_index)
+            )
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         # Writes never block the thread (submit, the dispatcher): what a full
@@ -808,16 +889,16 @@ class PoolCore:
         os.set_blocking(result_r.fileno(), False)
         return process, task_w, result_r
 
-    def start_worker(self, slot: _Slot) -> None:
-        """Fill ``slot`` with its successor if it has one, else a new process."""
-        spare = slot.successor
-        if spare is not None:
-            slot.successor = None
-            self.unwatch_spare(spare)
-            process: WorkerProcess = spare.process
-            task_w, result_r = spare.task_conn, spare.result_conn
-        else:
-            process, task_w, result_r = self.launch(slot.index)
+    def install_worker(
+        self,
+        slot: _Slot,
+        process: WorkerProcess,
+        task_w: Any,
+        result_r: Any,
+    ) -> None:
+        """Make a started process ``slot``'s worker, and send it what it took meanwhile."""
+        os.set_blocking(task_w.fileno(), False)
+        os.set_blocking(result_r.fileno(), False)
         slot.task_conn = task_w
         slot.result_conn = result_r
         slot.reader = _worker.FrameReader(result_r.fileno())
@@ -828,7 +909,7 @@ class PoolCore:
         if slot.used:
             self.counters.restarts += 1
         slot.used = True
-        slot.reserved = False
+        slot.reserved = slot.requested = False
         if slot.outbox:  # what it took while reserved
             self.flush(slot)
 
@@ -837,11 +918,14 @@ class PoolCore:
 
         With ``max_tasks_per_child``, once a ready worker has been sent half
         its quota: its replacement then starts while it works, instead of
-        after it has exited, and takes the slot as soon as it leaves.
+        after it has exited, and takes the slot as soon as it leaves.  Not
+        under fork: there the zygote forks a replacement in a millisecond or
+        two, and a successor would only hold memory.
         """
         limit = self.settings.max_tasks_per_child
         return (
             limit is not None
+            and not self.forks
             and slot.successor is None
             and slot.process is not None
             and slot.ready
@@ -892,6 +976,57 @@ class PoolCore:
         """Every spare process: successors and those leaving (lock held)."""
         successors = [slot.successor for slot in self.slots if slot.successor is not None]
         return successors + self.leaving
+
+    def await_requested_starts(self) -> None:
+        """Take the zygote's answers still due, so that those workers are stopped too.
+
+        Left unread, a worker's pipe ends would stay in the control socket,
+        which the zygote and its workers hold copies of: that worker would
+        never see its task pipe close, nor its zygote finish.
+        """
+        while self.zygote is not None and any(slot.requested for slot in self.slots):
+            if not self.on_zygote_started():
+                with self.lock:
+                    for slot in self.slots:
+                        slot.requested = False
+                return
+
+    def on_zygote_started(self) -> bool:
+        """Install the worker the zygote answered with; False if no answer can come now.
+
+        A worker nobody wants any more (its slot was closed or dropped, the
+        pool is being killed or is broken) is killed at once; a failed start
+        breaks the pool, as a failed direct start does.
+        """
+        zygote = self.zygote
+        assert zygote is not None
+        try:
+            started = zygote.receive_started()
+        except OSError as exc:
+            self.mark_broken(f"could not start a worker process: {exc!r}", exc)
+            return False
+        if started is None:  # its sentinel says how it died
+            self.selector.unregister(zygote.control)
+            return False
+        index, process, task_w, result_r = started
+        with self.lock:
+            slot = self.slots[index] if index < len(self.slots) else None
+            if slot is not None and slot.requested:
+                if index < self.size and self.broken is None and self.kill_requested is None:
+                    self.install_worker(slot, process, task_w, result_r)
+                    return True
+                # (Resized away meanwhile, or the pool is ending.)
+                slot.requested = slot.reserved = False
+                self.pending.extendleft(reversed(slot.assigned))
+                slot.assigned.clear()
+                slot.outbox.clear()
+                slot.queued_bytes = 0
+                self.drop_surplus_slots()
+        process.kill()
+        process.close()  # its exit notice is ignored
+        task_w.close()
+        result_r.close()
+        return True
 
     def is_idle(self, slot: _Slot) -> bool:
         return (
@@ -1151,7 +1286,7 @@ class PoolCore:
         """Forget trailing surplus slots whose process is gone (lock held)."""
         slots = self.slots
         end = len(slots)
-        while end > self.size and slots[end - 1].process is None:
+        while end > self.size and slots[end - 1].process is None and not slots[end - 1].requested:
             end -= 1
             successor = slots[end].successor
             if successor is not None:
@@ -1201,6 +1336,8 @@ class PoolCore:
         finally:
             if self.zygote is not None:
                 self.zygote.close(KILL_GRACE_SECONDS)
+            if self.parent_pidfd is not None:
+                os.close(self.parent_pidfd)
             self.close_wakeup()
 
     def _dispatch_until_done(self) -> None:
@@ -1223,6 +1360,9 @@ class PoolCore:
                     continue
                 if tag is _ZYGOTE_NOTICES or tag is _ZYGOTE_EXIT:
                     exited.extend(self.on_zygote_event(tag is _ZYGOTE_EXIT))
+                    continue
+                if tag is _ZYGOTE_STARTED:
+                    self.on_zygote_started()
                     continue
                 if type(tag) is _Writable:
                     with self.lock:
@@ -1278,6 +1418,7 @@ class PoolCore:
         if zygote_died:
             self.selector.unregister(zygote.sentinel)
             self.selector.unregister(zygote.notices_fd)
+            self.selector.unregister(zygote.control)
             exitcode = zygote.process.exitcode
             self.mark_broken(
                 f"the process that forks this pool's workers (pid {zygote.process.pid}) "
@@ -1844,6 +1985,7 @@ class PoolCore:
 
     def stop_workers(self, grace: float = _STOP_GRACE_SECONDS) -> None:
         """Ask workers to exit; terminate, then kill, those still there after ``grace``."""
+        self.await_requested_starts()
         with self.lock:
             processes = []
             for slot in self.slots:
@@ -1857,6 +1999,8 @@ class PoolCore:
                 if slot.successor is not None:
                     self.let_go(slot.successor)
             spares = list(self.leaving)
+        if self.zygote is not None:
+            self.zygote.finish()
         _reap(processes + [spare.process for spare in spares], grace)
         with self.lock:
             for slot in self.slots:

@@ -1,6 +1,7 @@
 """Starting one worker process: its two pipes and its ``multiprocessing`` process.
 
-Used by the pool itself (spawn, forkserver) and, under fork, by the zygote.
+Used by the pool itself (spawn, forkserver, and the first worker under fork) and,
+under fork, by the zygote for every later worker.
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ def start_worker_process(
     result_r, result_w = os.pipe()
     for fd in (task_w, result_w):
         _enlarge(fd)
+    # A forked worker closes its copies of the parent's ends (spawned and
+    # forkserver workers never get them).
+    parent_ends = (task_w, result_r) if context.get_start_method() == "fork" else ()
     process = context.Process(
         target=_worker.worker_main,
         # Bare descriptors, not Connections: cheaper for a spawned worker to rebuild.
-        args=(_worker.InheritedFd(task_r), _worker.InheritedFd(result_w), config),
+        args=(_worker.InheritedFd(task_r), _worker.InheritedFd(result_w), config, parent_ends),
         name=config.name,
         daemon=False,  # tasks may start child processes
     )

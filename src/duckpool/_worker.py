@@ -202,6 +202,7 @@ class WorkerConfig:
     """
 
     __slots__ = (
+        "forked",
         "initargs",
         "initializer",
         "log_levels",
@@ -214,6 +215,7 @@ class WorkerConfig:
         "serializer",
         "slot",
         "title",
+        "watched",
     )
 
     def __init__(
@@ -230,6 +232,8 @@ class WorkerConfig:
         serializer: str,
         log_levels: Optional[dict[str, int]] = None,
         pool_id: Any = None,
+        forked: bool = False,
+        watched: bool = False,
     ) -> None:
         self.slot = slot
         self.max_workers = max_workers
@@ -253,6 +257,12 @@ class WorkerConfig:
         self.log_levels = log_levels
         #: The pool's id, tagged on forwarded records as ``duckpool_pool``.
         self.pool_id = pool_id
+        #: Forked from the pool's parent or its zygote: the worker inherits the
+        #: parent's modules and logging as they were when the pool started.
+        self.forked = forked
+        #: The pool's zygote kills this worker as soon as the parent dies: it
+        #: needs no watchdog thread of its own (see ``watch_parent``).
+        self.watched = watched
 
 
 class InheritedFd:
@@ -459,7 +469,7 @@ def _ignore_interrupt(signum: int, frame: object) -> None:
 
 
 def _prepare(config: WorkerConfig) -> None:
-    """Name the process, ignore Ctrl-C, and start the parent-death watchdog."""
+    """Name the process, ignore Ctrl-C, and start the parent-death watchdog if it needs one."""
     if config.title:
         import setproctitle
 
@@ -467,12 +477,56 @@ def _prepare(config: WorkerConfig) -> None:
     signal.signal(signal.SIGINT, _ignore_interrupt)
     # The parent starts workers with SIGINT blocked (see _core.start_worker).
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    threading.Thread(
-        target=watch_parent,
-        args=(config.parent_pid,),
-        name="duckpool-parent-watchdog",
-        daemon=True,
-    ).start()
+    if not config.watched:
+        threading.Thread(
+            target=watch_parent,
+            args=(config.parent_pid,),
+            name="duckpool-parent-watchdog",
+            daemon=True,
+        ).start()
+
+
+def forward_logs_from_first_record(send: Callable[[bytes], None], config: WorkerConfig) -> None:
+    """Under fork: install log forwarding when a record first reaches a handler.
+
+    A forked worker inherits the parent's logging as it was when the pool
+    started, levels included (the very levels a worker mirrors), so nothing
+    needs changing before a task logs.  Installing at start would import
+    ``_worker_logs`` and touch every logger: pages that every idle worker
+    would then hold a private copy of.  The first record that reaches
+    ``Logger.callHandlers`` installs the forwarder in place of the handlers
+    the worker started with, and is then handled as any later one.
+
+    A process a task forks before any record was handled logs as any forked
+    process does, through the handlers it inherited; never to the result pipe.
+    """
+    import logging  # the parent imported it (concurrent.futures does): no import here
+
+    logger_class = logging.Logger
+    call_handlers = logger_class.callHandlers
+    # Weak references to every handler that exists now, in creation order.
+    handler_refs = getattr(logging, "_handlerList", None)
+    started_with = None if handler_refs is None else list(handler_refs)
+    install_lock = threading.Lock()
+
+    def first_call_handlers(logger: logging.Logger, record: logging.LogRecord) -> None:
+        with install_lock:  # the task's threads may log their first records at once
+            if logger_class.callHandlers is first_call_handlers:
+                from duckpool import _worker_logs
+
+                inherited = None
+                if started_with is not None:
+                    inherited = {ref() for ref in started_with} - {None}
+                _worker_logs.install(send, config, inherited)  # type: ignore[arg-type]
+                logger_class.callHandlers = call_handlers  # type: ignore[method-assign]
+        call_handlers(logger, record)
+
+    def in_forked_child() -> None:
+        if logger_class.callHandlers is first_call_handlers:
+            logger_class.callHandlers = call_handlers  # type: ignore[method-assign]
+
+    logger_class.callHandlers = first_call_handlers  # type: ignore[method-assign,assignment]
+    os.register_at_fork(after_in_child=in_forked_child)
 
 
 def _forward_logs(send: Callable[[bytes], None], config: WorkerConfig) -> None:
@@ -544,9 +598,19 @@ class _ActAfterLoad:
 
 
 def worker_main(
-    task_conn: Connection | InheritedFd, result_conn: Connection | InheritedFd, config: WorkerConfig
+    task_conn: Connection | InheritedFd,
+    result_conn: Connection | InheritedFd,
+    config: WorkerConfig,
+    parent_ends: tuple[int, ...] = (),
 ) -> None:
-    """Entry point of a worker process: serve tasks until told to stop."""
+    """Entry point of a worker process: serve tasks until told to stop.
+
+    ``parent_ends``: under fork, the parent's ends of this worker's own pipes,
+    inherited with the fork and closed here, so that the task pipe reads as
+    closed once the parent is gone.
+    """
+    for fd in parent_ends:
+        os.close(fd)
     _prepare(config)
     result_fd = result_conn.fileno()
 
@@ -562,7 +626,10 @@ def worker_main(
             with write_lock:
                 write_all(result_fd, frame)
 
-        _forward_logs(send, config)
+        if config.forked:
+            forward_logs_from_first_record(send, config)
+        else:
+            _forward_logs(send, config)
     if config.initializer is not None:
         try:
             config.initializer(*config.initargs)

@@ -1,8 +1,10 @@
 """Log forwarding, the worker's side: records logged in a worker go to the parent.
 
-Imported by a worker (``_worker.worker_main``) when its pool forwards logs,
-once ``logging`` itself is (at start if it already is, else when a task or
-the initializer first imports it: a worker that never logs never pays for it).
+Imported by a worker when its pool forwards logs: under fork at the first
+record a task logs (``_worker.forward_logs_from_first_record``), under spawn
+and forkserver once ``logging`` itself is imported (at start if it already
+is, else when a task or the initializer first imports it: a worker that never
+logs never pays for it; ``_worker._forward_logs``).
 The worker's loggers get one handler, :class:`LogForwarder`, in place of the
 handlers they had (under ``fork`` those are the parent's, inherited: left in
 place they would write a second copy of every record, and under ``spawn``
@@ -15,7 +17,8 @@ started, so records the parent would drop are mostly not sent at all.
 
 A process forked from a worker (a task that forks) must not write to the
 worker's result pipe: there the forwarder is removed again, leaving logging
-unconfigured (warnings and worse go to stderr).
+unconfigured (warnings and worse go to stderr).  One forked before the
+forwarder was installed keeps the handlers it inherited.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from duckpool import _worker
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing is not imported in a worker at run time
-    from typing import Any, Callable, Optional
+    from typing import Any, Callable, Collection, Optional
 
 #: Attribute values sent as they are when a record's attributes fail to pickle
 #: as a whole; others are sent as their repr().
@@ -94,29 +97,49 @@ def dump_record(record: logging.LogRecord) -> bytes:
 _installed: Optional[tuple[LogForwarder, list[logging.Logger]]] = None
 
 
-def install(send: Callable[[bytes], None], config: _worker.WorkerConfig) -> None:
+def install(
+    send: Callable[[bytes], None],
+    config: _worker.WorkerConfig,
+    inherited: Optional[Collection[logging.Handler]] = None,
+) -> None:
     """Route this worker's logging to the parent through ``send``.
 
     The root logger, and every logger that has handlers of its own, get the
     forwarder instead of their handlers; logger levels are set as
     ``config.log_levels`` says.  Inherited handlers are dropped, not closed:
     closing would flush what the parent had buffered a second time.
+
+    ``inherited`` is given when a forked worker installs forwarding only once
+    a task logs (``_worker.forward_logs_from_first_record``): then only those
+    handlers, the ones the worker started with, are replaced (a handler the
+    task added itself stays), and the levels, inherited too, are left as the
+    task may have set them.
     """
     global _installed
     forwarder = LogForwarder(send, config.pool_id, config.slot)
     root = logging.getLogger()
     loggers: list[logging.Logger] = [root]
     for logger in list(logging.Logger.manager.loggerDict.values()):
-        if isinstance(logger, logging.Logger) and logger.handlers:
+        if isinstance(logger, logging.Logger) and _replaces_some(logger.handlers, inherited):
             loggers.append(logger)
     for logger in loggers:
         for handler in list(logger.handlers):
-            logger.removeHandler(handler)
+            if inherited is None or handler in inherited:
+                logger.removeHandler(handler)
         logger.addHandler(forwarder)
-    for name, level in (config.log_levels or {}).items():
-        (logging.getLogger(name) if name else root).setLevel(level)
+    if inherited is None:
+        for name, level in (config.log_levels or {}).items():
+            (logging.getLogger(name) if name else root).setLevel(level)
     _installed = (forwarder, loggers)
     os.register_at_fork(after_in_child=_uninstall)
+
+
+def _replaces_some(
+    handlers: list[logging.Handler], inherited: Optional[Collection[logging.Handler]]
+) -> bool:
+    if inherited is None:
+        return bool(handlers)
+    return any(handler in inherited for handler in handlers)
 
 
 def _uninstall() -> None:

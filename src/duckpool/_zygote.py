@@ -7,22 +7,35 @@ so replacement workers must not be forked from the parent.
 
 Under ``fork``, a pool therefore forks one *zygote* when it starts, before
 its dispatcher thread exists.  The zygote stays single-threaded and forks
-every worker of the pool on request: each worker inherits the parent's
-memory as it was when the pool started, and comes from a one-thread process.
+every worker of the pool on request but the first: each inherits the
+parent's memory as it was when the pool started, and comes from a
+one-thread process.  The first worker, forked by the parent itself just
+before the zygote (no thread of the pool exists yet either), takes the first
+task at once instead of after two forks in a row.
+
+The zygote also watches the parent (through a pidfd): when the parent dies
+it kills every worker of the pool, its own and the first one, which then
+need no watchdog thread of their own (``_worker.WorkerConfig.watched``).
 
 ::
 
     parent (dispatcher thread)         zygote (one thread)          worker
       "start slot i" --control socket--> ctx.Process(...).start() --fork-->
-      <-- pid, and the parent's ends of the worker's two pipes (SCM_RIGHTS)
+      <-- i, pid, and the parent's ends of the worker's two pipes (SCM_RIGHTS)
       <-- (pid, exit code) --notice pipe-- when a worker exits
 
-The zygote exits when the parent closes the control socket (or dies).  If
+The dispatcher does not wait for an answer: it sends its requests, goes on,
+and takes each answer when the control socket becomes readable, so the pool
+is never held up (nor its lock held) while the zygote forks.
+
+The zygote exits when the pool has stopped its workers (told so when they
+are told to stop), when the parent closes the control socket, or dies.  If
 the zygote itself dies, the pool cannot start workers any more and breaks.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -31,13 +44,15 @@ import time
 from multiprocessing import connection as mp_connection
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
 from duckpool import _spawn, _worker
 
-_REQUEST = struct.Struct("<I")  # slot index, or _EXIT
+_REQUEST = struct.Struct("<I")  # slot index, _EXIT or _FINISH
 _EXIT = 0xFFFFFFFF
-_REPLY = struct.Struct("<i")  # pid (negative: errno of a failed start)
+#: Exit as soon as every worker forked so far has exited.
+_FINISH = 0xFFFFFFFE
+_REPLY = struct.Struct("<Ii")  # slot index, pid (negative: errno of a failed start)
 _NOTICE = struct.Struct("<ii")  # pid, exit code
 _START_TIMEOUT = 60.0
 _PARENT_POLL_SECONDS = 0.5
@@ -77,22 +92,60 @@ class ZygoteChild:
         self._zygote.forget(self)
 
 
+def pidfd_of(pid: int) -> Optional[int]:
+    """A pidfd of process ``pid``; None where the system has none."""
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None or getattr(signal, "pidfd_send_signal", None) is None:
+        return None
+    try:
+        return int(pidfd_open(pid))
+    except OSError:
+        return None
+
+
+class _Birth(NamedTuple):
+    """What the zygote knows from the moment it is forked."""
+
+    parent_pid: int
+    #: Descriptors it must close at once (see Zygote).
+    inherited_fds: tuple[int, ...]
+    #: Readable once the parent has died; None: it polls the parent's pid.
+    parent_pidfd: Optional[int]
+    #: Pidfds of workers it did not fork, to kill with its own when the parent dies.
+    adopted: tuple[int, ...]
+
+
 class Zygote:
     """The parent's side of one pool's zygote process."""
 
     def __init__(
-        self, context: BaseContext, build_config: Callable[[int], _worker.WorkerConfig]
+        self,
+        context: BaseContext,
+        build_config: Callable[[int], _worker.WorkerConfig],
+        inherited_fds: Sequence[int] = (),
+        parent_pidfd: Optional[int] = None,
+        adopted_pids: Sequence[int] = (),
     ) -> None:
+        """Fork the zygote.
+
+        It closes ``inherited_fds`` (the parent's ends of the pipes of
+        workers started before it: its workers must not hold them).  Given
+        ``parent_pidfd`` (this process's pidfd), it kills its workers, and
+        those of ``adopted_pids`` (workers started before it), as soon as
+        this process dies: they need no watchdog of their own.
+        """
         self._control, zygote_end = socket.socketpair()
         self.notices_fd, notices_w = os.pipe()
         os.set_blocking(self.notices_fd, False)
         self._pending_notices = b""
         self._closed = False
         self.children: dict[int, ZygoteChild] = {}
+        adopted = [fd for fd in map(pidfd_of, adopted_pids) if fd is not None]
+        birth = _Birth(os.getpid(), tuple(inherited_fds), parent_pidfd, tuple(adopted))
         ctx: Any = context
         self.process: BaseProcess = ctx.Process(
             target=_zygote_main,
-            args=(zygote_end, notices_w, build_config, os.getpid()),
+            args=(zygote_end, notices_w, build_config, birth),
             name="duckpool-zygote",
             daemon=False,  # its children are workers, and daemons may have none
         )
@@ -101,6 +154,8 @@ class Zygote:
         finally:
             zygote_end.close()
             os.close(notices_w)
+            for fd in adopted:
+                os.close(fd)
         # The zygote's multiprocessing sentinel does not fire while its workers
         # live (they inherit its end of that pipe); a pidfd fires when the
         # zygote itself exits.
@@ -119,18 +174,34 @@ class Zygote:
             return self._pidfd
         return int(self.process.sentinel)
 
-    def start_worker(
-        self, slot: int
-    ) -> tuple[ZygoteChild, mp_connection.Connection, mp_connection.Connection]:
-        """Have the zygote fork a worker for ``slot``; its handle and the parent's pipe ends."""
+    @property
+    def control(self) -> socket.socket:
+        """Readable when a start the pool asked for has been answered (``receive_started``)."""
+        return self._control
+
+    def request_start(self, slot: int) -> None:
+        """Ask the zygote to fork a worker for ``slot``; ``receive_started`` gives it.
+
+        The pool does not wait for the fork: its dispatcher reads the answer
+        when the control socket becomes readable.
+        """
         self._control.settimeout(_START_TIMEOUT)
         self._control.sendall(_REQUEST.pack(slot))
+
+    def receive_started(
+        self,
+    ) -> Optional[tuple[int, ZygoteChild, mp_connection.Connection, mp_connection.Connection]]:
+        """The next started worker: its slot, handle, and the parent's ends of its pipes.
+
+        None if the zygote is gone (its sentinel tells how); raises OSError
+        if it could not fork.
+        """
         message, fds, _, _ = socket.recv_fds(self._control, _REPLY.size, 2)
         if len(message) < _REPLY.size:
             for fd in fds:
                 os.close(fd)
-            raise OSError(f"the pool's zygote (pid {self.process.pid}) is gone")
-        (pid,) = _REPLY.unpack(message)
+            return None
+        slot, pid = _REPLY.unpack(message)
         if pid <= 0 or len(fds) != 2:
             for fd in fds:
                 os.close(fd)
@@ -139,7 +210,7 @@ class Zygote:
         self.children[pid] = child
         task_w = mp_connection.Connection(fds[0], readable=False)
         result_r = mp_connection.Connection(fds[1], writable=False)
-        return child, task_w, result_r
+        return slot, child, task_w, result_r
 
     def read_notices(self) -> list[ZygoteChild]:
         """Record the exits the zygote has reported; return those workers."""
@@ -181,6 +252,20 @@ class Zygote:
     def forget(self, child: ZygoteChild) -> None:
         self.children.pop(child.pid, None)
 
+    def finish(self) -> None:
+        """Let the zygote exit by itself once its workers have exited (the pool stops them).
+
+        Sent with the workers' stop frames, so that the zygote's exit overlaps
+        theirs; ``close`` then mostly finds it gone.  No worker may be asked
+        for afterwards.
+        """
+        if self._closed:
+            return
+        try:
+            self._control.sendall(_REQUEST.pack(_FINISH))
+        except OSError:
+            pass  # it is gone: close() reaps it
+
     def close(self, timeout: float) -> None:
         """Let the zygote exit (it has no workers left to watch) and reap it."""
         if self._closed:
@@ -204,27 +289,37 @@ class Zygote:
                 except OSError:
                     pass
 
+
 def _zygote_main(
     control: socket.socket,
     notices_w: int,
     build_config: Callable[[int], _worker.WorkerConfig],
-    parent_pid: int,
+    birth: _Birth,
 ) -> None:
     """The zygote: fork workers on request, report their exits, until told to stop."""
     import multiprocessing
 
+    for fd in birth.inherited_fds:
+        os.close(fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    # What the workers inherit is never collected in them (see gc.freeze):
+    # a full collection there would touch, and so copy, every inherited page.
+    gc.freeze()
     ctx: Any = multiprocessing.get_context("fork")
     workers: dict[int, BaseProcess] = {}  # by sentinel
+    parent_gone = birth.parent_pidfd
+    watched: list[Any] = [control] if parent_gone is None else [control, parent_gone]
     buffered = b""
-    while True:
+    finishing = False
+    while not (finishing and not workers):
         # No EOF tells the zygote that the parent died: the parent's end of
         # the control socket came along with the fork (as did other pools').
-        # The zygote is the parent's child, so its parent id says it; no
-        # watchdog thread, since the zygote must stay single-threaded.
-        ready = mp_connection.wait([control, *workers], _PARENT_POLL_SECONDS)
-        if os.getppid() != parent_pid:
+        # The parent's pidfd says it, or else its parent id (the zygote is its
+        # child); no watchdog thread, since the zygote must stay single-threaded.
+        ready = mp_connection.wait([*watched, *workers], _PARENT_POLL_SECONDS)
+        if parent_gone in ready or os.getppid() != birth.parent_pid:
+            _kill_workers(workers.values(), birth.adopted)
             return
         for sentinel in ready:
             if sentinel is control:
@@ -238,15 +333,38 @@ def _zygote_main(
         if control not in ready:
             continue
         chunk = control.recv(4096)
-        if not chunk:
+        if not chunk:  # every copy of the parent's end is closed: it is gone
+            _kill_workers(workers.values(), birth.adopted)
             return
         buffered += chunk
         usable = len(buffered) - len(buffered) % _REQUEST.size
         requests, buffered = buffered[:usable], buffered[usable:]
         for (slot,) in _REQUEST.iter_unpack(requests):
             if slot == _EXIT:
-                return  # the pool has shut down; its workers are gone
-            _start_one(ctx, control, build_config(slot), workers)
+                # The pool has shut down and stopped its workers.  One still
+                # here was started after the pool stopped taking them (a
+                # dispatcher that failed, say): it has no watchdog, so it goes.
+                _kill_workers(workers.values(), ())
+                return
+            if slot == _FINISH:
+                finishing = True
+            elif not finishing:
+                _start_one(ctx, control, build_config(slot), workers)
+
+
+def _kill_workers(workers: Iterable[BaseProcess], adopted: tuple[int, ...]) -> None:
+    """Kill ``workers`` and the ``adopted`` ones (the parent's, by pidfd).
+
+    Used when the parent died, or the pool ended with workers left: they have
+    no watchdog of their own.
+    """
+    for process in workers:
+        process.kill()
+    for pidfd in adopted:
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)  # type: ignore[attr-defined]
+        except OSError:
+            pass  # it exited already
 
 
 def _start_one(
@@ -259,9 +377,10 @@ def _start_one(
     try:
         process, task_w, result_r = _spawn.start_worker_process(ctx, config)
     except OSError as exc:
-        control.sendall(_REPLY.pack(-(exc.errno or 1)))
+        control.sendall(_REPLY.pack(config.slot, -(exc.errno or 1)))
         return
     workers[process.sentinel] = process
-    socket.send_fds(control, [_REPLY.pack(process.pid)], [task_w.fileno(), result_r.fileno()])
+    reply = _REPLY.pack(config.slot, process.pid)
+    socket.send_fds(control, [reply], [task_w.fileno(), result_r.fileno()])
     task_w.close()
     result_r.close()
