@@ -37,7 +37,12 @@ def pattern(size: int, seed: int) -> bytes:
 
 def several(size: int) -> tuple[bytes, bytearray, list[bytes], dict[str, bytes]]:
     """A result holding large buffers at the depths that travel out of band."""
-    return pattern(size, 1), bytearray(pattern(size, 2)), [pattern(size, 3)], {"k": pattern(size, 4)}
+    return (
+        pattern(size, 1),
+        bytearray(pattern(size, 2)),
+        [pattern(size, 3)],
+        {"k": pattern(size, 4)},
+    )
 
 
 def block_then_echo(gate: str, started: str, value: Any) -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 from concurrent.futures import wait
 from pathlib import Path
@@ -177,7 +176,9 @@ def test_a_worker_killed_with_payloads_queued_resolves_every_future(
 
 def test_cloudpickle_serializer_sends_large_buffers(ctx: object, transfer: str) -> None:
     pool = duckpool.ProcessPoolExecutor(
-        2, mp_context=ctx, serializer="cloudpickle"  # type: ignore[arg-type]
+        2,
+        mp_context=ctx,
+        serializer="cloudpickle",  # type: ignore[arg-type]
     )
     try:
         data = tasks.pattern(3 * THRESHOLD, 9)
@@ -261,13 +262,20 @@ def test_encode_and_decode_agree_inline_and_in_an_area() -> None:
 
     shared = mmap.mmap(-1, 1 << 20)
     region = _buffers.Region(shared, memoryview(shared), 0)
-    buffers = [(0, memoryview(b"a" * 100)), (_buffers.WRITABLE, memoryview(b"b" * 70))]
-    for target in (None, region):
+    big, small = b"a" * THRESHOLD, b"b" * 70
+    cases = [
+        ([(0, memoryview(big)), (_buffers.WRITABLE, memoryview(small))], region, True),
+        ([(0, memoryview(big)), (_buffers.WRITABLE, memoryview(small))], None, False),
+        ([(_buffers.WRITABLE, memoryview(small))], region, False),  # too small to be worth it
+    ]
+    for buffers, target, in_area in cases:
         parts, taken = _buffers.encode(b"PICKLE", buffers, target)
-        assert (taken > 0) == (target is not None)
+        assert (taken > 0) == in_area
         body = memoryview(b"".join(bytes(part) for part in parts))
         received, used = _buffers.decode(body, None if target is None else region.view)
-        assert used == (target is not None)
+        assert used == in_area
         assert bytes(received.pickle) == b"PICKLE"
-        assert received.buffers == [b"a" * 100, bytearray(b"b" * 70)]
-        assert [type(b) for b in received.buffers] == [bytes, bytearray]
+        assert received.buffers == [bytes(view) for _, view in buffers]
+        assert [type(b) for b in received.buffers] == [
+            bytearray if flags & _buffers.WRITABLE else bytes for flags, _ in buffers
+        ]

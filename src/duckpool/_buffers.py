@@ -90,7 +90,7 @@ def _rebuild_memoryview(buffer: Any, fmt: str, shape: tuple[int, ...]) -> memory
     view = memoryview(buffer)
     if fmt == "B" and len(shape) == 1:
         return view
-    return view.cast("B").cast(fmt, shape)
+    return view.cast("B").cast(fmt, shape)  # type: ignore[call-overload,no-any-return]
 
 
 class _Bytes:
@@ -186,18 +186,14 @@ def wrap_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
 def dumps(
     dump: Callable[..., bytes], obj: Any, protocol: int = pickle.HIGHEST_PROTOCOL
 ) -> tuple[bytes, list[pickle.PickleBuffer]]:
-    """Pickle ``obj`` with ``dump``; return the pickle and its out-of-band buffers."""
+    """Pickle ``obj`` with ``dump``; return the pickle and its out-of-band buffers.
+
+    Every ``PickleBuffer`` goes out of band, small ones too (a size test
+    per buffer would cost every call more than the rare small one saves);
+    ``encode`` sends small ones inline.
+    """
     buffers: list[pickle.PickleBuffer] = []
-
-    def keep(buffer: pickle.PickleBuffer) -> Any:
-        # A true value keeps the buffer in the pickle.
-        with memoryview(buffer) as view:
-            if view.nbytes < OUT_OF_BAND_BYTES or not view.contiguous:
-                return True
-        buffers.append(buffer)
-        return None
-
-    return dump(obj, protocol, buffer_callback=keep), buffers
+    return dump(obj, protocol, buffer_callback=buffers.append), buffers
 
 
 def outgoing(buffers: list[pickle.PickleBuffer], snapshot: bool) -> list[tuple[int, memoryview]]:
@@ -246,15 +242,17 @@ def encode(
     """The body of a frame carrying ``buffers``: a list of parts to write.
 
     The buffers go into ``region`` (the receiver's) if it has room for them
-    all, else inline.  Returns the parts and the bytes taken in the region
-    (0: none; the region must be told ``release`` once the receiver is done).
+    all and they are large enough to be worth it, else inline.  Returns the
+    parts and the bytes taken in the region (0: none; the region must be told
+    ``release`` once the receiver is done).
     """
     offset = -1
     taken = 0
     if region is not None:
         for _, view in buffers:
             taken += -(-view.nbytes // _ALIGN) * _ALIGN
-        offset = region.take(taken)
+        if taken >= OUT_OF_BAND_BYTES:
+            offset = region.take(taken)
     head = bytearray(_HEAD.pack(len(buffers), len(pickle_data)))
     parts: list[Any] = [head, pickle_data]
     if offset >= 0:

@@ -845,7 +845,7 @@ class PoolCore:
             slot.releases_sent = slot.results_copied
             data = [_worker.release_frame(slot.results_copied), *_as_parts(data)]
         if slot.retiring and not slot.stop_sent:
-            if type(data) is list:
+            if isinstance(data, list):
                 data.append(_worker.wire(b""))
             else:
                 data += _worker.wire(b"")
@@ -856,7 +856,7 @@ class PoolCore:
         fd = slot.task_conn.fileno()
         rest: list[memoryview]
         try:
-            if type(data) is list:
+            if isinstance(data, list):
                 rest = _write_parts(fd, [memoryview(part) for part in data])
             else:
                 written = os.write(fd, data)
@@ -1338,13 +1338,14 @@ class PoolCore:
                     status &= ~_worker.STATUS_BUFFERS
                     payload = self._copy_buffers(slot, payload)
                 if status == _worker.STATUS_INIT_FAILED:
-                    return payload
+                    return view[_worker.RESULT_HEADER_BYTES :]
                 if status == _worker.STATUS_READY:
                     slot.ready = True
                     slot.head_since = now
                     self.startup_deaths = 0
-                    if payload and slot.process is not None and _buffers.SHARED_AREA:
-                        slot.area = _buffers.attach_area(slot.process.pid, payload)
+                    pid = None if slot.process is None else slot.process.pid
+                    if payload and pid is not None and _buffers.SHARED_AREA:
+                        slot.area = _buffers.attach_area(pid, payload)
                         if slot.area is not None:
                             slot.releases_sent = -1  # the next write says it is mapped
                     continue
@@ -1914,7 +1915,7 @@ _CRASH_SIGNALS = frozenset(
 
 
 def _as_parts(data: _worker.Frames) -> list[Any]:
-    return data if type(data) is list else [data]
+    return data if isinstance(data, list) else [data]
 
 
 def _write_parts(fd: int, views: list[memoryview]) -> list[memoryview]:

@@ -122,7 +122,7 @@ def task_frame(task_id: int, payload: bytes) -> bytes:
 
 def write_all(fd: int, data: Frames) -> None:
     """Write all of ``data`` to a blocking pipe."""
-    if type(data) is list:
+    if isinstance(data, list):
         write_parts(fd, data)
         return
     view = memoryview(data)
@@ -152,6 +152,9 @@ def skip_written(views: list[memoryview], written: int) -> list[memoryview]:
         rest[0] = rest[0][written:]
     return rest
 
+
+#: Result types pickled as they are: the most common, and never a buffer.
+_PLAIN_RESULTS = frozenset((int, float, str, bool, type(None)))
 
 #: The most parts one writev() takes (Linux's IOV_MAX).
 IOV_MAX = 1024
@@ -611,7 +614,10 @@ def _run_one(
     finally:
         del fn, args, kwargs
     try:
-        payload, buffers = _buffers.dumps(dumps, _buffers.wrap(result), protocol)
+        if type(result) in _PLAIN_RESULTS:  # nothing out of band, surely
+            payload, buffers = dumps(result, protocol), None
+        else:
+            payload, buffers = _buffers.dumps(dumps, _buffers.wrap(result), protocol)
     except BaseException as exc:
         send(encode_result(task_id, STATUS_ERROR, dump_exception(exc)))
         return True
