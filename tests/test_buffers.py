@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 from concurrent.futures import wait
 from pathlib import Path
@@ -96,6 +97,19 @@ def test_buffers_inside_arguments_and_results(executor: duckpool.ProcessPoolExec
     assert executor.submit(tasks.echo, args).result(TIMEOUT) == args
     got = executor.submit(tasks.describe, value=expected[1]).result(TIMEOUT)
     assert got[:2] == ("bytearray", size)
+
+
+def test_an_unpicklable_argument_beside_buffers_is_named(
+    executor: duckpool.ProcessPoolExecutor,
+) -> None:
+    future = executor.submit(tasks.echo, memoryview(b"x" * THRESHOLD), lambda: None)
+    with pytest.raises(pickle.PicklingError, match=r"argument 1 \(<function"):
+        future.result(TIMEOUT)
+
+
+def test_map_sends_large_items(executor: duckpool.ProcessPoolExecutor) -> None:
+    payloads = [tasks.pattern(THRESHOLD + i, i) for i in range(12)]
+    assert list(executor.map(tasks.echo, payloads, timeout=TIMEOUT, chunksize=4)) == payloads
 
 
 def test_many_payloads_in_flight_each_come_back_as_sent(
@@ -218,6 +232,27 @@ def test_numpy_arrays_round_trip(executor: duckpool.ProcessPoolExecutor) -> None
 # --- the pieces -------------------------------------------------------------
 
 
+@pytest.mark.parametrize("container", [lambda b: b, lambda b: (1, b), lambda b: {"k": [b]}])
+def test_large_buffers_leave_the_pickle(container: Any) -> None:
+    data = tasks.pattern(THRESHOLD, 1)
+    for value in (data, bytearray(data), memoryview(data)):
+        wrapped = _buffers.wrap(container(value), depth=2)
+        stream, buffers = _buffers.dumps(pickle.dumps, wrapped)
+        assert len(stream) < 200
+        assert [bytes(buffer.raw()) for buffer in buffers] == [data]
+        back = pickle.loads(stream, buffers=[bytes(b.raw()) for b in buffers])
+        assert back == container(value)
+    small = tasks.pattern(THRESHOLD - 1, 1)
+    stream, buffers = _buffers.dumps(pickle.dumps, _buffers.wrap(container(small), depth=2))
+    assert not buffers and len(stream) > THRESHOLD
+
+
+def test_calls_with_nothing_to_wrap_are_left_alone() -> None:
+    args, kwargs = (1, "a", [2, 3]), {"k": None}
+    assert _buffers.wrap_call(args, kwargs) == (args, kwargs)
+    assert _buffers.wrap_call(args, kwargs)[0] is args
+
+
 def test_region_reuses_space_in_the_order_it_was_taken() -> None:
     import mmap
 
@@ -279,3 +314,19 @@ def test_encode_and_decode_agree_inline_and_in_an_area() -> None:
         assert [type(b) for b in received.buffers] == [
             bytearray if flags & _buffers.WRITABLE else bytes for flags, _ in buffers
         ]
+
+
+def test_a_region_gives_back_memory_past_what_it_keeps() -> None:
+    area, offer = _buffers.create_area()
+    if area is None:
+        pytest.skip("no memfd here")
+    fd = _buffers._AREA_OFFER.unpack(offer)[0]
+    try:
+        size = 3 * _buffers._KEEP_BYTES
+        offset = area.calls.take(size)
+        area.calls.view[offset : offset + size] = b"\1" * size
+        assert os.fstat(fd).st_blocks * 512 >= size
+        area.calls.release()
+        assert os.fstat(fd).st_blocks * 512 <= _buffers._KEEP_BYTES
+    finally:
+        os.close(fd)

@@ -118,7 +118,12 @@ class _ByteArray:
 
 
 class _MemoryView:
-    """Pickles a ``memoryview`` as its bytes, format and shape."""
+    """Pickles a ``memoryview`` as a copy of its bytes, its format and shape.
+
+    Never as a ``PickleBuffer`` of the view itself: a view with a buffer
+    exported from it, caught in a reference cycle (a traceback's frames),
+    crashes the garbage collector before Python 3.13.
+    """
 
     __slots__ = ("obj",)
 
@@ -127,9 +132,7 @@ class _MemoryView:
 
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
         view = self.obj
-        data: Any = view if view.c_contiguous else view.tobytes()
-        if not view.readonly and not view.c_contiguous:
-            data = bytearray(data)
+        data = bytes(view) if view.readonly else bytearray(view)  # in C order
         return (_rebuild_memoryview, (_PickleBuffer(data), view.format, view.shape))
 
 
@@ -171,15 +174,16 @@ def wrap(obj: Any, depth: int = 1) -> Any:
 
 
 def wrap_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
-    """``args`` and ``kwargs`` with large buffers wrapped (see ``wrap``), two
-    levels down; the same objects, cheaply, when none can be there."""
+    """``args`` and ``kwargs`` with large buffers wrapped (see ``wrap``): an
+    argument, its items and theirs (so ``map``'s chunks of argument tuples
+    too); the same objects, cheaply, when none can be there."""
     scanned = _SCANNED_TYPES
     for arg in args:
         if type(arg) in scanned:
-            return wrap(args, 2), wrap(kwargs, 2)
+            return wrap(args, 3), wrap(kwargs, 3)
     for arg in kwargs.values():
         if type(arg) in scanned:
-            return args, wrap(kwargs, 2)
+            return args, wrap(kwargs, 3)
     return args, kwargs
 
 
@@ -193,7 +197,12 @@ def dumps(
     ``encode`` sends small ones inline.
     """
     buffers: list[pickle.PickleBuffer] = []
-    return dump(obj, protocol, buffer_callback=buffers.append), buffers
+    try:
+        return dump(obj, protocol, buffer_callback=buffers.append), buffers
+    except BaseException:
+        # Not kept alive by the traceback's frames (see _MemoryView).
+        buffers.clear()
+        raise
 
 
 def outgoing(buffers: list[pickle.PickleBuffer], snapshot: bool) -> list[tuple[int, memoryview]]:

@@ -3,19 +3,24 @@
 Data flow::
 
     submit() [any thread]                          worker slot i (a process)
-      |  pickles (fn, args, kwargs) at once           |
+      |  pickles (fn, args, kwargs) at once,          |
+      |  large buffers kept beside the pickle         |
       |  lock held:                                   |
       |   idle slot? --task frame--> task pipe i -->  | mark "took up task N",
       |   else -> _PoolCore.pending (deque)           | run it, answer
-      |                                               v
+      |     large buffers --copied--> area i, calls   |  (copies buffers out)
+      |     (or inline in the frame, if no room)      v
       |                       result pipe i <-- result frame (task id, status)
       |                                     and log frames (records logged there)
+      |                area i, results <--copied-- a result's large buffers
       v
     _PoolCore.dispatch_loop [one thread per pool]
       waits on: wakeup pipe, every result pipe, every process sentinel,
                 and the nearest task deadline
-      result frame -> pop the slot's head item, resolve its future,
-                      refill the slot from pending
+      result frame -> copy its buffers out of area i (the next write to
+                      task pipe i says so: a release frame), pop the slot's
+                      head item (its calls space is free), resolve its
+                      future, refill the slot from pending
       log frame    -> no item popped; the record goes to the parent's logger
                       of its name in its place among the resolutions, after
                       the lock (_logs.handle_forwarded)
@@ -57,6 +62,12 @@ a helping caller has paused in its selector (``_Slot.assist``); frames are
 read and booked under the slot's ``read_lock``, so they are taken in order
 whoever reads them.  Writes to task pipes happen under ``_PoolCore.lock``,
 from submit() or the dispatcher.
+
+Area i is a memfd worker i creates and offers in its READY frame; the parent
+maps it (``_buffers``), so no name in ``/dev/shm`` can outlive a killed
+worker.  The parent writes only the calls region and the worker only the
+results region; a space is reused only after a pipe message says its reader
+is done.
 """
 
 from __future__ import annotations
@@ -192,7 +203,7 @@ class WorkItem:
         self.future = future
         self.task_id = task_id
         #: The task as written to the worker's pipe (length header included);
-        #: with ``buffers``, only the pickle (see ``PoolCore.frame_parts``).
+        #: with ``buffers``, only the pickle (see ``PoolCore.frames_of``).
         self.frame = frame
         #: The call's out-of-band buffers (``_buffers.outgoing``), if any.
         self.buffers = buffers
@@ -288,9 +299,8 @@ class WorkerProcess(Protocol):
     def close(self) -> None: ...
 
 
-#: A future to resolve from a result frame: the item, the status, the payload.
-#: The item, its status, and its payload: a pickle, or ``_buffers.Received``
-#: (or the exception that decoding its buffers raised).
+#: A future to resolve from a result frame: the item, the status, the payload
+#: (a pickle, or ``_buffers.Received``, or what decoding its buffers raised).
 _Resolution = tuple[WorkItem, int, Any]
 
 #: The item of a log frame's entry among the resolutions: a record, which

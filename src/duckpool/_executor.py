@@ -345,8 +345,8 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         future: Future[_T] = _core.PoolFuture(core)
         task_id = _core.next_task_id()
         try:
-            args, kwargs = _buffers.wrap_call(args, kwargs)
-            payload, buffers = _buffers.dumps(self._dumps, (fn, args, kwargs))
+            call = (fn, *_buffers.wrap_call(args, kwargs))
+            payload, buffers = _buffers.dumps(self._dumps, call)
         except Exception as exc:
             # Failed at once, not raised: code written for the stdlib's
             # executor (and CPython's tests) expects the error from the future.
@@ -377,7 +377,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         parts += [(f"keyword argument {k}={_short_repr(v)}", v) for k, v in kwargs.items()]
         for name, part in parts:
             try:
-                self._dumps(part, pickle.HIGHEST_PROTOCOL)
+                self._dumps(_buffers.wrap(part, 2), pickle.HIGHEST_PROTOCOL)
             except Exception:
                 return name
         return "the call"
