@@ -944,7 +944,7 @@ class PoolCore:
     def send(self, slot: _Slot, item: WorkItem) -> None:
         """Give one item to ``slot``'s worker."""
         if self.assign(slot, item):
-            self.write(slot, self.frames_of(slot, [item]))
+            self.write(slot, item.frame if item.buffers is None else self.frames_of(slot, [item]))
 
     def dispatch_pending(self) -> None:
         """Hand pending items to idle workers, then queue some behind busy ones.
