@@ -15,10 +15,11 @@ a large buffer is kept out of the pickle stream instead, and goes:
 What goes out of band: ``bytes``, ``bytearray`` and ``memoryview`` of at least
 ``OUT_OF_BAND_BYTES``, found among a call's arguments or a result and its
 items (``wrap``; the pickler's ``reducer_override`` never sees these types),
-and anything that pickles to a ``PickleBuffer`` of that size by itself, at
-any depth (numpy arrays).  A ``memoryview`` of any size is sent (the pickle
-module refuses one); it comes back as a view of a ``bytes`` (read-only) or
-``bytearray`` of the same format and shape.
+and anything that pickles to a ``PickleBuffer`` by itself, at any depth
+(numpy arrays; a frame whose buffers are small sends them inline).  A
+``memoryview`` of any size is sent (the pickle module refuses one); it comes
+back as a view of a ``bytes`` (read-only) or ``bytearray`` of the same
+format and shape.
 
 A frame body with buffers (``encode``, ``decode``)::
 
@@ -27,8 +28,9 @@ A frame body with buffers (``encode``, ``decode``)::
 
 Nothing is ever named in ``/dev/shm``: the memfd has no name to leak, and
 its memory goes when the worker and the parent's mapping are gone, whatever
-killed the worker.  Where memfds or ``/proc`` are missing, every buffer goes
-inline.
+killed the worker (a process forked from the parent meanwhile shares the
+mapping, and before Python 3.13 a descriptor of it, until it exits).  Where
+memfds or ``/proc`` are missing, every buffer goes inline.
 
 The worker imports this module: it imports as little as it can.
 """
