@@ -338,10 +338,10 @@ class Region:
             first = spans[0][0]
             last_start, last_end = spans[-1]
             if last_start >= first:  # not wrapped round
-                if last_end + size <= capacity:
+                if size <= first:
+                    offset = 0  # round to the start early: fewer pages touched
+                elif last_end + size <= capacity:
                     offset = last_end
-                elif size <= first:
-                    offset = 0
                 else:
                     return -1
             elif last_end + size <= first:

@@ -1346,7 +1346,7 @@ class PoolCore:
                 payload: Any = view[_worker.RESULT_HEADER_BYTES :]
                 if status & _worker.STATUS_BUFFERS:
                     status &= ~_worker.STATUS_BUFFERS
-                    payload = self._copy_buffers(slot, payload)
+                    payload = _Undecoded(payload)
                 if status == _worker.STATUS_INIT_FAILED:
                     return view[_worker.RESULT_HEADER_BYTES :]
                 if status == _worker.STATUS_READY:
@@ -1391,6 +1391,10 @@ class PoolCore:
                 slot.head_since = now
             if slot.process is not None and not (self.shutdown_requested and not self.pending):
                 self.dispatch_pending()
+            # After the next calls are on their way: the workers need not wait.
+            for index, (item, status, payload) in enumerate(resolved):
+                if type(payload) is _Undecoded:
+                    resolved[index] = (item, status, self._copy_buffers(slot, payload.body))
         return None
 
     def _copy_buffers(self, slot: _Slot, body: memoryview) -> Any:
@@ -1922,6 +1926,15 @@ class PoolCore:
 _CRASH_SIGNALS = frozenset(
     {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT}
 )
+
+
+class _Undecoded:
+    """A result frame's buffers body, booked but not yet copied out."""
+
+    __slots__ = ("body",)
+
+    def __init__(self, body: memoryview) -> None:
+        self.body = body
 
 
 def _as_parts(data: _worker.Frames) -> list[Any]:
