@@ -10,9 +10,11 @@ importable from every worker, whatever the start method:
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import multiprocessing.context
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -131,3 +133,28 @@ def proc_comm(pid: int) -> str:
     """``/proc/<pid>/comm``: the short name ``top`` shows (at most 15 characters)."""
     with open(f"/proc/{pid}/comm") as f:
         return f.read().strip()
+
+
+@contextlib.contextmanager
+def parent_script(
+    script: str, *args: str, timeout: float = 30
+) -> Iterator[tuple[subprocess.Popen[str], list[int]]]:
+    """Run ``script`` as a pool's parent process, in a session of its own.
+
+    The script prints its workers' pids on its first line; yields the
+    process and those pids.  A parent still running on exit is killed.
+    """
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert parent.stdout is not None
+        yield parent, [int(p) for p in parent.stdout.readline().split()]
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.communicate(timeout=timeout)

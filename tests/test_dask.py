@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import io
 import itertools
 import logging
 import multiprocessing
@@ -230,6 +231,16 @@ def test_map_returns_results_in_order(executor: DaskExecutor) -> None:
 def test_map_with_chunks_returns_results_in_order(executor: DaskExecutor) -> None:
     results = executor.map(_tasks.echo, range(10), chunksize=3, timeout=RESULT_TIMEOUT)
     assert list(results) == list(range(10))
+
+
+def test_options_map_and_progress_work_as_on_the_local_pool(executor: DaskExecutor) -> None:
+    typed = executor.options(task_type="reports", timeout=RESULT_TIMEOUT)
+    assert list(typed.map(_tasks.env_value, [ROLE] * 3)) == ["reports"] * 3
+    out = io.StringIO()
+    bar = {"file": out, "mininterval": 0, "miniters": 1}
+    results = executor.map(_tasks.echo, range(7), chunksize=3, progress=bar)
+    assert list(results) == list(range(7))
+    assert "7/7" in out.getvalue().split("\r")[-1]
 
 
 def test_map_buffersize_bounds_the_calls_in_flight(executor: DaskExecutor) -> None:

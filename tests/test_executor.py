@@ -18,7 +18,7 @@ import pytest
 
 import _executor_tasks as tasks
 import duckpool
-from conftest import process_gone, wait_until
+from conftest import parent_script, process_gone, wait_until
 
 TIMEOUT = 30
 
@@ -405,24 +405,11 @@ def test_ctrl_c_stops_the_pool_without_worker_tracebacks(
 ) -> None:
     started = tmp_path / "started"
     started.mkdir()
-    parent = subprocess.Popen(
-        [sys.executable, "-c", CTRL_C_SCRIPT, start_method, str(started)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        assert parent.stdout is not None
-        pids = [int(p) for p in parent.stdout.readline().split()]
+    with parent_script(CTRL_C_SCRIPT, start_method, str(started)) as (parent, pids):
         wait_until(lambda: len(list(started.iterdir())) == 2, TIMEOUT)
         # Ctrl-C reaches the whole foreground process group.
         os.killpg(parent.pid, signal.SIGINT)
         _, stderr = parent.communicate(timeout=TIMEOUT)
-    finally:
-        if parent.poll() is None:
-            parent.kill()
-            parent.wait(TIMEOUT)
     assert "KeyboardInterrupt" in stderr
     assert stderr.count("Traceback") == 1, stderr
     wait_until(lambda: all(process_gone(pid) for pid in pids), TIMEOUT)

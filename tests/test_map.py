@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
 
 import _executor_tasks as tasks
 import duckpool
+from duckpool import _core, _executor, _worker
 
 TIMEOUT = 30
 
@@ -68,5 +70,70 @@ def test_an_automatic_map_with_a_task_timeout_sends_one_call_per_task(ctx: objec
     try:
         assert list(pool.map(tasks.add, range(12), range(12))) == [2 * i for i in range(12)]
         assert pool.stats().completed == 12
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.parametrize("chunksize", [None, 1, 7])
+def test_map_stops_at_the_shortest_iterable_even_an_endless_one(
+    ctx: object, chunksize: int | None
+) -> None:
+    pool = duckpool.ProcessPoolExecutor(2, ctx)  # type: ignore[arg-type]
+    try:
+        results = pool.map(tasks.add, range(50), itertools.count(), chunksize=chunksize)
+        assert list(results) == [2 * i for i in range(50)]
+        assert list(pool.map(tasks.identity, "abc", chunksize=chunksize)) == ["a", "b", "c"]
+        # Lists (sliced when they have one length) and lists of two lengths.
+        evens = [2 * i for i in range(50)]
+        assert list(pool.map(tasks.add, list(range(50)), range(50), chunksize=chunksize)) == evens
+        assert list(pool.map(tasks.add, list(range(50)), list(range(50)))) == evens
+        assert list(pool.map(tasks.add, list(range(50)), list(range(70)))) == evens
+        assert list(pool.map(tasks.identity, list(range(50)), chunksize=chunksize)) == list(
+            range(50)
+        )
+        with pytest.raises(TypeError):
+            pool.map(tasks.identity, 5, chunksize=chunksize)  # type: ignore[arg-type]
+    finally:
+        pool.shutdown()
+
+
+def test_an_automatic_map_caps_the_size_of_its_chunks(ctx: object) -> None:
+    items = 3 * _executor._AUTO_CHUNK_MAX * 4  # a quarter per chunk would be 3x the cap
+    pool = duckpool.ProcessPoolExecutor(1, ctx)  # type: ignore[arg-type]
+    try:
+        assert list(pool.map(tasks.identity, range(items), timeout=TIMEOUT)) == list(range(items))
+        assert pool.stats().completed == items // _executor._AUTO_CHUNK_MAX
+    finally:
+        pool.shutdown()
+
+
+def test_run_items_marks_a_chunk_with_failures_and_keeps_every_place() -> None:
+    assert type(_worker.run_items(divmod, ([7, 8], [2, 3]))) is list
+    results = _worker.run_items(divmod, ([7, 8, 9, 10], [2, 0, 3, 0]))
+    assert type(results) is _worker.PartlyFailed
+    assert results[0] == (3, 1) and results[2] == (3, 0)
+    assert all(isinstance(results[i], _worker.ItemError) for i in (1, 3))
+    error = _core.exception_from_payload(memoryview(results[1].payload))
+    assert isinstance(error, ZeroDivisionError)
+
+
+def test_map_results_read_alike_through_next_and_a_loop_and_stop_when_closed(
+    ctx: object,
+) -> None:
+    pool = duckpool.ProcessPoolExecutor(2, ctx)  # type: ignore[arg-type]
+    try:
+        results = pool.map(tasks.identity, range(100), chunksize=10, timeout=TIMEOUT)
+        assert [next(results) for _ in range(5)] == [0, 1, 2, 3, 4]
+        taken = []
+        for value in results:
+            taken.append(value)
+            if value == 49:
+                break
+        assert taken == list(range(5, 50))
+        assert next(results) == 50
+        results.close()  # type: ignore[attr-defined]
+        assert list(results) == []
+        with pytest.raises(StopIteration):
+            next(results)
     finally:
         pool.shutdown()

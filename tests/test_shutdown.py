@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import CancelledError
 from concurrent.futures.process import BrokenProcessPool
@@ -15,7 +13,7 @@ import pytest
 
 import _executor_tasks as tasks
 import duckpool
-from conftest import process_gone, wait_until
+from conftest import parent_script, process_gone, wait_until
 
 TIMEOUT = 30
 
@@ -134,23 +132,10 @@ finally:
 def test_the_signal_helper_drains_then_lets_the_signal_act(
     start_method: str, tmp_path: Path, signum: int
 ) -> None:
-    parent = subprocess.Popen(
-        [sys.executable, "-c", SIGNAL_SCRIPT, start_method, str(tmp_path), "0.3"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        assert parent.stdout is not None
-        pids = [int(p) for p in parent.stdout.readline().split()]
+    with parent_script(SIGNAL_SCRIPT, start_method, str(tmp_path), "0.3") as (parent, pids):
         wait_until((tmp_path / "started").exists, TIMEOUT)
         os.kill(parent.pid, signum)
         stdout, stderr = parent.communicate(timeout=TIMEOUT)
-    finally:
-        if parent.poll() is None:
-            parent.kill()
-            parent.wait(TIMEOUT)
     if signum == signal.SIGINT:
         # KeyboardInterrupt after the drain: the finally block saw the task's end.
         assert "outcome WorkerDiedError" in stdout, stderr

@@ -15,9 +15,14 @@ The public API is the Duck framework's process-pool system
 "duckpool[dask]"``); ``distributed`` is imported only when one is created.
 """
 
-from typing import TYPE_CHECKING, Any
+from __future__ import annotations
 
+# Not typing's TYPE_CHECKING: a spawned worker imports this package, and
+# importing typing would add to every worker's start.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from duckpool._dask import DaskExecutor
     from duckpool._errors import (
         InheritedManagerError,

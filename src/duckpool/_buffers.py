@@ -43,7 +43,12 @@ import pickle
 import struct
 import sys
 from collections import deque
-from typing import Any, Callable, Optional
+
+# typing is not imported at run time: a spawned worker imports this module,
+# and annotations are not evaluated (``from __future__``).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable, Optional
 
 #: The parent maps the shared areas workers offer (tests turn it off to
 #: send every buffer inline).

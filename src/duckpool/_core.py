@@ -20,15 +20,25 @@ Data flow::
       result frame -> copy its buffers out of area i (the next write to
                       task pipe i says so: a release frame), pop the slot's
                       head item (its calls space is free), resolve its
-                      future, refill the slot from pending
+                      future, refill the slot from pending (behind a busy
+                      worker's current task, a few short tasks or one map
+                      chunk may wait in its pipe: see can_prefetch)
       log frame    -> no item popped; the record goes to the parent's logger
                       of its name in its place among the resolutions, after
                       the lock (_logs.handle_forwarded)
       sentinel     -> read what the pipe still holds; the dead worker's head
                       item fails with WorkerDiedError (pid, exit code, signal)
                       if the worker had taken it up; everything else it held
-                      goes back to the front of pending; a replacement
-                      starts in the same slot
+                      goes back to the front of pending; the slot's successor
+                      takes the slot, or a replacement starts in it
+      successor    -> with max_tasks_per_child, once a slot's ready worker
+                      has been sent half its quota, the dispatcher starts the
+                      slot's next worker ahead of time (_Slot.successor): it
+                      starts up while the worker works and is nothing but a
+                      watched sentinel (its pipes unread) until the slot is
+                      free; if it dies first, another starts (its initializer
+                      failing breaks the pool); shutdown, kill and resize
+                      stop it (PoolCore.leaving until reaped)
       deadline     -> the head item overran its timeout: SIGTERM its worker,
                       SIGKILL after a short grace; the item fails with
                       TaskTimeoutError when the worker is gone
@@ -178,6 +188,7 @@ class WorkItem:
 
     __slots__ = (
         "buffers",
+        "chunk",
         "fn",
         "frame",
         "future",
@@ -198,6 +209,7 @@ class WorkItem:
         fn: object,
         timeout: Optional[float],
         kind: Optional[str] = None,
+        chunk: bool = False,
         buffers: Optional[list[tuple[int, memoryview]]] = None,
     ) -> None:
         self.future = future
@@ -220,6 +232,8 @@ class WorkItem:
         self.started = False
         #: The task type, for per-type concurrency caps (``type_limits``).
         self.kind = kind
+        #: A chunk of a ``map``: one may wait in a worker's pipe behind another.
+        self.chunk = chunk
         self.submitted = time.monotonic()
 
     @property
@@ -358,6 +372,7 @@ class _Slot:
         "retiring",
         "stop_sent",
         "stopping",
+        "successor",
         "task_conn",
         "tasks_done",
         "tasks_sent",
@@ -410,6 +425,9 @@ class _Slot:
         #: Why the worker is being killed because its result stream is not to
         #: be trusted (see PoolCore._poison).
         self.poisoned: Optional[WorkerDiedError] = None
+        #: A process started ahead of time to take this slot when its worker
+        #: leaves (see PoolCore.start_successors); not a worker until then.
+        self.successor: Optional[_Spare] = None
 
     @property
     def alive(self) -> bool:
@@ -431,6 +449,31 @@ class _Slot:
         self.last_service = float("inf")
         self.stopping = None
         self.poisoned = None
+
+
+class _Spare:
+    """A worker process that fills no slot: a successor started ahead of time
+    for ``slot``, or one being let go (its successor role ended unused).
+
+    Nothing reads its result pipe and nothing is written to its task pipe
+    but the stop frame: it takes no task, so it never writes the shared marks.
+    Its frames (ready, initializer failure, log records) wait in its pipe for
+    the slot's reader once it takes the slot.
+    """
+
+    __slots__ = ("process", "result_conn", "slot", "task_conn")
+
+    def __init__(
+        self,
+        slot: _Slot,
+        process: WorkerProcess,
+        task_conn: mp_connection.Connection,
+        result_conn: mp_connection.Connection,
+    ) -> None:
+        self.slot = slot
+        self.process = process
+        self.task_conn = task_conn
+        self.result_conn = result_conn
 
 
 class _Counters:
@@ -539,6 +582,12 @@ class _Writable(NamedTuple):
     slot: _Slot
 
 
+class _SpareExit(NamedTuple):
+    """The tag of a spare process's sentinel."""
+
+    spare: _Spare
+
+
 _MISSING = object()
 _WAKEUP = object()
 _ZYGOTE_NOTICES = object()
@@ -611,7 +660,14 @@ class PoolCore:
         #: Shared with the workers: per slot, the id of the task it took up
         #: (cells 0..n-1), and an id it must skip (cells n..2n-1).
         self.marks: Any = None
+        #: What holds ``marks`` and is sent to the workers (``_worker.new_marks``).
+        self.shared_marks: Any = None
         self.startup_deaths = 0
+        #: Spare processes let go unused (a successor no longer wanted), until
+        #: they have exited and been reaped.
+        self.leaving: list[_Spare] = []
+        #: Spare processes whose exit the dispatcher has seen, to settle.
+        self.spare_exits: list[_Spare] = []
         #: Results read but not yet given to their futures (dispatcher only).
         self.deferred: list[_Resolution] = []
         #: Results a helping thread booked but could not resolve (lock held).
@@ -719,7 +775,8 @@ class PoolCore:
             return
         settings = self.settings
         if self.marks is None:
-            self.marks = settings.context.RawArray("Q", 2 * self.capacity)
+            self.shared_marks = _worker.new_marks(settings.context, 2 * self.capacity)
+            self.marks = _worker.marks_array(self.shared_marks)
         if settings.forward_logs and self.log_levels is None:
             self.log_levels = _logs.level_snapshot()
         if settings.context.get_start_method() == "fork" and self.zygote is None:
@@ -759,33 +816,47 @@ class PoolCore:
             parent_pid=self.owner_pid,
             initializer=settings.initializer,
             initargs=settings.initargs,
-            marks=self.marks,
+            marks=self.shared_marks,
             max_memory=settings.max_memory_per_child,
             serializer=settings.serializer,
             log_levels=self.log_levels,
             pool_id=settings.pool_id,
         )
 
-    def start_worker(self, slot: _Slot) -> None:
-        """Start a process in ``slot``: through the zygote under fork, else directly."""
+    def launch(self, slot_index: int) -> tuple[WorkerProcess, Any, Any]:
+        """Start a worker process for ``slot_index``: through the zygote under
+        fork, else directly.  Returns it with the parent's (non-blocking)
+        ends of its task and result pipes."""
         # SIGINT stays blocked in the new process until the worker has set its
         # own handler: a Ctrl-C during start-up must not print a traceback.
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             if self.zygote is not None:
-                process, task_w, result_r = self.zygote.start_worker(slot.index)
+                process, task_w, result_r = self.zygote.start_worker(slot_index)
             else:
                 process, task_w, result_r = _spawn.start_worker_process(
-                    self.settings.context, self.worker_config(slot.index)
+                    self.settings.context, self.worker_config(slot_index)
                 )
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        slot.task_conn = task_w
         # Writes never block the thread (submit, the dispatcher): what a full
         # pipe does not take waits in the slot's outbox.
         os.set_blocking(task_w.fileno(), False)
-        slot.result_conn = result_r
         os.set_blocking(result_r.fileno(), False)
+        return process, task_w, result_r
+
+    def start_worker(self, slot: _Slot) -> None:
+        """Fill ``slot`` with its successor if it has one, else a new process."""
+        spare = slot.successor
+        if spare is not None:
+            slot.successor = None
+            self.unwatch_spare(spare)
+            process: WorkerProcess = spare.process
+            task_w, result_r = spare.task_conn, spare.result_conn
+        else:
+            process, task_w, result_r = self.launch(slot.index)
+        slot.task_conn = task_w
+        slot.result_conn = result_r
         slot.reader = _worker.FrameReader(result_r.fileno())
         self.selector.register(result_r, (True, slot))
         if process.sentinel is not None:
@@ -798,6 +869,67 @@ class PoolCore:
         if slot.outbox:  # what it took while reserved
             self.flush(slot)
 
+    def wants_successor(self, slot: _Slot) -> bool:
+        """Should a successor start for ``slot`` now? (lock held)
+
+        With ``max_tasks_per_child``, once a ready worker has been sent half
+        its quota: its replacement then starts while it works, instead of
+        after it has exited, and takes the slot as soon as it leaves.
+        """
+        limit = self.settings.max_tasks_per_child
+        return (
+            limit is not None
+            and slot.successor is None
+            and slot.process is not None
+            and slot.ready
+            and 2 * slot.tasks_sent >= limit
+            and slot.stopping is None
+            and slot.poisoned is None
+            and slot.index < self.size
+        )
+
+    def start_successors(self) -> Optional[BaseException]:
+        """Start the successors that are due (lock held); return a start error."""
+        if (
+            self.shutdown_requested
+            or self.broken is not None
+            or self.kill_requested is not None
+            or self.initializer_error is not None
+        ):
+            return None
+        for slot in self.slots:
+            if self.wants_successor(slot):
+                try:
+                    process, task_w, result_r = self.launch(slot.index)
+                except Exception as exc:
+                    return exc
+                spare = slot.successor = _Spare(slot, process, task_w, result_r)
+                if process.sentinel is not None:
+                    self.selector.register(process.sentinel, _SpareExit(spare))
+        return None
+
+    def unwatch_spare(self, spare: _Spare) -> None:
+        sentinel = spare.process.sentinel
+        if sentinel is not None:
+            self.selector.unregister(sentinel)
+
+    def let_go(self, spare: _Spare) -> None:
+        """Stop a successor that will not be used (lock held); reaped on its exit."""
+        if spare.slot.successor is spare:
+            spare.slot.successor = None
+        if spare in self.leaving:
+            return
+        try:  # read once the successor is ready; EAGAIN: the pipe is empty by then
+            os.write(spare.task_conn.fileno(), _worker.wire(b""))
+        except OSError:
+            pass
+        self.leaving.append(spare)
+
+    def spares(self) -> list[_Spare]:
+        """Every spare process: successors and those leaving (lock held)."""
+        successors = [slot.successor for slot in self.slots if slot.successor is not None]
+        return successors + self.leaving
+
     def is_idle(self, slot: _Slot) -> bool:
         return (
             (slot.process is not None or slot.reserved)
@@ -808,14 +940,25 @@ class PoolCore:
         )
 
     def can_prefetch(self, slot: _Slot, item: WorkItem, now: float) -> bool:
-        """May ``item`` queue in the pipe of ``slot``'s busy worker?"""
+        """May ``item`` queue in the pipe of ``slot``'s busy worker?
+
+        Behind short tasks, a few; a ``map`` chunk, behind one other chunk
+        whatever its length (the worker then never waits for the next one,
+        and a map's chunks are alike, so none waits long behind another).
+        """
+        if (
+            slot.process is None
+            or slot.index >= self.size
+            or self.settings.type_limits is not None
+            or slot.retiring
+            or slot.stopping is not None
+        ):
+            return False
+        assigned = slot.assigned
+        if item.chunk and len(assigned) == 1 and assigned[0].chunk:
+            return True
         return (
-            slot.process is not None
-            and slot.index < self.size
-            and self.settings.type_limits is None
-            and not slot.retiring
-            and slot.stopping is None
-            and len(slot.assigned) < _PREFETCH
+            len(assigned) < _PREFETCH
             and slot.queued_bytes + item.size <= _PREFETCH_BYTES
             and slot.last_service < _PREFETCH_BEHIND_SECONDS
             and now - slot.head_since < _PREFETCH_BEHIND_SECONDS
@@ -838,9 +981,17 @@ class PoolCore:
         slot.queued_bytes += item.size
         slot.tasks_sent += 1
         limit = self.settings.max_tasks_per_child
-        if limit is not None and slot.tasks_sent >= limit:
-            slot.retiring = True  # the worker is told to exit after this item
+        if limit is not None:
+            if slot.tasks_sent >= limit:
+                slot.retiring = True  # the worker is told to exit after this item
+            self.wake_for_successor(slot)
         return True
+
+    def wake_for_successor(self, slot: _Slot) -> None:
+        """Have the dispatcher start ``slot``'s successor if one is due now
+        (lock held): it may be asleep while callers read results themselves."""
+        if self.wants_successor(slot) and threading.current_thread() is not self.thread:
+            self.wake()
 
     def write(self, slot: _Slot, data: _worker.Frames) -> None:
         """Write task frames to ``slot``'s worker (and the stop frame, if due).
@@ -1067,6 +1218,8 @@ class PoolCore:
         if size > len(self.slots):
             self.slots = self.slots + [_Slot(i) for i in range(len(self.slots), size)]
         for slot in self.slots:
+            if slot.index >= size and slot.successor is not None:
+                self.let_go(slot.successor)
             if slot.index >= size and slot.process is not None and not slot.stop_sent:
                 # Told to exit after what it holds (at once if idle).
                 slot.retiring = True
@@ -1082,6 +1235,9 @@ class PoolCore:
         end = len(slots)
         while end > self.size and slots[end - 1].process is None:
             end -= 1
+            successor = slots[end].successor
+            if successor is not None:
+                self.let_go(successor)
         if end < len(slots):
             self.slots = slots[:end]
 
@@ -1154,6 +1310,9 @@ class PoolCore:
                     with self.lock:
                         self.flush(tag.slot)
                     continue
+                if type(tag) is _SpareExit:
+                    self.spare_exits.append(tag.spare)
+                    continue
                 is_result, slot = tag
                 if is_result:
                     self.on_results(slot, deferred)
@@ -1163,6 +1322,8 @@ class PoolCore:
                 self.resolve_all(deferred)  # results come before the deaths
             for slot in exited:
                 self.on_worker_exit(slot)
+            while self.spare_exits:
+                self.on_spare_exit(self.spare_exits.pop())
             if self.kill_requested is not None:
                 self.kill_all_workers(self.kill_requested)
             start_error: Optional[BaseException] = None
@@ -1174,6 +1335,8 @@ class PoolCore:
                 ):
                     start_error = self.refill_slots()
                     self.dispatch_pending()
+                    if start_error is None:
+                        start_error = self.start_successors()
                 done = (
                     self.shutdown_requested
                     and not self.pending
@@ -1193,6 +1356,7 @@ class PoolCore:
         exited_children = zygote.read_notices()
         with self.lock:
             exited = [s for s in self.slots if s.process in exited_children]
+            self.spare_exits.extend(s for s in self.spares() if s.process in exited_children)
         if zygote_died:
             self.selector.unregister(zygote.sentinel)
             self.selector.unregister(zygote.notices_fd)
@@ -1358,6 +1522,7 @@ class PoolCore:
                         slot.area = _buffers.attach_area(pid, payload)
                         if slot.area is not None:
                             slot.releases_sent = -1  # the next write says it is mapped
+                    self.wake_for_successor(slot)
                     continue
                 if status == _worker.STATUS_LOG:
                     # Emitted in its place among the results, with no lock held.
@@ -1694,6 +1859,68 @@ class PoolCore:
             slot=slot.index,
         )
 
+    def on_spare_exit(self, spare: _Spare) -> None:
+        """A spare process exited: reap it; a successor that died unused is
+        replaced later (``start_successors``), unless it died of its initializer."""
+        spare.process.join(KILL_GRACE_SECONDS)
+        exitcode = spare.process.exitcode
+        init_failure: Optional[memoryview] = None
+        records: list[_Resolution] = []
+        with self.lock:
+            if spare in self.leaving:
+                self.leaving.remove(spare)
+            elif spare.slot.successor is spare:
+                spare.slot.successor = None
+                # What it said before it died: an initializer failure breaks
+                # the pool, as in a worker; its log records are forwarded.
+                frames, _ = _worker.FrameReader(spare.result_conn.fileno()).read_available()
+                for frame in frames:
+                    view = memoryview(frame)
+                    status = view[_worker.TASK_ID_BYTES]
+                    payload = view[_worker.RESULT_HEADER_BYTES :]
+                    if status == _worker.STATUS_INIT_FAILED:
+                        init_failure = payload
+                    elif status == _worker.STATUS_LOG:
+                        records.append((_LOG_RECORD_ITEM, status, payload))
+                if not self.shutdown_requested and self.kill_requested is None:
+                    if exitcode != 0:
+                        self.counters.worker_deaths += 1
+                    if _self_inflicted(exitcode) and init_failure is None:
+                        self.startup_deaths += 1
+            else:
+                return  # already closed (the pool stopped it)
+            self.close_spare(spare)
+            give_up = self.startup_deaths >= _MAX_STARTUP_DEATHS
+        self.resolve_all(records)
+        if init_failure is not None:
+            self.on_initializer_failure(init_failure)
+            cause = self.initializer_error
+            self.mark_broken(f"a worker's initializer failed: {cause!r}; the pool is broken", cause)
+        elif give_up:
+            self.mark_broken(
+                f"{_MAX_STARTUP_DEATHS} worker processes in a row died before they were "
+                f"ready (the last {describe_exit(exitcode)}); the pool is broken",
+                None,
+            )
+
+    def close_spare(self, spare: _Spare) -> None:
+        """Stop watching a spare process and close its pipes (lock held)."""
+        self.unwatch_spare(spare)
+        for conn in (spare.task_conn, spare.result_conn):
+            try:
+                conn.close()
+            except OSError:
+                pass
+        if isinstance(spare.process, _zygote.ZygoteChild):
+            spare.process.close()
+
+    def close_spares(self, spares: list[_Spare]) -> None:
+        """Close spare processes that were reaped (lock held)."""
+        for spare in spares:
+            if spare in self.leaving:
+                self.leaving.remove(spare)
+                self.close_spare(spare)
+
     def close_slot(self, slot: _Slot) -> None:
         """Forget the slot's process and close its pipes (lock held)."""
         process = slot.process
@@ -1737,10 +1964,14 @@ class PoolCore:
                         except OSError:
                             pass
                     processes.append(slot.process)
-        _reap(processes, grace)
+                if slot.successor is not None:
+                    self.let_go(slot.successor)
+            spares = list(self.leaving)
+        _reap(processes + [spare.process for spare in spares], grace)
         with self.lock:
             for slot in self.slots:
                 self.close_slot(slot)
+            self.close_spares(spares)
 
     def kill_all_workers(self, signum: int = signal.SIGKILL) -> None:
         """Signal every worker, then settle their items as worker deaths.
@@ -1750,7 +1981,11 @@ class PoolCore:
         """
         with self.lock:
             live = [s for s in self.slots if s.process is not None]
+            spares = self.spares()
+            for spare in spares:
+                self.let_go(spare)
         processes = [slot.process for slot in live if slot.process is not None]
+        processes += [spare.process for spare in spares]
         for process in processes:
             _signal(process, signum)
         if signum != signal.SIGKILL:
@@ -1761,7 +1996,10 @@ class PoolCore:
                 _signal(process, signal.SIGKILL)
         for slot in live:
             self.on_worker_exit(slot)
+        for spare in spares:
+            spare.process.join(KILL_GRACE_SECONDS)
         with self.lock:
+            self.close_spares(spares)
             for slot in self.slots:
                 if slot.reserved:  # never started: what it took goes back
                     slot.reserved = False
@@ -1778,6 +2016,7 @@ class PoolCore:
     def kill_without_bookkeeping(self) -> None:
         """SIGKILL and reap every worker, relying on nothing that may have failed."""
         processes = [s.process for s in self.slots if s.process is not None]
+        processes += [spare.process for spare in self.spares()]
         for process in processes:
             try:
                 _signal(process, signal.SIGKILL)

@@ -61,9 +61,17 @@ from typing import Any, Callable, Optional, TypeVar
 
 from duckpool import _worker
 from duckpool._errors import InheritedManagerError, TaskTimeoutError, WorkerDiedError
-from duckpool._executor import _check_timeout, _map_results, _positive_int, default_max_workers
+from duckpool._executor import (
+    TaskOptions,
+    _check_timeout,
+    _map_results,
+    _positive_int,
+    _progress_bar_factory,
+    chunk_calls,
+    default_max_workers,
+)
 
-__all__ = ["DaskExecutor", "DaskTaskOptions"]
+__all__ = ["DaskExecutor"]
 
 _T = TypeVar("_T")
 
@@ -272,11 +280,11 @@ class DaskExecutor(Executor):
         :class:`~duckpool.TaskTimeoutError` past its timeout, and is cancelled
         if shutdown(cancel_futures=True) comes first.
         """
-        return self._submit(fn, args, kwargs, None, self._task_timeout)
+        return self._submit(fn, args, kwargs, self._task_timeout, None)
 
     def options(
         self, *, task_type: Optional[str] = None, timeout: Optional[float] = None
-    ) -> DaskTaskOptions:
+    ) -> TaskOptions:
         """Submit with per-task options, leaving the task's own keywords alone.
 
         ``executor.options(task_type="render", timeout=5).submit(fn, x)`` runs
@@ -286,7 +294,7 @@ class DaskExecutor(Executor):
         """
         if task_type is not None and not isinstance(task_type, str):
             raise TypeError(f"task_type must be a str or None, got {task_type!r}")
-        return DaskTaskOptions(self, task_type, _check_timeout("timeout", timeout))
+        return TaskOptions(self, _check_timeout("timeout", timeout), task_type)
 
     async def run(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
         """Run ``fn(*args, **kwargs)`` on the cluster and await its result (asyncio).
@@ -319,8 +327,8 @@ class DaskExecutor(Executor):
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        task_type: Optional[str],
         timeout: Optional[float],
+        task_type: Optional[str],
         as_list: bool = False,
     ) -> Future[Any]:
         if not callable(fn):
@@ -394,6 +402,7 @@ class DaskExecutor(Executor):
         timeout: Optional[float] = None,
         chunksize: int = 1,
         buffersize: Optional[int] = None,
+        progress: Any = None,
     ) -> Iterator[_T]:
         """Like :func:`map`, computed on the cluster; results come in input order.
 
@@ -404,39 +413,44 @@ class DaskExecutor(Executor):
         at once, as the standard library does.  Raises ``TimeoutError`` if a
         result is not ready ``timeout`` seconds after the call; a call that
         raised re-raises when its result is reached; closing the iterator
-        early cancels the calls still in flight.
+        early cancels the calls still in flight.  ``progress`` shows a
+        ``tqdm`` bar, as :meth:`ProcessPoolExecutor.map` does.
         """
-        return self._map(fn, iterables, timeout, chunksize, buffersize, None, self._task_timeout)
+        return self._map(
+            fn, iterables, timeout, chunksize, buffersize, self._task_timeout, None, progress
+        )
 
     def _map(
         self,
         fn: Callable[..., _T],
         iterables: tuple[Iterable[Any], ...],
         timeout: Optional[float],
-        chunksize: int,
+        chunksize: Optional[int],
         buffersize: Optional[int],
-        task_type: Optional[str],
         task_timeout: Optional[float],
+        task_type: Optional[str],
+        progress: Any = None,
     ) -> Iterator[_T]:
+        if chunksize is None:  # (from options().map): one call per Dask task
+            chunksize = 1
         if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError(f"chunksize must be >= 1, got {chunksize!r}")
         _positive_int("buffersize", buffersize)
+        make_bar = _progress_bar_factory(progress, iterables)
         deadline = None if timeout is None else time.monotonic() + timeout
-        calls = zip(*iterables)
-        chunks: Iterator[list[tuple[Any, ...]]] = iter(
-            lambda: list(itertools.islice(calls, chunksize)), []
-        )
+        chunks = chunk_calls(iterables, chunksize, read_now=buffersize is None)
         run_chunk = functools.partial(_worker.run_chunk, fn)
 
-        def submit_chunk(chunk: list[tuple[Any, ...]]) -> Future[list[_T]]:
-            if len(chunk) == 1:  # fn itself: the workers need nothing from duckpool
-                return self._submit(fn, chunk[0], {}, task_type, task_timeout, as_list=True)
-            return self._submit(run_chunk, (chunk,), {}, task_type, task_timeout)
+        def submit_chunk(chunk: _worker.Columns) -> Future[list[_T]]:
+            if len(chunk[0]) == 1:  # fn itself: the workers need nothing from duckpool
+                args = tuple(column[0] for column in chunk)
+                return self._submit(fn, args, {}, task_timeout, task_type, as_list=True)
+            return self._submit(run_chunk, (chunk,), {}, task_timeout, task_type)
 
         first = chunks if buffersize is None else itertools.islice(chunks, buffersize)
         futures = deque(submit_chunk(chunk) for chunk in first)
         more = None if buffersize is None else chunks
-        return _map_results(futures, more, submit_chunk, deadline)
+        return _map_results(futures, more, submit_chunk, deadline, make_bar)
 
     # -- the bridge ----------------------------------------------------------------
 
@@ -631,36 +645,6 @@ def _shut_down_at_exit() -> None:
             executor.shutdown(wait=False, cancel_futures=True)
         else:
             executor.shutdown(wait=True)
-
-
-class DaskTaskOptions:
-    """Per-task options bound to a :class:`DaskExecutor`; see :meth:`DaskExecutor.options`."""
-
-    __slots__ = ("_executor", "_task_type", "_timeout")
-
-    def __init__(
-        self, executor: DaskExecutor, task_type: Optional[str], timeout: Optional[float]
-    ) -> None:
-        self._executor = executor
-        self._task_type = task_type
-        self._timeout = timeout
-
-    def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
-        """``executor.submit`` with these options."""
-        return self._executor._submit(fn, args, kwargs, self._task_type, self._timeout)
-
-    def map(
-        self,
-        fn: Callable[..., _T],
-        *iterables: Iterable[Any],
-        timeout: Optional[float] = None,
-        chunksize: int = 1,
-        buffersize: Optional[int] = None,
-    ) -> Iterator[_T]:
-        """``executor.map`` with these options (the task timeout applies per chunk)."""
-        return self._executor._map(
-            fn, iterables, timeout, chunksize, buffersize, self._task_type, self._timeout
-        )
 
 
 class _TimeoutTimer:

@@ -16,12 +16,12 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from concurrent.futures import ProcessPoolExecutor as _StdlibProcessPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from multiprocessing.context import BaseContext
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, Protocol, TypeVar
 
 from duckpool import _admission, _buffers, _core, _shutdown, _worker
 from duckpool._stats import PoolStats
@@ -84,6 +84,9 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
       :class:`~duckpool.TaskTimeoutError`.  :meth:`cancel_task` stops a running task.
     * ``max_tasks_per_child`` works under every start method, fork included,
       and ``max_memory_per_child`` recycles a worker whose RSS grew too large.
+      With ``max_tasks_per_child``, a worker's successor starts once it has
+      been sent half its quota, and takes its slot as soon as it leaves
+      (so each slot may hold one process more than ``max_workers`` counts).
     * Workers exit when the parent dies, under every start method.
     * Calls are pickled in ``submit()``: a call that cannot be pickled gives a
       future that has already failed, naming the callable.
@@ -235,6 +238,11 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         """The multiprocessing start method of the workers."""
         return str(self._core.settings.context.get_start_method())
 
+    @property
+    def task_timeout(self) -> Optional[float]:
+        """The default per-task timeout in seconds (None: no limit)."""
+        return self._task_timeout
+
     def stats(self) -> PoolStats:
         """A snapshot of the pool: each worker (pid, slot, state, tasks done,
         RSS), the queue, and counters of results, failures, timeouts, worker
@@ -313,6 +321,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         kwargs: dict[str, Any],
         timeout: Optional[float],
         kind: Optional[str],
+        chunk: bool = False,
     ) -> Future[_T]:
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, got {fn!r}")
@@ -322,10 +331,10 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
                 core.check_usable()  # raises the error that applies
         admission = self._admission
         if admission is None:
-            return self._queue(fn, args, kwargs, timeout, kind)
+            return self._queue(fn, args, kwargs, timeout, kind, chunk)
         admission.admit()
         try:
-            future = self._queue(fn, args, kwargs, timeout, kind)
+            future = self._queue(fn, args, kwargs, timeout, kind, chunk)
         except BaseException:
             admission.release()
             raise
@@ -339,8 +348,9 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         kwargs: dict[str, Any],
         timeout: Optional[float],
         kind: Optional[str],
+        chunk: bool,
     ) -> Future[_T]:
-        """Pickle the call and hand it to the pool's core."""
+        """Pickle the call and hand it to the pool's core (``chunk``: a ``map`` chunk)."""
         core = self._core
         future: Future[_T] = _core.PoolFuture(core)
         task_id = _core.next_task_id()
@@ -361,10 +371,10 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
             # Large buffers go beside the pickle, framed when a worker is
             # chosen (into its shared area if there is room).
             sent = _buffers.outgoing(buffers, snapshot=True)
-            item = _core.WorkItem(future, task_id, payload, fn, timeout, kind, sent)
+            item = _core.WorkItem(future, task_id, payload, fn, timeout, kind, chunk, sent)
         else:
             frame = _worker.task_frame(task_id, payload)
-            item = _core.WorkItem(future, task_id, frame, fn, timeout, kind)
+            item = _core.WorkItem(future, task_id, frame, fn, timeout, kind, chunk)
         core.submit(item)
         return future
 
@@ -426,7 +436,8 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         """Like :func:`map`, computed in the pool; results come in input order.
 
         ``chunksize`` sends that many calls per task.  Left out (``None``),
-        the pool chooses: about four chunks per worker, each call still
+        the pool chooses: about four chunks per worker, of at most
+        4096 calls each (so results start coming back early), each call still
         answering for itself (an error is raised when its own result is
         reached, and the calls after it run, as with ``chunksize=1``); with
         ``buffersize`` or a task timeout, one call per task.  ``buffersize`` (as in
@@ -468,26 +479,24 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         _positive_int("buffersize", buffersize)
         make_bar = _progress_bar_factory(progress, iterables)
         deadline = None if timeout is None else time.monotonic() + timeout
-        calls: Iterator[tuple[Any, ...]] = zip(*iterables)
         if automatic:
             size = 1
             if buffersize is None and task_timeout is None:
                 # Every call is submitted now anyway (as the stdlib does): with
-                # their number known, about four chunks per worker.
-                listed = list(calls)
-                size = max(1, -(-len(listed) // (4 * self._max_workers)))
-                calls = iter(listed)
+                # their number known, about four chunks per worker, none so
+                # long that the first results wait for most of the work.
+                iterables = _materialised(iterables)
+                count = len(iterables[0]) if iterables else 0
+                size = min(_AUTO_CHUNK_MAX, max(1, -(-count // (4 * self._max_workers))))
             run = functools.partial(_worker.run_items, fn)
         else:
             assert chunksize is not None
             size = chunksize
             run = functools.partial(_worker.run_chunk, fn)
-        chunks: Iterator[list[tuple[Any, ...]]] = iter(
-            lambda: list(itertools.islice(calls, size)), []
-        )
+        chunks = chunk_calls(iterables, size, read_now=buffersize is None)
 
-        def submit_chunk(chunk: list[tuple[Any, ...]]) -> Future[list[_T]]:
-            return self._submit(run, (chunk,), {}, task_timeout, kind)
+        def submit_chunk(chunk: _worker.Columns) -> Future[list[_T]]:
+            return self._submit(run, (chunk,), {}, task_timeout, kind, chunk=True)
 
         first = chunks if buffersize is None else itertools.islice(chunks, buffersize)
         futures = deque(submit_chunk(chunk) for chunk in first)
@@ -562,13 +571,40 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         )
 
 
+class _OptionsTarget(Protocol):
+    """What :class:`TaskOptions` needs of an executor (local or Dask)."""
+
+    def _submit(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: Optional[float],
+        kind: Optional[str],
+    ) -> Future[Any]: ...
+
+    def _map(
+        self,
+        fn: Callable[..., Any],
+        iterables: tuple[Iterable[Any], ...],
+        timeout: Optional[float],
+        chunksize: Optional[int],
+        buffersize: Optional[int],
+        task_timeout: Optional[float],
+        kind: Optional[str],
+        progress: Any = None,
+    ) -> Iterator[Any]: ...
+
+    async def _await(self, future: Future[_T]) -> _T: ...
+
+
 class TaskOptions:
     """Per-task options bound to an executor; see :meth:`ProcessPoolExecutor.options`."""
 
     __slots__ = ("_executor", "_kind", "_timeout")
 
     def __init__(
-        self, executor: ProcessPoolExecutor, timeout: Optional[float], kind: Optional[str]
+        self, executor: _OptionsTarget, timeout: Optional[float], kind: Optional[str]
     ) -> None:
         self._executor = executor
         self._timeout = timeout
@@ -591,7 +627,11 @@ class TaskOptions:
         buffersize: Optional[int] = None,
         progress: Any = None,
     ) -> Iterator[_T]:
-        """``executor.map`` with these options (the task timeout applies per chunk)."""
+        """``executor.map`` with these options (the task timeout applies per chunk).
+
+        ``chunksize=None`` is the executor's own default: chunks the pool
+        chooses locally, one call per task on Dask.
+        """
         return self._executor._map(
             fn, iterables, timeout, chunksize, buffersize, self._timeout, self._kind, progress
         )
@@ -657,18 +697,124 @@ def _progress_bar_factory(
     return functools.partial(tqdm, **options)
 
 
+#: The largest chunk ``map`` makes by itself: a few milliseconds of the
+#: tiniest calls, enough that the per-chunk cost is lost in the noise, few
+#: enough that pickling, work and unpickling overlap chunk after chunk.
+_AUTO_CHUNK_MAX = 4096
+
+
+def chunk_calls(
+    iterables: tuple[Iterable[Any], ...], size: int, read_now: bool
+) -> Iterator[_worker.Columns]:
+    """The calls of ``map(fn, *iterables)``, ``size`` at a time, as columns.
+
+    The iterables are opened here, at once, so that one which is not
+    iterable fails the ``map`` call itself.  ``read_now``: every chunk is
+    taken at once (no ``buffersize``), so lists of one length may be sliced.
+    """
+    if read_now and iterables and all(type(it) is list for it in iterables):
+        lengths = {len(it) for it in iterables}  # type: ignore[arg-type]
+        if len(lengths) == 1:  # sliced: a copy in C, no call per item
+            return _sliced_chunks(iterables, lengths.pop(), size)  # type: ignore[arg-type]
+    if len(iterables) == 1:
+        return _single_column_chunks(iter(iterables[0]), size)
+    return _zipped_chunks(zip(*iterables), size)
+
+
+def _sliced_chunks(
+    columns: tuple[list[Any], ...], length: int, size: int
+) -> Iterator[_worker.Columns]:
+    for start in range(0, length, size):
+        yield tuple(column[start : start + size] for column in columns)
+
+
+def _single_column_chunks(items: Iterator[Any], size: int) -> Iterator[_worker.Columns]:
+    while True:
+        column = list(itertools.islice(items, size))
+        if not column:
+            return
+        yield (column,)
+
+
+def _zipped_chunks(calls: Iterator[tuple[Any, ...]], size: int) -> Iterator[_worker.Columns]:
+    while True:
+        rows = list(itertools.islice(calls, size))
+        if not rows:
+            return
+        yield tuple(map(list, zip(*rows)))
+
+
+def _materialised(iterables: tuple[Iterable[Any], ...]) -> tuple[list[Any], ...]:
+    """The calls of ``map(fn, *iterables)`` as equal-length columns, all read now.
+
+    Several iterables are read through ``zip`` (one may be endless, as with
+    the builtin ``map``).
+    """
+    if len(iterables) == 1:
+        return (list(iterables[0]),)
+    return tuple(map(list, zip(*zip(*iterables))))
+
+
+class MapResults(Iterator[_T]):
+    """What ``map`` returns: its results in order; ``close()`` cancels the calls not started.
+
+    The results of each chunk are handed out by C code (``itertools.chain``
+    over a pop per item), so a ``for`` loop or ``list()`` over it costs no
+    Python frame per item: ``__iter__`` gives that chain itself, and
+    ``next()`` on this object reads the same chain.
+    """
+
+    __slots__ = ("_chunks", "_items")
+
+    def __init__(self, chunks: Generator[Iterator[_T], None, None]) -> None:
+        self._chunks = chunks
+        self._items: Iterator[_T] = itertools.chain.from_iterable(chunks)
+
+    def __iter__(self) -> Iterator[_T]:
+        return self._items
+
+    def __next__(self) -> _T:
+        return next(self._items)
+
+    def close(self) -> None:
+        """Stop: cancel the chunks no worker has started, close the progress bar."""
+        self._items = iter(())
+        self._chunks.close()
+
+
+def _handed_out(results: list[_T]) -> Iterator[_T]:
+    """The items of ``results`` in order, each dropped from the list as it is handed out."""
+    results.reverse()
+    return itertools.starmap(results.pop, itertools.repeat((), len(results)))
+
+
 def _map_results(
     futures: deque[Future[list[_T]]],
-    more_chunks: Optional[Iterator[list[tuple[Any, ...]]]],
-    submit_chunk: Callable[[list[tuple[Any, ...]]], Future[list[_T]]],
+    more_chunks: Optional[Iterator[_worker.Columns]],
+    submit_chunk: Callable[[_worker.Columns], Future[list[_T]]],
     deadline: Optional[float],
     make_bar: Optional[Callable[[], Any]] = None,
     item_errors: bool = False,
-) -> Iterator[_T]:
-    """Yield map results in order, keeping ``len(futures)`` chunks in flight.
+) -> MapResults[_T]:
+    """Map results in order, keeping ``len(futures)`` chunks in flight."""
+    return MapResults(
+        _result_chunks(futures, more_chunks, submit_chunk, deadline, make_bar, item_errors)
+    )
 
-    The progress bar, if any, is made when the iteration starts and closed
-    when it ends, however it ends.
+
+def _result_chunks(
+    futures: deque[Future[list[_T]]],
+    more_chunks: Optional[Iterator[_worker.Columns]],
+    submit_chunk: Callable[[_worker.Columns], Future[list[_T]]],
+    deadline: Optional[float],
+    make_bar: Optional[Callable[[], Any]],
+    item_errors: bool,
+) -> Generator[Iterator[_T], None, None]:
+    """An iterator over each chunk's results, in order; raises where a call failed.
+
+    An error, a timeout or closing stops this generator, which cancels the
+    chunks not started.  The progress bar, if any, is made when the
+    iteration starts and closed when it ends, however it ends.
     """
     bar = None
     try:
@@ -685,14 +831,17 @@ def _map_results(
             del future  # hold no reference to a result once it is handed out
             if bar is not None:
                 bar.update(len(chunk))
-            chunk.reverse()
-            while chunk:
-                if item_errors and isinstance(chunk[-1], _worker.ItemError):
-                    error: Any = chunk.pop()
-                    raise _core.exception_from_payload(memoryview(error.payload))
-                yield chunk.pop()  # no local keeps what was handed out
+            if item_errors and type(chunk) is _worker.PartlyFailed:
+                failed = next(i for i, r in enumerate(chunk) if isinstance(r, _worker.ItemError))
+                error: Any = chunk[failed]
+                del chunk[failed:]  # the map ends at the failed call
+                yield _handed_out(chunk)
+                raise _core.exception_from_payload(memoryview(error.payload))
+            yield _handed_out(chunk)
+            del chunk
     finally:
         for future in futures:
             future.cancel()
         if bar is not None:
             bar.close()
+

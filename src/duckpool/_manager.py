@@ -288,9 +288,7 @@ class ProcessPoolManager:
         pool: Union[ProcessPoolExecutor, DaskExecutor] = self.get_pool()
         if not self.accepts(task_type):
             raise UnknownTaskError(task_type, self._task_type)
-        if isinstance(pool, DaskExecutor):
-            return pool._submit(task, args, kwargs, task_type, pool.task_timeout)
-        return pool._submit(task, args, kwargs, pool._task_timeout, task_type)
+        return pool._submit(task, args, kwargs, pool.task_timeout, task_type)
 
     def accepts(self, task_type: Optional[str]) -> bool:
         """Would ``submit_task`` take a task of this type?"""

@@ -6,6 +6,7 @@ Used by the pool itself (spawn, forkserver) and, under fork, by the zygote.
 from __future__ import annotations
 
 import fcntl
+import os
 from multiprocessing import connection as mp_connection
 from typing import Any
 
@@ -19,27 +20,32 @@ def start_worker_process(
 
     On failure the pipes are closed and the error propagates.
     """
-    task_r, task_w = context.Pipe(duplex=False)
-    result_r, result_w = context.Pipe(duplex=False)
-    for conn in (task_w, result_w):
-        _enlarge(conn)
+    task_r, task_w = os.pipe()
+    result_r, result_w = os.pipe()
+    for fd in (task_w, result_w):
+        _enlarge(fd)
     process = context.Process(
         target=_worker.worker_main,
-        args=(task_r, result_w, config),
+        # Bare descriptors, not Connections: cheaper for a spawned worker to rebuild.
+        args=(_worker.InheritedFd(task_r), _worker.InheritedFd(result_w), config),
         name=config.name,
         daemon=False,  # tasks may start child processes
     )
     try:
         process.start()
     except BaseException:
-        task_w.close()
-        result_r.close()
+        os.close(task_w)
+        os.close(result_r)
         raise
     finally:
         # The worker has its own copies now (or never will).
-        task_r.close()
-        result_w.close()
-    return process, task_w, result_r
+        os.close(task_r)
+        os.close(result_w)
+    return (
+        process,
+        mp_connection.Connection(task_w, readable=False),
+        mp_connection.Connection(result_r, writable=False),
+    )
 
 
 #: Bytes a worker's pipes hold: a large call or result goes in a few system
@@ -48,10 +54,10 @@ def start_worker_process(
 PIPE_BYTES = 1 << 20
 
 
-def _enlarge(conn: mp_connection.Connection) -> None:
+def _enlarge(fd: int) -> None:
     """Grow a pipe's buffer to ``PIPE_BYTES`` where the system allows it."""
     set_size = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Python < 3.10 lacks the name
     try:
-        fcntl.fcntl(conn.fileno(), set_size, PIPE_BYTES)
+        fcntl.fcntl(fd, set_size, PIPE_BYTES)
     except OSError:  # over the user's pipe quota, or not Linux: the default stays
         pass

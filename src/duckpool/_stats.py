@@ -37,15 +37,18 @@ class PoolStats(NamedTuple):
 
     Attributes:
         max_workers: the workers the pool runs now.
-        workers: each live worker, in slot order.
+        workers: each live worker, in slot order (a successor started
+            ahead of time is not one until it takes its slot).
         pending: tasks waiting for a worker.
         in_flight: tasks held by workers (running, or queued in their pipe).
         completed: tasks that returned a value.
         failed: tasks that raised (their exception is the future's).
         timed_out: tasks stopped by their timeout.
         worker_deaths: workers that died without the pool asking them to
-            (a crash, a signal from outside, the OOM killer).
-        restarts: replacement workers started.
+            (a crash, a signal from outside, the OOM killer), successors
+            that died before taking their slot included.
+        restarts: replacement workers started (a successor counts when it
+            takes its slot).
         recycles: workers that left by themselves at ``max_tasks_per_child``
             or ``max_memory_per_child``.
         quarantined: names of the callables refused for now

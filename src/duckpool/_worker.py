@@ -48,13 +48,18 @@ import pickle
 import signal
 import sys
 import threading
-import traceback
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Union
 
 from duckpool import _buffers
 
+# typing is not imported at run time: this module is what a spawned worker
+# imports, and annotations are not evaluated (``from __future__``).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
+    from typing import Any, Callable, Optional, Union
+
+    #: What goes to a pipe: bytes, or parts written with one ``os.writev``.
+    Frames = Union[bytes, list[Any]]
 
 STATUS_OK = 0
 STATUS_ERROR = 1
@@ -81,10 +86,6 @@ _LONG_FRAME = b"\xff\xff\xff\xff"
 #: The id of the task this worker is running, 0 between tasks (log records
 #: carry it).
 current_task_id = 0
-
-
-#: What goes to a pipe: bytes, or parts written with one ``os.writev``.
-Frames = Union[bytes, list[Any]]
 
 
 def wire(frame: bytes) -> bytes:
@@ -319,30 +320,142 @@ def _frame_size(data: Any) -> tuple[int, int]:
     return int.from_bytes(data[4:12], "big"), 12
 
 
-class WorkerConfig(NamedTuple):
-    """Everything a worker needs to know, sent once when it starts."""
+class WorkerConfig:
+    """Everything a worker needs to know, sent once when it starts.
 
-    slot: int
-    max_workers: int
-    #: multiprocessing's name for the process: ``<prefix>-<slot>``.
-    name: str
-    #: The OS process title to set, if any.
-    title: Optional[str]
-    parent_pid: int
-    initializer: Optional[Callable[..., object]]
-    initargs: tuple[Any, ...]
-    #: The shared ``RawArray('Q')`` of started and skip marks (see above).
-    marks: Any
-    #: Exit after a task that leaves the worker's RSS above this many bytes.
-    max_memory: Optional[int]
-    #: "pickle" or "cloudpickle": how results and errors are pickled.
-    serializer: str
-    #: Forward the worker's log records to the parent, with the parent's
-    #: logger levels to mirror (``{name: level}``, ``""`` for the root); None
-    #: leaves the worker's logging alone.
-    log_levels: Optional[dict[str, int]] = None
-    #: The pool's id, tagged on forwarded records as ``duckpool_pool``.
-    pool_id: Any = None
+    A plain class rather than a ``typing.NamedTuple``: a spawned worker
+    unpickles it first thing, and importing ``typing`` would add to every
+    worker's start.
+    """
+
+    __slots__ = (
+        "initargs",
+        "initializer",
+        "log_levels",
+        "marks",
+        "max_memory",
+        "max_workers",
+        "name",
+        "parent_pid",
+        "pool_id",
+        "serializer",
+        "slot",
+        "title",
+    )
+
+    def __init__(
+        self,
+        slot: int,
+        max_workers: int,
+        name: str,
+        title: Optional[str],
+        parent_pid: int,
+        initializer: Optional[Callable[..., object]],
+        initargs: tuple[Any, ...],
+        marks: Any,
+        max_memory: Optional[int],
+        serializer: str,
+        log_levels: Optional[dict[str, int]] = None,
+        pool_id: Any = None,
+    ) -> None:
+        self.slot = slot
+        self.max_workers = max_workers
+        #: multiprocessing's name for the process: ``<prefix>-<slot>``.
+        self.name = name
+        #: The OS process title to set, if any.
+        self.title = title
+        self.parent_pid = parent_pid
+        self.initializer = initializer
+        self.initargs = initargs
+        #: The started and skip marks shared with the parent (see above and
+        #: ``new_marks``).
+        self.marks = marks
+        #: Exit after a task that leaves the worker's RSS above this many bytes.
+        self.max_memory = max_memory
+        #: "pickle" or "cloudpickle": how results and errors are pickled.
+        self.serializer = serializer
+        #: Forward the worker's log records to the parent, with the parent's
+        #: logger levels to mirror (``{name: level}``, ``""`` for the root);
+        #: None leaves the worker's logging alone.
+        self.log_levels = log_levels
+        #: The pool's id, tagged on forwarded records as ``duckpool_pool``.
+        self.pool_id = pool_id
+
+
+class InheritedFd:
+    """A pipe end handed to a worker process when it starts.
+
+    Pickled (spawn, forkserver) it travels as multiprocessing's ``DupFd`` and
+    is rebuilt around the worker's copy; under fork it is inherited as it is.
+    Rebuilding a ``Connection`` instead would import ``multiprocessing.connection``
+    (and ``tempfile`` with it) in every spawned worker.
+    """
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        from multiprocessing import reduction
+
+        return (_rebuild_fd, (reduction.DupFd(self.fd),))
+
+
+def _rebuild_fd(dup: Any) -> InheritedFd:
+    return InheritedFd(dup.detach())
+
+
+class SharedMarks:
+    """The started and skip marks (see above): 8-byte cells in a memfd mapping.
+
+    ``view`` is the array itself.  Pickled, it travels as the memfd (``DupFd``)
+    and is mapped again in the worker; a ``RawArray`` would import ``ctypes``,
+    ``multiprocessing.heap`` and ``tempfile`` in every spawned worker.
+    """
+
+    __slots__ = ("_map", "cells", "fd", "view")
+
+    def __init__(self, cells: int, fd: Optional[int] = None) -> None:
+        import mmap
+
+        if fd is None:
+            fd = os.memfd_create("duckpool-marks", os.MFD_CLOEXEC)
+            os.ftruncate(fd, 8 * cells)
+        self.fd = fd
+        self.cells = cells
+        self._map = mmap.mmap(fd, 8 * cells)
+        self.view = memoryview(self._map).cast("Q")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        from multiprocessing import reduction
+
+        return (_map_marks, (reduction.DupFd(self.fd), self.cells))
+
+
+def _map_marks(dup: Any, cells: int) -> SharedMarks:
+    marks = SharedMarks(cells, dup.detach())
+    os.close(marks.fd)  # the mapping stays
+    return marks
+
+
+def new_marks(context: Any, cells: int) -> Any:
+    """A ``SharedMarks`` where memfds exist, else a ``RawArray('Q')``: either
+    is what ``WorkerConfig.marks`` carries."""
+    if hasattr(os, "memfd_create"):
+        try:
+            return SharedMarks(cells)
+        except OSError:  # no memfd after all (an old kernel, a sandbox)
+            pass
+    return context.RawArray("Q", cells)
+
+
+def marks_array(marks: Any) -> Any:
+    """The indexable array of what ``new_marks`` made."""
+    return marks.view if isinstance(marks, SharedMarks) else marks
 
 
 def encode_result(task_id: int, status: int, payload: bytes) -> bytes:
@@ -356,6 +469,8 @@ def encode_result(task_id: int, status: int, payload: bytes) -> bytes:
 
 def dump_exception(exc: BaseException, dumps: Callable[..., bytes] = pickle.dumps) -> bytes:
     """Pickle ``(exc, traceback_text)``, degrading to a picklable stand-in."""
+    import traceback  # only when a task fails: it is not cheap to import
+
     tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
         return dumps((exc, tb_text), pickle.HIGHEST_PROTOCOL)
@@ -375,9 +490,18 @@ def _rss_reader() -> Callable[[], int]:
     return lambda: int(memory_info().rss)
 
 
-def run_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any]:
-    """Apply ``fn`` to each argument tuple of a ``map`` chunk."""
-    return [fn(*args) for args in chunk]
+#: A chunk of ``map`` calls, column-wise: one list per iterable given to
+#: ``map``, so a call is ``fn(columns[0][i], columns[1][i], ...)``.  Columns
+#: pickle without a tuple per call (tuples are memoised, items mostly not),
+#: and the worker runs them through the builtin ``map``.  (For annotations
+#: only: this module does not import typing at run time.)
+if TYPE_CHECKING:
+    Columns = tuple[list[Any], ...]
+
+
+def run_chunk(fn: Callable[..., Any], columns: Columns) -> list[Any]:
+    """Apply ``fn`` to each call of a ``map`` chunk; the first error ends it."""
+    return list(map(fn, *columns))
 
 
 class ItemError:
@@ -393,19 +517,35 @@ class ItemError:
         return (ItemError, (self.payload,))
 
 
-def run_items(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any]:
-    """Like ``run_chunk``, but an item that raises does not stop the others.
+class PartlyFailed(list):  # type: ignore[type-arg]
+    """The results of a ``run_items`` chunk in which some call raised.
+
+    A plain list means every call returned, so the parent checks items only
+    in chunks of this type.
+    """
+
+    __slots__ = ()
+
+
+def run_items(fn: Callable[..., Any], columns: Columns) -> list[Any]:
+    """Like ``run_chunk``, but a call that raises does not stop the others.
 
     Its place holds an :class:`ItemError`, so a chunk chosen by ``map``
-    itself behaves as if every item had been its own task.
+    itself behaves as if every call had been its own task.
     """
     results: list[Any] = []
-    for args in chunk:
+    calls = map(fn, *columns)
+    while True:
         try:
-            results.append(fn(*args))
+            # CPython's list.extend keeps what it appended before an error,
+            # and a map object goes on with the next call after one: the
+            # loop runs in C until a call raises.
+            results.extend(calls)
+            return results
         except BaseException as exc:  # a task's outcome, as in _run_one
+            if type(results) is list:
+                results = PartlyFailed(results)
             results.append(ItemError(dump_exception(exc)))
-    return results
 
 
 def watch_parent(parent_pid: int) -> None:
@@ -462,7 +602,77 @@ def _prepare(config: WorkerConfig) -> None:
     ).start()
 
 
-def worker_main(task_conn: Connection, result_conn: Connection, config: WorkerConfig) -> None:
+def _forward_logs(send: Callable[[bytes], None], config: WorkerConfig) -> None:
+    """Forward what this worker logs to the parent, from when ``logging`` is loaded.
+
+    Now if it is (inherited under fork, or imported by the main module); else
+    the moment something imports it: a spawned worker whose tasks never log
+    does not pay for importing it at every start.
+    """
+
+    def install() -> None:
+        from duckpool import _worker_logs
+
+        _worker_logs.install(send, config)
+
+    if "logging" in sys.modules:
+        install()
+        return
+    watch = _AfterImport("logging", install)
+    sys.meta_path.insert(0, watch)
+    # A process a task forks must not write to this worker's pipe (see
+    # _worker_logs._uninstall): there the watch goes.
+    os.register_at_fork(after_in_child=watch.cancel)
+
+
+class _AfterImport:
+    """A meta path finder: runs ``action`` once module ``name`` has been executed,
+    before whatever imported it goes on (once; then it leaves ``sys.meta_path``)."""
+
+    def __init__(self, name: str, action: Callable[[], None]) -> None:
+        self._name = name
+        self._action = action
+
+    def cancel(self) -> bool:
+        """Leave ``sys.meta_path``; False if already gone."""
+        try:
+            sys.meta_path.remove(self)
+        except ValueError:
+            return False
+        return True
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != self._name or not self.cancel():  # (another thread got here first)
+            return None
+        import importlib.util
+
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            wrapper: Any = _ActAfterLoad(spec.loader, self._action)  # a loader by protocol
+            spec.loader = wrapper
+        return spec
+
+
+class _ActAfterLoad:
+    """Wraps a module's loader: runs ``action`` after the module is executed."""
+
+    def __init__(self, loader: Any, action: Callable[[], None]) -> None:
+        self._loader = loader
+        self._action = action
+
+    def create_module(self, spec: Any) -> Any:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        # The module keeps its own loader, not this wrapper.
+        module.__loader__ = module.__spec__.loader = self._loader
+        self._loader.exec_module(module)
+        self._action()
+
+
+def worker_main(
+    task_conn: Connection | InheritedFd, result_conn: Connection | InheritedFd, config: WorkerConfig
+) -> None:
     """Entry point of a worker process: serve tasks until told to stop."""
     _prepare(config)
     result_fd = result_conn.fileno()
@@ -479,9 +689,7 @@ def worker_main(task_conn: Connection, result_conn: Connection, config: WorkerCo
             with write_lock:
                 write_all(result_fd, frame)
 
-        from duckpool import _worker_logs
-
-        _worker_logs.install(send, config)
+        _forward_logs(send, config)
     if config.initializer is not None:
         try:
             config.initializer(*config.initargs)
@@ -539,7 +747,7 @@ def _serve(
     else:
         dumps = pickle.dumps
     protocol = pickle.HIGHEST_PROTOCOL
-    marks = config.marks
+    marks = marks_array(config.marks)
     slot = config.slot
     skip_cell = config.max_workers + slot
     rss = _rss_reader() if config.max_memory is not None else None

@@ -1,6 +1,8 @@
 """Log forwarding, the worker's side: records logged in a worker go to the parent.
 
-Imported by a worker (``_worker.worker_main``) when its pool forwards logs.
+Imported by a worker (``_worker.worker_main``) when its pool forwards logs,
+once ``logging`` itself is (at start if it already is, else when a task or
+the initializer first imports it: a worker that never logs never pays for it).
 The worker's loggers get one handler, :class:`LogForwarder`, in place of the
 handlers they had (under ``fork`` those are the parent's, inherited: left in
 place they would write a second copy of every record, and under ``spawn``
@@ -21,9 +23,12 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-from typing import Any, Callable, Optional
 
 from duckpool import _worker
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing is not imported in a worker at run time
+    from typing import Any, Callable, Optional
 
 #: Attribute values sent as they are when a record's attributes fail to pickle
 #: as a whole; others are sent as their repr().

@@ -1,0 +1,99 @@
+"""duckpool._worker: what a worker process needs, and how it gets it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import _executor_tasks as tasks
+import duckpool
+
+TIMEOUT = 30
+
+#: Modules a spawned worker used to import only to rebuild what it was sent
+#: (a Connection, a RawArray) or to read its own annotations; and logging,
+#: since a worker forwards its records from when something imports it.
+AVOIDABLE = (
+    "typing",
+    "tempfile",
+    "ctypes",
+    "logging",
+    "multiprocessing.connection",
+    "multiprocessing.sharedctypes",
+)
+
+WORKER_MODULES_SCRIPT = textwrap.dedent(
+    """
+    import multiprocessing, sys
+    import duckpool
+    avoidable, baseline_file = sys.argv[1].split(","), sys.argv[2]
+    code = f"sorted(m for m in __import__('sys').modules if m in {avoidable!r})"
+    ctx = multiprocessing.get_context("spawn")
+    # What a bare spawned process has anyway (on 3.9 runpy brings typing).
+    bare = ctx.Process(target=exec, args=(f"open({baseline_file!r}, 'w').write(repr({code}))",))
+    bare.start()
+    bare.join(30)
+    with open(baseline_file) as f:
+        baseline = set(eval(f.read()))
+    with duckpool.ProcessPoolExecutor(1, ctx) as pool:
+        print(sorted(set(pool.submit(eval, code).result(30)) - baseline))
+    """
+)
+
+
+def test_a_spawned_worker_imports_nothing_avoidable(tmp_path: Path) -> None:
+    # In a fresh interpreter with a -c main: a spawned worker re-imports a
+    # main module (here pytest's), which would import anything.
+    done = subprocess.run(
+        [sys.executable, "-c", WORKER_MODULES_SCRIPT, ",".join(AVOIDABLE), str(tmp_path / "bare")],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_marks_work_without_memfd(ctx: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Where there is no memfd, the marks are a RawArray: a task that kills its
+    # worker is still known to have started, so it fails instead of being retried.
+    monkeypatch.delattr(os, "memfd_create")
+    pool = duckpool.ProcessPoolExecutor(1, ctx)  # type: ignore[arg-type]
+    try:
+        with pytest.raises(duckpool.WorkerDiedError):
+            pool.submit(tasks.kill_self).result(TIMEOUT)
+        assert pool.submit(tasks.add, 1, 2).result(TIMEOUT) == 3
+    finally:
+        pool.shutdown()
+
+
+LAZY_LOGGING_SCRIPT = textwrap.dedent(
+    """
+    import logging, multiprocessing, sys
+    import duckpool, _log_tasks
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(message)s")
+    with duckpool.ProcessPoolExecutor(1, multiprocessing.get_context("spawn")) as pool:
+        print(pool.submit(eval, "'logging' in __import__('sys').modules").result(30))
+        # Unpickling the call imports _log_tasks, which imports logging.
+        pool.submit(_log_tasks.log, logging.WARNING, "from the worker").result(30)
+        print(pool.submit(eval, "'logging' in __import__('sys').modules").result(30))
+    """
+)
+
+
+def test_a_worker_forwards_logs_from_when_logging_is_imported() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", LAZY_LOGGING_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[:3] == ["False", "WARNING from the worker", "True"]
