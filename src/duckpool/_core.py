@@ -3,21 +3,26 @@
 Data flow::
 
     submit() [any thread]                          worker slot i (a process)
-      |  pickles (fn, args, kwargs) at once           |
+      |  pickles (fn, args, kwargs) at once,          |
+      |  large buffers kept beside the pickle         |
       |  lock held:                                   |
       |   idle slot? --task frame--> task pipe i -->  | mark "took up task N",
       |   else -> _PoolCore.pending (deque)           | run it, answer
-      |                                               v
+      |     large buffers --copied--> area i, calls   |  (copies buffers out)
+      |     (or inline in the frame, if no room)      v
       |                       result pipe i <-- result frame (task id, status)
       |                                     and log frames (records logged there)
+      |                area i, results <--copied-- a result's large buffers
       v
     _PoolCore.dispatch_loop [one thread per pool]
       waits on: wakeup pipe, every result pipe, every process sentinel,
                 and the nearest task deadline
-      result frame -> pop the slot's head item, resolve its future,
-                      refill the slot from pending (behind a busy worker's
-                      current task, a few short tasks or one map chunk may
-                      wait in its pipe: see can_prefetch)
+      result frame -> copy its buffers out of area i (the next write to
+                      task pipe i says so: a release frame), pop the slot's
+                      head item (its calls space is free), resolve its
+                      future, refill the slot from pending (behind a busy
+                      worker's current task, a few short tasks or one map
+                      chunk may wait in its pipe: see can_prefetch)
       log frame    -> no item popped; the record goes to the parent's logger
                       of its name in its place among the resolutions, after
                       the lock (_logs.handle_forwarded)
@@ -67,6 +72,12 @@ a helping caller has paused in its selector (``_Slot.assist``); frames are
 read and booked under the slot's ``read_lock``, so they are taken in order
 whoever reads them.  Writes to task pipes happen under ``_PoolCore.lock``,
 from submit() or the dispatcher.
+
+Area i is a memfd worker i creates and offers in its READY frame; the parent
+maps it (``_buffers``), so no name in ``/dev/shm`` can outlive a killed
+worker.  The parent writes only the calls region and the worker only the
+results region; a space is reused only after a pipe message says its reader
+is done.
 """
 
 from __future__ import annotations
@@ -89,7 +100,7 @@ from multiprocessing import connection as mp_connection
 from multiprocessing.context import BaseContext
 from typing import Any, Callable, NamedTuple, Optional, Protocol, TypeVar
 
-from duckpool import _logs, _spawn, _worker, _zygote
+from duckpool import _buffers, _logs, _spawn, _worker, _zygote
 from duckpool._admission import Admission
 from duckpool._errors import (
     InheritedManagerError,
@@ -176,11 +187,14 @@ class WorkItem:
     """One submitted call, from submit() until its future is resolved."""
 
     __slots__ = (
+        "buffers",
         "chunk",
         "fn",
         "frame",
         "future",
+        "in_area",
         "kind",
+        "size",
         "started",
         "submitted",
         "task_id",
@@ -196,11 +210,21 @@ class WorkItem:
         timeout: Optional[float],
         kind: Optional[str] = None,
         chunk: bool = False,
+        buffers: Optional[list[tuple[int, memoryview]]] = None,
     ) -> None:
         self.future = future
         self.task_id = task_id
-        #: The task as written to the worker's pipe (length header included).
+        #: The task as written to the worker's pipe (length header included);
+        #: with ``buffers``, only the pickle (see ``PoolCore.frames_of``).
         self.frame = frame
+        #: The call's out-of-band buffers (``_buffers.outgoing``), if any.
+        self.buffers = buffers
+        #: Bytes this task puts in a worker's pipe or area.
+        self.size = len(frame)
+        if buffers:
+            self.size += sum(view.nbytes for _, view in buffers)
+        #: Its buffers went into the shared area of the worker it was sent to.
+        self.in_area = False
         #: The callable, kept only to name the task in error messages.
         self.fn = fn
         self.timeout = timeout
@@ -289,8 +313,9 @@ class WorkerProcess(Protocol):
     def close(self) -> None: ...
 
 
-#: A future to resolve from a result frame: the item, the status, the payload.
-_Resolution = tuple[WorkItem, int, memoryview]
+#: A future to resolve from a result frame: the item, the status, the payload
+#: (a pickle, or ``_buffers.Received``, or what decoding its buffers raised).
+_Resolution = tuple[WorkItem, int, Any]
 
 #: The item of a log frame's entry among the resolutions: a record, which
 #: answers no task, handed to logging where its frame came in the stream.
@@ -327,6 +352,7 @@ class _Slot:
     """A worker slot: a stable index, and the process that currently fills it."""
 
     __slots__ = (
+        "area",
         "assigned",
         "assist",
         "head_since",
@@ -339,9 +365,11 @@ class _Slot:
         "read_lock",
         "reader",
         "ready",
+        "releases_sent",
         "requested",
         "reserved",
         "result_conn",
+        "results_copied",
         "retiring",
         "stop_sent",
         "stopping",
@@ -358,6 +386,13 @@ class _Slot:
         self.task_conn: Optional[mp_connection.Connection] = None
         self.result_conn: Optional[mp_connection.Connection] = None
         self.reader: Optional[_worker.FrameReader] = None
+        #: The worker's shared area for large buffers, once mapped (see _buffers).
+        self.area: Optional[_buffers.Area] = None
+        #: Result frames whose buffers were copied out of the area, and the
+        #: count the worker was last told in a release frame (-1: none yet;
+        #: the first one tells it the area is mapped).
+        self.results_copied = 0
+        self.releases_sent = 0
         #: Items sent to the current process whose results have not arrived, in order.
         self.assigned: deque[WorkItem] = deque()
         self.queued_bytes = 0
@@ -405,6 +440,8 @@ class _Slot:
         self.process = None
         self.task_conn = self.result_conn = None
         self.reader = None
+        self.area = None
+        self.results_copied = self.releases_sent = 0
         self.queued_bytes = 0
         self.outbox.clear()
         self.tasks_sent = 0
@@ -1057,7 +1094,7 @@ class PoolCore:
             return True
         return (
             len(assigned) < _PREFETCH
-            and slot.queued_bytes + len(item.frame) <= _PREFETCH_BYTES
+            and slot.queued_bytes + item.size <= _PREFETCH_BYTES
             and slot.last_service < _PREFETCH_BEHIND_SECONDS
             and now - slot.head_since < _PREFETCH_BEHIND_SECONDS
         )
@@ -1076,7 +1113,7 @@ class PoolCore:
             if item.timeout is not None:
                 self.wake()  # the dispatcher must now watch this deadline
         slot.assigned.append(item)
-        slot.queued_bytes += len(item.frame)
+        slot.queued_bytes += item.size
         slot.tasks_sent += 1
         limit = self.settings.max_tasks_per_child
         if limit is not None:
@@ -1091,32 +1128,72 @@ class PoolCore:
         if self.wants_successor(slot) and threading.current_thread() is not self.thread:
             self.wake()
 
-    def write(self, slot: _Slot, data: bytes) -> None:
+    def write(self, slot: _Slot, data: _worker.Frames) -> None:
         """Write task frames to ``slot``'s worker (and the stop frame, if due).
 
-        What the pipe does not take now waits in the slot's outbox, which
-        the dispatcher writes out as the worker reads (see ``flush``).
+        ``data`` is bytes, or parts written with one ``writev`` (see
+        ``frames_of``).  A release frame goes first if the worker has not
+        heard of the latest results copied out of its area.  What the pipe
+        does not take now waits in the slot's outbox, which the dispatcher
+        writes out as the worker reads (see ``flush``).
         """
+        if slot.releases_sent != slot.results_copied:
+            slot.releases_sent = slot.results_copied
+            data = [_worker.release_frame(slot.results_copied), *_as_parts(data)]
         if slot.retiring and not slot.stop_sent:
-            data += _worker.wire(b"")
+            if isinstance(data, list):
+                data.append(_worker.wire(b""))
+            else:
+                data += _worker.wire(b"")
             slot.stop_sent = True
         if slot.outbox or slot.task_conn is None:  # (None: reserved, not started yet)
-            slot.outbox.append(memoryview(data))
+            slot.outbox.extend(memoryview(part) for part in _as_parts(data))
             return
+        fd = slot.task_conn.fileno()
+        rest: list[memoryview]
         try:
-            written = os.write(slot.task_conn.fileno(), data)
+            if isinstance(data, list):
+                rest = _write_parts(fd, [memoryview(part) for part in data])
+            else:
+                written = os.write(fd, data)
+                rest = [memoryview(data)[written:]] if written < len(data) else []
         except BlockingIOError:
-            written = 0
+            rest = [memoryview(part) for part in _as_parts(data)]
         except OSError:
             # The worker is dead or dying: the dispatcher will see its sentinel
             # and, since the worker never took these items up, requeue them.
             return
-        if written < len(data):
-            slot.outbox.append(memoryview(data)[written:])
+        if rest:
+            slot.outbox.extend(rest)
             if threading.current_thread() is self.thread:
                 self.selector.register(slot.task_conn, _Writable(slot), write=True)
             else:
                 self.wake()  # the dispatcher watches the pipe (see watch_outboxes)
+
+    def frames_of(self, slot: _Slot, items: list[WorkItem]) -> _worker.Frames:
+        """The frames of ``items``, in order, for ``slot``'s worker.
+
+        Items with buffers are framed here, now that the worker is known:
+        their buffers go into its shared area if there is room (and the
+        space is released when the item's result comes back).
+        """
+        if len(items) == 1 and items[0].buffers is None:
+            return items[0].frame
+        parts: list[Any] = []
+        buffered = False
+        for item in items:
+            if item.buffers is None:
+                parts.append(item.frame)
+                continue
+            buffered = True
+            area = slot.area
+            body, taken = _buffers.encode(
+                item.frame, item.buffers, None if area is None else area.calls
+            )
+            item.in_area = taken > 0
+            head = (item.task_id | _worker.TASK_BUFFERS).to_bytes(_worker.TASK_ID_BYTES, "little")
+            parts += _worker.buffered_frame(head, body)
+        return parts if buffered else b"".join(parts)
 
     def watch_outboxes(self) -> None:
         """Wait for room in the pipes of slots with an outbox (dispatcher, lock held)."""
@@ -1132,24 +1209,28 @@ class PoolCore:
             return
         fd = conn.fileno()
         while outbox:
-            head = outbox[0]
             try:
-                written = os.write(fd, head)
+                if len(outbox) == 1:
+                    head = outbox[0]
+                    written = os.write(fd, head)
+                    rest = [head[written:]] if written < len(head) else []
+                else:
+                    rest = _write_parts(fd, list(outbox))
             except BlockingIOError:
                 return  # still full: wait for room again
             except OSError:
                 outbox.clear()  # the worker is gone: its sentinel says how
                 break
-            if written < len(head):
-                outbox[0] = head[written:]
+            outbox.clear()
+            if rest:
+                outbox.extend(rest)
                 return
-            outbox.popleft()
         self.selector.unregister(conn)
 
     def send(self, slot: _Slot, item: WorkItem) -> None:
         """Give one item to ``slot``'s worker."""
         if self.assign(slot, item):
-            self.write(slot, item.frame)
+            self.write(slot, item.frame if item.buffers is None else self.frames_of(slot, [item]))
 
     def dispatch_pending(self) -> None:
         """Hand pending items to idle workers, then queue some behind busy ones.
@@ -1159,7 +1240,7 @@ class PoolCore:
         pending = self.pending
         if not pending:
             return
-        batches: dict[int, list[bytes]] = {}
+        batches: dict[int, list[WorkItem]] = {}
         if self.settings.type_limits is not None:
             self.dispatch_within_limits(batches)
         for slot in self.slots:
@@ -1168,7 +1249,7 @@ class PoolCore:
             if self.is_idle(slot) and self.settings.type_limits is None:
                 item = pending.popleft()
                 if self.assign(slot, item):
-                    batches[slot.index] = [item.frame]
+                    batches[slot.index] = [item]
         if pending and all(slot.process is not None for slot in self.slots):
             # (While a replacement worker is coming, it takes what is left.)
             now = time.monotonic()
@@ -1178,14 +1259,15 @@ class PoolCore:
                     if pending and self.can_prefetch(slot, pending[0], now):
                         item = pending.popleft()
                         if self.assign(slot, item):
-                            batches.setdefault(slot.index, []).append(item.frame)
+                            batches.setdefault(slot.index, []).append(item)
                         placed = True
                 if not placed:
                     break
-        for index, frames in batches.items():
-            self.write(self.slots[index], b"".join(frames))
+        for index, items in batches.items():
+            slot = self.slots[index]
+            self.write(slot, self.frames_of(slot, items))
 
-    def dispatch_within_limits(self, batches: dict[int, list[bytes]]) -> None:
+    def dispatch_within_limits(self, batches: dict[int, list[WorkItem]]) -> None:
         """Hand pending items to idle workers, skipping types at their cap.
 
         Skipped items keep their place; items behind them may go first.
@@ -1202,7 +1284,7 @@ class PoolCore:
                 continue
             slot = idle.pop(0)
             if self.assign(slot, item):
-                batches[slot.index] = [item.frame]
+                batches[slot.index] = [item]
             else:
                 idle.insert(0, slot)
         kept.extend(pending)
@@ -1566,13 +1648,21 @@ class PoolCore:
             for frame in frames:
                 view = memoryview(frame)
                 status = view[_worker.TASK_ID_BYTES]
-                payload = view[_worker.RESULT_HEADER_BYTES :]
+                payload: Any = view[_worker.RESULT_HEADER_BYTES :]
+                if status & _worker.STATUS_BUFFERS:
+                    status &= ~_worker.STATUS_BUFFERS
+                    payload = _Undecoded(payload)
                 if status == _worker.STATUS_INIT_FAILED:
-                    return payload
+                    return view[_worker.RESULT_HEADER_BYTES :]
                 if status == _worker.STATUS_READY:
                     slot.ready = True
                     slot.head_since = now
                     self.startup_deaths = 0
+                    pid = None if slot.process is None else slot.process.pid
+                    if payload and pid is not None and _buffers.SHARED_AREA:
+                        slot.area = _buffers.attach_area(pid, payload)
+                        if slot.area is not None:
+                            slot.releases_sent = -1  # the next write says it is mapped
                     self.wake_for_successor(slot)
                     continue
                 if status == _worker.STATUS_LOG:
@@ -1590,6 +1680,10 @@ class PoolCore:
                 # Booked before it leaves `assigned`: never in neither.
                 resolved.append((item, status, payload))
                 assigned.popleft()
+                if item.in_area:  # the worker has copied the call's buffers out
+                    item.in_area = False
+                    if slot.area is not None:
+                        slot.area.calls.release()
                 slot.tasks_done += 1
                 counters.latencies.append(now - item.submitted)
                 if status == _worker.STATUS_OK:
@@ -1598,12 +1692,28 @@ class PoolCore:
                     counters.failed += 1
                 if self.death_streaks:
                     self.death_streaks.pop(item.label, None)
-                slot.queued_bytes -= len(item.frame)
+                slot.queued_bytes -= item.size
                 slot.last_service = now - slot.head_since
                 slot.head_since = now
             if slot.process is not None and not (self.shutdown_requested and not self.pending):
                 self.dispatch_pending()
+            # After the next calls are on their way: the workers need not wait.
+            for index, (item, status, payload) in enumerate(resolved):
+                if type(payload) is _Undecoded:
+                    resolved[index] = (item, status, self._copy_buffers(slot, payload.body))
         return None
+
+    def _copy_buffers(self, slot: _Slot, body: memoryview) -> Any:
+        """Copy a result frame's buffers out (lock held); the worker may reuse
+        the area space once told so (see ``write``)."""
+        area = slot.area
+        try:
+            received, used_area = _buffers.decode(body, None if area is None else area.results.view)
+        except Exception as exc:
+            return exc  # the future fails with it (see resolve)
+        if used_area:
+            slot.results_copied += 1
+        return received
 
     def _poison(self, slot: _Slot, cause: BaseException) -> None:
         """The slot's result stream can no longer be trusted: kill its worker.
@@ -1743,7 +1853,7 @@ class PoolCore:
             return  # cancelled while queued in the worker
         try:
             if status == _worker.STATUS_OK:
-                value = pickle.loads(payload)
+                value = _buffers.loads(pickle.loads, payload)
             else:
                 error = exception_from_payload(payload)
         except BaseException as exc:
@@ -2199,6 +2309,32 @@ class PoolCore:
 _CRASH_SIGNALS = frozenset(
     {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT}
 )
+
+
+class _Undecoded:
+    """A result frame's buffers body, booked but not yet copied out."""
+
+    __slots__ = ("body",)
+
+    def __init__(self, body: memoryview) -> None:
+        self.body = body
+
+
+def _as_parts(data: _worker.Frames) -> list[Any]:
+    return data if isinstance(data, list) else [data]
+
+
+def _write_parts(fd: int, views: list[memoryview]) -> list[memoryview]:
+    """Write ``views`` to a non-blocking pipe as far as it takes them; what is left."""
+    while views:
+        try:
+            written = os.writev(fd, views[: _worker.IOV_MAX])
+        except BlockingIOError:
+            return views
+        views = _worker.skip_written(views, written)
+        if views and not written:
+            return views
+    return views
 
 
 def _self_inflicted(exitcode: Optional[int]) -> bool:

@@ -23,7 +23,7 @@ from concurrent.futures import TimeoutError as FuturesTimeoutError
 from multiprocessing.context import BaseContext
 from typing import Any, Callable, Optional, Protocol, TypeVar
 
-from duckpool import _admission, _core, _shutdown, _worker
+from duckpool import _admission, _buffers, _core, _shutdown, _worker
 from duckpool._stats import PoolStats
 
 __all__ = ["ProcessPoolExecutor", "TaskOptions"]
@@ -355,7 +355,8 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         future: Future[_T] = _core.PoolFuture(core)
         task_id = _core.next_task_id()
         try:
-            payload = self._dumps((fn, args, kwargs), pickle.HIGHEST_PROTOCOL)
+            call = (fn, *_buffers.wrap_call(args, kwargs))
+            payload, buffers = _buffers.dumps(self._dumps, call)
         except Exception as exc:
             # Failed at once, not raised: code written for the stdlib's
             # executor (and CPython's tests) expects the error from the future.
@@ -366,8 +367,15 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
             error.__cause__ = exc
             future.set_exception(error)
             return future
-        frame = _worker.task_frame(task_id, payload)
-        core.submit(_core.WorkItem(future, task_id, frame, fn, timeout, kind, chunk))
+        if buffers:
+            # Large buffers go beside the pickle, framed when a worker is
+            # chosen (into its shared area if there is room).
+            sent = _buffers.outgoing(buffers, snapshot=True)
+            item = _core.WorkItem(future, task_id, payload, fn, timeout, kind, chunk, sent)
+        else:
+            frame = _worker.task_frame(task_id, payload)
+            item = _core.WorkItem(future, task_id, frame, fn, timeout, kind, chunk)
+        core.submit(item)
         return future
 
     def _unpicklable_part(
@@ -379,7 +387,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         parts += [(f"keyword argument {k}={_short_repr(v)}", v) for k, v in kwargs.items()]
         for name, part in parts:
             try:
-                self._dumps(part, pickle.HIGHEST_PROTOCOL)
+                self._dumps(_buffers.wrap(part, 2), pickle.HIGHEST_PROTOCOL)
             except Exception:
                 return name
         return "the call"

@@ -7,16 +7,28 @@ the parent (``_executor``) and a worker:
 
 * task frame (parent -> worker): ``task_id`` (8 bytes, little endian) followed
   by the pickle of ``(fn, args, kwargs)``; an empty frame asks the worker to exit.
+  With ``TASK_BUFFERS`` set in the task id, a ``_buffers`` body (the pickle
+  and its large buffers, inline or in the worker's shared area) replaces the
+  pickle.  Task id 0 is a release frame: an 8-byte count of the result
+  frames whose buffers the parent has copied out of the shared area so far.
 * result frame (worker -> parent): ``task_id`` (8 bytes), one status byte,
   then a pickle: the return value for ``STATUS_OK``, or ``(exception,
   traceback_text)`` for ``STATUS_ERROR``, ``STATUS_UNPICKLE_FAILED`` (the
   task's call itself could not be unpickled) and ``STATUS_INIT_FAILED``.  A
-  worker sends one ``STATUS_READY`` frame (task id 0, no payload) once its
-  initializer has run.
+  worker sends one ``STATUS_READY`` frame (task id 0) once its initializer
+  has run, with its shared area's offer (``_buffers.create_area``) if it made
+  one.  ``STATUS_OK | STATUS_BUFFERS``: a ``_buffers`` body in the pickle's
+  place.
 * log frame (worker -> parent, when the pool forwards logs): ``STATUS_LOG``,
   the id of the task running when the record was made (0 between tasks), and
   the pickle of a ``logging.LogRecord``'s attributes (see ``_worker_logs``).
   It answers no task: any number may come between two result frames.
+
+The shared area only ever holds buffers the reader has not copied out yet:
+the parent reuses the space a call took once that task's result frame came
+back; the worker, the space a result took once a release frame said so.  A
+pipe carries every such "done" (the kernel's locks order the copies on both
+sides before it), never a flag in shared memory.
 
 Besides the pipes, a worker shares one array with the parent: in cell
 ``slot`` it writes the id of each task it takes up (so that after a death the
@@ -37,12 +49,17 @@ import signal
 import sys
 import threading
 
+from duckpool import _buffers
+
 # typing is not imported at run time: this module is what a spawned worker
 # imports, and annotations are not evaluated (``from __future__``).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
-    from typing import Any, Callable, Optional
+    from typing import Any, Callable, Optional, Union
+
+    #: What goes to a pipe: bytes, or parts written with one ``os.writev``.
+    Frames = Union[bytes, list[Any]]
 
 STATUS_OK = 0
 STATUS_ERROR = 1
@@ -50,6 +67,10 @@ STATUS_INIT_FAILED = 2
 STATUS_READY = 3
 STATUS_UNPICKLE_FAILED = 4
 STATUS_LOG = 5
+#: Or'ed into a result frame's status: a ``_buffers`` body follows.
+STATUS_BUFFERS = 0x80
+#: Or'ed into a task frame's id: a ``_buffers`` body follows.
+TASK_BUFFERS = 1 << 63
 
 TASK_ID_BYTES = 8
 RESULT_HEADER_BYTES = TASK_ID_BYTES + 1
@@ -58,6 +79,8 @@ RESULT_HEADER_BYTES = TASK_ID_BYTES + 1
 _PARENT_POLL_SECONDS = 0.2
 #: Bytes asked of the kernel per read(): a pipe holds 64 KiB by default.
 _READ_SIZE = 1 << 16
+#: A frame at least this large is read straight into a buffer of its own.
+_LARGE_FRAME = _READ_SIZE
 _LONG_FRAME = b"\xff\xff\xff\xff"
 
 #: The id of the task this worker is running, 0 between tasks (log records
@@ -67,10 +90,27 @@ current_task_id = 0
 
 def wire(frame: bytes) -> bytes:
     """A frame as ``multiprocessing.connection.Connection.send_bytes`` writes it."""
-    size = len(frame)
+    return frame_header(len(frame)) + frame
+
+
+def frame_header(size: int) -> bytes:
+    """The length header of a frame of ``size`` bytes."""
     if size < 0x7FFFFFFF:
-        return size.to_bytes(4, "big") + frame
-    return _LONG_FRAME + size.to_bytes(8, "big") + frame
+        return size.to_bytes(4, "big")
+    return _LONG_FRAME + size.to_bytes(8, "big")
+
+
+def buffered_frame(head: bytes, body: list[Any]) -> list[Any]:
+    """A frame of ``head`` (task id, status) and a ``_buffers`` body, as parts."""
+    size = len(head)
+    for part in body:
+        size += memoryview(part).nbytes
+    return [frame_header(size) + head, *body]
+
+
+def release_frame(count: int) -> bytes:
+    """The frame telling a worker how many result frames' area space is free."""
+    return wire(bytes(TASK_ID_BYTES) + count.to_bytes(8, "little"))
 
 
 def task_frame(task_id: int, payload: bytes) -> bytes:
@@ -81,34 +121,85 @@ def task_frame(task_id: int, payload: bytes) -> bytes:
     return b"".join((size.to_bytes(4, "big"), task_id.to_bytes(TASK_ID_BYTES, "little"), payload))
 
 
-def write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: Frames) -> None:
     """Write all of ``data`` to a blocking pipe."""
+    if isinstance(data, list):
+        write_parts(fd, data)
+        return
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def write_parts(fd: int, parts: list[Any]) -> None:
+    """Write all of ``parts``, in order, to a blocking pipe."""
+    views = [memoryview(part).cast("B") for part in parts]
+    while views:
+        written = os.writev(fd, views[:IOV_MAX])
+        views = skip_written(views, written)
+
+
+def skip_written(views: list[memoryview], written: int) -> list[memoryview]:
+    """What of ``views`` is left once ``written`` bytes of them were written."""
+    index = 0
+    for view in views:
+        size = view.nbytes
+        if written < size:
+            break
+        written -= size
+        index += 1
+    rest = views[index:]
+    if rest and written:
+        rest[0] = rest[0][written:]
+    return rest
+
+
+#: Result types pickled as they are: the most common, and never a buffer.
+_PLAIN_RESULTS = frozenset((int, float, str, bool, type(None)))
+
+#: The most parts one writev() takes (Linux's IOV_MAX).
+IOV_MAX = 1024
 
 
 class FrameReader:
     """Reads ``Connection``-format frames from a pipe, as many as one read() brings.
 
     ``Connection.recv_bytes`` costs two system calls per frame; a busy pool
-    has many small frames waiting, and this reads them all at once.  A large
-    frame is asked for whole, in one read of its remaining size, and frames
-    are cut from what was read with one copy each (none when a read brought
-    exactly whole frames).
+    has many small frames waiting, and this reads them all at once.  Small
+    frames are cut from what was read with one copy each (none when a read
+    brought exactly whole frames); a large frame (``_LARGE_FRAME``) is read
+    straight into a ``bytearray`` of its size, which is the frame.
     """
 
-    __slots__ = ("_buffer", "_fd")
+    __slots__ = ("_buffer", "_fd", "_filled", "_large")
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._buffer = bytearray()
+        #: The large frame being read, and how much of it has arrived.
+        self._large: Optional[bytearray] = None
+        self._filled = 0
 
     def read_available(self) -> tuple[list[bytes], bool]:
         """Frames complete now, from a non-blocking pipe; and whether it hit EOF."""
         eof = False
         frames: list[bytes] = []
         while True:
+            large = self._large
+            if large is not None:
+                try:
+                    count = os.readv(self._fd, [memoryview(large)[self._filled :]])
+                except BlockingIOError:
+                    break
+                except OSError:
+                    eof = True
+                    break
+                if not count:
+                    eof = True
+                    break
+                if not self._fill(count, frames):
+                    break  # the pipe is empty for now
+                continue
             wanted = self._wanted()
             try:
                 chunk = os.read(self._fd, wanted)
@@ -127,13 +218,32 @@ class FrameReader:
 
     def read_blocking(self) -> list[bytes]:
         """At least one frame, waiting for it; an empty list at EOF."""
+        frames: list[bytes] = []
         while True:
+            large = self._large
+            if large is not None:
+                count = os.readv(self._fd, [memoryview(large)[self._filled :]])
+                if not count:
+                    return []
+                if self._fill(count, frames):
+                    return frames
+                continue
             chunk = os.read(self._fd, self._wanted())
             if not chunk:
                 return []
             frames = self._take(chunk)
             if frames:
                 return frames
+
+    def _fill(self, count: int, frames: list[Any]) -> bool:
+        """``count`` more bytes of the large frame arrived; True if it is whole."""
+        self._filled += count
+        large = self._large
+        if large is None or self._filled < len(large):
+            return False
+        frames.append(large)
+        self._large = None
+        return True
 
     def _wanted(self) -> int:
         """How much one read asks for: at least the rest of the frame begun."""
@@ -162,8 +272,20 @@ class FrameReader:
             frames.append(view[start : start + size])
             position = start + size
         if position < end:
-            self._buffer += view[position:]
+            self._keep(view[position:])
         return frames
+
+    def _keep(self, rest: memoryview) -> None:
+        """Keep the start of a frame: in the buffer, or as a large frame begun."""
+        if len(rest) >= 4:
+            size, header = _frame_size(rest)
+            if size >= _LARGE_FRAME:
+                large = bytearray(size)
+                got = len(rest) - header
+                large[:got] = rest[header:]
+                self._large, self._filled = large, got
+                return
+        self._buffer += rest
 
     def _split(self) -> list[bytes]:
         buffer = self._buffer
@@ -178,6 +300,11 @@ class FrameReader:
                     break
                 frames.append(bytes(view[start : start + size]))
                 position = start + size
+            if position < end and end - position >= 4:
+                size, header = _frame_size(view[position:])
+                if size >= _LARGE_FRAME:
+                    self._keep(view[position:])
+                    position = end
         if position:
             del buffer[:position]
         return frames
@@ -614,7 +741,7 @@ def worker_main(
     _prepare(config)
     result_fd = result_conn.fileno()
 
-    def send(frame: bytes) -> None:
+    def send(frame: Frames) -> None:
         write_all(result_fd, frame)
 
     if config.log_levels is not None:
@@ -622,7 +749,7 @@ def worker_main(
         # frames must not interleave, so every write takes the lock.
         write_lock = threading.Lock()
 
-        def send(frame: bytes) -> None:
+        def send(frame: Frames) -> None:
             with write_lock:
                 write_all(result_fd, frame)
 
@@ -643,12 +770,40 @@ def worker_main(
             )
             send(encode_result(0, STATUS_INIT_FAILED, dump_exception(exc)))
             return
-    send(encode_result(0, STATUS_READY, b""))
-    _serve(FrameReader(task_conn.fileno()).read_blocking, send, config)
+    area, offer = _buffers.create_area()
+    send(encode_result(0, STATUS_READY, offer))
+    _serve(FrameReader(task_conn.fileno()).read_blocking, send, config, _Transfer(area))
+
+
+class _Transfer:
+    """A worker's side of its shared area (see ``_buffers``)."""
+
+    __slots__ = ("area", "released", "results")
+
+    def __init__(self, area: Optional[_buffers.Area]) -> None:
+        self.area = area
+        #: The results region, once the parent said it mapped the area.
+        self.results: Optional[_buffers.Region] = None
+        #: Result frames whose area space the parent has released, so far.
+        self.released = 0
+
+    def on_release(self, body: memoryview) -> None:
+        """A release frame: free the space of results the parent copied out."""
+        area = self.area
+        if area is None:
+            return
+        count = int.from_bytes(body[:8], "little")
+        self.results = area.results
+        while self.released < count:
+            area.results.release()
+            self.released += 1
 
 
 def _serve(
-    recv: Callable[[], list[bytes]], send: Callable[[bytes], None], config: WorkerConfig
+    recv: Callable[[], list[bytes]],
+    send: Callable[[Frames], None],
+    config: WorkerConfig,
+    transfer: _Transfer,
 ) -> None:
     """The task loop: one frame in, one frame out, in order."""
     loads = pickle.loads
@@ -676,7 +831,10 @@ def _serve(
             if not frames[-1]:
                 return  # an empty frame: stop
             # Popped, not iterated: a frame is freed as soon as it is decoded.
-            _run_one(frames.pop(), send, loads, dumps, protocol, marks, slot, skip_cell)
+            if not _run_one(
+                frames.pop(), send, loads, dumps, protocol, marks, slot, skip_cell, transfer
+            ):
+                continue  # a release frame: no task ran
             current_task_id = 0
             if rss is not None and config.max_memory is not None and rss() > config.max_memory:
                 return  # recycled: the parent requeues what was queued here
@@ -684,28 +842,42 @@ def _serve(
 
 def _run_one(
     frame: bytes,
-    send: Callable[[bytes], None],
+    send: Callable[[Frames], None],
     loads: Callable[..., Any],
     dumps: Callable[..., bytes],
     protocol: int,
     marks: Any,
     slot: int,
     skip_cell: int,
-) -> None:
-    """Run one task frame and send its result frame."""
+    transfer: _Transfer,
+) -> bool:
+    """Run one task frame and send its result frame; False for a release frame."""
     global current_task_id
     view = memoryview(frame)
     task_id = int.from_bytes(view[:TASK_ID_BYTES], "little")
+    if not task_id:
+        transfer.on_release(view[TASK_ID_BYTES:])
+        return False
+    buffered = task_id & TASK_BUFFERS
+    task_id &= ~TASK_BUFFERS
     marks[slot] = task_id
     current_task_id = task_id
     if marks[skip_cell] == task_id:  # cancelled while queued here
         send(encode_result(task_id, STATUS_ERROR, dump_exception(_skipped(task_id))))
-        return
+        return True
     try:
-        fn, args, kwargs = loads(view[TASK_ID_BYTES:])
+        if buffered:
+            area = transfer.area
+            received, _ = _buffers.decode(
+                view[TASK_ID_BYTES:], None if area is None else area.calls.view
+            )
+            fn, args, kwargs = _buffers.loads(loads, received)
+            del received
+        else:
+            fn, args, kwargs = loads(view[TASK_ID_BYTES:])
     except BaseException as exc:
         send(encode_result(task_id, STATUS_UNPICKLE_FAILED, dump_exception(exc)))
-        return
+        return True
     del view, frame
     try:
         result = fn(*args, **kwargs)
@@ -713,16 +885,26 @@ def _run_one(
         # SystemExit and KeyboardInterrupt raised by a task are that task's
         # outcome, not an order to this worker.
         send(encode_result(task_id, STATUS_ERROR, dump_exception(exc, dumps)))
-        return
+        return True
     finally:
         del fn, args, kwargs
     try:
-        payload = dumps(result, protocol)
+        if type(result) in _PLAIN_RESULTS:  # nothing out of band, surely
+            payload, buffers = dumps(result, protocol), None
+        else:
+            payload, buffers = _buffers.dumps(dumps, _buffers.wrap(result), protocol)
     except BaseException as exc:
         send(encode_result(task_id, STATUS_ERROR, dump_exception(exc)))
-        return
-    del result
-    send(encode_result(task_id, STATUS_OK, payload))
+        return True
+    if not buffers:
+        del result
+        send(encode_result(task_id, STATUS_OK, payload))
+        return True
+    body, _ = _buffers.encode(payload, _buffers.outgoing(buffers, False), transfer.results)
+    del result, buffers
+    head = task_id.to_bytes(TASK_ID_BYTES, "little") + bytes((STATUS_OK | STATUS_BUFFERS,))
+    send(buffered_frame(head, body))
+    return True
 
 
 def _skipped(task_id: int) -> BaseException:
