@@ -1978,6 +1978,11 @@ class PoolCore:
             give_up = self.startup_deaths >= _MAX_STARTUP_DEATHS
         for item, error in failed:
             _set_exception(item.future, error)
+        self.break_if_starts_fail(give_up, exitcode)
+
+    def break_if_starts_fail(self, give_up: bool, exitcode: Optional[int]) -> None:
+        """After a process died: break the pool if an initializer failed, or if
+        ``give_up`` (too many processes in a row died before they were ready)."""
         if self.initializer_error is not None:
             cause = self.initializer_error
             self.mark_broken(f"a worker's initializer failed: {cause!r}; the pool is broken", cause)
@@ -2035,14 +2040,7 @@ class PoolCore:
         self.resolve_all(records)
         if init_failure is not None:
             self.on_initializer_failure(init_failure)
-            cause = self.initializer_error
-            self.mark_broken(f"a worker's initializer failed: {cause!r}; the pool is broken", cause)
-        elif give_up:
-            self.mark_broken(
-                f"{_MAX_STARTUP_DEATHS} worker processes in a row died before they were "
-                f"ready (the last {describe_exit(exitcode)}); the pool is broken",
-                None,
-            )
+        self.break_if_starts_fail(give_up, exitcode)
 
     def close_spare(self, spare: _Spare) -> None:
         """Stop watching a spare process and close its pipes (lock held)."""
