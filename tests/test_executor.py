@@ -581,3 +581,19 @@ def test_forked_workers_hold_no_write_end_of_their_own_task_pipe() -> None:
             assert not _holds_write_end(slot.process.pid, inode)
     finally:
         pool.shutdown()
+
+
+def test_a_pool_that_has_shut_down_leaves_no_descriptor_open(ctx: object) -> None:
+    import gc
+
+    def run_a_pool() -> None:
+        pool = duckpool.ProcessPoolExecutor(2, ctx)  # type: ignore[arg-type]
+        assert [f.result(TIMEOUT) for f in [pool.submit(tasks.add, i, 1) for i in range(6)]]
+        pool.shutdown()
+
+    run_a_pool()  # the first may start what multiprocessing keeps (fork server, tracker)
+    gc.collect()
+    before = set(os.listdir("/proc/self/fd"))
+    run_a_pool()
+    gc.collect()
+    assert set(os.listdir("/proc/self/fd")) - before == set()

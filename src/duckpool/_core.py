@@ -1420,6 +1420,8 @@ class PoolCore:
                 self.zygote.close(KILL_GRACE_SECONDS)
             if self.parent_pidfd is not None:
                 os.close(self.parent_pidfd)
+            if isinstance(self.shared_marks, _worker.SharedMarks):
+                self.shared_marks.close_fd()  # no worker starts any more
             self.close_wakeup()
 
     def _dispatch_until_done(self) -> None:

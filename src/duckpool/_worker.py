@@ -445,10 +445,17 @@ class SharedMarks:
 
         return (_map_marks, (reduction.DupFd(self.fd), self.cells))
 
+    def close_fd(self) -> None:
+        """Close the memfd, once no process is to be started with these marks:
+        the mapping stays."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
 
 def _map_marks(dup: Any, cells: int) -> SharedMarks:
     marks = SharedMarks(cells, dup.detach())
-    os.close(marks.fd)  # the mapping stays
+    marks.close_fd()
     return marks
 
 
