@@ -100,7 +100,7 @@ from multiprocessing import connection as mp_connection
 from multiprocessing.context import BaseContext
 from typing import Any, Callable, NamedTuple, Optional, Protocol, TypeVar
 
-from duckpool import _buffers, _logs, _spawn, _worker, _zygote
+from duckpool import _buffers, _logs, _spawn, _threads, _worker, _zygote
 from duckpool._admission import Admission
 from duckpool._errors import (
     InheritedManagerError,
@@ -828,7 +828,6 @@ class PoolCore:
             # workers from then on (see _zygote).
             try:
                 self.zygote = _zygote.Zygote(
-                    self.settings.context,
                     self.worker_config,
                     inherited_fds=self.inherited_fds(),
                     parent_pidfd=self.parent_pidfd,
@@ -842,10 +841,9 @@ class PoolCore:
                 self.selector.register(self.zygote.notices_fd, _ZYGOTE_NOTICES)
                 self.selector.register(self.zygote.sentinel, _ZYGOTE_EXIT)
                 self.selector.register(self.zygote.control, _ZYGOTE_STARTED)
-        self.thread = threading.Thread(
-            target=self.dispatch_loop,
-            name=f"duckpool-dispatcher-{id(self):x}",
-            daemon=True,
+        # Not waited for: the caller may read the first result itself meanwhile.
+        self.thread = _threads.QuickStartThread(
+            self.dispatch_loop, name=f"duckpool-dispatcher-{id(self):x}"
         )
         self.thread.start()
         if any(slot.reserved for slot in self.slots):
