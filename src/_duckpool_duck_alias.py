@@ -12,18 +12,17 @@ until the seed path is actually imported).
   ``processpool`` module resolves to duckpool's, and the rest of Duck is untouched.
 """
 
-from __future__ import annotations
-
 # Only modules every interpreter has loaded by the time .pth files run: this
-# runs at every start-up (spawned workers included), so importing typing or
-# importlib.abc (which pulls in importlib.resources, pathlib, re, ...) here
-# would slow every Python process in the environment.
-import importlib.machinery
+# runs at every start-up (spawned workers included), so any import here
+# (even ``__future__``, or ``importlib.machinery``, whose package imports
+# ``warnings``) would slow every Python process in the environment.  The
+# annotations are strings for the same reason.
 import os
 import sys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import importlib.machinery
     import types
     from collections.abc import Sequence
 
@@ -34,10 +33,10 @@ _PARENTS = ("duck", "duck.utils", "duck.utils.multiprocessing")
 class _ShimLoader:
     """Loads the seed module as a re-export of :mod:`duckpool._seed`."""
 
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
+    def create_module(self, spec: "importlib.machinery.ModuleSpec") -> "types.ModuleType | None":
         return None
 
-    def exec_module(self, module: types.ModuleType) -> None:
+    def exec_module(self, module: "types.ModuleType") -> None:
         from duckpool import _seed
 
         module.__dict__.update(
@@ -56,17 +55,19 @@ class DuckAliasFinder:
     def find_spec(
         self,
         fullname: str,
-        path: Sequence[str] | None = None,
-        target: types.ModuleType | None = None,
-    ) -> importlib.machinery.ModuleSpec | None:
+        path: "Sequence[str] | None" = None,
+        target: "types.ModuleType | None" = None,
+    ) -> "importlib.machinery.ModuleSpec | None":
+        if fullname != SEED_MODULE and (fullname not in _PARENTS or not self.provide_parents):
+            return None
+        import importlib.machinery
+
         if fullname == SEED_MODULE:
             # A loader by protocol (create_module, exec_module), not by base class.
             return importlib.machinery.ModuleSpec(fullname, _ShimLoader())  # type: ignore[arg-type]
-        if fullname in _PARENTS and self.provide_parents:
-            # Reached only when no installed package provides it: this finder
-            # sits at the end of sys.meta_path.
-            return importlib.machinery.ModuleSpec(fullname, None, is_package=True)
-        return None
+        # A parent, reached only when no installed package provides it: this
+        # finder sits at the end of sys.meta_path.
+        return importlib.machinery.ModuleSpec(fullname, None, is_package=True)
 
 
 def install() -> None:
