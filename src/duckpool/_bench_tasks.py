@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any, Callable, Optional
 
+# Not typing's TYPE_CHECKING: importing typing would cost every spawned worker.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
+    from typing import Any, Callable, Optional
 
 __all__ = [
     "bench_child_pid",
