@@ -76,6 +76,8 @@ def test_record_reaches_the_parent_tagged_with_pool_slot_and_task(
     for record in (first, second):
         assert record.duckpool_pool == "logs-pool"  # type: ignore[attr-defined]
         assert slots[record.duckpool_slot] == record.process  # type: ignore[attr-defined]
+        # The worker's name, whether or not the worker imported multiprocessing.
+        assert record.processName == f"duckpool-worker-{record.duckpool_slot}"  # type: ignore[attr-defined]
     first_task = first.duckpool_task_id  # type: ignore[attr-defined]
     second_task = second.duckpool_task_id  # type: ignore[attr-defined]
     assert isinstance(first_task, int) and 0 < first_task < second_task

@@ -37,9 +37,9 @@ The worker imports this module: it imports as little as it can.
 
 from __future__ import annotations
 
+import _pickle
 import mmap
 import os
-import pickle
 import struct
 import sys
 from collections import deque
@@ -71,12 +71,15 @@ _SCAN_ITEMS = 32
 WRITABLE = 1
 IN_AREA = 2
 
+#: pickle.HIGHEST_PROTOCOL from Python 3.8 on (the pickle module itself is
+#: not imported in a worker: see _worker).
+PROTOCOL = 5
 _HEAD = struct.Struct("<IQ")
 _DESCRIPTOR = struct.Struct("<BQQ")
 #: The READY frame's payload when the worker offers a shared area.
 _AREA_OFFER = struct.Struct("<iQQ")  # fd, inode, size
 
-_PickleBuffer = pickle.PickleBuffer
+_PickleBuffer = _pickle.PickleBuffer
 _BUFFER_TYPES = frozenset((bytes, bytearray, memoryview))
 _CONTAINER_TYPES = frozenset((tuple, list, dict))
 _SCANNED_TYPES = _BUFFER_TYPES | _CONTAINER_TYPES
@@ -195,15 +198,15 @@ def wrap_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
 
 
 def dumps(
-    dump: Callable[..., bytes], obj: Any, protocol: int = pickle.HIGHEST_PROTOCOL
-) -> tuple[bytes, list[pickle.PickleBuffer]]:
+    dump: Callable[..., bytes], obj: Any, protocol: int = PROTOCOL
+) -> tuple[bytes, list[_pickle.PickleBuffer]]:
     """Pickle ``obj`` with ``dump``; return the pickle and its out-of-band buffers.
 
     Every ``PickleBuffer`` goes out of band, small ones too (a size test
     per buffer would cost every call more than the rare small one saves);
     ``encode`` sends small ones inline.
     """
-    buffers: list[pickle.PickleBuffer] = []
+    buffers: list[_pickle.PickleBuffer] = []
     try:
         return dump(obj, protocol, buffer_callback=buffers.append), buffers
     except BaseException:
@@ -212,7 +215,7 @@ def dumps(
         raise
 
 
-def outgoing(buffers: list[pickle.PickleBuffer], snapshot: bool) -> list[tuple[int, memoryview]]:
+def outgoing(buffers: list[_pickle.PickleBuffer], snapshot: bool) -> list[tuple[int, memoryview]]:
     """Flags and bytes of each buffer, to be sent.
 
     With ``snapshot``, a buffer whose owner may change it (anything but a

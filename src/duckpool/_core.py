@@ -100,7 +100,7 @@ from multiprocessing import connection as mp_connection
 from multiprocessing.context import BaseContext
 from typing import Any, Callable, NamedTuple, Optional, Protocol, TypeVar
 
-from duckpool import _buffers, _logs, _spawn, _threads, _worker, _zygote
+from duckpool import _buffers, _child, _logs, _spawn, _threads, _worker, _zygote
 from duckpool._admission import Admission
 from duckpool._errors import (
     InheritedManagerError,
@@ -358,6 +358,7 @@ class _Slot:
         "head_since",
         "index",
         "last_service",
+        "launched_at",
         "outbox",
         "poisoned",
         "process",
@@ -419,6 +420,8 @@ class _Slot:
         self.head_since = 0.0
         #: How long the worker's last task took, as seen from here.
         self.last_service = float("inf")
+        #: When its worker was started (``time.monotonic()``), until it is ready.
+        self.launched_at: Optional[float] = None
         self.stopping: Optional[_Stopping] = None
         #: Held while frames are read from the result pipe and booked, so the
         #: dispatcher and a helping caller take them in order.
@@ -450,6 +453,7 @@ class _Slot:
         self.stop_sent = False
         self.ready = False
         self.last_service = float("inf")
+        self.launched_at = None
         self.stopping = None
         self.poisoned = None
         self.requested = False  # an answer still due is unwanted now
@@ -465,7 +469,7 @@ class _Spare:
     the slot's reader once it takes the slot.
     """
 
-    __slots__ = ("process", "result_conn", "slot", "task_conn")
+    __slots__ = ("launched_at", "process", "result_conn", "slot", "task_conn")
 
     def __init__(
         self,
@@ -476,6 +480,7 @@ class _Spare:
     ) -> None:
         self.slot = slot
         self.process = process
+        self.launched_at = time.monotonic()
         self.task_conn = task_conn
         self.result_conn = result_conn
 
@@ -674,6 +679,8 @@ class PoolCore:
         #: What holds ``marks`` and is sent to the workers (``_worker.new_marks``).
         self.shared_marks: Any = None
         self.startup_deaths = 0
+        #: How long a worker takes from its start to ready, lately (seconds).
+        self.start_seconds = 0.0
         #: Spare processes let go unused (a successor no longer wanted), until
         #: they have exited and been reaped.
         self.leaving: list[_Spare] = []
@@ -805,7 +812,7 @@ class PoolCore:
         if self.forks and self.parent_pidfd is None:
             # With it the zygote kills the workers when this process dies,
             # and they need no watchdog thread of their own.
-            self.parent_pidfd = _zygote.pidfd_of(os.getpid())
+            self.parent_pidfd = _child.pidfd_of(os.getpid())
         # The first worker now, for the task being submitted (under fork,
         # straight from this process: no thread of this pool exists yet, as
         # when the zygote is forked).  The dispatcher starts the others at
@@ -891,6 +898,7 @@ class PoolCore:
             slot.successor = None
             self.unwatch_spare(spare)
             self.install_worker(slot, spare.process, spare.task_conn, spare.result_conn)
+            slot.launched_at = spare.launched_at
             return
         if self.zygote is not None:
             if not slot.requested:
@@ -903,7 +911,9 @@ class PoolCore:
                 f"the process that forks this pool's workers could not be started: "
                 f"{self.zygote_error}"
             ) from self.zygote_error
+        launched_at = time.monotonic()
         self.install_worker(slot, *self.launch(slot.index))
+        slot.launched_at = launched_at
 
     def launch(self, slot_index: int) -> tuple[WorkerProcess, Any, Any]:
         """Start a worker process for ``slot_index`` from this process, not
@@ -952,23 +962,27 @@ class PoolCore:
         """Should a successor start for ``slot`` now? (lock held)
 
         With ``max_tasks_per_child``, once a ready worker has been sent half
-        its quota: its replacement then starts while it works, instead of
-        after it has exited, and takes the slot as soon as it leaves.  Not
-        under fork: there the zygote forks a replacement in a millisecond or
-        two, and a successor would only hold memory.
+        its quota, or sooner if at the pace of its last task it would reach
+        its quota in less than twice the time a worker takes to start: its
+        replacement then starts while it works, instead of after it has
+        exited, and takes the slot as soon as it leaves.  Not under fork:
+        there the zygote forks a replacement in a millisecond or two, and a
+        successor would only hold memory.
         """
         limit = self.settings.max_tasks_per_child
-        return (
-            limit is not None
-            and not self.forks
-            and slot.successor is None
-            and slot.process is not None
-            and slot.ready
-            and 2 * slot.tasks_sent >= limit
-            and slot.stopping is None
-            and slot.poisoned is None
-            and slot.index < self.size
-        )
+        if (
+            limit is None
+            or self.forks
+            or slot.successor is not None
+            or slot.process is None
+            or not slot.ready
+            or slot.stopping is not None
+            or slot.poisoned is not None
+            or slot.index >= self.size
+        ):
+            return False
+        left = limit - slot.tasks_sent
+        return 2 * slot.tasks_sent >= limit or left * slot.last_service < 2 * self.start_seconds
 
     def start_successors(self) -> Optional[BaseException]:
         """Start the successors that are due (lock held); return a start error."""
@@ -1658,6 +1672,12 @@ class PoolCore:
                     slot.ready = True
                     slot.head_since = now
                     self.startup_deaths = 0
+                    if slot.launched_at is not None:
+                        took = now - slot.launched_at
+                        self.start_seconds = (
+                            took if not self.start_seconds else (self.start_seconds + took) / 2
+                        )
+                        slot.launched_at = None
                     pid = None if slot.process is None else slot.process.pid
                     if payload and pid is not None and _buffers.SHARED_AREA:
                         slot.area = _buffers.attach_area(pid, payload)

@@ -1,17 +1,20 @@
-"""Starting one worker process: its two pipes and its ``multiprocessing`` process.
+"""Starting one worker process: its two pipes and the process.
 
 Used by the pool itself (spawn, forkserver, and the first worker under fork) and,
-under fork, by the zygote for every later worker.
+under fork, by the zygote for every later worker.  Under spawn the worker is
+started by ``spawn_worker`` (see ``_spawned``), otherwise as a ``multiprocessing``
+process.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import sys
 from multiprocessing import connection as mp_connection
 from typing import Any
 
-from duckpool import _worker
+from duckpool import _child, _spawned, _worker
 
 
 def start_worker_process(
@@ -25,9 +28,24 @@ def start_worker_process(
     result_r, result_w = os.pipe()
     for fd in (task_w, result_w):
         _enlarge(fd)
+    method = context.get_start_method()
+    if method == "spawn" and _SPAWN_DIRECTLY:
+        try:
+            process: Any = spawn_worker(config, task_r, result_w)
+        except BaseException:
+            for fd in (task_r, task_w, result_r, result_w):
+                os.close(fd)
+            raise
+        os.close(task_r)
+        os.close(result_w)
+        return (
+            process,
+            mp_connection.Connection(task_w, readable=False),
+            mp_connection.Connection(result_r, writable=False),
+        )
     # A forked worker closes its copies of the parent's ends (spawned and
     # forkserver workers never get them).
-    parent_ends = (task_w, result_r) if context.get_start_method() == "fork" else ()
+    parent_ends = (task_w, result_r) if method == "fork" else ()
     process = context.Process(
         target=_worker.worker_main,
         # Bare descriptors, not Connections: cheaper for a spawned worker to rebuild.
@@ -65,3 +83,95 @@ def _enlarge(fd: int) -> None:
         fcntl.fcntl(fd, set_size, PIPE_BYTES)
     except OSError:  # over the user's pipe quota, or not Linux: the default stays
         pass
+
+
+#: A frozen program cannot run ``python -c``: it spawns through multiprocessing.
+_SPAWN_DIRECTLY = os.name == "posix" and not getattr(sys, "frozen", False)
+
+#: What the new interpreter runs: ``duckpool`` comes from where this process
+#: has it, whatever the child's own ``sys.path`` finds first.
+_BOOT = (
+    "import sys; sys.path.insert(0, {package_parent!r}); "
+    "from duckpool._spawned import main; del sys.path[0]; main({data_fd})"
+)
+
+
+class _Launch:
+    """Stands in for ``multiprocessing``'s spawning ``Popen`` while a worker's
+    arguments are pickled: descriptors in them (``reduction.DupFd``: the
+    worker's pipe ends, the marks, a ``multiprocessing.Queue`` in ``initargs``)
+    go to the new process at the same numbers."""
+
+    DupFd = _spawned.InheritedDupFd
+
+    def __init__(self) -> None:
+        self.fds: list[int] = []
+
+    def duplicate_for_child(self, fd: int) -> int:
+        self.fds.append(fd)
+        return fd
+
+
+def spawn_worker(config: _worker.WorkerConfig, task_r: int, result_w: int) -> _child.ChildProcess:
+    """Start a worker in a new interpreter, as the ``spawn`` start method
+    would, but without ``multiprocessing.spawn`` in the worker (``_spawned``).
+
+    The caller keeps ``task_r`` and ``result_w`` (and closes them).
+    """
+    from multiprocessing import context as mp_context
+    from multiprocessing import process as mp_process
+    from multiprocessing import reduction, resource_tracker, spawn, util
+
+    _child.reap_closed()
+    prep = spawn.get_preparation_data(config.name)
+    if "authkey" in prep:  # plain bytes: its class would import multiprocessing
+        prep["authkey"] = bytes(prep["authkey"])
+    extra: dict[str, Any] = {
+        "parent_pid": os.getpid(),
+        "parent_name": mp_process.current_process().name,
+        "tracker_fd": resource_tracker.getfd(),
+    }
+    launch = _Launch()
+    mp_context.set_spawning_popen(launch)  # type: ignore[arg-type]
+    try:
+        head = bytes(reduction.ForkingPickler.dumps((prep, extra)))
+        body = reduction.ForkingPickler.dumps(
+            (_worker.InheritedFd(task_r), _worker.InheritedFd(result_w), config, ())
+        )
+    finally:
+        mp_context.set_spawning_popen(None)  # type: ignore[attr-defined]
+    data_r, data_w = os.pipe()
+    alive_r, alive_w = os.pipe()  # the sentinel where pidfds are missing
+    try:
+        _enlarge(data_w)
+        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(_worker.__file__)))
+        executable = spawn.get_executable()
+        args = [
+            os.fsdecode(executable),
+            *util._args_from_interpreter_flags(),  # type: ignore[attr-defined]
+            "-c",
+            _BOOT.format(package_parent=package_parent, data_fd=data_r),
+        ]
+        keep = sorted({data_r, alive_w, extra["tracker_fd"], *launch.fds})
+        pid = util.spawnv_passfds(os.fsencode(executable), args, keep)  # type: ignore[attr-defined]
+    except BaseException:
+        for fd in (data_r, data_w, alive_r, alive_w):
+            os.close(fd)
+        raise
+    os.close(data_r)
+    os.close(alive_w)
+    process = _child.ChildProcess(pid, alive_r)
+    try:
+        _write_all(data_w, len(head).to_bytes(8, "little") + head)
+        _write_all(data_w, body)
+    except OSError:
+        pass  # it died at once: its exit code tells the pool
+    finally:
+        os.close(data_w)
+    return process
+
+
+def _write_all(fd: int, data: Any) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

@@ -43,17 +43,23 @@ This module is imported by every spawned worker: it imports as little as it can.
 
 from __future__ import annotations
 
+import _pickle
+import _thread
 import os
-import pickle
-import signal
 import sys
-import threading
 
 from duckpool import _buffers
 
+# The C modules under pickle, signal and threading: the Python ones import
+# re, enum and weakref sets, which would be a third of a spawned worker's start.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal
+else:
+    import _signal as signal
+
 # typing is not imported at run time: this module is what a spawned worker
 # imports, and annotations are not evaluated (``from __future__``).
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
     from typing import Any, Callable, Optional, Union
@@ -484,19 +490,19 @@ def encode_result(task_id: int, status: int, payload: bytes) -> bytes:
     return b"".join((size.to_bytes(4, "big"), head, payload))
 
 
-def dump_exception(exc: BaseException, dumps: Callable[..., bytes] = pickle.dumps) -> bytes:
+def dump_exception(exc: BaseException, dumps: Callable[..., bytes] = _pickle.dumps) -> bytes:
     """Pickle ``(exc, traceback_text)``, degrading to a picklable stand-in."""
     import traceback  # only when a task fails: it is not cheap to import
 
     tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
-        return dumps((exc, tb_text), pickle.HIGHEST_PROTOCOL)
+        return dumps((exc, tb_text), _buffers.PROTOCOL)
     except BaseException as pickling_error:
         stand_in = RuntimeError(
             f"the task raised {type(exc).__qualname__}: {exc!s} "
             f"(the exception itself could not be pickled: {pickling_error!r})"
         )
-        return pickle.dumps((stand_in, tb_text), pickle.HIGHEST_PROTOCOL)
+        return _pickle.dumps((stand_in, tb_text), _buffers.PROTOCOL)
 
 
 def _rss_reader() -> Callable[[], int]:
@@ -612,12 +618,8 @@ def _prepare(config: WorkerConfig) -> None:
     # The parent starts workers with SIGINT blocked (see _core.start_worker).
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     if not config.watched:
-        threading.Thread(
-            target=watch_parent,
-            args=(config.parent_pid,),
-            name="duckpool-parent-watchdog",
-            daemon=True,
-        ).start()
+        # A bare thread: threading would be imported for this one alone.
+        _thread.start_new_thread(watch_parent, (config.parent_pid,))
 
 
 def forward_logs_from_first_record(send: Callable[[bytes], None], config: WorkerConfig) -> None:
@@ -641,7 +643,7 @@ def forward_logs_from_first_record(send: Callable[[bytes], None], config: Worker
     # Weak references to every handler that exists now, in creation order.
     handler_refs = getattr(logging, "_handlerList", None)
     started_with = None if handler_refs is None else list(handler_refs)
-    install_lock = threading.Lock()
+    install_lock = _thread.allocate_lock()
 
     def first_call_handlers(logger: logging.Logger, record: logging.LogRecord) -> None:
         with install_lock:  # the task's threads may log their first records at once
@@ -754,7 +756,7 @@ def worker_main(
     if config.log_levels is not None:
         # Threads of a task may log while the main thread writes a result:
         # frames must not interleave, so every write takes the lock.
-        write_lock = threading.Lock()
+        write_lock = _thread.allocate_lock()
 
         def send(frame: Frames) -> None:
             with write_lock:
@@ -813,14 +815,14 @@ def _serve(
     transfer: _Transfer,
 ) -> None:
     """The task loop: one frame in, one frame out, in order."""
-    loads = pickle.loads
+    loads = _pickle.loads
     if config.serializer == "cloudpickle":
         import cloudpickle
 
         dumps: Callable[..., bytes] = cloudpickle.dumps
     else:
-        dumps = pickle.dumps
-    protocol = pickle.HIGHEST_PROTOCOL
+        dumps = _pickle.dumps
+    protocol = _buffers.PROTOCOL
     marks = marks_array(config.marks)
     slot = config.slot
     skip_cell = config.max_workers + slot

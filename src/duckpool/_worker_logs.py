@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import sys
 
 from duckpool import _worker
 
@@ -47,11 +48,14 @@ class LogForwarder(logging.Handler):
     ``duckpool_task_id`` (``record.process`` is the worker's pid already).
     """
 
-    def __init__(self, send: Callable[[bytes], None], pool_id: Any, slot: int) -> None:
+    def __init__(
+        self, send: Callable[[bytes], None], pool_id: Any, slot: int, name: str = ""
+    ) -> None:
         super().__init__(logging.NOTSET)
         self._send = send
         self._pool_id = pool_id
         self._slot = slot
+        self._name = name
 
     def emit(self, record: logging.LogRecord) -> None:
         attributes = record.__dict__
@@ -63,6 +67,14 @@ class LogForwarder(logging.Handler):
         attributes["duckpool_pool"] = self._pool_id
         attributes["duckpool_slot"] = self._slot
         attributes["duckpool_task_id"] = task_id
+        if (
+            self._name
+            and attributes.get("processName") == "MainProcess"
+            and "multiprocessing" not in sys.modules
+        ):
+            # A spawned worker that has not imported multiprocessing (see
+            # _spawned): logging names every process MainProcess then.
+            attributes["processName"] = self._name
         try:
             frame = _worker.encode_result(task_id, _worker.STATUS_LOG, dump_record(record))
             self._send(frame)
@@ -116,7 +128,7 @@ def install(
     task may have set them.
     """
     global _installed
-    forwarder = LogForwarder(send, config.pool_id, config.slot)
+    forwarder = LogForwarder(send, config.pool_id, config.slot, config.name)
     root = logging.getLogger()
     loggers: list[logging.Logger] = [root]
     for logger in list(logging.Logger.manager.loggerDict.values()):

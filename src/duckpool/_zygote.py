@@ -36,18 +36,16 @@ the zygote itself dies, the pool cannot start workers any more and breaks.
 from __future__ import annotations
 
 import gc
-import multiprocessing.process
 import os
 import signal
 import socket
 import struct
-import sys
 import time
 from multiprocessing import connection as mp_connection
 from multiprocessing.process import BaseProcess
 from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
-from duckpool import _spawn, _worker
+from duckpool import _child, _spawn, _worker
 
 _REQUEST = struct.Struct("<I")  # slot index, _EXIT or _FINISH
 _EXIT = 0xFFFFFFFF
@@ -93,132 +91,6 @@ class ZygoteChild:
         self._zygote.forget(self)
 
 
-def pidfd_of(pid: int) -> Optional[int]:
-    """A pidfd of process ``pid``; None where the system has none."""
-    pidfd_open = getattr(os, "pidfd_open", None)
-    if pidfd_open is None or getattr(signal, "pidfd_send_signal", None) is None:
-        return None
-    try:
-        return int(pidfd_open(pid))
-    except OSError:
-        return None
-
-
-class _ForkedProcess:
-    """The parent's handle on the zygote: forked with ``os.fork``, not ``multiprocessing``.
-
-    The zygote runs nothing of ``multiprocessing``'s child start-up (its
-    after-fork hooks, finalizer reset, stdin swap): it only forks, and the
-    workers it forks through ``multiprocessing`` run all of that themselves.
-    Left out, the zygote starts in a fraction of the time, and touches fewer
-    of the memory pages it shares with the parent (each one touched is
-    copied), which matters on the way to a pool's first result.
-    """
-
-    def __init__(self, pid: int, pipe_r: int) -> None:
-        self.pid = pid
-        self._exitcode: Optional[int] = None
-        # A pidfd fires when the zygote itself exits.  The pipe (its write end
-        # is the zygote's) stands in where there are none, though it fires
-        # only once the zygote's workers, which inherit that end, have exited.
-        pidfd = pidfd_of(pid)
-        if pidfd is None:
-            self._pidfd = None
-            self.sentinel = pipe_r
-        else:
-            os.close(pipe_r)
-            self._pidfd = self.sentinel = pidfd
-
-    @property
-    def exitcode(self) -> Optional[int]:
-        """As ``multiprocessing``'s: negative for a signal; None while it runs."""
-        if self._exitcode is None:
-            self._reap(os.WNOHANG)
-        return self._exitcode
-
-    def _reap(self, options: int) -> None:
-        try:
-            pid, status = os.waitpid(self.pid, options)
-        except ChildProcessError:  # reaped by someone else (os.wait() in the program)
-            self._exitcode = 255
-            return
-        if pid:
-            self._exitcode = os.waitstatus_to_exitcode(status)
-
-    def join(self, timeout: Optional[float] = None) -> None:
-        """Wait (up to ``timeout``) for the zygote to exit, and reap it."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pause = 0.001
-        while self.exitcode is None:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return
-            if self._pidfd is not None:
-                mp_connection.wait([self._pidfd], remaining)
-            else:  # the pipe may stay silent after the exit: poll
-                time.sleep(pause if remaining is None else min(pause, remaining))
-                pause = min(2 * pause, 0.05)
-
-    def kill(self) -> None:
-        if self.exitcode is None:  # not reaped: the pid is still the zygote's
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-    def close(self) -> None:
-        """Close the sentinel (once the zygote is reaped or no longer watched)."""
-        try:
-            os.close(self.sentinel)
-        except OSError:
-            pass
-
-
-def _fork(main: Callable[[], None]) -> _ForkedProcess:
-    """Fork a child that runs ``main`` and exits with ``os._exit``: the
-    parent's ``atexit`` handlers and finalizers never run in it."""
-    for stream in (sys.stdout, sys.stderr):  # no buffered output is written twice
-        try:
-            if stream is not None:
-                stream.flush()
-        except (AttributeError, ValueError, OSError):
-            pass
-    pipe_r, pipe_w = os.pipe()
-    # SIGINT stays blocked until the zygote ignores it: a Ctrl-C now is the
-    # parent's alone.
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        pid = os.fork()
-    except BaseException:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        os.close(pipe_r)
-        os.close(pipe_w)
-        raise
-    if pid == 0:
-        code = 1
-        try:
-            os.close(pipe_r)
-            # Processes it forks through multiprocessing must not be
-            # mistaken for the parent's children, nor the parent's for its own.
-            multiprocessing.process._children = set()  # type: ignore[attr-defined]
-            main()
-            code = 0
-        except BaseException:
-            try:
-                import traceback
-
-                sys.stderr.write("duckpool's zygote failed:\n")
-                traceback.print_exc()
-                sys.stderr.flush()
-            except BaseException:
-                pass
-        finally:
-            os._exit(code)
-    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-    os.close(pipe_w)
-    return _ForkedProcess(pid, pipe_r)
-
-
 class _Birth(NamedTuple):
     """What the zygote knows from the moment it is forked."""
 
@@ -255,10 +127,12 @@ class Zygote:
         self._pending_notices = b""
         self._closed = False
         self.children: dict[int, ZygoteChild] = {}
-        adopted = [fd for fd in map(pidfd_of, adopted_pids) if fd is not None]
+        adopted = [fd for fd in map(_child.pidfd_of, adopted_pids) if fd is not None]
         birth = _Birth(os.getpid(), tuple(inherited_fds), parent_pidfd, tuple(adopted))
         try:
-            self.process = _fork(lambda: _zygote_main(zygote_end, notices_w, build_config, birth))
+            self.process = _child.fork(
+                lambda: _zygote_main(zygote_end, notices_w, build_config, birth)
+            )
         finally:
             zygote_end.close()
             os.close(notices_w)

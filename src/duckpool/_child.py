@@ -1,0 +1,186 @@
+"""Processes duckpool starts without ``multiprocessing``, and its handle on them.
+
+The zygote (forked with ``os.fork``, see ``_zygote``) and workers under the
+``spawn`` start method (``_spawn.spawn_worker``) are started directly: each
+leaves out start-up work of ``multiprocessing``'s own that it does not need.
+``ChildProcess`` is what the pool holds for them, with what it uses of a
+``multiprocessing.Process``: ``pid``, ``sentinel``, ``exitcode``, ``join``,
+``terminate``, ``kill`` and ``close``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+import weakref
+from multiprocessing import connection as mp_connection
+from typing import Callable, Optional
+
+#: Pids of children let go (closed, or collected) before they were reaped:
+#: reaped when the next one starts, so none stays a zombie for the life of
+#: the parent.
+_UNREAPED: set[int] = set()
+
+
+def pidfd_of(pid: int) -> Optional[int]:
+    """A pidfd of process ``pid``; None where the system has none."""
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None or getattr(signal, "pidfd_send_signal", None) is None:
+        return None
+    try:
+        return int(pidfd_open(pid))
+    except OSError:
+        return None
+
+
+class _Held:
+    """What a ``ChildProcess`` holds that must be let go of even if it is
+    never closed: its sentinel, and its pid while it is not reaped."""
+
+    __slots__ = ("exitcode", "pid", "sentinel")
+
+    def __init__(self, pid: int, sentinel: int) -> None:
+        self.pid = pid
+        self.sentinel = sentinel
+        self.exitcode: Optional[int] = None
+
+    def release(self) -> None:
+        try:
+            os.close(self.sentinel)
+        except OSError:
+            pass
+        if self.exitcode is None:
+            _UNREAPED.add(self.pid)
+
+
+class ChildProcess:
+    """The parent's handle on a child it started with ``fork`` or ``spawn_worker``."""
+
+    def __init__(self, pid: int, pipe_r: int) -> None:
+        """``pipe_r``: the read end of a pipe whose write end only the child
+        holds, the sentinel where pidfds are missing (it fires once the
+        child's own children that inherited that end have exited too)."""
+        self.pid = pid
+        pidfd = pidfd_of(pid)
+        if pidfd is None:
+            self._pidfd: Optional[int] = None
+            sentinel = pipe_r
+        else:
+            os.close(pipe_r)
+            self._pidfd = sentinel = pidfd
+        self.sentinel = sentinel
+        self._held = _Held(pid, sentinel)
+        # Closed and let go when this handle is, as a multiprocessing
+        # process does, if nothing closed it before.
+        self._release = weakref.finalize(self, self._held.release)
+
+    @property
+    def exitcode(self) -> Optional[int]:
+        """As ``multiprocessing``'s: negative for a signal; None while it runs."""
+        held = self._held
+        if held.exitcode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped by someone else (os.wait() in the program)
+                held.exitcode = 255
+            else:
+                if pid:
+                    held.exitcode = os.waitstatus_to_exitcode(status)
+        return held.exitcode
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        """Wait (up to ``timeout``) for the child to exit, and reap it."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.001
+        while self.exitcode is None:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return
+            if self._pidfd is not None and self._release.alive:
+                mp_connection.wait([self._pidfd], remaining)
+            else:  # the pipe may stay silent after the exit: poll
+                time.sleep(pause if remaining is None else min(pause, remaining))
+                pause = min(2 * pause, 0.05)
+
+    def is_alive(self) -> bool:
+        return self.exitcode is None
+
+    def terminate(self) -> None:
+        self._send(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._send(signal.SIGKILL)
+
+    def _send(self, signum: int) -> None:
+        if self.exitcode is None:  # not reaped: the pid is still the child's
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def close(self) -> None:
+        """Close the sentinel; a child still unreaped is reaped later."""
+        self.exitcode  # noqa: B018 (reaped now if it has exited)
+        self._release()
+
+
+def reap_closed() -> None:
+    """Reap the children let go before they exited, those that have since."""
+    for pid in list(_UNREAPED):
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done:
+            _UNREAPED.discard(pid)
+
+
+def fork(main: Callable[[], None]) -> ChildProcess:
+    """Fork a child that runs ``main`` and exits with ``os._exit``: the
+    parent's ``atexit`` handlers and finalizers never run in it.
+
+    SIGINT stays blocked in the child until ``main`` unblocks it.
+    """
+    reap_closed()
+    for stream in (sys.stdout, sys.stderr):  # no buffered output is written twice
+        try:
+            if stream is not None:
+                stream.flush()
+        except (AttributeError, ValueError, OSError):
+            pass
+    pipe_r, pipe_w = os.pipe()
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        os.close(pipe_r)
+        os.close(pipe_w)
+        raise
+    if pid == 0:
+        code = 1
+        try:
+            os.close(pipe_r)
+            # Processes it forks through multiprocessing must not be
+            # mistaken for the parent's children, nor the parent's for its own.
+            import multiprocessing.process
+
+            multiprocessing.process._children = set()  # type: ignore[attr-defined]
+            main()
+            code = 0
+        except BaseException:
+            try:
+                import traceback
+
+                sys.stderr.write(f"duckpool: a child process (pid {os.getpid()}) failed:\n")
+                traceback.print_exc()
+                sys.stderr.flush()
+            except BaseException:
+                pass
+        finally:
+            os._exit(code)
+    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    os.close(pipe_w)
+    return ChildProcess(pid, pipe_r)

@@ -1,0 +1,134 @@
+"""duckpool._spawned: workers under spawn start without multiprocessing.spawn,
+and still look to their tasks like processes multiprocessing spawned."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import _spawned_tasks as tasks
+import duckpool
+from conftest import wait_until
+
+TIMEOUT = 30
+SPAWN = multiprocessing.get_context("spawn")
+
+MAIN_MODULE = textwrap.dedent(
+    """
+    import multiprocessing
+    import duckpool
+
+    def square(x):
+        return x * x
+
+    class Box:
+        def __init__(self, value):
+            self.value = value
+
+    if __name__ == "__main__":
+        with duckpool.ProcessPoolExecutor(1, multiprocessing.get_context("spawn")) as pool:
+            print(pool.submit(square, 7).result(30), pool.submit(Box, 3).result(30).value)
+    """
+)
+
+
+def _run(args: list[str], cwd: Path) -> str:
+    done = subprocess.run(
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_functions_and_classes_of_a_main_script_run_in_spawned_workers(tmp_path: Path) -> None:
+    script = tmp_path / "main_script.py"
+    script.write_text(MAIN_MODULE)
+    # Its __main__ block does not run again in the worker: that would start
+    # a pool there, and print twice.
+    assert _run([str(script)], tmp_path) == "49 3"
+
+
+def test_functions_of_a_main_module_run_with_dash_m_run_in_spawned_workers(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "main_module.py").write_text(MAIN_MODULE)
+    assert _run(["-m", "main_module"], tmp_path) == "49 3"
+
+
+def test_a_task_sees_its_process_as_multiprocessing_would_show_it() -> None:
+    with duckpool.ProcessPoolExecutor(1, SPAWN) as pool:
+        facts = pool.submit(tasks.process_facts).result(TIMEOUT)
+    assert facts["name"] == "duckpool-worker-0"
+    assert facts["authkey"] == bytes(multiprocessing.current_process().authkey)
+    assert facts["parent_pid"] == facts["ppid"] == os.getpid()
+    assert facts["parent_alive"] is True
+    assert facts["start_method"] == multiprocessing.get_start_method()
+    assert facts["stdin"] == ""  # not the terminal, not the parent's stdin
+
+
+def test_a_multiprocessing_queue_can_be_an_initializer_argument() -> None:
+    queue = SPAWN.Queue()
+    try:
+        with duckpool.ProcessPoolExecutor(
+            1, SPAWN, initializer=tasks.put_in, initargs=(queue, "from the worker")
+        ) as pool:
+            pool.submit(tasks.process_facts).result(TIMEOUT)
+            assert queue.get(timeout=TIMEOUT) == "from the worker"
+    finally:
+        queue.close()
+        queue.join_thread()
+
+
+def test_a_retiring_worker_runs_its_exit_handlers(tmp_path: Path) -> None:
+    # (Coverage, logging and tasks' own clean-up rely on them.)
+    marker = tmp_path / "exited"
+    with duckpool.ProcessPoolExecutor(1, SPAWN, max_tasks_per_child=1) as pool:
+        first = pool.submit(tasks.write_at_exit, str(marker), "bye").result(TIMEOUT)
+        # The next task runs in the replacement, once the first worker left.
+        assert pool.submit(os.getpid).result(TIMEOUT) != first
+        wait_until(lambda: marker.exists() and marker.read_text() == "bye", TIMEOUT)
+
+
+UNGUARDED_MAIN = textwrap.dedent(
+    """
+    import multiprocessing, os
+    import duckpool
+
+    # No __name__ == "__main__" guard: a worker running this again must not
+    # start a pool of its own (and so on without end).
+    pool = duckpool.ProcessPoolExecutor(1, multiprocessing.get_context("spawn"))
+    print(pool.submit(os.getpid).result(30))
+    """
+)
+
+
+def test_a_main_module_without_the_main_guard_is_refused_not_run_without_end(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED_MAIN)
+    process = subprocess.Popen(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _, err = process.communicate(timeout=TIMEOUT)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # whatever it left behind
+        except ProcessLookupError:
+            pass
+        if process.poll() is None:
+            process.communicate(timeout=TIMEOUT)
+    assert process.returncode != 0
+    assert "bootstrapping phase" in err
+    assert "BrokenProcessPool" in err
