@@ -103,28 +103,18 @@ def _rebuild_memoryview(buffer: Any, fmt: str, shape: tuple[int, ...]) -> memory
     return view.cast("B").cast(fmt, shape)  # type: ignore[call-overload,no-any-return]
 
 
-class _Bytes:
-    """Pickles a ``bytes`` as a read-only ``PickleBuffer`` (so out of band)."""
+class _OutOfBand:
+    """Pickles a ``bytes`` or ``bytearray`` as a ``PickleBuffer`` (so out of
+    band; read-only for ``bytes``), rebuilt as the same type."""
 
-    __slots__ = ("obj",)
+    __slots__ = ("obj", "rebuild")
 
-    def __init__(self, obj: bytes) -> None:
+    def __init__(self, obj: bytes | bytearray, rebuild: Callable[[Any], Any]) -> None:
         self.obj = obj
+        self.rebuild = rebuild
 
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
-        return (_rebuild_bytes, (_PickleBuffer(self.obj),))
-
-
-class _ByteArray:
-    """Pickles a ``bytearray`` as a writable ``PickleBuffer``."""
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj: bytearray) -> None:
-        self.obj = obj
-
-    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
-        return (_rebuild_bytearray, (_PickleBuffer(self.obj),))
+        return (self.rebuild, (_PickleBuffer(self.obj),))
 
 
 class _MemoryView:
@@ -157,7 +147,7 @@ def _wrapped(obj: Any) -> Any:
         return _MemoryView(obj) if obj.format in _CASTABLE else obj
     if len(obj) < OUT_OF_BAND_BYTES:
         return obj
-    return _Bytes(obj) if kind is bytes else _ByteArray(obj)
+    return _OutOfBand(obj, _rebuild_bytes if kind is bytes else _rebuild_bytearray)
 
 
 def wrap(obj: Any, depth: int = 1) -> Any:
