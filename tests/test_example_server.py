@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +43,16 @@ def _get(url: str) -> tuple[int, Any]:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
+
+
+def _get_accepted(url: str) -> tuple[int, Any]:
+    """``_get``, again while the answer is 429 (busy), as a client would retry."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        status, body = _get(url)
+        if status != 429 or time.monotonic() > deadline:
+            return status, body
+        time.sleep(0.05)  # a client's back-off; the answer itself is what is waited for
 
 
 def _server_up(url: str) -> bool:
@@ -89,7 +100,11 @@ def test_a_burst_is_answered_and_sigterm_leaves_no_process(start_method: str) ->
             if status == 200:
                 assert body["result"] == 2584
         assert sum(status == 200 for _, status, _ in answers) >= 1
-        assert any(status == 502 for _, status, _ in answers)
+        if not any(status == 502 for _, status, _ in answers):
+            # Every crash of the burst met a saturated pool (429, a matter
+            # of timing): one more, alone, must fail with the worker's death.
+            status, body = _get_accepted(f"{base}/crash")
+            assert status == 502, body
         # The pools healed: work still goes through after the crashes.
         status, body = _get(f"{base}/fib?n=10")
         assert (status, body["result"]) == (200, 55)
