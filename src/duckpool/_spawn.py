@@ -162,16 +162,9 @@ def spawn_worker(config: _worker.WorkerConfig, task_r: int, result_w: int) -> _c
     os.close(alive_w)
     process = _child.ChildProcess(pid, alive_r)
     try:
-        _write_all(data_w, len(head).to_bytes(8, "little") + head)
-        _write_all(data_w, body)
+        _worker.write_all(data_w, [len(head).to_bytes(8, "little"), head, body])
     except OSError:
         pass  # it died at once: its exit code tells the pool
     finally:
         os.close(data_w)
     return process
-
-
-def _write_all(fd: int, data: Any) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]

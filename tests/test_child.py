@@ -1,0 +1,98 @@
+"""duckpool._child: processes started without multiprocessing, and the handle on them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import wait_until
+from duckpool import _child
+
+TIMEOUT = 30
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_forked_child_runs_main_and_exits_without_the_parents_exit_handlers(
+    tmp_path: Path,
+) -> None:
+    ran = tmp_path / "ran"
+    child = _child.fork(lambda: ran.write_text(str(os.getpid())))
+    child.join(TIMEOUT)
+    assert child.exitcode == 0 and not child.is_alive()
+    assert ran.read_text() == str(child.pid)
+    child.close()
+
+
+def test_a_failing_main_exits_with_1_and_says_why(capfd: pytest.CaptureFixture[str]) -> None:
+    def fail() -> None:
+        raise ValueError("no luck")
+
+    child = _child.fork(fail)
+    child.join(TIMEOUT)
+    assert child.exitcode == 1
+    assert "ValueError: no luck" in capfd.readouterr().err
+    child.close()
+
+
+def test_exit_codes_of_signals_are_negative_as_in_multiprocessing(tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+
+    def wait_forever() -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        ready.write_text("")
+        while True:
+            signal.pause()
+
+    child = _child.fork(wait_forever)
+    wait_until(ready.exists, TIMEOUT)
+    child.join(0.01)  # a deadline that passes: still running
+    assert child.exitcode is None
+    child.terminate()
+    child.join(TIMEOUT)
+    assert child.exitcode == -signal.SIGTERM
+    child.kill()  # reaped: nothing is sent to a pid that may be another's now
+    child.close()
+
+
+def test_a_child_let_go_before_it_exits_is_reaped_at_the_next_start(tmp_path: Path) -> None:
+    go = tmp_path / "go"
+
+    def wait_for_go() -> None:
+        wait_until(go.exists, TIMEOUT)
+
+    child = _child.fork(wait_for_go)
+    pid = child.pid
+    sentinel = child.sentinel
+    del child  # collected: its sentinel is closed, its pid kept for reaping
+    with pytest.raises(OSError):
+        os.fstat(sentinel)
+    go.write_text("")
+    wait_until(lambda: _zombie(pid), TIMEOUT)
+    _child.fork(lambda: None).join(TIMEOUT)  # reaps what was let go
+    assert not _zombie(pid)
+    assert pid not in _child._UNREAPED
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="pidfds are Linux's")
+def test_the_sentinel_becomes_readable_when_the_child_exits(tmp_path: Path) -> None:
+    from multiprocessing import connection
+
+    go = tmp_path / "go"
+    child = _child.fork(lambda: wait_until(go.exists, TIMEOUT))
+    assert connection.wait([child.sentinel], 0) == []
+    go.write_text("")
+    assert connection.wait([child.sentinel], TIMEOUT) == [child.sentinel]
+    child.join(TIMEOUT)
+    assert child.exitcode == 0
+    child.close()
