@@ -711,6 +711,8 @@ def _require_psutil() -> None:
 
 def _measure_shutdown(pool: _PoolAdapter, size: int, deadline: float) -> dict[str, float]:
     _require_psutil()
+    import psutil  # noqa: F401 (imported now: _wait_until_exited would import it in the timing)
+
     pids = list(pool.worker_pids)
     start = time.perf_counter()
     pool.close()

@@ -88,6 +88,8 @@ class ChildProcess:
             else:
                 if pid:
                     held.exitcode = os.waitstatus_to_exitcode(status)
+            if held.exitcode is not None:
+                _UNREAPED.discard(self.pid)  # reaped here, after a close
         return held.exitcode
 
     def join(self, timeout: Optional[float] = None) -> None:

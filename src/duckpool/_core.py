@@ -667,6 +667,9 @@ class PoolCore:
         #: Admission control (``max_pending``), if the pool has it.
         self.admission: Optional[Admission] = None
         self.thread: Optional[threading.Thread] = None
+        #: Set when the dispatcher has stopped the workers and closed what it
+        #: holds (``join`` waits for it; the thread may still reap the zygote).
+        self.dispatcher_done = threading.Event()
         #: Under fork, the process that forks this pool's workers.
         self.zygote: Optional[_zygote.Zygote] = None
         #: Why the zygote could not be forked: no worker can be started then.
@@ -852,7 +855,11 @@ class PoolCore:
         self.thread = _threads.QuickStartThread(
             self.dispatch_loop, name=f"duckpool-dispatcher-{id(self):x}"
         )
-        self.thread.start()
+        try:
+            self.thread.start()
+        except BaseException:
+            self.dispatcher_done.set()  # nothing to wait for
+            raise
         if any(slot.reserved for slot in self.slots):
             self.wake()
 
@@ -1428,13 +1435,24 @@ class PoolCore:
             self.fail_everything(BrokenProcessPool(self.broken), cause=exc)
             self.kill_without_bookkeeping()
         finally:
-            if self.zygote is not None:
-                self.zygote.close(KILL_GRACE_SECONDS)
+            zygote = self.zygote
+            if zygote is not None:
+                zygote.close()
             if self.parent_pidfd is not None:
                 os.close(self.parent_pidfd)
             if isinstance(self.shared_marks, _worker.SharedMarks):
-                self.shared_marks.close_fd()  # no worker starts any more
+                # No worker starts or runs any more: a plain copy will do, and
+                # the mapping goes with its descriptor now, not when this
+                # object is collected (this thread may outlive join()).
+                with self.lock:
+                    self.marks = list(self.marks)
+                self.shared_marks.close()
             self.close_wakeup()
+            self.dispatcher_done.set()  # join() returns
+            if zygote is not None:
+                # Told to exit, it tears down a whole address space: nobody
+                # waits for that, but it is reaped here, so it is no zombie.
+                zygote.reap(KILL_GRACE_SECONDS)
 
     def _dispatch_until_done(self) -> None:
         # Futures are resolved last, just before the thread sleeps: the caller
@@ -2292,9 +2310,11 @@ class PoolCore:
         return "busy" if slot.assigned else "idle"
 
     def join(self, timeout: Optional[float] = None) -> None:
+        """Wait until the dispatcher has stopped the workers and released the
+        pool's descriptors (not for the zygote's own exit: see dispatch_loop)."""
         thread = self.thread
         if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
+            self.dispatcher_done.wait(timeout)
 
     def shutdown_at_exit(self, interrupted: bool) -> None:
         """Interpreter exit: daemon pools (and Ctrl-C) stop now, others finish."""

@@ -458,6 +458,13 @@ class SharedMarks:
             os.close(self.fd)
             self.fd = -1
 
+    def close(self) -> None:
+        """Unmap the marks and close the memfd (the mapping holds a copy of
+        it before Python 3.13): ``view`` must not be used any more."""
+        self.close_fd()
+        self.view.release()
+        self._map.close()
+
 
 def _map_marks(dup: Any, cells: int) -> SharedMarks:
     marks = SharedMarks(cells, dup.detach())

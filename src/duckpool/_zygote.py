@@ -236,8 +236,9 @@ class Zygote:
         except OSError:
             pass  # it is gone: close() reaps it
 
-    def close(self, timeout: float) -> None:
-        """Let the zygote exit (it has no workers left to watch) and reap it."""
+    def close(self) -> None:
+        """Tell the zygote to exit (it has no workers left to watch) and close
+        this side's descriptors; ``reap`` then waits for it."""
         if self._closed:
             return
         self._closed = True
@@ -248,15 +249,19 @@ class Zygote:
         except OSError:
             pass
         self._control.close()
-        self.process.join(timeout)
-        if self.process.exitcode is None:
-            self.process.kill()
-            self.process.join()  # SIGKILL cannot be ignored
         self.process.close()
         try:
             os.close(self.notices_fd)
         except OSError:
             pass
+
+    def reap(self, timeout: float) -> None:
+        """Once closed: wait for the zygote to exit (killing it after
+        ``timeout``), and reap it."""
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            self.process.kill()
+            self.process.join()  # SIGKILL cannot be ignored
 
 
 def _zygote_main(
