@@ -308,6 +308,7 @@ class WorkerProcess(Protocol):
     @property
     def sentinel(self) -> Optional[int]: ...
     def join(self, timeout: Optional[float] = None) -> None: ...
+    def is_alive(self) -> bool: ...
     def terminate(self) -> None: ...
     def kill(self) -> None: ...
     def close(self) -> None: ...
@@ -2401,10 +2402,10 @@ def _reap(processes: list[WorkerProcess], grace: float) -> None:
     for process in processes:
         process.join(max(0.0, deadline - time.monotonic()))
     for process in processes:
-        if process.exitcode is None:
+        if process.is_alive():
             process.terminate()
             process.join(KILL_GRACE_SECONDS)
-        if process.exitcode is None:
+        if process.is_alive():
             process.kill()
             process.join(KILL_GRACE_SECONDS)
 

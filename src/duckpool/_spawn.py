@@ -29,32 +29,27 @@ def start_worker_process(
     for fd in (task_w, result_w):
         _enlarge(fd)
     method = context.get_start_method()
-    if method == "spawn" and _SPAWN_DIRECTLY:
-        try:
-            process: Any = spawn_worker(config, task_r, result_w)
-        except BaseException:
-            for fd in (task_r, task_w, result_r, result_w):
-                os.close(fd)
-            raise
-        os.close(task_r)
-        os.close(result_w)
-        return (
-            process,
-            mp_connection.Connection(task_w, readable=False),
-            mp_connection.Connection(result_r, writable=False),
-        )
-    # A forked worker closes its copies of the parent's ends (spawned and
-    # forkserver workers never get them).
-    parent_ends = (task_w, result_r) if method == "fork" else ()
-    process = context.Process(
-        target=_worker.worker_main,
-        # Bare descriptors, not Connections: cheaper for a spawned worker to rebuild.
-        args=(_worker.InheritedFd(task_r), _worker.InheritedFd(result_w), config, parent_ends),
-        name=config.name,
-        daemon=False,  # tasks may start child processes
-    )
+    process: Any
     try:
-        process.start()
+        if method == "spawn" and _SPAWN_DIRECTLY:
+            process = spawn_worker(config, task_r, result_w)
+        else:
+            # A forked worker closes its copies of the parent's ends
+            # (spawned and forkserver workers never get them).
+            parent_ends = (task_w, result_r) if method == "fork" else ()
+            process = context.Process(
+                target=_worker.worker_main,
+                # Bare descriptors, not Connections: cheaper to rebuild in a worker.
+                args=(
+                    _worker.InheritedFd(task_r),
+                    _worker.InheritedFd(result_w),
+                    config,
+                    parent_ends,
+                ),
+                name=config.name,
+                daemon=False,  # tasks may start child processes
+            )
+            process.start()
     except BaseException:
         os.close(task_w)
         os.close(result_r)

@@ -41,6 +41,7 @@ import signal
 import socket
 import struct
 import time
+import weakref
 from multiprocessing import connection as mp_connection
 from multiprocessing.process import BaseProcess
 from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
@@ -66,13 +67,21 @@ class ZygoteChild:
         self.pid = pid
         self.exitcode: Optional[int] = None
         self._zygote = zygote
+        #: Readable as soon as the worker exits, before the zygote reaps it and
+        #: reports its exit code: ``join`` need not wait for that report.
+        #: (Opened while the worker is the zygote's unreaped child: its pid
+        #: cannot have been reused yet.)
+        self.pidfd = _child.pidfd_of(pid)
+        #: Its exit was seen through ``pidfd`` (its exit code may come later).
+        self.exited = False
+        self._release = weakref.finalize(self, _close_quietly, self.pidfd)
 
     def join(self, timeout: Optional[float] = None) -> None:
-        if self.exitcode is None:
+        if self.is_alive():
             self._zygote.wait_for_exit(self, timeout)
 
     def is_alive(self) -> bool:
-        return self.exitcode is None
+        return self.exitcode is None and not self.exited
 
     def terminate(self) -> None:
         self._send(signal.SIGTERM)
@@ -81,14 +90,27 @@ class ZygoteChild:
         self._send(signal.SIGKILL)
 
     def _send(self, signum: int) -> None:
-        if self.exitcode is None:
-            try:
+        if not self.is_alive():
+            return
+        try:
+            if self.pidfd is not None and self._release.alive:
+                signal.pidfd_send_signal(self.pidfd, signum)  # type: ignore[attr-defined]
+            else:
                 os.kill(self.pid, signum)
-            except ProcessLookupError:
-                pass
+        except ProcessLookupError:
+            pass
 
     def close(self) -> None:
+        self._release()
         self._zygote.forget(self)
+
+
+def _close_quietly(fd: Optional[int]) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 class _Birth(NamedTuple):
@@ -206,14 +228,21 @@ class Zygote:
         return exited
 
     def wait_for_exit(self, child: ZygoteChild, timeout: Optional[float]) -> None:
-        """Read notices until ``child`` has exited or ``timeout`` passes."""
+        """Wait until ``child`` has exited (its pidfd, or a notice says so) or
+        ``timeout`` passes; read the notices meanwhile."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while child.exitcode is None:
+        watched: list[Any] = [self.notices_fd, self.sentinel]
+        if child.pidfd is not None:
+            watched.append(child.pidfd)
+        while child.is_alive():
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return
-            if not mp_connection.wait([self.notices_fd, self.sentinel], remaining):
+            ready = mp_connection.wait(watched, remaining)
+            if not ready:
                 return
+            if child.pidfd is not None and child.pidfd in ready:
+                child.exited = True
             self.read_notices()
             if child.exitcode is None and self.process.exitcode is not None:
                 self.read_notices()
