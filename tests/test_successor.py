@@ -76,6 +76,29 @@ def test_the_successor_takes_the_slot_when_its_worker_retires(ctx: object, pids:
         pool.shutdown()
 
 
+def test_a_successor_starts_early_when_tasks_are_short_next_to_a_start(
+    ctx: object, pids: Path
+) -> None:
+    # A quota of 100 tiny tasks takes far less than a worker's start: the
+    # successor starts after the first tasks, not at the 50th.
+    pool = duckpool.ProcessPoolExecutor(
+        1,
+        ctx,  # type: ignore[arg-type]
+        max_tasks_per_child=100,
+        initializer=tasks.record_pid,
+        initargs=(str(pids),),
+    )
+    try:
+        first = pool.submit(tasks.getpid).result(TIMEOUT)
+        for _ in range(3):
+            assert pool.submit(tasks.getpid).result(TIMEOUT) == first
+        successor = _one_successor(pids, [first])
+        assert successor != first
+        assert pool.worker_pids() == [first]  # sent 4 of its 100: still the worker
+    finally:
+        pool.shutdown()
+
+
 def test_shutdown_leaves_no_successor_behind(ctx: object, pids: Path) -> None:
     pool = _pool(ctx, pids)
     try:
