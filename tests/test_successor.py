@@ -13,6 +13,7 @@ import sys
 import textwrap
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -42,12 +43,18 @@ def pids(tmp_path: Path) -> Path:
     return directory
 
 
-def _pool(ctx: object, directory: Path, workers: int = 1) -> duckpool.ProcessPoolExecutor:
+def _pool(
+    ctx: object,
+    directory: Path,
+    workers: int = 1,
+    quota: int = 2,
+    initializer: Callable[[str], None] = tasks.record_pid,
+) -> duckpool.ProcessPoolExecutor:
     return duckpool.ProcessPoolExecutor(
         workers,
         ctx,  # type: ignore[arg-type]
-        max_tasks_per_child=2,
-        initializer=tasks.record_pid,
+        max_tasks_per_child=quota,
+        initializer=initializer,
         initargs=(str(directory),),
     )
 
@@ -81,13 +88,7 @@ def test_a_successor_starts_early_when_tasks_are_short_next_to_a_start(
 ) -> None:
     # A quota of 100 tiny tasks takes far less than a worker's start: the
     # successor starts after the first tasks, not at the 50th.
-    pool = duckpool.ProcessPoolExecutor(
-        1,
-        ctx,  # type: ignore[arg-type]
-        max_tasks_per_child=100,
-        initializer=tasks.record_pid,
-        initargs=(str(pids),),
-    )
+    pool = _pool(ctx, pids, quota=100)
     try:
         first = pool.submit(tasks.getpid).result(TIMEOUT)
         for _ in range(3):
@@ -166,13 +167,7 @@ def test_shrinking_lets_a_surplus_slots_successor_go(ctx: object, pids: Path, ga
 
 
 def test_a_successor_whose_initializer_fails_breaks_the_pool(ctx: object, pids: Path) -> None:
-    pool = duckpool.ProcessPoolExecutor(
-        1,
-        ctx,  # type: ignore[arg-type]
-        max_tasks_per_child=2,
-        initializer=tasks.fail_after_first,
-        initargs=(str(pids),),
-    )
+    pool = _pool(ctx, pids, initializer=tasks.fail_after_first)
     try:
         first = pool.submit(tasks.getpid).result(TIMEOUT)
         wait_until(lambda: len(_started(pids)) == 2, TIMEOUT)
