@@ -1654,7 +1654,18 @@ class PoolCore:
 
     def _resolve_in_helper(self, resolved: list[_Resolution]) -> None:
         """Resolve what a helping thread booked; if an exception raised in that
-        thread (Ctrl-C) cuts this short, the dispatcher resolves the rest."""
+        thread (Ctrl-C) cuts this short, the dispatcher resolves the rest.
+
+        If the dispatcher still holds resolutions it read before this thread
+        took the pipe (a log record of the very task, say), everything goes to
+        the dispatcher instead, to be resolved after them, in order.
+        """
+        if self.deferred:  # (emptied only once all of it is resolved)
+            with self.lock:
+                self.handed_over.extend(resolved)
+            resolved.clear()
+            self.wake()
+            return
         try:
             self.resolve_all(resolved)
         except BaseException:
