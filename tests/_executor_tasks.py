@@ -142,3 +142,29 @@ def mark_then_divide(directory: str, a: int, b: int) -> float:
     """Leave a file named ``a`` in ``directory``, then return ``a / b``."""
     (Path(directory) / str(a)).touch()
     return a / b
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as stream:
+        stream.write(text)
+
+
+def finalize_at_exit(path: str) -> int:
+    """Register a multiprocessing finalizer that writes ``path`` as the worker exits."""
+    from multiprocessing import util
+
+    util.Finalize(None, _write, args=(path, "finalized"), exitpriority=10)
+    return os.getpid()
+
+
+def thread_outliving_task(path: str) -> int:
+    """Start a non-daemon thread that writes ``path`` once the worker's main
+    thread has finished: the worker's exit has to wait for it."""
+    import threading
+
+    def write_when_main_ends() -> None:
+        threading.main_thread().join(30)
+        _write(path, "joined")
+
+    threading.Thread(target=write_when_main_ends, daemon=False).start()
+    return os.getpid()

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +104,18 @@ def test_a_worker_forwards_logs_from_when_logging_is_imported() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[:3] == ["False", "WARNING from the worker", "True"]
+
+
+@pytest.mark.parametrize("task", [tasks.finalize_at_exit, tasks.thread_outliving_task])
+def test_a_worker_finishes_what_its_tasks_left_for_its_exit(
+    ctx: object, tmp_path: Path, task: object
+) -> None:
+    # A worker leaves at once only when nothing waits for its exit: a
+    # multiprocessing finalizer, or a non-daemon thread, still gets its turn.
+    path = tmp_path / "at-exit"
+    pool = duckpool.ProcessPoolExecutor(1, ctx)  # type: ignore[arg-type]
+    try:
+        pool.submit(task, str(path)).result(TIMEOUT)  # type: ignore[arg-type]
+    finally:
+        pool.shutdown()
+    assert path.exists()

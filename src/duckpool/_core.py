@@ -2148,11 +2148,13 @@ class PoolCore:
             processes = []
             for slot in self.slots:
                 if slot.process is not None and slot.task_conn is not None:
-                    if not slot.outbox:  # (else a frame is half written: _reap stops it)
+                    # (With an outbox, a frame is half written: _reap stops it.)
+                    if not slot.outbox and not slot.stop_sent:
                         try:
                             os.write(slot.task_conn.fileno(), _worker.wire(b""))
                         except OSError:
                             pass
+                        slot.stop_sent = True
                     processes.append(slot.process)
                 if slot.successor is not None:
                     self.let_go(slot.successor)
@@ -2245,6 +2247,8 @@ class PoolCore:
                 cancelled = list(self.pending)
                 self.pending.clear()
             started = self.thread is not None
+            if started and not self.pending:
+                self.stop_idle_workers()
         for item in cancelled:
             item.future.cancel()
             _notify_if_cancelled(item.future)
@@ -2252,6 +2256,33 @@ class PoolCore:
             self.wake()
         else:
             self.close_wakeup()
+
+    def stop_idle_workers(self) -> None:
+        """Shutdown of an idle pool: tell the workers to exit now (lock held).
+
+        The dispatcher would do it once awake; the caller's thread does it
+        first, and the workers' exits start that much sooner.  Any work in
+        flight, or a start under way, leaves it all to the dispatcher.
+        """
+        slots = self.slots
+        if self.leaving or any(
+            slot.assigned
+            or slot.outbox
+            or slot.reserved
+            or slot.requested
+            or slot.successor is not None
+            for slot in slots
+        ):
+            return
+        for slot in slots:
+            if slot.task_conn is not None and not slot.stop_sent:
+                try:
+                    os.write(slot.task_conn.fileno(), _worker.wire(b""))
+                except OSError:
+                    pass  # gone already: its sentinel tells the dispatcher
+                slot.stop_sent = True
+        if self.zygote is not None:
+            self.zygote.finish()
 
     def request_kill(self, signum: int, reason: Optional[str] = None) -> None:
         """Cancel pending work and signal every worker; the pool is finished.

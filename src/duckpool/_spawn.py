@@ -38,7 +38,7 @@ def start_worker_process(
             # (spawned and forkserver workers never get them).
             parent_ends = (task_w, result_r) if method == "fork" else ()
             process = context.Process(
-                target=_worker.worker_main,
+                target=_worker.process_main,
                 # Bare descriptors, not Connections: cheaper to rebuild in a worker.
                 args=(
                     _worker.InheritedFd(task_r),

@@ -148,6 +148,7 @@ class Zygote:
         os.set_blocking(self.notices_fd, False)
         self._pending_notices = b""
         self._closed = False
+        self._finishing = False
         self.children: dict[int, ZygoteChild] = {}
         adopted = [fd for fd in map(_child.pidfd_of, adopted_pids) if fd is not None]
         birth = _Birth(os.getpid(), tuple(inherited_fds), parent_pidfd, tuple(adopted))
@@ -258,8 +259,9 @@ class Zygote:
         theirs; ``close`` then mostly finds it gone.  No worker may be asked
         for afterwards.
         """
-        if self._closed:
+        if self._closed or self._finishing:
             return
+        self._finishing = True
         try:
             self._control.sendall(_REQUEST.pack(_FINISH))
         except OSError:
@@ -300,6 +302,28 @@ def _zygote_main(
     birth: _Birth,
 ) -> None:
     """The zygote: fork workers on request, report their exits, until told to stop."""
+    try:
+        _serve(control, notices_w, build_config, birth)
+    finally:
+        _step_aside()
+
+
+def _step_aside() -> None:
+    """Exit at idle priority: tearing down a copy of the parent's whole memory
+    takes a millisecond or more of CPU, which the parent and the last workers,
+    still stopping, need more."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        pass
+
+
+def _serve(
+    control: socket.socket,
+    notices_w: int,
+    build_config: Callable[[int], _worker.WorkerConfig],
+    birth: _Birth,
+) -> None:
     import multiprocessing
 
     for fd in birth.inherited_fds:
