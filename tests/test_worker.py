@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -119,3 +121,52 @@ def test_a_worker_finishes_what_its_tasks_left_for_its_exit(
     finally:
         pool.shutdown()
     assert path.exists()
+
+
+FORKED_FACTS_SCRIPT = textwrap.dedent(
+    """
+    import json, multiprocessing, os, sys
+    sys.path.insert(0, sys.argv[1])
+    import _spawned_tasks as tasks
+    import duckpool
+
+    if __name__ == "__main__":
+        fork = multiprocessing.get_context("fork")
+        # One worker, replaced after each task: the first is forked by this
+        # process, the second by the zygote.
+        with duckpool.ProcessPoolExecutor(1, fork, max_tasks_per_child=1) as pool:
+            facts = [pool.submit(tasks.process_facts).result(30) for _ in range(2)]
+        for each in facts:
+            each["authkey"] = each["authkey"].hex()
+        authkey = bytes(multiprocessing.current_process().authkey).hex()
+        print(json.dumps({"facts": facts, "pid": os.getpid(), "authkey": authkey}))
+    """
+)
+
+
+@pytest.mark.skipif(
+    "fork" not in multiprocessing.get_all_start_methods(), reason="needs the fork start method"
+)
+def test_forked_workers_look_to_their_tasks_like_processes_multiprocessing_forked() -> None:
+    # Both the worker this process forks and those the zygote forks: the
+    # pool's process is their parent, and stdin (here a pipe holding text)
+    # reads as empty, not as the parent's input.
+    done = subprocess.run(
+        [sys.executable, "-c", FORKED_FACTS_SCRIPT, os.path.dirname(tasks.__file__)],
+        input="the parent's input\n",
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    first, second = report["facts"]
+    assert first["ppid"] == report["pid"] != second["ppid"]  # the second: the zygote's child
+    for facts in (first, second):
+        assert facts["name"] == "duckpool-worker-0"
+        assert facts["parent_pid"] == report["pid"]
+        assert facts["parent_alive"] is True
+        assert facts["start_method"] == "fork"
+        assert facts["stdin"] == ""
+        assert facts["authkey"] == report["authkey"]

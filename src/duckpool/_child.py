@@ -16,12 +16,32 @@ import sys
 import time
 import weakref
 from multiprocessing import connection as mp_connection
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
+
+if TYPE_CHECKING:
+    import signal as _signal
+else:
+    import _signal
 
 #: Pids of children let go (closed, or collected) before they were reaped:
 #: reaped when the next one starts, so none stays a zombie for the life of
 #: the parent.
 _UNREAPED: set[int] = set()
+
+
+def block_sigint() -> Iterable[int]:
+    """Block SIGINT in this thread; return the signal mask to restore.
+
+    ``_signal``'s own functions: ``signal.pthread_sigmask`` turns every
+    number into an enum member, Python code whose copy-on-write faults cost
+    more than the call itself right after a fork.
+    """
+    return _signal.pthread_sigmask(_signal.SIG_BLOCK, (_signal.SIGINT,))
+
+
+def restore_mask(mask: Iterable[int]) -> None:
+    """Restore the signal mask ``block_sigint`` returned."""
+    _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
 
 
 def pidfd_of(pid: int) -> Optional[int]:
@@ -153,11 +173,11 @@ def fork(main: Callable[[], None]) -> ChildProcess:
         except (AttributeError, ValueError, OSError):
             pass
     pipe_r, pipe_w = os.pipe()
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    old_mask = block_sigint()
     try:
         pid = os.fork()
     except BaseException:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        restore_mask(old_mask)
         os.close(pipe_r)
         os.close(pipe_w)
         raise
@@ -183,6 +203,6 @@ def fork(main: Callable[[], None]) -> ChildProcess:
                 pass
         finally:
             os._exit(code)
-    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    restore_mask(old_mask)
     os.close(pipe_w)
     return ChildProcess(pid, pipe_r)

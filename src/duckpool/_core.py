@@ -929,13 +929,13 @@ class PoolCore:
         of its task and result pipes."""
         # SIGINT stays blocked in the new process until the worker has set its
         # own handler: a Ctrl-C during start-up must not print a traceback.
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        old_mask = _child.block_sigint()
         try:
             process, task_w, result_r = _spawn.start_worker_process(
-                self.settings.context, self.worker_config(slot_index)
+                self.settings.context, self.worker_config(slot_index), self.parent_pidfd
             )
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            _child.restore_mask(old_mask)
         # Writes never block the thread (submit, the dispatcher): what a full
         # pipe does not take waits in the slot's outbox.
         os.set_blocking(task_w.fileno(), False)

@@ -12,16 +12,18 @@ import fcntl
 import os
 import sys
 from multiprocessing import connection as mp_connection
-from typing import Any
+from typing import Any, Optional
 
 from duckpool import _child, _spawned, _worker
 
 
 def start_worker_process(
-    context: Any, config: _worker.WorkerConfig
+    context: Any, config: _worker.WorkerConfig, parent_sentinel: Optional[int] = None
 ) -> tuple[Any, mp_connection.Connection, mp_connection.Connection]:
     """Start a worker; return it with the parent's ends of its task and result pipes.
 
+    ``parent_sentinel``: under fork, a pidfd of the pool's process, which
+    the worker inherits; with it the worker is forked directly (``fork_worker``).
     On failure the pipes are closed and the error propagates.
     """
     task_r, task_w = os.pipe()
@@ -33,6 +35,10 @@ def start_worker_process(
     try:
         if method == "spawn" and _SPAWN_DIRECTLY:
             process = spawn_worker(config, task_r, result_w)
+        elif method == "fork" and parent_sentinel is not None:
+            process = fork_worker(
+                context, config, task_r, result_w, (task_w, result_r), parent_sentinel
+            )
         else:
             # A forked worker closes its copies of the parent's ends
             # (spawned and forkserver workers never get them).
@@ -63,6 +69,79 @@ def start_worker_process(
         mp_connection.Connection(task_w, readable=False),
         mp_connection.Connection(result_r, writable=False),
     )
+
+
+def fork_worker(
+    context: Any,
+    config: _worker.WorkerConfig,
+    task_r: int,
+    result_w: int,
+    parent_ends: tuple[int, ...],
+    parent_sentinel: int,
+) -> _child.ChildProcess:
+    """Fork a worker as ``multiprocessing``'s fork start method would, less its
+    ``Popen`` and the replacement of ``sys.stdin``.
+
+    The worker runs ``Process._bootstrap`` as any forked process does: a
+    task sees its ``current_process()``, ``parent_process()`` (the pool's
+    process, watched through ``parent_sentinel``) and start method as under
+    ``multiprocessing``.  Its descriptor 0 reads from ``/dev/null`` rather
+    than ``sys.stdin`` being closed and opened anew (``_stdin_from_devnull``).
+    Right after a fork every page a process writes is a copy-on-write fault;
+    what is left out here costs about a hundred of them in the worker, and
+    more in the parent, on the way to the first result.
+
+    The caller keeps ``task_r`` and ``result_w`` (and closes them); the
+    worker closes its copies of ``parent_ends``, the parent's ends of both.
+    """
+    process = context.Process(
+        target=_worker.process_main,
+        args=(
+            _worker.InheritedFd(task_r),
+            _worker.InheritedFd(result_w),
+            config,
+            parent_ends,
+        ),
+        name=config.name,
+        daemon=False,  # tasks may start child processes
+    )
+    # Forked by the zygote, the worker is still the pool's: its parent, as
+    # its tasks see it, is the pool's process.
+    process._parent_pid = config.parent_pid  # type: ignore[attr-defined]
+    return _child.fork(lambda: _bootstrap_forked(process, parent_sentinel))
+
+
+def _bootstrap_forked(process: Any, parent_sentinel: int) -> None:
+    """In a worker ``fork_worker`` forked: run as a ``multiprocessing`` process,
+    and exit with its exit code."""
+    from multiprocessing import util
+
+    close_stdin = util._close_stdin  # type: ignore[attr-defined]
+    util._close_stdin = lambda: _stdin_from_devnull(close_stdin)  # type: ignore[attr-defined]
+    os._exit(process._bootstrap(parent_sentinel=parent_sentinel))
+
+
+def _stdin_from_devnull(close_stdin: Any) -> None:
+    """Point descriptor 0 at ``/dev/null`` (``sys.stdin`` then reads nothing);
+    where ``sys.stdin`` is not descriptor 0, replace it as ``multiprocessing``
+    does (``close_stdin``)."""
+    stdin = sys.stdin
+    if stdin is None:
+        return
+    try:
+        on_zero = stdin.fileno() == 0
+    except (AttributeError, OSError, ValueError):
+        on_zero = False
+    if not on_zero:
+        close_stdin()
+        return
+    try:
+        fd = os.open(os.devnull, os.O_RDONLY)
+    except OSError:
+        return
+    if fd != 0:
+        os.dup2(fd, 0)
+        os.close(fd)
 
 
 #: Bytes a worker's pipes hold: a large call or result goes in a few system

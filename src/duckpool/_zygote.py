@@ -43,7 +43,6 @@ import struct
 import time
 import weakref
 from multiprocessing import connection as mp_connection
-from multiprocessing.process import BaseProcess
 from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
 from duckpool import _child, _spawn, _worker
@@ -334,7 +333,7 @@ def _serve(
     # a full collection there would touch, and so copy, every inherited page.
     gc.freeze()
     ctx: Any = multiprocessing.get_context("fork")
-    workers: dict[int, BaseProcess] = {}  # by sentinel
+    workers: dict[int, Any] = {}  # by sentinel: ChildProcess, or multiprocessing.Process
     parent_gone = birth.parent_pidfd
     watched: list[Any] = [control] if parent_gone is None else [control, parent_gone]
     buffered = b""
@@ -376,10 +375,10 @@ def _serve(
             if slot == _FINISH:
                 finishing = True
             elif not finishing:
-                _start_one(ctx, control, build_config(slot), workers)
+                _start_one(ctx, control, build_config(slot), workers, birth.parent_pidfd)
 
 
-def _kill_workers(workers: Iterable[BaseProcess], adopted: tuple[int, ...]) -> None:
+def _kill_workers(workers: Iterable[Any], adopted: tuple[int, ...]) -> None:
     """Kill ``workers`` and the ``adopted`` ones (the parent's, by pidfd).
 
     Used when the parent died, or the pool ended with workers left: they have
@@ -398,11 +397,12 @@ def _start_one(
     ctx: Any,
     control: socket.socket,
     config: _worker.WorkerConfig,
-    workers: dict[int, BaseProcess],
+    workers: dict[int, Any],
+    parent_sentinel: Optional[int],
 ) -> None:
     """Fork one worker and hand the parent its pid and pipe ends."""
     try:
-        process, task_w, result_r = _spawn.start_worker_process(ctx, config)
+        process, task_w, result_r = _spawn.start_worker_process(ctx, config, parent_sentinel)
     except OSError as exc:
         control.sendall(_REPLY.pack(config.slot, -(exc.errno or 1)))
         return
