@@ -168,3 +168,9 @@ def thread_outliving_task(path: str) -> int:
 
     threading.Thread(target=write_when_main_ends, daemon=False).start()
     return os.getpid()
+
+
+def wait_then_touch(gate: str, finished: str) -> None:
+    """Wait for ``gate``, then say "finished" by creating ``finished``."""
+    wait_for_file(gate)
+    Path(finished).touch()
