@@ -14,7 +14,6 @@ import os
 import signal
 import sys
 import time
-import weakref
 from multiprocessing import connection as mp_connection
 from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
@@ -55,34 +54,23 @@ def pidfd_of(pid: int) -> Optional[int]:
         return None
 
 
-class _Held:
-    """What a ``ChildProcess`` holds that must be let go of even if it is
-    never closed: its sentinel, and its pid while it is not reaped."""
-
-    __slots__ = ("exitcode", "pid", "sentinel")
-
-    def __init__(self, pid: int, sentinel: int) -> None:
-        self.pid = pid
-        self.sentinel = sentinel
-        self.exitcode: Optional[int] = None
-
-    def release(self) -> None:
-        try:
-            os.close(self.sentinel)
-        except OSError:
-            pass
-        if self.exitcode is None:
-            _UNREAPED.add(self.pid)
-
-
 class ChildProcess:
-    """The parent's handle on a child it started with ``fork`` or ``spawn_worker``."""
+    """The parent's handle on a child it started with ``fork`` or ``spawn_worker``.
+
+    Its sentinel is closed, and the child reaped later if it has not been,
+    when the handle is closed or else collected (as a ``multiprocessing``
+    process's would be).  A plain ``__del__``, not ``weakref.finalize``: a
+    pool makes this handle right after a fork, when every page the parent
+    writes costs a copy-on-write fault, and finalize's registry writes more.
+    """
 
     def __init__(self, pid: int, pipe_r: int) -> None:
         """``pipe_r``: the read end of a pipe whose write end only the child
         holds, the sentinel where pidfds are missing (it fires once the
         child's own children that inherited that end have exited too)."""
         self.pid = pid
+        self._exitcode: Optional[int] = None
+        self._closed = True  # until it has a sentinel
         pidfd = pidfd_of(pid)
         if pidfd is None:
             self._pidfd: Optional[int] = None
@@ -91,26 +79,28 @@ class ChildProcess:
             os.close(pipe_r)
             self._pidfd = sentinel = pidfd
         self.sentinel = sentinel
-        self._held = _Held(pid, sentinel)
-        # Closed and let go when this handle is, as a multiprocessing
-        # process does, if nothing closed it before.
-        self._release = weakref.finalize(self, self._held.release)
+        self._closed = False
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # (at interpreter exit, module globals may be gone)
+            pass
 
     @property
     def exitcode(self) -> Optional[int]:
         """As ``multiprocessing``'s: negative for a signal; None while it runs."""
-        held = self._held
-        if held.exitcode is None:
+        if self._exitcode is None:
             try:
                 pid, status = os.waitpid(self.pid, os.WNOHANG)
             except ChildProcessError:  # reaped by someone else (os.wait() in the program)
-                held.exitcode = 255
+                self._exitcode = 255
             else:
                 if pid:
-                    held.exitcode = os.waitstatus_to_exitcode(status)
-            if held.exitcode is not None:
+                    self._exitcode = os.waitstatus_to_exitcode(status)
+            if self._exitcode is not None:
                 _UNREAPED.discard(self.pid)  # reaped here, after a close
-        return held.exitcode
+        return self._exitcode
 
     def join(self, timeout: Optional[float] = None) -> None:
         """Wait (up to ``timeout``) for the child to exit, and reap it."""
@@ -120,7 +110,7 @@ class ChildProcess:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return
-            if self._pidfd is not None and self._release.alive:
+            if self._pidfd is not None and not self._closed:
                 mp_connection.wait([self._pidfd], remaining)
             else:  # the pipe may stay silent after the exit: poll
                 time.sleep(pause if remaining is None else min(pause, remaining))
@@ -144,8 +134,15 @@ class ChildProcess:
 
     def close(self) -> None:
         """Close the sentinel; a child still unreaped is reaped later."""
-        self.exitcode  # noqa: B018 (reaped now if it has exited)
-        self._release()
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            os.close(self.sentinel)
+        except OSError:
+            pass
+        if self.exitcode is None:
+            _UNREAPED.add(self.pid)
 
 
 def reap_closed() -> None:

@@ -354,6 +354,7 @@ class _Slot:
 
     __slots__ = (
         "area",
+        "area_offer",
         "assigned",
         "assist",
         "head_since",
@@ -390,6 +391,8 @@ class _Slot:
         self.reader: Optional[_worker.FrameReader] = None
         #: The worker's shared area for large buffers, once mapped (see _buffers).
         self.area: Optional[_buffers.Area] = None
+        #: The area the worker offered, for the dispatcher to map (see _book_results).
+        self.area_offer: Optional[bytes] = None
         #: Result frames whose buffers were copied out of the area, and the
         #: count the worker was last told in a release frame (-1: none yet;
         #: the first one tells it the area is mapped).
@@ -445,6 +448,7 @@ class _Slot:
         self.task_conn = self.result_conn = None
         self.reader = None
         self.area = None
+        self.area_offer = None
         self.results_copied = self.releases_sent = 0
         self.queued_bytes = 0
         self.outbox.clear()
@@ -668,11 +672,16 @@ class PoolCore:
         #: Admission control (``max_pending``), if the pool has it.
         self.admission: Optional[Admission] = None
         self.thread: Optional[threading.Thread] = None
+        #: The dispatcher's thread object, made before the first fork (see
+        #: ensure_started); ``thread`` once started.
+        self.unstarted_thread: Optional[_threads.QuickStartThread] = None
         #: Set when the dispatcher has stopped the workers and closed what it
         #: holds (``join`` waits for it; the thread may still reap the zygote).
         self.dispatcher_done = threading.Event()
         #: Under fork, the process that forks this pool's workers.
         self.zygote: Optional[_zygote.Zygote] = None
+        #: Its channels, made before the first worker is forked (ensure_started).
+        self.zygote_channels: Optional[_zygote.Channels] = None
         #: Why the zygote could not be forked: no worker can be started then.
         self.zygote_error: Optional[OSError] = None
         #: Under fork, a pidfd of this process, for the zygote to watch.
@@ -817,6 +826,17 @@ class PoolCore:
             # With it the zygote kills the workers when this process dies,
             # and they need no watchdog thread of their own.
             self.parent_pidfd = _child.pidfd_of(os.getpid())
+        if self.forks and self.zygote is None and self.zygote_channels is None:
+            try:
+                self.zygote_channels = _zygote.Channels.open()
+            except OSError:
+                pass  # start_dispatcher tries again, and reports a failure
+        if self.unstarted_thread is None:
+            # Made now: after a fork, every page this process writes (and a
+            # Thread writes many) is a copy-on-write fault.
+            self.unstarted_thread = _threads.QuickStartThread(
+                self.dispatch_loop, name=f"duckpool-dispatcher-{id(self):x}"
+            )
         # The first worker now, for the task being submitted (under fork,
         # straight from this process: no thread of this pool exists yet, as
         # when the zygote is forked).  The dispatcher starts the others at
@@ -838,11 +858,13 @@ class PoolCore:
             # Forked now, before this pool's thread exists; it forks the
             # workers from then on (see _zygote).
             try:
+                channels, self.zygote_channels = self.zygote_channels, None
                 self.zygote = _zygote.Zygote(
                     self.worker_config,
                     inherited_fds=self.inherited_fds(),
                     parent_pidfd=self.parent_pidfd,
                     adopted_pids=[s.process.pid for s in self.slots if s.process and s.process.pid],
+                    channels=channels,
                 )
             except OSError as exc:
                 # The pool runs on with the worker it has; a worker it cannot
@@ -853,9 +875,13 @@ class PoolCore:
                 self.selector.register(self.zygote.sentinel, _ZYGOTE_EXIT)
                 self.selector.register(self.zygote.control, _ZYGOTE_STARTED)
         # Not waited for: the caller may read the first result itself meanwhile.
-        self.thread = _threads.QuickStartThread(
-            self.dispatch_loop, name=f"duckpool-dispatcher-{id(self):x}"
-        )
+        thread = self.unstarted_thread
+        if thread is None:
+            thread = _threads.QuickStartThread(
+                self.dispatch_loop, name=f"duckpool-dispatcher-{id(self):x}"
+            )
+        self.thread = thread
+        self.unstarted_thread = None
         try:
             self.thread.start()
         except BaseException:
@@ -931,8 +957,12 @@ class PoolCore:
         # own handler: a Ctrl-C during start-up must not print a traceback.
         old_mask = _child.block_sigint()
         try:
+            channels = self.zygote_channels
             process, task_w, result_r = _spawn.start_worker_process(
-                self.settings.context, self.worker_config(slot_index), self.parent_pidfd
+                self.settings.context,
+                self.worker_config(slot_index),
+                self.parent_pidfd,
+                also_close=() if channels is None else channels.fds(),
             )
         finally:
             _child.restore_mask(old_mask)
@@ -1215,6 +1245,21 @@ class PoolCore:
             parts += _worker.buffered_frame(head, body)
         return parts if buffered else b"".join(parts)
 
+    def attach_offered_area(self, slot: _Slot) -> None:
+        """Map the shared area the slot's worker offered (lock held).
+
+        Until then large buffers travel inline: the worker puts no result in
+        its area before the parent says it has mapped it (``releases_sent``).
+        """
+        offer = slot.area_offer
+        slot.area_offer = None
+        process = slot.process
+        if offer is None or process is None or process.pid is None:
+            return
+        slot.area = _buffers.attach_area(process.pid, memoryview(offer))
+        if slot.area is not None:
+            slot.releases_sent = -1  # the next write says it is mapped
+
     def watch_outboxes(self) -> None:
         """Wait for room in the pipes of slots with an outbox (dispatcher, lock held)."""
         for slot in self.slots:
@@ -1462,6 +1507,9 @@ class PoolCore:
         while True:
             with self.lock:
                 timeout = self.check_deadlines()
+                for slot in self.slots:
+                    if slot.area_offer is not None:
+                        self.attach_offered_area(slot)
                 self.watch_outboxes()
                 if self.handed_over:
                     deferred.extend(self.handed_over)
@@ -1708,11 +1756,14 @@ class PoolCore:
                             took if not self.start_seconds else (self.start_seconds + took) / 2
                         )
                         slot.launched_at = None
-                    pid = None if slot.process is None else slot.process.pid
-                    if payload and pid is not None and _buffers.SHARED_AREA:
-                        slot.area = _buffers.attach_area(pid, payload)
-                        if slot.area is not None:
-                            slot.releases_sent = -1  # the next write says it is mapped
+                    if payload and _buffers.SHARED_AREA:
+                        slot.area_offer = bytes(payload)
+                        if threading.current_thread() is self.thread:
+                            self.attach_offered_area(slot)
+                        else:
+                            # Not on the way to the result a caller reads
+                            # itself (the first, often): the dispatcher maps it.
+                            self.wake()
                     self.wake_for_successor(slot)
                     continue
                 if status == _worker.STATUS_LOG:

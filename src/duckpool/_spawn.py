@@ -18,13 +18,17 @@ from duckpool import _child, _spawned, _worker
 
 
 def start_worker_process(
-    context: Any, config: _worker.WorkerConfig, parent_sentinel: Optional[int] = None
+    context: Any,
+    config: _worker.WorkerConfig,
+    parent_sentinel: Optional[int] = None,
+    also_close: tuple[int, ...] = (),
 ) -> tuple[Any, mp_connection.Connection, mp_connection.Connection]:
     """Start a worker; return it with the parent's ends of its task and result pipes.
 
     ``parent_sentinel``: under fork, a pidfd of the pool's process, which
     the worker inherits; with it the worker is forked directly (``fork_worker``).
-    On failure the pipes are closed and the error propagates.
+    ``also_close``: under fork, more of the parent's descriptors the worker
+    closes at once.  On failure the pipes are closed and the error propagates.
     """
     task_r, task_w = os.pipe()
     result_r, result_w = os.pipe()
@@ -37,12 +41,12 @@ def start_worker_process(
             process = spawn_worker(config, task_r, result_w)
         elif method == "fork" and parent_sentinel is not None:
             process = fork_worker(
-                context, config, task_r, result_w, (task_w, result_r), parent_sentinel
+                context, config, task_r, result_w, (task_w, result_r, *also_close), parent_sentinel
             )
         else:
             # A forked worker closes its copies of the parent's ends
             # (spawned and forkserver workers never get them).
-            parent_ends = (task_w, result_r) if method == "fork" else ()
+            parent_ends = (task_w, result_r, *also_close) if method == "fork" else ()
             process = context.Process(
                 target=_worker.process_main,
                 # Bare descriptors, not Connections: cheaper to rebuild in a worker.

@@ -124,6 +124,35 @@ class _Birth(NamedTuple):
     adopted: tuple[int, ...]
 
 
+class Channels(NamedTuple):
+    """A zygote's control socket and notice pipe, both ends of each.
+
+    A pool makes them before it forks its first worker (which closes its
+    copies, ``fds``): made after that fork, every page they write would be a
+    copy-on-write fault on the way to the first result.
+    """
+
+    control: socket.socket
+    zygote_end: socket.socket
+    notices_r: int
+    notices_w: int
+
+    @classmethod
+    def open(cls) -> Channels:
+        control, zygote_end = socket.socketpair()
+        try:
+            notices_r, notices_w = os.pipe()
+        except OSError:
+            control.close()
+            zygote_end.close()
+            raise
+        os.set_blocking(notices_r, False)
+        return cls(control, zygote_end, notices_r, notices_w)
+
+    def fds(self) -> tuple[int, ...]:
+        return (self.control.fileno(), self.zygote_end.fileno(), self.notices_r, self.notices_w)
+
+
 class Zygote:
     """The parent's side of one pool's zygote process."""
 
@@ -133,8 +162,9 @@ class Zygote:
         inherited_fds: Sequence[int] = (),
         parent_pidfd: Optional[int] = None,
         adopted_pids: Sequence[int] = (),
+        channels: Optional[Channels] = None,
     ) -> None:
-        """Fork the zygote.
+        """Fork the zygote, with ``channels`` (new ones if None).
 
         It closes ``inherited_fds`` (the parent's ends of the pipes of
         workers started before it: its workers must not hold them).  Given
@@ -142,9 +172,12 @@ class Zygote:
         those of ``adopted_pids`` (workers started before it), as soon as
         this process dies: they need no watchdog of their own.
         """
-        self._control, zygote_end = socket.socketpair()
-        self.notices_fd, notices_w = os.pipe()
-        os.set_blocking(self.notices_fd, False)
+        if channels is None:
+            channels = Channels.open()
+        self._control = channels.control
+        zygote_end = channels.zygote_end
+        self.notices_fd = channels.notices_r
+        notices_w = channels.notices_w
         self._pending_notices = b""
         self._closed = False
         self._finishing = False
@@ -155,6 +188,10 @@ class Zygote:
             self.process = _child.fork(
                 lambda: _zygote_main(zygote_end, notices_w, build_config, birth)
             )
+        except BaseException:
+            self._control.close()
+            os.close(self.notices_fd)
+            raise
         finally:
             zygote_end.close()
             os.close(notices_w)
