@@ -442,7 +442,12 @@ LIBRARIES: dict[str, _Library] = {
     library.name: library
     for library in (
         _Library(
-            "duckpool", "duckpool.ProcessPoolExecutor", "duckpool", _open_duckpool, ("duckpool",)
+            "duckpool",
+            "duckpool.ProcessPoolExecutor",
+            "duckpool",
+            _open_duckpool,
+            # The package imports its executor when first asked for it.
+            ("duckpool", "duckpool._executor"),
         ),
         _Library(
             "stdlib",
