@@ -174,3 +174,11 @@ def wait_then_touch(gate: str, finished: str) -> None:
     """Wait for ``gate``, then say "finished" by creating ``finished``."""
     wait_for_file(gate)
     Path(finished).touch()
+
+
+def register_atexit(path: str) -> int:
+    """Register an ``atexit`` handler that writes ``path`` as the worker exits."""
+    import atexit
+
+    atexit.register(_write, path, "atexit")
+    return os.getpid()

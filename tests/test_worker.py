@@ -123,6 +123,21 @@ def test_a_worker_finishes_what_its_tasks_left_for_its_exit(
     assert path.exists()
 
 
+def test_a_workers_atexit_handlers_run_where_multiprocessing_runs_them(
+    ctx: multiprocessing.context.BaseContext, tmp_path: Path
+) -> None:
+    # A spawned process exits through the interpreter's own exit; from
+    # Python 3.13 a forked one runs them too (CPython gh-83856), not before.
+    path = tmp_path / "at-exit"
+    pool = duckpool.ProcessPoolExecutor(1, ctx)
+    try:
+        pool.submit(tasks.register_atexit, str(path)).result(TIMEOUT)
+    finally:
+        pool.shutdown()
+    runs = ctx.get_start_method() == "spawn" or sys.version_info >= (3, 13)
+    assert path.exists() is runs
+
+
 FORKED_FACTS_SCRIPT = textwrap.dedent(
     """
     import json, multiprocessing, os, sys

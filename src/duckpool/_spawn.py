@@ -115,14 +115,30 @@ def fork_worker(
     return _child.fork(lambda: _bootstrap_forked(process, parent_sentinel))
 
 
+#: From Python 3.13 a process multiprocessing forks runs its ``atexit``
+#: handlers, registered after the fork, as it exits (CPython gh-83856).
+FORKED_RUN_ATEXIT = sys.version_info >= (3, 13)
+
+
 def _bootstrap_forked(process: Any, parent_sentinel: int) -> None:
-    """In a worker ``fork_worker`` forked: run as a ``multiprocessing`` process,
-    and exit with its exit code."""
+    """In a worker ``fork_worker`` forked: run as a ``multiprocessing`` process
+    (``Popen``'s part in the child included), and exit with its exit code."""
     from multiprocessing import util
 
     close_stdin = util._close_stdin  # type: ignore[attr-defined]
     util._close_stdin = lambda: _stdin_from_devnull(close_stdin)  # type: ignore[attr-defined]
-    os._exit(process._bootstrap(parent_sentinel=parent_sentinel))
+    if FORKED_RUN_ATEXIT:
+        import atexit
+
+        atexit._clear()  # type: ignore[attr-defined]
+        atexit.register(util._exit_function)  # type: ignore[attr-defined]
+    code = 1
+    try:
+        code = process._bootstrap(parent_sentinel=parent_sentinel)
+    finally:
+        if FORKED_RUN_ATEXIT:
+            atexit._run_exitfuncs()  # type: ignore[attr-defined]
+        os._exit(code)
 
 
 def _stdin_from_devnull(close_stdin: Any) -> None:
