@@ -225,3 +225,24 @@ def test_a_queued_future_makes_no_condition_until_used(
         assert done == set(queued)
     finally:
         pool.shutdown(cancel_futures=True, timeout=TIMEOUT)
+
+
+def test_a_future_nobody_waits_on_makes_no_condition(
+    executor: duckpool.ProcessPoolExecutor,
+) -> None:
+    # Sent, run and resolved, and its result read by a caller that never had
+    # to sleep on it (it read the pipe itself, or came once it was there).
+    executor.submit(tasks.add, 0, 0).result(TIMEOUT)
+    without = 0
+    for i in range(50):
+        future = executor.submit(tasks.add, i, 1)
+        assert future.result(TIMEOUT) == i + 1
+        assert future.exception(0) is None and future.done()
+        without += "_lazy_condition" not in vars(future)
+        assert not future.running() and not future.cancelled()
+    assert without > 0
+    # A future that failed raises its error from result(), as any future does.
+    failing = executor.submit(tasks.raise_key_error, "k")
+    with pytest.raises(KeyError):
+        failing.result(TIMEOUT)
+    assert isinstance(failing.exception(0), KeyError)

@@ -131,6 +131,10 @@ KILL_GRACE_SECONDS = 1.0
 #: itself before it leaves that to the dispatcher again (see ``help_resolve``).
 #: Long enough for any short task; a long one is then waited for as usual.
 _ASSIST_SECONDS = 0.005
+#: A future's states once it is resolved (or cancelled).
+_DONE_STATES = frozenset(
+    {_futures_base.CANCELLED, _futures_base.CANCELLED_AND_NOTIFIED, _futures_base.FINISHED}
+)
 #: How long past that window the dispatcher waits before it takes the pipe
 #: back from a helper that never gave it back (an exception cut it short).
 _ASSIST_GRACE_SECONDS = 0.5
@@ -253,7 +257,12 @@ class PoolFuture(Future[_T]):
 
     Its ``threading.Condition`` (two thirds of a future's memory: a deque,
     an RLock, five bound methods) is made when first used, which for a task
-    still queued is never: a long queue costs a third as much.
+    still queued is never: a long queue costs a third as much.  Nor is it
+    made for a future nobody waits on by it: its caller read the result
+    itself, or asked once it was there.  A waiter, a callback and
+    ``concurrent.futures.wait`` all take the condition first; until one has,
+    the pool moves the future on under ``_LAZY_CONDITION_LOCK`` alone, with
+    no one to notify.
     """
 
     def __init__(self, core: PoolCore) -> None:
@@ -275,15 +284,55 @@ class PoolFuture(Future[_T]):
                     condition = self.__dict__["_lazy_condition"] = threading.Condition()
         return condition  # type: ignore[no-any-return]
 
+    def done(self) -> bool:
+        return self._state in _DONE_STATES
+
     def result(self, timeout: Optional[float] = None) -> _T:
-        if not self.done():
+        if self._state not in _DONE_STATES:
             timeout = self._help(timeout)
+        if self._state == _futures_base.FINISHED:
+            error = self._exception
+            if error is None:
+                return self._result  # type: ignore[return-value]
+            try:
+                raise error
+            finally:
+                del error, self  # no cycle: error -> traceback -> this frame -> self
         return super().result(timeout)
 
     def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
-        if not self.done():
+        if self._state not in _DONE_STATES:
             timeout = self._help(timeout)
+        if self._state == _futures_base.FINISHED:
+            return self._exception
         return super().exception(timeout)
+
+    def set_running_or_notify_cancel(self) -> bool:
+        with _LAZY_CONDITION_LOCK:
+            if "_lazy_condition" not in self.__dict__:  # nobody waits: nobody to notify
+                if self._state == _futures_base.PENDING:
+                    self._state = _futures_base.RUNNING
+                    return True
+                if self._state == _futures_base.CANCELLED:
+                    self._state = _futures_base.CANCELLED_AND_NOTIFIED
+                    return False
+        return super().set_running_or_notify_cancel()
+
+    def set_result(self, result: _T) -> None:
+        with _LAZY_CONDITION_LOCK:
+            if "_lazy_condition" not in self.__dict__ and self._state not in _DONE_STATES:
+                self._result = result
+                self._state = _futures_base.FINISHED
+                return
+        super().set_result(result)
+
+    def set_exception(self, exception: Optional[BaseException]) -> None:
+        with _LAZY_CONDITION_LOCK:
+            if "_lazy_condition" not in self.__dict__ and self._state not in _DONE_STATES:
+                self._exception = exception
+                self._state = _futures_base.FINISHED
+                return
+        super().set_exception(exception)
 
     def _help(self, timeout: Optional[float]) -> Optional[float]:
         """Help resolve this future; return what is left of ``timeout``."""
@@ -1950,7 +1999,7 @@ class PoolCore:
             _logs.handle_forwarded(payload)
             return
         future = item.future
-        if future.done():
+        if future._state in _DONE_STATES:
             return  # cancelled while queued in the worker
         try:
             if status == _worker.STATUS_OK:
