@@ -22,6 +22,8 @@ from typing import Callable, Iterator
 
 import pytest
 
+import duckpool
+
 TESTS_DIR = Path(__file__).resolve().parent
 
 if str(TESTS_DIR) not in sys.path:
@@ -76,6 +78,14 @@ def start_method(request: pytest.FixtureRequest) -> str:
 def ctx(start_method: str) -> multiprocessing.context.BaseContext:
     """The multiprocessing context for ``start_method``."""
     return multiprocessing.get_context(start_method)
+
+
+@pytest.fixture
+def executor(ctx: multiprocessing.context.BaseContext) -> Iterator[duckpool.ProcessPoolExecutor]:
+    """A two-worker pool under ``ctx``, shut down within bounds afterwards."""
+    pool = duckpool.ProcessPoolExecutor(2, mp_context=ctx)
+    yield pool
+    pool.shutdown(cancel_futures=True, timeout=30)  # bounded, even if a test hung
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,6 @@ import sys
 import textwrap
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -22,13 +21,6 @@ import duckpool
 from conftest import parent_script, process_gone, wait_until
 
 TIMEOUT = 30
-
-
-@pytest.fixture
-def executor(ctx: object) -> Iterator[duckpool.ProcessPoolExecutor]:
-    pool = duckpool.ProcessPoolExecutor(2, mp_context=ctx)  # type: ignore[arg-type]
-    yield pool
-    pool.shutdown(cancel_futures=True, timeout=TIMEOUT)  # bounded, even if a test hung
 
 
 def test_is_a_stdlib_process_pool_executor() -> None:

@@ -12,7 +12,6 @@ import concurrent.futures
 import ctypes
 import threading
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -21,13 +20,6 @@ import duckpool
 from conftest import wait_until
 
 TIMEOUT = 30
-
-
-@pytest.fixture
-def executor(ctx: object) -> Iterator[duckpool.ProcessPoolExecutor]:
-    pool = duckpool.ProcessPoolExecutor(2, mp_context=ctx)  # type: ignore[arg-type]
-    yield pool
-    pool.shutdown(cancel_futures=True, timeout=TIMEOUT)  # bounded, even if a test hung
 
 
 def test_a_waiting_thread_resolves_a_quiet_pools_future_itself(

@@ -17,6 +17,8 @@ import time
 from multiprocessing import connection as mp_connection
 from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
+from duckpool import _worker
+
 if TYPE_CHECKING:
     import signal as _signal
 else:
@@ -163,12 +165,7 @@ def fork(main: Callable[[], None]) -> ChildProcess:
     SIGINT stays blocked in the child until ``main`` unblocks it.
     """
     reap_closed()
-    for stream in (sys.stdout, sys.stderr):  # no buffered output is written twice
-        try:
-            if stream is not None:
-                stream.flush()
-        except (AttributeError, ValueError, OSError):
-            pass
+    _worker.flush_std_streams()  # no buffered output is written twice
     pipe_r, pipe_w = os.pipe()
     old_mask = block_sigint()
     try:

@@ -47,18 +47,7 @@ def start_worker_process(
             # A forked worker closes its copies of the parent's ends
             # (spawned and forkserver workers never get them).
             parent_ends = (task_w, result_r, *also_close) if method == "fork" else ()
-            process = context.Process(
-                target=_worker.process_main,
-                # Bare descriptors, not Connections: cheaper to rebuild in a worker.
-                args=(
-                    _worker.InheritedFd(task_r),
-                    _worker.InheritedFd(result_w),
-                    config,
-                    parent_ends,
-                ),
-                name=config.name,
-                daemon=False,  # tasks may start child processes
-            )
+            process = _new_process(context, config, task_r, result_w, parent_ends)
             process.start()
     except BaseException:
         os.close(task_w)
@@ -72,6 +61,23 @@ def start_worker_process(
         process,
         mp_connection.Connection(task_w, readable=False),
         mp_connection.Connection(result_r, writable=False),
+    )
+
+
+def _new_process(
+    context: Any,
+    config: _worker.WorkerConfig,
+    task_r: int,
+    result_w: int,
+    parent_ends: tuple[int, ...],
+) -> Any:
+    """The ``multiprocessing`` process object of a worker (not started)."""
+    return context.Process(
+        target=_worker.process_main,
+        # Bare descriptors, not Connections: cheaper to rebuild in a worker.
+        args=(_worker.InheritedFd(task_r), _worker.InheritedFd(result_w), config, parent_ends),
+        name=config.name,
+        daemon=False,  # tasks may start child processes
     )
 
 
@@ -98,17 +104,7 @@ def fork_worker(
     The caller keeps ``task_r`` and ``result_w`` (and closes them); the
     worker closes its copies of ``parent_ends``, the parent's ends of both.
     """
-    process = context.Process(
-        target=_worker.process_main,
-        args=(
-            _worker.InheritedFd(task_r),
-            _worker.InheritedFd(result_w),
-            config,
-            parent_ends,
-        ),
-        name=config.name,
-        daemon=False,  # tasks may start child processes
-    )
+    process = _new_process(context, config, task_r, result_w, parent_ends)
     # Forked by the zygote, the worker is still the pool's: its parent, as
     # its tasks see it, is the pool's process.
     process._parent_pid = config.parent_pid  # type: ignore[attr-defined]

@@ -81,12 +81,7 @@ def main(data_fd: int) -> None:
         sys.stderr.write(f"Process {prep.get('name')}:\n")
         traceback.print_exc()
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                if stream is not None:
-                    stream.flush()
-            except (AttributeError, ValueError, OSError):
-                pass
+        _worker.flush_std_streams()
     sys.exit(code)
 
 

@@ -829,13 +829,18 @@ def exit_if_nothing_left() -> None:
         or (sys.version_info >= (3, 13) and _atexit_handlers() > 1)
     ):
         return  # multiprocessing has work to do on the way out
+    flush_std_streams()
+    os._exit(0)
+
+
+def flush_std_streams() -> None:
+    """Flush ``sys.stdout`` and ``sys.stderr``, whatever state they are in."""
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:
                 stream.flush()
         except (AttributeError, ValueError, OSError):
             pass
-    os._exit(0)
 
 
 def _atexit_handlers() -> int:
