@@ -729,8 +729,6 @@ class PoolCore:
         self.dispatcher_done = threading.Event()
         #: Under fork, the process that forks this pool's workers.
         self.zygote: Optional[_zygote.Zygote] = None
-        #: A slot holds an area offer for the dispatcher to map (lock held).
-        self.areas_offered = False
         #: Its channels, made before the first worker is forked (ensure_started).
         self.zygote_channels: Optional[_zygote.Channels] = None
         #: Why the zygote could not be forked: no worker can be started then.
@@ -1558,9 +1556,8 @@ class PoolCore:
         while True:
             with self.lock:
                 timeout = self.check_deadlines()
-                if self.areas_offered:
-                    self.areas_offered = False
-                    for slot in self.slots:
+                for slot in self.slots:
+                    if slot.area_offer is not None:
                         self.attach_offered_area(slot)
                 self.watch_outboxes()
                 if self.handed_over:
@@ -1815,7 +1812,6 @@ class PoolCore:
                         else:
                             # Not on the way to the result a caller reads
                             # itself (the first, often): the dispatcher maps it.
-                            self.areas_offered = True
                             self.wake()
                     self.wake_for_successor(slot)
                     continue
