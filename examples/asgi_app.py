@@ -60,13 +60,18 @@ async def _run(task_type: str, *args: object) -> JSONResponse:
     try:
         value = await duckpool.run_task(getattr(tasks, task_type), *args, task_type=task_type)
     except duckpool.PoolSaturatedError:
-        return JSONResponse({"error": "busy, retry later"}, status_code=429)
+        return _answer({"error": "busy, retry later"}, 429)
     except duckpool.TaskTimeoutError:
-        return JSONResponse({"error": "the work took too long"}, status_code=504)
+        return _answer({"error": "the work took too long"}, 504)
     except duckpool.WorkerDiedError as exc:
         died = exc.signal_name or f"exit code {exc.exitcode}"
-        return JSONResponse({"error": f"the worker died ({died})"}, status_code=502)
-    return JSONResponse({"result": value, "server_pid": os.getpid()})
+        return _answer({"error": f"the worker died ({died})"}, 502)
+    return _answer({"result": value})
+
+
+def _answer(body: dict[str, object], status: int = 200) -> JSONResponse:
+    """``body`` as JSON, with the pid of the server worker that answered."""
+    return JSONResponse(dict(body, server_pid=os.getpid()), status_code=status)
 
 
 async def fib(request: Request) -> JSONResponse:

@@ -100,25 +100,49 @@ def test_a_burst_is_answered_and_sigterm_leaves_no_process(start_method: str) ->
             if status == 200:
                 assert body["result"] == 2584
         assert sum(status == 200 for _, status, _ in answers) >= 1
+        # The server workers whose pools have started: each answer names the
+        # one that gave it (a pool starts with its first task).
+        served = {body["server_pid"] for _, _, body in answers}
         if not any(status == 502 for _, status, _ in answers):
             # Every crash of the burst met a saturated pool (429, a matter
             # of timing): one more, alone, must fail with the worker's death.
             status, body = _get_accepted(f"{base}/crash")
             assert status == 502, body
+            served.add(body["server_pid"])
         # The pools healed: work still goes through after the crashes.
         status, body = _get(f"{base}/fib?n=10")
         assert (status, body["result"]) == (200, 55)
+        served.add(body["server_pid"])
         stats = _get(f"{base}/stats")[1]
         assert stats["max_workers"] == 2
 
-        def family() -> list[int]:
-            children = psutil.Process(server.pid).children(recursive=True)
-            return [server.pid] + [p.pid for p in children]
+        master = psutil.Process(server.pid)
+        seen: list[dict[int, int]] = []
 
-        # Master, 2 server workers, their pool workers (a crashed one's
-        # replacement may still be starting: under spawn that takes a while).
-        wait_until(lambda: len(family()) >= 1 + 2 + 2 * 2, TIMEOUT)
-        members = family()
+        def pool_workers(server_worker: Any) -> int:
+            count = 0
+            for process in server_worker.children(recursive=True):
+                command = process.cmdline()
+                count += bool(command) and command[0].startswith("example-compute")
+            return count
+
+        def pools_full() -> bool:
+            """Every started pool has its 2 workers again (a crashed one's
+            replacement may still be starting: under spawn that takes a while)."""
+            try:
+                counts = {child.pid: pool_workers(child) for child in master.children()}
+            except psutil.NoSuchProcess:
+                return False
+            seen[:] = [counts]
+            return served <= counts.keys() and all(
+                count == 2 or (count == 0 and pid not in served) for pid, count in counts.items()
+            )
+
+        try:
+            wait_until(pools_full, TIMEOUT)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; pool workers of each server worker: {seen}") from None
+        members = [server.pid] + [p.pid for p in master.children(recursive=True)]
         server.send_signal(signal.SIGTERM)
         output, _ = server.communicate(timeout=TIMEOUT)
     finally:
