@@ -117,7 +117,7 @@ def test_a_burst_is_answered_and_sigterm_leaves_no_process(start_method: str) ->
         assert stats["max_workers"] == 2
 
         master = psutil.Process(server.pid)
-        seen: list[dict[int, int]] = []
+        seen: dict[int, int] = {}  # pool workers by server worker, at the last look
 
         def pool_workers(server_worker: Any) -> int:
             count = 0
@@ -133,7 +133,8 @@ def test_a_burst_is_answered_and_sigterm_leaves_no_process(start_method: str) ->
                 counts = {child.pid: pool_workers(child) for child in master.children()}
             except psutil.NoSuchProcess:
                 return False
-            seen[:] = [counts]
+            seen.clear()
+            seen.update(counts)
             return served <= counts.keys() and all(
                 count == 2 or (count == 0 and pid not in served) for pid, count in counts.items()
             )
