@@ -182,3 +182,12 @@ def register_atexit(path: str) -> int:
 
     atexit.register(_write, path, "atexit")
     return os.getpid()
+
+
+#: Set by a test before its pool starts, changed after: a worker forked from
+#: the pool's image (by the zygote or its standby) still reads the first value.
+MARKER = "module default"
+
+
+def read_marker() -> str:
+    return MARKER

@@ -14,12 +14,14 @@ import contextlib
 import multiprocessing
 import multiprocessing.context
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
+import psutil
 import pytest
 
 import duckpool
@@ -168,3 +170,44 @@ def parent_script(
         if parent.poll() is None:
             parent.kill()
             parent.communicate(timeout=timeout)
+
+
+def helper_pids(pool: duckpool.ProcessPoolExecutor) -> dict[str, int]:
+    """The pool's live helper processes (zygote, standby), by role."""
+    return {helper.role: helper.pid for helper in pool.stats().helpers}
+
+
+def fork_server_pid() -> Optional[int]:
+    """The pid of multiprocessing's fork server, if it runs."""
+    from multiprocessing import forkserver
+
+    pid = getattr(forkserver._forkserver, "_forkserver_pid", None)  # type: ignore[attr-defined]
+    return None if pid is None or process_gone(pid) else int(pid)
+
+
+def resource_tracker_pid() -> Optional[int]:
+    """The pid of multiprocessing's resource tracker, if it runs."""
+    from multiprocessing import resource_tracker
+
+    pid = getattr(resource_tracker._resource_tracker, "_pid", None)  # type: ignore[attr-defined]
+    return None if pid is None or process_gone(pid) else int(pid)
+
+
+def kill_quietly(pid: Optional[int]) -> None:
+    """SIGKILL ``pid`` unless it is None or gone."""
+    if pid is None:
+        return
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def all_pool_processes(pool: duckpool.ProcessPoolExecutor) -> list[int]:
+    """Every process the pool owns or relies on: workers, helpers, descendants
+    of this process (children of every thread), the fork server and tracker."""
+    pids = set(pool.worker_pids()) | set(helper_pids(pool).values())
+    pids |= {child.pid for child in psutil.Process().children(recursive=True)}
+    pids |= {pid for pid in (fork_server_pid(), resource_tracker_pid()) if pid is not None}
+    pids.discard(os.getpid())
+    return sorted(pids)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -123,7 +124,11 @@ def test_a_burst_is_answered_and_sigterm_leaves_no_process(start_method: str) ->
             count = 0
             for process in server_worker.children(recursive=True):
                 command = process.cmdline()
-                count += bool(command) and command[0].startswith("example-compute")
+                # Workers only (example-compute-0, -1), not the zygote and
+                # its standby (example-compute-zygote, ...-zygote-standby).
+                count += (
+                    bool(command) and re.fullmatch(r"example-compute-\d+", command[0]) is not None
+                )
             return count
 
         def pools_full() -> bool:

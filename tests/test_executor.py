@@ -473,28 +473,6 @@ def test_workers_from_the_zygote_never_collect_what_they_inherited() -> None:
         pool.shutdown()
 
 
-def test_a_dead_zygote_breaks_the_pool_with_a_clear_error() -> None:
-    import multiprocessing
-
-    import psutil
-
-    pool = duckpool.ProcessPoolExecutor(1, multiprocessing.get_context("fork"))
-    try:
-        worker = pool.submit(tasks.getpid).result(TIMEOUT)
-        # (The first worker is forked by the pool's process itself.)
-        zygote_process = pool._core.zygote.process  # type: ignore[union-attr]
-        zygote = psutil.Process(zygote_process.pid)
-        assert zygote.ppid() == os.getpid() and zygote.num_threads() == 1
-        os.kill(zygote.pid, signal.SIGKILL)
-        wait_until(lambda: bool(pool._broken), TIMEOUT)
-        assert "forks this pool's workers" in str(pool._broken)
-        with pytest.raises(BrokenProcessPool, match="SIGKILL"):
-            pool.submit(tasks.add, 1, 1)
-        wait_until(lambda: process_gone(worker), TIMEOUT)
-    finally:
-        pool.shutdown()
-
-
 def test_an_error_in_the_dispatcher_resolves_every_future(
     executor: duckpool.ProcessPoolExecutor,
     monkeypatch: pytest.MonkeyPatch,

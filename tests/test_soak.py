@@ -10,20 +10,31 @@ import os
 import random
 import signal
 import threading
-from typing import Optional
+from typing import Any, Optional
 
 import psutil
 import pytest
 
 import _executor_tasks as tasks
 import duckpool
-from conftest import process_gone, wait_until
+from conftest import all_pool_processes, kill_quietly, process_gone, wait_until
 
 TIMEOUT = 120
 
 
 def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+def _fd_targets() -> dict[int, str]:
+    """This process's open descriptors and what each refers to."""
+    targets = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            targets[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:  # (the listing's own descriptor, closed by now)
+            pass
+    return targets
 
 
 def _new_children(before: set[int]) -> list[str]:
@@ -102,3 +113,83 @@ def test_soak_small(ctx: object) -> None:
 @pytest.mark.timeout(900)
 def test_soak_large(ctx: object) -> None:
     _soak(ctx, n_tasks=20_000, seed=2)
+
+
+def _soak_every_kind(ctx: Any, n_tasks: int, kills: int, self_kills: int, seed: int) -> None:
+    """Tiny tasks on 2 workers while, every 30 ms, a random process the pool
+    owns or relies on (any descendant of this process, children of every
+    thread included; the zygote and its standby; the fork server and the
+    resource tracker) gets SIGKILL, and some tasks kill their own worker.
+
+    Every future resolves; a task fails only if a process died under it
+    (WorkerDiedError); the pool serves afterwards and shuts down clean.
+    """
+    rng = random.Random(seed)
+    fds_before = _fd_targets()
+    pool = duckpool.ProcessPoolExecutor(2, ctx)
+    killed: list[int] = []
+    done_killing = threading.Event()
+
+    def kill_at_random() -> None:
+        while len(killed) < kills and not done_killing.wait(0.03):
+            victims = all_pool_processes(pool)
+            if victims:
+                victim = rng.choice(victims)
+                kill_quietly(victim)
+                killed.append(victim)
+        done_killing.set()
+
+    suicidal = set(rng.sample(range(n_tasks), self_kills))
+    futures: list[tuple[concurrent.futures.Future[int], int]] = []
+    killer = threading.Thread(target=kill_at_random)
+    pool.submit(tasks.add, 0, 0).result(TIMEOUT)  # started before the first kill
+    killer.start()
+    try:
+        i = 0
+        # Keep the stream going until every kill has landed.
+        while i < n_tasks or not done_killing.is_set():
+            kind = "die" if i in suicidal else "ok"
+            futures.append((pool.submit(tasks.soak_task, kind, i), i))
+            i += 1
+            if i % 500 == 0:  # let results flow (a bounded queue, as a server's)
+                concurrent.futures.wait([f for f, _ in futures[-500:]], TIMEOUT)
+        _, not_done = concurrent.futures.wait([f for f, _ in futures], TIMEOUT)
+        assert not not_done, f"{len(not_done)} futures never resolved"
+        # The pool serves the next task after all that.
+        assert pool.submit(tasks.add, 2, 3).result(TIMEOUT) == 5
+    finally:
+        done_killing.set()
+        killer.join(TIMEOUT)
+        pool.shutdown(wait=True)
+    innocent_failures = 0
+    for future, value in futures:
+        error = future.exception(0)
+        if value in suicidal:
+            assert isinstance(error, duckpool.WorkerDiedError), error
+        elif error is not None:
+            assert isinstance(error, duckpool.WorkerDiedError), error
+            innocent_failures += 1
+        else:
+            assert future.result(0) == value * 2
+    # Only a task running in a killed process may fail: one per kill at most.
+    assert innocent_failures <= len(killed), (innocent_failures, len(killed))
+    assert pool.stats().stopped
+    # Nothing of the pool's is left open here (the fork server's socket and
+    # the resource tracker's pipe may have been made anew, once each).
+    try:
+        wait_until(lambda: _open_fds() <= len(fds_before) + 3, 10)
+    except AssertionError:
+        now = _fd_targets()
+        raise AssertionError(
+            {fd: target for fd, target in now.items() if fds_before.get(fd) != target}
+        ) from None
+
+
+def test_soak_killing_every_kind_of_process_small(ctx: Any) -> None:
+    _soak_every_kind(ctx, n_tasks=3_000, kills=12, self_kills=5, seed=3)
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(1800)
+def test_soak_killing_every_kind_of_process_large(ctx: Any) -> None:
+    _soak_every_kind(ctx, n_tasks=100_000, kills=50, self_kills=20, seed=4)

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from duckpool._registry import REGISTRY, get_or_create_process_manager
     from duckpool._routing import pool_for, run_task, submit_task
     from duckpool._shutdown import drain_all, install_shutdown_handlers
-    from duckpool._stats import PoolStats, WorkerStats
+    from duckpool._stats import HelperStats, PoolStats, WorkerStats
 
 #: Where each public name lives.  They are imported on first use (PEP 562), so
 #: a worker process, which needs only ``duckpool._worker``, does not import
@@ -65,6 +65,7 @@ _EXPORTS = {
     "submit_task": "duckpool._routing",
     "drain_all": "duckpool._shutdown",
     "install_shutdown_handlers": "duckpool._shutdown",
+    "HelperStats": "duckpool._stats",
     "PoolStats": "duckpool._stats",
     "WorkerStats": "duckpool._stats",
 }
@@ -108,6 +109,7 @@ def register_prometheus(registry: Any = None, executors: Any = None) -> Any:
 __all__ = [
     "REGISTRY",
     "DaskExecutor",
+    "HelperStats",
     "InheritedManagerError",
     "ManagerNotFound",
     "PoolSaturatedError",

@@ -33,7 +33,7 @@ Data flow::
                       takes the slot, or a replacement starts in it
       successor    -> with max_tasks_per_child, once a slot's ready worker
                       has been sent half its quota, the dispatcher starts the
-                      slot's next worker ahead of time (_Slot.successor): it
+                      slot's next worker ahead of time (Slot.successor): it
                       starts up while the worker works and is nothing but a
                       watched sentinel (its pipes unread) until the slot is
                       free; if it dies first, another starts (its initializer
@@ -68,7 +68,7 @@ items it was sent, in order, and a worker answers in that order.  A shared
 array holds, per slot, the id of the task the worker last took up, so after a
 death the parent can tell a task that started from one still in the pipe.
 Only the dispatcher reaps processes.  It reads every result pipe except one
-a helping caller has paused in its selector (``_Slot.assist``); frames are
+a helping caller has paused in its selector (``Slot.assist``); frames are
 read and booked under the slot's ``read_lock``, so they are taken in order
 whoever reads them.  Writes to task pipes happen under ``_PoolCore.lock``,
 from submit() or the dispatcher.
@@ -98,9 +98,9 @@ from concurrent.futures import _base as _futures_base
 from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 from multiprocessing import connection as mp_connection
 from multiprocessing.context import BaseContext
-from typing import Any, Callable, NamedTuple, Optional, Protocol, TypeVar
+from typing import Any, Callable, NamedTuple, Optional, TypeVar
 
-from duckpool import _buffers, _child, _logs, _spawn, _threads, _worker, _zygote
+from duckpool import _buffers, _child, _logs, _threads, _worker, _zygote
 from duckpool._admission import Admission
 from duckpool._errors import (
     InheritedManagerError,
@@ -109,9 +109,21 @@ from duckpool._errors import (
     TaskTimeoutError,
     TaskUnpicklingError,
     WorkerDiedError,
-    describe_exit,
 )
-from duckpool._stats import PoolStats, WorkerStats
+from duckpool._futures import notify_if_cancelled as _notify_if_cancelled
+from duckpool._futures import set_exception as _set_exception
+from duckpool._futures import set_result as _set_result
+from duckpool._pool._launcher import Launcher, ZygoteTag
+from duckpool._pool._slots import Assist, Slot, Spare
+from duckpool._pool._supervisor import (
+    KILL_GRACE_SECONDS,
+    MAX_STARTUP_DEATHS,
+    STOP_GRACE_SECONDS,
+    Supervisor,
+    self_inflicted,
+    signal_process,
+)
+from duckpool._stats import HelperStats, PoolStats, WorkerStats
 
 #: Items a worker may hold at once (one running, the rest queued in its pipe),
 #: so it never waits on the parent between small tasks.
@@ -123,10 +135,6 @@ _PREFETCH_BEHIND_SECONDS = 0.001
 #: Never queue more than this many unread bytes in a task pipe, so a write to a
 #: busy worker cannot block (Linux pipes buffer 64 KiB).
 _PREFETCH_BYTES = 32 * 1024
-#: How long shutdown waits for an idle worker to exit before terminating it.
-_STOP_GRACE_SECONDS = 5.0
-#: How long a worker stopped with SIGTERM (timeout, cancel) gets before SIGKILL.
-KILL_GRACE_SECONDS = 1.0
 #: How long a thread blocked in ``result()`` reads its task's result pipe
 #: itself before it leaves that to the dispatcher again (see ``help_resolve``).
 #: Long enough for any short task; a long one is then waited for as usual.
@@ -147,9 +155,6 @@ _SPIN_SECONDS = 0.0005
 _MIN_CAPACITY = 64
 #: How many recent task latencies ``stats()`` takes its percentiles from.
 _LATENCY_WINDOW = 1024
-#: Workers that fail by themselves before they are ready (an exit code, or a
-#: crash signal), in a row, before the pool gives up instead of respawning.
-_MAX_STARTUP_DEATHS = 3
 
 _T = TypeVar("_T")
 
@@ -346,23 +351,6 @@ class PoolFuture(Future[_T]):
         return max(0.0, timeout - (time.monotonic() - started))
 
 
-class WorkerProcess(Protocol):
-    """A worker process as the pool handles it: a ``multiprocessing`` process,
-    or a handle on one the zygote forked (``_zygote.ZygoteChild``)."""
-
-    @property
-    def pid(self) -> Optional[int]: ...
-    @property
-    def exitcode(self) -> Optional[int]: ...
-    @property
-    def sentinel(self) -> Optional[int]: ...
-    def join(self, timeout: Optional[float] = None) -> None: ...
-    def is_alive(self) -> bool: ...
-    def terminate(self) -> None: ...
-    def kill(self) -> None: ...
-    def close(self) -> None: ...
-
-
 #: A future to resolve from a result frame: the item, the status, the payload
 #: (a pickle, or ``_buffers.Received``, or what decoding its buffers raised).
 _Resolution = tuple[WorkItem, int, Any]
@@ -370,173 +358,6 @@ _Resolution = tuple[WorkItem, int, Any]
 #: The item of a log frame's entry among the resolutions: a record, which
 #: answers no task, handed to logging where its frame came in the stream.
 _LOG_RECORD_ITEM = WorkItem(Future(), 0, b"", None, None)
-
-
-class _Stopping(NamedTuple):
-    """A worker being stopped because its running item overran or was cancelled."""
-
-    item: WorkItem
-    error: BaseException
-    kill_at: float
-
-
-class _Assist:
-    """A caller thread watching a slot's result pipe in the dispatcher's stead."""
-
-    __slots__ = ("conn", "orphaned", "spin", "until")
-
-    def __init__(self, conn: mp_connection.Connection, until: float, spin: bool) -> None:
-        self.conn = conn
-        #: When the helper gives the pipe back (monotonic).  Past it and a
-        #: grace, the dispatcher takes it back itself: an exception raised
-        #: asynchronously in the helper (Ctrl-C) may have cut its clean-up.
-        self.until = until
-        #: The helper polls without sleeping at first (one per pool at a time).
-        self.spin = spin
-        #: The slot was closed meanwhile: the helper closes ``conn`` when done
-        #: (not before, or its number could be reused under the helper's poll).
-        self.orphaned = False
-
-
-class _Slot:
-    """A worker slot: a stable index, and the process that currently fills it."""
-
-    __slots__ = (
-        "area",
-        "area_offer",
-        "assigned",
-        "assist",
-        "head_since",
-        "index",
-        "last_service",
-        "launched_at",
-        "outbox",
-        "poisoned",
-        "process",
-        "queued_bytes",
-        "read_lock",
-        "reader",
-        "ready",
-        "releases_sent",
-        "requested",
-        "reserved",
-        "result_conn",
-        "results_copied",
-        "retiring",
-        "stop_sent",
-        "stopping",
-        "successor",
-        "task_conn",
-        "tasks_done",
-        "tasks_sent",
-        "used",
-    )
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.process: Optional[WorkerProcess] = None
-        self.task_conn: Optional[mp_connection.Connection] = None
-        self.result_conn: Optional[mp_connection.Connection] = None
-        self.reader: Optional[_worker.FrameReader] = None
-        #: The worker's shared area for large buffers, once mapped (see _buffers).
-        self.area: Optional[_buffers.Area] = None
-        #: The area the worker offered, for the dispatcher to map (see _book_results).
-        self.area_offer: Optional[bytes] = None
-        #: Result frames whose buffers were copied out of the area, and the
-        #: count the worker was last told in a release frame (-1: none yet;
-        #: the first one tells it the area is mapped).
-        self.results_copied = 0
-        self.releases_sent = 0
-        #: Items sent to the current process whose results have not arrived, in order.
-        self.assigned: deque[WorkItem] = deque()
-        self.queued_bytes = 0
-        #: What a write to the task pipe left unwritten (the pipe was full), in
-        #: order; the dispatcher writes it as the worker reads.
-        self.outbox: deque[memoryview] = deque()
-        self.tasks_sent = 0
-        #: Results the current process has sent back.
-        self.tasks_done = 0
-        #: A process has filled this slot before (the next one is a restart).
-        self.used = False
-        #: Its first process is being started by the dispatcher: it takes an
-        #: item already, which waits in the outbox until the process is up.
-        self.reserved = False
-        #: The zygote was asked for its next process; the answer is due.
-        self.requested = False
-        #: Reached max_tasks_per_child: to exit once its items are done.
-        self.retiring = False
-        #: The empty frame that tells the worker to exit has been written.
-        self.stop_sent = False
-        #: The worker said it is ready (its initializer ran).
-        self.ready = False
-        #: When the head of ``assigned`` became the worker's current task.
-        self.head_since = 0.0
-        #: How long the worker's last task took, as seen from here.
-        self.last_service = float("inf")
-        #: When its worker was started (``time.monotonic()``), until it is ready.
-        self.launched_at: Optional[float] = None
-        self.stopping: Optional[_Stopping] = None
-        #: Held while frames are read from the result pipe and booked, so the
-        #: dispatcher and a helping caller take them in order.
-        self.read_lock = threading.Lock()
-        #: A caller thread reading the result pipe itself (see help_resolve).
-        self.assist: Optional[_Assist] = None
-        #: Why the worker is being killed because its result stream is not to
-        #: be trusted (see PoolCore._poison).
-        self.poisoned: Optional[WorkerDiedError] = None
-        #: A process started ahead of time to take this slot when its worker
-        #: leaves (see PoolCore.start_successors); not a worker until then.
-        self.successor: Optional[_Spare] = None
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None
-
-    def reset(self) -> None:
-        self.process = None
-        self.task_conn = self.result_conn = None
-        self.reader = None
-        self.area = None
-        self.area_offer = None
-        self.results_copied = self.releases_sent = 0
-        self.queued_bytes = 0
-        self.outbox.clear()
-        self.tasks_sent = 0
-        self.tasks_done = 0
-        self.retiring = False
-        self.stop_sent = False
-        self.ready = False
-        self.last_service = float("inf")
-        self.launched_at = None
-        self.stopping = None
-        self.poisoned = None
-        self.requested = False  # an answer still due is unwanted now
-
-
-class _Spare:
-    """A worker process that fills no slot: a successor started ahead of time
-    for ``slot``, or one being let go (its successor role ended unused).
-
-    Nothing reads its result pipe and nothing is written to its task pipe
-    but the stop frame: it takes no task, so it never writes the shared marks.
-    Its frames (ready, initializer failure, log records) wait in its pipe for
-    the slot's reader once it takes the slot.
-    """
-
-    __slots__ = ("launched_at", "process", "result_conn", "slot", "task_conn")
-
-    def __init__(
-        self,
-        slot: _Slot,
-        process: WorkerProcess,
-        task_conn: mp_connection.Connection,
-        result_conn: mp_connection.Connection,
-    ) -> None:
-        self.slot = slot
-        self.process = process
-        self.launched_at = time.monotonic()
-        self.task_conn = task_conn
-        self.result_conn = result_conn
 
 
 class _Counters:
@@ -642,13 +463,13 @@ class _Waiter:
 class _Writable(NamedTuple):
     """The tag of a task pipe the dispatcher waits to write the rest of an outbox to."""
 
-    slot: _Slot
+    slot: Slot
 
 
 class _SpareExit(NamedTuple):
     """The tag of a spare process's sentinel."""
 
-    spare: _Spare
+    spare: Spare
 
 
 _MISSING = object()
@@ -693,8 +514,6 @@ class PoolCore:
 
     def __init__(self, settings: PoolSettings) -> None:
         self.settings = settings
-        #: Workers are forked (from this process first, then by the zygote).
-        self.forks = settings.context.get_start_method() == "fork"
         self.owner_pid = os.getpid()
         #: Set in a forked child's copy (cheaper to test than os.getpid()).
         self.inherited = False
@@ -706,7 +525,7 @@ class PoolCore:
         #: The most ``size`` can grow to (the shared marks array is this long).
         self.capacity = max(_MIN_CAPACITY, 4 * settings.max_workers)
         #: Replaced, never changed in place, so it can be iterated without the lock.
-        self.slots = [_Slot(i) for i in range(settings.max_workers)]
+        self.slots = [Slot(i) for i in range(settings.max_workers)]
         self.counters = _Counters()
         #: Per callable label: worker deaths in a row; and quarantined labels,
         #: with when they are accepted again (see settings.quarantine_after).
@@ -724,17 +543,6 @@ class PoolCore:
         #: The dispatcher's thread object, made before the first fork (see
         #: ensure_started); ``thread`` once started.
         self.unstarted_thread: Optional[_threads.QuickStartThread] = None
-        #: Set when the dispatcher has stopped the workers and closed what it
-        #: holds (``join`` waits for it; the thread may still reap the zygote).
-        self.dispatcher_done = threading.Event()
-        #: Under fork, the process that forks this pool's workers.
-        self.zygote: Optional[_zygote.Zygote] = None
-        #: Its channels, made before the first worker is forked (ensure_started).
-        self.zygote_channels: Optional[_zygote.Channels] = None
-        #: Why the zygote could not be forked: no worker can be started then.
-        self.zygote_error: Optional[OSError] = None
-        #: Under fork, a pidfd of this process, for the zygote to watch.
-        self.parent_pidfd: Optional[int] = None
         #: Shared with the workers: per slot, the id of the task it took up
         #: (cells 0..n-1), and an id it must skip (cells n..2n-1).
         self.marks: Any = None
@@ -745,18 +553,15 @@ class PoolCore:
         self.start_seconds = 0.0
         #: Spare processes let go unused (a successor no longer wanted), until
         #: they have exited and been reaped.
-        self.leaving: list[_Spare] = []
+        self.leaving: list[Spare] = []
         #: Spare processes whose exit the dispatcher has seen, to settle.
-        self.spare_exits: list[_Spare] = []
+        self.spare_exits: list[Spare] = []
         #: Results read but not yet given to their futures (dispatcher only).
         self.deferred: list[_Resolution] = []
         #: Results a helping thread booked but could not resolve (lock held).
         self.handed_over: list[_Resolution] = []
         #: A worker's initializer raised: the pool breaks once that worker is gone.
         self.initializer_error: Optional[BaseException] = None
-        #: The parent's logger levels when the workers started, for them to
-        #: mirror; None unless the pool forwards logs.
-        self.log_levels: Optional[dict[str, int]] = None
         self.wakeup_lock = threading.Lock()
         self.wakeup_r, self.wakeup_w = os.pipe()
         os.set_blocking(self.wakeup_r, False)
@@ -767,6 +572,10 @@ class PoolCore:
         self.selector = _Waiter()
         self.selector.register(self.wakeup_r, _WAKEUP)
         self.closed = False
+        #: Starts workers (and under fork keeps the zygote and its standby).
+        self.launcher = Launcher(self)
+        #: Sees workers end, and ends them.
+        self.supervisor = Supervisor(self)
         LIVE_CORES.add(self)
 
     # -- called from any thread ------------------------------------------------
@@ -825,6 +634,14 @@ class PoolCore:
             # their type's cap: this one may go now.
             self.dispatch_pending()
 
+    def requeue_front(self, slot: Slot) -> None:
+        """Put what ``slot`` holds and its worker never took up back at the
+        front of the queue, in order (lock held)."""
+        self.pending.extendleft(reversed(slot.assigned))
+        slot.assigned.clear()
+        slot.outbox.clear()
+        slot.queued_bytes = 0
+
     def cancel(self, future: Future[Any]) -> bool:
         """Cancel a queued item, or stop the worker running it; False if unknown."""
         with self.lock:
@@ -846,7 +663,7 @@ class PoolCore:
                     continue
                 error = TaskCancelledError(f"task {item.label} was cancelled while running")
                 if position == 0 and self.marks[slot.index] == item.task_id:
-                    self.stop_worker(slot, item, error)
+                    self.supervisor.stop_worker(slot, item, error)
                     self.wake()
                 else:
                     # Still in the worker's pipe: the worker skips it when it
@@ -869,17 +686,7 @@ class PoolCore:
         if self.marks is None:
             self.shared_marks = _worker.new_marks(settings.context, 2 * self.capacity)
             self.marks = _worker.marks_array(self.shared_marks)
-        if settings.forward_logs and self.log_levels is None:
-            self.log_levels = _logs.level_snapshot()
-        if self.forks and self.parent_pidfd is None:
-            # With it the zygote kills the workers when this process dies,
-            # and they need no watchdog thread of their own.
-            self.parent_pidfd = _child.pidfd_of(os.getpid())
-        if self.forks and self.zygote is None and self.zygote_channels is None:
-            try:
-                self.zygote_channels = _zygote.Channels.open()
-            except OSError:
-                pass  # start_dispatcher tries again, and reports a failure
+        self.launcher.prepare()
         if self.unstarted_thread is None:
             # Made now: after a fork, every page this process writes (and a
             # Thread writes many) is a copy-on-write fault.
@@ -895,7 +702,7 @@ class PoolCore:
         # waits in its outbox.
         empty = [slot for slot in self.slots if slot.process is None]
         if empty:
-            self.start_worker(empty[0])
+            self.launcher.start_worker(empty[0])
         for slot in empty[1:]:
             slot.reserved = True
 
@@ -903,26 +710,9 @@ class PoolCore:
         """Fork the zygote (under fork), then start the dispatcher thread."""
         if self.thread is not None:
             return
-        if self.forks and self.zygote is None:
-            # Forked now, before this pool's thread exists; it forks the
-            # workers from then on (see _zygote).
-            try:
-                channels, self.zygote_channels = self.zygote_channels, None
-                self.zygote = _zygote.Zygote(
-                    self.worker_config,
-                    inherited_fds=self.inherited_fds(),
-                    parent_pidfd=self.parent_pidfd,
-                    adopted_pids=[s.process.pid for s in self.slots if s.process and s.process.pid],
-                    channels=channels,
-                )
-            except OSError as exc:
-                # The pool runs on with the worker it has; a worker it cannot
-                # start later breaks it (start_worker), with this as the cause.
-                self.zygote_error = exc
-            else:
-                self.selector.register(self.zygote.notices_fd, _ZYGOTE_NOTICES)
-                self.selector.register(self.zygote.sentinel, _ZYGOTE_EXIT)
-                self.selector.register(self.zygote.control, _ZYGOTE_STARTED)
+        # Forked now, before this pool's thread exists; it forks the workers
+        # from then on (see _zygote).
+        self.launcher.start_zygote()
         # Not waited for: the caller may read the first result itself meanwhile.
         thread = self.unstarted_thread
         if thread is None:
@@ -932,120 +722,14 @@ class PoolCore:
         self.thread = thread
         self.unstarted_thread = None
         try:
-            self.thread.start()
+            thread.start()
         except BaseException:
-            self.dispatcher_done.set()  # nothing to wait for
+            self.thread = None  # nothing to join
             raise
         if any(slot.reserved for slot in self.slots):
             self.wake()
 
-    def inherited_fds(self) -> list[int]:
-        """This pool's ends of its workers' pipes: a zygote forked now closes its copies."""
-        fds = []
-        for slot in self.slots:
-            for conn in (slot.task_conn, slot.result_conn):
-                if conn is not None:
-                    fds.append(conn.fileno())
-        return fds
-
-    def worker_config(self, slot_index: int) -> _worker.WorkerConfig:
-        """What the worker in ``slot_index`` is started with."""
-        settings = self.settings
-        name = f"{settings.name_prefix or 'duckpool-worker'}-{slot_index}"
-        return _worker.WorkerConfig(
-            slot=slot_index,
-            max_workers=self.capacity,  # the stride of the marks array
-            name=name,
-            title=name if settings.name_prefix else None,
-            parent_pid=self.owner_pid,
-            initializer=settings.initializer,
-            initargs=settings.initargs,
-            marks=self.shared_marks,
-            max_memory=settings.max_memory_per_child,
-            serializer=settings.serializer,
-            log_levels=self.log_levels,
-            pool_id=settings.pool_id,
-            forked=self.forks,
-            watched=self.parent_pidfd is not None,
-        )
-
-    def start_worker(self, slot: _Slot) -> None:
-        """Fill ``slot``: with its successor if it has one, else a new process,
-        started directly or asked of the zygote.
-
-        The zygote's answer comes later (``on_zygote_started``); meanwhile the
-        slot is reserved: it takes work, which waits in its outbox.
-        """
-        spare = slot.successor
-        if spare is not None:
-            slot.successor = None
-            self.unwatch_spare(spare)
-            self.install_worker(slot, spare.process, spare.task_conn, spare.result_conn)
-            slot.launched_at = spare.launched_at
-            return
-        if self.zygote is not None:
-            if not slot.requested:
-                self.zygote.request_start(slot.index)
-                slot.requested = slot.reserved = True
-            return
-        if self.zygote_error is not None:
-            # Not from this process: it may run threads now (see _zygote).
-            raise OSError(
-                f"the process that forks this pool's workers could not be started: "
-                f"{self.zygote_error}"
-            ) from self.zygote_error
-        launched_at = time.monotonic()
-        self.install_worker(slot, *self.launch(slot.index))
-        slot.launched_at = launched_at
-
-    def launch(self, slot_index: int) -> tuple[WorkerProcess, Any, Any]:
-        """Start a worker process for ``slot_index`` from this process, not
-        through the zygote.  Returns it with the parent's (non-blocking) ends
-        of its task and result pipes."""
-        # SIGINT stays blocked in the new process until the worker has set its
-        # own handler: a Ctrl-C during start-up must not print a traceback.
-        old_mask = _child.block_sigint()
-        try:
-            channels = self.zygote_channels
-            process, task_w, result_r = _spawn.start_worker_process(
-                self.settings.context,
-                self.worker_config(slot_index),
-                self.parent_pidfd,
-                also_close=() if channels is None else channels.fds(),
-            )
-        finally:
-            _child.restore_mask(old_mask)
-        # Writes never block the thread (submit, the dispatcher): what a full
-        # pipe does not take waits in the slot's outbox.
-        os.set_blocking(task_w.fileno(), False)
-        os.set_blocking(result_r.fileno(), False)
-        return process, task_w, result_r
-
-    def install_worker(
-        self,
-        slot: _Slot,
-        process: WorkerProcess,
-        task_w: Any,
-        result_r: Any,
-    ) -> None:
-        """Make a started process ``slot``'s worker, and send it what it took meanwhile."""
-        os.set_blocking(task_w.fileno(), False)
-        os.set_blocking(result_r.fileno(), False)
-        slot.task_conn = task_w
-        slot.result_conn = result_r
-        slot.reader = _worker.FrameReader(result_r.fileno())
-        self.selector.register(result_r, (True, slot))
-        if process.sentinel is not None:
-            self.selector.register(process.sentinel, (False, slot))
-        slot.process = process  # the other fields were reset when the slot closed
-        if slot.used:
-            self.counters.restarts += 1
-        slot.used = True
-        slot.reserved = slot.requested = False
-        if slot.outbox:  # what it took while reserved
-            self.flush(slot)
-
-    def wants_successor(self, slot: _Slot) -> bool:
+    def wants_successor(self, slot: Slot) -> bool:
         """Should a successor start for ``slot`` now? (lock held)
 
         With ``max_tasks_per_child``, once a ready worker has been sent half
@@ -1059,7 +743,7 @@ class PoolCore:
         limit = self.settings.max_tasks_per_child
         if (
             limit is None
-            or self.forks
+            or self.launcher.forks
             or slot.successor is not None
             or slot.process is None
             or not slot.ready
@@ -1080,23 +764,27 @@ class PoolCore:
             or self.initializer_error is not None
         ):
             return None
+        launcher = self.launcher
+        now = time.monotonic()
+        if launcher.failing_since is not None and now < launcher.retry_at:
+            return None
         for slot in self.slots:
             if self.wants_successor(slot):
                 try:
-                    process, task_w, result_r = self.launch(slot.index)
+                    process, task_w, result_r = launcher.launch(slot.index)
                 except Exception as exc:
-                    return exc
-                spare = slot.successor = _Spare(slot, process, task_w, result_r)
+                    return launcher.on_start_failure(exc, now)
+                spare = slot.successor = Spare(slot, process, task_w, result_r)
                 if process.sentinel is not None:
                     self.selector.register(process.sentinel, _SpareExit(spare))
         return None
 
-    def unwatch_spare(self, spare: _Spare) -> None:
+    def unwatch_spare(self, spare: Spare) -> None:
         sentinel = spare.process.sentinel
         if sentinel is not None:
             self.selector.unregister(sentinel)
 
-    def let_go(self, spare: _Spare) -> None:
+    def let_go(self, spare: Spare) -> None:
         """Stop a successor that will not be used (lock held); reaped on its exit."""
         if spare.slot.successor is spare:
             spare.slot.successor = None
@@ -1108,63 +796,12 @@ class PoolCore:
             pass
         self.leaving.append(spare)
 
-    def spares(self) -> list[_Spare]:
+    def spares(self) -> list[Spare]:
         """Every spare process: successors and those leaving (lock held)."""
         successors = [slot.successor for slot in self.slots if slot.successor is not None]
         return successors + self.leaving
 
-    def await_requested_starts(self) -> None:
-        """Take the zygote's answers still due, so that those workers are stopped too.
-
-        Left unread, a worker's pipe ends would stay in the control socket,
-        which the zygote and its workers hold copies of: that worker would
-        never see its task pipe close, nor its zygote finish.
-        """
-        while self.zygote is not None and any(slot.requested for slot in self.slots):
-            if not self.on_zygote_started():
-                with self.lock:
-                    for slot in self.slots:
-                        slot.requested = False
-                return
-
-    def on_zygote_started(self) -> bool:
-        """Install the worker the zygote answered with; False if no answer can come now.
-
-        A worker nobody wants any more (its slot was closed or dropped, the
-        pool is being killed or is broken) is killed at once; a failed start
-        breaks the pool, as a failed direct start does.
-        """
-        zygote = self.zygote
-        assert zygote is not None
-        try:
-            started = zygote.receive_started()
-        except OSError as exc:
-            self.mark_broken(f"could not start a worker process: {exc!r}", exc)
-            return False
-        if started is None:  # its sentinel says how it died
-            self.selector.unregister(zygote.control)
-            return False
-        index, process, task_w, result_r = started
-        with self.lock:
-            slot = self.slots[index] if index < len(self.slots) else None
-            if slot is not None and slot.requested:
-                if index < self.size and self.broken is None and self.kill_requested is None:
-                    self.install_worker(slot, process, task_w, result_r)
-                    return True
-                # (Resized away meanwhile, or the pool is ending.)
-                slot.requested = slot.reserved = False
-                self.pending.extendleft(reversed(slot.assigned))
-                slot.assigned.clear()
-                slot.outbox.clear()
-                slot.queued_bytes = 0
-                self.drop_surplus_slots()
-        process.kill()
-        process.close()  # its exit notice is ignored
-        task_w.close()
-        result_r.close()
-        return True
-
-    def is_idle(self, slot: _Slot) -> bool:
+    def is_idle(self, slot: Slot) -> bool:
         return (
             (slot.process is not None or slot.reserved)
             and not slot.assigned
@@ -1173,7 +810,7 @@ class PoolCore:
             and slot.index < self.size
         )
 
-    def can_prefetch(self, slot: _Slot, item: WorkItem, now: float) -> bool:
+    def can_prefetch(self, slot: Slot, item: WorkItem, now: float) -> bool:
         """May ``item`` queue in the pipe of ``slot``'s busy worker?
 
         Behind short tasks, a few; a ``map`` chunk, behind one other chunk
@@ -1198,7 +835,7 @@ class PoolCore:
             and now - slot.head_since < _PREFETCH_BEHIND_SECONDS
         )
 
-    def assign(self, slot: _Slot, item: WorkItem) -> bool:
+    def assign(self, slot: Slot, item: WorkItem) -> bool:
         """Record ``item`` as ``slot``'s; False if it was cancelled meanwhile.
 
         The caller writes the item's frame to the worker (see ``write``).
@@ -1221,13 +858,13 @@ class PoolCore:
             self.wake_for_successor(slot)
         return True
 
-    def wake_for_successor(self, slot: _Slot) -> None:
+    def wake_for_successor(self, slot: Slot) -> None:
         """Have the dispatcher start ``slot``'s successor if one is due now
         (lock held): it may be asleep while callers read results themselves."""
         if self.wants_successor(slot) and threading.current_thread() is not self.thread:
             self.wake()
 
-    def write(self, slot: _Slot, data: _worker.Frames) -> None:
+    def write(self, slot: Slot, data: _worker.Frames) -> None:
         """Write task frames to ``slot``'s worker (and the stop frame, if due).
 
         ``data`` is bytes, or parts written with one ``writev`` (see
@@ -1269,7 +906,7 @@ class PoolCore:
             else:
                 self.wake()  # the dispatcher watches the pipe (see watch_outboxes)
 
-    def frames_of(self, slot: _Slot, items: list[WorkItem]) -> _worker.Frames:
+    def frames_of(self, slot: Slot, items: list[WorkItem]) -> _worker.Frames:
         """The frames of ``items``, in order, for ``slot``'s worker.
 
         Items with buffers are framed here, now that the worker is known:
@@ -1294,7 +931,7 @@ class PoolCore:
             parts += _worker.buffered_frame(head, body)
         return parts if buffered else b"".join(parts)
 
-    def attach_offered_area(self, slot: _Slot) -> None:
+    def attach_offered_area(self, slot: Slot) -> None:
         """Map the shared area the slot's worker offered (lock held).
 
         Until then large buffers travel inline: the worker puts no result in
@@ -1315,7 +952,7 @@ class PoolCore:
             if slot.outbox and slot.task_conn is not None:
                 self.selector.register(slot.task_conn, _Writable(slot), write=True)
 
-    def flush(self, slot: _Slot) -> None:
+    def flush(self, slot: Slot) -> None:
         """Write what the slot's outbox holds, as far as the pipe takes it (lock held)."""
         outbox = slot.outbox
         conn = slot.task_conn
@@ -1341,7 +978,7 @@ class PoolCore:
                 return
         self.selector.unregister(conn)
 
-    def send(self, slot: _Slot, item: WorkItem) -> None:
+    def send(self, slot: Slot, item: WorkItem) -> None:
         """Give one item to ``slot``'s worker."""
         if self.assign(slot, item):
             self.write(slot, item.frame if item.buffers is None else self.frames_of(slot, [item]))
@@ -1465,7 +1102,7 @@ class PoolCore:
             )
         self.size = size
         if size > len(self.slots):
-            self.slots = self.slots + [_Slot(i) for i in range(len(self.slots), size)]
+            self.slots = self.slots + [Slot(i) for i in range(len(self.slots), size)]
         for slot in self.slots:
             if slot.index >= size and slot.successor is not None:
                 self.let_go(slot.successor)
@@ -1490,29 +1127,6 @@ class PoolCore:
         if end < len(slots):
             self.slots = slots[:end]
 
-    def refill_slots(self) -> Optional[BaseException]:
-        """Start a replacement in every empty slot; return a start error."""
-        if (
-            self.broken is not None
-            or self.kill_requested is not None
-            or self.initializer_error is not None
-        ):
-            return None
-        for slot in self.slots:
-            if slot.process is None and slot.index < self.size:
-                try:
-                    self.start_worker(slot)
-                except Exception as exc:
-                    return exc
-        return None
-
-    def stop_worker(self, slot: _Slot, item: WorkItem, error: BaseException) -> None:
-        """Stop the worker running ``item``: SIGTERM now, SIGKILL after the grace."""
-        if slot.stopping is not None or slot.process is None:
-            return
-        slot.stopping = _Stopping(item, error, time.monotonic() + KILL_GRACE_SECONDS)
-        _signal(slot.process, signal.SIGTERM)
-
     # -- the dispatcher thread ---------------------------------------------------
 
     def dispatch_loop(self) -> None:
@@ -1528,13 +1142,9 @@ class PoolCore:
                 )
                 self.deferred.clear()
             self.fail_everything(BrokenProcessPool(self.broken), cause=exc)
-            self.kill_without_bookkeeping()
+            self.supervisor.kill_without_bookkeeping()
         finally:
-            zygote = self.zygote
-            if zygote is not None:
-                zygote.close()
-            if self.parent_pidfd is not None:
-                os.close(self.parent_pidfd)
+            self.launcher.close()
             if isinstance(self.shared_marks, _worker.SharedMarks):
                 # No worker starts or runs any more: a plain copy will do, and
                 # the mapping goes with its descriptor now, not when this
@@ -1543,19 +1153,23 @@ class PoolCore:
                     self.marks = list(self.marks)
                 self.shared_marks.close()
             self.close_wakeup()
-            self.dispatcher_done.set()  # join() returns
-            if zygote is not None:
-                # Told to exit, it tears down a whole address space: nobody
-                # waits for that, but it is reaped here, so it is no zombie.
-                zygote.reap(KILL_GRACE_SECONDS)
+            # Told to exit, the zygotes tear down whole address spaces; join()
+            # waits for that too (every process of the pool has exited then).
+            self.launcher.reap(KILL_GRACE_SECONDS)
 
     def _dispatch_until_done(self) -> None:
         # Futures are resolved last, just before the thread sleeps: the caller
         # waiting on one then gets the GIL at once, not after our bookkeeping.
         deferred = self.deferred
+        launcher = self.launcher
+        supervisor = self.supervisor
         while True:
             with self.lock:
                 timeout = self.check_deadlines()
+                if launcher.failing_since is not None:
+                    retry = launcher.retry_in(time.monotonic())
+                    if retry is not None and (timeout is None or retry < timeout):
+                        timeout = retry
                 for slot in self.slots:
                     if slot.area_offer is not None:
                         self.attach_offered_area(slot)
@@ -1565,16 +1179,13 @@ class PoolCore:
                     self.handed_over.clear()
             if deferred:
                 self.resolve_all(deferred)
-            exited: list[_Slot] = []
+            exited: list[Slot] = []
             for tag in self.selector.wait(timeout):
                 if tag is _WAKEUP:
                     self.drain_wakeup()
                     continue
-                if tag is _ZYGOTE_NOTICES or tag is _ZYGOTE_EXIT:
-                    exited.extend(self.on_zygote_event(tag is _ZYGOTE_EXIT))
-                    continue
-                if tag is _ZYGOTE_STARTED:
-                    self.on_zygote_started()
+                if type(tag) is ZygoteTag:
+                    exited.extend(launcher.on_zygote_event(tag))
                     continue
                 if type(tag) is _Writable:
                     with self.lock:
@@ -1591,11 +1202,11 @@ class PoolCore:
             if exited or self.kill_requested is not None:
                 self.resolve_all(deferred)  # results come before the deaths
             for slot in exited:
-                self.on_worker_exit(slot)
+                supervisor.on_worker_exit(slot)
             while self.spare_exits:
                 self.on_spare_exit(self.spare_exits.pop())
             if self.kill_requested is not None:
-                self.kill_all_workers(self.kill_requested)
+                supervisor.kill_all_workers(self.kill_requested)
             start_error: Optional[BaseException] = None
             with self.lock:
                 if (
@@ -1603,10 +1214,12 @@ class PoolCore:
                     or self.pending
                     or any(slot.reserved for slot in self.slots)
                 ):
-                    start_error = self.refill_slots()
+                    start_error = launcher.refill_slots()
                     self.dispatch_pending()
                     if start_error is None:
                         start_error = self.start_successors()
+                if launcher.standby is None:
+                    launcher.want_standby()
                 done = (
                     self.shutdown_requested
                     and not self.pending
@@ -1617,27 +1230,7 @@ class PoolCore:
             elif done:
                 break
         self.resolve_all(deferred)
-        self.stop_workers()
-
-    def on_zygote_event(self, zygote_died: bool) -> list[_Slot]:
-        """Worker exits the zygote reported; if the zygote itself died, break the pool."""
-        zygote = self.zygote
-        assert zygote is not None
-        exited_children = zygote.read_notices()
-        with self.lock:
-            exited = [s for s in self.slots if s.process in exited_children]
-            self.spare_exits.extend(s for s in self.spares() if s.process in exited_children)
-        if zygote_died:
-            self.selector.unregister(zygote.sentinel)
-            self.selector.unregister(zygote.notices_fd)
-            self.selector.unregister(zygote.control)
-            exitcode = zygote.process.exitcode
-            self.mark_broken(
-                f"the process that forks this pool's workers (pid {zygote.process.pid}) "
-                f"died ({describe_exit(exitcode)}); the pool is broken",
-                None,
-            )
-        return exited
+        supervisor.stop_workers()
 
     def check_deadlines(self) -> Optional[float]:
         """Stop overrunning tasks; return seconds until the next deadline (lock held)."""
@@ -1656,7 +1249,7 @@ class PoolCore:
             stopping = slot.stopping
             if stopping is not None:
                 if now >= stopping.kill_at and slot.process is not None:
-                    _signal(slot.process, signal.SIGKILL)
+                    signal_process(slot.process, signal.SIGKILL)
                     continue
                 deadline = stopping.kill_at
             elif slot.assigned and slot.ready and slot.assigned[0].timeout is not None:
@@ -1664,7 +1257,7 @@ class PoolCore:
                 assert head.timeout is not None
                 deadline = slot.head_since + head.timeout
                 if now >= deadline:
-                    self.stop_worker(
+                    self.supervisor.stop_worker(
                         slot,
                         head,
                         TaskTimeoutError(
@@ -1689,7 +1282,7 @@ class PoolCore:
 
     def on_results(
         self,
-        slot: _Slot,
+        slot: Slot,
         deferred: Optional[list[_Resolution]] = None,
         helper: Optional[mp_connection.Connection] = None,
         final: bool = False,
@@ -1773,7 +1366,7 @@ class PoolCore:
 
     def _book_results(
         self,
-        slot: _Slot,
+        slot: Slot,
         reader: _worker.FrameReader,
         frames: list[bytes],
         resolved: list[_Resolution],
@@ -1853,7 +1446,7 @@ class PoolCore:
                     resolved[index] = (item, status, self._copy_buffers(slot, payload.body))
         return None
 
-    def _copy_buffers(self, slot: _Slot, body: memoryview) -> Any:
+    def _copy_buffers(self, slot: Slot, body: memoryview) -> Any:
         """Copy a result frame's buffers out (lock held); the worker may reuse
         the area space once told so (see ``write``)."""
         area = slot.area
@@ -1865,7 +1458,7 @@ class PoolCore:
             slot.results_copied += 1
         return received
 
-    def _poison(self, slot: _Slot, cause: BaseException) -> None:
+    def _poison(self, slot: Slot, cause: BaseException) -> None:
         """The slot's result stream can no longer be trusted: kill its worker.
 
         Its items that had started fail (with ``cause`` chained); the others
@@ -1883,7 +1476,7 @@ class PoolCore:
                 slot=slot.index,
             )
             slot.poisoned.__cause__ = cause
-        _signal(process, signal.SIGKILL)
+        signal_process(process, signal.SIGKILL)
         self.wake()
 
     def help_resolve(self, future: Future[Any], timeout: Optional[float]) -> None:
@@ -1928,7 +1521,7 @@ class PoolCore:
             # thread from here on (Ctrl-C) leaves an assist the dispatcher
             # takes back after its window (check_deadlines), never a pipe
             # paused for good.
-            assist = slot.assist = _Assist(conn, end, spin)
+            assist = slot.assist = Assist(conn, end, spin)
             try:
                 self.selector.pause(conn)
             except OSError:  # no longer watched: the worker is gone
@@ -1957,7 +1550,7 @@ class PoolCore:
             with self.lock:
                 self.end_assist(slot, assist)
 
-    def end_assist(self, slot: _Slot, assist: _Assist) -> None:
+    def end_assist(self, slot: Slot, assist: Assist) -> None:
         """Give a helped pipe back to the dispatcher (lock held)."""
         if slot.assist is not assist:
             return  # already taken back
@@ -1973,7 +1566,7 @@ class PoolCore:
             self.selector.resume(assist.conn)
         slot.assist = None
 
-    def _slot_running(self, future: Future[Any]) -> Optional[_Slot]:
+    def _slot_running(self, future: Future[Any]) -> Optional[Slot]:
         """The slot whose worker holds ``future``'s item and nothing else, if
         no other work waits (lock held).
 
@@ -2049,7 +1642,7 @@ class PoolCore:
         self.fail_everything(BrokenProcessPool(reason), cause=cause)
         # Not SIGKILL at once: a worker whose initializer failed is exiting by
         # itself, and may still be flushing what it logged about the failure.
-        self.stop_workers(KILL_GRACE_SECONDS)
+        self.supervisor.stop_workers(KILL_GRACE_SECONDS)
 
     def fail_everything(self, error: BaseException, cause: Optional[BaseException]) -> None:
         """Fail every pending and assigned future with ``error``."""
@@ -2065,97 +1658,7 @@ class PoolCore:
         for item in items:
             _set_exception(item.future, error)
 
-    def on_worker_exit(self, slot: _Slot) -> None:
-        """A worker's sentinel fired: settle its items and free the slot."""
-        if slot.reader is not None:
-            self.on_results(slot, final=True)  # results written just before the exit
-        process = slot.process
-        if process is None:  # already handled (e.g. killed by mark_broken)
-            return
-        process.join(KILL_GRACE_SECONDS)
-        exitcode = process.exitcode
-        failed: list[tuple[WorkItem, BaseException]] = []
-        with self.lock:
-            counters = self.counters
-            assigned = slot.assigned
-            poisoned = slot.poisoned
-            stopping = slot.stopping
-            if stopping is not None:
-                if isinstance(stopping.error, TaskTimeoutError):
-                    counters.timed_out += 1
-            elif exitcode == 0:  # it left by itself: recycled, resized away, shut down
-                if slot.index < self.size and not self.shutdown_requested:
-                    counters.recycles += 1
-            elif self.kill_requested is None:
-                counters.worker_deaths += 1
-            if poisoned is not None:
-                # Results of tasks up to the one it last took up may be lost:
-                # those fail; the rest never started.
-                ids = [item.task_id for item in assigned]
-                mark = self.marks[slot.index]
-                started = ids.index(mark) + 1 if mark in ids else 0
-                for _ in range(started):
-                    failed.append((assigned.popleft(), poisoned))
-                self.pending.extendleft(reversed(assigned))
-                assigned.clear()
-            elif assigned:
-                head = assigned[0]
-                # The worker marks each task it takes up: an item it never
-                # reached (killed while idle, mid-send) is requeued, not failed.
-                if self.marks[slot.index] == head.task_id:
-                    assigned.popleft()
-                    if stopping is not None and stopping.item is head:
-                        failed.append((head, stopping.error))
-                    else:
-                        failed.append((head, self._death_error(slot, process, head, exitcode)))
-                        if self.kill_requested is None:
-                            for refused in self.count_death(head):
-                                failed.append(
-                                    (
-                                        refused,
-                                        self._quarantine_error(
-                                            refused.label, self.settings.quarantine_seconds
-                                        ),
-                                    )
-                                )
-                # The rest never started: back to the front of the queue.
-                self.pending.extendleft(reversed(assigned))
-                assigned.clear()
-            if not slot.ready and not self.shutdown_requested and _self_inflicted(exitcode):
-                self.startup_deaths += 1
-            self.close_slot(slot)
-            self.drop_surplus_slots()
-            give_up = self.startup_deaths >= _MAX_STARTUP_DEATHS
-        for item, error in failed:
-            _set_exception(item.future, error)
-        self.break_if_starts_fail(give_up, exitcode)
-
-    def break_if_starts_fail(self, give_up: bool, exitcode: Optional[int]) -> None:
-        """After a process died: break the pool if an initializer failed, or if
-        ``give_up`` (too many processes in a row died before they were ready)."""
-        if self.initializer_error is not None:
-            cause = self.initializer_error
-            self.mark_broken(f"a worker's initializer failed: {cause!r}; the pool is broken", cause)
-        elif give_up:
-            self.mark_broken(
-                f"{_MAX_STARTUP_DEATHS} worker processes in a row died before they were "
-                f"ready (the last {describe_exit(exitcode)}); the pool is broken",
-                None,
-            )
-
-    def _death_error(
-        self, slot: _Slot, process: WorkerProcess, item: WorkItem, exitcode: Optional[int]
-    ) -> WorkerDiedError:
-        why = "" if self.kill_reason is None else f" ({self.kill_reason})"
-        return WorkerDiedError(
-            f"worker {slot.index} (pid {process.pid}) died while running "
-            f"{item.label}: {describe_exit(exitcode)}{why}",
-            pid=process.pid,
-            exitcode=exitcode,
-            slot=slot.index,
-        )
-
-    def on_spare_exit(self, spare: _Spare) -> None:
+    def on_spare_exit(self, spare: Spare) -> None:
         """A spare process exited: reap it; a successor that died unused is
         replaced later (``start_successors``), unless it died of its initializer."""
         spare.process.join(KILL_GRACE_SECONDS)
@@ -2181,18 +1684,18 @@ class PoolCore:
                 if not self.shutdown_requested and self.kill_requested is None:
                     if exitcode != 0:
                         self.counters.worker_deaths += 1
-                    if _self_inflicted(exitcode) and init_failure is None:
+                    if self_inflicted(exitcode) and init_failure is None:
                         self.startup_deaths += 1
             else:
                 return  # already closed (the pool stopped it)
             self.close_spare(spare)
-            give_up = self.startup_deaths >= _MAX_STARTUP_DEATHS
+            give_up = self.startup_deaths >= MAX_STARTUP_DEATHS
         self.resolve_all(records)
         if init_failure is not None:
             self.on_initializer_failure(init_failure)
-        self.break_if_starts_fail(give_up, exitcode)
+        self.supervisor.break_if_starts_fail(give_up, exitcode)
 
-    def close_spare(self, spare: _Spare) -> None:
+    def close_spare(self, spare: Spare) -> None:
         """Stop watching a spare process and close its pipes (lock held)."""
         self.unwatch_spare(spare)
         for conn in (spare.task_conn, spare.result_conn):
@@ -2200,127 +1703,15 @@ class PoolCore:
                 conn.close()
             except OSError:
                 pass
-        if isinstance(spare.process, _zygote.ZygoteChild):
+        if isinstance(spare.process, (_zygote.ZygoteChild, _child.ServedProcess)):
             spare.process.close()
 
-    def close_spares(self, spares: list[_Spare]) -> None:
+    def close_spares(self, spares: list[Spare]) -> None:
         """Close spare processes that were reaped (lock held)."""
         for spare in spares:
             if spare in self.leaving:
                 self.leaving.remove(spare)
                 self.close_spare(spare)
-
-    def close_slot(self, slot: _Slot) -> None:
-        """Forget the slot's process and close its pipes (lock held)."""
-        process = slot.process
-        if slot.task_conn is not None:
-            self.selector.unregister(slot.task_conn)  # if it had an outbox
-        if process is not None:
-            for watched in (slot.result_conn, process.sentinel):
-                if watched is not None:
-                    try:
-                        self.selector.unregister(watched)
-                    except (KeyError, ValueError):
-                        pass
-        assist = slot.assist
-        for conn in (slot.task_conn, slot.result_conn):
-            if conn is None:
-                continue
-            if assist is not None and assist.conn is conn:
-                assist.orphaned = True  # the helper closes it
-                continue
-            try:
-                conn.close()
-            except OSError:
-                pass
-        # No Process.close(): on 3.9 it races with Process.start() in another
-        # thread (a closed process is briefly still in multiprocessing's list
-        # of children). join() has taken it off that list; dropping the last
-        # reference closes its sentinel.
-        if isinstance(process, _zygote.ZygoteChild):
-            process.close()
-        slot.reset()
-
-    def stop_workers(self, grace: float = _STOP_GRACE_SECONDS) -> None:
-        """Ask workers to exit; terminate, then kill, those still there after ``grace``."""
-        self.await_requested_starts()
-        with self.lock:
-            processes = []
-            for slot in self.slots:
-                if slot.process is not None and slot.task_conn is not None:
-                    # (With an outbox, a frame is half written: _reap stops it.)
-                    if not slot.outbox and not slot.stop_sent:
-                        try:
-                            os.write(slot.task_conn.fileno(), _worker.wire(b""))
-                        except OSError:
-                            pass
-                        slot.stop_sent = True
-                    processes.append(slot.process)
-                if slot.successor is not None:
-                    self.let_go(slot.successor)
-            spares = list(self.leaving)
-        if self.zygote is not None:
-            self.zygote.finish()
-        _reap(processes + [spare.process for spare in spares], grace)
-        with self.lock:
-            for slot in self.slots:
-                self.close_slot(slot)
-            self.close_spares(spares)
-
-    def kill_all_workers(self, signum: int = signal.SIGKILL) -> None:
-        """Signal every worker, then settle their items as worker deaths.
-
-        Workers a gentler signal leaves running after a grace get SIGKILL.
-        The errors of the tasks that were running give the ``kill_reason``.
-        """
-        with self.lock:
-            live = [s for s in self.slots if s.process is not None]
-            spares = self.spares()
-            for spare in spares:
-                self.let_go(spare)
-        processes = [slot.process for slot in live if slot.process is not None]
-        processes += [spare.process for spare in spares]
-        for process in processes:
-            _signal(process, signum)
-        if signum != signal.SIGKILL:
-            deadline = time.monotonic() + KILL_GRACE_SECONDS
-            for process in processes:
-                process.join(max(0.0, deadline - time.monotonic()))
-            for process in processes:
-                _signal(process, signal.SIGKILL)
-        for slot in live:
-            self.on_worker_exit(slot)
-        for spare in spares:
-            spare.process.join(KILL_GRACE_SECONDS)
-        with self.lock:
-            self.close_spares(spares)
-            for slot in self.slots:
-                if slot.reserved:  # never started: what it took goes back
-                    slot.reserved = False
-                    self.pending.extendleft(reversed(slot.assigned))
-                    slot.assigned.clear()
-                    slot.outbox.clear()
-        # The worker-death path requeues what never started; nothing restarts now.
-        if self.pending and (self.broken is not None or self.kill_requested is not None):
-            self.fail_everything(
-                BrokenProcessPool(self.broken or "the pool's workers were stopped"),
-                cause=self.broken_cause,
-            )
-
-    def kill_without_bookkeeping(self) -> None:
-        """SIGKILL and reap every worker, relying on nothing that may have failed."""
-        processes = [s.process for s in self.slots if s.process is not None]
-        processes += [spare.process for spare in self.spares()]
-        for process in processes:
-            try:
-                _signal(process, signal.SIGKILL)
-            except Exception:
-                pass
-        for process in processes:
-            try:
-                process.join(KILL_GRACE_SECONDS)
-            except Exception:
-                pass
 
     def close_wakeup(self) -> None:
         with self.lock, self.wakeup_lock:
@@ -2381,8 +1772,7 @@ class PoolCore:
                 except OSError:
                     pass  # gone already: its sentinel tells the dispatcher
                 slot.stop_sent = True
-        if self.zygote is not None:
-            self.zygote.finish()
+        self.launcher.finish()
 
     def request_kill(self, signum: int, reason: Optional[str] = None) -> None:
         """Cancel pending work and signal every worker; the pool is finished.
@@ -2420,6 +1810,14 @@ class PoolCore:
             )
             now = time.monotonic()
             quarantined = tuple(sorted(k for k, until in self.quarantined.items() if until > now))
+            helpers = tuple(HelperStats(role, pid) for role, pid in self.launcher.helpers())
+            thread = self.thread
+            stopped = (
+                self.shutdown_requested
+                and (thread is None or not thread.is_alive())
+                and not workers
+                and not helpers
+            )
         rss = _rss_of([pid for _, pid, _, _ in workers])
         completed, failed, timed_out, deaths, restarts, recycles = counts
         return PoolStats(
@@ -2439,9 +1837,11 @@ class PoolCore:
             quarantined=quarantined,
             latency_p50=_percentile(latencies, 0.50),
             latency_p99=_percentile(latencies, 0.99),
+            helpers=helpers,
+            stopped=stopped,
         )
 
-    def _worker_state(self, slot: _Slot) -> str:
+    def _worker_state(self, slot: Slot) -> str:
         if slot.stopping is not None:
             return "stopping"
         if slot.index >= self.size or (slot.retiring and not slot.assigned):
@@ -2453,11 +1853,11 @@ class PoolCore:
         return "busy" if slot.assigned else "idle"
 
     def join(self, timeout: Optional[float] = None) -> None:
-        """Wait until the dispatcher has stopped the workers and released the
-        pool's descriptors (not for the zygote's own exit: see dispatch_loop)."""
+        """Wait until every process the pool started has exited (its zygotes
+        included) and its dispatcher thread has ended, or ``timeout`` passes."""
         thread = self.thread
         if thread is not None and thread is not threading.current_thread():
-            self.dispatcher_done.wait(timeout)
+            thread.join(timeout)
 
     def shutdown_at_exit(self, interrupted: bool) -> None:
         """Interpreter exit: daemon pools (and Ctrl-C) stop now, others finish."""
@@ -2465,7 +1865,7 @@ class PoolCore:
             return
         if self.settings.daemon or interrupted:
             self.request_kill(signal.SIGKILL)
-            self.join(_STOP_GRACE_SECONDS)
+            self.join(STOP_GRACE_SECONDS)
         else:
             self.request_shutdown(cancel_futures=False)
             self.join()
@@ -2485,7 +1885,6 @@ class PoolCore:
         self.wakeup_lock = threading.Lock()
 
 
-#: Signals a process sends itself by failing (a crash loop), as opposed to
 #: signals sent from outside (SIGKILL, SIGTERM, ...), which are not its fault.
 _CRASH_SIGNALS = frozenset(
     {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT}
@@ -2518,40 +1917,6 @@ def _write_parts(fd: int, views: list[memoryview]) -> list[memoryview]:
     return views
 
 
-def _self_inflicted(exitcode: Optional[int]) -> bool:
-    """Did a worker that died during start-up fail by itself?"""
-    if exitcode is None:
-        return False
-    if exitcode < 0:
-        return -exitcode in _CRASH_SIGNALS
-    return exitcode != 0
-
-
-def _signal(process: WorkerProcess, signum: int) -> None:
-    """Send ``signum`` to a worker that has not been reaped yet."""
-    pid = process.pid
-    if pid is None or process.exitcode is not None:
-        return
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
-
-
-def _reap(processes: list[WorkerProcess], grace: float) -> None:
-    """Join processes; terminate, then kill, those that outstay ``grace``."""
-    deadline = time.monotonic() + grace
-    for process in processes:
-        process.join(max(0.0, deadline - time.monotonic()))
-    for process in processes:
-        if process.is_alive():
-            process.terminate()
-            process.join(KILL_GRACE_SECONDS)
-        if process.is_alive():
-            process.kill()
-            process.join(KILL_GRACE_SECONDS)
-
-
 def _percentile(ordered: list[float], fraction: float) -> Optional[float]:
     if not ordered:
         return None
@@ -2571,32 +1936,6 @@ def _rss_of(pids: list[int]) -> dict[int, int]:
         except (psutil.Error, OSError):
             pass
     return sizes
-
-
-def _notify_if_cancelled(future: Future[Any]) -> None:
-    """Let ``concurrent.futures.wait`` see a cancelled future as done.
-
-    A future cancelled while queued counts as done for waiters only once the
-    executor acknowledges it (CANCELLED -> CANCELLED_AND_NOTIFIED).
-    """
-    try:
-        future.set_running_or_notify_cancel()
-    except RuntimeError:  # already acknowledged, or running
-        pass
-
-
-def _set_result(future: Future[Any], value: Any) -> None:
-    try:
-        future.set_result(value)
-    except Exception:  # cancelled or already resolved by a racing path
-        _notify_if_cancelled(future)
-
-
-def _set_exception(future: Future[Any], error: BaseException) -> None:
-    try:
-        future.set_exception(error)
-    except Exception:  # cancelled or already resolved by a racing path
-        _notify_if_cancelled(future)
 
 
 def _forget_inherited_fork_server() -> None:

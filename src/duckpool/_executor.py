@@ -265,7 +265,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
             core.check_usable()
             core.resize(workers)
             if core.thread is not None:
-                core.refill_slots()
+                core.launcher.refill_slots()
             self._max_workers = workers
         if self._admission is not None:
             self._admission.resize(workers)
@@ -560,7 +560,8 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         if core.broken is not None:
             state = "broken"
         elif core.shutdown_requested:
-            state = "shut down"
+            thread = core.thread
+            state = "shutting down" if thread is not None and thread.is_alive() else "shut down"
         elif core.thread is None:
             state = "idle"
         else:
@@ -844,4 +845,3 @@ def _result_chunks(
             future.cancel()
         if bar is not None:
             bar.close()
-

@@ -49,6 +49,10 @@ def start_worker_process(
             parent_ends = (task_w, result_r, *also_close) if method == "fork" else ()
             process = _new_process(context, config, task_r, result_w, parent_ends)
             process.start()
+            if method == "forkserver":
+                pidfd = _child.pidfd_of(process.pid)
+                if pidfd is not None:
+                    process = _child.ServedProcess(process, pidfd)
     except BaseException:
         os.close(task_w)
         os.close(result_r)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
-__all__ = ["PoolStats", "WorkerStats"]
+__all__ = ["HelperStats", "PoolStats", "WorkerStats"]
 
 
 class WorkerStats(NamedTuple):
@@ -30,6 +30,19 @@ class WorkerStats(NamedTuple):
     state: str
     tasks_done: int
     rss: Optional[int]
+
+
+class HelperStats(NamedTuple):
+    """A live process the pool runs besides its workers.
+
+    Attributes:
+        role: ``"zygote"`` (under fork: it forks the workers) or
+            ``"zygote-standby"`` (takes over if the zygote dies).
+        pid: its process id.
+    """
+
+    role: str
+    pid: int
 
 
 class PoolStats(NamedTuple):
@@ -55,6 +68,9 @@ class PoolStats(NamedTuple):
             (``quarantine_after``).
         latency_p50, latency_p99: seconds from ``submit()`` to the result
             arriving, over the latest 1024 tasks (``None`` before any).
+        helpers: the pool's live processes other than workers.
+        stopped: the pool has shut down, every process it started has
+            exited and its dispatcher thread has ended.
     """
 
     max_workers: int
@@ -70,3 +86,5 @@ class PoolStats(NamedTuple):
     quarantined: tuple[str, ...]
     latency_p50: Optional[float]
     latency_p99: Optional[float]
+    helpers: tuple[HelperStats, ...] = ()
+    stopped: bool = False

@@ -1,0 +1,303 @@
+"""The supervisor: worker exits and deaths, stopping, killing and reaping.
+
+A worker's exit is seen through its own sentinel (a pidfd where the kernel
+has them: never a helper's connection, whose end says nothing of the
+worker), or, for a worker the zygote forked, through the zygote's notice of
+its exit code (through its pidfd once that zygote is gone, see
+``_launcher``).  What a dead worker held is settled here: the task it had
+taken up fails with ``WorkerDiedError`` naming the worker, its pid and how it
+ended (or the timeout or cancel that stopped it); what it had not taken up
+goes back to the front of the queue; the slot is freed for the launcher to
+refill.
+
+Every method takes the pool's lock itself where it needs it, as the
+dispatcher calls them (``close_slot``: lock held).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures.process import BrokenProcessPool
+from typing import TYPE_CHECKING, Optional
+
+from duckpool import _child, _worker, _zygote
+from duckpool._errors import TaskTimeoutError, WorkerDiedError, describe_exit
+from duckpool._futures import set_exception
+from duckpool._pool._slots import Stopping
+
+if TYPE_CHECKING:
+    from duckpool._core import PoolCore, WorkItem
+    from duckpool._pool._slots import Slot, WorkerProcess
+
+#: How long shutdown waits for an idle worker to exit before terminating it.
+STOP_GRACE_SECONDS = 5.0
+#: How long a worker stopped with SIGTERM (timeout, cancel) gets before SIGKILL.
+KILL_GRACE_SECONDS = 1.0
+#: Workers that fail by themselves before they are ready (an exit code, or a
+#: crash signal), in a row, before the pool gives up instead of respawning.
+MAX_STARTUP_DEATHS = 3
+#: Signals a process sends itself by failing (a crash loop), as opposed to
+#: signals sent from outside (SIGKILL, SIGTERM, ...), which are not its fault.
+_CRASH_SIGNALS = frozenset(
+    {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT}
+)
+
+
+class Supervisor:
+    """Watches a pool's workers end, and ends them."""
+
+    def __init__(self, core: PoolCore) -> None:
+        self._core = core
+
+    def stop_worker(self, slot: Slot, item: WorkItem, error: BaseException) -> None:
+        """Stop the worker running ``item``: SIGTERM now, SIGKILL after the grace."""
+        if slot.stopping is not None or slot.process is None:
+            return
+        slot.stopping = Stopping(item, error, time.monotonic() + KILL_GRACE_SECONDS)
+        signal_process(slot.process, signal.SIGTERM)
+
+    def on_worker_exit(self, slot: Slot) -> None:
+        """A worker's sentinel fired: settle its items and free the slot."""
+        core = self._core
+        if slot.reader is not None:
+            core.on_results(slot, final=True)  # results written just before the exit
+        process = slot.process
+        if process is None:  # already handled (e.g. killed by mark_broken)
+            return
+        process.join(KILL_GRACE_SECONDS)
+        exitcode = process.exitcode
+        failed: list[tuple[WorkItem, BaseException]] = []
+        with core.lock:
+            counters = core.counters
+            assigned = slot.assigned
+            poisoned = slot.poisoned
+            stopping = slot.stopping
+            if stopping is not None:
+                if isinstance(stopping.error, TaskTimeoutError):
+                    counters.timed_out += 1
+            elif exitcode == 0:  # it left by itself: recycled, resized away, shut down
+                if slot.index < core.size and not core.shutdown_requested:
+                    counters.recycles += 1
+            elif core.kill_requested is None:
+                counters.worker_deaths += 1
+            if poisoned is not None:
+                # Results of tasks up to the one it last took up may be lost:
+                # those fail; the rest never started.
+                ids = [item.task_id for item in assigned]
+                mark = core.marks[slot.index]
+                started = ids.index(mark) + 1 if mark in ids else 0
+                for _ in range(started):
+                    failed.append((assigned.popleft(), poisoned))
+                core.requeue_front(slot)
+            elif assigned:
+                head = assigned[0]
+                # The worker marks each task it takes up: an item it never
+                # reached (killed while idle, mid-send) is requeued, not failed.
+                if core.marks[slot.index] == head.task_id:
+                    assigned.popleft()
+                    if stopping is not None and stopping.item is head:
+                        failed.append((head, stopping.error))
+                    else:
+                        failed.append((head, self._death_error(slot, process, head, exitcode)))
+                        if core.kill_requested is None:
+                            for refused in core.count_death(head):
+                                failed.append(
+                                    (
+                                        refused,
+                                        core._quarantine_error(
+                                            refused.label, core.settings.quarantine_seconds
+                                        ),
+                                    )
+                                )
+                # The rest never started: back to the front of the queue.
+                core.requeue_front(slot)
+            if not slot.ready and not core.shutdown_requested and self_inflicted(exitcode):
+                core.startup_deaths += 1
+            self.close_slot(slot)
+            core.drop_surplus_slots()
+            give_up = core.startup_deaths >= MAX_STARTUP_DEATHS
+        for item, error in failed:
+            set_exception(item.future, error)
+        self.break_if_starts_fail(give_up, exitcode)
+
+    def break_if_starts_fail(self, give_up: bool, exitcode: Optional[int]) -> None:
+        """After a process died: break the pool if an initializer failed, or if
+        ``give_up`` (too many processes in a row died before they were ready)."""
+        core = self._core
+        if core.initializer_error is not None:
+            cause = core.initializer_error
+            core.mark_broken(f"a worker's initializer failed: {cause!r}; the pool is broken", cause)
+        elif give_up:
+            core.mark_broken(
+                f"{MAX_STARTUP_DEATHS} worker processes in a row died before they were "
+                f"ready (the last {describe_exit(exitcode)}); the pool is broken",
+                None,
+            )
+
+    def _death_error(
+        self, slot: Slot, process: WorkerProcess, item: WorkItem, exitcode: Optional[int]
+    ) -> WorkerDiedError:
+        """The error of the task ``process`` was running when it died."""
+        core = self._core
+        why = "" if core.kill_reason is None else f" ({core.kill_reason})"
+        return WorkerDiedError(
+            f"worker {slot.index} (pid {process.pid}) died while running "
+            f"{item.label}: {describe_exit(exitcode)}{why}",
+            pid=process.pid,
+            exitcode=exitcode,
+            slot=slot.index,
+        )
+
+    def close_slot(self, slot: Slot) -> None:
+        """Forget the slot's process and close its pipes (lock held)."""
+        core = self._core
+        process = slot.process
+        if slot.task_conn is not None:
+            core.selector.unregister(slot.task_conn)  # if it had an outbox
+        if process is not None:
+            for watched in (slot.result_conn, process.sentinel):
+                if watched is not None:
+                    try:
+                        core.selector.unregister(watched)
+                    except (KeyError, ValueError):
+                        pass
+        assist = slot.assist
+        for conn in (slot.task_conn, slot.result_conn):
+            if conn is None:
+                continue
+            if assist is not None and assist.conn is conn:
+                assist.orphaned = True  # the helper closes it
+                continue
+            try:
+                conn.close()
+            except OSError:
+                pass
+        # No Process.close(): on 3.9 it races with Process.start() in another
+        # thread (a closed process is briefly still in multiprocessing's list
+        # of children). join() has taken it off that list; dropping the last
+        # reference closes its sentinel.
+        if isinstance(process, (_zygote.ZygoteChild, _child.ServedProcess)):
+            process.close()  # (their pidfds)
+        slot.reset()
+
+    def stop_workers(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Ask workers to exit; terminate, then kill, those still there after ``grace``."""
+        core = self._core
+        core.launcher.await_requested_starts()
+        with core.lock:
+            processes = []
+            for slot in core.slots:
+                if slot.process is not None and slot.task_conn is not None:
+                    # (With an outbox, a frame is half written: _reap stops it.)
+                    if not slot.outbox and not slot.stop_sent:
+                        try:
+                            os.write(slot.task_conn.fileno(), _worker.wire(b""))
+                        except OSError:
+                            pass
+                        slot.stop_sent = True
+                    processes.append(slot.process)
+                if slot.successor is not None:
+                    core.let_go(slot.successor)
+            spares = list(core.leaving)
+        core.launcher.finish()
+        reap(processes + [spare.process for spare in spares], grace)
+        with core.lock:
+            for slot in core.slots:
+                self.close_slot(slot)
+            core.close_spares(spares)
+
+    def kill_all_workers(self, signum: int = signal.SIGKILL) -> None:
+        """Signal every worker, then settle their items as worker deaths.
+
+        Workers a gentler signal leaves running after a grace get SIGKILL.
+        The errors of the tasks that were running give the ``kill_reason``.
+        """
+        core = self._core
+        with core.lock:
+            live = [s for s in core.slots if s.process is not None]
+            spares = core.spares()
+            for spare in spares:
+                core.let_go(spare)
+        processes = [slot.process for slot in live if slot.process is not None]
+        processes += [spare.process for spare in spares]
+        for process in processes:
+            signal_process(process, signum)
+        if signum != signal.SIGKILL:
+            deadline = time.monotonic() + KILL_GRACE_SECONDS
+            for process in processes:
+                process.join(max(0.0, deadline - time.monotonic()))
+            for process in processes:
+                signal_process(process, signal.SIGKILL)
+        for slot in live:
+            self.on_worker_exit(slot)
+        for spare in spares:
+            spare.process.join(KILL_GRACE_SECONDS)
+        with core.lock:
+            core.close_spares(spares)
+            for slot in core.slots:
+                if slot.reserved:  # never started: what it took goes back
+                    slot.reserved = False
+                    core.requeue_front(slot)
+        # The worker-death path requeues what never started; nothing restarts now.
+        if core.pending and (core.broken is not None or core.kill_requested is not None):
+            core.fail_everything(
+                BrokenProcessPool(core.broken or "the pool's workers were stopped"),
+                cause=core.broken_cause,
+            )
+
+    def kill_without_bookkeeping(self) -> None:
+        """SIGKILL and reap every worker, relying on nothing that may have failed."""
+        core = self._core
+        processes = [s.process for s in core.slots if s.process is not None]
+        processes += [spare.process for spare in core.spares()]
+        for process in processes:
+            try:
+                signal_process(process, signal.SIGKILL)
+            except Exception:
+                pass
+        for process in processes:
+            try:
+                process.join(KILL_GRACE_SECONDS)
+            except Exception:
+                pass
+
+
+def self_inflicted(exitcode: Optional[int]) -> bool:
+    """Did a worker that died during start-up fail by itself?"""
+    if exitcode is None:
+        return False
+    if exitcode < 0:
+        return -exitcode in _CRASH_SIGNALS
+    return exitcode != 0
+
+
+def signal_process(process: WorkerProcess, signum: int) -> None:
+    """Send ``signum`` to a worker that has not exited (through its own handle,
+    which uses its pidfd where it has one: a pid may be reused once reaped)."""
+    if not process.is_alive():
+        return
+    if signum == signal.SIGKILL:
+        process.kill()
+    elif signum == signal.SIGTERM:
+        process.terminate()
+    elif process.pid is not None:
+        try:
+            os.kill(process.pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def reap(processes: list[WorkerProcess], grace: float) -> None:
+    """Join processes; terminate, then kill, those that outstay ``grace``."""
+    deadline = time.monotonic() + grace
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+            process.join(KILL_GRACE_SECONDS)
+        if process.is_alive():
+            process.kill()
+            process.join(KILL_GRACE_SECONDS)

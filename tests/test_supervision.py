@@ -1,0 +1,250 @@
+"""No single death breaks a pool: every process the pool owns or relies on may die.
+
+The invariant, under each start method: whatever process of the pool dies
+(a worker, the zygote, its standby, multiprocessing's fork server or
+resource tracker, or all of them at once), only the task running in a
+process that died may fail, queued work goes on, and the next task runs.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any, Optional
+
+import psutil
+import pytest
+
+import _executor_tasks as tasks
+import duckpool
+from conftest import (
+    all_pool_processes,
+    fork_server_pid,
+    helper_pids,
+    kill_quietly,
+    proc_cmdline,
+    process_gone,
+    wait_until,
+)
+
+TIMEOUT = 60
+
+
+def test_a_killed_zygote_hands_over_to_its_standby(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("fork")
+    tasks.MARKER = "as the pool started"
+    pool = duckpool.ProcessPoolExecutor(2, ctx)
+    gate = tmp_path / "gate"
+    try:
+        assert pool.submit(tasks.read_marker).result(TIMEOUT) == "as the pool started"
+        tasks.MARKER = "changed after the pool started"
+        wait_until(lambda: set(helper_pids(pool)) == {"zygote", "zygote-standby"}, TIMEOUT)
+        helpers = helper_pids(pool)
+        zygote, standby = helpers["zygote"], helpers["zygote-standby"]
+        # Both single-threaded; the standby is the zygote's child.
+        assert psutil.Process(zygote).ppid() == os.getpid()
+        assert psutil.Process(standby).ppid() == zygote
+        assert psutil.Process(zygote).num_threads() == psutil.Process(standby).num_threads() == 1
+        # A task that runs through the zygote's death is untouched by it.
+        started = tmp_path / "started"
+        running = pool.submit(tasks.touch_then_wait, str(started), str(gate))
+        wait_until(started.exists, TIMEOUT)
+        os.kill(zygote, signal.SIGKILL)
+        wait_until(lambda: helper_pids(pool).get("zygote") == standby, TIMEOUT)
+        wait_until(lambda: helper_pids(pool).get("zygote-standby") not in (None, standby), TIMEOUT)
+        gate.touch()
+        assert running.result(TIMEOUT) == "released"
+        assert [f.result(TIMEOUT) for f in [pool.submit(tasks.add, i, 1) for i in range(100)]] == [
+            i + 1 for i in range(100)
+        ]
+        # Workers the new zygote forks come from the same image as before.
+        for pid in pool.worker_pids():
+            os.kill(pid, signal.SIGKILL)
+        answers = {pool.submit(tasks.read_marker).result(TIMEOUT) for _ in range(20)}
+        assert answers == {"as the pool started"}
+        assert pool.stats().worker_deaths >= 2
+    finally:
+        gate.touch()
+        pool.shutdown()
+        tasks.MARKER = "module default"
+    assert process_gone(zygote) and process_gone(standby)
+
+
+def test_a_killed_standby_is_replaced() -> None:
+    pool = duckpool.ProcessPoolExecutor(2, multiprocessing.get_context("fork"))
+    try:
+        pool.submit(tasks.add, 1, 1).result(TIMEOUT)
+        wait_until(lambda: "zygote-standby" in helper_pids(pool), TIMEOUT)
+        zygote, standby = helper_pids(pool)["zygote"], helper_pids(pool)["zygote-standby"]
+        os.kill(standby, signal.SIGKILL)
+        wait_until(lambda: helper_pids(pool).get("zygote-standby") not in (None, standby), TIMEOUT)
+        assert helper_pids(pool)["zygote"] == zygote
+        assert pool.submit(tasks.add, 2, 2).result(TIMEOUT) == 4
+    finally:
+        pool.shutdown()
+
+
+def test_helper_processes_carry_titles_naming_pool_and_role() -> None:
+    ctx = multiprocessing.get_context("fork")
+    pool = duckpool.ProcessPoolExecutor(2, ctx, process_name_prefix="titled-pool")
+    try:
+        pool.submit(tasks.add, 1, 1).result(TIMEOUT)
+        wait_until(lambda: "zygote-standby" in helper_pids(pool), TIMEOUT)
+        helpers = helper_pids(pool)
+        wait_until(lambda: proc_cmdline(helpers["zygote"]) == "titled-pool-zygote", TIMEOUT)
+        assert proc_cmdline(helpers["zygote-standby"]) == "titled-pool-zygote-standby"
+    finally:
+        pool.shutdown()
+
+
+def test_every_process_killed_at_once_the_pool_serves_the_next_task(
+    ctx: multiprocessing.context.BaseContext,
+) -> None:
+    pool = duckpool.ProcessPoolExecutor(2, ctx)
+    try:
+        pool.submit(tasks.add, 1, 1).result(TIMEOUT)
+        if ctx.get_start_method() == "fork":
+            wait_until(lambda: "zygote-standby" in helper_pids(pool), TIMEOUT)
+        victims = all_pool_processes(pool)
+        assert victims
+        for pid in victims:  # an operator's kill -9 of all of them
+            kill_quietly(pid)
+        wait_until(lambda: all(process_gone(pid) for pid in victims), TIMEOUT)
+        futures = [pool.submit(tasks.add, i, 1) for i in range(50)]
+        assert [f.result(TIMEOUT) for f in futures] == [i + 1 for i in range(50)]
+        assert not set(pool.worker_pids()) & set(victims)
+    finally:
+        pool.shutdown()
+    stats = pool.stats()
+    assert stats.stopped and not stats.helpers, stats
+
+
+def test_the_fork_server_dying_fails_no_running_task(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("forkserver")
+    pool = duckpool.ProcessPoolExecutor(2, ctx)
+    gate = tmp_path / "gate"
+    try:
+        started = tmp_path / "started"
+        running = pool.submit(tasks.touch_then_wait, str(started), str(gate))
+        wait_until(started.exists, TIMEOUT)
+        server = fork_server_pid()
+        assert server is not None
+        kill_quietly(server)
+        wait_until(lambda: process_gone(server), TIMEOUT)
+        # Its workers live on: the pool must not take them for dead.
+        ok = [pool.submit(tasks.add, i, 1) for i in range(20)]
+        assert [f.result(TIMEOUT) for f in ok] == [i + 1 for i in range(20)]
+        gate.touch()
+        assert running.result(TIMEOUT) == "released"
+        assert pool.stats().worker_deaths == 0
+        # A replacement is started through a new fork server.
+        for pid in pool.worker_pids():
+            kill_quietly(pid)
+        assert pool.submit(tasks.add, 2, 3).result(TIMEOUT) == 5
+    finally:
+        gate.touch()
+        pool.shutdown()
+
+
+def _failing_starts(
+    monkeypatch: pytest.MonkeyPatch, failures: Optional[int], error: BaseException
+) -> list[int]:
+    """Make the next ``failures`` direct worker starts (all, with None) raise ``error``."""
+    from duckpool import _spawn
+
+    real = _spawn.start_worker_process
+    calls: list[int] = []
+
+    def start(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if failures is None or len(calls) <= failures:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_spawn, "start_worker_process", start)
+    return calls
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_a_start_that_fails_for_a_transient_reason_is_retried(
+    ctx: multiprocessing.context.BaseContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (Under fork, starts are the zygote's; its death is tested above.)
+    pool = duckpool.ProcessPoolExecutor(1, ctx)
+    try:
+        first = pool.submit(tasks.getpid).result(TIMEOUT)
+        calls = _failing_starts(monkeypatch, 3, EOFError("unexpected EOF"))
+        kill_quietly(first)
+        assert pool.submit(tasks.add, 1, 2).result(TIMEOUT) == 3
+        assert len(calls) == 4
+        assert pool.stats().worker_deaths == 1
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_starts_that_keep_failing_break_the_pool_with_their_cause(
+    ctx: multiprocessing.context.BaseContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from duckpool._pool import _launcher
+
+    monkeypatch.setattr(_launcher, "START_GIVE_UP_SECONDS", 0.3)
+    pool = duckpool.ProcessPoolExecutor(1, ctx)
+    try:
+        first = pool.submit(tasks.getpid).result(TIMEOUT)
+        fds_before = len(os.listdir("/proc/self/fd"))
+        _failing_starts(monkeypatch, None, BrokenPipeError(32, "Broken pipe"))
+        kill_quietly(first)
+        queued = pool.submit(tasks.add, 1, 2)
+        with pytest.raises(BrokenProcessPool) as failure:
+            queued.result(TIMEOUT)
+        assert isinstance(failure.value.__cause__, BrokenPipeError), failure.value.__cause__
+        wait_until(lambda: bool(pool._broken), TIMEOUT)
+        with pytest.raises(BrokenProcessPool, match="could not start a worker"):
+            pool.submit(tasks.add, 1, 1)
+    finally:
+        pool.shutdown()
+    assert len(os.listdir("/proc/self/fd")) <= fds_before
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_a_start_failing_for_good_breaks_the_pool_at_once(
+    ctx: multiprocessing.context.BaseContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool = duckpool.ProcessPoolExecutor(1, ctx)
+    try:
+        first = pool.submit(tasks.getpid).result(TIMEOUT)
+        _failing_starts(monkeypatch, None, TypeError("cannot pickle the initializer"))
+        kill_quietly(first)
+        with pytest.raises(BrokenProcessPool) as failure:
+            pool.submit(tasks.add, 1, 2).result(TIMEOUT)
+        assert isinstance(failure.value.__cause__, TypeError)
+    finally:
+        pool.shutdown()
+
+
+def test_shutdown_returns_once_every_process_and_thread_is_gone(
+    ctx: multiprocessing.context.BaseContext,
+) -> None:
+    for _ in range(5):
+        pool = duckpool.ProcessPoolExecutor(2, ctx)
+        pool.submit(tasks.add, 1, 1).result(TIMEOUT)
+        pids = pool.worker_pids() + list(helper_pids(pool).values())
+        thread = pool._core.thread
+        pool.shutdown(wait=True)
+        # At once, not eventually: wait=True promises it.
+        assert all(process_gone(pid) for pid in pids), [p for p in pids if not process_gone(p)]
+        assert thread is not None and not thread.is_alive()
+        assert pool.stats().stopped
+        assert "shut down" in repr(pool)
+
+
+def test_no_dispatcher_thread_outlives_shutdown(ctx: multiprocessing.context.BaseContext) -> None:
+    before = set(threading.enumerate())
+    with duckpool.ProcessPoolExecutor(2, ctx) as pool:
+        assert pool.submit(tasks.add, 2, 2).result(TIMEOUT) == 4
+    assert not [t for t in threading.enumerate() if t not in before and t.is_alive()]
