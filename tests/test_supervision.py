@@ -248,3 +248,23 @@ def test_no_dispatcher_thread_outlives_shutdown(ctx: multiprocessing.context.Bas
     with duckpool.ProcessPoolExecutor(2, ctx) as pool:
         assert pool.submit(tasks.add, 2, 2).result(TIMEOUT) == 4
     assert not [t for t in threading.enumerate() if t not in before and t.is_alive()]
+
+
+def test_a_manager_s_pool_survives_every_process_killed_at_once(
+    ctx: multiprocessing.context.BaseContext,
+) -> None:
+    manager = duckpool.get_or_create_process_manager("supervised")
+    manager.start(max_workers=2, mp_context=ctx, process_name_prefix="supervised")
+    try:
+        assert manager.submit_task(tasks.add, 1, 1).result(TIMEOUT) == 2
+        pool = manager.get_pool()
+        if ctx.get_start_method() == "fork":
+            wait_until(lambda: "zygote-standby" in helper_pids(pool), TIMEOUT)
+        victims = all_pool_processes(pool)
+        for pid in victims:
+            kill_quietly(pid)
+        wait_until(lambda: all(process_gone(pid) for pid in victims), TIMEOUT)
+        futures = [manager.submit_task(tasks.add, i, 2) for i in range(20)]
+        assert [f.result(TIMEOUT) for f in futures] == [i + 2 for i in range(20)]
+    finally:
+        manager.stop()

@@ -1,4 +1,10 @@
-"""The engine behind duckpool's executor: dispatch, futures and worker supervision.
+"""The engine behind duckpool's executor: ``PoolCore``, the facade over its owners.
+
+``PoolCore`` holds the pool's lock, its lifecycle flags, the work queue and
+the slots, and runs the dispatcher loop; the owners carved out of it so far
+live in ``duckpool._pool``: the ``Launcher`` (starting workers, the zygote
+and its standby, the start-failure policy) and the ``Supervisor`` (worker
+exits and deaths, stopping, killing, reaping).
 
 Data flow::
 
@@ -7,16 +13,20 @@ Data flow::
       |  large buffers kept beside the pickle         |
       |  lock held:                                   |
       |   idle slot? --task frame--> task pipe i -->  | mark "took up task N",
-      |   else -> _PoolCore.pending (deque)           | run it, answer
+      |   else -> PoolCore.pending (deque)            | run it, answer
       |     large buffers --copied--> area i, calls   |  (copies buffers out)
       |     (or inline in the frame, if no room)      v
       |                       result pipe i <-- result frame (task id, status)
       |                                     and log frames (records logged there)
       |                area i, results <--copied-- a result's large buffers
       v
-    _PoolCore.dispatch_loop [one thread per pool]
-      waits on: wakeup pipe, every result pipe, every process sentinel,
-                and the nearest task deadline
+    PoolCore.dispatch_loop [one thread per pool]
+      waits on: wakeup pipe, every result pipe, every worker's sentinel (a
+                pidfd where the kernel has them), task pipes with an
+                outbox to flush, spare processes' sentinels, the zygote's
+                and its standby's control socket, notice pipe and sentinel,
+                and the nearest of: a task deadline, an assisting caller's
+                window, a failed start's retry
       result frame -> copy its buffers out of area i (the next write to
                       task pipe i says so: a release frame), pop the slot's
                       head item (its calls space is free), resolve its
@@ -26,11 +36,17 @@ Data flow::
       log frame    -> no item popped; the record goes to the parent's logger
                       of its name in its place among the resolutions, after
                       the lock (_logs.handle_forwarded)
-      sentinel     -> read what the pipe still holds; the dead worker's head
-                      item fails with WorkerDiedError (pid, exit code, signal)
-                      if the worker had taken it up; everything else it held
-                      goes back to the front of pending; the slot's successor
-                      takes the slot, or a replacement starts in it
+      sentinel     -> Supervisor.on_worker_exit: read what the pipe still
+                      holds; the dead worker's head item fails with
+                      WorkerDiedError (pid, exit code, signal) if the worker
+                      had taken it up; everything else it held goes back to
+                      the front of pending; the slot's successor takes the
+                      slot, or the Launcher starts a replacement in it
+      zygote       -> Launcher: a started worker (or standby) to install;
+                      worker exits it reaped (notices); its own death: its
+                      standby takes over (the workers it forked are watched
+                      through their pidfds), or, with no standby, workers
+                      are spawned from then on
       successor    -> with max_tasks_per_child, once a slot's ready worker
                       has been sent half its quota, the dispatcher starts the
                       slot's next worker ahead of time (Slot.successor): it
@@ -42,6 +58,8 @@ Data flow::
       deadline     -> the head item overran its timeout: SIGTERM its worker,
                       SIGKILL after a short grace; the item fails with
                       TaskTimeoutError when the worker is gone
+      retry        -> a start that failed for a transient reason is tried
+                      again (Launcher.refill_slots)
       wakeup       -> new work, shutdown, kill or cancel requests
 
 Where a future is resolved, on every path:
@@ -49,14 +67,23 @@ Where a future is resolved, on every path:
 * result or task error ....... dispatcher, from the result frame; or, on a
                                quiet pool, the thread waiting in result(),
                                which reads its worker's result pipe itself
-                               for a few ms (PoolCore.help_resolve)
+                               for a few ms (PoolCore.help_resolve); a
+                               helper that could not resolve hands over
 * unpicklable call ........... submit(), before anything is queued
-* worker death ............... dispatcher (on_worker_exit)
+* callable in quarantine ..... submit(); queued ones after the death that
+                               put it there (Supervisor.on_worker_exit)
+* worker death ............... dispatcher (Supervisor.on_worker_exit)
+* worker whose result stream
+  cannot be trusted .......... dispatcher, once it is killed (_poison)
 * timeout / cancel_task() .... dispatcher, once the stopped worker is gone
-                               (a queued item is cancelled at once)
-* initializer failure ........ dispatcher: the pool is broken, every
+                               (a queued item is cancelled at once, in the
+                               pool or in a worker's pipe)
+* initializer failure, start
+  failures for good, 3 deaths
+  before ready ............... dispatcher: the pool is broken, every
                                outstanding future fails, submit() raises
 * shutdown(cancel_futures) ... request_shutdown(): pending futures cancelled
+* terminate/kill_workers ..... dispatcher (Supervisor.kill_all_workers)
 * interpreter exit ........... atexit hook: non-daemon pools finish their
                                work; daemon pools (and Ctrl-C) kill workers
                                and fail or cancel what is left
@@ -67,11 +94,13 @@ The parent always knows which worker runs which task: each slot keeps the
 items it was sent, in order, and a worker answers in that order.  A shared
 array holds, per slot, the id of the task the worker last took up, so after a
 death the parent can tell a task that started from one still in the pipe.
-Only the dispatcher reaps processes.  It reads every result pipe except one
-a helping caller has paused in its selector (``Slot.assist``); frames are
-read and booked under the slot's ``read_lock``, so they are taken in order
-whoever reads them.  Writes to task pipes happen under ``_PoolCore.lock``,
-from submit() or the dispatcher.
+The dispatcher reaps workers and helpers (a shutdown or kill, run on the
+dispatcher, included); a caller thread never waits on a process.  It reads
+every result pipe except one a helping caller has paused in its waiter
+(``Slot.assist``); frames are read and booked under the slot's
+``read_lock``, so they are taken in order whoever reads them.  Writes to
+task pipes happen under ``PoolCore.lock``, from submit() or the dispatcher.
+Lock order: a slot's ``read_lock``, then ``PoolCore.lock``.
 
 Area i is a memfd worker i creates and offers in its READY frame; the parent
 maps it (``_buffers``), so no name in ``/dev/shm`` can outlive a killed
@@ -1166,10 +1195,10 @@ class PoolCore:
         while True:
             with self.lock:
                 timeout = self.check_deadlines()
-                if launcher.failing_since is not None:
-                    retry = launcher.retry_in(time.monotonic())
-                    if retry is not None and (timeout is None or retry < timeout):
-                        timeout = retry
+                if launcher.failing_since is not None or launcher.standby_due:
+                    wait = launcher.wake_in(time.monotonic())
+                    if wait is not None and (timeout is None or wait < timeout):
+                        timeout = wait
                 for slot in self.slots:
                     if slot.area_offer is not None:
                         self.attach_offered_area(slot)
@@ -1218,8 +1247,8 @@ class PoolCore:
                     self.dispatch_pending()
                     if start_error is None:
                         start_error = self.start_successors()
-                if launcher.standby is None:
-                    launcher.want_standby()
+                if launcher.standby is None and launcher.zygote is not None:
+                    launcher.want_standby(time.monotonic())
                 done = (
                     self.shutdown_requested
                     and not self.pending

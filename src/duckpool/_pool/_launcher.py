@@ -48,6 +48,9 @@ START_GIVE_UP_SECONDS = 30.0
 #: failure in a row, up to ``_RETRY_MAX_SECONDS``.
 _RETRY_FIRST_SECONDS = 0.01
 _RETRY_MAX_SECONDS = 1.0
+#: How long after the zygote starts it is asked for its standby: a pool's
+#: start-up (and a shutdown right after it) never waits on that fork.
+STANDBY_DELAY_SECONDS = 0.25
 #: errno values of a start that may well succeed if tried again.
 _TRANSIENT_ERRNOS = frozenset(
     {errno.EAGAIN, errno.ENOMEM, errno.EINTR, errno.EPIPE, errno.ECONNRESET, errno.ETIMEDOUT}
@@ -103,6 +106,9 @@ class Launcher:
         self.retry_at = 0.0
         #: Zygotes that died or were replaced, to reap at the end.
         self.retired: list[_zygote.Zygote] = []
+        #: When the zygote is to be asked for a standby (monotonic; 0: not
+        #: due, it has one or it was asked).
+        self.standby_due = 0.0
 
     # -- start-up ---------------------------------------------------------------
 
@@ -143,6 +149,7 @@ class Launcher:
             self.spawning = True
         else:
             self.watch(self.zygote)
+            self.standby_due = time.monotonic() + STANDBY_DELAY_SECONDS
 
     def watch(self, zygote: _zygote.Zygote) -> None:
         selector = self._core.selector
@@ -324,11 +331,13 @@ class Launcher:
         self.failures += 1
         return None
 
-    def retry_in(self, now: float) -> Optional[float]:
-        """Seconds until a failed start is tried again (None: none is due)."""
-        if self.failing_since is None:
-            return None
-        return max(0.0, self.retry_at - now)
+    def wake_in(self, now: float) -> Optional[float]:
+        """Seconds until the dispatcher has launcher work to do: a failed
+        start to try again, or the zygote to ask for a standby (None: none)."""
+        due = [self.retry_at] if self.failing_since is not None else []
+        if self.standby_due:
+            due.append(self.standby_due)
+        return max(0.0, min(due) - now) if due else None
 
     # -- the zygote's answers and exits (dispatcher; they take the lock) ---------
 
@@ -413,9 +422,10 @@ class Launcher:
         standby.close()
         self.retired.append(standby)
 
-    def want_standby(self) -> None:
-        """Ask the zygote for a standby if it has none, once no start is due
-        (so that the standby's fork does not delay a worker's)."""
+    def want_standby(self, now: float) -> None:
+        """Ask the zygote for a standby if it has none, once ``standby_due``
+        has passed and no start is due (a standby's fork never delays a
+        worker's, nor the pool's start-up)."""
         zygote = self.zygote
         core = self._core
         if (
@@ -424,9 +434,16 @@ class Launcher:
             or zygote.standby_requested
             or self.parent_pidfd is None  # a standby is watched through pidfds
             or core.shutdown_requested
-            or any(slot.requested for slot in core.slots)
         ):
+            self.standby_due = 0.0
             return
+        if not self.standby_due:
+            self.standby_due = now  # (a standby died, or was refused)
+        if now < self.standby_due:
+            return  # the dispatcher wakes for it (wake_in)
+        self.standby_due = 0.0
+        if any(slot.requested for slot in core.slots):
+            return  # asked on the loop after the answers come in
         try:
             zygote.request_standby()
         except OSError:

@@ -1,0 +1,182 @@
+"""The engine's structure holds: imports go one way, the diagram names what exists.
+
+Static checks (an AST scan of ``src/duckpool``), no processes started.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+import duckpool
+
+PACKAGE = Path(duckpool.__file__).resolve().parent
+
+#: What runs inside a worker: it may import only these and the standard library.
+WORKER_SIDE = {"_worker", "_worker_logs", "_buffers", "_spawned"}
+#: The benchmark harness: only the command line reaches it.
+BENCH = {"_bench", "_bench_tasks", "_bench_dask"}
+#: The command line and what only it uses.
+CLI_ONLY = {"_cli", "_demo_tasks", *BENCH}
+
+
+def _modules() -> dict[str, ast.Module]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        relative = path.relative_to(PACKAGE).with_suffix("")
+        parts = [p for p in relative.parts if p != "__init__"]
+        found[".".join(parts)] = ast.parse(path.read_text(), str(path))
+    return found
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _imports(tree: ast.Module, module_level_only: bool) -> set[str]:
+    """duckpool modules ``tree`` imports (run-time imports: not under TYPE_CHECKING)."""
+    names: set[str] = set()
+
+    def visit(body: list[ast.stmt]) -> None:
+        for node in body:
+            if isinstance(node, ast.If) and _is_type_checking(node):
+                visit(node.orelse)
+                continue
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if node.module == "duckpool":
+                    names.update(alias.name for alias in node.names)
+                elif node.module.startswith("duckpool."):
+                    names.add(node.module[len("duckpool.") :])
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.startswith("duckpool."):
+                        names.add(alias.name[len("duckpool.") :])
+            if module_level_only and isinstance(
+                node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+            ):
+                continue
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                child = getattr(node, field, None)
+                if isinstance(child, list) and child and isinstance(child[0], ast.AST):
+                    visit([c for c in child if isinstance(c, ast.stmt)] or [])
+                    if field == "handlers":
+                        for handler in child:
+                            visit(handler.body)
+
+    visit(tree.body)
+    return names
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def connect(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in graph.get(node, ()):
+            if target not in index:
+                connect(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            connect(node)
+    return found
+
+
+def test_no_module_imports_another_that_imports_it_back_at_import_time() -> None:
+    modules = _modules()
+    graph = {
+        name: _imports(tree, module_level_only=True) & set(modules)
+        for name, tree in modules.items()
+    }
+    assert _cycles(graph) == []
+
+
+def test_the_engine_owners_never_import_the_layers_above_them() -> None:
+    modules = _modules()
+    above = {"_executor", "_manager", "_registry", "_routing", "_dask", "_shutdown"} | CLI_ONLY
+    for name, tree in modules.items():
+        if name == "_core" or name.startswith("_pool"):
+            assert not _imports(tree, module_level_only=False) & above, name
+
+
+def test_the_worker_side_imports_only_the_worker_side() -> None:
+    modules = _modules()
+    for name in WORKER_SIDE:
+        imported = _imports(modules[name], module_level_only=False)
+        assert imported <= WORKER_SIDE, (name, imported - WORKER_SIDE)
+
+
+def test_only_the_command_line_imports_the_benchmark() -> None:
+    modules = _modules()
+    for name, tree in modules.items():
+        if name in CLI_ONLY or name == "__main__":
+            continue
+        assert not _imports(tree, module_level_only=False) & BENCH, name
+
+
+def _attributes(cls: ast.ClassDef) -> set[str]:
+    """Methods, class attributes, ``__slots__`` and ``self.x = ...`` targets of ``cls``."""
+    names: set[str] = set()
+    for node in ast.walk(cls):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            if isinstance(node.value, ast.Name) and node.value.id == "self":
+                names.add(node.attr)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                if isinstance(target, ast.Name):
+                    names.add(target.id)
+                    if target.id == "__slots__" and isinstance(node.value, ast.Tuple):
+                        names.update(
+                            e.value for e in node.value.elts if isinstance(e, ast.Constant)
+                        )
+    return names
+
+
+@pytest.mark.parametrize("module", ["_core"])
+def test_every_name_the_data_flow_diagram_mentions_exists(module: str) -> None:
+    modules = _modules()
+    doc = ast.get_docstring(modules[module]) or ""
+    classes: dict[str, set[str]] = {}
+    for tree in modules.values():
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef):
+                classes.setdefault(node.name, set()).update(_attributes(node))
+    mentioned = set(re.findall(r"\b([A-Z][A-Za-z]+)\.([a-z_][a-z_]*)\b", doc))
+    assert mentioned, "the diagram names no Class.member: the check checks nothing"
+    missing = [f"{c}.{m}" for c, m in sorted(mentioned) if m not in classes.get(c, set())]
+    assert not missing, missing
+    module_refs = set(re.findall(r"\b(_[a-z_]+)\.([a-z_]+)\b", doc))
+    for mod, attr in module_refs:
+        tree = modules.get(mod)
+        assert tree is not None, mod
+        defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        assert attr in defined, f"{mod}.{attr}"
