@@ -268,3 +268,22 @@ def test_a_manager_s_pool_survives_every_process_killed_at_once(
         assert [f.result(TIMEOUT) for f in futures] == [i + 2 for i in range(20)]
     finally:
         manager.stop()
+
+
+def test_a_pool_that_has_shut_down_is_freed_by_reference_counting(
+    ctx: multiprocessing.context.BaseContext,
+) -> None:
+    import gc
+    import weakref
+
+    gc.disable()  # what a pool holds (its initargs) must go without a collection
+    try:
+        marker = tasks.Token(1)
+        pool = duckpool.ProcessPoolExecutor(2, ctx, initializer=tasks.identity, initargs=(marker,))
+        assert pool.submit(tasks.add, 1, 1).result(TIMEOUT) == 2
+        pool.shutdown()
+        gone = weakref.ref(marker)
+        del pool, marker
+        assert gone() is None
+    finally:
+        gc.enable()

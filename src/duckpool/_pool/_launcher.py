@@ -34,6 +34,7 @@ import multiprocessing
 import os
 import socket
 import time
+import weakref
 from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
 from duckpool import _child, _logs, _spawn, _worker, _zygote
@@ -79,7 +80,9 @@ class Launcher:
     """Starts a pool's workers and keeps its zygote and standby (lock held)."""
 
     def __init__(self, core: PoolCore) -> None:
-        self._core = core
+        # Weakly: a pool that has ended is freed at once, by reference
+        # counting, and what it holds (its initargs, say) with it.
+        self._core: PoolCore = weakref.proxy(core)
         settings = core.settings
         #: Workers are forked (from this process first, then by the zygote).
         self.forks = settings.context.get_start_method() == "fork"

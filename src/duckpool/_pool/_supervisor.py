@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import weakref
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Optional
 
@@ -49,7 +50,9 @@ class Supervisor:
     """Watches a pool's workers end, and ends them."""
 
     def __init__(self, core: PoolCore) -> None:
-        self._core = core
+        # Weakly: a pool that has ended is freed at once, by reference
+        # counting, and what it holds (its initargs, say) with it.
+        self._core: PoolCore = weakref.proxy(core)
 
     def stop_worker(self, slot: Slot, item: WorkItem, error: BaseException) -> None:
         """Stop the worker running ``item``: SIGTERM now, SIGKILL after the grace."""
