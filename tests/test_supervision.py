@@ -56,6 +56,8 @@ def test_a_killed_zygote_hands_over_to_its_standby(tmp_path: Path) -> None:
         os.kill(zygote, signal.SIGKILL)
         wait_until(lambda: helper_pids(pool).get("zygote") == standby, TIMEOUT)
         wait_until(lambda: helper_pids(pool).get("zygote-standby") not in (None, standby), TIMEOUT)
+        # Promoted, it says so in ps.
+        wait_until(lambda: proc_cmdline(standby) == "duckpool-zygote", TIMEOUT)
         gate.touch()
         assert running.result(TIMEOUT) == "released"
         assert [f.result(TIMEOUT) for f in [pool.submit(tasks.add, i, 1) for i in range(100)]] == [

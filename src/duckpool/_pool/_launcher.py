@@ -109,6 +109,8 @@ class Launcher:
         self.retry_at = 0.0
         #: Zygotes that died or were replaced, to reap at the end.
         self.retired: list[_zygote.Zygote] = []
+        #: The pool has shut down with no work left: the zygotes are leaving.
+        self.finishing = False
         #: When the zygote is to be asked for a standby (monotonic; 0: not
         #: due, it has one or it was asked).
         self.standby_due = 0.0
@@ -437,6 +439,7 @@ class Launcher:
             or zygote.standby_requested
             or self.parent_pidfd is None  # a standby is watched through pidfds
             or core.shutdown_requested
+            or self.finishing
         ):
             self.standby_due = 0.0
             return
@@ -488,6 +491,12 @@ class Launcher:
                 return []
             if zygote is not self.zygote:
                 return []
+            if self.finishing:
+                # It left as told: nothing to take over (a start after this,
+                # which the pool never asks for, would be spawned).
+                self.zygote = None
+                self.spawning = True
+                return []
             for slot in core.slots:
                 slot.requested = False  # those answers will never come
                 process = slot.process
@@ -522,11 +531,12 @@ class Launcher:
     # -- the end ----------------------------------------------------------------
 
     def finish(self) -> None:
-        """Shutdown: the zygote exits once its workers have; the standby now."""
-        if self.standby is not None:
-            self.standby.close()
-        if self.zygote is not None:
-            self.zygote.finish()
+        """Shutdown, no work left: the zygote exits once its workers have, the
+        standby at once; neither is replaced (``on_zygote_death``)."""
+        self.finishing = True
+        for zygote in (self.standby, self.zygote):
+            if zygote is not None:
+                zygote.finish()
 
     def close(self) -> None:
         """Close the zygotes' channels and this process's pidfd (dispatcher, at its end)."""
