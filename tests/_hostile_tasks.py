@@ -12,6 +12,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -117,3 +119,51 @@ def run_inner_pool(start_method: str) -> int:
     context = multiprocessing.get_context(start_method)
     with duckpool.ProcessPoolExecutor(1, mp_context=context) as inner:
         return inner.submit(add, 2, 3).result(timeout=60)
+
+
+def open_descriptors() -> dict[int, str]:
+    """This process's descriptors and what each refers to (``readlink``)."""
+    found = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            found[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:  # the listing's own descriptor, closed already
+            pass
+    return found
+
+
+#: A child process's own listing of its descriptors, one "fd target" a line.
+_LIST_FDS = (
+    "import os\n"
+    "for name in os.listdir('/proc/self/fd'):\n"
+    "    try:\n"
+    "        print(name, os.readlink('/proc/self/fd/' + name))\n"
+    "    except OSError:\n"
+    "        pass\n"
+)
+
+
+def programs_see(listing_file: str) -> dict[str, object]:
+    """What this worker holds, and what programs it runs without ``close_fds`` see.
+
+    Two programs run: ``ls -l /proc/self/fd`` through ``os.system`` (a shell),
+    and a Python child of ``subprocess.Popen(..., close_fds=False)``.  Each
+    listing is returned as ``{fd: target}``.
+    """
+    held = open_descriptors()
+    os.system(f"ls -l /proc/self/fd > {listing_file}")
+    shell_saw = {}
+    for line in Path(listing_file).read_text().splitlines():
+        if " -> " not in line:
+            continue
+        left, target = line.split(" -> ", 1)
+        shell_saw[int(left.split()[-1])] = target
+    child = subprocess.Popen(
+        [sys.executable, "-c", _LIST_FDS], stdout=subprocess.PIPE, text=True, close_fds=False
+    )
+    out, _ = child.communicate(timeout=60)
+    python_saw = {}
+    for line in out.splitlines():
+        fd, target = line.split(" ", 1)
+        python_saw[int(fd)] = target
+    return {"held": held, "shell": shell_saw, "python": python_saw}

@@ -227,3 +227,26 @@ def test_stopped_worker_killed_from_outside_fails_its_task(
     assert isinstance(error, duckpool.WorkerDiedError), repr(error)
     assert error.pid == worker
     serves_then_shuts_down(pool)
+
+
+@pytest.mark.parametrize("program", ["shell", "python"])
+def test_programs_a_task_runs_inherit_no_pool_descriptor(
+    pool: duckpool.ProcessPoolExecutor, tmp_path: Path, program: str
+) -> None:
+    # os.system, Popen(close_fds=False) and os.exec* pass on every inheritable
+    # descriptor: a program holding the worker's result pipe would keep it
+    # open after the worker died, and could write into it.  Descriptors the
+    # worker holds that this process held before the pool existed are not
+    # the pool's (under fork a worker inherits them all).
+    before = tasks.open_descriptors()
+    with bystander(pool, tmp_path):
+        future = pool.submit(tasks.programs_see, str(tmp_path / "listing"))
+        assert resolves_within(future, TIMEOUT) is None
+    seen = future.result()
+    pool_fds = {
+        fd: target for fd, target in seen["held"].items() if fd > 2 and before.get(fd) != target
+    }
+    assert pool_fds  # the worker's pipes at least
+    leaked = {fd: target for fd, target in seen[program].items() if pool_fds.get(fd) == target}
+    assert leaked == {}, f"the program inherited the worker's {leaked} (it holds {pool_fds})"
+    serves_then_shuts_down(pool)
