@@ -114,13 +114,10 @@ def test_timeout_kills_a_task_that_ignores_sigterm(
     serves_then_shuts_down(pool)
 
 
-@pytest.mark.parametrize("then", ["return", "exit", "killed"])
-def test_grandchild_holding_the_pipes_hides_nothing_from_the_pool(
-    pool: duckpool.ProcessPoolExecutor, tmp_path: Path, then: str
-) -> None:
-    # The grandchild holds every descriptor the worker had, its pipes to the
-    # parent included, for a minute: the pool must not take the pipes' state
-    # for the worker's.
+def fork_grandchild_then(pool: duckpool.ProcessPoolExecutor, tmp_path: Path, then: str) -> None:
+    """Run a task that forks a grandchild holding every descriptor its worker
+    had, for a minute, then returns, exits or is killed from outside (``then``);
+    the grandchild is killed afterwards, however the test went."""
     grandchild_file, worker_file = tmp_path / "grandchild", tmp_path / "worker"
     try:
         with bystander(pool, tmp_path):
@@ -146,6 +143,40 @@ def test_grandchild_holding_the_pipes_hides_nothing_from_the_pool(
         if grandchild_file.exists():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(grandchild_file.read_text()), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("then", ["return", "exit", "killed"])
+def test_grandchild_holding_the_pipes_hides_nothing_from_the_pool(
+    pool: duckpool.ProcessPoolExecutor, tmp_path: Path, then: str
+) -> None:
+    # The grandchild holds the worker's pipes to the parent: the pool must not
+    # take the pipes' state for the worker's.
+    fork_grandchild_then(pool, tmp_path, then)
+
+
+@pytest.mark.parametrize("then", ["exit", "killed"])
+def test_grandchild_hides_no_worker_death_where_pidfds_are_missing(
+    pool: duckpool.ProcessPoolExecutor,
+    tmp_path: Path,
+    then: str,
+    start_method: str,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+) -> None:
+    # Without pidfds (Linux before 5.3, some sandboxes) this process sees a
+    # worker's exit as EOF on a pipe whose write end the worker holds: a
+    # process the worker forked must not hold it too.  The pool starts its
+    # workers at the first submit, after the patch.
+    if start_method == "fork":
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="without a parent pidfd, fork workers start through multiprocessing's "
+                "Popen, whose sentinel pipe every process the worker forks inherits",
+            )
+        )
+    monkeypatch.delattr(os, "pidfd_open")
+    fork_grandchild_then(pool, tmp_path, then)
 
 
 def test_task_that_leaves_its_session_costs_nothing(

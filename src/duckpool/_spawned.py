@@ -144,6 +144,11 @@ def _prepare(prep: dict[str, Any], extra: dict[str, Any]) -> None:
     _quiet_stdin()
     from duckpool import _worker
 
+    alive_fd = extra.get("alive_fd")
+    if alive_fd is not None:
+        # Where the parent has no pidfd, EOF on this pipe is how it sees the
+        # worker exit: a process a task forks must not hold it open.
+        _worker.close_in_forks(alive_fd)
     # Before the main module runs: it may import multiprocessing itself.
     watch = _worker._AfterImport("multiprocessing", lambda: _adopt(prep, extra))
     sys.meta_path.insert(0, watch)

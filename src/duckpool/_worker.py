@@ -647,6 +647,37 @@ def close_on_exec(task_fd: int, result_fd: int) -> None:
             pass
 
 
+#: Descriptors closed in every process forked from this one (``close_in_forks``).
+_CLOSED_IN_FORKS: list[int] = []
+_close_in_forks_registered = False
+
+
+def close_in_forks(fd: int) -> None:
+    """Close ``fd`` in every process forked from this one from now on.
+
+    For the write end of the pipe whose EOF tells the parent that this
+    worker exited, where the parent has no pidfd (Linux before 5.3, some
+    sandboxes): a process a task forks, holding it, would hide the worker's
+    death from the parent for as long as it lives.  ``os.fork`` and what
+    uses it run the handler; an exec'd program never gets the descriptor
+    (``close_on_exec``).
+    """
+    global _close_in_forks_registered
+    _CLOSED_IN_FORKS.append(fd)
+    if not _close_in_forks_registered:  # (inherited with the list by a fork)
+        _close_in_forks_registered = True
+        os.register_at_fork(after_in_child=_close_in_forked_child)
+
+
+def _close_in_forked_child() -> None:
+    for fd in _CLOSED_IN_FORKS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _CLOSED_IN_FORKS.clear()
+
+
 def _ignore_interrupt(signum: int, frame: object) -> None:
     """SIGINT goes to the whole foreground process group on Ctrl-C; the parent
     decides what to stop, so a worker neither dies nor prints a traceback."""
