@@ -220,23 +220,25 @@ def spawn_worker(config: _worker.WorkerConfig, task_r: int, result_w: int) -> _c
     prep = spawn.get_preparation_data(config.name)
     if "authkey" in prep:  # plain bytes: its class would import multiprocessing
         prep["authkey"] = bytes(prep["authkey"])
-    extra: dict[str, Any] = {
-        "parent_pid": os.getpid(),
-        "parent_name": mp_process.current_process().name,
-        "tracker_fd": resource_tracker.getfd(),
-    }
-    launch = _Launch()
-    mp_context.set_spawning_popen(launch)  # type: ignore[arg-type]
-    try:
-        head = bytes(reduction.ForkingPickler.dumps((prep, extra)))
-        body = reduction.ForkingPickler.dumps(
-            (_worker.InheritedFd(task_r), _worker.InheritedFd(result_w), config, ())
-        )
-    finally:
-        mp_context.set_spawning_popen(None)  # type: ignore[attr-defined]
     data_r, data_w = os.pipe()
     alive_r, alive_w = os.pipe()  # the sentinel where pidfds are missing
     try:
+        extra: dict[str, Any] = {
+            "parent_pid": os.getpid(),
+            "parent_name": mp_process.current_process().name,
+            "tracker_fd": resource_tracker.getfd(),
+            # The worker closes it in every process it forks (_spawned._prepare).
+            "alive_fd": alive_w,
+        }
+        launch = _Launch()
+        mp_context.set_spawning_popen(launch)  # type: ignore[arg-type]
+        try:
+            head = bytes(reduction.ForkingPickler.dumps((prep, extra)))
+            body = reduction.ForkingPickler.dumps(
+                (_worker.InheritedFd(task_r), _worker.InheritedFd(result_w), config, ())
+            )
+        finally:
+            mp_context.set_spawning_popen(None)  # type: ignore[attr-defined]
         _enlarge(data_w)
         package_parent = os.path.dirname(os.path.dirname(os.path.abspath(_worker.__file__)))
         executable = spawn.get_executable()

@@ -41,6 +41,7 @@ class InheritedDupFd:
 
 def main(data_fd: int) -> None:
     """Prepare the process, run the worker, and exit as a spawned process does."""
+    _close_on_exec_all()
     chunks = []
     while True:
         chunk = os.read(data_fd, 1 << 20)
@@ -85,6 +86,33 @@ def main(data_fd: int) -> None:
     sys.exit(code)
 
 
+def _close_on_exec_all() -> None:
+    """Mark every descriptor but 0, 1 and 2 close-on-exec.
+
+    At this point they are exactly those ``spawn_worker`` passed, inheritable
+    as exec needs: the data pipe, the "alive" pipe, the resource tracker's
+    pipe, the worker's task and result pipes, the marks, and any descriptor
+    pickled with ``initargs``.  Left inheritable, every program a task runs
+    without ``close_fds`` (``os.system``, ``os.execv``) would hold them: the
+    pipes to the parent among them.  Whatever the main module or the
+    initializer opens later is left as they make it.
+    """
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        try:
+            names = os.listdir("/dev/fd")
+        except OSError:
+            return
+    for name in names:
+        fd = int(name)
+        if fd > 2:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:  # the listing's own descriptor, closed by now
+                pass
+
+
 #: True while the main module runs again and the worker's arguments are
 #: unpickled: a process started then (a main module without the
 #: ``if __name__ == "__main__"`` guard) is refused, as multiprocessing does,
@@ -116,6 +144,11 @@ def _prepare(prep: dict[str, Any], extra: dict[str, Any]) -> None:
     _quiet_stdin()
     from duckpool import _worker
 
+    alive_fd = extra.get("alive_fd")
+    if alive_fd is not None:
+        # Where the parent has no pidfd, EOF on this pipe is how it sees the
+        # worker exit: a process a task forks must not hold it open.
+        _worker.close_in_forks(alive_fd)
     # Before the main module runs: it may import multiprocessing itself.
     watch = _worker._AfterImport("multiprocessing", lambda: _adopt(prep, extra))
     sys.meta_path.insert(0, watch)

@@ -610,6 +610,74 @@ def watch_parent(parent_pid: int) -> None:
         time.sleep(_PARENT_POLL_SECONDS)
 
 
+def close_on_exec(task_fd: int, result_fd: int) -> None:
+    """Keep the descriptors this worker was started with from the programs its tasks run.
+
+    Under spawn and forkserver they arrive inheritable, as passing them
+    needs; left so, every program a task runs without ``close_fds``
+    (``os.system``, ``Popen(close_fds=False)``, ``os.execv``) would hold the
+    pipes to the parent (writing into the result pipe, keeping it open after
+    the worker's death) and the resource tracker's pipe.  A process a task
+    forks still has them all: fork keeps descriptors whatever their flag.
+    (Spawned workers start with every descriptor so marked, see ``_spawned``.)
+    """
+    fds: list[Any] = [task_fd, result_fd]
+    tracker = sys.modules.get("multiprocessing.resource_tracker")
+    if tracker is not None:
+        fds.append(getattr(getattr(tracker, "_resource_tracker", None), "_fd", None))
+    process = sys.modules.get("multiprocessing.process")
+    forkserver = sys.modules.get("multiprocessing.forkserver")
+    if (
+        process is not None
+        and forkserver is not None
+        and getattr(process.current_process(), "_start_method", None) == "forkserver"
+    ):
+        # What the fork server handed this process: its "alive" pipe, then the
+        # descriptors pickled with the worker's arguments (its pipes, the
+        # marks, any in ``initargs``).
+        server = getattr(forkserver, "_forkserver", None)
+        fds.append(getattr(server, "_forkserver_alive_fd", None))
+        fds.extend(forkserver.get_inherited_fds() or ())
+    for fd in fds:
+        if fd is None:
+            continue
+        try:
+            os.set_inheritable(fd, False)
+        except OSError:  # closed already (the marks' memfd, once mapped)
+            pass
+
+
+#: Descriptors closed in every process forked from this one (``close_in_forks``).
+_CLOSED_IN_FORKS: list[int] = []
+_close_in_forks_registered = False
+
+
+def close_in_forks(fd: int) -> None:
+    """Close ``fd`` in every process forked from this one from now on.
+
+    For the write end of the pipe whose EOF tells the parent that this
+    worker exited, where the parent has no pidfd (Linux before 5.3, some
+    sandboxes): a process a task forks, holding it, would hide the worker's
+    death from the parent for as long as it lives.  ``os.fork`` and what
+    uses it run the handler; an exec'd program never gets the descriptor
+    (``close_on_exec``).
+    """
+    global _close_in_forks_registered
+    _CLOSED_IN_FORKS.append(fd)
+    if not _close_in_forks_registered:  # (inherited with the list by a fork)
+        _close_in_forks_registered = True
+        os.register_at_fork(after_in_child=_close_in_forked_child)
+
+
+def _close_in_forked_child() -> None:
+    for fd in _CLOSED_IN_FORKS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _CLOSED_IN_FORKS.clear()
+
+
 def _ignore_interrupt(signum: int, frame: object) -> None:
     """SIGINT goes to the whole foreground process group on Ctrl-C; the parent
     decides what to stop, so a worker neither dies nor prints a traceback."""
@@ -754,8 +822,9 @@ def worker_main(
     """
     for fd in parent_ends:
         os.close(fd)
-    _prepare(config)
     result_fd = result_conn.fileno()
+    close_on_exec(task_conn.fileno(), result_fd)
+    _prepare(config)
 
     def send(frame: Frames) -> None:
         write_all(result_fd, frame)

@@ -1,0 +1,169 @@
+"""Hostile tasks: functions test_hostile_tasks runs in workers (importable under spawn).
+
+Each one does something a well-behaved task would not, to the process that
+runs it: closes its descriptors, ignores SIGTERM, forks a process that
+outlives it, leaves its session, raises ``SystemExit``, starts a pool of its
+own, or runs a program that inherits what it may.  None of them must cost
+more than its own future.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import duckpool
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def touch_then_wait(started: str, gate: str, timeout: float = 60.0) -> str:
+    """Say "running" by creating ``started``, then wait (up to ``timeout``) for ``gate``."""
+    Path(started).touch()
+    deadline = time.monotonic() + timeout
+    while not Path(gate).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{gate} did not appear within {timeout} s")
+        time.sleep(0.005)
+    return "released"
+
+
+def _say_pid(path: str, pid: int) -> None:
+    """Write ``pid`` to ``path`` in one step: the reader never sees half of it."""
+    partial = f"{path}.{pid}.part"
+    Path(partial).write_text(str(pid))
+    os.replace(partial, path)
+
+
+def report_pid_then_sleep(pid_file: str, seconds: float = 60.0) -> None:
+    """Say this worker's pid, then sleep (the test stops or kills the worker)."""
+    _say_pid(pid_file, os.getpid())
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def close_inherited_fds_then(outcome: str) -> str:
+    """Close every descriptor but 0, 1 and 2 (the pool's pipes with them), then
+    return or raise."""
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+    if outcome == "raise":
+        raise ValueError("closed every descriptor")
+    return "closed every descriptor"
+
+
+def ignore_sigterm_then_sleep(pid_file: str, seconds: float = 60.0) -> None:
+    """Ignore SIGTERM (a timeout's first signal), then overrun any timeout."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    report_pid_then_sleep(pid_file, seconds)
+
+
+def fork_lingering_grandchild(grandchild_file: str, worker_file: str, then: str) -> str:
+    """Fork a process that keeps every descriptor of this worker for a minute,
+    then return, exit, or sleep until killed (``then``).
+
+    The grandchild's pid goes to ``grandchild_file`` before this worker goes
+    on, so the test can always clean it up; ``worker_file`` gets this worker's.
+    """
+    pid = os.fork()
+    if pid == 0:  # the grandchild: no Python-level exit, no pool code
+        try:
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    _say_pid(grandchild_file, pid)
+    _say_pid(worker_file, os.getpid())
+    if then == "exit":
+        os._exit(7)
+    if then == "sleep":
+        report_pid_then_sleep(worker_file)
+    return "forked"
+
+
+def leave_session() -> int:
+    """Become a session (and process group) leader of its own; return the session id."""
+    os.setsid()
+    return os.getsid(0)
+
+
+def raise_system_exit() -> None:
+    raise SystemExit(3)
+
+
+def raise_keyboard_interrupt() -> None:
+    raise KeyboardInterrupt
+
+
+def leave_thread_running(started: str) -> str:
+    """Start a non-daemon thread that never ends, and return."""
+
+    def forever() -> None:
+        Path(started).touch()
+        while True:
+            time.sleep(0.05)
+
+    threading.Thread(target=forever, name="left-running", daemon=False).start()
+    return "left a thread running"
+
+
+def run_inner_pool(start_method: str) -> int:
+    """Start a duckpool pool inside this task and return what it computed."""
+    context = multiprocessing.get_context(start_method)
+    with duckpool.ProcessPoolExecutor(1, mp_context=context) as inner:
+        return inner.submit(add, 2, 3).result(timeout=60)
+
+
+def open_descriptors() -> dict[int, str]:
+    """This process's descriptors and what each refers to (``readlink``)."""
+    found = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            found[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:  # the listing's own descriptor, closed already
+            pass
+    return found
+
+
+#: A child process's own listing of its descriptors, one "fd target" a line.
+_LIST_FDS = (
+    "import os\n"
+    "for name in os.listdir('/proc/self/fd'):\n"
+    "    try:\n"
+    "        print(name, os.readlink('/proc/self/fd/' + name))\n"
+    "    except OSError:\n"
+    "        pass\n"
+)
+
+
+def programs_see(listing_file: str) -> dict[str, object]:
+    """What this worker holds, and what programs it runs without ``close_fds`` see.
+
+    Two programs run: ``ls -l /proc/self/fd`` through ``os.system`` (a shell),
+    and a Python child of ``subprocess.Popen(..., close_fds=False)``.  Each
+    listing is returned as ``{fd: target}``.
+    """
+    held = open_descriptors()
+    os.system(f"ls -l /proc/self/fd > {listing_file}")
+    shell_saw = {}
+    for line in Path(listing_file).read_text().splitlines():
+        if " -> " not in line:
+            continue
+        left, target = line.split(" -> ", 1)
+        shell_saw[int(left.split()[-1])] = target
+    child = subprocess.Popen(
+        [sys.executable, "-c", _LIST_FDS], stdout=subprocess.PIPE, text=True, close_fds=False
+    )
+    out, _ = child.communicate(timeout=60)
+    python_saw = {}
+    for line in out.splitlines():
+        fd, target = line.split(" ", 1)
+        python_saw[int(fd)] = target
+    return {"held": held, "shell": shell_saw, "python": python_saw}
