@@ -13,6 +13,7 @@ import os
 import threading
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
+from duckpool import _process_pools
 from duckpool._errors import ManagerNotFound
 
 if TYPE_CHECKING:
@@ -89,4 +90,4 @@ def _reset_after_fork() -> None:
     REGISTRY.clear()
 
 
-os.register_at_fork(after_in_child=_reset_after_fork)
+_process_pools.on_fork_in_child(_reset_after_fork)
