@@ -343,6 +343,40 @@ def test_interpreter_exit_waits_for_submitted_tasks(tmp_path: Path) -> None:
     assert flag.exists(), "exit did not wait for the submitted task"
 
 
+LATE_SUBMIT_SCRIPT = """
+import atexit, sys
+import _tasks
+from duckpool import get_or_create_process_manager
+
+manager = get_or_create_process_manager("late")
+manager.start(max_workers=1, backend="dask", address=sys.argv[1])
+print("ran", manager.submit_task(_tasks.add, 1, 2).result(30), flush=True)
+
+def submit_late():
+    try:
+        manager.submit_task(_tasks.add, 1, 1)
+    except RuntimeError as exc:
+        print("refused:", exc, flush=True)
+        raise  # atexit prints it on stderr
+    print("accepted", flush=True)
+
+atexit.register(submit_late)
+"""
+
+
+def test_a_submit_from_an_atexit_handler_raises(scheduler_address: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", LATE_SUBMIT_SCRIPT, scheduler_address],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    refusal = "cannot schedule new futures after interpreter shutdown"
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["ran 3", f"refused: {refusal}"], done.stderr
+    assert f"RuntimeError: {refusal}" in done.stderr
+
+
 #: Long enough for a short task to finish on a free worker, even on a loaded machine.
 DRAIN_TIMEOUT = 3.0
 

@@ -1,15 +1,20 @@
-"""The one registry of live pools and its fork hook (``_process_pools``).
+"""The one registry of live pools: its exit hook and its fork hook (``_process_pools``).
 
-The Dask pool's part (drained by ``drain_all``, forgotten in a forked child)
-is in ``test_dask.py``, with the other Dask tests; the exit drain's in
-``test_shutdown.py``.
+The Dask pool's part (drained by ``drain_all``, forgotten in a forked child,
+refusing work at exit) is in ``test_dask.py``, with the other Dask tests; the
+exit drain's in ``test_shutdown.py``.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import subprocess
+import sys
+import textwrap
 from typing import Optional
+
+import pytest
 
 import _tasks
 import duckpool
@@ -17,6 +22,96 @@ from conftest import run_in_forked_child
 from duckpool import _process_pools
 
 TIMEOUT = 30
+
+LATE_SUBMIT_SCRIPT = textwrap.dedent(
+    """
+    import atexit, multiprocessing, sys
+
+    method, kind, order = sys.argv[1:]
+
+    def submit_late():
+        try:
+            submit(abs, -2)
+        except RuntimeError as exc:
+            print("refused:", exc, flush=True)
+            raise  # atexit prints it on stderr
+        print("accepted", flush=True)
+
+    if order == "before-import":
+        atexit.register(submit_late)
+
+    import duckpool, _tasks
+
+    context = multiprocessing.get_context(method)
+    if kind == "manager":
+        manager = duckpool.get_or_create_process_manager("late")
+        manager.start(1, mp_context=context)
+        submit = manager.submit_task
+    else:
+        submit = duckpool.ProcessPoolExecutor(1, context).submit
+    print("ran", submit(_tasks.add, 1, 2).result(30), flush=True)
+
+    if order == "after-import":
+        atexit.register(submit_late)
+    """
+)
+
+REFUSAL = "cannot schedule new futures after interpreter shutdown"
+
+
+@pytest.mark.parametrize("order", ["after-import", "before-import"])
+@pytest.mark.parametrize("kind", ["executor", "manager"])
+def test_a_submit_from_an_atexit_handler_raises_whatever_the_registration_order(
+    start_method: str, kind: str, order: str
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", LATE_SUBMIT_SCRIPT, start_method, kind, order],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    # An exception in an atexit handler is printed, not turned into an exit code.
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["ran 3", f"refused: {REFUSAL}"], done.stderr
+    assert f"RuntimeError: {REFUSAL}" in done.stderr
+
+
+NON_DAEMON_THREAD_SCRIPT = textwrap.dedent(
+    """
+    import multiprocessing, sys, threading
+    import duckpool, _tasks
+
+    pool = duckpool.ProcessPoolExecutor(1, multiprocessing.get_context(sys.argv[1]))
+    pool.submit(_tasks.add, 1, 1).result(30)
+
+    def submit_after_main():
+        threading.main_thread().join(30)  # returns once the interpreter is exiting
+        try:
+            pool.submit(_tasks.add, 1, 1)
+        except RuntimeError as exc:
+            print("refused:", exc, flush=True)
+        else:
+            print("accepted", flush=True)
+
+    threading.Thread(target=submit_after_main).start()  # not a daemon: exit joins it
+    """
+)
+
+
+def test_a_submit_from_a_non_daemon_thread_after_the_main_thread_ended_raises(
+    start_method: str,
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", NON_DAEMON_THREAD_SCRIPT, start_method],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [f"refused: {REFUSAL}"], done.stderr
+
 
 class _FakePool:
     """A pool that claims whichever process asks, and records what it was told."""

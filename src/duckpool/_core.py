@@ -58,9 +58,10 @@ Where a future is resolved, on every path:
                                outstanding future fails, submit() raises
 * shutdown(cancel_futures) ... request_shutdown(): pending futures cancelled
 * interpreter exit ........... the exit hook (_process_pools), once the
-                               main thread has finished: non-daemon pools
-                               finish their work; daemon pools (and Ctrl-C)
-                               kill workers and fail or cancel what is left
+                               main thread has finished: submit() raises from
+                               then on; non-daemon pools finish their work;
+                               daemon pools (and Ctrl-C) kill workers and
+                               fail or cancel what is left
 * dispatcher bug ............. dispatcher's last resort: every outstanding
                                future fails with BrokenProcessPool
 

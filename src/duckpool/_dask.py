@@ -32,8 +32,8 @@ and where each future is resolved::
         a "duckpool-dask-closer" thread.
     submit() of a call Dask cannot serialize -> a future failed with PicklingError.
     interpreter exit (duckpool's exit hook, _process_pools, before concurrent.futures
-        stops the thread pools a Client needs) -> shutdown(wait=True), or for a
-        daemon executor shutdown(cancel_futures=True).
+        stops the thread pools a Client needs) -> submit() raises; then
+        shutdown(wait=True), or for a daemon executor shutdown(cancel_futures=True).
     drain_all(timeout) -> shutdown(wait=False); past the timeout, shutdown(cancel_futures=True).
 
 A settled future is never settled again: whichever path comes first wins (the
@@ -274,8 +274,9 @@ class DaskExecutor(Executor):
 
         Any worker may run it (no resource constraint); the executor's
         ``task_timeout`` applies; :meth:`options` sets a task type or another
-        timeout.  Raises ``RuntimeError`` after shutdown and ``TypeError`` if
-        ``fn`` is not callable.  The future fails with the task's own
+        timeout.  Raises ``RuntimeError`` after shutdown and once interpreter
+        shutdown has begun (the main thread has finished), and ``TypeError``
+        if ``fn`` is not callable.  The future fails with the task's own
         exception, :class:`~duckpool.WorkerDiedError` if its worker died,
         :class:`~duckpool.TaskTimeoutError` past its timeout, and is cancelled
         if shutdown(cancel_futures=True) comes first.
@@ -334,6 +335,7 @@ class DaskExecutor(Executor):
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, got {fn!r}")
         self._check_owner()
+        _process_pools.raise_if_exiting()
         # The task's keywords go in a partial, so that one named like a
         # client.submit option (key, priority, resources...) reaches the task.
         call = functools.partial(fn, **kwargs) if kwargs else fn

@@ -13,8 +13,9 @@ the pools through this module only::
     exit      -> the exit hook, once the main thread has finished (threading's
                  exit hook: before non-daemon threads are joined and before
                  any atexit handler runs):
-                   the drains install_shutdown_handlers() added run; then
-                   every pool still running stops as its kind does at exit
+                   submit() raises from then on (interpreter_exiting); the
+                   drains install_shutdown_handlers() added run; then every
+                   pool still running stops as its kind does at exit
                    (LivePool.shutdown_at_exit)
     drain_all -> _shutdown reads LIVE_POOLS.of_this_process()
 
@@ -36,6 +37,7 @@ __all__ = [
     "LivePools",
     "add_exit_drain",
     "on_fork_in_child",
+    "raise_if_exiting",
     "remove_exit_drain",
 ]
 
@@ -117,6 +119,17 @@ class LivePools:
 #: Every live pool of this process.
 LIVE_POOLS = LivePools()
 
+#: Set once interpreter shutdown has begun: no pool takes new work after it.
+interpreter_exiting = False
+
+_INTERPRETER_EXITING = "cannot schedule new futures after interpreter shutdown"
+
+
+def raise_if_exiting() -> None:
+    """Raise ``RuntimeError`` (the stdlib's words) once interpreter shutdown has begun."""
+    if interpreter_exiting:
+        raise RuntimeError(_INTERPRETER_EXITING)
+
 
 # -- fork ---------------------------------------------------------------------------
 
@@ -193,8 +206,11 @@ def remove_exit_drain(drain: Callable[[], None]) -> None:
 
 
 def _at_exit() -> None:
-    """Interpreter shutdown: drain, then stop every pool left."""
-    global _exit_hook_ran
+    """Interpreter shutdown: refuse new work, drain, then stop every pool left."""
+    global interpreter_exiting, _exit_hook_ran
+    # Before anything that may block, so that no thread adds work meanwhile
+    # (CPython's test_submit_after_interpreter_shutdown asks as much).
+    interpreter_exiting = True
     if _exit_hook_ran:  # registered twice (see _run_exit_hook_before_thread_pools)
         return
     _exit_hook_ran = True
@@ -222,9 +238,10 @@ def _run_at_exit(step: Callable[..., None], *args: Any) -> None:
 
 def _register_exit_hook() -> None:
     """Register ``_at_exit`` with threading's exit hooks (atexit where there are none)."""
-    # threading._register_atexit (3.9+): its hooks run when the main thread
-    # has finished, before non-daemon threads are joined and before any atexit
-    # handler, whatever the order they were registered in.
+    global interpreter_exiting
+    # threading._register_atexit (3.9+) is what concurrent.futures uses for
+    # the same flag: its hooks run when the main thread has finished, before
+    # any atexit handler, whatever the order they were registered in.
     register: Callable[[Callable[[], None]], Any] = getattr(
         threading, "_register_atexit", atexit.register
     )
@@ -232,8 +249,8 @@ def _register_exit_hook() -> None:
         register(_at_exit)
     except RuntimeError:
         # "can't register atexit after shutdown": this module was first
-        # imported by an exit handler, and the exit hooks have run already.
-        pass
+        # imported by an exit handler; no pool may take work now.
+        interpreter_exiting = True
 
 
 def _run_exit_hook_before_thread_pools() -> None:
