@@ -12,14 +12,15 @@ import os
 import subprocess
 import sys
 import textwrap
-from typing import Optional
+import threading
+from typing import Any, Optional
 
 import pytest
 
 import _tasks
 import duckpool
 from conftest import run_in_forked_child
-from duckpool import _process_pools
+from duckpool import _process_pools, _registry
 
 TIMEOUT = 30
 
@@ -181,3 +182,44 @@ def test_an_inherited_local_pool_refuses_work_and_the_child_runs_its_own(
         assert parent_pool.submit(_tasks.add, 2, 2).result(TIMEOUT) == 4
     finally:
         parent_pool.shutdown()
+
+
+def test_the_fork_hook_empties_the_managers_registry_and_renews_its_lock() -> None:
+    manager = duckpool.get_or_create_process_manager("parent")
+    # Another thread holds the registry's lock while the process forks: a
+    # child that kept that lock would hang on its first manager.
+    held, release = threading.Event(), threading.Event()
+
+    def hold_lock() -> None:
+        with _registry.lock:
+            held.set()
+            release.wait(TIMEOUT)
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    try:
+        assert held.wait(TIMEOUT)
+
+        def child() -> dict[str, Any]:
+            before = {
+                "registry": dict(duckpool.REGISTRY),
+                "instances": list(_registry.INSTANCES),
+            }
+            own = duckpool.get_or_create_process_manager("parent")
+            return {
+                **before,
+                "own is parent's": own is manager,
+                "all_instances": len(duckpool.ProcessPoolManager.all_instances()),
+            }
+
+        seen = run_in_forked_child(child, timeout=TIMEOUT)
+    finally:
+        release.set()
+        holder.join(TIMEOUT)
+    assert seen == {
+        "registry": {},
+        "instances": [],
+        "own is parent's": False,
+        "all_instances": 1,
+    }
+    assert duckpool.REGISTRY[os.getpid()]["parent"] is manager
