@@ -19,11 +19,16 @@ Two adaptations beyond ``executor_type``:
   ``from concurrent.futures import <executor_type.__name__>``.  While a
   duckpool test runs, the module's ``assert_python_ok`` is wrapped so the script
   starts with a prelude that makes ``concurrent.futures.ProcessPoolExecutor``
-  duckpool's class (and puts duckpool's directory on ``sys.path``, since the
-  child runs in isolated mode).  The prelude also imports ``multiprocessing``:
-  the gh-83386 script calls ``multiprocessing.set_start_method`` without
-  importing it (upstream skips that test for every process pool, so the slip
-  never shows there).
+  duckpool's class (and puts duckpool's directory on ``sys.path``).  A prelude
+  in the script, not a ``sitecustomize`` or ``.pth`` hook reached through
+  ``PYTHONPATH`` and an environment variable: ``assert_python_ok`` starts the
+  child with ``-I`` (or ``-E``), which ignores ``PYTHONPATH``.  The prelude
+  leaves a mark file when it hands duckpool's class out, and the wrapper fails
+  the test if a script that names ``ProcessPoolExecutor`` left none, so such
+  a test cannot pass on the stdlib's executor unnoticed.  The prelude also
+  imports ``multiprocessing``: the gh-83386 script calls
+  ``multiprocessing.set_start_method`` without importing it (upstream skips
+  that test for every process pool, so the slip never shows there).
 * ``FailingInitializerResourcesTest`` runs a named process-pool test class
   itself; the subclass here hands it the duckpool variant instead.
 
@@ -40,6 +45,7 @@ import inspect
 import os
 import pkgutil
 import sys
+import tempfile
 import unittest
 from typing import Any, Callable, Optional
 from unittest import mock
@@ -56,12 +62,13 @@ UNAVAILABLE: Optional[str] = None
 FORM: Optional[str] = None
 
 
-def _duckpool_prelude() -> str:
+def _duckpool_prelude(mark: str) -> str:
     """Source that makes a fresh interpreter's ProcessPoolExecutor duckpool's.
 
     duckpool is imported only when the script asks ``concurrent.futures`` for
     ``ProcessPoolExecutor`` (the module's lazy ``__getattr__``), so the script's
-    own import order, and with it the order of ``atexit`` hooks, is kept.
+    own import order, and with it the order of ``atexit`` hooks, is kept.  The
+    file ``mark`` is created when duckpool's class is handed out.
     """
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(duckpool.__file__)))
     return (
@@ -74,6 +81,7 @@ def _duckpool_prelude() -> str:
         "    if name == 'ProcessPoolExecutor':\n"
         "        import duckpool\n"
         "        value = _cf.ProcessPoolExecutor = duckpool.ProcessPoolExecutor\n"
+        f"        open({mark!r}, 'w').close()\n"
         "    return value\n"
         "_cf_.__getattr__ = _cf_getattr_\n"
         "del _cf_, _cf_getattr_\n"
@@ -81,14 +89,28 @@ def _duckpool_prelude() -> str:
 
 
 def _with_duckpool_prelude(run: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap an ``assert_python_*`` helper so ``-c`` scripts run with the prelude."""
+    """Wrap an ``assert_python_*`` helper so ``-c`` scripts run with the prelude.
+
+    Raises AssertionError after the run if the script names
+    ``ProcessPoolExecutor`` but was never handed duckpool's.
+    """
 
     def run_with_duckpool(*args: Any, **env_vars: Any) -> Any:
         args_list = list(args)
-        if "-c" in args_list:
-            i = args_list.index("-c") + 1
-            args_list[i] = _duckpool_prelude() + args_list[i]
-        return run(*args_list, **env_vars)
+        if "-c" not in args_list:
+            return run(*args_list, **env_vars)
+        i = args_list.index("-c") + 1
+        script = args_list[i]
+        with tempfile.TemporaryDirectory(prefix="duckpool-prelude-") as tmp:
+            mark = os.path.join(tmp, "handed-out")
+            args_list[i] = _duckpool_prelude(mark) + script
+            result = run(*args_list, **env_vars)
+            if "ProcessPoolExecutor" in script and not os.path.exists(mark):
+                raise AssertionError(
+                    "the script names ProcessPoolExecutor but never got duckpool's "
+                    f"from concurrent.futures, so the stdlib's ran:\n{script}"
+                )
+        return result
 
     return run_with_duckpool
 

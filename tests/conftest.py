@@ -11,15 +11,20 @@ importable from every worker, whatever the start method:
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import multiprocessing
 import multiprocessing.context
 import os
+import pickle
+import select
 import signal
 import subprocess
 import sys
 import time
+import traceback
+import warnings
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import psutil
 import pytest
@@ -211,3 +216,66 @@ def all_pool_processes(pool: duckpool.ProcessPoolExecutor) -> list[int]:
     pids |= {pid for pid in (fork_server_pid(), resource_tracker_pid()) if pid is not None}
     pids.discard(os.getpid())
     return sorted(pids)
+
+
+def _reap(pid: int, timeout: float) -> None:
+    """Wait for child ``pid`` to exit; SIGKILL it if it has not within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+
+def run_in_forked_child(fn: Callable[[], Any], timeout: float = 30) -> Any:
+    """Run ``fn`` in a child made with ``os.fork()``; return what it returned.
+
+    The child reports through a pipe and always ends with ``os._exit``; a child
+    that does not answer within ``timeout`` is killed and the test fails.
+    """
+    read_fd, write_fd = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork of a threaded process
+        pid = os.fork()
+    if pid == 0:  # the child
+        exit_code = 0
+        try:
+            os.close(read_fd)
+            # If the child hangs, its stacks land in the test's captured stderr.
+            faulthandler.dump_traceback_later(max(timeout - 5, 1), exit=True)
+            try:
+                payload: tuple[str, Any] = ("ok", fn())
+            except BaseException as exc:
+                payload = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+            data = pickle.dumps(payload)
+            while data:
+                data = data[os.write(write_fd, data) :]
+        except BaseException:
+            exit_code = 1
+        finally:
+            os._exit(exit_code)
+    os.close(write_fd)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"the forked child did not answer within {timeout} s")
+            ready, _, _ = select.select([read_fd], [], [], remaining)
+            if ready:
+                chunk = os.read(read_fd, 65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+    finally:
+        os.close(read_fd)
+        _reap(pid, timeout=5)
+    assert chunks, "the forked child died without answering"
+    status, value = pickle.loads(b"".join(chunks))
+    if status == "error":
+        raise AssertionError(f"in the forked child: {value}")
+    return value

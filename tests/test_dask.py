@@ -36,15 +36,18 @@ import psutil
 import pytest
 
 import _tasks
-from conftest import process_gone, wait_until
+from conftest import process_gone, run_in_forked_child, wait_until
 
 distributed = pytest.importorskip("distributed")
 
 from duckpool import (  # noqa: E402 - after the skip
     DaskExecutor,
+    InheritedManagerError,
     TaskTimeoutError,
     UnknownTaskError,
     WorkerDiedError,
+    _process_pools,
+    drain_all,
     get_or_create_process_manager,
 )
 
@@ -338,6 +341,76 @@ def test_interpreter_exit_waits_for_submitted_tasks(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert flag.exists(), "exit did not wait for the submitted task"
+
+
+LATE_SUBMIT_SCRIPT = """
+import atexit, sys
+import _tasks
+from duckpool import get_or_create_process_manager
+
+manager = get_or_create_process_manager("late")
+manager.start(max_workers=1, backend="dask", address=sys.argv[1])
+print("ran", manager.submit_task(_tasks.add, 1, 2).result(30), flush=True)
+
+def submit_late():
+    try:
+        manager.submit_task(_tasks.add, 1, 1)
+    except RuntimeError as exc:
+        print("refused:", exc, flush=True)
+        raise  # atexit prints it on stderr
+    print("accepted", flush=True)
+
+atexit.register(submit_late)
+"""
+
+
+def test_a_submit_from_an_atexit_handler_raises(scheduler_address: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", LATE_SUBMIT_SCRIPT, scheduler_address],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    refusal = "cannot schedule new futures after interpreter shutdown"
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["ran 3", f"refused: {refusal}"], done.stderr
+    assert f"RuntimeError: {refusal}" in done.stderr
+
+
+#: Long enough for a short task to finish on a free worker, even on a loaded machine.
+DRAIN_TIMEOUT = 3.0
+
+
+def test_drain_all_drains_a_dask_pool(scheduler_address: str, gate: Path) -> None:
+    pool = DaskExecutor(address=scheduler_address)
+    # Each on a worker of its own, so the quick task never waits behind the stuck one.
+    quick = pool.options(task_type="render").submit(_tasks.sleep_then, 0.1, "done")
+    stuck = pool.options(task_type="reports").submit(_tasks.wait_for_file, str(gate), GATE_WAIT)
+    drain_all(DRAIN_TIMEOUT)
+    assert quick.result(timeout=0) == "done"  # it was let finish
+    assert stuck.cancelled()  # past the deadline: cancelled, Dask told to forget it
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        pool.submit(_tasks.noop)
+    assert pool._live not in _process_pools.LIVE_POOLS.of_this_process()
+    assert not pool._bridge.is_alive()  # closed, not only refusing work
+
+
+def test_a_forked_child_neither_uses_nor_drains_the_parents_dask_pool(
+    executor: DaskExecutor,
+) -> None:
+    assert executor.submit(_tasks.add, 1, 1).result(timeout=RESULT_TIMEOUT) == 2
+
+    def child() -> tuple[str, int]:
+        try:
+            executor.submit(_tasks.add, 1, 1)
+            refused = "accepted"
+        except InheritedManagerError:
+            refused = "InheritedManagerError"
+        drain_all(0)  # this process has no pool: the parent's is not touched
+        return refused, len(_process_pools.LIVE_POOLS.of_this_process())
+
+    assert run_in_forked_child(child) == ("InheritedManagerError", 0)
+    assert executor.submit(_tasks.add, 2, 2).result(timeout=RESULT_TIMEOUT) == 4
 
 
 def test_shutdown_leaves_a_client_passed_in_open(scheduler_address: str) -> None:

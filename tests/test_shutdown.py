@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import CancelledError
 from concurrent.futures.process import BrokenProcessPool
@@ -143,6 +145,36 @@ def test_the_signal_helper_drains_then_lets_the_signal_act(
     else:
         assert parent.returncode == -signal.SIGTERM, stderr
     wait_until(lambda: all(process_gone(pid) for pid in pids), TIMEOUT)
+
+
+EXIT_DRAIN_SCRIPT = """
+import multiprocessing, sys
+import duckpool, _executor_tasks as tasks
+duckpool.install_shutdown_handlers(timeout=0.3, signals=())
+pool = duckpool.ProcessPoolExecutor(1, multiprocessing.get_context(sys.argv[1]))
+future = pool.submit(tasks.touch_then_wait, sys.argv[2] + "/started", sys.argv[2] + "/gate")
+future.add_done_callback(lambda f: print("outcome", type(f.exception()).__name__, flush=True))
+tasks.wait_for_file(sys.argv[2] + "/started")
+print(*pool.worker_pids(), flush=True)
+# Falls off the end with the task still waiting for its gate (30 s).
+"""
+
+
+def test_the_exit_drain_stops_work_still_running_at_its_deadline(
+    start_method: str, tmp_path: Path
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_DRAIN_SCRIPT, start_method, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=2 * TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    pids, outcome = done.stdout.splitlines()
+    # Without the drain, exit would wait for the task, which ends in TimeoutError.
+    assert outcome == "outcome WorkerDiedError", done.stderr
+    wait_until(lambda: all(process_gone(int(pid)) for pid in pids.split()), TIMEOUT)
 
 
 def test_the_signal_helper_can_be_uninstalled() -> None:

@@ -36,8 +36,8 @@ if TYPE_CHECKING:
         WorkerDiedError,
     )
     from duckpool._executor import ProcessPoolExecutor
-    from duckpool._manager import ProcessPoolManager
-    from duckpool._registry import REGISTRY, get_or_create_process_manager
+    from duckpool._manager import ProcessPoolManager, get_or_create_process_manager
+    from duckpool._registry import REGISTRY
     from duckpool._routing import pool_for, run_task, submit_task
     from duckpool._shutdown import drain_all, install_shutdown_handlers
     from duckpool._stats import HelperStats, PoolStats, WorkerStats
@@ -59,7 +59,7 @@ _EXPORTS = {
     "ProcessPoolExecutor": "duckpool._executor",
     "ProcessPoolManager": "duckpool._manager",
     "REGISTRY": "duckpool._registry",
-    "get_or_create_process_manager": "duckpool._registry",
+    "get_or_create_process_manager": "duckpool._manager",
     "pool_for": "duckpool._routing",
     "run_task": "duckpool._routing",
     "submit_task": "duckpool._routing",

@@ -25,8 +25,7 @@ import duckpool
 from duckpool import _demo_tasks
 from duckpool._demo_tasks import Receipt
 from duckpool._errors import UnknownTaskError, WorkerDiedError
-from duckpool._manager import ProcessPoolManager
-from duckpool._registry import get_or_create_process_manager
+from duckpool._manager import ProcessPoolManager, get_or_create_process_manager
 
 __all__ = ["main"]
 

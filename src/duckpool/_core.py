@@ -84,9 +84,11 @@ Where a future is resolved, on every path:
                                outstanding future fails, submit() raises
 * shutdown(cancel_futures) ... request_shutdown(): pending futures cancelled
 * terminate/kill_workers ..... dispatcher (Supervisor.kill_all_workers)
-* interpreter exit ........... atexit hook: non-daemon pools finish their
-                               work; daemon pools (and Ctrl-C) kill workers
-                               and fail or cancel what is left
+* interpreter exit ........... the exit hook (_process_pools), once the
+                               main thread has finished: submit() raises from
+                               then on; non-daemon pools finish their work;
+                               daemon pools (and Ctrl-C) kill workers and
+                               fail or cancel what is left
 * dispatcher bug ............. dispatcher's last resort: every outstanding
                                future fails with BrokenProcessPool
 
@@ -111,7 +113,6 @@ is done.
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import os
 import pickle
@@ -120,7 +121,6 @@ import selectors
 import signal
 import threading
 import time
-import weakref
 from collections import deque
 from concurrent.futures import Future
 from concurrent.futures import _base as _futures_base
@@ -129,7 +129,7 @@ from multiprocessing import connection as mp_connection
 from multiprocessing.context import BaseContext
 from typing import Any, Callable, NamedTuple, Optional, TypeVar
 
-from duckpool import _buffers, _child, _logs, _threads, _worker, _zygote
+from duckpool import _buffers, _child, _logs, _process_pools, _threads, _worker, _zygote
 from duckpool._admission import Admission
 from duckpool._errors import (
     InheritedManagerError,
@@ -503,12 +503,11 @@ class _SpareExit(NamedTuple):
 
 _MISSING = object()
 _WAKEUP = object()
-_ZYGOTE_NOTICES = object()
-_ZYGOTE_EXIT = object()
-_ZYGOTE_STARTED = object()
 
-# Every pool core of this process, for the fork and exit hooks.
-LIVE_CORES: weakref.WeakSet[PoolCore] = weakref.WeakSet()
+# Where PoolCore.__init__ registers each pool: the process's one registry of
+# live pools, which Dask executors join too (its fork and exit hooks, and
+# drain_all, reach every pool through it).
+LIVE_CORES = _process_pools.LIVE_POOLS
 
 
 class PoolSettings(NamedTuple):
@@ -1889,8 +1888,12 @@ class PoolCore:
             thread.join(timeout)
 
     def shutdown_at_exit(self, interrupted: bool) -> None:
-        """Interpreter exit: daemon pools (and Ctrl-C) stop now, others finish."""
-        if self.owner_pid != os.getpid():
+        """Interpreter exit: daemon pools (and Ctrl-C) stop now, others finish.
+
+        A pool that never started, one already closed and a forked child's
+        copy are left alone.
+        """
+        if self.owner_pid != os.getpid() or self.thread is None or self.closed:
             return
         if self.settings.daemon or interrupted:
             self.request_kill(signal.SIGKILL)
@@ -1965,52 +1968,3 @@ def _rss_of(pids: list[int]) -> dict[int, int]:
         except (psutil.Error, OSError):
             pass
     return sizes
-
-
-def _forget_inherited_fork_server() -> None:
-    """Let a forked child start a fork server of its own.
-
-    The stdlib's fork-server singleton, copied into a forked child, still
-    names the parent's server; the child cannot ``waitpid`` it, so its first
-    forkserver pool fails with ChildProcessError.  Holding the parent's
-    "alive" pipe open would also keep that server from noticing the parent's
-    exit.  The child forgets both, and starts its own server when needed.
-    """
-    import sys
-
-    module = sys.modules.get("multiprocessing.forkserver")
-    server = getattr(module, "_forkserver", None)
-    if server is None or getattr(server, "_forkserver_pid", None) is None:
-        return
-    alive_fd = getattr(server, "_forkserver_alive_fd", None)
-    if alive_fd is not None:
-        try:
-            os.close(alive_fd)
-        except OSError:
-            pass
-    server._forkserver_alive_fd = None
-    server._forkserver_pid = None
-    server._forkserver_address = None
-    server._lock = threading.Lock()
-
-
-def _after_fork_in_child() -> None:
-    for core in list(LIVE_CORES):
-        core.forget_after_fork()
-    _forget_inherited_fork_server()
-
-
-def at_exit() -> None:
-    """Stop every pool of this process at interpreter exit."""
-    import sys
-
-    interrupted = isinstance(getattr(sys, "last_value", None), KeyboardInterrupt)
-    for core in list(LIVE_CORES):
-        if core.thread is not None and not core.closed:
-            core.shutdown_at_exit(interrupted)
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-# Registered after multiprocessing's own exit hook (imported above), so it runs
-# first: workers are stopped before multiprocessing joins its children.
-atexit.register(at_exit)

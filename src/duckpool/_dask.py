@@ -31,8 +31,10 @@ and where each future is resolved::
         them; any future still unresolved is cancelled.  wait=False does the same in
         a "duckpool-dask-closer" thread.
     submit() of a call Dask cannot serialize -> a future failed with PicklingError.
-    interpreter exit (threading's exit hook, before the Clients stop working) ->
+    interpreter exit (duckpool's exit hook, _process_pools, before concurrent.futures
+        stops the thread pools a Client needs) -> submit() raises; then
         shutdown(wait=True), or for a daemon executor shutdown(cancel_futures=True).
+    drain_all(timeout) -> shutdown(wait=False); past the timeout, shutdown(cancel_futures=True).
 
 A settled future is never settled again: whichever path comes first wins (the
 ``InvalidStateError`` of the losers is swallowed), and the bridge still pops the
@@ -43,7 +45,6 @@ code already running on a worker.
 
 from __future__ import annotations
 
-import atexit
 import functools
 import heapq
 import itertools
@@ -52,14 +53,13 @@ import os
 import pickle
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, TypeVar
 
-from duckpool import _worker
+from duckpool import _process_pools, _worker
 from duckpool._errors import InheritedManagerError, TaskTimeoutError, WorkerDiedError
 from duckpool._executor import (
     TaskOptions,
@@ -237,8 +237,8 @@ class DaskExecutor(Executor):
             target=self._bridge_loop, name="duckpool-dask-bridge", daemon=True
         )
         self._bridge.start()
-        _live_executors.add(self)
-        _register_exit_handler()
+        self._live = _LivePool(self)
+        _process_pools.LIVE_POOLS.add(self._live, needs_thread_pools=True)
 
     # -- properties -----------------------------------------------------------------
 
@@ -274,8 +274,9 @@ class DaskExecutor(Executor):
 
         Any worker may run it (no resource constraint); the executor's
         ``task_timeout`` applies; :meth:`options` sets a task type or another
-        timeout.  Raises ``RuntimeError`` after shutdown and ``TypeError`` if
-        ``fn`` is not callable.  The future fails with the task's own
+        timeout.  Raises ``RuntimeError`` after shutdown and once interpreter
+        shutdown has begun (the main thread has finished), and ``TypeError``
+        if ``fn`` is not callable.  The future fails with the task's own
         exception, :class:`~duckpool.WorkerDiedError` if its worker died,
         :class:`~duckpool.TaskTimeoutError` past its timeout, and is cancelled
         if shutdown(cancel_futures=True) comes first.
@@ -334,6 +335,7 @@ class DaskExecutor(Executor):
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, got {fn!r}")
         self._check_owner()
+        _process_pools.raise_if_exiting()
         # The task's keywords go in a partial, so that one named like a
         # client.submit option (key, priority, resources...) reaches the task.
         call = functools.partial(fn, **kwargs) if kwargs else fn
@@ -574,7 +576,7 @@ class DaskExecutor(Executor):
             self._close_client()
         finally:
             self._closed.set()
-            _live_executors.discard(self)
+            _process_pools.LIVE_POOLS.discard(self._live)
 
     def _close_client(self) -> None:
         try:
@@ -613,38 +615,53 @@ class DaskExecutor(Executor):
         )
 
 
-_live_executors: weakref.WeakSet[DaskExecutor] = weakref.WeakSet()
-_exit_handler_lock = threading.Lock()
-_exit_handler_registered = False
+class _LivePool:
+    """A DaskExecutor as the process-wide hooks see it (``_process_pools.LivePool``).
 
-
-def _register_exit_handler() -> None:
-    """Register :func:`_shut_down_at_exit`, once, after ``distributed`` is imported.
-
-    It must run before the interpreter joins its threads: from then on no
-    ThreadPoolExecutor takes work, and distributed hands results to one (its
-    offload thread), so a Client can no longer deliver them.  That is
-    threading's exit hook (concurrent.futures uses it too; the last registered
-    runs first, so ours runs before theirs), and atexit, after which
-    distributed closes its clusters, only where it is missing.
+    A separate object, so that the executor's own surface stays the
+    ``concurrent.futures`` one.  Every call returns at once unless it says
+    it waits; ``shutdown`` does nothing in a process that does not own the
+    executor.
     """
-    global _exit_handler_registered
-    with _exit_handler_lock:
-        if not _exit_handler_registered:
-            register = getattr(threading, "_register_atexit", atexit.register)
-            register(_shut_down_at_exit)
-            _exit_handler_registered = True
 
+    __slots__ = ("__weakref__", "_executor")  # held weakly by the registry
 
-def _shut_down_at_exit() -> None:
-    """Interpreter exit: wait for each executor's tasks, or cancel a daemon's."""
-    for executor in list(_live_executors):
-        if executor._owner_pid != os.getpid():
-            continue
-        if executor._daemon:
-            executor.shutdown(wait=False, cancel_futures=True)
+    def __init__(self, executor: DaskExecutor) -> None:
+        self._executor = executor
+
+    @property
+    def owner_pid(self) -> int:
+        return self._executor._owner_pid
+
+    def request_shutdown(self, cancel_futures: bool) -> None:
+        """Refuse new work; the close waits for the futures in a thread of its own."""
+        self._executor.shutdown(wait=False, cancel_futures=cancel_futures)
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        """Wait until every future has resolved and what the executor created is closed."""
+        self._executor._closed.wait(timeout)
+
+    def request_kill(self, signum: int, reason: Optional[str] = None) -> None:
+        """Cancel every future still outstanding (the scheduler forgets its task).
+
+        Dask cannot signal code running on a worker, so ``signum`` goes
+        unused, and a cancelled future carries no ``reason``.
+        """
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def forget_after_fork(self) -> None:
+        """Nothing to forget: each entry point checks the owner's pid before any lock."""
+
+    def shutdown_at_exit(self, interrupted: bool) -> None:
+        """Wait for the submitted tasks, or cancel a daemon executor's (best-effort).
+
+        Only ``daemon`` decides, as the executor's docstring says; ``interrupted``
+        is not consulted.
+        """
+        if self._executor._daemon:
+            self._executor.shutdown(wait=False, cancel_futures=True)
         else:
-            executor.shutdown(wait=True)
+            self._executor.shutdown(wait=True)
 
 
 class _TimeoutTimer:

@@ -23,7 +23,7 @@ from concurrent.futures import TimeoutError as FuturesTimeoutError
 from multiprocessing.context import BaseContext
 from typing import Any, Callable, Optional, Protocol, TypeVar
 
-from duckpool import _admission, _buffers, _core, _shutdown, _worker
+from duckpool import _admission, _buffers, _core, _process_pools, _shutdown, _worker
 from duckpool._stats import PoolStats
 
 __all__ = ["ProcessPoolExecutor", "TaskOptions"]
@@ -286,7 +286,9 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         """Schedule ``fn(*args, **kwargs)`` and return its future.
 
         The pool's ``task_timeout`` applies; :meth:`options` sets another.
-        Raises ``RuntimeError`` after shutdown, ``BrokenProcessPool`` if the
+        Raises ``RuntimeError`` after shutdown and once interpreter shutdown
+        has begun (the main thread has finished: ``atexit`` handlers and
+        non-daemon threads can no longer submit), ``BrokenProcessPool`` if the
         pool is broken (its initializer failed), and
         :class:`~duckpool.InheritedManagerError` in a forked child.  A call
         that cannot be pickled gives a future that has already failed with the
@@ -326,8 +328,18 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, got {fn!r}")
         core = self._core
-        if core.shutdown_requested or core.broken is not None or core.inherited:
+        if (
+            core.shutdown_requested
+            or core.broken is not None
+            or core.inherited
+            or _process_pools.interpreter_exiting
+        ):
             with core.lock:
+                if not core.inherited:
+                    # Whatever else check_usable() would say: the exit hook
+                    # has stopped the pool by now (the zygote's exit may even
+                    # have marked it broken), and exit is the reason.
+                    _process_pools.raise_if_exiting()
                 core.check_usable()  # raises the error that applies
         admission = self._admission
         if admission is None:

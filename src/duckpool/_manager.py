@@ -1,4 +1,5 @@
-"""ProcessPoolManager: a named, typed process pool that belongs to one process."""
+"""ProcessPoolManager: a named, typed process pool that belongs to one process,
+and ``get_or_create_process_manager``, which names managers in ``_registry``."""
 
 from __future__ import annotations
 
@@ -11,15 +12,14 @@ from concurrent.futures import Future
 from multiprocessing.context import BaseContext
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Union
 
+from duckpool import _registry
 from duckpool._dask import DaskExecutor
-from duckpool._errors import InheritedManagerError, UnknownTaskError
+from duckpool._errors import InheritedManagerError, ManagerNotFound, UnknownTaskError
 from duckpool._executor import ProcessPoolExecutor
 from duckpool._registry import REGISTRY
 from duckpool._stats import PoolStats
 
-__all__ = ["ProcessPoolManager"]
-
-_instances_lock = threading.Lock()
+__all__ = ["ProcessPoolManager", "get_or_create_process_manager"]
 
 _BACKENDS = ("local", "dask")
 
@@ -38,7 +38,7 @@ class ProcessPoolManager:
     :class:`~duckpool.InheritedManagerError` when used, instead of hanging.
     """
 
-    __instances: List[Any] = []
+    __instances: List[Any] = _registry.INSTANCES
     """Weak references to the managers created in this process (see ``all_instances``)."""
 
     def __init__(
@@ -64,7 +64,7 @@ class ProcessPoolManager:
         self._mp_context: Optional[BaseContext] = None
         self._backend = "local"
         self._stopped = False
-        with _instances_lock:
+        with _registry.lock:
             ProcessPoolManager.__instances.append(weakref.ref(self))
 
     # -- identity -------------------------------------------------------
@@ -82,7 +82,7 @@ class ProcessPoolManager:
         that was garbage collected; copies inherited from a parent are not listed.
         """
         pid = os.getpid()
-        with _instances_lock:
+        with _registry.lock:
             live = [ref() for ref in ProcessPoolManager.__instances]
             ProcessPoolManager.__instances[:] = [
                 weakref.ref(m) for m in live if m is not None
@@ -96,7 +96,7 @@ class ProcessPoolManager:
 
     def _forget(self) -> None:
         """Drop out of ``all_instances`` (this manager was replaced)."""
-        with _instances_lock:
+        with _registry.lock:
             ProcessPoolManager.__instances[:] = [
                 ref for ref in ProcessPoolManager.__instances if ref() is not self
             ]
@@ -434,6 +434,60 @@ class ProcessPoolManager:
 
     def __str__(self) -> str:
         return self.__repr__()
+
+
+def get_or_create_process_manager(
+    id: Optional[Any] = None,
+    force_create: bool = False,
+    strictly_get: bool = False,
+) -> ProcessPoolManager:
+    """Return this process's manager named ``id``, creating it if needed.
+
+    The same ``id`` gives the same manager within a process, whichever thread
+    asks; ids are per process, so a forked child gets managers of its own.
+
+    Args:
+        id: the manager's name in this process (any hashable; ``None`` is a valid id).
+        force_create: replace the manager registered under ``id`` with a new one.
+            The replaced manager is stopped without waiting: its outstanding
+            futures still resolve.  Other ids are untouched.
+        strictly_get: only look up; raise :class:`ManagerNotFound` if ``id``
+            has no manager in this process.
+
+    Raises:
+        TypeError: if both ``force_create`` and ``strictly_get`` are true, or
+            ``id`` is not hashable.
+        ManagerNotFound: with ``strictly_get=True`` when ``id`` is missing.
+    """
+    if force_create and strictly_get:
+        raise TypeError("force_create and strictly_get cannot both be true")
+    try:
+        hash(id)
+    except TypeError:
+        raise TypeError(f"a manager id must be hashable, got {id!r}") from None
+    pid = os.getpid()
+    with _registry.lock:
+        managers = REGISTRY.get(pid)
+        replaced = None
+        if not force_create:
+            existing = managers.get(id) if managers is not None else None
+            if existing is not None:
+                return existing
+            if strictly_get:
+                raise ManagerNotFound(
+                    f"process {pid} has no process pool manager with id {id!r}"
+                )
+        elif managers is not None:
+            replaced = managers.get(id)
+        manager = ProcessPoolManager(multiprocessing.current_process())
+        manager._id = id
+        if managers is None:
+            managers = REGISTRY[pid] = {}
+        managers[id] = manager
+    if replaced is not None:
+        replaced._forget()
+        replaced.stop(wait=False)
+    return manager
 
 
 def _task_types(task_type: Union[str, Collection[str], None]) -> Optional[FrozenSet[str]]:

@@ -5,8 +5,8 @@ from this list; the objects are duckpool's own, not copies.
 """
 
 from duckpool._errors import ManagerNotFound, UnknownTaskError
-from duckpool._manager import ProcessPoolManager
-from duckpool._registry import REGISTRY, get_or_create_process_manager
+from duckpool._manager import ProcessPoolManager, get_or_create_process_manager
+from duckpool._registry import REGISTRY
 
 __all__ = [
     "REGISTRY",

@@ -2,21 +2,22 @@
 
 A server that gets SIGTERM should stop taking work, let running tasks finish
 for a while, then stop what is left, and only then exit, with every future
-resolved.  ``drain_all`` does that for every pool of the process at once;
+resolved.  ``drain_all`` does that for every pool of the process at once,
+local and Dask pools alike (``_process_pools`` registers them all);
 ``install_shutdown_handlers`` runs it on SIGTERM/SIGINT and at exit.
 """
 
 from __future__ import annotations
 
-import atexit
 import os
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from types import FrameType
 from typing import Any, Callable, Iterable, Optional
 
-from duckpool import _core
+from duckpool import _process_pools
 
 __all__ = ["drain_all", "install_shutdown_handlers"]
 
@@ -24,29 +25,38 @@ __all__ = ["drain_all", "install_shutdown_handlers"]
 def drain_all(timeout: float) -> None:
     """Shut down every pool of this process, waiting at most about ``timeout`` s.
 
-    Every pool stops accepting work at once; queued and running tasks go on
-    until the deadline; then what is queued is cancelled and the workers
-    still busy get SIGTERM, then SIGKILL a second later, their tasks failing
-    with :class:`~duckpool.WorkerDiedError`.  Every future resolves.
+    Every pool, local or Dask, stops accepting work at once (``submit``
+    raises ``RuntimeError``); queued and running tasks go on until the
+    deadline.  Then, in a local pool, what is queued is cancelled and the
+    workers still busy get SIGTERM, then SIGKILL a second later, their tasks
+    failing with :class:`~duckpool.WorkerDiedError`; in a Dask pool, every
+    future still outstanding is cancelled and the scheduler forgets its task
+    (Dask cannot stop code already running on a worker), and the Client and
+    cluster the executor created are closed.  Every future resolves.  Pools
+    a forked child inherited are not this process's, and are left alone.
+
+    Raises:
+        ValueError: if ``timeout`` is not a number >= 0 (nothing is stopped).
     """
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
         raise ValueError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
-    pid = os.getpid()
-    drain([core for core in list(_core.LIVE_CORES) if core.owner_pid == pid], timeout)
+    drain(_process_pools.LIVE_POOLS.of_this_process(), timeout)
 
 
-def drain(cores: list[_core.PoolCore], timeout: float) -> None:
-    """Shut these pools down, stopping their workers once ``timeout`` s have passed."""
-    for core in cores:
-        core.request_shutdown(cancel_futures=False)
+def drain(pools: Sequence[_process_pools.LivePool], timeout: float) -> None:
+    """Shut these pools down, stopping what is left of their work after ``timeout`` s."""
+    for pool in pools:
+        pool.request_shutdown(cancel_futures=False)
     deadline = time.monotonic() + timeout
-    for core in cores:
-        core.join(max(0.0, deadline - time.monotonic()))
-    late = [core for core in cores if core.thread is not None and core.thread.is_alive()]
-    for core in late:
-        core.request_kill(signal.SIGTERM, f"the shutdown timeout ({timeout:g} s) expired")
-    for core in late:
-        core.join()
+    for pool in pools:
+        pool.join(max(0.0, deadline - time.monotonic()))
+    # Every pool is told, not only those still running: a pool has no "still
+    # running?" to ask that could not race its end, and one that has finished
+    # ignores the request (as terminate_workers() after shutdown() does).
+    for pool in pools:
+        pool.request_kill(signal.SIGTERM, f"the shutdown timeout ({timeout:g} s) expired")
+    for pool in pools:
+        pool.join()
 
 
 def install_shutdown_handlers(
@@ -59,9 +69,12 @@ def install_shutdown_handlers(
     On a signal, the drain runs in a background thread (the interrupted
     thread may hold a pool's lock), then the previous handler gets the
     signal: SIGINT raises ``KeyboardInterrupt`` as usual, SIGTERM's default
-    ends the process.  Call it from the main thread, after any framework has
-    installed its own handlers (those become the "previous" ones).  Returns
-    a function that puts the previous handlers back.
+    ends the process.  With ``at_exit``, interpreter exit drains too: once
+    the main thread has finished, before any ``atexit`` handler runs (and
+    instead of the exit's usual wait for non-daemon pools).  Call it from the
+    main thread, after any framework has installed its own handlers (those
+    become the "previous" ones).  Returns a function that puts the previous
+    handlers back and takes the exit drain away.
 
     Raises:
         ValueError: if not called from the main thread, or for a bad timeout.
@@ -93,15 +106,15 @@ def install_shutdown_handlers(
         drain_all(timeout)
 
     if at_exit:
-        # Registered after duckpool's own exit hook, so it runs before it.
-        atexit.register(drain_at_exit)
+        # Run by duckpool's exit hook before it stops the pools left running.
+        _process_pools.add_exit_drain(drain_at_exit)
 
     def uninstall() -> None:
         for signum, handler in previous.items():
             if signal.getsignal(signum) is on_signal:
                 signal.signal(signum, handler)
         if at_exit:
-            atexit.unregister(drain_at_exit)
+            _process_pools.remove_exit_drain(drain_at_exit)
 
     return uninstall
 
