@@ -504,11 +504,6 @@ class _SpareExit(NamedTuple):
 _MISSING = object()
 _WAKEUP = object()
 
-# Where PoolCore.__init__ registers each pool: the process's one registry of
-# live pools, which Dask executors join too (its fork and exit hooks, and
-# drain_all, reach every pool through it).
-LIVE_CORES = _process_pools.LIVE_POOLS
-
 
 class PoolSettings(NamedTuple):
     """What a pool is configured with; fixed for its lifetime."""
@@ -604,7 +599,9 @@ class PoolCore:
         self.launcher = Launcher(self)
         #: Sees workers end, and ends them.
         self.supervisor = Supervisor(self)
-        LIVE_CORES.add(self)
+        # The process's one registry of live pools, which Dask executors join
+        # too: its fork and exit hooks, and drain_all, reach every pool.
+        _process_pools.LIVE_POOLS.add(self)
 
     # -- called from any thread ------------------------------------------------
 
