@@ -159,22 +159,12 @@ def test_grandchild_hides_no_worker_death_where_pidfds_are_missing(
     pool: duckpool.ProcessPoolExecutor,
     tmp_path: Path,
     then: str,
-    start_method: str,
     monkeypatch: pytest.MonkeyPatch,
-    request: pytest.FixtureRequest,
 ) -> None:
     # Without pidfds (Linux before 5.3, some sandboxes) this process sees a
     # worker's exit as EOF on a pipe whose write end the worker holds: a
     # process the worker forked must not hold it too.  The pool starts its
     # workers at the first submit, after the patch.
-    if start_method == "fork":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="without a parent pidfd, fork workers start through multiprocessing's "
-                "Popen, whose sentinel pipe every process the worker forks inherits",
-            )
-        )
     monkeypatch.delattr(os, "pidfd_open")
     fork_grandchild_then(pool, tmp_path, then)
 

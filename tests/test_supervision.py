@@ -289,3 +289,24 @@ def test_a_pool_that_has_shut_down_is_freed_by_reference_counting(
         assert gone() is None
     finally:
         gc.enable()
+
+
+def test_without_pidfds_a_dead_zygote_is_noticed_and_the_pool_serves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # (Linux before 5.3, some sandboxes.)  The zygote's sentinel is then a
+    # pipe its workers inherit: its death must be seen all the same.
+    monkeypatch.delattr(os, "pidfd_open")
+    pool = duckpool.ProcessPoolExecutor(2, multiprocessing.get_context("fork"))
+    try:
+        assert pool.submit(tasks.add, 1, 1).result(TIMEOUT) == 2
+        zygote = helper_pids(pool)["zygote"]
+        kill_quietly(zygote)
+        wait_until(lambda: "zygote" not in helper_pids(pool), TIMEOUT)
+        for pid in pool.worker_pids():
+            kill_quietly(pid)
+        futures = [pool.submit(tasks.add, i, 1) for i in range(20)]
+        assert [f.result(TIMEOUT) for f in futures] == [i + 1 for i in range(20)]
+    finally:
+        pool.shutdown()
+    assert pool.stats().stopped

@@ -56,6 +56,15 @@ def pidfd_of(pid: int) -> Optional[int]:
         return None
 
 
+def has_pidfds() -> bool:
+    """Does this system give pidfds (Linux 5.3 and later, where not sandboxed away)?"""
+    pidfd = pidfd_of(os.getpid())
+    if pidfd is None:
+        return False
+    os.close(pidfd)
+    return True
+
+
 class ChildProcess:
     """The parent's handle on a child it started with ``fork`` or ``spawn_worker``.
 

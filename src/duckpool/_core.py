@@ -142,7 +142,7 @@ from duckpool._errors import (
 from duckpool._futures import notify_if_cancelled as _notify_if_cancelled
 from duckpool._futures import set_exception as _set_exception
 from duckpool._futures import set_result as _set_result
-from duckpool._pool._launcher import Launcher, ZygoteTag
+from duckpool._pool._launcher import EXIT_POLL_SECONDS, Launcher, ZygoteTag
 from duckpool._pool._slots import Assist, Slot, Spare
 from duckpool._pool._supervisor import (
     KILL_GRACE_SECONDS,
@@ -1195,6 +1195,8 @@ class PoolCore:
                     wait = launcher.wake_in(time.monotonic())
                     if wait is not None and (timeout is None or wait < timeout):
                         timeout = wait
+                if launcher.polls_exits and (timeout is None or timeout > EXIT_POLL_SECONDS):
+                    timeout = EXIT_POLL_SECONDS
                 for slot in self.slots:
                     if slot.area_offer is not None:
                         self.attach_offered_area(slot)
@@ -1224,6 +1226,8 @@ class PoolCore:
                     self.on_results(slot, deferred)
                 else:
                     exited.append(slot)
+            if launcher.polls_exits:
+                exited.extend(s for s in launcher.poll_exits() if s not in exited)
             if exited or self.kill_requested is not None:
                 self.resolve_all(deferred)  # results come before the deaths
             for slot in exited:

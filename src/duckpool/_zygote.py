@@ -510,6 +510,14 @@ def _serve(
         if parent_gone in ready or _parent_died(birth):
             _kill_workers(workers.values(), adopted)
             return
+        if birth.parent_pidfd is None:
+            # No pidfds: a worker's sentinel is a pipe, which a process its
+            # task forked may hold open after the worker's exit.  Ask.
+            ready += [
+                key
+                for key, process in workers.items()
+                if key not in ready and process.exitcode is not None
+            ]
         for sentinel in ready:
             if sentinel is control:
                 continue

@@ -52,6 +52,8 @@ _RETRY_MAX_SECONDS = 1.0
 #: How long after the zygote starts it is asked for its standby: a pool's
 #: start-up (and a shutdown right after it) never waits on that fork.
 STANDBY_DELAY_SECONDS = 0.25
+#: Without pidfds, how often the dispatcher asks whether its processes live.
+EXIT_POLL_SECONDS = 0.2
 #: errno values of a start that may well succeed if tried again.
 _TRANSIENT_ERRNOS = frozenset(
     {errno.EAGAIN, errno.ENOMEM, errno.EINTR, errno.EPIPE, errno.ECONNRESET, errno.ETIMEDOUT}
@@ -109,6 +111,10 @@ class Launcher:
         self.retry_at = 0.0
         #: Zygotes that died or were replaced, to reap at the end.
         self.retired: list[_zygote.Zygote] = []
+        #: No pidfds here: sentinels are pipes, which a process a task forked
+        #: may hold open after its worker's exit, so the dispatcher also asks
+        #: every EXIT_POLL_SECONDS whether its processes are alive (``poll_exits``).
+        self.polls_exits = False
         #: The pool has shut down with no work left: the zygotes are leaving.
         self.finishing = False
         #: When the zygote is to be asked for a standby (monotonic; 0: not
@@ -119,6 +125,7 @@ class Launcher:
 
     def prepare(self) -> None:
         """Before the first worker: what it and the zygote must be forked with."""
+        self.polls_exits = not _child.has_pidfds()
         if self._core.settings.forward_logs and self.log_levels is None:
             self.log_levels = _logs.level_snapshot()
         if self.forks and self.parent_pidfd is None:
@@ -470,6 +477,8 @@ class Launcher:
         """``zygote`` died: promote its standby (or spawn workers from now on);
         return the slots whose workers were found dead meanwhile."""
         core = self._core
+        if zygote in self.retired:
+            return []  # (seen twice: polled, then its sentinel)
         # Answers it sent before it died are still in the socket (its
         # workers hold copies of the other end: no EOF comes, only EAGAIN).
         try:
@@ -527,6 +536,24 @@ class Launcher:
             if zygote is not None and zygote.process.pid is not None and not zygote.gone:
                 found.append((role, int(zygote.process.pid)))
         return found
+
+    def poll_exits(self) -> list[Slot]:
+        """Without pidfds: the slots whose workers have exited, and a dead
+        zygote handled, whatever their sentinels say (dispatcher)."""
+        core = self._core
+        exited = [
+            slot
+            for slot in core.slots
+            if slot.process is not None
+            and slot.process.sentinel is not None
+            and not slot.process.is_alive()
+        ]
+        zygote = self.zygote
+        if zygote is not None and not zygote.gone:
+            return exited
+        if zygote is not None and zygote not in self.retired:
+            exited.extend(self.on_zygote_exits(zygote, died=True))
+        return exited
 
     # -- the end ----------------------------------------------------------------
 
