@@ -310,3 +310,25 @@ def test_without_pidfds_a_dead_zygote_is_noticed_and_the_pool_serves(
     finally:
         pool.shutdown()
     assert pool.stats().stopped
+
+
+def test_a_stopped_zygote_is_taken_for_hung_and_its_standby_takes_over(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from duckpool._pool import _launcher
+
+    monkeypatch.setattr(_launcher, "ANSWER_SECONDS", 0.5)
+    pool = duckpool.ProcessPoolExecutor(2, multiprocessing.get_context("fork"))
+    try:
+        assert pool.submit(tasks.add, 1, 1).result(TIMEOUT) == 2
+        wait_until(lambda: "zygote-standby" in helper_pids(pool), TIMEOUT)
+        zygote, standby = helper_pids(pool)["zygote"], helper_pids(pool)["zygote-standby"]
+        os.kill(zygote, signal.SIGSTOP)  # it will never answer
+        for pid in pool.worker_pids():
+            kill_quietly(pid)
+        futures = [pool.submit(tasks.add, i, 1) for i in range(20)]
+        assert [f.result(TIMEOUT) for f in futures] == [i + 1 for i in range(20)]
+        assert helper_pids(pool)["zygote"] == standby
+        wait_until(lambda: process_gone(zygote), TIMEOUT)
+    finally:
+        pool.shutdown()

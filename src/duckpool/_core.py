@@ -1191,7 +1191,13 @@ class PoolCore:
         while True:
             with self.lock:
                 timeout = self.check_deadlines()
-                if launcher.failing_since is not None or launcher.standby_due:
+                if launcher.asked_at is not None:
+                    launcher.check_answers(time.monotonic())
+                if (
+                    launcher.failing_since is not None
+                    or launcher.standby_due
+                    or launcher.asked_at is not None
+                ):
                     wait = launcher.wake_in(time.monotonic())
                     if wait is not None and (timeout is None or wait < timeout):
                         timeout = wait

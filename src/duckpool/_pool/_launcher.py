@@ -52,6 +52,10 @@ _RETRY_MAX_SECONDS = 1.0
 #: How long after the zygote starts it is asked for its standby: a pool's
 #: start-up (and a shutdown right after it) never waits on that fork.
 STANDBY_DELAY_SECONDS = 0.25
+#: How long the zygote may leave the pool's requests unanswered (no answer
+#: at all meanwhile) before it is taken for hung (SIGSTOP, say) and killed:
+#: its standby then takes over.  A fork takes milliseconds, even under load.
+ANSWER_SECONDS = 10.0
 #: Without pidfds, how often the dispatcher asks whether its processes live.
 EXIT_POLL_SECONDS = 0.2
 #: errno values of a start that may well succeed if tried again.
@@ -115,6 +119,9 @@ class Launcher:
         #: may hold open after its worker's exit, so the dispatcher also asks
         #: every EXIT_POLL_SECONDS whether its processes are alive (``poll_exits``).
         self.polls_exits = False
+        #: When the zygote last answered, or was first asked, while requests
+        #: are outstanding (None: none is); see ANSWER_SECONDS.
+        self.asked_at: Optional[float] = None
         #: The pool has shut down with no work left: the zygotes are leaving.
         self.finishing = False
         #: When the zygote is to be asked for a standby (monotonic; 0: not
@@ -234,6 +241,8 @@ class Launcher:
                     # (or a spawned worker) fills the slot then.
                     return
                 slot.requested = slot.reserved = True
+                if self.asked_at is None:
+                    self.asked_at = time.monotonic()
             return
         launched_at = time.monotonic()
         self.install_worker(slot, *self.launch(slot.index))
@@ -349,6 +358,8 @@ class Launcher:
         due = [self.retry_at] if self.failing_since is not None else []
         if self.standby_due:
             due.append(self.standby_due)
+        if self.asked_at is not None:
+            due.append(self.asked_at + ANSWER_SECONDS)
         return max(0.0, min(due) - now) if due else None
 
     # -- the zygote's answers and exits (dispatcher; they take the lock) ---------
@@ -402,6 +413,7 @@ class Launcher:
             return True
         index, process, task_w, result_r = started
         with core.lock:
+            self.asked_at = time.monotonic()  # it answers: not hung
             target = core.slots[index] if index < len(core.slots) else None
             if target is not None and target.requested:
                 if index < core.size and core.broken is None and core.kill_requested is None:
@@ -536,6 +548,18 @@ class Launcher:
             if zygote is not None and zygote.process.pid is not None and not zygote.gone:
                 found.append((role, int(zygote.process.pid)))
         return found
+
+    def check_answers(self, now: float) -> None:
+        """Kill a zygote that has left the pool's requests unanswered for
+        ANSWER_SECONDS (stopped, or stuck): its death hands over to its
+        standby, whose workers start instead (dispatcher, lock held)."""
+        if self.asked_at is None:
+            return
+        if not any(slot.requested for slot in self._core.slots):
+            self.asked_at = None
+        elif now - self.asked_at >= ANSWER_SECONDS and self.zygote is not None:
+            self.asked_at = None
+            self.zygote.process.kill()  # its sentinel fires: on_zygote_death
 
     def poll_exits(self) -> list[Slot]:
         """Without pidfds: the slots whose workers have exited, and a dead
