@@ -156,123 +156,36 @@ class ChildProcess:
             _UNREAPED.add(self.pid)
 
 
-class ForeignProcess:
-    """A handle on a process this one did not start (it is not our child),
-    watched through a pidfd: a zygote's standby, forked by the zygote.
+class PidfdProcess:
+    """A handle on a process watched through a pidfd, its sentinel.
 
-    Its exit code cannot be read here (only its parent can reap it):
-    ``exitcode`` stays None, and ``is_alive`` says whether it has exited.
+    For processes this one did not fork itself (so it cannot reap them)
+    or whose own sentinel says nothing reliable of their death.
     """
-
-    exitcode: Optional[int] = None
 
     def __init__(self, pid: int, pidfd: int) -> None:
-        self.pid = pid
+        self.pid: Optional[int] = pid
         #: Readable once the process has exited.
         self.sentinel = pidfd
-        self._closed = False
-
-    def is_alive(self) -> bool:
-        if self._closed:
-            return False
-        return not mp_connection.wait([self.sentinel], 0)
-
-    def join(self, timeout: Optional[float] = None) -> None:
-        if not self._closed:
-            mp_connection.wait([self.sentinel], timeout)
-
-    def terminate(self) -> None:
-        self._send(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self._send(signal.SIGKILL)
-
-    def _send(self, signum: int) -> None:
-        if self._closed:
-            return
-        try:
-            signal.pidfd_send_signal(self.sentinel, signum)  # type: ignore[attr-defined]
-        except OSError:
-            pass  # it has exited
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            os.close(self.sentinel)
-        except OSError:
-            pass
-
-
-class ServedProcess:
-    """A ``multiprocessing`` process started by a helper (the fork server),
-    whose death is judged from the process itself, through a pidfd.
-
-    A forkserver process's own sentinel is its connection to the fork
-    server: when the fork server dies, it reads as the process's exit (with
-    exit code 255) while the process runs on.  Here the sentinel is a pidfd
-    of the process, and its exit code is read from the fork server once the
-    process has exited (None, unknown, if the fork server is gone).
-    """
-
-    def __init__(self, process: Any, pidfd: int) -> None:
-        self._process = process
-        self.pid: Optional[int] = process.pid
-        self.sentinel = pidfd
         self._exited = False
-        #: Its exit code has been asked of the fork server (``_settle``).
-        self._settled = False
-        self._exitcode: Optional[int] = None
         self._closed = False
 
     @property
     def exitcode(self) -> Optional[int]:
-        if not self._settled and self._has_exited():
-            self._settle(0)
-        return self._exitcode
+        """None: only the process's parent can tell (see subclasses)."""
+        return None
 
     def _has_exited(self) -> bool:
         if not self._exited and not self._closed:
             self._exited = bool(mp_connection.wait([self.sentinel], 0))
         return self._exited
 
-    def _settle(self, timeout: float) -> None:
-        """Once it has exited: read its exit code from the fork server (it
-        sends it right after its waitpid; unknown if the server is gone),
-        and take it off ``multiprocessing``'s list of children."""
-        self._settled = True
-        popen = getattr(self._process, "_popen", None)
-        if popen is not None and popen.returncode is None:
-            from multiprocessing import forkserver
-
-            if mp_connection.wait([popen.sentinel], timeout):
-                try:
-                    self._exitcode = forkserver.read_signed(popen.sentinel)  # type: ignore[attr-defined]
-                except (OSError, EOFError):
-                    pass  # the fork server is gone: nobody knows
-        elif popen is not None:
-            self._exitcode = popen.returncode
-        if popen is not None:
-            # It has exited (its pidfd says so): multiprocessing may forget it
-            # and close its end of the fork server's pipes (with 255, its own
-            # code for "unknown", if the fork server is gone).
-            popen.returncode = 255 if self._exitcode is None else self._exitcode
-            try:
-                self._process.join(0)
-            except Exception:  # (only bookkeeping: it is off the list or will be)
-                pass
+    def is_alive(self) -> bool:
+        return not self._closed and not self._has_exited()
 
     def join(self, timeout: Optional[float] = None) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
         if not self._closed and not self._exited:
             self._exited = bool(mp_connection.wait([self.sentinel], timeout))
-        if self._exited and not self._settled:
-            remaining = 1.0 if deadline is None else max(0.0, deadline - time.monotonic())
-            self._settle(remaining)
-
-    def is_alive(self) -> bool:
-        return not self._has_exited()
 
     def terminate(self) -> None:
         self._send(signal.SIGTERM)
@@ -296,6 +209,74 @@ class ServedProcess:
             os.close(self.sentinel)
         except OSError:
             pass
+
+
+class ForeignProcess(PidfdProcess):
+    """A process this one did not start (it is not our child): a zygote's
+    standby, forked by the zygote.
+
+    Its exit code cannot be read here (only its parent can reap it):
+    ``exitcode`` stays None, and ``is_alive`` says whether it has exited.
+    """
+
+
+class ServedProcess(PidfdProcess):
+    """A ``multiprocessing`` process started by a helper (the fork server),
+    whose death is judged from the process itself, through a pidfd.
+
+    A forkserver process's own sentinel is its connection to the fork
+    server: when the fork server dies, it reads as the process's exit (with
+    exit code 255) while the process runs on.  Here the sentinel is a pidfd
+    of the process, and its exit code is read from the fork server once the
+    process has exited (None, unknown, if the fork server is gone).
+    """
+
+    def __init__(self, process: Any, pidfd: int) -> None:
+        super().__init__(process.pid, pidfd)
+        self._process = process
+        #: Its exit code has been asked of the fork server (``_settle``).
+        self._settled = False
+        self._exitcode: Optional[int] = None
+
+    @property
+    def exitcode(self) -> Optional[int]:
+        if not self._settled and self._has_exited():
+            self._settle(0)
+        return self._exitcode
+
+    def _settle(self, timeout: float) -> None:
+        """Once it has exited: read its exit code from the fork server (it
+        sends it right after its waitpid; unknown if the server is gone),
+        and take it off ``multiprocessing``'s list of children."""
+        self._settled = True
+        popen = getattr(self._process, "_popen", None)
+        if popen is None:
+            return
+        if popen.returncode is None:
+            from multiprocessing import forkserver
+
+            if mp_connection.wait([popen.sentinel], timeout):
+                try:
+                    self._exitcode = forkserver.read_signed(popen.sentinel)  # type: ignore[attr-defined]
+                except (OSError, EOFError):
+                    pass  # the fork server is gone: nobody knows
+        else:
+            self._exitcode = popen.returncode
+        # It has exited (its pidfd says so): multiprocessing may forget it
+        # and close its end of the fork server's pipes (with 255, its own
+        # code for "unknown", if the fork server is gone).
+        popen.returncode = 255 if self._exitcode is None else self._exitcode
+        try:
+            self._process.join(0)
+        except Exception:  # (only bookkeeping: it is off the list or will be)
+            pass
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        super().join(timeout)
+        if self._exited and not self._settled:
+            remaining = 1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+            self._settle(remaining)
 
 
 def reap_closed() -> None:
