@@ -367,6 +367,8 @@ class Launcher:
     def on_zygote_event(self, tag: ZygoteTag) -> list[Slot]:
         """Handle one of a zygote's descriptors being ready; return the slots
         whose workers it reported dead."""
+        if tag.zygote in self.retired:
+            return []  # (its death was handled earlier in the same wake-up)
         if tag.event == "started":
             self.on_zygote_started(tag.zygote)
             return []
