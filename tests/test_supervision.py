@@ -332,3 +332,26 @@ def test_a_stopped_zygote_is_taken_for_hung_and_its_standby_takes_over(
         wait_until(lambda: process_gone(zygote), TIMEOUT)
     finally:
         pool.shutdown()
+
+
+def test_without_epoll_the_pool_serves_and_heals(
+    ctx: multiprocessing.context.BaseContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Where select.epoll is missing, the dispatcher waits through selectors
+    # and callers never read result pipes themselves.
+    from duckpool import _core
+    from duckpool._pool._waiter import SelectorWaiter
+
+    monkeypatch.setattr(_core, "Waiter", SelectorWaiter)
+    pool = duckpool.ProcessPoolExecutor(2, ctx)
+    try:
+        assert isinstance(pool._core.selector, SelectorWaiter)
+        assert [f.result(TIMEOUT) for f in [pool.submit(tasks.add, i, 1) for i in range(50)]] == [
+            i + 1 for i in range(50)
+        ]
+        assert pool.submit(tasks.add, 2, 2).result(TIMEOUT) == 4  # one at a time too
+        for pid in pool.worker_pids():
+            kill_quietly(pid)
+        assert pool.submit(tasks.add, 3, 3).result(TIMEOUT) == 6
+    finally:
+        pool.shutdown()

@@ -117,7 +117,6 @@ import itertools
 import os
 import pickle
 import select
-import selectors
 import signal
 import threading
 import time
@@ -134,7 +133,6 @@ from duckpool._admission import Admission
 from duckpool._errors import (
     InheritedManagerError,
     TaskCancelledError,
-    TaskQuarantinedError,
     TaskTimeoutError,
     TaskUnpicklingError,
     WorkerDiedError,
@@ -143,6 +141,7 @@ from duckpool._futures import notify_if_cancelled as _notify_if_cancelled
 from duckpool._futures import set_exception as _set_exception
 from duckpool._futures import set_result as _set_result
 from duckpool._pool._launcher import EXIT_POLL_SECONDS, Launcher, ZygoteTag
+from duckpool._pool._quarantine import Quarantine
 from duckpool._pool._slots import Assist, Slot, Spare
 from duckpool._pool._supervisor import (
     KILL_GRACE_SECONDS,
@@ -152,6 +151,7 @@ from duckpool._pool._supervisor import (
     self_inflicted,
     signal_process,
 )
+from duckpool._pool._waiter import Waiter
 from duckpool._stats import HelperStats, PoolStats, WorkerStats
 
 #: Items a worker may hold at once (one running, the rest queued in its pipe),
@@ -413,82 +413,6 @@ class _Counters:
         self.latencies: deque[float] = deque(maxlen=_LATENCY_WINDOW)
 
 
-def _fileno(watched: Any) -> int:
-    return watched if isinstance(watched, int) else int(watched.fileno())
-
-
-class _Waiter:
-    """What the dispatcher sleeps on: file descriptors, each with a tag.
-
-    epoll where there is one (one system call per wake-up, no per-call set-up),
-    else the selectors module.
-    """
-
-    def __init__(self) -> None:
-        self._tags: dict[int, Any] = {}
-        self._epoll = select.epoll() if hasattr(select, "epoll") else None
-        self._selector = None if self._epoll is not None else selectors.DefaultSelector()
-
-    def register(self, watched: Any, tag: Any, write: bool = False) -> None:
-        """Report ``tag`` when ``watched`` is readable (or, with ``write``, writable)."""
-        fd = _fileno(watched)
-        self._tags[fd] = tag
-        if self._epoll is not None:
-            events = select.EPOLLOUT if write else select.EPOLLIN
-            try:
-                self._epoll.register(fd, events)
-            except FileExistsError:  # a closed descriptor's number, reused
-                self._epoll.modify(fd, events)
-        else:
-            assert self._selector is not None
-            self._selector.register(fd, selectors.EVENT_WRITE if write else selectors.EVENT_READ)
-
-    def unregister(self, watched: Any) -> None:
-        fd = _fileno(watched)
-        if self._tags.pop(fd, _MISSING) is _MISSING:
-            return
-        try:
-            if self._epoll is not None:
-                self._epoll.unregister(fd)
-            else:
-                assert self._selector is not None
-                self._selector.unregister(fd)
-        except (KeyError, ValueError, OSError):
-            pass
-
-    @property
-    def can_pause(self) -> bool:
-        return self._epoll is not None
-
-    def pause(self, watched: Any) -> None:
-        """Stop reporting ``watched`` (safe while another thread waits)."""
-        assert self._epoll is not None
-        self._epoll.modify(_fileno(watched), 0)
-
-    def resume(self, watched: Any) -> None:
-        """Report ``watched`` again; a paused descriptor that is ready now is reported."""
-        assert self._epoll is not None
-        try:
-            self._epoll.modify(_fileno(watched), select.EPOLLIN)
-        except OSError:  # unregistered meanwhile
-            pass
-
-    def wait(self, timeout: Optional[float]) -> list[Any]:
-        """The tags of the descriptors that are ready, waiting up to ``timeout``."""
-        tags = self._tags
-        if self._epoll is not None:
-            events = self._epoll.poll(-1 if timeout is None else timeout)
-            return [tags[fd] for fd, _ in events if fd in tags]
-        assert self._selector is not None
-        return [tags[key.fd] for key, _ in self._selector.select(timeout) if key.fd in tags]
-
-    def close(self) -> None:
-        if self._epoll is not None:
-            self._epoll.close()
-        elif self._selector is not None:
-            self._selector.close()
-
-
 class _Writable(NamedTuple):
     """The tag of a task pipe the dispatcher waits to write the rest of an outbox to."""
 
@@ -501,7 +425,6 @@ class _SpareExit(NamedTuple):
     spare: Spare
 
 
-_MISSING = object()
 _WAKEUP = object()
 
 
@@ -550,10 +473,8 @@ class PoolCore:
         #: Replaced, never changed in place, so it can be iterated without the lock.
         self.slots = [Slot(i) for i in range(settings.max_workers)]
         self.counters = _Counters()
-        #: Per callable label: worker deaths in a row; and quarantined labels,
-        #: with when they are accepted again (see settings.quarantine_after).
-        self.death_streaks: dict[str, int] = {}
-        self.quarantined: dict[str, float] = {}
+        #: Callables whose runs keep killing their worker (quarantine_after).
+        self.quarantine = Quarantine(settings.quarantine_after, settings.quarantine_seconds)
         self.shutdown_requested = False
         #: Why the pool is broken (submit raises BrokenProcessPool), or None.
         self.broken: Optional[str] = None
@@ -592,7 +513,7 @@ class PoolCore:
         #: What the dispatcher waits on: the wakeup pipe, and per live worker
         #: its result pipe and its sentinel.  Changed only by the thread that
         #: owns the pool's workers (the dispatcher, or submit() before it exists).
-        self.selector = _Waiter()
+        self.selector = Waiter()
         self.selector.register(self.wakeup_r, _WAKEUP)
         self.closed = False
         #: Starts workers (and under fork keeps the zygote and its standby).
@@ -633,7 +554,7 @@ class PoolCore:
         """Queue ``item``, sending it straight to an idle worker if there is one."""
         with self.lock:
             self.check_usable()
-            if self.quarantined and self.refuse_quarantined(item):
+            if self.quarantine.until and self.refuse_quarantined(item):
                 return
             if self.thread is None:
                 self.ensure_started()
@@ -1076,40 +997,18 @@ class PoolCore:
 
     def refuse_quarantined(self, item: WorkItem) -> bool:
         """Fail ``item`` if its callable is in quarantine (lock held); True if so."""
-        label = item.label
-        until = self.quarantined.get(label)
-        if until is None:
+        error = self.quarantine.refusal(item.label, time.monotonic())
+        if error is None:
             return False
-        now = time.monotonic()
-        if now >= until:
-            del self.quarantined[label]
-            self.death_streaks.pop(label, None)
-            return False
-        _set_exception(item.future, self._quarantine_error(label, until - now))
+        _set_exception(item.future, error)
         return True
-
-    def _quarantine_error(self, label: str, retry_after: float) -> TaskQuarantinedError:
-        deaths = self.death_streaks.get(label, 0)
-        return TaskQuarantinedError(
-            f"{label} is in quarantine for another {retry_after:.1f} s: its last "
-            f"{deaths} runs each killed their worker process",
-            callable_name=label,
-            deaths=deaths,
-            retry_after=retry_after,
-        )
 
     def count_death(self, item: WorkItem) -> list[WorkItem]:
         """A worker died running ``item``; quarantine its callable if that is
         one death too many.  Returns the queued items that then fail (lock held)."""
-        limit = self.settings.quarantine_after
-        if limit is None:
-            return []
         label = item.label
-        deaths = self.death_streaks.get(label, 0) + 1
-        self.death_streaks[label] = deaths
-        if deaths < limit:
+        if not self.quarantine.on_death(label, time.monotonic()):
             return []
-        self.quarantined[label] = time.monotonic() + self.settings.quarantine_seconds
         refused = [queued for queued in self.pending if queued.label == label]
         if refused:
             self.pending = deque(queued for queued in self.pending if queued.label != label)
@@ -1414,6 +1313,7 @@ class PoolCore:
                 return None
             assigned = slot.assigned
             counters = self.counters
+            quarantine = self.quarantine
             for frame in frames:
                 view = memoryview(frame)
                 status = view[_worker.TASK_ID_BYTES]
@@ -1468,8 +1368,8 @@ class PoolCore:
                     counters.completed += 1
                 else:
                     counters.failed += 1
-                if self.death_streaks:
-                    self.death_streaks.pop(item.label, None)
+                if quarantine.streaks:
+                    quarantine.on_return(item.label)
                 slot.queued_bytes -= item.size
                 slot.last_service = now - slot.head_since
                 slot.head_since = now
@@ -1844,7 +1744,7 @@ class PoolCore:
                 counters.recycles,
             )
             now = time.monotonic()
-            quarantined = tuple(sorted(k for k, until in self.quarantined.items() if until > now))
+            quarantined = self.quarantine.active(now)
             helpers = tuple(HelperStats(role, pid) for role, pid in self.launcher.helpers())
             thread = self.thread
             stopped = (

@@ -109,7 +109,7 @@ class Supervisor:
                                 failed.append(
                                     (
                                         refused,
-                                        core._quarantine_error(
+                                        core.quarantine.error(
                                             refused.label, core.settings.quarantine_seconds
                                         ),
                                     )
