@@ -3,8 +3,9 @@
 ``PoolCore`` holds the pool's lock, its lifecycle flags, the work queue and
 the slots, and runs the dispatcher loop; the owners carved out of it so far
 live in ``duckpool._pool``: the ``Launcher`` (starting workers, the zygote
-and its standby, the start-failure policy) and the ``Supervisor`` (worker
-exits and deaths, stopping, killing, reaping).
+and its standby, the start-failure policy), the ``Supervisor`` (worker
+exits and deaths, stopping, killing, reaping), the ``Quarantine`` and the
+``Waiter`` the dispatcher sleeps on.
 
 Data flow::
 
