@@ -17,7 +17,14 @@ import pytest
 
 import _executor_tasks as tasks
 import duckpool
-from conftest import all_pool_processes, kill_quietly, process_gone, wait_until
+from conftest import (
+    all_pool_processes,
+    fork_server_pid,
+    kill_quietly,
+    process_gone,
+    resource_tracker_pid,
+    wait_until,
+)
 
 TIMEOUT = 120
 
@@ -130,19 +137,37 @@ def _soak_every_kind(ctx: Any, n_tasks: int, kills: int, self_kills: int, seed: 
     killed: list[int] = []
     done_killing = threading.Event()
 
+    kinds: dict[str, int] = {}
+
+    def kind_of(pid: int) -> str:
+        roles = {helper.pid: helper.role for helper in pool.stats().helpers}
+        if pid in pool.worker_pids():
+            return "worker"
+        if pid in roles:
+            return roles[pid]
+        if pid == fork_server_pid():
+            return "fork server"
+        if pid == resource_tracker_pid():
+            return "resource tracker"
+        return "other"
+
     def kill_at_random() -> None:
         while len(killed) < kills and not done_killing.wait(0.03):
             victims = all_pool_processes(pool)
             if victims:
                 victim = rng.choice(victims)
+                kind = kind_of(victim)
                 kill_quietly(victim)
                 killed.append(victim)
+                kinds[kind] = kinds.get(kind, 0) + 1
         done_killing.set()
 
     suicidal = set(rng.sample(range(n_tasks), self_kills))
     futures: list[tuple[concurrent.futures.Future[int], int]] = []
     killer = threading.Thread(target=kill_at_random)
     pool.submit(tasks.add, 0, 0).result(TIMEOUT)  # started before the first kill
+    if ctx.get_start_method() == "fork":  # its standby too: kills then test the handover
+        wait_until(lambda: len(pool.stats().helpers) == 2, TIMEOUT)
     killer.start()
     try:
         i = 0
@@ -173,6 +198,10 @@ def _soak_every_kind(ctx: Any, n_tasks: int, kills: int, self_kills: int, seed: 
             assert future.result(0) == value * 2
     # Only a task running in a killed process may fail: one per kill at most.
     assert innocent_failures <= len(killed), (innocent_failures, len(killed))
+    print(
+        f"{len(futures)} tasks, {len(killed)} kills {dict(sorted(kinds.items()))}, "
+        f"{len(suicidal)} self-kills, {innocent_failures} innocent tasks failed"
+    )
     assert pool.stats().stopped
     # Nothing of the pool's is left open here (the fork server's socket and
     # the resource tracker's pipe may have been made anew, once each).

@@ -525,7 +525,10 @@ def _serve(
             process = workers.pop(sentinel)
             process.join()
             assert process.pid is not None and process.exitcode is not None
-            _worker.write_all(notices_w, _NOTICE.pack(process.pid, process.exitcode))
+            try:
+                _worker.write_all(notices_w, _NOTICE.pack(process.pid, process.exitcode))
+            except BrokenPipeError:
+                pass  # the pool has closed its end: it no longer asks
             del process  # the last reference: its sentinel closes
         if control not in ready:
             continue
