@@ -105,3 +105,16 @@ def test_only_the_epoll_waiter_pauses_a_descriptor_while_another_thread_waits() 
         waiter.close()
         os.close(r)
         os.close(w)
+
+
+def test_counters_keep_the_latest_latencies_and_their_percentiles() -> None:
+    from duckpool._pool._counters import LATENCY_WINDOW, Counters, percentile
+
+    counters = Counters()
+    counters.latencies.extend(float(i) for i in range(LATENCY_WINDOW + 100))
+    assert len(counters.latencies) == LATENCY_WINDOW and counters.latencies[0] == 100.0
+    ordered = sorted(counters.latencies)
+    assert percentile(ordered, 0.5) == 100.0 + LATENCY_WINDOW // 2
+    assert percentile(ordered, 0.99) == ordered[int(0.99 * LATENCY_WINDOW)]
+    assert percentile([], 0.5) is None
+    assert percentile([7.0], 0.99) == 7.0

@@ -141,6 +141,7 @@ from duckpool._errors import (
 from duckpool._futures import notify_if_cancelled as _notify_if_cancelled
 from duckpool._futures import set_exception as _set_exception
 from duckpool._futures import set_result as _set_result
+from duckpool._pool._counters import Counters, percentile, rss_of
 from duckpool._pool._launcher import EXIT_POLL_SECONDS, Launcher, ZygoteTag
 from duckpool._pool._quarantine import Quarantine
 from duckpool._pool._slots import Assist, Slot, Spare
@@ -183,8 +184,6 @@ _ASSIST_GRACE_SECONDS = 0.5
 _SPIN_SECONDS = 0.0005
 #: The least number of worker slots a pool can grow to with ``resize``.
 _MIN_CAPACITY = 64
-#: How many recent task latencies ``stats()`` takes its percentiles from.
-_LATENCY_WINDOW = 1024
 
 _T = TypeVar("_T")
 
@@ -390,30 +389,6 @@ _Resolution = tuple[WorkItem, int, Any]
 _LOG_RECORD_ITEM = WorkItem(Future(), 0, b"", None, None)
 
 
-class _Counters:
-    """What a pool has done so far, for ``stats()`` (changed under the pool's lock)."""
-
-    __slots__ = (
-        "completed",
-        "failed",
-        "latencies",
-        "recycles",
-        "restarts",
-        "timed_out",
-        "worker_deaths",
-    )
-
-    def __init__(self) -> None:
-        self.completed = 0  # results returned
-        self.failed = 0  # exceptions raised by tasks (or a call that did not unpickle)
-        self.timed_out = 0
-        self.worker_deaths = 0  # workers that died by no request of the pool's
-        self.restarts = 0  # workers started in a slot that had one before
-        self.recycles = 0  # workers that left by themselves (task or memory limit)
-        #: Seconds from submit() to result, of the latest tasks.
-        self.latencies: deque[float] = deque(maxlen=_LATENCY_WINDOW)
-
-
 class _Writable(NamedTuple):
     """The tag of a task pipe the dispatcher waits to write the rest of an outbox to."""
 
@@ -473,7 +448,7 @@ class PoolCore:
         self.capacity = max(_MIN_CAPACITY, 4 * settings.max_workers)
         #: Replaced, never changed in place, so it can be iterated without the lock.
         self.slots = [Slot(i) for i in range(settings.max_workers)]
-        self.counters = _Counters()
+        self.counters = Counters()
         #: Callables whose runs keep killing their worker (quarantine_after).
         self.quarantine = Quarantine(settings.quarantine_after, settings.quarantine_seconds)
         self.shutdown_requested = False
@@ -1754,7 +1729,7 @@ class PoolCore:
                 and not workers
                 and not helpers
             )
-        rss = _rss_of([pid for _, pid, _, _ in workers])
+        rss = rss_of([pid for _, pid, _, _ in workers])
         completed, failed, timed_out, deaths, restarts, recycles = counts
         return PoolStats(
             max_workers=self.size,
@@ -1771,8 +1746,8 @@ class PoolCore:
             restarts=restarts,
             recycles=recycles,
             quarantined=quarantined,
-            latency_p50=_percentile(latencies, 0.50),
-            latency_p99=_percentile(latencies, 0.99),
+            latency_p50=percentile(latencies, 0.50),
+            latency_p99=percentile(latencies, 0.99),
             helpers=helpers,
             stopped=stopped,
         )
@@ -1855,24 +1830,3 @@ def _write_parts(fd: int, views: list[memoryview]) -> list[memoryview]:
         if views and not written:
             return views
     return views
-
-
-def _percentile(ordered: list[float], fraction: float) -> Optional[float]:
-    if not ordered:
-        return None
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
-def _rss_of(pids: list[int]) -> dict[int, int]:
-    """Resident memory of each process, in bytes (empty without psutil)."""
-    try:
-        import psutil
-    except ImportError:
-        return {}
-    sizes = {}
-    for pid in pids:
-        try:
-            sizes[pid] = int(psutil.Process(pid).memory_info().rss)
-        except (psutil.Error, OSError):
-            pass
-    return sizes
