@@ -51,8 +51,13 @@ if [[ "$ci" == "true" ]]; then
 fi
 
 started=$SECONDS
-steps=()      # "name: ok" lines for the closing summary
+steps=()      # "name: ok (Ns)" lines for the closing summary
 current_step="setup"
+step_started=$SECONDS
+
+# begin_step NAME / step_ok NAME: what the summary says a step was and took.
+begin_step() { current_step="$1"; step_started=$SECONDS; }
+step_ok() { steps+=("$1: ok ($((SECONDS - step_started))s)"); }
 
 finish() {
     local rc="$1"
@@ -62,7 +67,7 @@ finish() {
         printf '    %s\n' "${steps[@]}"
     fi
     if ((rc != 0)); then
-        echo "    FAILED at: $current_step (exit $rc)"
+        echo "    FAILED at: $current_step (exit $rc, after $((SECONDS - step_started))s)"
         echo "test.sh: FAILED"
     else
         echo "test.sh: OK -- ${summary_line:-nothing ran}"
@@ -131,9 +136,9 @@ require_dask() {
 run_pytest() {
     local label="$1" python="$2"
     shift 2
-    current_step="$label"
     banner "$label"
     local rc=0
+    begin_step "$label"
     # From the repo root: pytest finds pyproject.toml and tests/, while src/ is
     # never on sys.path (the layout keeps the package one level down).
     "$python" -m pytest ${pytest_common[@]+"${pytest_common[@]}"} "$@" \
@@ -144,7 +149,7 @@ run_pytest() {
     if ((rc != 0)); then
         return "$rc"
     fi
-    steps+=("$label: ok")
+    step_ok "$label"
 }
 
 # --- main interpreter: lint, types, whole suite -------------------------------
@@ -159,12 +164,13 @@ case "$main_ver" in
     *) echo "test.sh: python3 is $main_ver; duckpool needs >= 3.9" >&2; exit 1 ;;
 esac
 
-current_step="install on python $main_ver"
+begin_step "install on python $main_ver"
 main_extras="test,lint,bench,dask"
 prepare_venv "$main_python" "$main_extras"
 main_venv_python="$venv_python"
 require_dask "$main_venv_python"
 main_bin="$(dirname "$main_venv_python")"
+step_ok "install on python $main_ver"
 
 ran=()
 if ((!quick)); then
@@ -172,15 +178,15 @@ if ((!quick)); then
     for p in src tests benchmarks examples; do
         [[ -e "$p" ]] && lint_paths+=("$p")
     done
-    current_step="ruff check"
+    begin_step "ruff check"
     banner "ruff check ${lint_paths[*]}"
     "$main_bin/ruff" check "${lint_paths[@]}"
-    steps+=("ruff check: ok")
+    step_ok "ruff check"
 
-    current_step="mypy"
+    begin_step "mypy"
     banner "mypy (strict, config in pyproject.toml)"
     "$main_bin/mypy"
-    steps+=("mypy: ok")
+    step_ok "mypy"
     ran+=("ruff" "mypy")
 fi
 
@@ -204,7 +210,7 @@ if ((!quick)); then
         fi
         ver="$(py_version "$exe")"
         [[ "$ver" == "$main_ver" ]] && continue
-        current_step="install on python $ver"
+        begin_step "install on python $ver"
         if [[ "$ver" == "3.13" ]]; then
             # The newest Python also runs the Dask backend's tests, as python3 does.
             prepare_venv "$exe" "test,dask"
@@ -212,6 +218,7 @@ if ((!quick)); then
         else
             prepare_venv "$exe" "test"
         fi
+        step_ok "install on python $ver"
         case "$ver" in
             3.9)
                 run_pytest "pytest, whole suite, python $ver" "$venv_python" \
