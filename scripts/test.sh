@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # duckpool's one test command (the README shows it; .ci/run calls exactly it).
 #
-#   bash scripts/test.sh            ruff + mypy + the whole suite on python3; the whole
-#                                   suite on python3.9 and python3.13 (with CPython's own
-#                                   process-pool tests); the seed contract on 3.10 and 3.12
+#   bash scripts/test.sh            ruff + mypy + the whole suite on python3 and python3.13
+#                                   (with CPython's own process-pool tests); the whole
+#                                   suite but the `slow` tests on python3.9; the seed
+#                                   contract on 3.10 and 3.12
 #   bash scripts/test.sh --quick    only the whole suite on python3 (for development)
 #   bash scripts/test.sh -- ARGS    ARGS go to every pytest run (e.g. -- -x -k demo)
 #
@@ -12,6 +13,11 @@
 # each as a wheel, never editable: the wheel ships the .pth start-up hook that
 # serves duck.utils.multiprocessing.processpool, and the tests must exercise the
 # installed package, not src/.
+#
+# `slow` marks the end-to-end runs of the tools around the pool (the bench
+# harness, the CLI demo, the ASGI example under uvicorn): seconds each, in child
+# interpreters, exercising pool behaviour that the other tests cover on every
+# version.  python3 and 3.13 run them; 3.9 does not.
 #
 # CPython's process-pool tests (3.13) run in a pytest process of their own, in
 # the background beside the other steps (they mostly sleep); their output is
@@ -234,10 +240,10 @@ case "$main_ver" in
 esac
 main_extras="test,lint,bench,dask"
 
-# The rest of the matrix, "ver|exe|extras" each.  3.9 (oldest) and 3.13
-# (newest) run the whole suite; 3.13 also runs CPython's own process-pool tests
-# against duckpool's executor (the installed test package ships with it).
-# 3.10 and 3.12 run the seed-contract tests.
+# The rest of the matrix, "ver|exe|extras" each.  3.9 (oldest) runs the whole
+# suite but the `slow` tests, 3.13 (newest) the whole suite and CPython's own
+# process-pool tests against duckpool's executor (the installed test package
+# ships with it).  3.10 and 3.12 run the seed-contract tests.
 matrix=()
 if ((!quick)); then
     for name in python3.9 python3.10 python3.12 python3.13; do
@@ -331,9 +337,9 @@ for entry in ${matrix[@]+"${matrix[@]}"}; do
     venv_python="$(venv_for "$exe")/bin/python"
     case "$ver" in
         3.9)
-            run_pytest "pytest, whole suite, python $ver" "$venv_python" \
-                -m "not soak and not cpython_suite"
-            ran+=("whole suite on $ver") ;;
+            run_pytest "pytest, whole suite but slow, python $ver" "$venv_python" \
+                -m "not soak and not cpython_suite and not slow"
+            ran+=("whole suite but slow on $ver") ;;
         3.13)
             # CPython's process-pool tests run in the background (above).
             run_pytest "pytest, whole suite, python $ver" "$venv_python" \
