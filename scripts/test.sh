@@ -121,9 +121,19 @@ install_venv() {
     venv="$(venv_for "$base_python")"
     venv_python="$venv/bin/python"
     banner "installing duckpool[$extras] into .venvs/$(py_version "$base_python")"
-    "$venv_python" -m pip install ${pip_quiet[@]+"${pip_quiet[@]}"} "duckpool[$extras] @ file://$wheel"
-    # Always the wheel just built, even when the version number didn't change.
-    "$venv_python" -m pip install ${pip_quiet[@]+"${pip_quiet[@]}"} --force-reinstall --no-deps "$wheel"
+    local reused=0
+    "$venv_python" -c 'import importlib.metadata as m; m.version("duckpool")' >/dev/null 2>&1 \
+        && reused=1
+    # --no-compile: byte-compiling every file of every dependency (matplotlib,
+    # distributed, mypy, ...) was ~40% of an install; the modules the tests
+    # import are compiled when first imported, and only those.
+    "$venv_python" -m pip install ${pip_quiet[@]+"${pip_quiet[@]}"} --no-compile \
+        "duckpool[$extras] @ file://$wheel"
+    if ((reused)); then
+        # Always the wheel just built, even when the version number didn't change.
+        "$venv_python" -m pip install ${pip_quiet[@]+"${pip_quiet[@]}"} --no-compile \
+            --force-reinstall --no-deps "$wheel"
+    fi
     # Guard: duckpool must come from site-packages, not from the work tree.
     local origin
     origin="$("$venv_python" -c \
