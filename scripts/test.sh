@@ -1,16 +1,28 @@
 #!/usr/bin/env bash
 # duckpool's one test command (the README shows it; .ci/run calls exactly it).
 #
-#   bash scripts/test.sh            ruff + mypy + the whole suite on python3; the whole
-#                                   suite on python3.9 and python3.13 (with CPython's own
-#                                   process-pool tests); the seed contract on 3.10 and 3.12
+#   bash scripts/test.sh            ruff + mypy + the whole suite on python3 and python3.13
+#                                   (with CPython's own process-pool tests); the whole
+#                                   suite but the `slow` tests on python3.9; the seed
+#                                   contract on 3.10 and 3.12
 #   bash scripts/test.sh --quick    only the whole suite on python3 (for development)
 #   bash scripts/test.sh -- ARGS    ARGS go to every pytest run (e.g. -- -x -k demo)
 #
 # Each interpreter gets its own venv under .venvs/<major.minor> (reused between
-# runs).  The project is installed into it as a wheel, never editable: the wheel
-# ships the .pth start-up hook that serves duck.utils.multiprocessing.processpool,
-# and the tests must exercise the installed package, not src/.
+# runs), all filled at once before the first test.  The project is installed into
+# each as a wheel, never editable: the wheel ships the .pth start-up hook that
+# serves duck.utils.multiprocessing.processpool, and the tests must exercise the
+# installed package, not src/.
+#
+# `slow` marks the end-to-end runs of the tools around the pool (the bench
+# harness, the CLI demo, the ASGI example under uvicorn): seconds each, in child
+# interpreters, exercising pool behaviour that the other tests cover on every
+# version.  python3 and 3.13 run them; 3.9 does not.
+#
+# CPython's process-pool tests (3.13) run in a pytest process of their own, in
+# the background beside the other steps (they mostly sleep); their output is
+# printed when they end.  Every other step runs alone.  The closing summary
+# gives each step's seconds.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,7 +34,7 @@ while (($#)); do
     case "$1" in
         --quick) quick=1; shift ;;
         --) shift; pytest_extra=("$@"); break ;;
-        -h|--help) sed -n '2,12p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "test.sh: unknown option '$1' (pytest arguments go after --)" >&2; exit 2 ;;
     esac
 done
@@ -51,8 +63,13 @@ if [[ "$ci" == "true" ]]; then
 fi
 
 started=$SECONDS
-steps=()      # "name: ok" lines for the closing summary
+steps=()      # "name: ok (Ns)" lines for the closing summary
 current_step="setup"
+step_started=$SECONDS
+
+# begin_step NAME / step_ok NAME: what the summary says a step was and took.
+begin_step() { current_step="$1"; step_started=$SECONDS; }
+step_ok() { steps+=("$1: ok ($((SECONDS - step_started))s)"); }
 
 finish() {
     local rc="$1"
@@ -62,7 +79,7 @@ finish() {
         printf '    %s\n' "${steps[@]}"
     fi
     if ((rc != 0)); then
-        echo "    FAILED at: $current_step (exit $rc)"
+        echo "    FAILED at: $current_step (exit $rc, after $((SECONDS - step_started))s)"
         echo "test.sh: FAILED"
     else
         echo "test.sh: OK -- ${summary_line:-nothing ran}"
@@ -80,32 +97,43 @@ resolve_python() {
 
 py_version() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])'; }
 
-wheel_dir="$(mktemp -d "${TMPDIR:-/tmp}/duckpool-wheel.XXXXXX")"
-cleanup_wheel() { rm -rf "$wheel_dir"; }
-trap 'exit_status=$?; cleanup_wheel; finish "$exit_status"' EXIT
-wheel=""
+# venv_for PYTHON: the path of PYTHON's venv, .venvs/<major.minor>.
+venv_for() { printf '%s' "$repo_root/.venvs/$(py_version "$1")"; }
 
-# prepare_venv PYTHON EXTRAS: creates/reuses .venvs/<ver>, installs deps and the
-# project's wheel, and sets $venv_python.
-prepare_venv() {
-    local base_python="$1" extras="$2" ver venv
+# ensure_venv PYTHON: creates .venvs/<ver> unless a working one is there.
+ensure_venv() {
+    local base_python="$1" ver venv
     ver="$(py_version "$base_python")"
-    venv="$repo_root/.venvs/$ver"
+    venv="$(venv_for "$base_python")"
     if ! "$venv/bin/python" -c 'import sys' >/dev/null 2>&1 \
         || [[ "$(py_version "$venv/bin/python" 2>/dev/null)" != "$ver" ]]; then
         banner "creating $venv ($base_python)"
         "$base_python" -m venv --clear "$venv"
     fi
+}
+
+# install_venv PYTHON EXTRAS: creates/reuses PYTHON's venv and installs
+# duckpool[EXTRAS] from the wheel built in $wheel.  Several run at once, each
+# in a subshell of its own, output to its own log.
+install_venv() {
+    local base_python="$1" extras="$2" venv venv_python began=$SECONDS
+    ensure_venv "$base_python"
+    venv="$(venv_for "$base_python")"
     venv_python="$venv/bin/python"
-    if [[ -z "$wheel" ]]; then
-        banner "building the duckpool wheel"
-        "$venv_python" -m pip wheel ${pip_quiet[@]+"${pip_quiet[@]}"} --no-deps -w "$wheel_dir" "$repo_root"
-        wheel="$(ls "$wheel_dir"/duckpool-*.whl)"
+    banner "installing duckpool[$extras] into .venvs/$(py_version "$base_python")"
+    local reused=0
+    "$venv_python" -c 'import importlib.metadata as m; m.version("duckpool")' >/dev/null 2>&1 \
+        && reused=1
+    # --no-compile: byte-compiling every file of every dependency (matplotlib,
+    # distributed, mypy, ...) was ~40% of an install; the modules the tests
+    # import are compiled when first imported, and only those.
+    "$venv_python" -m pip install ${pip_quiet[@]+"${pip_quiet[@]}"} --no-compile \
+        "duckpool[$extras] @ file://$wheel"
+    if ((reused)); then
+        # Always the wheel just built, even when the version number didn't change.
+        "$venv_python" -m pip install ${pip_quiet[@]+"${pip_quiet[@]}"} --no-compile \
+            --force-reinstall --no-deps "$wheel"
     fi
-    banner "installing duckpool[$extras] into .venvs/$ver"
-    "$venv_python" -m pip install ${pip_quiet[@]+"${pip_quiet[@]}"} "duckpool[$extras] @ file://$wheel"
-    # Always the wheel just built, even when the version number didn't change.
-    "$venv_python" -m pip install ${pip_quiet[@]+"${pip_quiet[@]}"} --force-reinstall --no-deps "$wheel"
     # Guard: duckpool must come from site-packages, not from the work tree.
     local origin
     origin="$("$venv_python" -c \
@@ -114,7 +142,7 @@ prepare_venv() {
         "$repo_root"/src/*) echo "test.sh: duckpool resolves to $origin, not the installed copy" >&2
                             return 1 ;;
     esac
-    echo "    duckpool -> $origin"
+    echo "    duckpool -> $origin ($((SECONDS - began))s for this venv)"
 }
 
 # require_dask PYTHON: the venvs given the dask extra must run tests/test_dask.py,
@@ -131,23 +159,85 @@ require_dask() {
 run_pytest() {
     local label="$1" python="$2"
     shift 2
-    current_step="$label"
     banner "$label"
     local rc=0
+    begin_step "$label"
     # From the repo root: pytest finds pyproject.toml and tests/, while src/ is
     # never on sys.path (the layout keeps the package one level down).
     "$python" -m pytest ${pytest_common[@]+"${pytest_common[@]}"} "$@" \
         ${pytest_extra[@]+"${pytest_extra[@]}"} || rc=$?
-    if ((rc == 5)); then
-        echo "test.sh: $label collected no tests -- that is a failure" >&2
-    fi
-    if ((rc != 0)); then
-        return "$rc"
-    fi
-    steps+=("$label: ok")
+    pytest_rc_ok "$label" "$rc" || return "$rc"
+    step_ok "$label"
 }
 
-# --- main interpreter: lint, types, whole suite -------------------------------
+# pytest_rc_ok LABEL RC: true when RC is a pass; says so when exit 5 is why not.
+pytest_rc_ok() {
+    if (($2 == 5)); then
+        echo "test.sh: $1 collected no tests -- that is a failure" >&2
+    fi
+    (($2 == 0))
+}
+
+# start_background LABEL PYTHON ARGS...: run_pytest's run, started now and left
+# to go on beside the next steps; its output goes to a log that finish_background
+# prints.  Only for a run that mostly waits (CPython's process-pool tests spend
+# three quarters of their time asleep): it runs in a pytest process of its own,
+# so no test process gains a thread or a neighbour's children.
+bg_label="" bg_pid="" bg_started=0
+start_background() {
+    bg_label="$1"
+    local python="$2"
+    shift 2
+    bg_started=$SECONDS
+    echo
+    echo "==> $bg_label: started in the background, output below when it ends"
+    (
+        # A subshell that execs keeps SIGINT's default action (a bare `cmd &`
+        # would ignore it, and the tests' own children would inherit that).
+        ( exec "$python" -m pytest ${pytest_common[@]+"${pytest_common[@]}"} "$@" \
+            ${pytest_extra[@]+"${pytest_extra[@]}"} >"$work_dir/background.log" 2>&1 ) &
+        echo "$!" >"$work_dir/background.pid"
+        rc=0
+        wait "$!" || rc=$?
+        echo "$rc $SECONDS" >"$work_dir/background.done"
+    ) &
+    bg_pid=$!
+}
+
+# finish_background: waits for the background run, prints its output, and
+# fails (as run_pytest does) if it failed.
+finish_background() {
+    [[ -n "$bg_pid" ]] || return 0
+    begin_step "$bg_label (waiting for it)"
+    wait "$bg_pid" || true
+    bg_pid=""
+    banner "$bg_label (ran in the background)"
+    cat "$work_dir/background.log"
+    local rc ended
+    read -r rc ended <"$work_dir/background.done" || { rc=1; ended=$SECONDS; }
+    current_step="$bg_label"
+    pytest_rc_ok "$bg_label" "$rc" || return "$rc"
+    steps+=("$bg_label: ok ($((ended - bg_started))s, beside the steps above)")
+}
+
+# stop_background: on an early exit, ends the background pytest (by its pid).
+stop_background() {
+    [[ -n "$bg_pid" ]] || return 0
+    local pid
+    pid="$(cat "$work_dir/background.pid" 2>/dev/null || true)"
+    if [[ -n "$pid" ]]; then
+        kill -TERM "$pid" 2>/dev/null || true
+    fi
+    wait "$bg_pid" 2>/dev/null || true
+    echo "test.sh: stopped the background run ($bg_label)" >&2
+    bg_pid=""
+}
+
+work_dir="$(mktemp -d "${TMPDIR:-/tmp}/duckpool-test.XXXXXX")"  # the wheel, logs
+wheel=""
+trap 'exit_status=$?; stop_background; rm -rf "$work_dir"; finish "$exit_status"' EXIT
+
+# --- interpreters ---------------------------------------------------------------
 main_python="$(resolve_python python3)"
 if [[ -z "$main_python" ]]; then
     echo "test.sh: no python3 on PATH" >&2
@@ -158,74 +248,122 @@ case "$main_ver" in
     3.9|3.1[0-9]) ;;
     *) echo "test.sh: python3 is $main_ver; duckpool needs >= 3.9" >&2; exit 1 ;;
 esac
-
-current_step="install on python $main_ver"
 main_extras="test,lint,bench,dask"
-prepare_venv "$main_python" "$main_extras"
-main_venv_python="$venv_python"
-require_dask "$main_venv_python"
-main_bin="$(dirname "$main_venv_python")"
 
-ran=()
-if ((!quick)); then
-    lint_paths=()
-    for p in src tests benchmarks examples; do
-        [[ -e "$p" ]] && lint_paths+=("$p")
-    done
-    current_step="ruff check"
-    banner "ruff check ${lint_paths[*]}"
-    "$main_bin/ruff" check "${lint_paths[@]}"
-    steps+=("ruff check: ok")
-
-    current_step="mypy"
-    banner "mypy (strict, config in pyproject.toml)"
-    "$main_bin/mypy"
-    steps+=("mypy: ok")
-    ran+=("ruff" "mypy")
-fi
-
-run_pytest "pytest, whole suite, python $main_ver" "$main_venv_python"
-ran+=("whole suite on $main_ver")
-
-# --- the rest of the matrix ----------------------------------------------------
-# 3.9 (oldest) and 3.13 (newest) run the whole suite; 3.13 also runs CPython's
-# own process-pool tests against duckpool's executor (the installed test
-# package ships with it).  3.10 and 3.12 run the seed-contract tests.
+# The rest of the matrix, "ver|exe|extras" each.  3.9 (oldest) runs the whole
+# suite but the `slow` tests, 3.13 (newest) the whole suite and CPython's own
+# process-pool tests against duckpool's executor (the installed test package
+# ships with it).  3.10 and 3.12 run the seed-contract tests.
+matrix=()
 if ((!quick)); then
     for name in python3.9 python3.10 python3.12 python3.13; do
         exe="$(resolve_python "$name")"
         if [[ -z "$exe" ]]; then
             echo
             echo "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
-            echo "!!! SKIPPED: $name not found -- its tests did NOT run             !!!"
+            echo "!!! SKIPPED: $name not found -- its tests will NOT run        !!!"
             echo "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
             steps+=("$name: SKIPPED (interpreter not found)")
             continue
         fi
         ver="$(py_version "$exe")"
         [[ "$ver" == "$main_ver" ]] && continue
-        current_step="install on python $ver"
-        if [[ "$ver" == "3.13" ]]; then
-            # The newest Python also runs the Dask backend's tests, as python3 does.
-            prepare_venv "$exe" "test,dask"
-            require_dask "$venv_python"
-        else
-            prepare_venv "$exe" "test"
-        fi
-        case "$ver" in
-            3.9)
-                run_pytest "pytest, whole suite, python $ver" "$venv_python" \
-                    -m "not soak and not cpython_suite"
-                ran+=("whole suite on $ver") ;;
-            3.13)
-                run_pytest "pytest, whole suite + CPython's process-pool tests, python $ver" \
-                    "$venv_python"
-                ran+=("whole suite + CPython suite on $ver") ;;
-            *)
-                run_pytest "pytest -m contract, python $ver" "$venv_python" -m contract
-                ran+=("contract on $ver") ;;
-        esac
+        # The newest Python also runs the Dask backend's tests, as python3 does.
+        extras="test"
+        [[ "$ver" == "3.13" ]] && extras="test,dask"
+        matrix+=("$ver|$exe|$extras")
     done
+fi
+
+# --- venvs: one wheel, installed into every venv at once -----------------------
+# The installs are mostly waiting on pip and the disk; run one after another
+# they took as long as the whole 3.9 suite.
+begin_step "install"
+ensure_venv "$main_python"  # its pip builds the wheel
+main_venv_python="$(venv_for "$main_python")/bin/python"
+banner "building the duckpool wheel"
+"$main_venv_python" -m pip wheel ${pip_quiet[@]+"${pip_quiet[@]}"} --no-deps \
+    -w "$work_dir/wheel" "$repo_root"
+wheel="$(ls "$work_dir"/wheel/duckpool-*.whl)"
+
+install_pids=() install_names=()
+for entry in "$main_ver|$main_python|$main_extras" ${matrix[@]+"${matrix[@]}"}; do
+    IFS="|" read -r ver exe extras <<<"$entry"
+    (set -e; install_venv "$exe" "$extras") >"$work_dir/install-$ver.log" 2>&1 &
+    install_pids+=("$!")
+    install_names+=("$ver")
+done
+install_failed=()
+for i in "${!install_pids[@]}"; do
+    wait "${install_pids[$i]}" || install_failed+=("${install_names[$i]}")
+    cat "$work_dir/install-${install_names[$i]}.log"
+done
+if ((${#install_failed[@]})); then
+    current_step="install on python ${install_failed[*]}"
+    exit 1
+fi
+require_dask "$main_venv_python"
+main_bin="$(dirname "$main_venv_python")"
+step_ok "install into ${#install_names[@]} venvs (${install_names[*]}), at once"
+
+# --- CPython's process-pool tests, in the background ----------------------------
+venv_313=""
+for entry in ${matrix[@]+"${matrix[@]}"}; do
+    IFS="|" read -r ver exe extras <<<"$entry"
+    if [[ "$ver" == "3.13" ]]; then
+        venv_313="$(venv_for "$exe")/bin/python"
+        require_dask "$venv_313"
+        # Its own cache directory: two sessions never write one file at once.
+        start_background "pytest -m cpython_suite (CPython's process-pool tests), python 3.13" \
+            "$venv_313" -m cpython_suite -o cache_dir=.pytest_cache/cpython-suite
+    fi
+done
+
+# --- main interpreter: lint, types, whole suite ---------------------------------
+ran=()
+if ((!quick)); then
+    lint_paths=()
+    for p in src tests benchmarks examples; do
+        [[ -e "$p" ]] && lint_paths+=("$p")
+    done
+    begin_step "ruff check"
+    banner "ruff check ${lint_paths[*]}"
+    "$main_bin/ruff" check "${lint_paths[@]}"
+    step_ok "ruff check"
+
+    begin_step "mypy"
+    banner "mypy (strict, config in pyproject.toml)"
+    "$main_bin/mypy"
+    step_ok "mypy"
+    ran+=("ruff" "mypy")
+fi
+
+run_pytest "pytest, whole suite, python $main_ver" "$main_venv_python"
+ran+=("whole suite on $main_ver")
+
+# --- the rest of the matrix ------------------------------------------------------
+for entry in ${matrix[@]+"${matrix[@]}"}; do
+    IFS="|" read -r ver exe extras <<<"$entry"
+    venv_python="$(venv_for "$exe")/bin/python"
+    case "$ver" in
+        3.9)
+            run_pytest "pytest, whole suite but slow, python $ver" "$venv_python" \
+                -m "not soak and not cpython_suite and not slow"
+            ran+=("whole suite but slow on $ver") ;;
+        3.13)
+            # CPython's process-pool tests run in the background (above).
+            run_pytest "pytest, whole suite, python $ver" "$venv_python" \
+                -m "not soak and not cpython_suite"
+            ran+=("whole suite on $ver") ;;
+        *)
+            run_pytest "pytest -m contract, python $ver" "$venv_python" -m contract
+            ran+=("contract on $ver") ;;
+    esac
+done
+
+if [[ -n "$bg_pid" ]]; then
+    finish_background
+    ran+=("CPython suite on 3.13")
 fi
 
 summary_line="ran: $(printf '%s, ' "${ran[@]}" | sed 's/, $//')"

@@ -88,6 +88,7 @@ def _assert_every_cell_is_measured(
             assert baseline["ratio"] == 1.0
 
 
+@pytest.mark.slow
 def test_every_metric_reports_a_value_and_ratio_for_duckpool_and_stdlib(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -106,6 +107,7 @@ def test_every_metric_reports_a_value_and_ratio_for_duckpool_and_stdlib(
         assert part in header, header
 
 
+@pytest.mark.slow
 def test_every_present_library_runs_the_metrics_its_adapter_implements(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -123,6 +125,7 @@ def test_every_present_library_runs_the_metrics_its_adapter_implements(
         assert out.count(f"skipped {peer}: not installed") == 1, out
 
 
+@pytest.mark.slow
 def test_start_method_reaches_every_library(
     start_method: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -203,6 +206,7 @@ time.sleep(120)
 """
 
 
+@pytest.mark.slow
 def test_hung_measurement_is_killed_with_its_workers_and_reported_failed(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

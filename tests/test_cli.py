@@ -79,6 +79,7 @@ def titled_pids() -> set[int]:
     return pids
 
 
+@pytest.mark.slow
 def test_demo_runs_every_step_and_leaves_no_process_behind(start_method: str) -> None:
     token = uuid.uuid4().hex
     env = {**os.environ, "DUCKPOOL_TEST_RUN": token}

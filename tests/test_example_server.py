@@ -28,6 +28,10 @@ psutil = pytest.importorskip("psutil")
 pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
 
+# Seconds per start method; what it adds to the pool tests does not depend on
+# the Python version, so scripts/test.sh leaves it out on 3.9.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 60
 

@@ -458,7 +458,9 @@ NON_DAEMON_SCRIPT = """
     method, done_file = sys.argv[1], sys.argv[2]
     manager = duckpool.get_or_create_process_manager("non-daemon")
     manager.start(max_workers=1, daemon=False, mp_context=multiprocessing.get_context(method))
-    manager.submit_task(_tasks.touch_after, done_file, 1.0)
+    # Long next to the moments between submit and exit (the test needs no more):
+    # an exit that does not wait stops the task before it is done.
+    manager.submit_task(_tasks.touch_after, done_file, 0.3)
     # Fall off the end: interpreter exit must wait for the submitted task.
 """
 
