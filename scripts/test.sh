@@ -155,6 +155,12 @@ require_dask() {
     }
 }
 
+# No pytest run may outlive this many seconds.  pytest-timeout bounds each test,
+# but not the interpreter's exit: a pool whose dispatcher thread is gone can
+# keep duckpool's atexit hook waiting forever, and CI would sit out its whole
+# time limit.  The slowest step takes a few minutes on a busy machine.
+step_timeout="${DUCKPOOL_TEST_STEP_TIMEOUT:-1200}"
+
 # run_pytest LABEL PYTHON ARGS...: pytest exit 5 (nothing collected) is a failure too.
 run_pytest() {
     local label="$1" python="$2"
@@ -164,7 +170,8 @@ run_pytest() {
     begin_step "$label"
     # From the repo root: pytest finds pyproject.toml and tests/, while src/ is
     # never on sys.path (the layout keeps the package one level down).
-    "$python" -m pytest ${pytest_common[@]+"${pytest_common[@]}"} "$@" \
+    timeout --foreground --kill-after=30 "$step_timeout" \
+        "$python" -m pytest ${pytest_common[@]+"${pytest_common[@]}"} "$@" \
         ${pytest_extra[@]+"${pytest_extra[@]}"} || rc=$?
     pytest_rc_ok "$label" "$rc" || return "$rc"
     step_ok "$label"
@@ -174,6 +181,8 @@ run_pytest() {
 pytest_rc_ok() {
     if (($2 == 5)); then
         echo "test.sh: $1 collected no tests -- that is a failure" >&2
+    elif (($2 == 124)); then
+        echo "test.sh: $1 did not end within ${step_timeout}s; stopped (a hang?)" >&2
     fi
     (($2 == 0))
 }
@@ -194,7 +203,8 @@ start_background() {
     (
         # A subshell that execs keeps SIGINT's default action (a bare `cmd &`
         # would ignore it, and the tests' own children would inherit that).
-        ( exec "$python" -m pytest ${pytest_common[@]+"${pytest_common[@]}"} "$@" \
+        ( exec timeout --foreground --kill-after=30 "$step_timeout" \
+            "$python" -m pytest ${pytest_common[@]+"${pytest_common[@]}"} "$@" \
             ${pytest_extra[@]+"${pytest_extra[@]}"} >"$work_dir/background.log" 2>&1 ) &
         echo "$!" >"$work_dir/background.pid"
         rc=0
