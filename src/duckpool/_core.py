@@ -679,16 +679,9 @@ class PoolCore:
 
     def start_successors(self) -> Optional[BaseException]:
         """Start the successors that are due (lock held); return a start error."""
-        if (
-            self.shutdown_requested
-            or self.broken is not None
-            or self.kill_requested is not None
-            or self.initializer_error is not None
-        ):
-            return None
         launcher = self.launcher
         now = time.monotonic()
-        if launcher.failing_since is not None and now < launcher.retry_at:
+        if self.shutdown_requested or not launcher.may_start_now(now):
             return None
         for slot in self.slots:
             if self.wants_successor(slot):

@@ -122,15 +122,19 @@ class ZygoteChild:
     def is_alive(self) -> bool:
         if self.exitcode is not None or self.exited:
             return False
-        if (
-            self._zygote is None
-            and self.pidfd is not None
-            and self._release.alive
-            and mp_connection.wait([self.pidfd], 0)
-        ):
-            self.exited = True
-            return False
-        return True
+        if self._zygote is None:
+            if self.pidfd is not None and self._release.alive:
+                self.exited = bool(mp_connection.wait([self.pidfd], 0))
+            elif self.pidfd is None:
+                # No pidfds: init reaps it now, so a pid that is gone means
+                # it exited (reused that soon is not a risk worth a thread).
+                try:
+                    os.kill(self.pid, 0)
+                except ProcessLookupError:
+                    self.exited = True
+                except OSError:
+                    pass
+        return not self.exited
 
     def terminate(self) -> None:
         self._send(signal.SIGTERM)

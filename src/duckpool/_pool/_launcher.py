@@ -307,24 +307,26 @@ class Launcher:
             core.flush(slot)
 
     def may_start(self) -> bool:
-        """May workers be started now?"""
+        """May workers be started (the pool is neither broken nor being killed)?"""
         core = self._core
         return (
             core.broken is None and core.kill_requested is None and core.initializer_error is None
         )
 
+    def may_start_now(self, now: float) -> bool:
+        """``may_start``, and no failed start is being backed off from."""
+        return self.may_start() and (self.failing_since is None or now >= self.retry_at)
+
     def refill_slots(self) -> Optional[BaseException]:
         """Start a replacement in every empty slot; return an error that breaks the pool.
 
-        A transient failure is retried later (``retry_in``), unless starts
+        A transient failure is retried later (``wake_in``), unless starts
         have kept failing for ``START_GIVE_UP_SECONDS``.
         """
-        if not self.may_start():
+        now = time.monotonic()
+        if not self.may_start_now(now):
             return None
         core = self._core
-        now = time.monotonic()
-        if self.failing_since is not None and now < self.retry_at:
-            return None
         for slot in core.slots:
             if slot.process is None and slot.index < core.size:
                 try:
@@ -524,10 +526,10 @@ class Launcher:
                 slot.requested = False  # those answers will never come
                 process = slot.process
                 if process in orphans:
-                    if process.is_alive():
-                        core.selector.register(process.sentinel, (False, slot))
-                    else:
+                    if not process.is_alive():
                         exited.append(slot)
+                    elif process.sentinel is not None:  # else polled (poll_exits)
+                        core.selector.register(process.sentinel, (False, slot))
             for spare in core.spares():
                 if spare.process in orphans:
                     core.spare_exits.append(spare)
@@ -567,12 +569,10 @@ class Launcher:
         """Without pidfds: the slots whose workers have exited, and a dead
         zygote handled, whatever their sentinels say (dispatcher)."""
         core = self._core
+        # (A worker its live zygote forked reads as alive until the zygote's
+        # notice: its exit comes from there.)
         exited = [
-            slot
-            for slot in core.slots
-            if slot.process is not None
-            and slot.process.sentinel is not None
-            and not slot.process.is_alive()
+            slot for slot in core.slots if slot.process is not None and not slot.process.is_alive()
         ]
         zygote = self.zygote
         if zygote is not None and not zygote.gone:
