@@ -108,6 +108,15 @@ def soak_task(kind: str, value: int) -> int:
     if kind == "hang":
         while True:
             time.sleep(1)
+    if kind == "sigterm":  # a hostile overrun: only SIGKILL ends it
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        while True:
+            time.sleep(1)
+    if kind == "grandchild":  # dies, leaving a child that holds its pipes for 2 s
+        if os.fork() == 0:
+            time.sleep(2)
+            os._exit(0)
+        os._exit(7)
     return value * 2
 
 

@@ -122,7 +122,9 @@ def test_soak_large(ctx: object) -> None:
     _soak(ctx, n_tasks=20_000, seed=2)
 
 
-def _soak_every_kind(ctx: Any, n_tasks: int, kills: int, self_kills: int, seed: int) -> None:
+def _soak_every_kind(
+    ctx: Any, n_tasks: int, kills: int, self_kills: int, seed: int, hostiles: int = 0
+) -> None:
     """Tiny tasks on 2 workers while, every 30 ms, a random process the pool
     owns or relies on (any descendant of this process, children of every
     thread included; the zygote and its standby; the fork server and the
@@ -163,6 +165,11 @@ def _soak_every_kind(ctx: Any, n_tasks: int, kills: int, self_kills: int, seed: 
         done_killing.set()
 
     suicidal = set(rng.sample(range(n_tasks), self_kills))
+    # Hostile tasks among them: some ignore SIGTERM past their timeout, some
+    # die leaving a grandchild that holds the worker's pipes.
+    hostile = dict.fromkeys(rng.sample(sorted(set(range(n_tasks)) - suicidal), 2 * hostiles), "")
+    for n, index in enumerate(hostile):
+        hostile[index] = "sigterm" if n % 2 else "grandchild"
     futures: list[tuple[concurrent.futures.Future[int], int]] = []
     killer = threading.Thread(target=kill_at_random)
     pool.submit(tasks.add, 0, 0).result(TIMEOUT)  # started before the first kill
@@ -173,8 +180,9 @@ def _soak_every_kind(ctx: Any, n_tasks: int, kills: int, self_kills: int, seed: 
         i = 0
         # Keep the stream going until every kill has landed.
         while i < n_tasks or not done_killing.is_set():
-            kind = "die" if i in suicidal else "ok"
-            futures.append((pool.submit(tasks.soak_task, kind, i), i))
+            kind = "die" if i in suicidal else hostile.get(i, "ok")
+            timeout = 0.3 if kind == "sigterm" else None
+            futures.append((pool.options(timeout=timeout).submit(tasks.soak_task, kind, i), i))
             i += 1
             if i % 500 == 0:  # let results flow (a bounded queue, as a server's)
                 concurrent.futures.wait([f for f, _ in futures[-500:]], TIMEOUT)
@@ -189,8 +197,10 @@ def _soak_every_kind(ctx: Any, n_tasks: int, kills: int, self_kills: int, seed: 
     innocent_failures = 0
     for future, value in futures:
         error = future.exception(0)
-        if value in suicidal:
+        if value in suicidal or hostile.get(value) == "grandchild":
             assert isinstance(error, duckpool.WorkerDiedError), error
+        elif value in hostile:
+            assert isinstance(error, (duckpool.TaskTimeoutError, duckpool.WorkerDiedError)), error
         elif error is not None:
             assert isinstance(error, duckpool.WorkerDiedError), error
             innocent_failures += 1
@@ -200,7 +210,8 @@ def _soak_every_kind(ctx: Any, n_tasks: int, kills: int, self_kills: int, seed: 
     assert innocent_failures <= len(killed), (innocent_failures, len(killed))
     print(
         f"{len(futures)} tasks, {len(killed)} kills {dict(sorted(kinds.items()))}, "
-        f"{len(suicidal)} self-kills, {innocent_failures} innocent tasks failed"
+        f"{len(suicidal)} self-kills, {len(hostile)} hostile tasks, "
+        f"{innocent_failures} innocent tasks failed"
     )
     assert pool.stats().stopped
     # Nothing of the pool's is left open here (the fork server's socket and
@@ -215,10 +226,10 @@ def _soak_every_kind(ctx: Any, n_tasks: int, kills: int, self_kills: int, seed: 
 
 
 def test_soak_killing_every_kind_of_process_small(ctx: Any) -> None:
-    _soak_every_kind(ctx, n_tasks=3_000, kills=12, self_kills=5, seed=3)
+    _soak_every_kind(ctx, n_tasks=3_000, kills=12, self_kills=5, seed=3, hostiles=1)
 
 
 @pytest.mark.soak
 @pytest.mark.timeout(1800)
 def test_soak_killing_every_kind_of_process_large(ctx: Any) -> None:
-    _soak_every_kind(ctx, n_tasks=100_000, kills=50, self_kills=20, seed=4)
+    _soak_every_kind(ctx, n_tasks=100_000, kills=50, self_kills=20, seed=4, hostiles=4)
