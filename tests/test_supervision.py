@@ -98,7 +98,10 @@ def test_helper_processes_carry_titles_naming_pool_and_role() -> None:
         wait_until(lambda: "zygote-standby" in helper_pids(pool), TIMEOUT)
         helpers = helper_pids(pool)
         wait_until(lambda: proc_cmdline(helpers["zygote"]) == "titled-pool-zygote", TIMEOUT)
-        assert proc_cmdline(helpers["zygote-standby"]) == "titled-pool-zygote-standby"
+        # (The standby names itself right after its fork, maybe after the
+        # zygote has told the pool about it.)
+        standby = helpers["zygote-standby"]
+        wait_until(lambda: proc_cmdline(standby) == "titled-pool-zygote-standby", TIMEOUT)
     finally:
         pool.shutdown()
 
