@@ -9,7 +9,7 @@ import pytest
 
 import _executor_tasks as tasks
 import duckpool
-from duckpool import _core, _executor, _worker
+from duckpool import _executor, _futures, _worker
 
 TIMEOUT = 30
 
@@ -113,7 +113,7 @@ def test_run_items_marks_a_chunk_with_failures_and_keeps_every_place() -> None:
     assert type(results) is _worker.PartlyFailed
     assert results[0] == (3, 1) and results[2] == (3, 0)
     assert all(isinstance(results[i], _worker.ItemError) for i in (1, 3))
-    error = _core.exception_from_payload(memoryview(results[1].payload))
+    error = _futures.exception_from_payload(memoryview(results[1].payload))
     assert isinstance(error, ZeroDivisionError)
 
 

@@ -178,11 +178,11 @@ def test_poisoned_slot_fails_the_started_task_and_requeues_the_rest(
 def test_a_pool_future_has_every_field_of_a_standard_future() -> None:
     from concurrent.futures import Future
 
-    from duckpool import _core
+    from duckpool import _futures
 
     pool = duckpool.ProcessPoolExecutor(1)
     try:
-        future = _core.PoolFuture(pool._core)
+        future = _futures.PoolFuture(pool._core)
         standard = Future()  # type: ignore[var-annotated]
         assert set(vars(standard)) - {"_condition"} <= set(vars(future))
         assert {k: v for k, v in vars(standard).items() if k != "_condition"} == {

@@ -114,7 +114,6 @@ is done.
 
 from __future__ import annotations
 
-import itertools
 import os
 import pickle
 import select
@@ -123,11 +122,10 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from concurrent.futures import _base as _futures_base
-from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import connection as mp_connection
 from multiprocessing.context import BaseContext
-from typing import Any, Callable, NamedTuple, Optional, TypeVar
+from typing import Any, Callable, NamedTuple, Optional
 
 from duckpool import _buffers, _child, _logs, _process_pools, _threads, _worker, _zygote
 from duckpool._admission import Admission
@@ -138,9 +136,11 @@ from duckpool._errors import (
     TaskUnpicklingError,
     WorkerDiedError,
 )
+from duckpool._futures import DONE_STATES, WorkItem, exception_from_payload
 from duckpool._futures import notify_if_cancelled as _notify_if_cancelled
 from duckpool._futures import set_exception as _set_exception
 from duckpool._futures import set_result as _set_result
+from duckpool._pool import _transport
 from duckpool._pool._counters import Counters, percentile, rss_of
 from duckpool._pool._launcher import EXIT_POLL_SECONDS, Launcher, ZygoteTag
 from duckpool._pool._quarantine import Quarantine
@@ -153,6 +153,7 @@ from duckpool._pool._supervisor import (
     self_inflicted,
     signal_process,
 )
+from duckpool._pool._transport import Transport, Writable
 from duckpool._pool._waiter import Waiter
 from duckpool._stats import HelperStats, PoolStats, WorkerStats
 
@@ -170,10 +171,6 @@ _PREFETCH_BYTES = 32 * 1024
 #: itself before it leaves that to the dispatcher again (see ``help_resolve``).
 #: Long enough for any short task; a long one is then waited for as usual.
 _ASSIST_SECONDS = 0.005
-#: A future's states once it is resolved (or cancelled).
-_DONE_STATES = frozenset(
-    {_futures_base.CANCELLED, _futures_base.CANCELLED_AND_NOTIFIED, _futures_base.FINISHED}
-)
 #: How long past that window the dispatcher waits before it takes the pipe
 #: back from a helper that never gave it back (an exception cut it short).
 _ASSIST_GRACE_SECONDS = 0.5
@@ -185,201 +182,6 @@ _SPIN_SECONDS = 0.0005
 #: The least number of worker slots a pool can grow to with ``resize``.
 _MIN_CAPACITY = 64
 
-_T = TypeVar("_T")
-
-_task_ids = itertools.count(1)
-
-#: An argument left out (where ``None`` has a meaning of its own).
-UNSET: Any = object()
-
-
-def next_task_id() -> int:
-    return next(_task_ids)
-
-
-def callable_label(fn: object) -> str:
-    """A short human name for a task's callable, for error messages."""
-    import functools
-
-    if isinstance(fn, functools.partial):
-        return callable_label(fn.func)
-    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
-    if name is None:
-        return repr(fn)
-    module = getattr(fn, "__module__", None)
-    return f"{module}.{name}" if module else str(name)
-
-
-def exception_from_payload(payload: memoryview) -> BaseException:
-    """Rebuild a worker's exception, chaining its remote traceback.
-
-    The cause is the standard library's own ``_RemoteTraceback`` (its text in
-    ``.tb``), so code written against the stdlib's executor reads it unchanged.
-    """
-    exc, tb_text = pickle.loads(payload)
-    exc.__cause__ = _RemoteTraceback(tb_text)
-    return exc  # type: ignore[no-any-return]
-
-
-class WorkItem:
-    """One submitted call, from submit() until its future is resolved."""
-
-    __slots__ = (
-        "buffers",
-        "chunk",
-        "fn",
-        "frame",
-        "future",
-        "in_area",
-        "kind",
-        "size",
-        "started",
-        "submitted",
-        "task_id",
-        "timeout",
-    )
-
-    def __init__(
-        self,
-        future: Future[Any],
-        task_id: int,
-        frame: bytes,
-        fn: object,
-        timeout: Optional[float],
-        kind: Optional[str] = None,
-        chunk: bool = False,
-        buffers: Optional[list[tuple[int, memoryview]]] = None,
-    ) -> None:
-        self.future = future
-        self.task_id = task_id
-        #: The task as written to the worker's pipe (length header included);
-        #: with ``buffers``, only the pickle (see ``PoolCore.frames_of``).
-        self.frame = frame
-        #: The call's out-of-band buffers (``_buffers.outgoing``), if any.
-        self.buffers = buffers
-        #: Bytes this task puts in a worker's pipe or area.
-        self.size = len(frame)
-        if buffers:
-            self.size += sum(view.nbytes for _, view in buffers)
-        #: Its buffers went into the shared area of the worker it was sent to.
-        self.in_area = False
-        #: The callable, kept only to name the task in error messages.
-        self.fn = fn
-        self.timeout = timeout
-        #: set_running_or_notify_cancel() has been called on the future.
-        self.started = False
-        #: The task type, for per-type concurrency caps (``type_limits``).
-        self.kind = kind
-        #: A chunk of a ``map``: one may wait in a worker's pipe behind another.
-        self.chunk = chunk
-        self.submitted = time.monotonic()
-
-    @property
-    def label(self) -> str:
-        return callable_label(self.fn)
-
-
-_LAZY_CONDITION_LOCK = threading.Lock()
-
-
-class PoolFuture(Future[_T]):
-    """The future a pool's ``submit()`` returns.
-
-    A thread that blocks on ``result()`` or ``exception()`` reads the task's
-    result from its worker itself, when it can (``PoolCore.help_resolve``),
-    instead of sleeping until the dispatcher thread wakes it.
-
-    Its ``threading.Condition`` (two thirds of a future's memory: a deque,
-    an RLock, five bound methods) is made when first used, which for a task
-    still queued is never: a long queue costs a third as much.  Nor is it
-    made for a future nobody waits on by it: its caller read the result
-    itself, or asked once it was there.  A waiter, a callback and
-    ``concurrent.futures.wait`` all take the condition first; until one has,
-    the pool moves the future on under ``_LAZY_CONDITION_LOCK`` alone, with
-    no one to notify.
-    """
-
-    def __init__(self, core: PoolCore) -> None:
-        # Future.__init__'s fields (the same on 3.9 to 3.13), but the condition.
-        self._state = _futures_base.PENDING
-        self._result = None
-        self._exception = None
-        self._waiters: list[Any] = []
-        self._done_callbacks: list[Any] = []
-        self._duckpool_core = core
-
-    @property
-    def _condition(self) -> threading.Condition:  # type: ignore[override]
-        condition = self.__dict__.get("_lazy_condition")
-        if condition is None:
-            with _LAZY_CONDITION_LOCK:  # one condition per future, whoever asks first
-                condition = self.__dict__.get("_lazy_condition")
-                if condition is None:
-                    condition = self.__dict__["_lazy_condition"] = threading.Condition()
-        return condition  # type: ignore[no-any-return]
-
-    def done(self) -> bool:
-        return self._state in _DONE_STATES
-
-    def result(self, timeout: Optional[float] = None) -> _T:
-        if self._state not in _DONE_STATES:
-            timeout = self._help(timeout)
-        if self._state == _futures_base.FINISHED:
-            error = self._exception
-            if error is None:
-                return self._result  # type: ignore[return-value]
-            try:
-                raise error
-            finally:
-                del error, self  # no cycle: error -> traceback -> this frame -> self
-        return super().result(timeout)
-
-    def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
-        if self._state not in _DONE_STATES:
-            timeout = self._help(timeout)
-        if self._state == _futures_base.FINISHED:
-            return self._exception
-        return super().exception(timeout)
-
-    def set_running_or_notify_cancel(self) -> bool:
-        with _LAZY_CONDITION_LOCK:
-            if "_lazy_condition" not in self.__dict__:  # nobody waits: nobody to notify
-                if self._state == _futures_base.PENDING:
-                    self._state = _futures_base.RUNNING
-                    return True
-                if self._state == _futures_base.CANCELLED:
-                    self._state = _futures_base.CANCELLED_AND_NOTIFIED
-                    return False
-        return super().set_running_or_notify_cancel()
-
-    def set_result(self, result: _T) -> None:
-        with _LAZY_CONDITION_LOCK:
-            if "_lazy_condition" not in self.__dict__ and self._state not in _DONE_STATES:
-                self._result = result
-                self._state = _futures_base.FINISHED
-                return
-        super().set_result(result)
-
-    def set_exception(self, exception: Optional[BaseException]) -> None:
-        with _LAZY_CONDITION_LOCK:
-            if "_lazy_condition" not in self.__dict__ and self._state not in _DONE_STATES:
-                self._exception = exception
-                self._state = _futures_base.FINISHED
-                return
-        super().set_exception(exception)
-
-    def _help(self, timeout: Optional[float]) -> Optional[float]:
-        """Help resolve this future; return what is left of ``timeout``."""
-        if timeout is None:
-            self._duckpool_core.help_resolve(self, None)
-            return None
-        if timeout <= 0:
-            return timeout
-        started = time.monotonic()
-        self._duckpool_core.help_resolve(self, timeout)
-        return max(0.0, timeout - (time.monotonic() - started))
-
-
 #: A future to resolve from a result frame: the item, the status, the payload
 #: (a pickle, or ``_buffers.Received``, or what decoding its buffers raised).
 _Resolution = tuple[WorkItem, int, Any]
@@ -387,12 +189,6 @@ _Resolution = tuple[WorkItem, int, Any]
 #: The item of a log frame's entry among the resolutions: a record, which
 #: answers no task, handed to logging where its frame came in the stream.
 _LOG_RECORD_ITEM = WorkItem(Future(), 0, b"", None, None)
-
-
-class _Writable(NamedTuple):
-    """The tag of a task pipe the dispatcher waits to write the rest of an outbox to."""
-
-    slot: Slot
 
 
 class _SpareExit(NamedTuple):
@@ -496,6 +292,8 @@ class PoolCore:
         self.launcher = Launcher(self)
         #: Sees workers end, and ends them.
         self.supervisor = Supervisor(self)
+        #: Writes to the workers' task pipes.
+        self.transport = Transport(self)
         # The process's one registry of live pools, which Dask executors join
         # too: its fork and exit hooks, and drain_all, reach every pool.
         _process_pools.LIVE_POOLS.add(self)
@@ -705,10 +503,8 @@ class PoolCore:
             spare.slot.successor = None
         if spare in self.leaving:
             return
-        try:  # read once the successor is ready; EAGAIN: the pipe is empty by then
-            os.write(spare.task_conn.fileno(), _worker.wire(b""))
-        except OSError:
-            pass
+        # Read once the successor is ready (EAGAIN: the pipe is empty by then).
+        _transport.stop(spare.task_conn)
         self.leaving.append(spare)
 
     def spares(self) -> list[Spare]:
@@ -779,124 +575,13 @@ class PoolCore:
         if self.wants_successor(slot) and threading.current_thread() is not self.thread:
             self.wake()
 
-    def write(self, slot: Slot, data: _worker.Frames) -> None:
-        """Write task frames to ``slot``'s worker (and the stop frame, if due).
-
-        ``data`` is bytes, or parts written with one ``writev`` (see
-        ``frames_of``).  A release frame goes first if the worker has not
-        heard of the latest results copied out of its area.  What the pipe
-        does not take now waits in the slot's outbox, which the dispatcher
-        writes out as the worker reads (see ``flush``).
-        """
-        if slot.releases_sent != slot.results_copied:
-            slot.releases_sent = slot.results_copied
-            data = [_worker.release_frame(slot.results_copied), *_as_parts(data)]
-        if slot.retiring and not slot.stop_sent:
-            if isinstance(data, list):
-                data.append(_worker.wire(b""))
-            else:
-                data += _worker.wire(b"")
-            slot.stop_sent = True
-        if slot.outbox or slot.task_conn is None:  # (None: reserved, not started yet)
-            slot.outbox.extend(memoryview(part) for part in _as_parts(data))
-            return
-        fd = slot.task_conn.fileno()
-        rest: list[memoryview]
-        try:
-            if isinstance(data, list):
-                rest = _write_parts(fd, [memoryview(part) for part in data])
-            else:
-                written = os.write(fd, data)
-                rest = [memoryview(data)[written:]] if written < len(data) else []
-        except BlockingIOError:
-            rest = [memoryview(part) for part in _as_parts(data)]
-        except OSError:
-            # The worker is dead or dying: the dispatcher will see its sentinel
-            # and, since the worker never took these items up, requeue them.
-            return
-        if rest:
-            slot.outbox.extend(rest)
-            if threading.current_thread() is self.thread:
-                self.selector.register(slot.task_conn, _Writable(slot), write=True)
-            else:
-                self.wake()  # the dispatcher watches the pipe (see watch_outboxes)
-
-    def frames_of(self, slot: Slot, items: list[WorkItem]) -> _worker.Frames:
-        """The frames of ``items``, in order, for ``slot``'s worker.
-
-        Items with buffers are framed here, now that the worker is known:
-        their buffers go into its shared area if there is room (and the
-        space is released when the item's result comes back).
-        """
-        if len(items) == 1 and items[0].buffers is None:
-            return items[0].frame
-        parts: list[Any] = []
-        buffered = False
-        for item in items:
-            if item.buffers is None:
-                parts.append(item.frame)
-                continue
-            buffered = True
-            area = slot.area
-            body, taken = _buffers.encode(
-                item.frame, item.buffers, None if area is None else area.calls
-            )
-            item.in_area = taken > 0
-            head = (item.task_id | _worker.TASK_BUFFERS).to_bytes(_worker.TASK_ID_BYTES, "little")
-            parts += _worker.buffered_frame(head, body)
-        return parts if buffered else b"".join(parts)
-
-    def attach_offered_area(self, slot: Slot) -> None:
-        """Map the shared area the slot's worker offered (lock held).
-
-        Until then large buffers travel inline: the worker puts no result in
-        its area before the parent says it has mapped it (``releases_sent``).
-        """
-        offer = slot.area_offer
-        slot.area_offer = None
-        process = slot.process
-        if offer is None or process is None or process.pid is None:
-            return
-        slot.area = _buffers.attach_area(process.pid, memoryview(offer))
-        if slot.area is not None:
-            slot.releases_sent = -1  # the next write says it is mapped
-
-    def watch_outboxes(self) -> None:
-        """Wait for room in the pipes of slots with an outbox (dispatcher, lock held)."""
-        for slot in self.slots:
-            if slot.outbox and slot.task_conn is not None:
-                self.selector.register(slot.task_conn, _Writable(slot), write=True)
-
-    def flush(self, slot: Slot) -> None:
-        """Write what the slot's outbox holds, as far as the pipe takes it (lock held)."""
-        outbox = slot.outbox
-        conn = slot.task_conn
-        if conn is None:
-            return
-        fd = conn.fileno()
-        while outbox:
-            try:
-                if len(outbox) == 1:
-                    head = outbox[0]
-                    written = os.write(fd, head)
-                    rest = [head[written:]] if written < len(head) else []
-                else:
-                    rest = _write_parts(fd, list(outbox))
-            except BlockingIOError:
-                return  # still full: wait for room again
-            except OSError:
-                outbox.clear()  # the worker is gone: its sentinel says how
-                break
-            outbox.clear()
-            if rest:
-                outbox.extend(rest)
-                return
-        self.selector.unregister(conn)
-
     def send(self, slot: Slot, item: WorkItem) -> None:
         """Give one item to ``slot``'s worker."""
         if self.assign(slot, item):
-            self.write(slot, item.frame if item.buffers is None else self.frames_of(slot, [item]))
+            transport = self.transport
+            transport.write(
+                slot, item.frame if item.buffers is None else transport.frames_of(slot, [item])
+            )
 
     def dispatch_pending(self) -> None:
         """Hand pending items to idle workers, then queue some behind busy ones.
@@ -931,7 +616,7 @@ class PoolCore:
                     break
         for index, items in batches.items():
             slot = self.slots[index]
-            self.write(slot, self.frames_of(slot, items))
+            self.transport.write(slot, self.transport.frames_of(slot, items))
 
     def dispatch_within_limits(self, batches: dict[int, list[WorkItem]]) -> None:
         """Hand pending items to idle workers, skipping types at their cap.
@@ -1003,7 +688,7 @@ class PoolCore:
                 # Told to exit after what it holds (at once if idle).
                 slot.retiring = True
                 if slot.task_conn is not None:
-                    self.write(slot, b"")
+                    self.transport.write(slot, b"")
         self.drop_surplus_slots()
         if self.thread is not None:
             self.wake()
@@ -1056,6 +741,7 @@ class PoolCore:
         deferred = self.deferred
         launcher = self.launcher
         supervisor = self.supervisor
+        transport = self.transport
         while True:
             with self.lock:
                 timeout = self.check_deadlines()
@@ -1071,10 +757,7 @@ class PoolCore:
                         timeout = wait
                 if launcher.polls_exits and (timeout is None or timeout > EXIT_POLL_SECONDS):
                     timeout = EXIT_POLL_SECONDS
-                for slot in self.slots:
-                    if slot.area_offer is not None:
-                        self.attach_offered_area(slot)
-                self.watch_outboxes()
+                transport.before_wait()
                 if self.handed_over:
                     deferred.extend(self.handed_over)
                     self.handed_over.clear()
@@ -1088,9 +771,9 @@ class PoolCore:
                 if type(tag) is ZygoteTag:
                     exited.extend(launcher.on_zygote_event(tag))
                     continue
-                if type(tag) is _Writable:
+                if type(tag) is Writable:
                     with self.lock:
-                        self.flush(tag.slot)
+                        transport.flush(tag.slot)
                     continue
                 if type(tag) is _SpareExit:
                     self.spare_exits.append(tag.spare)
@@ -1303,13 +986,7 @@ class PoolCore:
                         )
                         slot.launched_at = None
                     if payload and _buffers.SHARED_AREA:
-                        slot.area_offer = bytes(payload)
-                        if threading.current_thread() is self.thread:
-                            self.attach_offered_area(slot)
-                        else:
-                            # Not on the way to the result a caller reads
-                            # itself (the first, often): the dispatcher maps it.
-                            self.wake()
+                        self.transport.on_area_offer(slot, bytes(payload))
                     self.wake_for_successor(slot)
                     continue
                 if status == _worker.STATUS_LOG:
@@ -1345,22 +1022,11 @@ class PoolCore:
             if slot.process is not None and not (self.shutdown_requested and not self.pending):
                 self.dispatch_pending()
             # After the next calls are on their way: the workers need not wait.
+            copy_buffers = self.transport.copy_buffers
             for index, (item, status, payload) in enumerate(resolved):
                 if type(payload) is _Undecoded:
-                    resolved[index] = (item, status, self._copy_buffers(slot, payload.body))
+                    resolved[index] = (item, status, copy_buffers(slot, payload.body))
         return None
-
-    def _copy_buffers(self, slot: Slot, body: memoryview) -> Any:
-        """Copy a result frame's buffers out (lock held); the worker may reuse
-        the area space once told so (see ``write``)."""
-        area = slot.area
-        try:
-            received, used_area = _buffers.decode(body, None if area is None else area.results.view)
-        except Exception as exc:
-            return exc  # the future fails with it (see resolve)
-        if used_area:
-            slot.results_copied += 1
-        return received
 
     def _poison(self, slot: Slot, cause: BaseException) -> None:
         """The slot's result stream can no longer be trusted: kill its worker.
@@ -1496,7 +1162,7 @@ class PoolCore:
             _logs.handle_forwarded(payload)
             return
         future = item.future
-        if future._state in _DONE_STATES:
+        if future._state in DONE_STATES:
             return  # cancelled while queued in the worker
         try:
             if status == _worker.STATUS_OK:
@@ -1670,12 +1336,7 @@ class PoolCore:
         ):
             return
         for slot in slots:
-            if slot.task_conn is not None and not slot.stop_sent:
-                try:
-                    os.write(slot.task_conn.fileno(), _worker.wire(b""))
-                except OSError:
-                    pass  # gone already: its sentinel tells the dispatcher
-                slot.stop_sent = True
+            self.transport.send_stop(slot)  # (gone already: its sentinel says so)
         self.launcher.finish()
 
     def request_kill(self, signum: int, reason: Optional[str] = None) -> None:
@@ -1807,19 +1468,3 @@ class _Undecoded:
     def __init__(self, body: memoryview) -> None:
         self.body = body
 
-
-def _as_parts(data: _worker.Frames) -> list[Any]:
-    return data if isinstance(data, list) else [data]
-
-
-def _write_parts(fd: int, views: list[memoryview]) -> list[memoryview]:
-    """Write ``views`` to a non-blocking pipe as far as it takes them; what is left."""
-    while views:
-        try:
-            written = os.writev(fd, views[: _worker.IOV_MAX])
-        except BlockingIOError:
-            return views
-        views = _worker.skip_written(views, written)
-        if views and not written:
-            return views
-    return views

@@ -23,7 +23,7 @@ from concurrent.futures import TimeoutError as FuturesTimeoutError
 from multiprocessing.context import BaseContext
 from typing import Any, Callable, Optional, Protocol, TypeVar
 
-from duckpool import _admission, _buffers, _core, _process_pools, _shutdown, _worker
+from duckpool import _admission, _buffers, _core, _futures, _process_pools, _shutdown, _worker
 from duckpool._stats import PoolStats
 
 __all__ = ["ProcessPoolExecutor", "TaskOptions"]
@@ -364,8 +364,8 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
     ) -> Future[_T]:
         """Pickle the call and hand it to the pool's core (``chunk``: a ``map`` chunk)."""
         core = self._core
-        future: Future[_T] = _core.PoolFuture(core)
-        task_id = _core.next_task_id()
+        future: Future[_T] = _futures.PoolFuture(core)
+        task_id = _futures.next_task_id()
         try:
             call = (fn, *_buffers.wrap_call(args, kwargs))
             payload, buffers = _buffers.dumps(self._dumps, call)
@@ -373,7 +373,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
             # Failed at once, not raised: code written for the stdlib's
             # executor (and CPython's tests) expects the error from the future.
             error = pickle.PicklingError(
-                f"cannot send {_core.callable_label(fn)} to a worker process: "
+                f"cannot send {_futures.callable_label(fn)} to a worker process: "
                 f"{self._unpicklable_part(fn, args, kwargs)} cannot be pickled: {exc}"
             )
             error.__cause__ = exc
@@ -383,10 +383,10 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
             # Large buffers go beside the pickle, framed when a worker is
             # chosen (into its shared area if there is room).
             sent = _buffers.outgoing(buffers, snapshot=True)
-            item = _core.WorkItem(future, task_id, payload, fn, timeout, kind, chunk, sent)
+            item = _futures.WorkItem(future, task_id, payload, fn, timeout, kind, chunk, sent)
         else:
             frame = _worker.task_frame(task_id, payload)
-            item = _core.WorkItem(future, task_id, frame, fn, timeout, kind, chunk)
+            item = _futures.WorkItem(future, task_id, frame, fn, timeout, kind, chunk)
         core.submit(item)
         return future
 
@@ -405,7 +405,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         return "the call"
 
     def options(
-        self, *, timeout: Any = _core.UNSET, task_type: Optional[str] = None
+        self, *, timeout: Any = _futures.UNSET, task_type: Optional[str] = None
     ) -> TaskOptions:
         """Submit with per-task options, leaving the task's own keywords alone.
 
@@ -415,7 +415,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         out, the pool's ``task_timeout`` applies.  ``task_type`` names the
         task's type for the pool's ``type_limits``.
         """
-        if timeout is _core.UNSET:
+        if timeout is _futures.UNSET:
             timeout = self._task_timeout
         else:
             timeout = _check_timeout("timeout", timeout)
@@ -849,7 +849,7 @@ def _result_chunks(
                 error: Any = chunk[failed]
                 del chunk[failed:]  # the map ends at the failed call
                 yield _handed_out(chunk)
-                raise _core.exception_from_payload(memoryview(error.payload))
+                raise _futures.exception_from_payload(memoryview(error.payload))
             yield _handed_out(chunk)
             del chunk
     finally:

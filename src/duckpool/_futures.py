@@ -1,10 +1,28 @@
-"""Settling futures from whichever path gets there first (result, death, cancel, shutdown)."""
+"""A pool's tasks and their futures: ``WorkItem``, ``PoolFuture``, and
+settling a future from whichever path gets there first (result, death,
+cancel, shutdown)."""
 
 from __future__ import annotations
 
+import itertools
+import pickle
+import threading
+import time
 from concurrent.futures import Future
-from typing import Any
+from concurrent.futures import _base as _futures_base
+from concurrent.futures.process import _RemoteTraceback
+from typing import Any, Optional, Protocol, TypeVar
 
+#: A future's states once it is resolved (or cancelled).
+DONE_STATES = frozenset(
+    {_futures_base.CANCELLED, _futures_base.CANCELLED_AND_NOTIFIED, _futures_base.FINISHED}
+)
+
+
+class _Helper(Protocol):
+    """What a ``PoolFuture`` asks to read its result in the waiting thread."""
+
+    def help_resolve(self, future: Future[Any], timeout: Optional[float]) -> None: ...
 
 def notify_if_cancelled(future: Future[Any]) -> None:
     """Let ``concurrent.futures.wait`` see a cancelled future as done.
@@ -32,3 +50,198 @@ def set_exception(future: Future[Any], error: BaseException) -> None:
         future.set_exception(error)
     except Exception:  # cancelled or already resolved by a racing path
         notify_if_cancelled(future)
+
+
+_T = TypeVar("_T")
+
+_task_ids = itertools.count(1)
+
+#: An argument left out (where ``None`` has a meaning of its own).
+UNSET: Any = object()
+
+
+def next_task_id() -> int:
+    return next(_task_ids)
+
+
+def callable_label(fn: object) -> str:
+    """A short human name for a task's callable, for error messages."""
+    import functools
+
+    if isinstance(fn, functools.partial):
+        return callable_label(fn.func)
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+    if name is None:
+        return repr(fn)
+    module = getattr(fn, "__module__", None)
+    return f"{module}.{name}" if module else str(name)
+
+
+def exception_from_payload(payload: memoryview) -> BaseException:
+    """Rebuild a worker's exception, chaining its remote traceback.
+
+    The cause is the standard library's own ``_RemoteTraceback`` (its text in
+    ``.tb``), so code written against the stdlib's executor reads it unchanged.
+    """
+    exc, tb_text = pickle.loads(payload)
+    exc.__cause__ = _RemoteTraceback(tb_text)
+    return exc  # type: ignore[no-any-return]
+
+
+class WorkItem:
+    """One submitted call, from submit() until its future is resolved."""
+
+    __slots__ = (
+        "buffers",
+        "chunk",
+        "fn",
+        "frame",
+        "future",
+        "in_area",
+        "kind",
+        "size",
+        "started",
+        "submitted",
+        "task_id",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        future: Future[Any],
+        task_id: int,
+        frame: bytes,
+        fn: object,
+        timeout: Optional[float],
+        kind: Optional[str] = None,
+        chunk: bool = False,
+        buffers: Optional[list[tuple[int, memoryview]]] = None,
+    ) -> None:
+        self.future = future
+        self.task_id = task_id
+        #: The task as written to the worker's pipe (length header included);
+        #: with ``buffers``, only the pickle (see ``PoolCore.frames_of``).
+        self.frame = frame
+        #: The call's out-of-band buffers (``_buffers.outgoing``), if any.
+        self.buffers = buffers
+        #: Bytes this task puts in a worker's pipe or area.
+        self.size = len(frame)
+        if buffers:
+            self.size += sum(view.nbytes for _, view in buffers)
+        #: Its buffers went into the shared area of the worker it was sent to.
+        self.in_area = False
+        #: The callable, kept only to name the task in error messages.
+        self.fn = fn
+        self.timeout = timeout
+        #: set_running_or_notify_cancel() has been called on the future.
+        self.started = False
+        #: The task type, for per-type concurrency caps (``type_limits``).
+        self.kind = kind
+        #: A chunk of a ``map``: one may wait in a worker's pipe behind another.
+        self.chunk = chunk
+        self.submitted = time.monotonic()
+
+    @property
+    def label(self) -> str:
+        return callable_label(self.fn)
+
+
+_LAZY_CONDITION_LOCK = threading.Lock()
+
+
+class PoolFuture(Future[_T]):
+    """The future a pool's ``submit()`` returns.
+
+    A thread that blocks on ``result()`` or ``exception()`` reads the task's
+    result from its worker itself, when it can (``_pool._assist.Assists.help_resolve``),
+    instead of sleeping until the dispatcher thread wakes it.
+
+    Its ``threading.Condition`` (two thirds of a future's memory: a deque,
+    an RLock, five bound methods) is made when first used, which for a task
+    still queued is never: a long queue costs a third as much.  Nor is it
+    made for a future nobody waits on by it: its caller read the result
+    itself, or asked once it was there.  A waiter, a callback and
+    ``concurrent.futures.wait`` all take the condition first; until one has,
+    the pool moves the future on under ``_LAZY_CONDITION_LOCK`` alone, with
+    no one to notify.
+    """
+
+    def __init__(self, core: _Helper) -> None:
+        # Future.__init__'s fields (the same on 3.9 to 3.13), but the condition.
+        self._state = _futures_base.PENDING
+        self._result = None
+        self._exception = None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Any] = []
+        self._duckpool_core = core
+
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
+        condition = self.__dict__.get("_lazy_condition")
+        if condition is None:
+            with _LAZY_CONDITION_LOCK:  # one condition per future, whoever asks first
+                condition = self.__dict__.get("_lazy_condition")
+                if condition is None:
+                    condition = self.__dict__["_lazy_condition"] = threading.Condition()
+        return condition  # type: ignore[no-any-return]
+
+    def done(self) -> bool:
+        return self._state in DONE_STATES
+
+    def result(self, timeout: Optional[float] = None) -> _T:
+        if self._state not in DONE_STATES:
+            timeout = self._help(timeout)
+        if self._state == _futures_base.FINISHED:
+            error = self._exception
+            if error is None:
+                return self._result  # type: ignore[return-value]
+            try:
+                raise error
+            finally:
+                del error, self  # no cycle: error -> traceback -> this frame -> self
+        return super().result(timeout)
+
+    def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
+        if self._state not in DONE_STATES:
+            timeout = self._help(timeout)
+        if self._state == _futures_base.FINISHED:
+            return self._exception
+        return super().exception(timeout)
+
+    def set_running_or_notify_cancel(self) -> bool:
+        with _LAZY_CONDITION_LOCK:
+            if "_lazy_condition" not in self.__dict__:  # nobody waits: nobody to notify
+                if self._state == _futures_base.PENDING:
+                    self._state = _futures_base.RUNNING
+                    return True
+                if self._state == _futures_base.CANCELLED:
+                    self._state = _futures_base.CANCELLED_AND_NOTIFIED
+                    return False
+        return super().set_running_or_notify_cancel()
+
+    def set_result(self, result: _T) -> None:
+        with _LAZY_CONDITION_LOCK:
+            if "_lazy_condition" not in self.__dict__ and self._state not in DONE_STATES:
+                self._result = result
+                self._state = _futures_base.FINISHED
+                return
+        super().set_result(result)
+
+    def set_exception(self, exception: Optional[BaseException]) -> None:
+        with _LAZY_CONDITION_LOCK:
+            if "_lazy_condition" not in self.__dict__ and self._state not in DONE_STATES:
+                self._exception = exception
+                self._state = _futures_base.FINISHED
+                return
+        super().set_exception(exception)
+
+    def _help(self, timeout: Optional[float]) -> Optional[float]:
+        """Help resolve this future; return what is left of ``timeout``."""
+        if timeout is None:
+            self._duckpool_core.help_resolve(self, None)
+            return None
+        if timeout <= 0:
+            return timeout
+        started = time.monotonic()
+        self._duckpool_core.help_resolve(self, timeout)
+        return max(0.0, timeout - (time.monotonic() - started))

@@ -304,7 +304,7 @@ class Launcher:
         slot.used = True
         slot.reserved = slot.requested = False
         if slot.outbox:  # what it took while reserved
-            core.flush(slot)
+            core.transport.flush(slot)
 
     def may_start(self) -> bool:
         """May workers be started (the pool is neither broken nor being killed)?"""

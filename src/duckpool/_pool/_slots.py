@@ -17,8 +17,8 @@ if TYPE_CHECKING:
     from multiprocessing import connection as mp_connection
 
     from duckpool import _buffers, _worker
-    from duckpool._core import WorkItem
     from duckpool._errors import WorkerDiedError
+    from duckpool._futures import WorkItem
 
 
 class WorkerProcess(Protocol):

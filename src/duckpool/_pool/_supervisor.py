@@ -23,13 +23,14 @@ import weakref
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Optional
 
-from duckpool import _child, _worker, _zygote
+from duckpool import _child, _zygote
 from duckpool._errors import TaskTimeoutError, WorkerDiedError, describe_exit
 from duckpool._futures import set_exception
 from duckpool._pool._slots import Stopping
 
 if TYPE_CHECKING:
-    from duckpool._core import PoolCore, WorkItem
+    from duckpool._core import PoolCore
+    from duckpool._futures import WorkItem
     from duckpool._pool._slots import Slot, WorkerProcess
 
 #: How long shutdown waits for an idle worker to exit before terminating it.
@@ -193,13 +194,7 @@ class Supervisor:
             processes = []
             for slot in core.slots:
                 if slot.process is not None and slot.task_conn is not None:
-                    # (With an outbox, a frame is half written: _reap stops it.)
-                    if not slot.outbox and not slot.stop_sent:
-                        try:
-                            os.write(slot.task_conn.fileno(), _worker.wire(b""))
-                        except OSError:
-                            pass
-                        slot.stop_sent = True
+                    core.transport.send_stop(slot)  # (with an outbox: reap stops it)
                     processes.append(slot.process)
                 if slot.successor is not None:
                     core.let_go(slot.successor)
