@@ -120,12 +120,11 @@ import select
 import signal
 import threading
 import time
-from collections import deque
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import connection as mp_connection
 from multiprocessing.context import BaseContext
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from duckpool import _buffers, _child, _logs, _process_pools, _threads, _worker, _zygote
 from duckpool._admission import Admission
@@ -144,6 +143,7 @@ from duckpool._pool import _transport
 from duckpool._pool._counters import Counters, percentile, rss_of
 from duckpool._pool._launcher import EXIT_POLL_SECONDS, Launcher, ZygoteTag
 from duckpool._pool._quarantine import Quarantine
+from duckpool._pool._scheduler import Scheduler
 from duckpool._pool._slots import Assist, Slot, Spare
 from duckpool._pool._supervisor import (
     KILL_GRACE_SECONDS,
@@ -236,7 +236,6 @@ class PoolCore:
         #: Set in a forked child's copy (cheaper to test than os.getpid()).
         self.inherited = False
         self.lock = threading.Lock()
-        self.pending: deque[WorkItem] = deque()
         #: How many workers the pool runs now (``resize`` changes it).  Slots
         #: at or past it are surplus: they take no work and go once idle.
         self.size = settings.max_workers
@@ -294,6 +293,8 @@ class PoolCore:
         self.supervisor = Supervisor(self)
         #: Writes to the workers' task pipes.
         self.transport = Transport(self)
+        #: The queue, and which worker gets which item.
+        self.scheduler = Scheduler(self)
         # The process's one registry of live pools, which Dask executors join
         # too: its fork and exit hooks, and drain_all, reach every pool.
         _process_pools.LIVE_POOLS.add(self)
@@ -328,48 +329,21 @@ class PoolCore:
         """Queue ``item``, sending it straight to an idle worker if there is one."""
         with self.lock:
             self.check_usable()
-            if self.quarantine.until and self.refuse_quarantined(item):
+            if self.quarantine.until and self.scheduler.refuse_quarantined(item):
                 return
             if self.thread is None:
                 self.ensure_started()
                 try:
-                    self.queue(item)
+                    self.scheduler.queue(item)
                 finally:
                     self.start_dispatcher()
             else:
-                self.queue(item)
-
-    def queue(self, item: WorkItem) -> None:
-        """Send ``item`` to an idle worker, else queue it (lock held)."""
-        if not self.pending and (item.kind is None or self.has_room(item.kind)):
-            for slot in self.slots:
-                if self.is_idle(slot):
-                    self.send(slot, item)
-                    return
-        # Every worker is busy: the dispatcher hands this on as results come
-        # back, several items per write.
-        self.pending.append(item)
-        if self.settings.type_limits is not None:
-            # Or a worker is idle while the items before this one wait for
-            # their type's cap: this one may go now.
-            self.dispatch_pending()
-
-    def requeue_front(self, slot: Slot) -> None:
-        """Put what ``slot`` holds and its worker never took up back at the
-        front of the queue, in order (lock held)."""
-        self.pending.extendleft(reversed(slot.assigned))
-        slot.assigned.clear()
-        slot.outbox.clear()
-        slot.queued_bytes = 0
+                self.scheduler.queue(item)
 
     def cancel(self, future: Future[Any]) -> bool:
         """Cancel a queued item, or stop the worker running it; False if unknown."""
         with self.lock:
-            for item in self.pending:
-                if item.future is future:
-                    self.pending.remove(item)
-                    break
-            else:
+            if not self.scheduler.cancel_queued(future):
                 return self._stop_assigned(future)
         future.cancel()
         _notify_if_cancelled(future)
@@ -512,161 +486,11 @@ class PoolCore:
         successors = [slot.successor for slot in self.slots if slot.successor is not None]
         return successors + self.leaving
 
-    def is_idle(self, slot: Slot) -> bool:
-        return (
-            (slot.process is not None or slot.reserved)
-            and not slot.assigned
-            and not slot.retiring
-            and slot.stopping is None
-            and slot.index < self.size
-        )
-
-    def can_prefetch(self, slot: Slot, item: WorkItem, now: float) -> bool:
-        """May ``item`` queue in the pipe of ``slot``'s busy worker?
-
-        Behind short tasks, a few; a ``map`` chunk, behind one other chunk
-        whatever its length (the worker then never waits for the next one,
-        and a map's chunks are alike, so none waits long behind another).
-        """
-        if (
-            slot.process is None
-            or slot.index >= self.size
-            or self.settings.type_limits is not None
-            or slot.retiring
-            or slot.stopping is not None
-        ):
-            return False
-        assigned = slot.assigned
-        if item.chunk and len(assigned) == 1 and assigned[0].chunk:
-            return True
-        return (
-            len(assigned) < _PREFETCH
-            and slot.queued_bytes + item.size <= _PREFETCH_BYTES
-            and slot.last_service < _PREFETCH_BEHIND_SECONDS
-            and now - slot.head_since < _PREFETCH_BEHIND_SECONDS
-        )
-
-    def assign(self, slot: Slot, item: WorkItem) -> bool:
-        """Record ``item`` as ``slot``'s; False if it was cancelled meanwhile.
-
-        The caller writes the item's frame to the worker (see ``write``).
-        """
-        if not item.started:
-            if not item.future.set_running_or_notify_cancel():
-                return False
-            item.started = True
-        if not slot.assigned:
-            slot.head_since = time.monotonic()
-            if item.timeout is not None:
-                self.wake()  # the dispatcher must now watch this deadline
-        slot.assigned.append(item)
-        slot.queued_bytes += item.size
-        slot.tasks_sent += 1
-        limit = self.settings.max_tasks_per_child
-        if limit is not None:
-            if slot.tasks_sent >= limit:
-                slot.retiring = True  # the worker is told to exit after this item
-            self.wake_for_successor(slot)
-        return True
-
     def wake_for_successor(self, slot: Slot) -> None:
         """Have the dispatcher start ``slot``'s successor if one is due now
         (lock held): it may be asleep while callers read results themselves."""
         if self.wants_successor(slot) and threading.current_thread() is not self.thread:
             self.wake()
-
-    def send(self, slot: Slot, item: WorkItem) -> None:
-        """Give one item to ``slot``'s worker."""
-        if self.assign(slot, item):
-            transport = self.transport
-            transport.write(
-                slot, item.frame if item.buffers is None else transport.frames_of(slot, [item])
-            )
-
-    def dispatch_pending(self) -> None:
-        """Hand pending items to idle workers, then queue some behind busy ones.
-
-        What one worker gets here goes out in a single write.
-        """
-        pending = self.pending
-        if not pending:
-            return
-        batches: dict[int, list[WorkItem]] = {}
-        if self.settings.type_limits is not None:
-            self.dispatch_within_limits(batches)
-        for slot in self.slots:
-            if not pending:
-                break
-            if self.is_idle(slot) and self.settings.type_limits is None:
-                item = pending.popleft()
-                if self.assign(slot, item):
-                    batches[slot.index] = [item]
-        if pending and all(slot.process is not None for slot in self.slots):
-            # (While a replacement worker is coming, it takes what is left.)
-            now = time.monotonic()
-            while pending:
-                placed = False
-                for slot in self.slots:
-                    if pending and self.can_prefetch(slot, pending[0], now):
-                        item = pending.popleft()
-                        if self.assign(slot, item):
-                            batches.setdefault(slot.index, []).append(item)
-                        placed = True
-                if not placed:
-                    break
-        for index, items in batches.items():
-            slot = self.slots[index]
-            self.transport.write(slot, self.transport.frames_of(slot, items))
-
-    def dispatch_within_limits(self, batches: dict[int, list[WorkItem]]) -> None:
-        """Hand pending items to idle workers, skipping types at their cap.
-
-        Skipped items keep their place; items behind them may go first.
-        """
-        idle = [slot for slot in self.slots if self.is_idle(slot)]
-        if not idle:
-            return
-        kept: deque[WorkItem] = deque()
-        pending = self.pending
-        while pending and idle:
-            item = pending.popleft()
-            if item.kind is not None and not self.has_room(item.kind):
-                kept.append(item)
-                continue
-            slot = idle.pop(0)
-            if self.assign(slot, item):
-                batches[slot.index] = [item]
-            else:
-                idle.insert(0, slot)
-        kept.extend(pending)
-        self.pending = kept
-
-    def has_room(self, kind: str) -> bool:
-        """May another task of type ``kind`` go to a worker now? (lock held)"""
-        limits = self.settings.type_limits
-        if limits is None or kind not in limits:
-            return True
-        running = sum(1 for s in self.slots for item in s.assigned if item.kind == kind)
-        return running < limits[kind]
-
-    def refuse_quarantined(self, item: WorkItem) -> bool:
-        """Fail ``item`` if its callable is in quarantine (lock held); True if so."""
-        error = self.quarantine.refusal(item.label, time.monotonic())
-        if error is None:
-            return False
-        _set_exception(item.future, error)
-        return True
-
-    def count_death(self, item: WorkItem) -> list[WorkItem]:
-        """A worker died running ``item``; quarantine its callable if that is
-        one death too many.  Returns the queued items that then fail (lock held)."""
-        label = item.label
-        if not self.quarantine.on_death(label, time.monotonic()):
-            return []
-        refused = [queued for queued in self.pending if queued.label == label]
-        if refused:
-            self.pending = deque(queued for queued in self.pending if queued.label != label)
-        return refused
 
     def resize(self, size: int) -> None:
         """Run ``size`` workers from now on (lock held).
@@ -715,11 +539,9 @@ class PoolCore:
                 self.broken = f"duckpool's dispatcher failed: {exc!r}"
                 self.broken_cause = exc
                 # Results read but not handed out: their items left `assigned`.
-                self.pending.extend(
-                    item for item, _, _ in self.deferred if item is not _LOG_RECORD_ITEM
-                )
+                stranded = [item for item, _, _ in self.deferred if item is not _LOG_RECORD_ITEM]
                 self.deferred.clear()
-            self.fail_everything(BrokenProcessPool(self.broken), cause=exc)
+            self.fail_everything(BrokenProcessPool(self.broken), cause=exc, also=stranded)
             self.supervisor.kill_without_bookkeeping()
         finally:
             self.launcher.close()
@@ -742,6 +564,7 @@ class PoolCore:
         launcher = self.launcher
         supervisor = self.supervisor
         transport = self.transport
+        scheduler = self.scheduler
         while True:
             with self.lock:
                 timeout = self.check_deadlines()
@@ -797,18 +620,18 @@ class PoolCore:
             with self.lock:
                 if (
                     not self.shutdown_requested
-                    or self.pending
+                    or scheduler.pending
                     or any(slot.reserved for slot in self.slots)
                 ):
                     start_error = launcher.refill_slots()
-                    self.dispatch_pending()
+                    scheduler.dispatch_pending()
                     if start_error is None:
                         start_error = self.start_successors()
                 if launcher.standby is None and launcher.zygote is not None:
                     launcher.want_standby(time.monotonic())
                 done = (
                     self.shutdown_requested
-                    and not self.pending
+                    and not scheduler.pending
                     and not any(s.assigned for s in self.slots)
                 ) or (self.broken is not None and not any(s.alive for s in self.slots))
             if start_error is not None:
@@ -1019,8 +842,11 @@ class PoolCore:
                 slot.queued_bytes -= item.size
                 slot.last_service = now - slot.head_since
                 slot.head_since = now
-            if slot.process is not None and not (self.shutdown_requested and not self.pending):
-                self.dispatch_pending()
+            scheduler = self.scheduler
+            if slot.process is not None and not (
+                self.shutdown_requested and not scheduler.pending
+            ):
+                scheduler.dispatch_pending()
             # After the next calls are on their way: the workers need not wait.
             copy_buffers = self.transport.copy_buffers
             for index, (item, status, payload) in enumerate(resolved):
@@ -1143,7 +969,7 @@ class PoolCore:
         Helping pays off when the pool is quiet; a busy pool's results come in
         batches, which the dispatcher reads more cheaply.
         """
-        if self.pending:
+        if self.scheduler.pending:
             return None
         for slot in self.slots:
             assigned = slot.assigned
@@ -1214,11 +1040,15 @@ class PoolCore:
         # itself, and may still be flushing what it logged about the failure.
         self.supervisor.stop_workers(KILL_GRACE_SECONDS)
 
-    def fail_everything(self, error: BaseException, cause: Optional[BaseException]) -> None:
-        """Fail every pending and assigned future with ``error``."""
+    def fail_everything(
+        self,
+        error: BaseException,
+        cause: Optional[BaseException],
+        also: Sequence[WorkItem] = (),
+    ) -> None:
+        """Fail every pending and assigned future (and those of ``also``) with ``error``."""
         with self.lock:
-            items = list(self.pending)
-            self.pending.clear()
+            items = [*also, *self.scheduler.take_all()]
             for slot in self.slots:
                 items.extend(slot.assigned)
                 slot.assigned.clear()
@@ -1305,10 +1135,9 @@ class PoolCore:
             self.shutdown_requested = True
             cancelled: list[WorkItem] = []
             if cancel_futures:
-                cancelled = list(self.pending)
-                self.pending.clear()
+                cancelled = self.scheduler.take_all()
             started = self.thread is not None
-            if started and not self.pending:
+            if started and not self.scheduler.pending:
                 self.stop_idle_workers()
         for item in cancelled:
             item.future.cancel()
@@ -1363,7 +1192,7 @@ class PoolCore:
                 if slot.process is not None and slot.process.pid is not None
             ]
             latencies = sorted(counters.latencies)
-            pending = len(self.pending)
+            pending = len(self.scheduler.pending)
             in_flight = sum(len(slot.assigned) for slot in self.slots)
             counts = (
                 counters.completed,

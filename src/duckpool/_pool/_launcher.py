@@ -425,7 +425,7 @@ class Launcher:
                     return True
                 # (Resized away meanwhile, or the pool is ending.)
                 target.requested = target.reserved = False
-                core.requeue_front(target)
+                core.scheduler.requeue_front(target)
                 core.drop_surplus_slots()
         process.kill()
         process.close()  # its exit notice is ignored

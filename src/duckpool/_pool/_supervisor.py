@@ -94,7 +94,7 @@ class Supervisor:
                 started = ids.index(mark) + 1 if mark in ids else 0
                 for _ in range(started):
                     failed.append((assigned.popleft(), poisoned))
-                core.requeue_front(slot)
+                core.scheduler.requeue_front(slot)
             elif assigned:
                 head = assigned[0]
                 # The worker marks each task it takes up: an item it never
@@ -106,7 +106,7 @@ class Supervisor:
                     else:
                         failed.append((head, self._death_error(slot, process, head, exitcode)))
                         if core.kill_requested is None:
-                            for refused in core.count_death(head):
+                            for refused in core.scheduler.count_death(head):
                                 failed.append(
                                     (
                                         refused,
@@ -116,7 +116,7 @@ class Supervisor:
                                     )
                                 )
                 # The rest never started: back to the front of the queue.
-                core.requeue_front(slot)
+                core.scheduler.requeue_front(slot)
             if not slot.ready and not core.shutdown_requested and self_inflicted(exitcode):
                 core.startup_deaths += 1
             self.close_slot(slot)
@@ -237,9 +237,9 @@ class Supervisor:
             for slot in core.slots:
                 if slot.reserved:  # never started: what it took goes back
                     slot.reserved = False
-                    core.requeue_front(slot)
+                    core.scheduler.requeue_front(slot)
         # The worker-death path requeues what never started; nothing restarts now.
-        if core.pending and (core.broken is not None or core.kill_requested is not None):
+        if core.scheduler.pending and (core.broken is not None or core.kill_requested is not None):
             core.fail_everything(
                 BrokenProcessPool(core.broken or "the pool's workers were stopped"),
                 cause=core.broken_cause,

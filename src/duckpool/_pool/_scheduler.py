@@ -1,0 +1,251 @@
+"""The scheduler: the pool's queue, and which worker gets which item when.
+
+``pending`` is the queue of items no worker holds yet; only the scheduler
+writes it (others call ``requeue_front``, ``cancel_queued``, ``take_all``).
+An item goes to an idle worker at once; when every worker is busy, it waits
+here until a result frees one (``dispatch_pending``, run by whoever booked
+the result).  Behind a busy worker's current task, a few short tasks or one
+``map`` chunk may wait in its pipe (``can_prefetch``): the worker then never
+waits on the parent between them.  Per-type caps (``type_limits``) let
+items of other types pass one at its cap.  A callable in quarantine is
+refused here (``_quarantine``).
+
+Owns the slot's work fields: ``assigned`` (with the results, which pop its
+head), ``tasks_sent``, ``head_since``, ``queued_bytes`` and ``retiring``.
+Every method runs with the pool's lock held.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from duckpool._futures import set_exception
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from duckpool._core import PoolCore
+    from duckpool._futures import WorkItem
+    from duckpool._pool._slots import Slot
+
+#: Items a worker may hold at once (one running, the rest queued in its pipe),
+#: so it never waits on the parent between small tasks.
+PREFETCH = 16
+#: Work is queued behind a worker's current task only if its last task took
+#: less than this and the current one has not run longer: a task queued behind
+#: a long one would wait for it while another worker may be free.
+PREFETCH_BEHIND_SECONDS = 0.001
+#: Never queue more than this many unread bytes in a task pipe, so a write to a
+#: busy worker cannot block (Linux pipes buffer 64 KiB).
+PREFETCH_BYTES = 32 * 1024
+
+
+class Scheduler:
+    """Owns a pool's queue and hands its items to workers."""
+
+    def __init__(self, core: PoolCore) -> None:
+        self._core: PoolCore = weakref.proxy(core)
+        # Fixed for the pool's life: held directly (the hot path reads them).
+        self._type_limits = core.settings.type_limits
+        self._max_tasks_per_child = core.settings.max_tasks_per_child
+        self._transport = core.transport
+        self._quarantine = core.quarantine
+        #: Items no worker holds yet, in order.
+        self.pending: deque[WorkItem] = deque()
+
+    def queue(self, item: WorkItem) -> None:
+        """Send ``item`` to an idle worker, else queue it (lock held)."""
+        core = self._core
+        if not self.pending and (item.kind is None or self.has_room(item.kind)):
+            for slot in core.slots:
+                if self.is_idle(slot):
+                    self.send(slot, item)
+                    return
+        # Every worker is busy: the dispatcher hands this on as results come
+        # back, several items per write.
+        self.pending.append(item)
+        if self._type_limits is not None:
+            # Or a worker is idle while the items before this one wait for
+            # their type's cap: this one may go now.
+            self.dispatch_pending()
+
+    def requeue_front(self, slot: Slot) -> None:
+        """Put what ``slot`` holds and its worker never took up back at the
+        front of the queue, in order (lock held)."""
+        self.pending.extendleft(reversed(slot.assigned))
+        slot.assigned.clear()
+        slot.outbox.clear()
+        slot.queued_bytes = 0
+
+    def is_idle(self, slot: Slot) -> bool:
+        core = self._core
+        return (
+            (slot.process is not None or slot.reserved)
+            and not slot.assigned
+            and not slot.retiring
+            and slot.stopping is None
+            and slot.index < core.size
+        )
+
+    def can_prefetch(self, slot: Slot, item: WorkItem, now: float) -> bool:
+        """May ``item`` queue in the pipe of ``slot``'s busy worker?
+
+        Behind short tasks, a few; a ``map`` chunk, behind one other chunk
+        whatever its length (the worker then never waits for the next one,
+        and a map's chunks are alike, so none waits long behind another).
+        """
+        core = self._core
+        if (
+            slot.process is None
+            or slot.index >= core.size
+            or self._type_limits is not None
+            or slot.retiring
+            or slot.stopping is not None
+        ):
+            return False
+        assigned = slot.assigned
+        if item.chunk and len(assigned) == 1 and assigned[0].chunk:
+            return True
+        return (
+            len(assigned) < PREFETCH
+            and slot.queued_bytes + item.size <= PREFETCH_BYTES
+            and slot.last_service < PREFETCH_BEHIND_SECONDS
+            and now - slot.head_since < PREFETCH_BEHIND_SECONDS
+        )
+
+    def assign(self, slot: Slot, item: WorkItem) -> bool:
+        """Record ``item`` as ``slot``'s; False if it was cancelled meanwhile.
+
+        The caller writes the item's frame to the worker (``Transport.write``).
+        """
+        core = self._core
+        if not item.started:
+            if not item.future.set_running_or_notify_cancel():
+                return False
+            item.started = True
+        if not slot.assigned:
+            slot.head_since = time.monotonic()
+            if item.timeout is not None:
+                core.wake()  # the dispatcher must now watch this deadline
+        slot.assigned.append(item)
+        slot.queued_bytes += item.size
+        slot.tasks_sent += 1
+        limit = self._max_tasks_per_child
+        if limit is not None:
+            if slot.tasks_sent >= limit:
+                slot.retiring = True  # the worker is told to exit after this item
+            core.wake_for_successor(slot)
+        return True
+
+    def send(self, slot: Slot, item: WorkItem) -> None:
+        """Give one item to ``slot``'s worker."""
+        if self.assign(slot, item):
+            transport = self._transport
+            transport.write(
+                slot, item.frame if item.buffers is None else transport.frames_of(slot, [item])
+            )
+
+    def dispatch_pending(self) -> None:
+        """Hand pending items to idle workers, then queue some behind busy ones.
+
+        What one worker gets here goes out in a single write.
+        """
+        core = self._core
+        pending = self.pending
+        if not pending:
+            return
+        batches: dict[int, list[WorkItem]] = {}
+        if self._type_limits is not None:
+            self.dispatch_within_limits(batches)
+        for slot in core.slots:
+            if not pending:
+                break
+            if self.is_idle(slot) and self._type_limits is None:
+                item = pending.popleft()
+                if self.assign(slot, item):
+                    batches[slot.index] = [item]
+        if pending and all(slot.process is not None for slot in core.slots):
+            # (While a replacement worker is coming, it takes what is left.)
+            now = time.monotonic()
+            while pending:
+                placed = False
+                for slot in core.slots:
+                    if pending and self.can_prefetch(slot, pending[0], now):
+                        item = pending.popleft()
+                        if self.assign(slot, item):
+                            batches.setdefault(slot.index, []).append(item)
+                        placed = True
+                if not placed:
+                    break
+        for index, items in batches.items():
+            slot = core.slots[index]
+            self._transport.write(slot, self._transport.frames_of(slot, items))
+
+    def dispatch_within_limits(self, batches: dict[int, list[WorkItem]]) -> None:
+        """Hand pending items to idle workers, skipping types at their cap.
+
+        Skipped items keep their place; items behind them may go first.
+        """
+        core = self._core
+        idle = [slot for slot in core.slots if self.is_idle(slot)]
+        if not idle:
+            return
+        kept: deque[WorkItem] = deque()
+        pending = self.pending
+        while pending and idle:
+            item = pending.popleft()
+            if item.kind is not None and not self.has_room(item.kind):
+                kept.append(item)
+                continue
+            slot = idle.pop(0)
+            if self.assign(slot, item):
+                batches[slot.index] = [item]
+            else:
+                idle.insert(0, slot)
+        kept.extend(pending)
+        self.pending = kept
+
+    def has_room(self, kind: str) -> bool:
+        """May another task of type ``kind`` go to a worker now? (lock held)"""
+        core = self._core
+        limits = self._type_limits
+        if limits is None or kind not in limits:
+            return True
+        running = sum(1 for s in core.slots for item in s.assigned if item.kind == kind)
+        return running < limits[kind]
+
+    def refuse_quarantined(self, item: WorkItem) -> bool:
+        """Fail ``item`` if its callable is in quarantine (lock held); True if so."""
+        error = self._quarantine.refusal(item.label, time.monotonic())
+        if error is None:
+            return False
+        set_exception(item.future, error)
+        return True
+
+    def count_death(self, item: WorkItem) -> list[WorkItem]:
+        """A worker died running ``item``; quarantine its callable if that is
+        one death too many.  Returns the queued items that then fail (lock held)."""
+        label = item.label
+        if not self._quarantine.on_death(label, time.monotonic()):
+            return []
+        refused = [queued for queued in self.pending if queued.label == label]
+        if refused:
+            self.pending = deque(queued for queued in self.pending if queued.label != label)
+        return refused
+
+    def cancel_queued(self, future: Future[Any]) -> bool:
+        """Take ``future``'s item out of the queue; False if it is not there."""
+        for item in self.pending:
+            if item.future is future:
+                self.pending.remove(item)
+                return True
+        return False
+
+    def take_all(self) -> list[WorkItem]:
+        """Empty the queue; what it held, in order (to fail or cancel)."""
+        items = list(self.pending)
+        self.pending.clear()
+        return items
