@@ -478,15 +478,15 @@ def test_an_error_in_the_dispatcher_resolves_every_future(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
-    from duckpool import _core
+    from duckpool._pool import _results
 
-    def broken_on_results(self: object, slot: object) -> None:
+    def broken_on_results(self: object, slot: object, *args: object, **kwargs: object) -> None:
         raise RuntimeError("injected dispatcher fault")
 
     gate = tmp_path / "gate"
     running = executor.submit(tasks.wait_for_file, str(gate), 5)
     queued = [executor.submit(tasks.add, i, 0) for i in range(10)]
-    monkeypatch.setattr(_core.PoolCore, "on_results", broken_on_results)
+    monkeypatch.setattr(_results.ResultBook, "on_results", broken_on_results)
     gate.touch()  # the running task's result now reaches the broken handler
     _, not_done = concurrent.futures.wait([running, *queued], TIMEOUT)
     assert not not_done

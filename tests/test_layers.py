@@ -174,9 +174,15 @@ def test_every_name_the_data_flow_diagram_mentions_exists(module: str) -> None:
     assert mentioned, "the diagram names no Class.member: the check checks nothing"
     missing = [f"{c}.{m}" for c, m in sorted(mentioned) if m not in classes.get(c, set())]
     assert not missing, missing
+    # The owners' table: "    Scheduler .... what it owns".
+    owners = re.findall(r"^\s+([A-Z][A-Za-z]+) \.{2,}", doc, re.MULTILINE)
+    assert owners, "the diagram lists no owner"
+    assert not [o for o in owners if o not in classes], owners
     module_refs = set(re.findall(r"\b(_[a-z_]+)\.([a-z_]+)\b", doc))
     for mod, attr in module_refs:
-        tree = modules.get(mod)
-        assert tree is not None, mod
+        # Named by its last part (``_dispatcher`` for ``_pool._dispatcher``).
+        found = [tree for name, tree in modules.items() if name.split(".")[-1] == mod]
+        assert len(found) == 1, mod
+        tree = found[0]
         defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
         assert attr in defined, f"{mod}.{attr}"

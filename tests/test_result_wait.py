@@ -166,7 +166,7 @@ def test_poisoned_slot_fails_the_started_task_and_requeues_the_rest(
         queued = [pool.submit(tasks.add, i, 1) for i in range(3)]
         core = pool._core
         cause = KeyboardInterrupt()
-        core._poison(core.slots[0], cause)
+        core.assists.poison(core.slots[0], cause)
         with pytest.raises(duckpool.WorkerDiedError, match="interrupted") as info:
             running.result(TIMEOUT)
         assert info.value.__cause__ is cause

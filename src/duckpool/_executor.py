@@ -216,9 +216,9 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
                 quarantine_seconds=cooldown,
                 forward_logs=bool(forward_logs),
                 pool_id=pool_id,
-            )
+            ),
+            admission=self._admission,
         )
-        core.admission = self._admission
         weakref.finalize(self, core.request_shutdown, False).atexit = False
 
     # -- introspection ------------------------------------------------------------
@@ -226,7 +226,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
     @property
     def _broken(self) -> Any:  # type: ignore[override]
         """The reason the pool is broken, or False (the stdlib's attribute)."""
-        return self._core.broken or False
+        return self._core.lifecycle.broken or False
 
     @property
     def max_workers(self) -> int:
@@ -260,25 +260,14 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         """
         workers = _positive_int("max_workers", max_workers, allow_none=False)
         assert workers is not None
-        core = self._core
-        with core.lock:
-            core.check_usable()
-            core.resize(workers)
-            if core.thread is not None:
-                core.launcher.refill_slots()
-            self._max_workers = workers
+        self._core.resize(workers)
+        self._max_workers = workers
         if self._admission is not None:
             self._admission.resize(workers)
 
     def worker_pids(self) -> list[int]:
         """The pids of the live worker processes, in slot order."""
-        core = self._core
-        with core.lock:
-            return [
-                s.process.pid
-                for s in core.slots
-                if s.process is not None and s.process.pid is not None
-            ]
+        return self._core.worker_pids()
 
     # -- submitting ---------------------------------------------------------------
 
@@ -328,19 +317,8 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, got {fn!r}")
         core = self._core
-        if (
-            core.shutdown_requested
-            or core.broken is not None
-            or core.inherited
-            or _process_pools.interpreter_exiting
-        ):
-            with core.lock:
-                if not core.inherited:
-                    # Whatever else check_usable() would say: the exit hook
-                    # has stopped the pool by now (the zygote's exit may even
-                    # have marked it broken), and exit is the reason.
-                    _process_pools.raise_if_exiting()
-                core.check_usable()  # raises the error that applies
+        if not core.lifecycle.accepting or _process_pools.interpreter_exiting:
+            core.refuse()
         admission = self._admission
         if admission is None:
             return self._queue(fn, args, kwargs, timeout, kind, chunk)
@@ -568,16 +546,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         self._core.join()
 
     def __repr__(self) -> str:
-        core = self._core
-        if core.broken is not None:
-            state = "broken"
-        elif core.shutdown_requested:
-            thread = core.thread
-            state = "shutting down" if thread is not None and thread.is_alive() else "shut down"
-        elif core.thread is None:
-            state = "idle"
-        else:
-            state = "running"
+        state = self._core.state()
         return (
             f"<duckpool.ProcessPoolExecutor {state} max_workers={self._max_workers} "
             f"start_method={self.start_method!r}>"

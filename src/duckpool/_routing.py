@@ -55,7 +55,7 @@ def _backlog(manager: ProcessPoolManager) -> int:
     except RuntimeError:  # stopped meanwhile
         return 1 << 62
     core = getattr(pool, "_core", None)  # a Dask pool keeps no queue here
-    return 0 if core is None else len(core.scheduler.pending)
+    return 0 if core is None else core.backlog()
 
 
 def submit_task(

@@ -38,11 +38,15 @@ import weakref
 from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
 from duckpool import _child, _logs, _spawn, _worker, _zygote
+from duckpool._pool._slots import ResultReady, WorkerExit
 
 if TYPE_CHECKING:
     from duckpool._core import PoolCore
     from duckpool._pool._slots import Slot, WorkerProcess
 
+#: Workers that fail by themselves before they are ready (an exit code, or a
+#: crash signal), in a row, before the pool gives up instead of respawning.
+MAX_STARTUP_DEATHS = 3
 #: How long starts may keep failing (transiently) before the pool breaks.
 START_GIVE_UP_SECONDS = 30.0
 #: The first wait before a failed start is tried again; it doubles per
@@ -109,6 +113,11 @@ class Launcher:
         #: The parent's logger levels when the workers started, for them to
         #: mirror; None unless the pool forwards logs.
         self.log_levels: Optional[dict[str, int]] = None
+        #: Processes in a row that failed by themselves before they were
+        #: ready (see ``count_startup_death``).
+        self.startup_deaths = 0
+        #: How long a worker takes from its start to ready, lately (seconds).
+        self.start_seconds = 0.0
         #: Transient start failures in a row: since when, and when to retry.
         self.failing_since: Optional[float] = None
         self.failures = 0
@@ -227,7 +236,7 @@ class Launcher:
         spare = slot.successor
         if spare is not None:
             slot.successor = None
-            self._core.unwatch_spare(spare)
+            self._core.successors.unwatch(spare)
             self.install_worker(slot, spare.process, spare.task_conn, spare.result_conn)
             slot.launched_at = spare.launched_at
             return
@@ -295,9 +304,9 @@ class Launcher:
         slot.task_conn = task_w
         slot.result_conn = result_r
         slot.reader = _worker.FrameReader(result_r.fileno())
-        core.selector.register(result_r, (True, slot))
+        core.selector.register(result_r, ResultReady(slot))
         if process.sentinel is not None:
-            core.selector.register(process.sentinel, (False, slot))
+            core.selector.register(process.sentinel, WorkerExit(slot))
         slot.process = process  # the other fields were reset when the slot closed
         if slot.used:
             core.counters.restarts += 1
@@ -306,12 +315,24 @@ class Launcher:
         if slot.outbox:  # what it took while reserved
             core.transport.flush(slot)
 
+    def on_ready(self, slot: Slot, now: float) -> None:
+        """``slot``'s worker sent READY (lock held): its start is over."""
+        slot.ready = True
+        self.startup_deaths = 0
+        if slot.launched_at is not None:
+            took = now - slot.launched_at
+            self.start_seconds = took if not self.start_seconds else (self.start_seconds + took) / 2
+            slot.launched_at = None
+
+    def count_startup_death(self) -> bool:
+        """A process died by itself before it was ready (lock held); True if
+        that is ``MAX_STARTUP_DEATHS`` in a row: the pool gives up."""
+        self.startup_deaths += 1
+        return self.startup_deaths >= MAX_STARTUP_DEATHS
+
     def may_start(self) -> bool:
         """May workers be started (the pool is neither broken nor being killed)?"""
-        core = self._core
-        return (
-            core.broken is None and core.kill_requested is None and core.initializer_error is None
-        )
+        return self._core.lifecycle.may_start_workers()
 
     def may_start_now(self, now: float) -> bool:
         """``may_start``, and no failed start is being backed off from."""
@@ -353,6 +374,25 @@ class Launcher:
         self.retry_at = now + min(_RETRY_MAX_SECONDS, _RETRY_FIRST_SECONDS * 2**self.failures)
         self.failures += 1
         return None
+
+    def before_wait(self, now: float) -> Optional[float]:
+        """The dispatcher is about to sleep (lock held): take a zygote that
+        stopped answering as dead; seconds until the launcher must act
+        (None: nothing is due)."""
+        if self.asked_at is not None:
+            self.check_answers(now)
+        wait = None
+        if self.failing_since is not None or self.standby_due or self.asked_at is not None:
+            wait = self.wake_in(now)
+        if self.polls_exits and (wait is None or wait > EXIT_POLL_SECONDS):
+            wait = EXIT_POLL_SECONDS
+        return wait
+
+    def after_pass(self, now: float) -> None:
+        """The dispatcher's pass is over (lock held): a zygote without a
+        standby asks for one, after a delay."""
+        if self.standby is None and self.zygote is not None:
+            self.want_standby(now)
 
     def wake_in(self, now: float) -> Optional[float]:
         """Seconds until the dispatcher has launcher work to do: a failed
@@ -407,7 +447,7 @@ class Launcher:
                 for slot in core.slots:
                     slot.requested = False  # asked again at the retry
             if error is not None:
-                core.mark_broken(f"could not start a worker process: {error!r}", error)
+                core.supervisor.mark_broken(f"could not start a worker process: {error!r}", error)
             return False
         if started is None:  # its sentinel says how it died
             core.selector.unregister(zygote.control)
@@ -420,7 +460,12 @@ class Launcher:
             self.asked_at = time.monotonic()  # it answers: not hung
             target = core.slots[index] if index < len(core.slots) else None
             if target is not None and target.requested:
-                if index < core.size and core.broken is None and core.kill_requested is None:
+                lifecycle = core.lifecycle
+                if (
+                    index < core.size
+                    and lifecycle.broken is None
+                    and lifecycle.kill_requested is None
+                ):
                     self.install_worker(target, process, task_w, result_r)
                     return True
                 # (Resized away meanwhile, or the pool is ending.)
@@ -440,7 +485,7 @@ class Launcher:
             wanted = (
                 zygote is self.zygote
                 and self.standby is None
-                and not core.shutdown_requested
+                and not core.lifecycle.shutdown_requested
                 and self.may_start()
             )
             if wanted:
@@ -461,7 +506,7 @@ class Launcher:
             or self.standby is not None
             or zygote.standby_requested
             or self.parent_pidfd is None  # a standby is watched through pidfds
-            or core.shutdown_requested
+            or core.lifecycle.shutdown_requested
             or self.finishing
         ):
             self.standby_due = 0.0
@@ -484,7 +529,10 @@ class Launcher:
         exited_children = zygote.read_notices()
         with core.lock:
             exited = [s for s in core.slots if s.process in exited_children]
-            core.spare_exits.extend(s for s in core.spares() if s.process in exited_children)
+            successors = core.successors
+            successors.exits.extend(
+                s for s in successors.spares() if s.process in exited_children
+            )
         if died:
             exited.extend(self.on_zygote_death(zygote))
         return exited
@@ -529,10 +577,10 @@ class Launcher:
                     if not process.is_alive():
                         exited.append(slot)
                     elif process.sentinel is not None:  # else polled (poll_exits)
-                        core.selector.register(process.sentinel, (False, slot))
-            for spare in core.spares():
+                        core.selector.register(process.sentinel, WorkerExit(slot))
+            for spare in core.successors.spares():
                 if spare.process in orphans:
-                    core.spare_exits.append(spare)
+                    core.successors.exits.append(spare)
             self.zygote = self.standby
             self.standby = None
             if self.zygote is None:

@@ -137,7 +137,7 @@ class Scheduler:
         if limit is not None:
             if slot.tasks_sent >= limit:
                 slot.retiring = True  # the worker is told to exit after this item
-            core.wake_for_successor(slot)
+            core.successors.wake_for(slot)
         return True
 
     def send(self, slot: Slot, item: WorkItem) -> None:

@@ -38,6 +38,18 @@ class WorkerProcess(Protocol):
     def close(self) -> None: ...
 
 
+
+class ResultReady(NamedTuple):
+    """The dispatcher's tag of a worker's result pipe."""
+
+    slot: Slot
+
+
+class WorkerExit(NamedTuple):
+    """The dispatcher's tag of a worker's sentinel."""
+
+    slot: Slot
+
 class Stopping(NamedTuple):
     """A worker being stopped because its running item overran or was cancelled."""
 

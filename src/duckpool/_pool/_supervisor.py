@@ -21,14 +21,17 @@ import signal
 import time
 import weakref
 from concurrent.futures.process import BrokenProcessPool
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from duckpool import _child, _zygote
-from duckpool._errors import TaskTimeoutError, WorkerDiedError, describe_exit
+from duckpool._errors import TaskCancelledError, TaskTimeoutError, WorkerDiedError, describe_exit
 from duckpool._futures import set_exception
+from duckpool._pool._launcher import MAX_STARTUP_DEATHS
 from duckpool._pool._slots import Stopping
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from duckpool._core import PoolCore
     from duckpool._futures import WorkItem
     from duckpool._pool._slots import Slot, WorkerProcess
@@ -37,9 +40,6 @@ if TYPE_CHECKING:
 STOP_GRACE_SECONDS = 5.0
 #: How long a worker stopped with SIGTERM (timeout, cancel) gets before SIGKILL.
 KILL_GRACE_SECONDS = 1.0
-#: Workers that fail by themselves before they are ready (an exit code, or a
-#: crash signal), in a row, before the pool gives up instead of respawning.
-MAX_STARTUP_DEATHS = 3
 #: Signals a process sends itself by failing (a crash loop), as opposed to
 #: signals sent from outside (SIGKILL, SIGTERM, ...), which are not its fault.
 _CRASH_SIGNALS = frozenset(
@@ -66,7 +66,7 @@ class Supervisor:
         """A worker's sentinel fired: settle its items and free the slot."""
         core = self._core
         if slot.reader is not None:
-            core.on_results(slot, final=True)  # results written just before the exit
+            core.results.on_results(slot, final=True)  # results written just before the exit
         process = slot.process
         if process is None:  # already handled (e.g. killed by mark_broken)
             return
@@ -82,9 +82,9 @@ class Supervisor:
                 if isinstance(stopping.error, TaskTimeoutError):
                     counters.timed_out += 1
             elif exitcode == 0:  # it left by itself: recycled, resized away, shut down
-                if slot.index < core.size and not core.shutdown_requested:
+                if slot.index < core.size and not core.lifecycle.shutdown_requested:
                     counters.recycles += 1
-            elif core.kill_requested is None:
+            elif core.lifecycle.kill_requested is None:
                 counters.worker_deaths += 1
             if poisoned is not None:
                 # Results of tasks up to the one it last took up may be lost:
@@ -105,7 +105,7 @@ class Supervisor:
                         failed.append((head, stopping.error))
                     else:
                         failed.append((head, self._death_error(slot, process, head, exitcode)))
-                        if core.kill_requested is None:
+                        if core.lifecycle.kill_requested is None:
                             for refused in core.scheduler.count_death(head):
                                 failed.append(
                                     (
@@ -117,11 +117,14 @@ class Supervisor:
                                 )
                 # The rest never started: back to the front of the queue.
                 core.scheduler.requeue_front(slot)
-            if not slot.ready and not core.shutdown_requested and self_inflicted(exitcode):
-                core.startup_deaths += 1
+            give_up = (
+                not slot.ready
+                and not core.lifecycle.shutdown_requested
+                and self_inflicted(exitcode)
+                and core.launcher.count_startup_death()
+            )
             self.close_slot(slot)
             core.drop_surplus_slots()
-            give_up = core.startup_deaths >= MAX_STARTUP_DEATHS
         for item, error in failed:
             set_exception(item.future, error)
         self.break_if_starts_fail(give_up, exitcode)
@@ -130,11 +133,11 @@ class Supervisor:
         """After a process died: break the pool if an initializer failed, or if
         ``give_up`` (too many processes in a row died before they were ready)."""
         core = self._core
-        if core.initializer_error is not None:
-            cause = core.initializer_error
-            core.mark_broken(f"a worker's initializer failed: {cause!r}; the pool is broken", cause)
+        if core.lifecycle.initializer_error is not None:
+            cause = core.lifecycle.initializer_error
+            self.mark_broken(f"a worker's initializer failed: {cause!r}; the pool is broken", cause)
         elif give_up:
-            core.mark_broken(
+            self.mark_broken(
                 f"{MAX_STARTUP_DEATHS} worker processes in a row died before they were "
                 f"ready (the last {describe_exit(exitcode)}); the pool is broken",
                 None,
@@ -145,7 +148,7 @@ class Supervisor:
     ) -> WorkerDiedError:
         """The error of the task ``process`` was running when it died."""
         core = self._core
-        why = "" if core.kill_reason is None else f" ({core.kill_reason})"
+        why = "" if core.lifecycle.kill_reason is None else f" ({core.lifecycle.kill_reason})"
         return WorkerDiedError(
             f"worker {slot.index} (pid {process.pid}) died while running "
             f"{item.label}: {describe_exit(exitcode)}{why}",
@@ -153,6 +156,59 @@ class Supervisor:
             exitcode=exitcode,
             slot=slot.index,
         )
+
+    def cancel_running(self, future: Future[Any]) -> bool:
+        """Cancel an item a worker holds (lock held); False if none does.
+
+        The running one: its worker is stopped, and the item fails with
+        ``TaskCancelledError`` once it is gone.  One still in the worker's
+        pipe: the worker skips it when it gets there (a ``marks`` cell says
+        so), its answer is ignored, and it fails now.
+        """
+        core = self._core
+        for slot in core.slots:
+            for position, item in enumerate(slot.assigned):
+                if item.future is not future:
+                    continue
+                error = TaskCancelledError(f"task {item.label} was cancelled while running")
+                if position == 0 and core.marks[slot.index] == item.task_id:
+                    self.stop_worker(slot, item, error)
+                    core.wake()
+                else:
+                    core.marks[core.capacity + slot.index] = item.task_id
+                    set_exception(future, error)
+                return True
+        return False
+
+    def mark_broken(self, reason: str, cause: Optional[BaseException]) -> None:
+        """Break the pool for good: fail every outstanding future, stop workers."""
+        core = self._core
+        with core.lock:
+            if not core.lifecycle.break_(reason, cause):
+                return
+        self.fail_everything(BrokenProcessPool(reason), cause=cause)
+        # Not SIGKILL at once: a worker whose initializer failed is exiting by
+        # itself, and may still be flushing what it logged about the failure.
+        self.stop_workers(KILL_GRACE_SECONDS)
+
+    def fail_everything(
+        self,
+        error: BaseException,
+        cause: Optional[BaseException],
+        also: Sequence[WorkItem] = (),
+    ) -> None:
+        """Fail every pending and assigned future (and those of ``also``) with ``error``."""
+        core = self._core
+        with core.lock:
+            items = [*also, *core.scheduler.take_all()]
+            for slot in core.slots:
+                items.extend(slot.assigned)
+                slot.assigned.clear()
+                slot.queued_bytes = 0
+        if cause is not None and error.__cause__ is None:
+            error.__cause__ = cause
+        for item in items:
+            set_exception(item.future, error)
 
     def close_slot(self, slot: Slot) -> None:
         """Forget the slot's process and close its pipes (lock held)."""
@@ -197,14 +253,14 @@ class Supervisor:
                     core.transport.send_stop(slot)  # (with an outbox: reap stops it)
                     processes.append(slot.process)
                 if slot.successor is not None:
-                    core.let_go(slot.successor)
-            spares = list(core.leaving)
+                    core.successors.let_go(slot.successor)
+            spares = list(core.successors.leaving)
         core.launcher.finish()
         reap(processes + [spare.process for spare in spares], grace)
         with core.lock:
             for slot in core.slots:
                 self.close_slot(slot)
-            core.close_spares(spares)
+            core.successors.close_reaped(spares)
 
     def kill_all_workers(self, signum: int = signal.SIGKILL) -> None:
         """Signal every worker, then settle their items as worker deaths.
@@ -215,9 +271,9 @@ class Supervisor:
         core = self._core
         with core.lock:
             live = [s for s in core.slots if s.process is not None]
-            spares = core.spares()
+            spares = core.successors.spares()
             for spare in spares:
-                core.let_go(spare)
+                core.successors.let_go(spare)
         processes = [slot.process for slot in live if slot.process is not None]
         processes += [spare.process for spare in spares]
         for process in processes:
@@ -233,23 +289,26 @@ class Supervisor:
         for spare in spares:
             spare.process.join(KILL_GRACE_SECONDS)
         with core.lock:
-            core.close_spares(spares)
+            core.successors.close_reaped(spares)
             for slot in core.slots:
                 if slot.reserved:  # never started: what it took goes back
                     slot.reserved = False
                     core.scheduler.requeue_front(slot)
         # The worker-death path requeues what never started; nothing restarts now.
-        if core.scheduler.pending and (core.broken is not None or core.kill_requested is not None):
-            core.fail_everything(
-                BrokenProcessPool(core.broken or "the pool's workers were stopped"),
-                cause=core.broken_cause,
+        lifecycle = core.lifecycle
+        if core.scheduler.pending and (
+            lifecycle.broken is not None or lifecycle.kill_requested is not None
+        ):
+            self.fail_everything(
+                BrokenProcessPool(lifecycle.broken or "the pool's workers were stopped"),
+                cause=lifecycle.broken_cause,
             )
 
     def kill_without_bookkeeping(self) -> None:
         """SIGKILL and reap every worker, relying on nothing that may have failed."""
         core = self._core
         processes = [s.process for s in core.slots if s.process is not None]
-        processes += [spare.process for spare in core.spares()]
+        processes += [spare.process for spare in core.successors.spares()]
         for process in processes:
             try:
                 signal_process(process, signal.SIGKILL)

@@ -17,7 +17,6 @@ method runs with the pool's lock held.
 from __future__ import annotations
 
 import os
-import threading
 import weakref
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -84,7 +83,7 @@ class Transport:
         if rest:
             slot.outbox.extend(rest)
             core = self._core
-            if threading.current_thread() is core.thread:
+            if core.dispatcher.is_current():
                 core.selector.register(slot.task_conn, Writable(slot), write=True)
             else:
                 core.wake()  # the dispatcher watches the pipe (see watch_outboxes)
@@ -131,7 +130,7 @@ class Transport:
         to the result a caller reads itself, the first often)."""
         slot.area_offer = offer
         core = self._core
-        if threading.current_thread() is core.thread:
+        if core.dispatcher.is_current():
             self.attach_offered_area(slot)
         else:
             core.wake()

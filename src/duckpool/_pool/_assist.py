@@ -1,0 +1,182 @@
+"""Caller assist: a thread blocked in ``result()`` reads its worker's result itself.
+
+Otherwise it would sleep until the dispatcher reads the result and wakes it:
+two thread wake-ups per round trip, each costing more than a tiny task.
+When the pool is quiet (the future's worker holds only that task and nothing
+is queued), the dispatcher's waiter stops watching that one result pipe
+(``Waiter.pause``) for a short window, and the caller reads it through the
+``ResultBook``, under the slot's ``read_lock`` as the dispatcher would.  The
+window ends when the result is booked, when it closes, or, if an exception
+raised in the caller (Ctrl-C) cuts the clean-up short, when the dispatcher
+takes the pipe back after a grace (``Deadlines.check``).  A read cut short
+between reading bytes and booking them may have lost a frame: the worker is
+then killed (``poison``) and its items settled as after any death.
+
+Owns the slot's ``assist`` and ``poisoned``.  ``help_resolve`` and
+``poison`` take the pool's lock themselves; ``end_assist`` expects it held.
+"""
+
+from __future__ import annotations
+
+import select
+import signal
+import time
+import weakref
+from typing import TYPE_CHECKING, Any, Optional
+
+from duckpool._errors import WorkerDiedError
+from duckpool._pool._slots import Assist
+from duckpool._pool._supervisor import signal_process
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from duckpool._core import PoolCore
+    from duckpool._pool._slots import Slot
+
+#: How long a thread blocked in ``result()`` reads its task's result pipe
+#: itself before it leaves that to the dispatcher again (see ``help_resolve``).
+#: Long enough for any short task; a long one is then waited for as usual.
+ASSIST_SECONDS = 0.005
+#: How long past that window the dispatcher waits before it takes the pipe
+#: back from a helper that never gave it back (an exception cut it short).
+ASSIST_GRACE_SECONDS = 0.5
+#: A worker whose last task took less than this (as seen from here, round trip
+#: included) is polled without sleeping for up to twice that long, before the
+#: helper sleeps in poll(): waking a sleeping thread costs as much as such a
+#: task.  One thread per pool at a time.
+SPIN_SECONDS = 0.0005
+
+
+class Assists:
+    """Lends a quiet slot's result pipe to the caller waiting on its task."""
+
+    def __init__(self, core: PoolCore) -> None:
+        self._core: PoolCore = weakref.proxy(core)
+
+    def poison(self, slot: Slot, cause: BaseException) -> None:
+        """The slot's result stream can no longer be trusted: kill its worker.
+
+        Its items that had started fail (with ``cause`` chained); the others
+        are requeued, as after any worker death (``Supervisor.on_worker_exit``).
+        """
+        core = self._core
+        with core.lock:
+            process = slot.process
+            if process is None or slot.poisoned is not None:
+                return
+            slot.poisoned = WorkerDiedError(
+                f"worker {slot.index} (pid {process.pid}) was stopped: the thread "
+                f"reading its results was interrupted ({cause!r}), so results it "
+                f"had sent may be lost",
+                pid=process.pid,
+                slot=slot.index,
+            )
+            slot.poisoned.__cause__ = cause
+        signal_process(process, signal.SIGKILL)
+        core.wake()
+
+    def help_resolve(self, future: Future[Any], timeout: Optional[float]) -> None:
+        """Wait for ``future`` by reading its worker's result pipe in this thread.
+
+        A thread blocked in ``result()`` would otherwise sleep until the
+        dispatcher reads the result and wakes it: two thread wake-ups per
+        round trip, each costing more than a tiny task.  When the pool is
+        quiet (the future's worker holds only that task and nothing is
+        queued), the dispatcher stops watching that one pipe for up to
+        ``ASSIST_SECONDS`` (or ``timeout``) and this thread reads it instead,
+        booking and resolving what arrives, its own result included.  If the
+        worker's last task took less than ``SPIN_SECONDS``, it polls without
+        sleeping for up to twice that long first.  Deaths, deadlines and the other pipes
+        stay the dispatcher's; what this thread has not read when it stops,
+        the dispatcher reads next.
+        """
+        core = self._core
+        if (
+            core.lifecycle.inherited
+            or not core.selector.can_pause
+            or core.dispatcher.is_current()
+        ):
+            return
+        with core.lock:
+            slot = self._slot_running(future)
+            if slot is None or slot.assist is not None or core.closed:
+                return
+            conn = slot.result_conn
+            if conn is None or slot.poisoned is not None:
+                return
+            item = slot.assigned[0]
+            now = time.monotonic()
+            window = ASSIST_SECONDS if timeout is None else min(timeout, ASSIST_SECONDS)
+            end = now + window
+            # A result due within microseconds is polled for without sleeping:
+            # waking a sleeping thread costs more than such a task itself.
+            spin = slot.last_service < SPIN_SECONDS and not any(
+                s.assist is not None and s.assist.spin for s in core.slots
+            )
+            spin_until = now + min(window, 2 * slot.last_service) if spin else now
+            # Recorded before the pipe is paused: an exception raised in this
+            # thread from here on (Ctrl-C) leaves an assist the dispatcher
+            # takes back after its window (Deadlines.check), never a pipe
+            # paused for good.
+            assist = slot.assist = Assist(conn, end, spin)
+            try:
+                core.selector.pause(conn)
+            except OSError:  # no longer watched: the worker is gone
+                slot.assist = None
+                return
+        try:
+            # A read the dispatcher began before the pipe was ours ends first;
+            # if it took our result, the dispatcher resolves the future.
+            with slot.read_lock:
+                pass
+            poller = select.poll()
+            poller.register(conn.fileno(), select.POLLIN)
+            assigned = slot.assigned
+            while assigned and assigned[0] is item:  # not yet booked
+                now = time.monotonic()
+                if now >= end:
+                    break
+                spinning = now < spin_until
+                if not poller.poll(0 if spinning else (end - now) * 1000.0):
+                    if spinning:
+                        continue
+                    break  # the window closed
+                if core.results.on_results(slot, helper=conn):
+                    break
+        finally:
+            with core.lock:
+                self.end_assist(slot, assist)
+
+    def end_assist(self, slot: Slot, assist: Assist) -> None:
+        """Give a helped pipe back to the dispatcher (lock held)."""
+        core = self._core
+        if slot.assist is not assist:
+            return  # already taken back
+        # The assist is cleared last: if an exception cuts this short, it is
+        # still there for the dispatcher to take back (and resuming twice, or
+        # closing twice, is harmless).
+        if assist.orphaned:
+            try:
+                assist.conn.close()
+            except OSError:
+                pass
+        elif slot.result_conn is assist.conn and not core.closed:
+            core.selector.resume(assist.conn)
+        slot.assist = None
+
+    def _slot_running(self, future: Future[Any]) -> Optional[Slot]:
+        """The slot whose worker holds ``future``'s item and nothing else, if
+        no other work waits (lock held).
+
+        Helping pays off when the pool is quiet; a busy pool's results come in
+        batches, which the dispatcher reads more cheaply.
+        """
+        core = self._core
+        if core.scheduler.pending:
+            return None
+        for slot in core.slots:
+            assigned = slot.assigned
+            if len(assigned) == 1 and assigned[0].future is future:
+                return slot
+        return None

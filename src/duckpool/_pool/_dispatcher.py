@@ -1,0 +1,241 @@
+"""The dispatcher: one thread per pool that waits on everything and acts.
+
+Each pass: under the lock, act on deadlines and the launcher's timers, map
+offered areas and watch pipes with an outbox; resolve what was read last
+pass (just before sleeping: a caller waiting on one of them then gets the
+GIL at once, not after this bookkeeping); sleep in the ``Waiter`` until one
+of its sources is ready or the nearest deadline; then read results, settle
+exits, and refill and dispatch.  The pool's data-flow diagram (``_core``)
+lists every source it waits on.
+
+Each source is registered with a tag of its own type, so a pass tells them
+apart by ``type(tag)``: ``WAKEUP``, ``ResultReady``, ``WorkerExit``,
+``Writable`` (``_transport``), ``SpareExit`` (``_successors``) and
+``ZygoteTag`` (``_launcher``).
+
+The thread holds the pool strongly while it runs (its owners hold it
+weakly); it ends once shutdown finds no work left, or the pool is broken
+and its workers are gone, after reaping every process the pool started.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import weakref
+from concurrent.futures.process import BrokenProcessPool
+from typing import TYPE_CHECKING, Optional
+
+from duckpool import _threads, _worker
+from duckpool._pool._launcher import ZygoteTag
+from duckpool._pool._results import LOG_RECORD_ITEM
+from duckpool._pool._slots import ResultReady, WorkerExit
+from duckpool._pool._successors import SpareExit
+from duckpool._pool._supervisor import KILL_GRACE_SECONDS
+from duckpool._pool._transport import Writable
+
+if TYPE_CHECKING:
+    from duckpool._core import PoolCore
+    from duckpool._pool._slots import Slot
+
+#: The tag of the wakeup pipe.
+WAKEUP = object()
+
+
+class Wakeup:
+    """The pipe that interrupts the dispatcher's wait, from any thread."""
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self.write_fd, False)
+        # Its own lock: once the pipe is closed its number may belong to
+        # another file, which a stray write would corrupt.
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def wake(self) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            try:
+                os.write(self.write_fd, b"\0")
+            except OSError:
+                pass  # the pipe is full: a wake-up is already due
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.read_fd, 4096):
+                pass
+        except OSError:
+            pass
+
+    def close(self) -> bool:
+        """Close the pipe; False if it already was."""
+        with self.lock:
+            if self.closed:
+                return False
+            self.closed = True
+            for fd in (self.read_fd, self.write_fd):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            return True
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: never write to (or close) the parent's pipe."""
+        self.closed = True
+        self.lock = threading.Lock()
+
+
+class Dispatcher:
+    """Owns a pool's dispatcher thread."""
+
+    def __init__(self, core: PoolCore) -> None:
+        self._core: PoolCore = weakref.proxy(core)
+        #: The running thread, once started (never unset: ``join`` waits on it).
+        self.thread: Optional[threading.Thread] = None
+        #: The thread object, made before the first fork (``prepare``).
+        self._unstarted: Optional[_threads.QuickStartThread] = None
+
+    def prepare(self, core: PoolCore) -> None:
+        """Make the thread object now: after a fork, every page this process
+        writes (and a Thread writes many) is a copy-on-write fault."""
+        if self._unstarted is None and self.thread is None:
+            self._unstarted = self._make(core)
+
+    def _make(self, core: PoolCore) -> _threads.QuickStartThread:
+        # The pool itself, not the proxy: the thread keeps it alive while it runs.
+        return _threads.QuickStartThread(
+            lambda: run(core), name=f"duckpool-dispatcher-{id(core):x}"
+        )
+
+    def start(self, core: PoolCore) -> None:
+        """Start the thread; not waited for (the caller may read the first
+        result itself meanwhile)."""
+        thread = self._unstarted or self._make(core)
+        self.thread = thread
+        self._unstarted = None
+        try:
+            thread.start()
+        except BaseException:
+            self.thread = None  # nothing to join
+            raise
+
+    def is_current(self) -> bool:
+        return threading.current_thread() is self.thread
+
+    def running(self) -> bool:
+        thread = self.thread
+        return thread is not None and thread.is_alive()
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        thread = self.thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+
+def run(core: PoolCore) -> None:
+    """The dispatcher thread's body: never leaves a future unresolved."""
+    try:
+        _dispatch_until_done(core)
+    except BaseException as exc:  # last resort
+        with core.lock:
+            reason = f"duckpool's dispatcher failed: {exc!r}"
+            core.lifecycle.break_(reason, exc)
+            # Results read but not handed out: their items left `assigned`.
+            deferred = core.results.deferred
+            stranded = [item for item, _, _ in deferred if item is not LOG_RECORD_ITEM]
+            deferred.clear()
+        core.supervisor.fail_everything(BrokenProcessPool(reason), cause=exc, also=stranded)
+        core.supervisor.kill_without_bookkeeping()
+    finally:
+        core.launcher.close()
+        if isinstance(core.shared_marks, _worker.SharedMarks):
+            # No worker starts or runs any more: a plain copy will do, and
+            # the mapping goes with its descriptor now, not when this
+            # object is collected (this thread may outlive join()).
+            with core.lock:
+                core.marks = list(core.marks)
+            core.shared_marks.close()
+        core.close_wakeup()
+        # Told to exit, the zygotes tear down whole address spaces; join()
+        # waits for that too (every process of the pool has exited then).
+        core.launcher.reap(KILL_GRACE_SECONDS)
+
+
+def _dispatch_until_done(core: PoolCore) -> None:
+    results = core.results
+    deferred = results.deferred
+    launcher = core.launcher
+    supervisor = core.supervisor
+    transport = core.transport
+    scheduler = core.scheduler
+    successors = core.successors
+    lifecycle = core.lifecycle
+    selector = core.selector
+    lock = core.lock
+    while True:
+        with lock:
+            now = time.monotonic()
+            timeout = core.deadlines.check(now)
+            wait = launcher.before_wait(now)
+            if wait is not None and (timeout is None or wait < timeout):
+                timeout = wait
+            transport.before_wait()
+            results.take_handed_over()
+        if deferred:
+            results.resolve_all(deferred)
+        exited: list[Slot] = []
+        for tag in selector.wait(timeout):
+            kind = type(tag)
+            if kind is ResultReady:
+                results.on_results(tag.slot, deferred)
+            elif kind is WorkerExit:
+                exited.append(tag.slot)
+            elif tag is WAKEUP:
+                core.wakeup.drain()
+            elif kind is ZygoteTag:
+                exited.extend(launcher.on_zygote_event(tag))
+            elif kind is Writable:
+                with lock:
+                    transport.flush(tag.slot)
+            elif kind is SpareExit:
+                successors.exits.append(tag.spare)
+        if launcher.polls_exits:
+            exited.extend(s for s in launcher.poll_exits() if s not in exited)
+        if exited or lifecycle.kill_requested is not None:
+            results.resolve_all(deferred)  # results come before the deaths
+        for slot in exited:
+            supervisor.on_worker_exit(slot)
+        successors.on_exits()
+        if lifecycle.kill_requested is not None:
+            supervisor.kill_all_workers(lifecycle.kill_requested)
+        start_error: Optional[BaseException] = None
+        with lock:
+            slots = core.slots
+            if (
+                not lifecycle.shutdown_requested
+                or scheduler.pending
+                or any(slot.reserved for slot in slots)
+            ):
+                start_error = launcher.refill_slots()
+                scheduler.dispatch_pending()
+                if start_error is None:
+                    start_error = successors.start_due()
+            launcher.after_pass(time.monotonic())
+            done = (
+                lifecycle.shutdown_requested
+                and not scheduler.pending
+                and not any(s.assigned for s in slots)
+            ) or (lifecycle.broken is not None and not any(s.alive for s in slots))
+        if start_error is not None:
+            supervisor.mark_broken(
+                f"could not start a worker process: {start_error!r}", start_error
+            )
+        elif done:
+            break
+    results.resolve_all(deferred)
+    supervisor.stop_workers()

@@ -1,0 +1,288 @@
+"""The result book: result frames read, matched to their items, futures resolved.
+
+A worker answers its items in the order it was sent them, so a result frame
+belongs to the head of its slot's ``assigned``.  Frames are read and booked
+under the slot's ``read_lock`` (so they are taken in order whoever reads
+them: the dispatcher, or a caller assisting, see ``_assist``), then booked
+under the pool's lock, once per batch: the head item leaves ``assigned``,
+the counters and quarantine hear of it, and the next items go out
+(``Scheduler.dispatch_pending``) before any future is resolved.  Futures are
+resolved with no lock held (their callbacks run here), by the dispatcher
+just before it sleeps (``deferred``), or by the caller that read them.  A
+log frame answers no task: its record is handed to logging in its place
+among the resolutions.
+
+Owns ``deferred`` and ``handed_over``; the slot's ``read_lock``,
+``tasks_done`` and ``last_service``.  ``on_results`` and ``resolve`` take
+the locks they need themselves (no lock held on entry).
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+import weakref
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, Optional
+
+from duckpool import _buffers, _logs, _worker
+from duckpool._errors import TaskUnpicklingError
+from duckpool._futures import (
+    DONE_STATES,
+    WorkItem,
+    exception_from_payload,
+    set_exception,
+    set_result,
+)
+
+if TYPE_CHECKING:
+    from multiprocessing import connection as mp_connection
+
+    from duckpool._core import PoolCore
+    from duckpool._pool._slots import Slot
+
+#: A future to resolve from a result frame: the item, the status, the payload
+#: (a pickle, or ``_buffers.Received``, or what decoding its buffers raised).
+Resolution = tuple[WorkItem, int, Any]
+
+#: The item of a log frame's entry among the resolutions: a record, which
+#: answers no task, handed to logging where its frame came in the stream.
+LOG_RECORD_ITEM = WorkItem(Future(), 0, b"", None, None)
+
+
+class ResultBook:
+    """Reads a pool's result pipes and settles the futures they answer."""
+
+    def __init__(self, core: PoolCore) -> None:
+        self._core: PoolCore = weakref.proxy(core)
+        #: Results read but not yet given to their futures (dispatcher only).
+        self.deferred: list[Resolution] = []
+        #: Results a helping thread booked but could not resolve (lock held).
+        self.handed_over: list[Resolution] = []
+
+    def take_handed_over(self) -> None:
+        """Move what helpers handed over behind ``deferred`` (dispatcher, lock held)."""
+        if self.handed_over:
+            self.deferred.extend(self.handed_over)
+            self.handed_over.clear()
+
+    def on_results(
+        self,
+        slot: Slot,
+        deferred: Optional[list[Resolution]] = None,
+        helper: Optional[mp_connection.Connection] = None,
+        final: bool = False,
+    ) -> bool:
+        """Read every result frame the slot's pipe holds now; True at EOF.
+
+        The futures are resolved here, or, given ``deferred``, appended to it
+        for the caller to resolve later.  The dispatcher calls this; so does a
+        thread helping with a result (``helper`` is the pipe it watches).
+        While a thread helps, the pipe is its own: the dispatcher reads it
+        only for the last time (``final``: the worker has exited).
+        """
+        core = self._core
+        resolved: list[Resolution] = [] if deferred is None else deferred
+        init_failure: Optional[memoryview] = None
+        try:
+            with slot.read_lock:  # frames are booked in the order they were read
+                reader = slot.reader
+                if reader is None or (helper is not None and slot.result_conn is not helper):
+                    return True
+                if slot.poisoned is not None:
+                    return False  # the worker is being killed; its pipe is not to be trusted
+                if helper is None and not final and slot.assist is not None:
+                    # Readiness seen before the helper paused the pipe: what it
+                    # holds is the helper's to read (``Assists.help_resolve``).
+                    return False
+                frames, eof = reader.read_available()
+                if eof and helper is None and slot.result_conn is not None:
+                    # The worker is gone (its sentinel says how); stop watching the pipe.
+                    try:
+                        core.selector.unregister(slot.result_conn)
+                    except (KeyError, ValueError):
+                        pass
+                if frames:
+                    init_failure = self._book(slot, reader, frames, resolved)
+                    if helper is not None and (
+                        core.lifecycle.shutdown_requested
+                        or (slot.assigned and slot.assigned[0].timeout is not None)
+                    ):
+                        # What the dispatcher decides on changed behind its back:
+                        # shutdown may be complete, or a new deadline runs.
+                        core.wake()
+        except BaseException as exc:
+            # In a helping thread, an exception a signal handler raised (Ctrl-C
+            # in the main thread) may have struck between reading bytes and
+            # booking them: what the pipe held may be lost.
+            if helper is None:
+                raise
+            core.assists.poison(slot, exc)
+            self.resolve_all(resolved)  # what was booked is sound
+            raise
+        if deferred is None:
+            if helper is None:
+                self.resolve_all(resolved)
+            else:
+                self._resolve_in_helper(resolved)
+        if init_failure is not None:
+            self.on_initializer_failure(init_failure)
+        return eof
+
+    def _resolve_in_helper(self, resolved: list[Resolution]) -> None:
+        """Resolve what a helping thread booked; if an exception raised in that
+        thread (Ctrl-C) cuts this short, the dispatcher resolves the rest.
+
+        If the dispatcher still holds resolutions it read before this thread
+        took the pipe (a log record of the very task, say), everything goes to
+        the dispatcher instead, to be resolved after them, in order.
+        """
+        core = self._core
+        if self.deferred:  # (emptied only once all of it is resolved)
+            with core.lock:
+                self.handed_over.extend(resolved)
+            resolved.clear()
+            core.wake()
+            return
+        try:
+            self.resolve_all(resolved)
+        except BaseException:
+            with core.lock:
+                self.handed_over.extend(resolved)  # resolving twice is harmless
+            core.wake()
+            raise
+
+    def _book(
+        self,
+        slot: Slot,
+        reader: _worker.FrameReader,
+        frames: list[bytes],
+        resolved: list[Resolution],
+    ) -> Optional[memoryview]:
+        """Match result frames to the slot's items; return an initializer failure."""
+        core = self._core
+        now = time.monotonic()
+        with core.lock:  # once for the whole batch
+            if slot.reader is not reader:
+                # Closed meanwhile (the pool broke): its items are settled.
+                return None
+            assigned = slot.assigned
+            counters = core.counters
+            quarantine = core.quarantine
+            for frame in frames:
+                view = memoryview(frame)
+                status = view[_worker.TASK_ID_BYTES]
+                payload: Any = view[_worker.RESULT_HEADER_BYTES :]
+                if status & _worker.STATUS_BUFFERS:
+                    status &= ~_worker.STATUS_BUFFERS
+                    payload = _Undecoded(payload)
+                if status == _worker.STATUS_INIT_FAILED:
+                    return view[_worker.RESULT_HEADER_BYTES :]
+                if status == _worker.STATUS_READY:
+                    core.launcher.on_ready(slot, now)
+                    slot.head_since = now
+                    if payload and _buffers.SHARED_AREA:
+                        core.transport.on_area_offer(slot, bytes(payload))
+                    core.successors.wake_for(slot)
+                    continue
+                if status == _worker.STATUS_LOG:
+                    # Emitted in its place among the results, with no lock held.
+                    resolved.append((LOG_RECORD_ITEM, status, payload))
+                    continue
+                item = assigned[0] if assigned else None
+                if item is None or item.task_id != int.from_bytes(
+                    view[: _worker.TASK_ID_BYTES], "little"
+                ):
+                    raise RuntimeError(
+                        f"worker {slot.index} answered out of order "
+                        f"(expected task {item.task_id if item else None})"
+                    )
+                # Booked before it leaves `assigned`: never in neither.
+                resolved.append((item, status, payload))
+                assigned.popleft()
+                if item.in_area:  # the worker has copied the call's buffers out
+                    item.in_area = False
+                    if slot.area is not None:
+                        slot.area.calls.release()
+                slot.tasks_done += 1
+                counters.latencies.append(now - item.submitted)
+                if status == _worker.STATUS_OK:
+                    counters.completed += 1
+                else:
+                    counters.failed += 1
+                if quarantine.streaks:
+                    quarantine.on_return(item.label)
+                slot.queued_bytes -= item.size
+                slot.last_service = now - slot.head_since
+                slot.head_since = now
+            scheduler = core.scheduler
+            if slot.process is not None and not (
+                core.lifecycle.shutdown_requested and not scheduler.pending
+            ):
+                scheduler.dispatch_pending()
+            # After the next calls are on their way: the workers need not wait.
+            copy_buffers = core.transport.copy_buffers
+            for index, (item, status, payload) in enumerate(resolved):
+                if type(payload) is _Undecoded:
+                    resolved[index] = (item, status, copy_buffers(slot, payload.body))
+        return None
+
+    def resolve_all(self, resolutions: list[Resolution]) -> None:
+        for item, status, payload in resolutions:
+            self.resolve(item, status, payload)
+        resolutions.clear()
+
+    def resolve(self, item: WorkItem, status: int, payload: memoryview) -> None:
+        """Set a future from a result frame (no lock held: callbacks run here)."""
+        if status == _worker.STATUS_LOG:
+            _logs.handle_forwarded(payload)
+            return
+        future = item.future
+        if future._state in DONE_STATES:
+            return  # cancelled while queued in the worker
+        try:
+            if status == _worker.STATUS_OK:
+                value = _buffers.loads(pickle.loads, payload)
+            else:
+                error = exception_from_payload(payload)
+        except BaseException as exc:
+            failure = TaskUnpicklingError(
+                f"could not unpickle what task {item.label} sent back: {exc!r}"
+            )
+            failure.__cause__ = exc
+            set_exception(future, failure)
+            return
+        if status == _worker.STATUS_OK:
+            set_result(future, value)
+        elif status == _worker.STATUS_UNPICKLE_FAILED:
+            failure = TaskUnpicklingError(
+                f"the worker could not unpickle the call to {item.label}: {error!r}"
+            )
+            failure.__cause__ = error
+            set_exception(future, failure)
+        else:
+            set_exception(future, error)
+
+    def on_initializer_failure(self, payload: memoryview) -> None:
+        """Remember a worker's initializer error; the pool breaks when it has exited.
+
+        Not before: the worker may still be flushing what it logged about the
+        failure (a multiprocessing queue handler, say), and once the pool is
+        broken its caller moves on.
+        """
+        core = self._core
+        try:
+            cause = exception_from_payload(payload)
+        except BaseException as exc:
+            cause = exc
+        with core.lock:
+            core.lifecycle.on_initializer_error(cause)
+
+
+class _Undecoded:
+    """A result frame's buffers body, booked but not yet copied out."""
+
+    __slots__ = ("body",)
+
+    def __init__(self, body: memoryview) -> None:
+        self.body = body
