@@ -36,7 +36,7 @@ that cannot apply to a library raises :class:`_NotApplicable` (the cell shows
 A child runs this module through ``python -c``, not ``-m``: a spawned or
 forkserver worker re-imports its parent's ``__main__`` when that is a module
 or a file, and every library's workers would then carry this harness in their
-start-up time and memory (the task module, ``_bench_tasks``, they import
+start-up time and memory (the task module, ``_bench._tasks``, they import
 anyway).  The top-level imports stay minimal all the same; everything else is
 imported where it is used.
 """
@@ -188,7 +188,7 @@ class _PipeFloorAdapter(_PoolAdapter):
     """
 
     def __init__(self, workers: int, start_method: Optional[str]) -> None:
-        from duckpool import _bench_tasks
+        from duckpool._bench import _tasks
 
         context = _mp_context(start_method)
         self._connections: list[Connection] = []
@@ -197,7 +197,7 @@ class _PipeFloorAdapter(_PoolAdapter):
         for _ in range(workers):
             parent_end, worker_end = context.Pipe(duplex=True)
             process = context.Process(
-                target=_bench_tasks.pipe_worker_loop, args=(worker_end,), daemon=True
+                target=_tasks.pipe_worker_loop, args=(worker_end,), daemon=True
             )
             process.start()
             worker_end.close()
@@ -534,19 +534,19 @@ def _warm_up(pool: _PoolAdapter, workers: int, deadline: float) -> list[str]:
     Pools that start workers on demand only start the second one when the first
     is busy, hence tasks that sleep briefly and report their worker.  Sets
     ``pool.worker_pids``; returns how the workers were started (see
-    :func:`_bench_tasks.worker_identity`).
+    :func:`_tasks.worker_identity`).
     """
-    from duckpool import _bench_tasks
+    from duckpool._bench import _tasks
 
     seen: dict[int, str] = {}
     while len(seen) < workers:
         if time.monotonic() >= deadline:
             raise _BenchError(f"warm-up reached only {len(seen)} of {workers} workers")
         batch = [(0.01, os.getpid())] * (2 * workers)
-        seen.update(pool.run_batch(_bench_tasks.worker_identity, batch, deadline))
-    pool.run_batch(_bench_tasks.increment, [(i,) for i in range(_WARM_UP_ROUND)], deadline)
+        seen.update(pool.run_batch(_tasks.worker_identity, batch, deadline))
+    pool.run_batch(_tasks.increment, [(i,) for i in range(_WARM_UP_ROUND)], deadline)
     for i in range(10):
-        pool.wait(pool.submit(_bench_tasks.increment, (i,)), deadline)
+        pool.wait(pool.submit(_tasks.increment, (i,)), deadline)
     pool.worker_pids = sorted(seen)
     return sorted(set(seen.values()))
 
@@ -614,7 +614,7 @@ def _check_results(results: Sequence[Any], first_argument: int) -> None:
 
 
 def _measure_throughput(pool: _PoolAdapter, size: int, deadline: float) -> dict[str, float]:
-    from duckpool._bench_tasks import increment
+    from duckpool._bench._tasks import increment
 
     batch = [(i,) for i in range(size)]
     start = time.perf_counter()
@@ -633,7 +633,7 @@ def _percentile(ordered: Sequence[float], percent: float) -> float:
 
 
 def _measure_latency(pool: _PoolAdapter, size: int, deadline: float) -> dict[str, float]:
-    from duckpool._bench_tasks import increment
+    from duckpool._bench._tasks import increment
 
     samples: list[float] = []
     for i in range(size):
@@ -659,7 +659,7 @@ def _timed_map(
     pool: _PoolAdapter, items: list[int], chunksize: Optional[int], deadline: float
 ) -> float:
     """Items per second of one map of ``increment`` over ``items``, results checked."""
-    from duckpool._bench_tasks import increment
+    from duckpool._bench._tasks import increment
 
     start = time.perf_counter()
     results = pool.map(increment, items, chunksize, deadline)
@@ -729,7 +729,7 @@ _PAYLOAD_BYTES = 1 << 20  # 1 MiB each way
 
 
 def _measure_payload(pool: _PoolAdapter, size: int, deadline: float) -> dict[str, float]:
-    from duckpool._bench_tasks import echo
+    from duckpool._bench._tasks import echo
 
     payload = bytes(range(256)) * (_PAYLOAD_BYTES // 256)  # not all zeros: nothing compresses it
     start = time.perf_counter()
@@ -758,7 +758,7 @@ def _block_every_worker(
     result), and a later one then reaches the idle worker.  Surplus blockers
     return at once on release.
     """
-    from duckpool._bench_tasks import block_until_released
+    from duckpool._bench._tasks import block_until_released
 
     workers = len(pool.worker_pids)
     handles: list[Any] = []
@@ -793,7 +793,7 @@ def _measure_pending(pool: _PoolAdapter, size: int, deadline: float) -> dict[str
     import tempfile
     import tracemalloc
 
-    from duckpool._bench_tasks import increment
+    from duckpool._bench._tasks import increment
 
     with tempfile.TemporaryDirectory(prefix="duckpool-bench-block-") as scratch:
         running_dir = os.path.join(scratch, "running")
@@ -842,7 +842,7 @@ def _measure_startup(opener: _PoolOpener, size: int, deadline: float) -> dict[st
     """From constructing a fresh pool to the first result of a tiny task; ``size`` pools."""
     import statistics
 
-    from duckpool._bench_tasks import increment
+    from duckpool._bench._tasks import increment
 
     samples: list[float] = []
     for _ in range(size):
@@ -897,7 +897,7 @@ def _measure_recycle(opener: _PoolOpener, size: int, deadline: float) -> dict[st
     keeps clear of the stdlib's hang when a backlog meets a recycled worker
     (gh-115634, in 3.11 to 3.13 before the fix; seen here on 3.11.7).
     """
-    from duckpool._bench_tasks import increment
+    from duckpool._bench._tasks import increment
 
     workers = opener.options.workers
     pool = opener.open(start_method="spawn", max_tasks_per_child=_RECYCLE_EVERY)
@@ -916,8 +916,8 @@ _SPIN_TARGET_S = 0.010
 
 
 def _spin_iterations(target_s: float) -> int:
-    """How many :func:`_bench_tasks.spin` iterations take about ``target_s`` here."""
-    from duckpool._bench_tasks import spin
+    """How many :func:`_tasks.spin` iterations take about ``target_s`` here."""
+    from duckpool._bench._tasks import spin
 
     iterations = 10_000
     while True:
@@ -931,7 +931,7 @@ def _spin_iterations(target_s: float) -> int:
 
 def _measure_scaling(opener: _PoolOpener, size: int, deadline: float) -> dict[str, float]:
     """``size`` CPU-bound tasks of ~10 ms: time on 1 worker / time on all the workers."""
-    from duckpool._bench_tasks import spin
+    from duckpool._bench._tasks import spin
 
     iterations = _spin_iterations(_SPIN_TARGET_S)
     expected = spin(iterations)
@@ -1112,10 +1112,10 @@ def _child_main(options: argparse.Namespace) -> int:
     metric = METRICS[options.metric]
     pool_options = _PoolOptions(workers=options.workers, start_method=options.start_method)
     try:
-        from duckpool import _bench_tasks
+        from duckpool._bench import _tasks
 
         # Before any pool exists: forked workers must inherit it (see worker_identity).
-        _bench_tasks.bench_child_pid = os.getpid()
+        _tasks.bench_child_pid = os.getpid()
         if metric.measure_own_pools is not None:
             import importlib
 
@@ -1188,7 +1188,10 @@ def _child_environment() -> dict[str, str]:
     """
     import site
 
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import duckpool
+
+    # From the package, not this file: the harness's depth inside it may change.
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(duckpool.__file__)))
     environment = dict(os.environ)
     installed = [*site.getsitepackages(), site.getusersitepackages()]
     if any(os.path.abspath(path) == package_parent for path in installed):
