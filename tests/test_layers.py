@@ -155,6 +155,14 @@ def test_only_the_command_line_imports_the_benchmark() -> None:
         assert not _imports(tree, module_level_only=False) & BENCH, name
 
 
+def test_a_worker_importing_the_bench_tasks_loads_nothing_else_of_the_harness() -> None:
+    # Every library's workers import _bench._tasks by name to unpickle a task, and
+    # Python runs the package's __init__ first: both are on what spawn pays for.
+    modules = _modules()
+    assert _imports(modules["_bench"], module_level_only=True) == set()
+    assert _imports(modules["_bench._tasks"], module_level_only=False) == set()
+
+
 def _attributes(cls: ast.ClassDef) -> set[str]:
     """Methods, class attributes, ``__slots__`` and ``self.x = ...`` targets of ``cls``."""
     names: set[str] = set()
