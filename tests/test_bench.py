@@ -25,6 +25,7 @@ import pytest
 
 from conftest import process_gone, wait_until
 from duckpool import _bench
+from duckpool._bench import _adapters, _cli, _metrics, _report, _runner
 
 PEERS = ("loky", "pebble", "mpire")
 ALWAYS_PRESENT = ("stdlib", "mpool", "pipe")
@@ -67,7 +68,7 @@ def _assert_every_cell_is_measured(
 ) -> None:
     """Every cell has a value (or does not apply, as its library declares) and a ratio."""
     assert document["libraries"] == libraries
-    quantities = [q.key for name in metrics for q in _bench.METRICS[name].quantities]
+    quantities = [q.key for name in metrics for q in _metrics.METRICS[name].quantities]
     assert [row["quantity"] for row in _rows(document)] == quantities
     for row in _rows(document):
         baseline = row["cells"]["stdlib"]
@@ -75,7 +76,7 @@ def _assert_every_cell_is_measured(
             cell = row["cells"][library]
             where = (row["quantity"], library, cell["failures"])
             assert cell["failures"] == [], where
-            if row["metric"] in _bench.LIBRARIES[library].not_applicable:
+            if row["metric"] in _adapters.LIBRARIES[library].not_applicable:
                 assert cell["not_applicable"] and cell["median"] is None, where
                 continue
             assert cell["not_applicable"] is None, where
@@ -100,7 +101,7 @@ def test_every_metric_reports_a_value_and_ratio_for_duckpool_and_stdlib(
     code, document, out = _run(args, tmp_path, capsys)
 
     assert code == 0, out
-    _assert_every_cell_is_measured(document, ["duckpool", "stdlib"], list(_bench.METRICS))
+    _assert_every_cell_is_measured(document, ["duckpool", "stdlib"], list(_metrics.METRICS))
     header = out.splitlines()[0]
     assert header.startswith("duckpool bench --libs duckpool,stdlib ")
     for part in ("UTC", platform.python_version(), "cores", "start method"):
@@ -111,7 +112,7 @@ def test_every_metric_reports_a_value_and_ratio_for_duckpool_and_stdlib(
 def test_every_present_library_runs_the_metrics_its_adapter_implements(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    requested = [name for name in _bench.LIBRARIES if name != "duckpool"]
+    requested = [name for name in _adapters.LIBRARIES if name != "duckpool"]
     metrics = ["latency", "map", "recycle"]
     # 30 tasks: with the 4 that start the workers, the recycle metric replaces one.
     args = ["--libs", ",".join(requested), "--metrics", ",".join(metrics), *TINY, "--size", "30"]
@@ -132,7 +133,7 @@ def test_start_method_reaches_every_library(
     present = (*ALWAYS_PRESENT, *_installed_peers())
     if _duckpool_import_error() is None:  # else the duckpool test above skips
         present += ("duckpool",)
-    libraries = [name for name in _bench.LIBRARIES if name in present]
+    libraries = [name for name in _adapters.LIBRARIES if name in present]
     args = ["--libs", ",".join(libraries), "--metrics", "latency", "--start-method", start_method]
     code, document, out = _run([*args, *TINY], tmp_path, capsys)
 
@@ -147,8 +148,8 @@ def test_start_method_reaches_every_library(
 def test_missing_peer_is_skipped_with_one_line_and_no_column(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    absent = dataclasses.replace(_bench.LIBRARIES["pebble"], module="_duckpool_no_such_peer")
-    monkeypatch.setitem(_bench.LIBRARIES, "pebble", absent)
+    absent = dataclasses.replace(_adapters.LIBRARIES["pebble"], module="_duckpool_no_such_peer")
+    monkeypatch.setitem(_adapters.LIBRARIES, "pebble", absent)
     args = ["--libs", "pebble,stdlib", "--metrics", "latency", *TINY]
     code, document, out = _run(args, tmp_path, capsys)
 
@@ -163,7 +164,7 @@ def test_metric_that_does_not_apply_is_a_dash_and_starts_no_child(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[tuple[str, str]] = []
-    monkeypatch.setattr(_bench, "_run_child", _fake_run_child({"stdlib": 5.0}, calls))
+    monkeypatch.setattr(_runner, "_run_child", _fake_run_child({"stdlib": 5.0}, calls))
     code, document, out = _run(["--libs", "pipe,stdlib", "--metrics", "map"], tmp_path, capsys)
 
     assert code == 0, out
@@ -173,20 +174,20 @@ def test_metric_that_does_not_apply_is_a_dash_and_starts_no_child(
         assert pipe["not_applicable"] == "no map()"
         assert pipe["median"] is None and pipe["ratio"] is None and pipe["failures"] == []
     best = next(line for line in out.splitlines() if line.startswith("map at best chunksize"))
-    assert best.rstrip().endswith(_bench._dash()), best
+    assert best.rstrip().endswith(_report._dash()), best
     assert "map pipe: does not apply (no map())" in out
 
 
 def test_child_that_finds_the_metric_does_not_apply_is_a_dash_not_a_failure(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def run_child(plan: _bench._Plan, library: str, metric: str) -> dict[str, Any]:
+    def run_child(plan: _runner._Plan, library: str, metric: str) -> dict[str, Any]:
         if library == "mpool":
             return {"ok": True, "not_applicable": "lacks it on this Python"}
-        keys = [quantity.key for quantity in _bench.METRICS[metric].quantities]
+        keys = [quantity.key for quantity in _metrics.METRICS[metric].quantities]
         return {"ok": True, "values": dict.fromkeys(keys, 3.0)}
 
-    monkeypatch.setattr(_bench, "_run_child", run_child)
+    monkeypatch.setattr(_runner, "_run_child", run_child)
     args = ["--libs", "mpool,stdlib", "--metrics", "startup", "--reps", "2"]
     code, document, out = _run(args, tmp_path, capsys)
 
@@ -215,7 +216,7 @@ def test_hung_measurement_is_killed_with_its_workers_and_reported_failed(
     def hanging_command(*_: object) -> list[str]:
         return [sys.executable, "-c", _HANGING_CHILD, str(pid_file)]
 
-    monkeypatch.setattr(_bench, "_child_command", hanging_command)
+    monkeypatch.setattr(_runner, "_child_command", hanging_command)
     started = time.monotonic()
     args = ["--libs", "stdlib", "--metrics", "latency", "--reps", "1", "--timeout", "2"]
     code, document, out = _run(args, tmp_path, capsys)
@@ -235,7 +236,7 @@ def test_child_that_dies_without_a_result_is_reported_failed(
     def dying_command(*_: object) -> list[str]:
         return [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"]
 
-    monkeypatch.setattr(_bench, "_child_command", dying_command)
+    monkeypatch.setattr(_runner, "_child_command", dying_command)
     args = ["--libs", "stdlib", "--metrics", "throughput", "--reps", "1"]
     code, _, out = _run(args, tmp_path, capsys)
 
@@ -245,12 +246,12 @@ def test_child_that_dies_without_a_result_is_reported_failed(
 
 def _fake_run_child(
     values: dict[str, float], calls: list[tuple[str, str]]
-) -> Callable[[_bench._Plan, str, str], dict[str, Any]]:
+) -> Callable[[_runner._Plan, str, str], dict[str, Any]]:
     """A ``_run_child`` that starts nothing: every quantity of ``library`` is values[library]."""
 
-    def run_child(plan: _bench._Plan, library: str, metric: str) -> dict[str, Any]:
+    def run_child(plan: _runner._Plan, library: str, metric: str) -> dict[str, Any]:
         calls.append((library, metric))
-        keys = [quantity.key for quantity in _bench.METRICS[metric].quantities]
+        keys = [quantity.key for quantity in _metrics.METRICS[metric].quantities]
         return {"ok": True, "values": dict.fromkeys(keys, values[library])}
 
     return run_child
@@ -261,14 +262,14 @@ def test_reps_are_interleaved_across_libraries(
 ) -> None:
     calls: list[tuple[str, str]] = []
     values = {"stdlib": 1.0, "mpool": 2.0, "pipe": 3.0}
-    monkeypatch.setattr(_bench, "_run_child", _fake_run_child(values, calls))
+    monkeypatch.setattr(_runner, "_run_child", _fake_run_child(values, calls))
     _run(["--libs", "stdlib,mpool,pipe", "--reps", "3"], tmp_path, capsys)
 
     everything = {
         (library, metric)
         for library in values
-        for metric in _bench.METRICS
-        if metric not in _bench.LIBRARIES[library].not_applicable
+        for metric in _metrics.METRICS
+        if metric not in _adapters.LIBRARIES[library].not_applicable
     }
     per_rep = len(everything)
     assert len(calls) == 3 * per_rep
@@ -280,16 +281,16 @@ def test_quick_runs_fewer_reps_only_of_the_metrics_that_ask_for_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[tuple[str, str]] = []
-    monkeypatch.setattr(_bench, "_run_child", _fake_run_child({"stdlib": 1.0}, calls))
+    monkeypatch.setattr(_runner, "_run_child", _fake_run_child({"stdlib": 1.0}, calls))
     _, document, out = _run(["--libs", "stdlib", "--quick"], tmp_path, capsys)
 
-    for name, metric in _bench.METRICS.items():
-        expected = min(_bench._QUICK_REPS, metric.quick_reps or _bench._QUICK_REPS)
+    for name, metric in _metrics.METRICS.items():
+        expected = min(_cli._QUICK_REPS, metric.quick_reps or _cli._QUICK_REPS)
         assert document["metric_reps"][name] == expected
-        if name in _bench.LIBRARIES["stdlib"].not_applicable:  # recycle before 3.11
+        if name in _adapters.LIBRARIES["stdlib"].not_applicable:  # recycle before 3.11
             expected = 0
         assert calls.count(("stdlib", name)) == expected, name
-    fewer = [name for name, metric in _bench.METRICS.items() if metric.quick_reps]
+    fewer = [name for name, metric in _metrics.METRICS.items() if metric.quick_reps]
     assert fewer, "no metric asks for fewer reps: drop this test"
     assert f"{fewer[0]} 1" in out.splitlines()[1]
 
@@ -298,25 +299,25 @@ def test_size_option_resizes_only_metrics_sized_in_tasks(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[tuple[str, str]] = []
-    monkeypatch.setattr(_bench, "_run_child", _fake_run_child({"stdlib": 1.0}, calls))
+    monkeypatch.setattr(_runner, "_run_child", _fake_run_child({"stdlib": 1.0}, calls))
     _, document, _ = _run(["--libs", "stdlib", "--reps", "1", "--size", "7"], tmp_path, capsys)
 
     for row in _rows(document):
-        metric = _bench.METRICS[row["metric"]]
+        metric = _metrics.METRICS[row["metric"]]
         assert row["size"] == (7 if metric.size_option else metric.full_size), row["metric"]
 
 
 def test_ratio_is_library_median_over_stdlib_median_whichever_direction_is_better(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    samples = iter([10.0, 30.0, 20.0, 40.0, 50.0, 90.0] * 2 * len(_bench.METRICS))
+    samples = iter([10.0, 30.0, 20.0, 40.0, 50.0, 90.0] * 2 * len(_metrics.METRICS))
 
-    def run_child(plan: _bench._Plan, library: str, metric: str) -> dict[str, Any]:
+    def run_child(plan: _runner._Plan, library: str, metric: str) -> dict[str, Any]:
         value = next(samples) if library == "stdlib" else 2 * next(samples)
-        keys = [quantity.key for quantity in _bench.METRICS[metric].quantities]
+        keys = [quantity.key for quantity in _metrics.METRICS[metric].quantities]
         return {"ok": True, "values": dict.fromkeys(keys, value)}
 
-    monkeypatch.setattr(_bench, "_run_child", run_child)
+    monkeypatch.setattr(_runner, "_run_child", run_child)
     _, document, out = _run(["--libs", "mpool,stdlib", "--reps", "3"], tmp_path, capsys)
 
     for row in _rows(document):
@@ -338,12 +339,12 @@ def test_a_descriptive_number_is_summarised_by_a_value_seen_not_a_mean(
 ) -> None:
     chunksizes = iter([16.0, 256.0])
 
-    def run_child(plan: _bench._Plan, library: str, metric: str) -> dict[str, Any]:
+    def run_child(plan: _runner._Plan, library: str, metric: str) -> dict[str, Any]:
         value = next(chunksizes)
-        keys = [quantity.key for quantity in _bench.METRICS[metric].quantities]
+        keys = [quantity.key for quantity in _metrics.METRICS[metric].quantities]
         return {"ok": True, "values": dict.fromkeys(keys, value)}
 
-    monkeypatch.setattr(_bench, "_run_child", run_child)
+    monkeypatch.setattr(_runner, "_run_child", run_child)
     _, document, _ = _run(["--libs", "stdlib", "--metrics", "map", "--reps", "2"], tmp_path, capsys)
 
     cells = {row["quantity"]: row["cells"]["stdlib"] for row in _rows(document)}
@@ -355,7 +356,7 @@ def test_markdown_flag_prints_a_markdown_table(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[tuple[str, str]] = []
-    monkeypatch.setattr(_bench, "_run_child", _fake_run_child({"stdlib": 4e4, "pipe": 8e4}, calls))
+    monkeypatch.setattr(_runner, "_run_child", _fake_run_child({"stdlib": 4e4, "pipe": 8e4}, calls))
     _, _, out = _run(["--libs", "stdlib,pipe", "--reps", "1", "--markdown"], tmp_path, capsys)
 
     table = [line for line in out.splitlines() if line.startswith("|")]
@@ -363,8 +364,8 @@ def test_markdown_flag_prints_a_markdown_table(
     assert table[1] == "|---|---:|---:|"
     assert table[2].startswith("| tiny-task throughput (tasks/s), higher is better |")
     assert "| 40k/s (1.00x) | 80k/s (2.00x) |" in table[2]
-    assert len(table) == 2 + sum(len(m.quantities) for m in _bench.METRICS.values())
-    dash = _bench._dash()
+    assert len(table) == 2 + sum(len(m.quantities) for m in _metrics.METRICS.values())
+    dash = _report._dash()
     assert f"| map at best chunksize (items/s), higher is better | 40k/s (1.00x) | {dash} |" in (
         table
     )
@@ -375,7 +376,7 @@ def test_json_document_holds_the_header_and_every_cell(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[tuple[str, str]] = []
-    monkeypatch.setattr(_bench, "_run_child", _fake_run_child({"stdlib": 2.0, "pipe": 1.0}, calls))
+    monkeypatch.setattr(_runner, "_run_child", _fake_run_child({"stdlib": 2.0, "pipe": 1.0}, calls))
     _, document, _ = _run(["--libs", "stdlib,pipe", "--reps", "2"], tmp_path, capsys)
 
     assert document["schema"] == 2
@@ -405,11 +406,11 @@ def test_start_method_all_prints_one_table_per_method(
 ) -> None:
     methods: list[Optional[str]] = []
 
-    def run_child(plan: _bench._Plan, library: str, metric: str) -> dict[str, Any]:
+    def run_child(plan: _runner._Plan, library: str, metric: str) -> dict[str, Any]:
         methods.append(plan.start_method)
         return {"ok": True, "values": {"p50_us": 1.0, "p99_us": 2.0}}
 
-    monkeypatch.setattr(_bench, "_run_child", run_child)
+    monkeypatch.setattr(_runner, "_run_child", run_child)
     args = ["--libs", "stdlib", "--metrics", "latency", "--reps", "1", "--start-method", "all"]
     code, document, out = _run(args, tmp_path, capsys)
 
@@ -427,7 +428,7 @@ def test_plot_writes_a_png_of_the_ratios(
 ) -> None:
     calls: list[tuple[str, str]] = []
     values = {"stdlib": 2.0, "mpool": 3.0, "pipe": 1.0}
-    monkeypatch.setattr(_bench, "_run_child", _fake_run_child(values, calls))
+    monkeypatch.setattr(_runner, "_run_child", _fake_run_child(values, calls))
     plot = tmp_path / "ratios.png"
     args = ["--libs", "stdlib,mpool,pipe", "--reps", "1", "--start-method", "all"]
     code, _, _ = _run([*args, "--plot", str(plot)], tmp_path, capsys)
@@ -445,7 +446,7 @@ def test_plot_without_matplotlib_exits_2_before_measuring(
         return None if name == "matplotlib" else real_find_spec(name, *args)
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
-    monkeypatch.setattr(_bench, "_run_child", lambda *_: pytest.fail("a child was started"))
+    monkeypatch.setattr(_runner, "_run_child", lambda *_: pytest.fail("a child was started"))
     code = _bench.main(["--libs", "stdlib", "--plot", str(tmp_path / "x.png")])
 
     assert code == 2
@@ -457,7 +458,7 @@ def test_progress_goes_to_stderr_one_line_per_measurement_when_not_a_terminal(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[tuple[str, str]] = []
-    monkeypatch.setattr(_bench, "_run_child", _fake_run_child({"stdlib": 1.0}, calls))
+    monkeypatch.setattr(_runner, "_run_child", _fake_run_child({"stdlib": 1.0}, calls))
     _bench.main(["--libs", "stdlib", "--metrics", "throughput,latency", "--reps", "2"])
     captured = capsys.readouterr()
 
@@ -492,7 +493,7 @@ def _corrupt(value: Any) -> Any:
     return value + 1 if isinstance(value, int) else value[:-1]
 
 
-def _inline_pool(transform: Callable[[Any], Any] = lambda value: value) -> _bench._PoolAdapter:
+def _inline_pool(transform: Callable[[Any], Any] = lambda value: value) -> _adapters._PoolAdapter:
     """A 'pool' that runs each task at submit time, in this process, as its one worker."""
 
     def map_items(
@@ -500,7 +501,7 @@ def _inline_pool(transform: Callable[[Any], Any] = lambda value: value) -> _benc
     ) -> list[Any]:
         return [transform(function(item)) for item in items]
 
-    pool = _bench._PoolAdapter(
+    pool = _adapters._PoolAdapter(
         submit=lambda function, args: transform(function(*args)),
         wait=lambda handle, timeout: handle,
         close=lambda: None,
@@ -511,7 +512,7 @@ def _inline_pool(transform: Callable[[Any], Any] = lambda value: value) -> _benc
 
 
 @dataclasses.dataclass(frozen=True)
-class _InlineOpener(_bench._PoolOpener):
+class _InlineOpener(_adapters._PoolOpener):
     """Opens inline pools (always one 'worker', whatever is asked)."""
 
     transform: Callable[[Any], Any] = lambda value: value
@@ -521,16 +522,16 @@ class _InlineOpener(_bench._PoolOpener):
         workers: Optional[int] = None,
         start_method: Optional[str] = None,
         max_tasks_per_child: Optional[int] = None,
-    ) -> _bench._PoolAdapter:
+    ) -> _adapters._PoolAdapter:
         return _inline_pool(self.transform)
 
 
 def _measure_inline(metric: str, transform: Callable[[Any], Any]) -> dict[str, float]:
     deadline = time.monotonic() + 30
-    definition = _bench.METRICS[metric]
+    definition = _metrics.METRICS[metric]
     size = min(50, definition.quick_size)
     if definition.measure_own_pools is not None:
-        options = _bench._PoolOptions(workers=1, start_method=None)
+        options = _adapters._PoolOptions(workers=1, start_method=None)
         opener = _InlineOpener("stdlib", options, transform)
         return definition.measure_own_pools(opener, size, deadline)
     assert definition.measure is not None
@@ -543,24 +544,24 @@ NEED_WORKERS = {"pending", "shutdown"}
 CHECK_RESULTS = ["throughput", "latency", "map", "payload", "startup", "recycle", "scaling"]
 
 
-@pytest.mark.parametrize("metric", [name for name in _bench.METRICS if name not in NEED_WORKERS])
+@pytest.mark.parametrize("metric", [name for name in _metrics.METRICS if name not in NEED_WORKERS])
 def test_metric_returns_every_quantity_it_declares(metric: str) -> None:
     values = _measure_inline(metric, lambda value: value)
 
-    assert set(values) == {quantity.key for quantity in _bench.METRICS[metric].quantities}
+    assert set(values) == {quantity.key for quantity in _metrics.METRICS[metric].quantities}
     assert all(value > 0 for value in values.values())
 
 
 @pytest.mark.parametrize("metric", CHECK_RESULTS)
 def test_metric_rejects_wrong_results(metric: str) -> None:
-    with pytest.raises(_bench._BenchError, match="expected"):
+    with pytest.raises(_adapters._BenchError, match="expected"):
         _measure_inline(metric, _corrupt)
 
 
 def test_metric_definitions_are_consistent() -> None:
-    for name, metric in _bench.METRICS.items():
+    for name, metric in _metrics.METRICS.items():
         assert metric.name == name
         assert (metric.measure is None) != (metric.measure_own_pools is None), name
         assert len({q.key for q in metric.quantities}) == len(metric.quantities), name
-    for library in _bench.LIBRARIES.values():
-        assert set(library.not_applicable) <= set(_bench.METRICS), library.name
+    for library in _adapters.LIBRARIES.values():
+        assert set(library.not_applicable) <= set(_metrics.METRICS), library.name

@@ -104,9 +104,9 @@ def _default_start_method() -> str:
 def _run_bench(args: list[str]) -> int:
     backend, args = _take_backend(args)
     if backend == "dask":
-        from duckpool import _bench_dask  # lazy: needs the dask extra
+        from duckpool._bench import _dask  # lazy: needs the dask extra
 
-        return _bench_dask.main(args)
+        return _dask.main(args)
     if backend != "local":
         print(
             f"duckpool bench: --backend must be 'local' or 'dask', got {backend!r}", file=sys.stderr

@@ -3,7 +3,8 @@
 Every library under test pickles these functions by reference, so they must be
 importable by name from a spawned or forkserver worker: they cannot live in
 ``__main__``.  The module imports only the standard library's ``os`` and
-``time`` so that a spawned worker pays as little as possible for it.
+``time`` so that a spawned worker pays as little as possible for it; the
+package's ``__init__``, which Python runs first, imports nothing at all.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any, Callable, Optional
 
-from duckpool import _bench_tasks
+from duckpool._bench import _tasks
 
 __all__ = ["main"]
 
@@ -68,7 +68,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     from duckpool._dask import DaskExecutor
 
-    task = _bench_tasks.increment
+    task = _tasks.increment
     print(f"starting a LocalCluster of {options.workers} workers...", file=sys.stderr)
     with DaskExecutor(options.workers) as executor:
         client = executor.client
