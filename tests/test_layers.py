@@ -209,3 +209,90 @@ def test_every_name_the_data_flow_diagram_mentions_exists(module: str) -> None:
         tree = found[0]
         defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
         assert attr in defined, f"{mod}.{attr}"
+
+
+#: Who may assign each field of a worker slot (``_pool._slots.Slot``).
+SLOT_FIELD_OWNERS = {
+    "_launcher": {
+        "process",
+        "task_conn",
+        "result_conn",
+        "reader",
+        "used",
+        "reserved",
+        "requested",
+        "ready",
+        "launched_at",
+    },
+    "_scheduler": {
+        "assigned",
+        "tasks_sent",
+        "head_since",
+        "last_service",
+        "queued_bytes",
+        "retiring",
+    },
+    "_results": {"tasks_done", "read_lock"},
+    "_transport": {"outbox", "stop_sent", "releases_sent", "results_copied", "area", "area_offer"},
+    "_supervisor": {"stopping"},
+    "_assist": {"assist", "poisoned"},
+    "_successors": {"successor"},
+}
+
+
+def _assigned_attributes(tree: ast.Module) -> list[tuple[ast.expr, str]]:
+    """``(owner expression, attribute)`` of every attribute assignment in ``tree``."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign):
+            targets = list(node.targets)
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+            targets = [node.target]
+        else:
+            continue
+        while targets:
+            target = targets.pop()
+            if isinstance(target, (ast.Tuple, ast.List)):
+                targets.extend(target.elts)
+            elif isinstance(target, ast.Attribute):
+                found.append((target.value, target.attr))
+    return found
+
+
+def test_each_slot_field_is_assigned_only_by_its_owner() -> None:
+    owner_of = {field: mod for mod, fields in SLOT_FIELD_OWNERS.items() for field in fields}
+    modules = _modules()
+    slot_class = next(
+        node
+        for node in modules["_pool._slots"].body
+        if isinstance(node, ast.ClassDef) and node.name == "Slot"
+    )
+    fields = _attributes(slot_class) - {"reset", "alive", "__init__", "__slots__"}
+    # Every field has an owner (a new field must be given one here).
+    assert fields - {"index"} <= set(owner_of), fields - {"index"} - set(owner_of)
+    wrong = []
+    for name, tree in modules.items():
+        if not (name == "_core" or name.startswith("_pool.")) or name == "_pool._slots":
+            continue
+        short = name.split(".")[-1]
+        for base, attr in _assigned_attributes(tree):
+            if isinstance(base, ast.Name) and base.id == "self":
+                continue
+            if attr in owner_of and owner_of[attr] != short:
+                wrong.append(f"{name}: .{attr} (owned by {owner_of[attr]})")
+    assert not wrong, wrong
+
+
+def test_only_the_facade_assigns_the_pool_s_own_fields() -> None:
+    # core.X = ... (or self._core.X = ...) outside _core: an owner writing
+    # the facade's state, which belongs in the owner's own fields.
+    wrong = []
+    for name, tree in _modules().items():
+        if name == "_core":
+            continue
+        for base, attr in _assigned_attributes(tree):
+            if (isinstance(base, ast.Name) and base.id == "core") or (
+                isinstance(base, ast.Attribute) and base.attr == "_core"
+            ):
+                wrong.append(f"{name}: core.{attr}")
+    assert not wrong, wrong

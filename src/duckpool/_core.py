@@ -349,7 +349,7 @@ class PoolCore:
         if empty:
             self.launcher.start_worker(empty[0])
         for slot in empty[1:]:
-            slot.reserved = True
+            self.launcher.reserve(slot)
 
     def start_dispatcher(self) -> None:
         """Fork the zygote (under fork), then start the dispatcher thread."""
@@ -382,7 +382,7 @@ class PoolCore:
                     self.successors.let_go(slot.successor)
                 if slot.index >= size and slot.process is not None and not slot.stop_sent:
                     # Told to exit after what it holds (at once if idle).
-                    slot.retiring = True
+                    self.scheduler.retire(slot)
                     if slot.task_conn is not None:
                         self.transport.write(slot, b"")
             self.drop_surplus_slots()
@@ -456,6 +456,15 @@ class PoolCore:
                 return
             self.lifecycle.request_kill(signum, reason)
         self.wake()
+
+    def close_marks(self) -> None:
+        """No worker starts or runs any more: a plain copy of the marks will
+        do, and their mapping goes with its descriptor now, not when this
+        object is collected (the dispatcher thread may outlive join())."""
+        if isinstance(self.shared_marks, _worker.SharedMarks):
+            with self.lock:
+                self.marks = list(self.marks)
+            self.shared_marks.close()
 
     def close_wakeup(self) -> None:
         """The dispatcher has ended (or will never start): nothing waits any more."""

@@ -27,7 +27,7 @@ import weakref
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Optional
 
-from duckpool import _threads, _worker
+from duckpool import _threads
 from duckpool._pool._launcher import ZygoteTag
 from duckpool._pool._results import LOG_RECORD_ITEM
 from duckpool._pool._slots import ResultReady, WorkerExit
@@ -153,13 +153,7 @@ def run(core: PoolCore) -> None:
         core.supervisor.kill_without_bookkeeping()
     finally:
         core.launcher.close()
-        if isinstance(core.shared_marks, _worker.SharedMarks):
-            # No worker starts or runs any more: a plain copy will do, and
-            # the mapping goes with its descriptor now, not when this
-            # object is collected (this thread may outlive join()).
-            with core.lock:
-                core.marks = list(core.marks)
-            core.shared_marks.close()
+        core.close_marks()
         core.close_wakeup()
         # Told to exit, the zygotes tear down whole address spaces; join()
         # waits for that too (every process of the pool has exited then).

@@ -233,10 +233,8 @@ class Launcher:
         The zygote's answer comes later (``on_zygote_started``); meanwhile the
         slot is reserved: it takes work, which waits in its outbox.
         """
-        spare = slot.successor
+        spare = self._core.successors.take(slot)
         if spare is not None:
-            slot.successor = None
-            self._core.successors.unwatch(spare)
             self.install_worker(slot, spare.process, spare.task_conn, spare.result_conn)
             slot.launched_at = spare.launched_at
             return
@@ -314,6 +312,15 @@ class Launcher:
         slot.reserved = slot.requested = False
         if slot.outbox:  # what it took while reserved
             core.transport.flush(slot)
+
+    def reserve(self, slot: Slot) -> None:
+        """``slot`` takes work before its worker exists (it waits in the
+        slot's outbox): its worker is on its way."""
+        slot.reserved = True
+
+    def unreserve(self, slot: Slot) -> None:
+        """``slot``'s worker will not come (the pool is being killed)."""
+        slot.reserved = False
 
     def on_ready(self, slot: Slot, now: float) -> None:
         """``slot``'s worker sent READY (lock held): its start is over."""

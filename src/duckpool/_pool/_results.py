@@ -169,6 +169,7 @@ class ResultBook:
             assigned = slot.assigned
             counters = core.counters
             quarantine = core.quarantine
+            scheduler = core.scheduler
             for frame in frames:
                 view = memoryview(frame)
                 status = view[_worker.TASK_ID_BYTES]
@@ -180,7 +181,7 @@ class ResultBook:
                     return view[_worker.RESULT_HEADER_BYTES :]
                 if status == _worker.STATUS_READY:
                     core.launcher.on_ready(slot, now)
-                    slot.head_since = now
+                    scheduler.on_ready(slot, now)
                     if payload and _buffers.SHARED_AREA:
                         core.transport.on_area_offer(slot, bytes(payload))
                     core.successors.wake_for(slot)
@@ -199,7 +200,7 @@ class ResultBook:
                     )
                 # Booked before it leaves `assigned`: never in neither.
                 resolved.append((item, status, payload))
-                assigned.popleft()
+                scheduler.complete(slot, now)
                 if item.in_area:  # the worker has copied the call's buffers out
                     item.in_area = False
                     if slot.area is not None:
@@ -212,10 +213,6 @@ class ResultBook:
                     counters.failed += 1
                 if quarantine.streaks:
                     quarantine.on_return(item.label)
-                slot.queued_bytes -= item.size
-                slot.last_service = now - slot.head_since
-                slot.head_since = now
-            scheduler = core.scheduler
             if slot.process is not None and not (
                 core.lifecycle.shutdown_requested and not scheduler.pending
             ):

@@ -10,8 +10,9 @@ waits on the parent between them.  Per-type caps (``type_limits``) let
 items of other types pass one at its cap.  A callable in quarantine is
 refused here (``_quarantine``).
 
-Owns the slot's work fields: ``assigned`` (with the results, which pop its
-head), ``tasks_sent``, ``head_since``, ``queued_bytes`` and ``retiring``.
+Owns the slot's work fields: ``assigned`` (the ``ResultBook`` pops its head
+through ``complete``), ``tasks_sent``, ``head_since``, ``last_service``,
+``queued_bytes`` and ``retiring``.
 Every method runs with the pool's lock held.
 """
 
@@ -235,6 +236,30 @@ class Scheduler:
         if refused:
             self.pending = deque(queued for queued in self.pending if queued.label != label)
         return refused
+
+    def on_ready(self, slot: Slot, now: float) -> None:
+        """``slot``'s worker is ready: its head item's time runs from now."""
+        slot.head_since = now
+
+    def complete(self, slot: Slot, now: float) -> None:
+        """``slot``'s head item was answered (its result is booked): it leaves
+        the slot, and the next one's time runs from now."""
+        item = slot.assigned.popleft()
+        slot.queued_bytes -= item.size
+        slot.last_service = now - slot.head_since
+        slot.head_since = now
+
+    def retire(self, slot: Slot) -> None:
+        """``slot``'s worker takes no more work and exits once done (told so
+        with the next write, ``Transport.write``)."""
+        slot.retiring = True
+
+    def take_assigned(self, slot: Slot) -> list[WorkItem]:
+        """Empty ``slot``'s items (to fail them); what it held, in order."""
+        items = list(slot.assigned)
+        slot.assigned.clear()
+        slot.queued_bytes = 0
+        return items
 
     def cancel_queued(self, future: Future[Any]) -> bool:
         """Take ``future``'s item out of the queue; False if it is not there."""

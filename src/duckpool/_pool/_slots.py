@@ -1,9 +1,12 @@
 """What a pool keeps per worker slot and per spare process.
 
 A slot is a stable index (``marks`` cells, worker names) and the process that
-fills it now.  Its fields are grouped by the owner that writes them: process
-fields (``_launcher``), work fields (the scheduler, in ``_core``), transport
-fields, and ``stopping`` (``_supervisor``).
+fills it now.  Its fields are grouped by the owner that writes them (and
+only that owner's module assigns them: ``tests/test_layers.py``): process
+fields (``_launcher``), work fields (``_scheduler``), result fields
+(``_results``), transport fields (``_transport``), ``stopping``
+(``_supervisor``), ``assist`` and ``poisoned`` (``_assist``) and
+``successor`` (``_successors``).
 """
 
 from __future__ import annotations

@@ -106,6 +106,14 @@ class Successors:
         if sentinel is not None:
             core.selector.unregister(sentinel)
 
+    def take(self, slot: Slot) -> Optional[Spare]:
+        """``slot``'s successor, now to fill the slot (unwatched), if it has one."""
+        spare = slot.successor
+        if spare is not None:
+            slot.successor = None
+            self.unwatch(spare)
+        return spare
+
     def let_go(self, spare: Spare) -> None:
         """Stop a successor that will not be used (lock held); reaped on its exit."""
         if spare.slot.successor is spare:

@@ -202,9 +202,7 @@ class Supervisor:
         with core.lock:
             items = [*also, *core.scheduler.take_all()]
             for slot in core.slots:
-                items.extend(slot.assigned)
-                slot.assigned.clear()
-                slot.queued_bytes = 0
+                items.extend(core.scheduler.take_assigned(slot))
         if cause is not None and error.__cause__ is None:
             error.__cause__ = cause
         for item in items:
@@ -292,7 +290,7 @@ class Supervisor:
             core.successors.close_reaped(spares)
             for slot in core.slots:
                 if slot.reserved:  # never started: what it took goes back
-                    slot.reserved = False
+                    core.launcher.unreserve(slot)
                     core.scheduler.requeue_front(slot)
         # The worker-death path requeues what never started; nothing restarts now.
         lifecycle = core.lifecycle

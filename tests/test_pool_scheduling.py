@@ -1,0 +1,342 @@
+"""The scheduler, deadlines and lifecycle on their own: no pool, no process.
+
+Each owner gets a stand-in for the pool (the few fields and services it
+reads) and real ``Slot`` records, so its policy is tested apart from pipes,
+workers and timing.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections import deque
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Optional
+
+import pytest
+
+from duckpool._errors import InheritedManagerError, TaskQuarantinedError, TaskTimeoutError
+from duckpool._futures import WorkItem
+from duckpool._pool._deadlines import Deadlines
+from duckpool._pool._lifecycle import Lifecycle
+from duckpool._pool._quarantine import Quarantine
+from duckpool._pool._scheduler import PREFETCH, Scheduler
+from duckpool._pool._slots import Assist, Slot, Stopping
+from duckpool._pool._supervisor import KILL_GRACE_SECONDS
+
+
+class _Settings:
+    def __init__(self, type_limits: Optional[dict[str, int]] = None) -> None:
+        self.type_limits = type_limits
+        self.max_tasks_per_child: Optional[int] = None
+
+
+class _Transport:
+    """Records what would be written to each slot's worker."""
+
+    def __init__(self) -> None:
+        self.sent: dict[int, list[int]] = {}
+
+    def frames_of(self, slot: Slot, items: list[WorkItem]) -> list[WorkItem]:
+        return items
+
+    def write(self, slot: Slot, data: Any) -> None:
+        # One item's frame (its task id, see _item), or several items.
+        items = data if isinstance(data, list) else [data]
+        self.sent.setdefault(slot.index, []).extend(
+            item.task_id if isinstance(item, WorkItem) else int(item) for item in items
+        )
+
+
+class _Process:
+    pid = 1234
+    sentinel = None
+
+    def __init__(self) -> None:
+        self.signals: list[int] = []
+
+    def is_alive(self) -> bool:
+        return True
+
+    def kill(self) -> None:
+        self.signals.append(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.signals.append(signal.SIGTERM)
+
+
+class _Successors:
+    def wake_for(self, slot: Slot) -> None:
+        pass
+
+
+class _Pool:
+    """What the scheduler and the deadlines read of a pool."""
+
+    def __init__(self, workers: int, type_limits: Optional[dict[str, int]] = None) -> None:
+        self.settings = _Settings(type_limits)
+        self.transport = _Transport()
+        self.quarantine = Quarantine(after=2, seconds=60.0)
+        self.slots = [Slot(i) for i in range(workers)]
+        for slot in self.slots:
+            slot.process = _Process()  # type: ignore[assignment]
+            slot.ready = True
+        self.size = workers
+        self.successors = _Successors()
+        self.wakes = 0
+        self.ended_assists: list[Slot] = []
+        self.stopped: list[tuple[Slot, WorkItem, BaseException]] = []
+        self.assists = self
+        self.supervisor = self
+
+    def wake(self) -> None:
+        self.wakes += 1
+
+    def end_assist(self, slot: Slot, assist: Assist) -> None:
+        self.ended_assists.append(slot)
+
+    def stop_worker(self, slot: Slot, item: WorkItem, error: BaseException) -> None:
+        self.stopped.append((slot, item, error))
+
+
+_ids = iter(range(1, 1_000_000))
+
+
+def _item(
+    kind: Optional[str] = None, timeout: Optional[float] = None, fn: Any = len
+) -> WorkItem:
+    task_id = next(_ids)
+    return WorkItem(Future(), task_id, str(task_id).encode(), fn, timeout, kind)
+
+
+def _scheduler(pool: _Pool) -> Scheduler:
+    return Scheduler(pool)  # type: ignore[arg-type]
+
+
+def test_an_item_goes_to_an_idle_worker_at_once_else_waits_in_order() -> None:
+    pool = _Pool(2)
+    scheduler = _scheduler(pool)
+    first, second, third, fourth = (_item() for _ in range(4))
+    for item in (first, second, third, fourth):
+        scheduler.queue(item)
+    assert pool.transport.sent == {0: [first.task_id], 1: [second.task_id]}
+    assert list(scheduler.pending) == [third, fourth]
+    assert first.future.running()
+    # Worker 0 answers its item after a long task: the next goes to it, one at a time.
+    pool.slots[0].head_since = 0.0
+    scheduler.complete(pool.slots[0], now=1.0)
+    assert pool.slots[0].last_service == 1.0
+    scheduler.dispatch_pending()
+    assert pool.transport.sent[0] == [first.task_id, third.task_id]
+    assert list(scheduler.pending) == [fourth]
+
+
+def test_short_tasks_queue_behind_a_busy_worker_up_to_the_prefetch_limit() -> None:
+    pool = _Pool(1)
+    scheduler = _scheduler(pool)
+    slot = pool.slots[0]
+    scheduler.queue(_item())
+    slot.last_service = 0.0  # its tasks are tiny
+    slot.head_since = float("inf")  # (its current one has not run long: now - inf < bound)
+    items = [_item() for _ in range(2 * PREFETCH)]
+    for item in items:
+        scheduler.queue(item)
+    scheduler.dispatch_pending()
+    assert len(slot.assigned) == PREFETCH
+    assert list(scheduler.pending) == items[PREFETCH - 1 :]
+
+
+def test_nothing_queues_behind_a_long_task() -> None:
+    pool = _Pool(1)
+    scheduler = _scheduler(pool)
+    scheduler.queue(_item())
+    pool.slots[0].last_service = 5.0
+    waiting = _item()
+    scheduler.queue(waiting)
+    scheduler.dispatch_pending()
+    assert list(scheduler.pending) == [waiting]
+    assert len(pool.slots[0].assigned) == 1
+
+
+def test_a_type_at_its_cap_waits_while_other_types_pass_it() -> None:
+    pool = _Pool(3, type_limits={"gpu": 1})
+    scheduler = _scheduler(pool)
+    gpu_a, gpu_b, cpu = _item("gpu"), _item("gpu"), _item("cpu")
+    for item in (gpu_a, gpu_b, cpu):
+        scheduler.queue(item)
+    running = {item.task_id for slot in pool.slots for item in slot.assigned}
+    assert running == {gpu_a.task_id, cpu.task_id}
+    assert list(scheduler.pending) == [gpu_b]
+    # gpu_a is answered: gpu_b may go now.
+    holder = next(slot for slot in pool.slots if gpu_a in slot.assigned)
+    scheduler.complete(holder, now=1.0)
+    scheduler.dispatch_pending()
+    assert not scheduler.pending
+    assert any(gpu_b in slot.assigned for slot in pool.slots)
+
+
+def test_a_cancelled_item_is_never_sent_and_a_queued_one_can_be_withdrawn() -> None:
+    pool = _Pool(1)
+    scheduler = _scheduler(pool)
+    cancelled = _item()
+    assert cancelled.future.cancel()
+    scheduler.queue(cancelled)
+    assert not pool.slots[0].assigned
+    busy, queued = _item(), _item()
+    scheduler.queue(busy)
+    pool.slots[0].last_service = 1.0
+    scheduler.queue(queued)
+    assert scheduler.cancel_queued(queued.future)
+    assert not scheduler.cancel_queued(queued.future)
+    assert not scheduler.pending
+
+
+def test_what_a_dead_worker_never_took_up_goes_back_to_the_front_in_order() -> None:
+    pool = _Pool(1)
+    scheduler = _scheduler(pool)
+    slot = pool.slots[0]
+    slot.last_service = 0.0
+    slot.head_since = float("inf")
+    held = [_item() for _ in range(3)]
+    for item in held:
+        scheduler.queue(item)
+    later = _item()
+    scheduler.pending.append(later)
+    slot.process = None  # (it died: nothing is dispatched to it)
+    scheduler.requeue_front(slot)
+    assert list(scheduler.pending) == [*held, later]
+    assert not slot.assigned and slot.queued_bytes == 0
+
+
+def test_a_quarantined_callable_is_refused_and_its_queued_items_returned() -> None:
+    pool = _Pool(1)
+    scheduler = _scheduler(pool)
+    scheduler.queue(_item(fn=len))
+    pool.slots[0].last_service = 1.0
+    doomed = [_item(fn=len) for _ in range(2)]
+    other = _item(fn=abs)
+    for item in (*doomed, other):
+        scheduler.queue(item)
+    assert scheduler.count_death(_item(fn=len)) == []
+    assert scheduler.count_death(_item(fn=len)) == doomed
+    assert list(scheduler.pending) == [other]
+    refused = _item(fn=len)
+    assert scheduler.refuse_quarantined(refused)
+    assert isinstance(refused.future.exception(0), TaskQuarantinedError)
+    assert not scheduler.refuse_quarantined(_item(fn=abs))
+
+
+def test_max_tasks_per_child_retires_a_worker_with_its_last_item() -> None:
+    pool = _Pool(1)
+    pool.settings.max_tasks_per_child = 2
+    scheduler = _scheduler(pool)
+    scheduler.queue(_item())
+    assert not pool.slots[0].retiring
+    pool.slots[0].last_service = 0.0
+    pool.slots[0].head_since = float("inf")
+    scheduler.queue(_item())
+    scheduler.dispatch_pending()
+    assert pool.slots[0].retiring and pool.slots[0].tasks_sent == 2
+    scheduler.queue(_item())  # a retiring worker takes nothing more
+    scheduler.dispatch_pending()
+    assert len(pool.slots[0].assigned) == 2 and len(scheduler.pending) == 1
+
+
+def _deadlines(pool: _Pool) -> Deadlines:
+    return Deadlines(pool)  # type: ignore[arg-type]
+
+
+def test_a_running_item_past_its_timeout_stops_its_worker() -> None:
+    pool = _Pool(2)
+    slot = pool.slots[0]
+    slow = _item(timeout=2.0)
+    slot.assigned.append(slow)
+    slot.head_since = 10.0
+    deadlines = _deadlines(pool)
+    assert deadlines.check(now=11.5) == pytest.approx(0.5)
+    assert not pool.stopped
+    assert deadlines.check(now=12.0) == pytest.approx(KILL_GRACE_SECONDS)
+    [(stopped_slot, item, error)] = pool.stopped
+    assert (stopped_slot, item) == (slot, slow)
+    assert isinstance(error, TaskTimeoutError) and "timeout of 2 s" in str(error)
+
+
+def test_no_timeout_runs_before_the_worker_is_ready() -> None:
+    pool = _Pool(1)
+    slot = pool.slots[0]
+    slot.ready = False
+    slot.assigned.append(_item(timeout=1.0))
+    slot.head_since = 0.0
+    assert _deadlines(pool).check(now=100.0) is None
+    assert not pool.stopped
+
+
+def test_a_stopped_worker_gets_sigkill_after_its_grace() -> None:
+    pool = _Pool(1)
+    slot = pool.slots[0]
+    item = _item(timeout=1.0)
+    slot.assigned.append(item)
+    slot.stopping = Stopping(item, TaskTimeoutError("late"), kill_at=5.0)
+    deadlines = _deadlines(pool)
+    assert deadlines.check(now=4.0) == pytest.approx(1.0)
+    process = slot.process
+    assert isinstance(process, _Process) and process.signals == []
+    deadlines.check(now=5.0)
+    assert process.signals == [signal.SIGKILL]
+
+
+def test_an_assist_that_overstays_is_taken_back() -> None:
+    pool = _Pool(1)
+    slot = pool.slots[0]
+    assist = slot.assist = Assist(None, until=1.0, spin=False)  # type: ignore[arg-type]
+    deadlines = _deadlines(pool)
+    remaining = deadlines.check(now=1.0)
+    assert remaining is not None and remaining > 0 and not pool.ended_assists
+    deadlines.check(now=1.0 + remaining)
+    assert pool.ended_assists == [slot] and assist is slot.assist  # (the owner clears it)
+
+
+def test_the_lifecycle_refuses_work_with_the_error_that_applies() -> None:
+    lifecycle = Lifecycle()
+    assert lifecycle.accepting and lifecycle.may_start_workers()
+    assert lifecycle.state(started=False, running=False) == "idle"
+    assert lifecycle.state(started=True, running=True) == "running"
+    lifecycle.check_accepting()
+    lifecycle.request_shutdown()
+    assert not lifecycle.accepting
+    assert lifecycle.state(started=True, running=True) == "shutting down"
+    assert lifecycle.state(started=True, running=False) == "shut down"
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        lifecycle.check_accepting()
+    assert lifecycle.break_("starts keep failing", cause=None)
+    assert not lifecycle.break_("a later reason", cause=None)
+    assert lifecycle.broken == "starts keep failing"
+    assert lifecycle.state(started=True, running=True) == "broken"
+    assert not lifecycle.may_start_workers()
+    with pytest.raises(BrokenProcessPool, match="starts keep failing"):
+        lifecycle.check_accepting()
+    lifecycle.forget_after_fork()
+    assert lifecycle.state(started=True, running=True) == "inherited"
+    with pytest.raises(InheritedManagerError):
+        lifecycle.check_accepting()
+
+
+def test_a_kill_keeps_its_first_reason_and_stops_worker_starts() -> None:
+    lifecycle = Lifecycle()
+    lifecycle.request_kill(signal.SIGTERM, "terminate_workers() was called")
+    lifecycle.request_kill(signal.SIGKILL, "later")
+    assert lifecycle.kill_requested == signal.SIGKILL
+    assert lifecycle.kill_reason == "terminate_workers() was called"
+    assert not lifecycle.may_start_workers()
+    other = Lifecycle()
+    other.on_initializer_error(ValueError("first"))
+    other.on_initializer_error(ValueError("second"))
+    assert str(other.initializer_error) == "first" and not other.may_start_workers()
+
+
+def test_queue_is_a_deque_the_scheduler_alone_replaces() -> None:
+    pool = _Pool(1, type_limits={"x": 1})
+    scheduler = _scheduler(pool)
+    for _ in range(3):
+        scheduler.queue(_item("x"))
+    assert isinstance(scheduler.pending, deque) and len(scheduler.pending) == 2
