@@ -155,6 +155,32 @@ def test_the_fork_server_dying_fails_no_running_task(tmp_path: Path) -> None:
         pool.shutdown()
 
 
+def test_a_stopped_fork_server_does_not_hang_the_pool() -> None:
+    # A start through a stopped server would block its thread (here the
+    # dispatcher) forever: the server is killed, the start retried through
+    # a new one, and the pool serves on.
+    ctx = multiprocessing.get_context("forkserver")
+    pool = duckpool.ProcessPoolExecutor(2, ctx)
+    server: Optional[int] = None
+    try:
+        assert [f.result(TIMEOUT) for f in [pool.submit(tasks.add, i, 1) for i in range(4)]]
+        server = fork_server_pid()
+        assert server is not None
+        os.kill(server, signal.SIGSTOP)
+        victim = pool.worker_pids()[0]
+        kill_quietly(victim)  # its replacement is started through the stopped server
+        futures = [pool.submit(tasks.add, i, 1) for i in range(20)]
+        assert [f.result(TIMEOUT) for f in futures] == [i + 1 for i in range(20)]
+        wait_until(lambda: process_gone(server), TIMEOUT)
+        wait_until(lambda: len(set(pool.worker_pids()) - {victim}) == 2, TIMEOUT)
+        assert pool.submit(tasks.add, 2, 3).result(TIMEOUT) == 5
+        assert pool.stats().worker_deaths == 1
+    finally:
+        if server is not None and not process_gone(server):
+            os.kill(server, signal.SIGCONT)
+        pool.shutdown()
+
+
 def _failing_starts(
     monkeypatch: pytest.MonkeyPatch, failures: Optional[int], error: BaseException
 ) -> list[int]:

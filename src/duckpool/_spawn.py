@@ -14,7 +14,7 @@ import sys
 from multiprocessing import connection as mp_connection
 from typing import Any, Optional
 
-from duckpool import _child, _spawned, _worker
+from duckpool import _child, _fork_server, _spawned, _worker
 
 
 def start_worker_process(
@@ -48,7 +48,11 @@ def start_worker_process(
             # (spawned and forkserver workers never get them).
             parent_ends = (task_w, result_r, *also_close) if method == "fork" else ()
             process = _new_process(context, config, task_r, result_w, parent_ends)
-            process.start()
+            if method == "forkserver":
+                with _fork_server.watch_start():
+                    process.start()
+            else:
+                process.start()
             if method == "forkserver":
                 pidfd = _child.pidfd_of(process.pid)
                 if pidfd is not None:
