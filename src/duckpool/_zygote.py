@@ -463,21 +463,12 @@ def _zygote_main(
     build_config: Callable[[int], _worker.WorkerConfig],
     birth: _Birth,
 ) -> None:
-    """The zygote: fork workers on request, report their exits, until told to stop."""
-    try:
-        _serve(control, notices_w, build_config, birth)
-    finally:
-        _step_aside()
+    """The zygote: fork workers on request, report their exits, until told to stop.
 
-
-def _step_aside() -> None:
-    """Exit at idle priority: tearing down a copy of the parent's whole memory
-    takes a millisecond or more of CPU, which the parent and the last workers,
-    still stopping, need more."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # type: ignore[attr-defined]
-    except (AttributeError, OSError):
-        pass
+    Its exit (tearing down a copy of the parent's memory) runs at normal
+    priority: ``shutdown(wait=True)`` waits for it.
+    """
+    _serve(control, notices_w, build_config, birth)
 
 
 def _serve(
