@@ -14,7 +14,7 @@ import pytest
 import _buffer_tasks as tasks
 import duckpool
 from conftest import wait_until
-from duckpool import _buffers, _worker
+from duckpool import _buffers
 
 TIMEOUT = 60
 THRESHOLD = _buffers.OUT_OF_BAND_BYTES
@@ -270,26 +270,6 @@ def test_region_reuses_space_in_the_order_it_was_taken() -> None:
     assert region.take(1) == -1
     region.release()
     assert region.take(1001) == -1
-
-
-def test_frame_reader_reads_a_large_frame_in_pieces() -> None:
-    read_fd, write_fd = os.pipe()
-    try:
-        os.set_blocking(read_fd, False)
-        reader = _worker.FrameReader(read_fd)
-        small = _worker.wire(b"abc")
-        large_body = tasks.pattern(3 * _worker._LARGE_FRAME + 1, 1)
-        stream = small + _worker.wire(large_body) + small
-        frames: list[Any] = []
-        for start in range(0, len(stream), 10_000):  # 10 kB at a time
-            os.write(write_fd, stream[start : start + 10_000])
-            got, eof = reader.read_available()
-            assert not eof
-            frames += got
-        assert [bytes(frame) for frame in frames] == [b"abc", large_body, b"abc"]
-    finally:
-        os.close(read_fd)
-        os.close(write_fd)
 
 
 def test_encode_and_decode_agree_inline_and_in_an_area() -> None:

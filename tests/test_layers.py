@@ -23,7 +23,15 @@ def _module_name(path: Path) -> str:
 
 
 #: What runs inside a worker: it may import only these and the standard library.
-WORKER_SIDE = {"_worker", "_worker_logs", "_buffers", "_spawned"}
+WORKER_SIDE = {
+    "_worker",
+    "_worker_logs",
+    "_protocol",
+    "_marks",
+    "_import_hooks",
+    "_buffers",
+    "_spawned",
+}
 #: The benchmark harness, every module of its package: only the command line reaches it.
 BENCH = {_module_name(path) for path in (PACKAGE / "_bench").rglob("*.py")}
 #: The command line and what only it uses.

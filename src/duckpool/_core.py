@@ -140,7 +140,7 @@ from concurrent.futures import Future
 from multiprocessing.context import BaseContext
 from typing import Any, Callable, NamedTuple, Optional
 
-from duckpool import _process_pools, _worker
+from duckpool import _marks, _process_pools
 from duckpool._admission import Admission
 from duckpool._futures import WorkItem
 from duckpool._futures import notify_if_cancelled as _notify_if_cancelled
@@ -217,7 +217,7 @@ class PoolCore:
         #: Shared with the workers: per slot, the id of the task it took up
         #: (cells 0..n-1), and an id it must skip (cells n..2n-1).
         self.marks: Any = None
-        #: What holds ``marks`` and is sent to the workers (``_worker.new_marks``).
+        #: What holds ``marks`` and is sent to the workers (``_marks.new_marks``).
         self.shared_marks: Any = None
         self.counters = Counters()
         #: Callables whose runs keep killing their worker (quarantine_after).
@@ -334,8 +334,8 @@ class PoolCore:
         pool starts.
         """
         if self.marks is None:
-            self.shared_marks = _worker.new_marks(self.settings.context, 2 * self.capacity)
-            self.marks = _worker.marks_array(self.shared_marks)
+            self.shared_marks = _marks.new_marks(self.settings.context, 2 * self.capacity)
+            self.marks = _marks.marks_array(self.shared_marks)
         self.launcher.prepare()
         self.dispatcher.prepare(self)
         # The first worker now, for the task being submitted (under fork,
@@ -461,7 +461,7 @@ class PoolCore:
         """No worker starts or runs any more: a plain copy of the marks will
         do, and their mapping goes with its descriptor now, not when this
         object is collected (the dispatcher thread may outlive join())."""
-        if isinstance(self.shared_marks, _worker.SharedMarks):
+        if isinstance(self.shared_marks, _marks.SharedMarks):
             with self.lock:
                 self.marks = list(self.marks)
             self.shared_marks.close()

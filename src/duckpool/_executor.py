@@ -23,7 +23,16 @@ from concurrent.futures import TimeoutError as FuturesTimeoutError
 from multiprocessing.context import BaseContext
 from typing import Any, Callable, Optional, Protocol, TypeVar
 
-from duckpool import _admission, _buffers, _core, _futures, _process_pools, _shutdown, _worker
+from duckpool import (
+    _admission,
+    _buffers,
+    _core,
+    _futures,
+    _process_pools,
+    _protocol,
+    _shutdown,
+    _worker,
+)
 from duckpool._stats import PoolStats
 
 __all__ = ["ProcessPoolExecutor", "TaskOptions"]
@@ -363,7 +372,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
             sent = _buffers.outgoing(buffers, snapshot=True)
             item = _futures.WorkItem(future, task_id, payload, fn, timeout, kind, chunk, sent)
         else:
-            frame = _worker.task_frame(task_id, payload)
+            frame = _protocol.task_frame(task_id, payload)
             item = _futures.WorkItem(future, task_id, frame, fn, timeout, kind, chunk)
         core.submit(item)
         return future

@@ -14,7 +14,7 @@ import sys
 from multiprocessing import connection as mp_connection
 from typing import Any, Optional
 
-from duckpool import _child, _fork_server, _spawned, _worker
+from duckpool import _child, _fork_server, _protocol, _spawned, _worker
 
 
 def start_worker_process(
@@ -83,7 +83,7 @@ def _new_process(
     return context.Process(
         target=_worker.process_main,
         # Bare descriptors, not Connections: cheaper to rebuild in a worker.
-        args=(_worker.InheritedFd(task_r), _worker.InheritedFd(result_w), config, parent_ends),
+        args=(_protocol.InheritedFd(task_r), _protocol.InheritedFd(result_w), config, parent_ends),
         name=config.name,
         daemon=False,  # tasks may start child processes
     )
@@ -239,7 +239,7 @@ def spawn_worker(config: _worker.WorkerConfig, task_r: int, result_w: int) -> _c
         try:
             head = bytes(reduction.ForkingPickler.dumps((prep, extra)))
             body = reduction.ForkingPickler.dumps(
-                (_worker.InheritedFd(task_r), _worker.InheritedFd(result_w), config, ())
+                (_protocol.InheritedFd(task_r), _protocol.InheritedFd(result_w), config, ())
             )
         finally:
             mp_context.set_spawning_popen(None)  # type: ignore[attr-defined]
@@ -262,7 +262,7 @@ def spawn_worker(config: _worker.WorkerConfig, task_r: int, result_w: int) -> _c
     os.close(alive_w)
     process = _child.ChildProcess(pid, alive_r)
     try:
-        _worker.write_all(data_w, [len(head).to_bytes(8, "little"), head, body])
+        _protocol.write_all(data_w, [len(head).to_bytes(8, "little"), head, body])
     except OSError:
         pass  # it died at once: its exit code tells the pool
     finally:

@@ -142,7 +142,7 @@ def _prepare(prep: dict[str, Any], extra: dict[str, Any]) -> None:
     if "dir" in prep:
         os.chdir(prep["dir"])
     _quiet_stdin()
-    from duckpool import _worker
+    from duckpool import _import_hooks, _worker
 
     alive_fd = extra.get("alive_fd")
     if alive_fd is not None:
@@ -150,9 +150,7 @@ def _prepare(prep: dict[str, Any], extra: dict[str, Any]) -> None:
         # worker exit: a process a task forks must not hold it open.
         _worker.close_in_forks(alive_fd)
     # Before the main module runs: it may import multiprocessing itself.
-    watch = _worker._AfterImport("multiprocessing", lambda: _adopt(prep, extra))
-    sys.meta_path.insert(0, watch)
-    os.register_at_fork(after_in_child=watch.cancel)
+    _import_hooks.after_import("multiprocessing", lambda: _adopt(prep, extra))
     if "init_main_from_name" in prep:
         _main_from_name(prep["init_main_from_name"])
     elif "init_main_from_path" in prep:

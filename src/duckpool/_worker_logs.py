@@ -29,6 +29,7 @@ import pickle
 import sys
 
 from duckpool import _worker
+from duckpool._protocol import STATUS_LOG, encode_result
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing is not imported in a worker at run time
@@ -76,7 +77,7 @@ class LogForwarder(logging.Handler):
             # _spawned): logging names every process MainProcess then.
             attributes["processName"] = self._name
         try:
-            frame = _worker.encode_result(task_id, _worker.STATUS_LOG, dump_record(record))
+            frame = encode_result(task_id, STATUS_LOG, dump_record(record))
             self._send(frame)
         except OSError:
             pass  # the parent is gone, or closed the pipe: nobody to tell

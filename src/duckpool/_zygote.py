@@ -63,7 +63,7 @@ import weakref
 from multiprocessing import connection as mp_connection
 from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
-from duckpool import _child, _spawn, _worker
+from duckpool import _child, _protocol, _spawn, _worker
 
 _REQUEST = struct.Struct("<I")  # slot index, or one of the requests below
 _EXIT = 0xFFFFFFFF
@@ -521,7 +521,7 @@ def _serve(
             process.join()
             assert process.pid is not None and process.exitcode is not None
             try:
-                _worker.write_all(notices_w, _NOTICE.pack(process.pid, process.exitcode))
+                _protocol.write_all(notices_w, _NOTICE.pack(process.pid, process.exitcode))
             except BrokenPipeError:
                 pass  # the pool has closed its end: it no longer asks
             del process  # the last reference: its sentinel closes

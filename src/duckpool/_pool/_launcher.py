@@ -37,7 +37,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
-from duckpool import _child, _logs, _spawn, _worker, _zygote
+from duckpool import _child, _logs, _protocol, _spawn, _worker, _zygote
 from duckpool._pool._slots import ResultReady, WorkerExit
 
 if TYPE_CHECKING:
@@ -301,7 +301,7 @@ class Launcher:
         os.set_blocking(result_r.fileno(), False)
         slot.task_conn = task_w
         slot.result_conn = result_r
-        slot.reader = _worker.FrameReader(result_r.fileno())
+        slot.reader = _protocol.FrameReader(result_r.fileno())
         core.selector.register(result_r, ResultReady(slot))
         if process.sentinel is not None:
             core.selector.register(process.sentinel, WorkerExit(slot))

@@ -25,7 +25,7 @@ import weakref
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Optional
 
-from duckpool import _buffers, _logs, _worker
+from duckpool import _buffers, _logs, _protocol
 from duckpool._errors import TaskUnpicklingError
 from duckpool._futures import (
     DONE_STATES,
@@ -155,7 +155,7 @@ class ResultBook:
     def _book(
         self,
         slot: Slot,
-        reader: _worker.FrameReader,
+        reader: _protocol.FrameReader,
         frames: list[bytes],
         resolved: list[Resolution],
     ) -> Optional[memoryview]:
@@ -172,27 +172,27 @@ class ResultBook:
             scheduler = core.scheduler
             for frame in frames:
                 view = memoryview(frame)
-                status = view[_worker.TASK_ID_BYTES]
-                payload: Any = view[_worker.RESULT_HEADER_BYTES :]
-                if status & _worker.STATUS_BUFFERS:
-                    status &= ~_worker.STATUS_BUFFERS
+                status = view[_protocol.TASK_ID_BYTES]
+                payload: Any = view[_protocol.RESULT_HEADER_BYTES :]
+                if status & _protocol.STATUS_BUFFERS:
+                    status &= ~_protocol.STATUS_BUFFERS
                     payload = _Undecoded(payload)
-                if status == _worker.STATUS_INIT_FAILED:
-                    return view[_worker.RESULT_HEADER_BYTES :]
-                if status == _worker.STATUS_READY:
+                if status == _protocol.STATUS_INIT_FAILED:
+                    return view[_protocol.RESULT_HEADER_BYTES :]
+                if status == _protocol.STATUS_READY:
                     core.launcher.on_ready(slot, now)
                     scheduler.on_ready(slot, now)
                     if payload and _buffers.SHARED_AREA:
                         core.transport.on_area_offer(slot, bytes(payload))
                     core.successors.wake_for(slot)
                     continue
-                if status == _worker.STATUS_LOG:
+                if status == _protocol.STATUS_LOG:
                     # Emitted in its place among the results, with no lock held.
                     resolved.append((LOG_RECORD_ITEM, status, payload))
                     continue
                 item = assigned[0] if assigned else None
                 if item is None or item.task_id != int.from_bytes(
-                    view[: _worker.TASK_ID_BYTES], "little"
+                    view[: _protocol.TASK_ID_BYTES], "little"
                 ):
                     raise RuntimeError(
                         f"worker {slot.index} answered out of order "
@@ -207,7 +207,7 @@ class ResultBook:
                         slot.area.calls.release()
                 slot.tasks_done += 1
                 counters.latencies.append(now - item.submitted)
-                if status == _worker.STATUS_OK:
+                if status == _protocol.STATUS_OK:
                     counters.completed += 1
                 else:
                     counters.failed += 1
@@ -231,14 +231,14 @@ class ResultBook:
 
     def resolve(self, item: WorkItem, status: int, payload: memoryview) -> None:
         """Set a future from a result frame (no lock held: callbacks run here)."""
-        if status == _worker.STATUS_LOG:
+        if status == _protocol.STATUS_LOG:
             _logs.handle_forwarded(payload)
             return
         future = item.future
         if future._state in DONE_STATES:
             return  # cancelled while queued in the worker
         try:
-            if status == _worker.STATUS_OK:
+            if status == _protocol.STATUS_OK:
                 value = _buffers.loads(pickle.loads, payload)
             else:
                 error = exception_from_payload(payload)
@@ -249,9 +249,9 @@ class ResultBook:
             failure.__cause__ = exc
             set_exception(future, failure)
             return
-        if status == _worker.STATUS_OK:
+        if status == _protocol.STATUS_OK:
             set_result(future, value)
-        elif status == _worker.STATUS_UNPICKLE_FAILED:
+        elif status == _protocol.STATUS_UNPICKLE_FAILED:
             failure = TaskUnpicklingError(
                 f"the worker could not unpickle the call to {item.label}: {error!r}"
             )

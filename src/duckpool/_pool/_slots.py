@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, NamedTuple, Optional, Protocol
 if TYPE_CHECKING:
     from multiprocessing import connection as mp_connection
 
-    from duckpool import _buffers, _worker
+    from duckpool import _buffers, _protocol
     from duckpool._errors import WorkerDiedError
     from duckpool._futures import WorkItem
 
@@ -118,7 +118,7 @@ class Slot:
         self.process: Optional[WorkerProcess] = None
         self.task_conn: Optional[mp_connection.Connection] = None
         self.result_conn: Optional[mp_connection.Connection] = None
-        self.reader: Optional[_worker.FrameReader] = None
+        self.reader: Optional[_protocol.FrameReader] = None
         #: The worker's shared area for large buffers, once mapped (see _buffers).
         self.area: Optional[_buffers.Area] = None
         #: The area the worker offered, for the dispatcher to map (see _book_results).

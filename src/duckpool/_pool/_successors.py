@@ -21,7 +21,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING, NamedTuple, Optional
 
-from duckpool import _child, _worker, _zygote
+from duckpool import _child, _protocol, _zygote
 from duckpool._pool import _transport
 from duckpool._pool._results import LOG_RECORD_ITEM, Resolution
 from duckpool._pool._slots import Spare
@@ -153,14 +153,14 @@ class Successors:
                 spare.slot.successor = None
                 # What it said before it died: an initializer failure breaks
                 # the pool, as in a worker; its log records are forwarded.
-                frames, _ = _worker.FrameReader(spare.result_conn.fileno()).read_available()
+                frames, _ = _protocol.FrameReader(spare.result_conn.fileno()).read_available()
                 for frame in frames:
                     view = memoryview(frame)
-                    status = view[_worker.TASK_ID_BYTES]
-                    payload = view[_worker.RESULT_HEADER_BYTES :]
-                    if status == _worker.STATUS_INIT_FAILED:
+                    status = view[_protocol.TASK_ID_BYTES]
+                    payload = view[_protocol.RESULT_HEADER_BYTES :]
+                    if status == _protocol.STATUS_INIT_FAILED:
                         init_failure = payload
-                    elif status == _worker.STATUS_LOG:
+                    elif status == _protocol.STATUS_LOG:
                         records.append((LOG_RECORD_ITEM, status, payload))
                 if not core.lifecycle.shutdown_requested and core.lifecycle.kill_requested is None:
                     if exitcode != 0:

@@ -20,7 +20,7 @@ import os
 import weakref
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from duckpool import _buffers, _worker
+from duckpool import _buffers, _protocol
 
 if TYPE_CHECKING:
     from multiprocessing import connection as mp_connection
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from duckpool._pool._slots import Slot
 
 #: The stop frame, as written to a pipe.
-STOP_FRAME = _worker.wire(b"")
+STOP_FRAME = _protocol.wire(b"")
 
 
 class Writable(NamedTuple):
@@ -45,7 +45,7 @@ class Transport:
     def __init__(self, core: PoolCore) -> None:
         self._core: PoolCore = weakref.proxy(core)
 
-    def write(self, slot: Slot, data: _worker.Frames) -> None:
+    def write(self, slot: Slot, data: _protocol.Frames) -> None:
         """Write task frames to ``slot``'s worker (and the stop frame, if due).
 
         ``data`` is bytes, or parts written with one ``writev`` (see
@@ -56,7 +56,7 @@ class Transport:
         """
         if slot.releases_sent != slot.results_copied:
             slot.releases_sent = slot.results_copied
-            data = [_worker.release_frame(slot.results_copied), *_as_parts(data)]
+            data = [_protocol.release_frame(slot.results_copied), *_as_parts(data)]
         if slot.retiring and not slot.stop_sent:
             if isinstance(data, list):
                 data.append(STOP_FRAME)
@@ -88,7 +88,7 @@ class Transport:
             else:
                 core.wake()  # the dispatcher watches the pipe (see watch_outboxes)
 
-    def frames_of(self, slot: Slot, items: list[WorkItem]) -> _worker.Frames:
+    def frames_of(self, slot: Slot, items: list[WorkItem]) -> _protocol.Frames:
         """The frames of ``items``, in order, for ``slot``'s worker.
 
         Items with buffers are framed here, now that the worker is known:
@@ -109,8 +109,10 @@ class Transport:
                 item.frame, item.buffers, None if area is None else area.calls
             )
             item.in_area = taken > 0
-            head = (item.task_id | _worker.TASK_BUFFERS).to_bytes(_worker.TASK_ID_BYTES, "little")
-            parts += _worker.buffered_frame(head, body)
+            head = (item.task_id | _protocol.TASK_BUFFERS).to_bytes(
+                _protocol.TASK_ID_BYTES, "little"
+            )
+            parts += _protocol.buffered_frame(head, body)
         return parts if buffered else b"".join(parts)
 
     def send_stop(self, slot: Slot) -> None:
@@ -208,7 +210,7 @@ def stop(conn: mp_connection.Connection) -> None:
         pass
 
 
-def _as_parts(data: _worker.Frames) -> list[Any]:
+def _as_parts(data: _protocol.Frames) -> list[Any]:
     return data if isinstance(data, list) else [data]
 
 
@@ -216,10 +218,10 @@ def _write_parts(fd: int, views: list[memoryview]) -> list[memoryview]:
     """Write ``views`` to a non-blocking pipe as far as it takes them; what is left."""
     while views:
         try:
-            written = os.writev(fd, views[: _worker.IOV_MAX])
+            written = os.writev(fd, views[: _protocol.IOV_MAX])
         except BlockingIOError:
             return views
-        views = _worker.skip_written(views, written)
+        views = _protocol.skip_written(views, written)
         if views and not written:
             return views
     return views

@@ -1,0 +1,87 @@
+"""The started and skip marks: cells a worker and its parent share, beside the pipes.
+
+One array of 8-byte cells serves a pool of up to ``capacity`` slots (the
+``max_workers`` a ``WorkerConfig`` carries is that stride).  In cell ``slot``
+the worker of that slot writes the id of each task it takes up, so that
+after a death the parent knows whether the task had started (it fails then,
+else it is sent again).  In cell ``capacity + slot`` the parent may write
+the id of a task queued in that worker's pipe that the worker must skip (it
+answers it as cancelled instead of running it).  The parent makes the array
+(``new_marks``) before its first worker starts and sends it in each worker's
+``WorkerConfig``.
+
+Every worker imports this module: it imports nothing but ``os``.
+"""
+
+from __future__ import annotations
+
+import os
+
+# typing is not imported at run time: a spawned worker imports this module,
+# and annotations are not evaluated (``from __future__``).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Optional
+
+
+class SharedMarks:
+    """The started and skip marks (see the module): 8-byte cells in a memfd mapping.
+
+    ``view`` is the array itself.  Pickled, it travels as the memfd (``DupFd``)
+    and is mapped again in the worker; a ``RawArray`` would import ``ctypes``,
+    ``multiprocessing.heap`` and ``tempfile`` in every spawned worker.
+    """
+
+    __slots__ = ("_map", "cells", "fd", "view")
+
+    def __init__(self, cells: int, fd: Optional[int] = None) -> None:
+        import mmap
+
+        if fd is None:
+            fd = os.memfd_create("duckpool-marks", os.MFD_CLOEXEC)
+            os.ftruncate(fd, 8 * cells)
+        self.fd = fd
+        self.cells = cells
+        self._map = mmap.mmap(fd, 8 * cells)
+        self.view = memoryview(self._map).cast("Q")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        from multiprocessing import reduction
+
+        return (_map_marks, (reduction.DupFd(self.fd), self.cells))
+
+    def close_fd(self) -> None:
+        """Close the memfd, once no process is to be started with these marks:
+        the mapping stays."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def close(self) -> None:
+        """Unmap the marks and close the memfd (the mapping holds a copy of
+        it before Python 3.13): ``view`` must not be used any more."""
+        self.close_fd()
+        self.view.release()
+        self._map.close()
+
+
+def _map_marks(dup: Any, cells: int) -> SharedMarks:
+    marks = SharedMarks(cells, dup.detach())
+    marks.close_fd()
+    return marks
+
+
+def new_marks(context: Any, cells: int) -> Any:
+    """A ``SharedMarks`` where memfds exist, else a ``RawArray('Q')``: either
+    is what ``WorkerConfig.marks`` carries."""
+    if hasattr(os, "memfd_create"):
+        try:
+            return SharedMarks(cells)
+        except OSError:  # no memfd after all (an old kernel, a sandbox)
+            pass
+    return context.RawArray("Q", cells)
+
+
+def marks_array(marks: Any) -> Any:
+    """The indexable array of what ``new_marks`` made."""
+    return marks.view if isinstance(marks, SharedMarks) else marks
