@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,13 @@ WORKER_SIDE = {
     "_buffers",
     "_spawned",
 }
+#: Where a worker process starts: ``_spawned.main`` under spawn,
+#: ``_worker.process_main`` or ``worker_main`` under fork and forkserver.
+WORKER_ENTRY_POINTS = {"_spawned", "_worker"}
+#: Not in the standard library, imported by a worker only when a pool's
+#: options ask for them (process titles, ``max_memory_per_child``,
+#: ``serializer="cloudpickle"``).
+WORKER_OPTIONAL = {"setproctitle", "psutil", "cloudpickle"}
 #: The benchmark harness, every module of its package: only the command line reaches it.
 BENCH = {_module_name(path) for path in (PACKAGE / "_bench").rglob("*.py")}
 #: The command line and what only it uses.
@@ -57,8 +65,9 @@ def _is_type_checking(node: ast.If) -> bool:
     )
 
 
-def _imports(tree: ast.Module, module_level_only: bool) -> set[str]:
-    """duckpool modules ``tree`` imports (run-time imports: not under TYPE_CHECKING)."""
+def _run_time_imports(tree: ast.Module, module_level_only: bool) -> set[str]:
+    """The modules ``tree`` imports at run time (not under TYPE_CHECKING), as
+    absolute names; ``from duckpool import _x`` counts as ``duckpool._x``."""
     names: set[str] = set()
 
     def visit(body: list[ast.stmt]) -> None:
@@ -66,19 +75,23 @@ def _imports(tree: ast.Module, module_level_only: bool) -> set[str]:
             if isinstance(node, ast.If) and _is_type_checking(node):
                 visit(node.orelse)
                 continue
-            if isinstance(node, ast.ImportFrom) and node.module:
-                if node.module == "duckpool":
-                    names.update(alias.name for alias in node.names)
-                elif node.module.startswith("duckpool."):
-                    package = node.module[len("duckpool.") :]
-                    names.add(package)
-                    # ``from duckpool._bench import _tasks`` imports the submodule too.
-                    submodules = (f"{package}.{alias.name}" for alias in node.names)
-                    names.update(name for name in submodules if _is_module(name))
-            elif isinstance(node, ast.Import):
+            if isinstance(node, ast.ImportFrom):
+                # The checks read absolute imports only: a relative one would
+                # slip past them.
+                assert node.level == 0 and node.module, ast.unparse(node)
                 for alias in node.names:
-                    if alias.name.startswith("duckpool."):
-                        names.add(alias.name[len("duckpool.") :])
+                    # ``from duckpool._bench import _tasks`` imports the
+                    # submodule (its package runs first, as for any import of
+                    # a submodule: not an edge of its own).
+                    submodule = f"{node.module}.{alias.name}"
+                    if submodule.startswith("duckpool.") and _is_module(
+                        submodule[len("duckpool.") :]
+                    ):
+                        names.add(submodule)
+                    else:
+                        names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
             if module_level_only and isinstance(
                 node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
             ):
@@ -93,6 +106,16 @@ def _imports(tree: ast.Module, module_level_only: bool) -> set[str]:
 
     visit(tree.body)
     return names
+
+
+def _imports(tree: ast.Module, module_level_only: bool) -> set[str]:
+    """duckpool modules ``tree`` imports at run time, relative to the package."""
+    prefix = "duckpool."
+    return {
+        name[len(prefix) :]
+        for name in _run_time_imports(tree, module_level_only)
+        if name.startswith(prefix)
+    }
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -130,13 +153,17 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def test_no_module_imports_another_that_imports_it_back_at_import_time() -> None:
+def _graph(module_level_only: bool) -> dict[str, set[str]]:
     modules = _modules()
-    graph = {
-        name: _imports(tree, module_level_only=True) & set(modules)
-        for name, tree in modules.items()
+    return {
+        name: _imports(tree, module_level_only) & set(modules) for name, tree in modules.items()
     }
-    assert _cycles(graph) == []
+
+
+def test_no_module_imports_another_that_imports_it_back() -> None:
+    # Imports inside functions count too: a cycle through one still ties the
+    # two modules together, whenever the function first runs.
+    assert _cycles(_graph(module_level_only=False)) == []
 
 
 def test_the_engine_owners_never_import_the_layers_above_them() -> None:
@@ -152,6 +179,30 @@ def test_the_worker_side_imports_only_the_worker_side() -> None:
     for name in WORKER_SIDE:
         imported = _imports(modules[name], module_level_only=False)
         assert imported <= WORKER_SIDE, (name, imported - WORKER_SIDE)
+
+
+def test_the_worker_side_is_what_a_worker_can_reach() -> None:
+    graph = _graph(module_level_only=False)
+    reached: set[str] = set()
+    todo = list(WORKER_ENTRY_POINTS)
+    while todo:
+        name = todo.pop()
+        if name not in reached:
+            reached.add(name)
+            todo.extend(graph[name])
+    assert reached == WORKER_SIDE
+
+
+@pytest.mark.skipif(sys.version_info < (3, 10), reason="sys.stdlib_module_names is 3.10+")
+def test_the_worker_side_imports_nothing_else_but_the_standard_library() -> None:
+    modules = _modules()
+    stdlib = set(sys.stdlib_module_names)
+    for name in WORKER_SIDE:
+        tree = modules[name]
+        everywhere = {m.split(".")[0] for m in _run_time_imports(tree, module_level_only=False)}
+        at_import = {m.split(".")[0] for m in _run_time_imports(tree, module_level_only=True)}
+        assert everywhere - {"duckpool"} <= stdlib | WORKER_OPTIONAL, (name, everywhere - stdlib)
+        assert at_import - {"duckpool"} <= stdlib, (name, at_import - stdlib)
 
 
 def test_only_the_command_line_imports_the_benchmark() -> None:

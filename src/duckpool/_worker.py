@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 _PARENT_POLL_SECONDS = 0.2
 
 #: The id of the task this worker is running, 0 between tasks (log records
-#: carry it).
+#: carry it: ``_worker_logs`` asks ``running_task_id``).
 current_task_id = 0
 
 #: Result types pickled as they are: the most common, and never a buffer.
@@ -366,7 +366,7 @@ def forward_logs_from_first_record(send: Callable[[bytes], None], config: Worker
                 inherited = None
                 if started_with is not None:
                     inherited = {ref() for ref in started_with} - {None}
-                _worker_logs.install(send, config, inherited)  # type: ignore[arg-type]
+                _worker_logs.install(send, config, running_task_id, inherited)
                 logger_class.callHandlers = call_handlers  # type: ignore[method-assign]
         call_handlers(logger, record)
 
@@ -389,7 +389,7 @@ def _forward_logs(send: Callable[[bytes], None], config: WorkerConfig) -> None:
     def install() -> None:
         from duckpool import _worker_logs
 
-        _worker_logs.install(send, config)
+        _worker_logs.install(send, config, running_task_id)
 
     if "logging" in sys.modules:
         install()
@@ -399,6 +399,11 @@ def _forward_logs(send: Callable[[bytes], None], config: WorkerConfig) -> None:
     # A process a task forks must not write to this worker's pipe (see
     # _worker_logs._uninstall): it does not install forwarding either.
     _import_hooks.after_import("logging", install)
+
+
+def running_task_id() -> int:
+    """The id of the task this worker is running, 0 between tasks."""
+    return current_task_id
 
 
 def worker_main(

@@ -28,12 +28,13 @@ import os
 import pickle
 import sys
 
-from duckpool import _worker
 from duckpool._protocol import STATUS_LOG, encode_result
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing is not imported in a worker at run time
     from typing import Any, Callable, Collection, Optional
+
+    from duckpool._worker import WorkerConfig
 
 #: Attribute values sent as they are when a record's attributes fail to pickle
 #: as a whole; others are sent as their repr().
@@ -46,14 +47,21 @@ class LogForwarder(logging.Handler):
     """Sends every record it handles to the parent as a ``STATUS_LOG`` frame.
 
     Tags each record with ``duckpool_pool``, ``duckpool_slot`` and
-    ``duckpool_task_id`` (``record.process`` is the worker's pid already).
+    ``duckpool_task_id`` (``record.process`` is the worker's pid already);
+    ``task_id`` says which task is running (0 between tasks).
     """
 
     def __init__(
-        self, send: Callable[[bytes], None], pool_id: Any, slot: int, name: str = ""
+        self,
+        send: Callable[[bytes], None],
+        task_id: Callable[[], int],
+        pool_id: Any,
+        slot: int,
+        name: str = "",
     ) -> None:
         super().__init__(logging.NOTSET)
         self._send = send
+        self._task_id = task_id
         self._pool_id = pool_id
         self._slot = slot
         self._name = name
@@ -64,7 +72,7 @@ class LogForwarder(logging.Handler):
             # Sent already: the same handler sits on several loggers of the
             # record's chain (the parent then propagates it as usual).
             return
-        task_id = _worker.current_task_id
+        task_id = self._task_id()
         attributes["duckpool_pool"] = self._pool_id
         attributes["duckpool_slot"] = self._slot
         attributes["duckpool_task_id"] = task_id
@@ -112,10 +120,12 @@ _installed: Optional[tuple[LogForwarder, list[logging.Logger]]] = None
 
 def install(
     send: Callable[[bytes], None],
-    config: _worker.WorkerConfig,
+    config: WorkerConfig,
+    task_id: Callable[[], int],
     inherited: Optional[Collection[logging.Handler]] = None,
 ) -> None:
-    """Route this worker's logging to the parent through ``send``.
+    """Route this worker's logging to the parent through ``send``; ``task_id``
+    gives the id of the task running (``_worker.running_task_id``).
 
     The root logger, and every logger that has handlers of its own, get the
     forwarder instead of their handlers; logger levels are set as
@@ -129,7 +139,7 @@ def install(
     task may have set them.
     """
     global _installed
-    forwarder = LogForwarder(send, config.pool_id, config.slot, config.name)
+    forwarder = LogForwarder(send, task_id, config.pool_id, config.slot, config.name)
     root = logging.getLogger()
     loggers: list[logging.Logger] = [root]
     for logger in list(logging.Logger.manager.loggerDict.values()):
