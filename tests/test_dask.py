@@ -483,6 +483,16 @@ def test_manager_submit_task_on_dask(scheduler_address: str) -> None:
     assert "stopped" in repr(manager)
 
 
+def test_manager_refuses_stop_with_a_timeout_and_its_pool_goes_on(scheduler_address: str) -> None:
+    manager = get_or_create_process_manager("dask-stop-timeout")
+    manager.start(max_workers=1, backend="dask", address=scheduler_address)
+    with pytest.raises(ValueError, match="backend='local'"):
+        manager.stop(timeout=1)
+    assert manager.submit_task(_tasks.add, 2, b=40).result(timeout=RESULT_TIMEOUT) == 42
+    manager.stop()
+    assert "stopped" in repr(manager)
+
+
 @pytest.mark.parametrize("role", ["render", "reports"])
 def test_manager_typed_pool_runs_only_on_workers_offering_its_type(
     scheduler_address: str, role: str

@@ -205,6 +205,13 @@ def test_the_worker_side_imports_nothing_else_but_the_standard_library() -> None
         assert at_import - {"duckpool"} <= stdlib, (name, at_import - stdlib)
 
 
+def test_no_module_imports_the_dask_backend_at_import_time() -> None:
+    # Only a pool started with backend="dask" needs it (duckpool.DaskExecutor
+    # is a lazy export): a local pool's process never loads it.
+    for name, tree in _modules().items():
+        assert "_dask" not in _imports(tree, module_level_only=True), name
+
+
 def test_only_the_command_line_imports_the_benchmark() -> None:
     modules = _modules()
     assert _imports(modules["_cli"], module_level_only=False) & BENCH, "the check sees no import"

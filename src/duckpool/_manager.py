@@ -10,14 +10,16 @@ import weakref
 from collections.abc import Collection, Mapping
 from concurrent.futures import Future
 from multiprocessing.context import BaseContext
-from typing import Any, Callable, Dict, FrozenSet, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, List, Optional, Union
 
 from duckpool import _registry
-from duckpool._dask import DaskExecutor
 from duckpool._errors import InheritedManagerError, ManagerNotFound, UnknownTaskError
 from duckpool._executor import ProcessPoolExecutor
 from duckpool._registry import REGISTRY
 from duckpool._stats import PoolStats
+
+if TYPE_CHECKING:
+    from duckpool._dask import DaskExecutor
 
 __all__ = ["ProcessPoolManager", "get_or_create_process_manager"]
 
@@ -215,6 +217,10 @@ class ProcessPoolManager:
                     f"process pool manager {self._id!r} is already running; stop() it first"
                 )
             if backend == "dask":
+                # Imported for this backend only: a local pool's process
+                # never loads the Dask bridge.
+                from duckpool._dask import DaskExecutor
+
                 self._pool = DaskExecutor(
                     max_workers,
                     address,
@@ -327,15 +333,15 @@ class ProcessPoolManager:
         self._check_owner()
         with self._lock:
             pool = self._pool
-            if isinstance(pool, DaskExecutor) and timeout is not None:
+            if pool is not None and self._backend == "dask" and timeout is not None:
                 raise ValueError("stop(timeout=...) applies to backend='local' pools only")
             self._pool = None
             if pool is not None:
                 self._stopped = True
-        if isinstance(pool, DaskExecutor):
-            pool.shutdown(wait=wait)
-        elif pool is not None:
+        if isinstance(pool, ProcessPoolExecutor):
             pool.shutdown(wait=wait, timeout=timeout)
+        elif pool is not None:
+            pool.shutdown(wait=wait)
 
     def _local_pool(self, what: str) -> ProcessPoolExecutor:
         """The running local pool; the error that applies otherwise."""
