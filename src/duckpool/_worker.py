@@ -5,8 +5,8 @@ in its main thread, and writes one result frame per task to its result
 pipe, in the order the tasks arrived (the frames are ``_protocol``'s).  It
 marks each task it takes up as started, and answers one the parent marked
 to skip as cancelled (``_marks``).  Around that loop: the worker's start
-(``worker_main``: the initializer, log forwarding, whose records
-``_worker_logs`` sends), the parent-death watchdog, keeping the worker's
+(``worker_main``: the initializer, and when to begin forwarding logs, which
+``_worker_logs`` does), the parent-death watchdog, keeping the worker's
 descriptors from the programs and processes its tasks start, its exit, and
 the chunk runners ``map`` sends.
 
@@ -328,7 +328,7 @@ def _prepare(config: WorkerConfig) -> None:
 
         setproctitle.setproctitle(config.title)
     signal.signal(signal.SIGINT, _ignore_interrupt)
-    # The parent starts workers with SIGINT blocked (see _core.start_worker).
+    # The parent starts workers with SIGINT blocked (Launcher.launch, _child.fork).
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     if not config.watched:
         # A bare thread: threading would be imported for this one alone.
