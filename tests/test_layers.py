@@ -286,7 +286,6 @@ SLOT_FIELD_OWNERS = {
         "reader",
         "used",
         "reserved",
-        "requested",
         "ready",
         "launched_at",
     },
@@ -303,6 +302,7 @@ SLOT_FIELD_OWNERS = {
     "_supervisor": {"stopping"},
     "_assist": {"assist", "poisoned"},
     "_successors": {"successor"},
+    "_zygotes": {"requested"},
 }
 
 

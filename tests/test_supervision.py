@@ -344,9 +344,9 @@ def test_without_pidfds_a_dead_zygote_is_noticed_and_the_pool_serves(
 def test_a_stopped_zygote_is_taken_for_hung_and_its_standby_takes_over(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from duckpool._pool import _launcher
+    from duckpool._pool import _zygotes
 
-    monkeypatch.setattr(_launcher, "ANSWER_SECONDS", 0.5)
+    monkeypatch.setattr(_zygotes, "ANSWER_SECONDS", 0.5)
     pool = duckpool.ProcessPoolExecutor(2, multiprocessing.get_context("fork"))
     try:
         assert pool.submit(tasks.add, 1, 1).result(TIMEOUT) == 2

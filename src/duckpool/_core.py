@@ -9,7 +9,8 @@ an owner in ``duckpool._pool``, whose fields only its own module assigns:
     Transport .... task, stop and release frames down the task pipes; areas
     ResultBook ... result frames read, booked, and their futures resolved
     Assists ...... a caller waiting on a quiet pool reads its result itself
-    Launcher ..... worker starts, the zygote and its standby, start failures
+    Launcher ..... worker starts and what a failed start does
+    Zygotes ...... under fork, the zygote and its standby that fork workers
     Supervisor ... worker exits and deaths, cancel, stop, kill, breakage
     Successors ... with max_tasks_per_child, each slot's next worker early
     Deadlines .... task timeouts, kill graces, assist windows
@@ -61,7 +62,7 @@ Data flow::
                       the front of the queue (Scheduler.requeue_front); the
                       slot's successor takes the slot, or the Launcher starts
                       a replacement in it
-      zygote       -> Launcher.on_zygote_event: a started worker (or standby)
+      zygote       -> Zygotes.on_event: a started worker (or standby)
                       to install; worker exits it reaped (notices); its own
                       death: its standby takes over (the workers it forked
                       are watched through their pidfds), or, with no standby,
@@ -158,6 +159,7 @@ from duckpool._pool._successors import Successors
 from duckpool._pool._supervisor import STOP_GRACE_SECONDS, Supervisor
 from duckpool._pool._transport import Transport
 from duckpool._pool._waiter import Waiter
+from duckpool._pool._zygotes import Zygotes
 from duckpool._stats import PoolStats
 
 #: The least number of worker slots a pool can grow to with ``resize``.
@@ -232,6 +234,7 @@ class PoolCore:
         self.transport = Transport(self)
         self.scheduler = Scheduler(self)
         self.launcher = Launcher(self)
+        self.zygotes = Zygotes(self)
         self.supervisor = Supervisor(self)
         self.successors = Successors(self)
         self.results = ResultBook(self)
@@ -357,7 +360,7 @@ class PoolCore:
             return
         # Forked now, before this pool's thread exists; it forks the workers
         # from then on (see _zygote).
-        self.launcher.start_zygote()
+        self.zygotes.start()
         self.dispatcher.start(self)
         if any(slot.reserved for slot in self.slots):
             self.wake()
@@ -443,7 +446,7 @@ class PoolCore:
             return
         for slot in slots:
             self.transport.send_stop(slot)  # (gone already: its sentinel says so)
-        self.launcher.finish()
+        self.zygotes.finish()
 
     def request_kill(self, signum: int, reason: Optional[str] = None) -> None:
         """Cancel pending work and signal every worker; the pool is finished.

@@ -89,7 +89,7 @@ def snapshot(core: PoolCore) -> PoolStats:
             counters.recycles,
         )
         quarantined = core.quarantine.active(time.monotonic())
-        helpers = tuple(HelperStats(role, pid) for role, pid in core.launcher.helpers())
+        helpers = tuple(HelperStats(role, pid) for role, pid in core.zygotes.helpers())
         stopped = (
             core.lifecycle.shutdown_requested
             and not core.dispatcher.running()

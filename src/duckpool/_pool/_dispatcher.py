@@ -11,7 +11,7 @@ lists every source it waits on.
 Each source is registered with a tag of its own type, so a pass tells them
 apart by ``type(tag)``: ``WAKEUP``, ``ResultReady``, ``WorkerExit``,
 ``Writable`` (``_transport``), ``SpareExit`` (``_successors``) and
-``ZygoteTag`` (``_launcher``).
+``ZygoteTag`` (``_zygotes``).
 
 The thread holds the pool strongly while it runs (its owners hold it
 weakly); it ends once shutdown finds no work left, or the pool is broken
@@ -28,12 +28,12 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Optional
 
 from duckpool import _threads
-from duckpool._pool._launcher import ZygoteTag
 from duckpool._pool._results import LOG_RECORD_ITEM
 from duckpool._pool._slots import ResultReady, WorkerExit
 from duckpool._pool._successors import SpareExit
 from duckpool._pool._supervisor import KILL_GRACE_SECONDS
 from duckpool._pool._transport import Writable
+from duckpool._pool._zygotes import ZygoteTag
 
 if TYPE_CHECKING:
     from duckpool._core import PoolCore
@@ -152,12 +152,12 @@ def run(core: PoolCore) -> None:
         core.supervisor.fail_everything(BrokenProcessPool(reason), cause=exc, also=stranded)
         core.supervisor.kill_without_bookkeeping()
     finally:
-        core.launcher.close()
+        core.zygotes.close()
         core.close_marks()
         core.close_wakeup()
         # Told to exit, the zygotes tear down whole address spaces; join()
         # waits for that too (every process of the pool has exited then).
-        core.launcher.reap(KILL_GRACE_SECONDS)
+        core.zygotes.reap(KILL_GRACE_SECONDS)
 
 
 def _dispatch_until_done(core: PoolCore) -> None:
@@ -192,7 +192,7 @@ def _dispatch_until_done(core: PoolCore) -> None:
             elif tag is WAKEUP:
                 core.wakeup.drain()
             elif kind is ZygoteTag:
-                exited.extend(launcher.on_zygote_event(tag))
+                exited.extend(core.zygotes.on_event(tag))
             elif kind is Writable:
                 with lock:
                     transport.flush(tag.slot)
@@ -219,7 +219,7 @@ def _dispatch_until_done(core: PoolCore) -> None:
                 scheduler.dispatch_pending()
                 if start_error is None:
                     start_error = successors.start_due()
-            launcher.after_pass(time.monotonic())
+            core.zygotes.after_pass(time.monotonic())
             done = (
                 lifecycle.shutdown_requested
                 and not scheduler.pending

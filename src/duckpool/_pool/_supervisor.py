@@ -243,7 +243,7 @@ class Supervisor:
     def stop_workers(self, grace: float = STOP_GRACE_SECONDS) -> None:
         """Ask workers to exit; terminate, then kill, those still there after ``grace``."""
         core = self._core
-        core.launcher.await_requested_starts()
+        core.zygotes.await_requested_starts()
         with core.lock:
             processes = []
             for slot in core.slots:
@@ -253,7 +253,7 @@ class Supervisor:
                 if slot.successor is not None:
                     core.successors.let_go(slot.successor)
             spares = list(core.successors.leaving)
-        core.launcher.finish()
+        core.zygotes.finish()
         reap(processes + [spare.process for spare in spares], grace)
         with core.lock:
             for slot in core.slots:
