@@ -62,7 +62,6 @@ from typing import Any, Callable, Optional, TypeVar
 from duckpool import _process_pools, _worker
 from duckpool._errors import InheritedManagerError, TaskTimeoutError, WorkerDiedError
 from duckpool._executor import (
-    TaskOptions,
     _check_timeout,
     _map_results,
     _positive_int,
@@ -70,6 +69,7 @@ from duckpool._executor import (
     chunk_calls,
     default_max_workers,
 )
+from duckpool._options import TaskOptions
 
 __all__ = ["DaskExecutor"]
 

@@ -1,0 +1,83 @@
+"""``TaskOptions``: per-task options bound to an executor, local or Dask.
+
+``executor.options(timeout=..., task_type=...)`` checks its arguments and
+returns one of these; its ``submit``, ``run`` and ``map`` call back into the
+executor's private entry points with the options filled in.  It lives apart
+from both executors so that neither imports the other for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
+from typing import Any, Callable, Optional, Protocol, TypeVar
+
+__all__ = ["OptionsTarget", "TaskOptions"]
+
+_T = TypeVar("_T")
+
+
+class OptionsTarget(Protocol):
+    """What :class:`TaskOptions` needs of an executor (local or Dask)."""
+
+    def _submit(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: Optional[float],
+        kind: Optional[str],
+    ) -> Future[Any]: ...
+
+    def _map(
+        self,
+        fn: Callable[..., Any],
+        iterables: tuple[Iterable[Any], ...],
+        timeout: Optional[float],
+        chunksize: Optional[int],
+        buffersize: Optional[int],
+        task_timeout: Optional[float],
+        kind: Optional[str],
+        progress: Any = None,
+    ) -> Iterator[Any]: ...
+
+    async def _await(self, future: Future[_T]) -> _T: ...
+
+
+class TaskOptions:
+    """Per-task options bound to an executor; see :meth:`ProcessPoolExecutor.options`."""
+
+    __slots__ = ("_executor", "_kind", "_timeout")
+
+    def __init__(
+        self, executor: OptionsTarget, timeout: Optional[float], kind: Optional[str]
+    ) -> None:
+        self._executor = executor
+        self._timeout = timeout
+        self._kind = kind
+
+    def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
+        """``executor.submit`` with these options."""
+        return self._executor._submit(fn, args, kwargs, self._timeout, self._kind)
+
+    async def run(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+        """``executor.run`` with these options."""
+        return await self._executor._await(self.submit(fn, *args, **kwargs))
+
+    def map(
+        self,
+        fn: Callable[..., _T],
+        *iterables: Iterable[Any],
+        timeout: Optional[float] = None,
+        chunksize: Optional[int] = None,
+        buffersize: Optional[int] = None,
+        progress: Any = None,
+    ) -> Iterator[_T]:
+        """``executor.map`` with these options (the task timeout applies per chunk).
+
+        ``chunksize=None`` is the executor's own default: chunks the pool
+        chooses locally, one call per task on Dask.
+        """
+        return self._executor._map(
+            fn, iterables, timeout, chunksize, buffersize, self._timeout, self._kind, progress
+        )
