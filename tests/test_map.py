@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 
 import _executor_tasks as tasks
 import duckpool
-from duckpool import _executor, _futures, _worker
+from duckpool import _futures, _map, _worker
 
 TIMEOUT = 30
 
@@ -98,13 +99,33 @@ def test_map_stops_at_the_shortest_iterable_even_an_endless_one(
 
 
 def test_an_automatic_map_caps_the_size_of_its_chunks(ctx: object) -> None:
-    items = 3 * _executor._AUTO_CHUNK_MAX * 4  # a quarter per chunk would be 3x the cap
+    items = 3 * _map.AUTO_CHUNK_MAX * 4  # a quarter per chunk would be 3x the cap
     pool = duckpool.ProcessPoolExecutor(1, ctx)  # type: ignore[arg-type]
     try:
         assert list(pool.map(tasks.identity, range(items), timeout=TIMEOUT)) == list(range(items))
-        assert pool.stats().completed == items // _executor._AUTO_CHUNK_MAX
+        assert pool.stats().completed == items // _map.AUTO_CHUNK_MAX
     finally:
         pool.shutdown()
+
+
+def test_map_results_keeps_buffersize_chunks_in_flight_and_cancels_the_rest_when_closed() -> None:
+    # No pool: each chunk's future is resolved by hand, so what is in flight is known.
+    submitted: list[Future[list[int]]] = []
+
+    def submit_chunk(chunk: tuple[list[int], ...]) -> Future[list[int]]:
+        future: Future[list[int]] = Future()
+        submitted.append(future)
+        return future
+
+    chunks = _map.chunk_calls((range(10),), 2, read_now=False)
+    results = _map.map_results(chunks, 2, submit_chunk, deadline=None)
+    assert len(submitted) == 2  # buffersize chunks, before any result is asked for
+    submitted[0].set_result([0, 1])
+    assert [next(results), next(results)] == [0, 1]
+    assert len(submitted) == 3  # taking a chunk's results submitted the next one
+    results.close()  # type: ignore[attr-defined]
+    assert [f.cancelled() for f in submitted] == [False, True, True]
+    assert len(submitted) == 3
 
 
 def test_run_items_marks_a_chunk_with_failures_and_keeps_every_place() -> None:

@@ -53,7 +53,6 @@ import os
 import pickle
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future, InvalidStateError
 from dataclasses import dataclass
@@ -61,14 +60,8 @@ from typing import Any, Callable, Optional, TypeVar
 
 from duckpool import _process_pools, _worker
 from duckpool._errors import InheritedManagerError, TaskTimeoutError, WorkerDiedError
-from duckpool._executor import (
-    _check_timeout,
-    _map_results,
-    _positive_int,
-    _progress_bar_factory,
-    chunk_calls,
-    default_max_workers,
-)
+from duckpool._executor import _check_timeout, _positive_int, default_max_workers
+from duckpool._map import chunk_calls, map_results, progress_bar_factory
 from duckpool._options import TaskOptions
 
 __all__ = ["DaskExecutor"]
@@ -438,7 +431,7 @@ class DaskExecutor(Executor):
         if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError(f"chunksize must be >= 1, got {chunksize!r}")
         _positive_int("buffersize", buffersize)
-        make_bar = _progress_bar_factory(progress, iterables)
+        make_bar = progress_bar_factory(progress, iterables)
         deadline = None if timeout is None else time.monotonic() + timeout
         chunks = chunk_calls(iterables, chunksize, read_now=buffersize is None)
         run_chunk = functools.partial(_worker.run_chunk, fn)
@@ -449,10 +442,7 @@ class DaskExecutor(Executor):
                 return self._submit(fn, args, {}, task_timeout, task_type, as_list=True)
             return self._submit(run_chunk, (chunk,), {}, task_timeout, task_type)
 
-        first = chunks if buffersize is None else itertools.islice(chunks, buffersize)
-        futures = deque(submit_chunk(chunk) for chunk in first)
-        more = None if buffersize is None else chunks
-        return _map_results(futures, more, submit_chunk, deadline, make_bar)
+        return map_results(chunks, buffersize, submit_chunk, deadline, make_bar)
 
     # -- the bridge ----------------------------------------------------------------
 

@@ -8,18 +8,15 @@ calls, and implements the ``concurrent.futures`` interface on top.
 from __future__ import annotations
 
 import functools
-import itertools
 import os
 import pickle
 import signal
 import threading
 import time
 import weakref
-from collections import deque
-from collections.abc import Generator, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from concurrent.futures import ProcessPoolExecutor as _StdlibProcessPoolExecutor
-from concurrent.futures import TimeoutError as FuturesTimeoutError
 from multiprocessing.context import BaseContext
 from typing import Any, Callable, Optional, TypeVar
 
@@ -32,6 +29,13 @@ from duckpool import (
     _protocol,
     _shutdown,
     _worker,
+)
+from duckpool._map import (
+    auto_chunk_size,
+    chunk_calls,
+    map_results,
+    materialised,
+    progress_bar_factory,
 )
 from duckpool._options import TaskOptions
 from duckpool._stats import PoolStats
@@ -477,17 +481,16 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         ):
             raise ValueError(f"chunksize must be >= 1 or None, got {chunksize!r}")
         _positive_int("buffersize", buffersize)
-        make_bar = _progress_bar_factory(progress, iterables)
+        make_bar = progress_bar_factory(progress, iterables)
         deadline = None if timeout is None else time.monotonic() + timeout
         if automatic:
             size = 1
             if buffersize is None and task_timeout is None:
-                # Every call is submitted now anyway (as the stdlib does): with
-                # their number known, about four chunks per worker, none so
-                # long that the first results wait for most of the work.
-                iterables = _materialised(iterables)
+                # Every call is submitted now anyway (as the stdlib does):
+                # with their number known, the size can fit it.
+                iterables = materialised(iterables)
                 count = len(iterables[0]) if iterables else 0
-                size = min(_AUTO_CHUNK_MAX, max(1, -(-count // (4 * self._max_workers))))
+                size = auto_chunk_size(count, self._max_workers)
             run = functools.partial(_worker.run_items, fn)
         else:
             assert chunksize is not None
@@ -498,10 +501,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         def submit_chunk(chunk: _worker.Columns) -> Future[list[_T]]:
             return self._submit(run, (chunk,), {}, task_timeout, kind, chunk=True)
 
-        first = chunks if buffersize is None else itertools.islice(chunks, buffersize)
-        futures = deque(submit_chunk(chunk) for chunk in first)
-        more = None if buffersize is None else chunks
-        return _map_results(futures, more, submit_chunk, deadline, make_bar, automatic)
+        return map_results(chunks, buffersize, submit_chunk, deadline, make_bar, automatic)
 
     # -- stopping -----------------------------------------------------------------
 
@@ -593,180 +593,3 @@ def _check_type_limits(limits: Any) -> Optional[dict[str, int]]:
         assert value is not None
         checked[kind] = value
     return checked
-
-
-def _progress_bar_factory(
-    progress: Any, iterables: tuple[Iterable[Any], ...]
-) -> Optional[Callable[[], Any]]:
-    """What makes ``map``'s progress bar (None: no bar), checked at the call site."""
-    if progress is None or progress is False:
-        return None
-    if progress is True:
-        options: dict[str, Any] = {}
-    elif isinstance(progress, str):
-        options = {"desc": progress}
-    elif isinstance(progress, dict):
-        options = dict(progress)
-    else:
-        raise TypeError(
-            "progress must be a bool, a description string or a dict of tqdm "
-            f"keyword arguments, got {progress!r}"
-        )
-    try:
-        from tqdm.auto import tqdm
-    except ImportError as exc:
-        raise ImportError(
-            'map(..., progress=...) needs tqdm: pip install "duckpool[progress]"'
-        ) from exc
-    if "total" not in options and all(hasattr(it, "__len__") for it in iterables):
-        options["total"] = min((len(it) for it in iterables), default=0)  # type: ignore[arg-type]
-    return functools.partial(tqdm, **options)
-
-
-#: The largest chunk ``map`` makes by itself: a few milliseconds of the
-#: tiniest calls, enough that the per-chunk cost is lost in the noise, few
-#: enough that pickling, work and unpickling overlap chunk after chunk.
-_AUTO_CHUNK_MAX = 4096
-
-
-def chunk_calls(
-    iterables: tuple[Iterable[Any], ...], size: int, read_now: bool
-) -> Iterator[_worker.Columns]:
-    """The calls of ``map(fn, *iterables)``, ``size`` at a time, as columns.
-
-    The iterables are opened here, at once, so that one which is not
-    iterable fails the ``map`` call itself.  ``read_now``: every chunk is
-    taken at once (no ``buffersize``), so lists of one length may be sliced.
-    """
-    if read_now and iterables and all(type(it) is list for it in iterables):
-        lengths = {len(it) for it in iterables}  # type: ignore[arg-type]
-        if len(lengths) == 1:  # sliced: a copy in C, no call per item
-            return _sliced_chunks(iterables, lengths.pop(), size)  # type: ignore[arg-type]
-    if len(iterables) == 1:
-        return _single_column_chunks(iter(iterables[0]), size)
-    return _zipped_chunks(zip(*iterables), size)
-
-
-def _sliced_chunks(
-    columns: tuple[list[Any], ...], length: int, size: int
-) -> Iterator[_worker.Columns]:
-    for start in range(0, length, size):
-        yield tuple(column[start : start + size] for column in columns)
-
-
-def _single_column_chunks(items: Iterator[Any], size: int) -> Iterator[_worker.Columns]:
-    while True:
-        column = list(itertools.islice(items, size))
-        if not column:
-            return
-        yield (column,)
-
-
-def _zipped_chunks(calls: Iterator[tuple[Any, ...]], size: int) -> Iterator[_worker.Columns]:
-    while True:
-        rows = list(itertools.islice(calls, size))
-        if not rows:
-            return
-        yield tuple(map(list, zip(*rows)))
-
-
-def _materialised(iterables: tuple[Iterable[Any], ...]) -> tuple[list[Any], ...]:
-    """The calls of ``map(fn, *iterables)`` as equal-length columns, all read now.
-
-    Several iterables are read through ``zip`` (one may be endless, as with
-    the builtin ``map``).
-    """
-    if len(iterables) == 1:
-        return (list(iterables[0]),)
-    return tuple(map(list, zip(*zip(*iterables))))
-
-
-class MapResults(Iterator[_T]):
-    """What ``map`` returns: its results in order; ``close()`` cancels the calls not started.
-
-    The results of each chunk are handed out by C code (``itertools.chain``
-    over a pop per item), so a ``for`` loop or ``list()`` over it costs no
-    Python frame per item: ``__iter__`` gives that chain itself, and
-    ``next()`` on this object reads the same chain.
-    """
-
-    __slots__ = ("_chunks", "_items")
-
-    def __init__(self, chunks: Generator[Iterator[_T], None, None]) -> None:
-        self._chunks = chunks
-        self._items: Iterator[_T] = itertools.chain.from_iterable(chunks)
-
-    def __iter__(self) -> Iterator[_T]:
-        return self._items
-
-    def __next__(self) -> _T:
-        return next(self._items)
-
-    def close(self) -> None:
-        """Stop: cancel the chunks no worker has started, close the progress bar."""
-        self._items = iter(())
-        self._chunks.close()
-
-
-def _handed_out(results: list[_T]) -> Iterator[_T]:
-    """The items of ``results`` in order, each dropped from the list as it is handed out."""
-    results.reverse()
-    return itertools.starmap(results.pop, itertools.repeat((), len(results)))
-
-
-def _map_results(
-    futures: deque[Future[list[_T]]],
-    more_chunks: Optional[Iterator[_worker.Columns]],
-    submit_chunk: Callable[[_worker.Columns], Future[list[_T]]],
-    deadline: Optional[float],
-    make_bar: Optional[Callable[[], Any]] = None,
-    item_errors: bool = False,
-) -> MapResults[_T]:
-    """Map results in order, keeping ``len(futures)`` chunks in flight."""
-    return MapResults(
-        _result_chunks(futures, more_chunks, submit_chunk, deadline, make_bar, item_errors)
-    )
-
-
-def _result_chunks(
-    futures: deque[Future[list[_T]]],
-    more_chunks: Optional[Iterator[_worker.Columns]],
-    submit_chunk: Callable[[_worker.Columns], Future[list[_T]]],
-    deadline: Optional[float],
-    make_bar: Optional[Callable[[], Any]],
-    item_errors: bool,
-) -> Generator[Iterator[_T], None, None]:
-    """An iterator over each chunk's results, in order; raises where a call failed.
-
-    An error, a timeout or closing stops this generator, which cancels the
-    chunks not started.  The progress bar, if any, is made when the
-    iteration starts and closed when it ends, however it ends.
-    """
-    bar = None
-    try:
-        if make_bar is not None:
-            bar = make_bar()
-        while futures:
-            future = futures.popleft()
-            if more_chunks is not None:
-                futures.extend(submit_chunk(chunk) for chunk in itertools.islice(more_chunks, 1))
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise FuturesTimeoutError()
-            chunk = future.result(remaining)
-            del future  # hold no reference to a result once it is handed out
-            if bar is not None:
-                bar.update(len(chunk))
-            if item_errors and type(chunk) is _worker.PartlyFailed:
-                failed = next(i for i, r in enumerate(chunk) if isinstance(r, _worker.ItemError))
-                error: Any = chunk[failed]
-                del chunk[failed:]  # the map ends at the failed call
-                yield _handed_out(chunk)
-                raise _futures.exception_from_payload(memoryview(error.payload))
-            yield _handed_out(chunk)
-            del chunk
-    finally:
-        for future in futures:
-            future.cancel()
-        if bar is not None:
-            bar.close()
