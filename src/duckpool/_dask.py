@@ -60,9 +60,18 @@ from typing import Any, Callable, Optional, TypeVar
 
 from duckpool import _process_pools, _worker
 from duckpool._errors import InheritedManagerError, TaskTimeoutError, WorkerDiedError
-from duckpool._executor import _check_timeout, _positive_int, default_max_workers
 from duckpool._map import chunk_calls, map_results, progress_bar_factory
 from duckpool._options import TaskOptions
+from duckpool._validate import (
+    check_chunksize,
+    check_cluster_arguments,
+    check_offered_task_types,
+    check_positive_int,
+    check_task_callable,
+    check_task_type,
+    check_timeout,
+    default_max_workers,
+)
 
 __all__ = ["DaskExecutor"]
 
@@ -166,19 +175,10 @@ class DaskExecutor(Executor):
         cluster_options: Optional[Mapping[str, Any]] = None,
         daemon: bool = False,
     ) -> None:
-        workers = _positive_int("max_workers", max_workers)
-        self._task_timeout = _check_timeout("task_timeout", task_timeout)
-        types = _task_types(task_types)
-        if address is not None and types:
-            raise ValueError(
-                f"task_types={list(types)!r} applies to the LocalCluster started when "
-                "address is None; the workers of an existing cluster offer the resources "
-                'they were started with (dask worker --resources "render=1")'
-            )
-        if address is not None and cluster_options:
-            raise ValueError(
-                "cluster_options applies only to the LocalCluster started when address is None"
-            )
+        workers = check_positive_int("max_workers", max_workers)
+        self._task_timeout = check_timeout("task_timeout", task_timeout)
+        types = check_offered_task_types(task_types)
+        check_cluster_arguments(address, types, cluster_options)
         distributed = _import_distributed()
         self._owner_pid = os.getpid()
         self._cluster: Any = None
@@ -286,9 +286,8 @@ class DaskExecutor(Executor):
         fails it with :class:`~duckpool.TaskTimeoutError` after 5 seconds.
         ``timeout=None`` means no limit, whatever the executor's default.
         """
-        if task_type is not None and not isinstance(task_type, str):
-            raise TypeError(f"task_type must be a str or None, got {task_type!r}")
-        return TaskOptions(self, _check_timeout("timeout", timeout), task_type)
+        kind = check_task_type(task_type)
+        return TaskOptions(self, check_timeout("timeout", timeout), kind)
 
     async def run(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
         """Run ``fn(*args, **kwargs)`` on the cluster and await its result (asyncio).
@@ -325,8 +324,7 @@ class DaskExecutor(Executor):
         task_type: Optional[str],
         as_list: bool = False,
     ) -> Future[Any]:
-        if not callable(fn):
-            raise TypeError(f"submit() needs a callable, got {fn!r}")
+        check_task_callable(fn)
         self._check_owner()
         _process_pools.raise_if_exiting()
         # The task's keywords go in a partial, so that one named like a
@@ -426,14 +424,12 @@ class DaskExecutor(Executor):
         task_type: Optional[str],
         progress: Any = None,
     ) -> Iterator[_T]:
-        if chunksize is None:  # (from options().map): one call per Dask task
-            chunksize = 1
-        if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
-            raise ValueError(f"chunksize must be >= 1, got {chunksize!r}")
-        _positive_int("buffersize", buffersize)
+        # None (as options().map passes it): one call per Dask task.
+        size = check_chunksize(chunksize) or 1
+        check_positive_int("buffersize", buffersize)
         make_bar = progress_bar_factory(progress, iterables)
         deadline = None if timeout is None else time.monotonic() + timeout
-        chunks = chunk_calls(iterables, chunksize, read_now=buffersize is None)
+        chunks = chunk_calls(iterables, size, read_now=buffersize is None)
         run_chunk = functools.partial(_worker.run_chunk, fn)
 
         def submit_chunk(chunk: _worker.Columns) -> Future[list[_T]]:
@@ -712,18 +708,6 @@ def _settle(
     except InvalidStateError:  # cancelled, timed out or resolved first
         return False
     return True
-
-
-def _task_types(task_types: Optional[Iterable[str]]) -> tuple[str, ...]:
-    if task_types is None:
-        return ()
-    if isinstance(task_types, str):
-        raise TypeError(f"task_types must be a list of str, not a str: use [{task_types!r}]")
-    types = tuple(task_types)
-    for task_type in types:
-        if not isinstance(task_type, str) or not task_type:
-            raise TypeError(f"task_types must hold non-empty str, got {task_type!r}")
-    return types
 
 
 def _start_local_cluster(

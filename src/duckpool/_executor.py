@@ -39,6 +39,21 @@ from duckpool._map import (
 )
 from duckpool._options import TaskOptions
 from duckpool._stats import PoolStats
+from duckpool._validate import (
+    check_admission,
+    check_callable,
+    check_chunksize,
+    check_mp_context,
+    check_name_prefix,
+    check_one_of,
+    check_picklable,
+    check_positive_int,
+    check_task_callable,
+    check_task_type,
+    check_timeout,
+    check_type_limits,
+    default_max_workers,
+)
 
 __all__ = ["ProcessPoolExecutor"]
 
@@ -47,41 +62,9 @@ _T = TypeVar("_T")
 _SERIALIZERS = ("pickle", "cloudpickle")
 
 
-def default_max_workers() -> int:
-    """The CPUs this process may run on (3.13's ``os.process_cpu_count()``)."""
-    process_cpu_count = getattr(os, "process_cpu_count", None)
-    if process_cpu_count is not None:
-        return int(process_cpu_count() or 1)
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 def _short_repr(value: object, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _positive_int(name: str, value: Any, *, allow_none: bool = True) -> Optional[int]:
-    """Validate an optional positive int argument, naming it in the error."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be greater than 0, got {value!r}")
-    return value
-
-
-def _check_timeout(name: str, value: Any) -> Optional[float]:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds or None, got {value!r}")
-    if not value > 0:
-        raise ValueError(f"{name} must be greater than 0 seconds, got {value!r}")
-    return float(value)
 
 
 class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
@@ -174,25 +157,22 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
     ) -> None:
         # The standard library's __init__ is not called: this class has its own
         # dispatch and shares only the public interface (isinstance keeps working).
-        workers = (
-            default_max_workers()
-            if max_workers is None
-            else _positive_int("max_workers", max_workers, allow_none=False)
+        workers = check_positive_int("max_workers", max_workers) or default_max_workers()
+        check_callable("initializer", initializer)
+        check_positive_int("max_tasks_per_child", max_tasks_per_child)
+        check_positive_int("max_memory_per_child", max_memory_per_child)
+        timeout = check_timeout("task_timeout", task_timeout)
+        check_name_prefix(process_name_prefix)
+        check_one_of("serializer", serializer, _SERIALIZERS)
+        pending, block_seconds = check_admission(max_pending, on_saturated, block_timeout)
+        self._admission = (
+            None
+            if pending is None
+            else _admission.Admission(workers, pending, on_saturated, block_seconds)
         )
-        assert workers is not None
-        if initializer is not None and not callable(initializer):
-            raise TypeError(f"initializer must be callable, got {initializer!r}")
-        _positive_int("max_tasks_per_child", max_tasks_per_child)
-        _positive_int("max_memory_per_child", max_memory_per_child)
-        timeout = _check_timeout("task_timeout", task_timeout)
-        if process_name_prefix is not None and not isinstance(process_name_prefix, str):
-            raise TypeError(f"process_name_prefix must be a str, got {process_name_prefix!r}")
-        if serializer not in _SERIALIZERS:
-            raise ValueError(f"serializer must be one of {_SERIALIZERS}, got {serializer!r}")
-        self._admission = _make_admission(workers, max_pending, on_saturated, block_timeout)
-        limits = _check_type_limits(type_limits)
-        _positive_int("quarantine_after", quarantine_after)
-        cooldown = _check_timeout("quarantine_seconds", quarantine_seconds)
+        limits = check_type_limits(type_limits)
+        check_positive_int("quarantine_after", quarantine_after)
+        cooldown = check_timeout("quarantine_seconds", quarantine_seconds)
         assert cooldown is not None
         if serializer == "cloudpickle":
             import cloudpickle
@@ -202,22 +182,18 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
             self._dumps = pickle.dumps
         if max_memory_per_child is not None:
             import psutil  # noqa: F401 - fail here, not in every worker
-        try:
-            pickle.dumps(pool_id)
-        except Exception as exc:
-            raise TypeError(f"pool_id must be picklable, got {pool_id!r}: {exc}") from exc
-        if mp_context is None:
+        check_picklable("pool_id", pool_id)
+        context = check_mp_context(mp_context)
+        if context is None:
             import multiprocessing
 
-            mp_context = multiprocessing.get_context()
-        elif not isinstance(mp_context, BaseContext):
-            raise TypeError(f"mp_context must be a multiprocessing context, got {mp_context!r}")
+            context = multiprocessing.get_context()
         self._max_workers = workers
         self._task_timeout = timeout
         self._core = core = _core.PoolCore(
             _core.PoolSettings(
                 max_workers=workers,
-                context=mp_context,
+                context=context,
                 initializer=initializer,
                 initargs=tuple(initargs),
                 max_tasks_per_child=max_tasks_per_child,
@@ -272,7 +248,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         not a positive int or beyond what the pool can grow to, and
         ``RuntimeError`` after shutdown.
         """
-        workers = _positive_int("max_workers", max_workers, allow_none=False)
+        workers = check_positive_int("max_workers", max_workers, allow_none=False)
         assert workers is not None
         self._core.resize(workers)
         self._max_workers = workers
@@ -328,8 +304,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         kind: Optional[str],
         chunk: bool = False,
     ) -> Future[_T]:
-        if not callable(fn):
-            raise TypeError(f"submit() needs a callable, got {fn!r}")
+        check_task_callable(fn)
         core = self._core
         if not core.lifecycle.accepting or _process_pools.interpreter_exiting:
             core.refuse()
@@ -410,10 +385,8 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         if timeout is _futures.UNSET:
             timeout = self._task_timeout
         else:
-            timeout = _check_timeout("timeout", timeout)
-        if task_type is not None and not isinstance(task_type, str):
-            raise TypeError(f"task_type must be a str or None, got {task_type!r}")
-        return TaskOptions(self, timeout, task_type)
+            timeout = check_timeout("timeout", timeout)
+        return TaskOptions(self, timeout, check_task_type(task_type))
 
     def cancel_task(self, future: Future[Any]) -> bool:
         """Cancel a task, even a running one.
@@ -475,12 +448,8 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         kind: Optional[str],
         progress: Any = None,
     ) -> Iterator[_T]:
-        automatic = chunksize is None
-        if not automatic and (
-            isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1
-        ):
-            raise ValueError(f"chunksize must be >= 1 or None, got {chunksize!r}")
-        _positive_int("buffersize", buffersize)
+        automatic = check_chunksize(chunksize) is None
+        check_positive_int("buffersize", buffersize)
         make_bar = progress_bar_factory(progress, iterables)
         deadline = None if timeout is None else time.monotonic() + timeout
         if automatic:
@@ -525,7 +494,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         core = self._core
         if core.owner_pid != os.getpid():
             return
-        drain_timeout = _check_timeout("timeout", timeout)
+        drain_timeout = check_timeout("timeout", timeout)
         core.request_shutdown(cancel_futures)  # at once, whether or not it waits
         if drain_timeout is None:
             if wait:
@@ -561,35 +530,3 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
             f"<duckpool.ProcessPoolExecutor {state} max_workers={self._max_workers} "
             f"start_method={self.start_method!r}>"
         )
-
-
-def _make_admission(
-    workers: int, max_pending: Any, on_saturated: Any, block_timeout: Any
-) -> Optional[_admission.Admission]:
-    """Validate the admission-control arguments; ``None`` when unbounded."""
-    if on_saturated not in _admission.POLICIES:
-        raise ValueError(f"on_saturated must be one of {_admission.POLICIES}, got {on_saturated!r}")
-    timeout = _check_timeout("block_timeout", block_timeout)
-    if max_pending is None:
-        return None
-    if isinstance(max_pending, bool) or not isinstance(max_pending, int):
-        raise TypeError(f"max_pending must be an int or None, got {max_pending!r}")
-    if max_pending < 0:
-        raise ValueError(f"max_pending must be >= 0, got {max_pending!r}")
-    return _admission.Admission(workers, max_pending, on_saturated, timeout)
-
-
-def _check_type_limits(limits: Any) -> Optional[dict[str, int]]:
-    """Validate ``type_limits``: a mapping of task type to a positive int."""
-    if limits is None:
-        return None
-    if not isinstance(limits, Mapping):
-        raise TypeError(f"type_limits must be a mapping of task type to int, got {limits!r}")
-    checked = {}
-    for kind, limit in limits.items():
-        if not isinstance(kind, str):
-            raise TypeError(f"type_limits keys must be task types (str), got {kind!r}")
-        value = _positive_int(f"type_limits[{kind!r}]", limit, allow_none=False)
-        assert value is not None
-        checked[kind] = value
-    return checked

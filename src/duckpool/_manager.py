@@ -17,13 +17,18 @@ from duckpool._errors import InheritedManagerError, ManagerNotFound, UnknownTask
 from duckpool._executor import ProcessPoolExecutor
 from duckpool._registry import REGISTRY
 from duckpool._stats import PoolStats
+from duckpool._validate import (
+    check_accepted_task_types,
+    check_backend,
+    check_mp_context,
+    check_name_prefix,
+    check_positive_int,
+)
 
 if TYPE_CHECKING:
     from duckpool._dask import DaskExecutor
 
 __all__ = ["ProcessPoolManager", "get_or_create_process_manager"]
-
-_BACKENDS = ("local", "dask")
 
 
 class ProcessPoolManager:
@@ -184,33 +189,26 @@ class ProcessPoolManager:
         Raises:
             ValueError: if ``max_workers`` is not a positive int, ``backend``
                 is unknown, ``address`` is given for the local backend, or
-                ``process_name_prefix``/``mp_context`` for the Dask backend.
+                an option of the local backend only (``process_name_prefix``,
+                ``mp_context``, ``max_pending``, ``type_limits``,
+                ``quarantine_after``) for the Dask backend.
             ImportError: for ``backend="dask"`` without ``distributed`` installed.
             TypeError: if another argument has the wrong type.
             RuntimeError: if the pool is already running.
         """
         self._check_owner()
-        if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
-            raise ValueError(f"max_workers must be a positive int, got {max_workers!r}")
-        task_types = _task_types(task_type)
-        if process_name_prefix is not None and not isinstance(process_name_prefix, str):
-            raise TypeError(
-                f"process_name_prefix must be a str or None, got {process_name_prefix!r}"
-            )
-        if mp_context is not None and not isinstance(mp_context, BaseContext):
-            raise TypeError(
-                f"mp_context must be a multiprocessing context, got {mp_context!r}"
-            )
-        _check_backend(backend, address, process_name_prefix, mp_context)
-        if backend == "dask":
-            local_only = {
-                "max_pending": max_pending is not None,
-                "type_limits": type_limits is not None,
-                "quarantine_after": quarantine_after is not None,
-            }
-            refused = [name for name, given in local_only.items() if given]
-            if refused:
-                raise ValueError(f"{', '.join(refused)}: backend='local' only, not backend='dask'")
+        check_positive_int("max_workers", max_workers, allow_none=False, wrong_type=ValueError)
+        task_types = check_accepted_task_types(task_type)
+        check_name_prefix(process_name_prefix)
+        check_mp_context(mp_context)
+        local_only = {
+            "process_name_prefix": process_name_prefix,
+            "mp_context": mp_context,
+            "max_pending": max_pending,
+            "type_limits": type_limits,
+            "quarantine_after": quarantine_after,
+        }
+        check_backend(backend, address, local_only)
         with self._lock:
             if self._pool is not None:
                 raise RuntimeError(
@@ -496,21 +494,6 @@ def get_or_create_process_manager(
     return manager
 
 
-def _task_types(task_type: Union[str, Collection[str], None]) -> Optional[FrozenSet[str]]:
-    """Validate ``start``'s ``task_type``: the set of accepted types, or None for any."""
-    if task_type is None:
-        return None
-    if isinstance(task_type, str):
-        return frozenset((task_type,))
-    if isinstance(task_type, Collection) and not isinstance(task_type, (bytes, Mapping)):
-        types = frozenset(task_type)
-        if types and all(isinstance(t, str) for t in types):
-            return types
-    raise TypeError(
-        f"task_type must be a str, a non-empty collection of str, or None, got {task_type!r}"
-    )
-
-
 def _picklable_id(manager_id: Any) -> Any:
     """A manager's id as its workers' log records carry it: itself, or its repr."""
     import pickle
@@ -520,34 +503,3 @@ def _picklable_id(manager_id: Any) -> Any:
     except Exception:
         return repr(manager_id)
     return manager_id
-
-
-def _check_backend(
-    backend: Any,
-    address: Any,
-    process_name_prefix: Optional[str],
-    mp_context: Optional[BaseContext],
-) -> None:
-    """Refuse a backend and options that do not go together, naming them."""
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be 'local' or 'dask', got {backend!r}")
-    if backend == "local" and address is not None:
-        raise ValueError(
-            f"address applies to backend='dask' only, got address={address!r} "
-            "with backend='local'"
-        )
-    if backend == "dask":
-        refused = [
-            name
-            for name, value in (
-                ("process_name_prefix", process_name_prefix),
-                ("mp_context", mp_context),
-            )
-            if value is not None
-        ]
-        if refused:
-            raise ValueError(
-                f"{' and '.join(refused)} {'applies' if len(refused) == 1 else 'apply'} "
-                "to backend='local' only: Dask's "
-                "workers are started and named by the Dask cluster"
-            )

@@ -18,6 +18,7 @@ from types import FrameType
 from typing import Any, Callable, Iterable, Optional
 
 from duckpool import _process_pools
+from duckpool._validate import check_drain_timeout
 
 __all__ = ["drain_all", "install_shutdown_handlers"]
 
@@ -38,9 +39,8 @@ def drain_all(timeout: float) -> None:
     Raises:
         ValueError: if ``timeout`` is not a number >= 0 (nothing is stopped).
     """
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
-        raise ValueError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
-    drain(_process_pools.LIVE_POOLS.of_this_process(), timeout)
+    seconds = check_drain_timeout(timeout)
+    drain(_process_pools.LIVE_POOLS.of_this_process(), seconds)
 
 
 def drain(pools: Sequence[_process_pools.LivePool], timeout: float) -> None:
@@ -81,8 +81,7 @@ def install_shutdown_handlers(
     """
     if threading.current_thread() is not threading.main_thread():
         raise ValueError("install_shutdown_handlers() must be called from the main thread")
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
-        raise ValueError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
+    check_drain_timeout(timeout)
     previous: dict[int, Any] = {}
     draining = threading.Event()
     drained = threading.Event()
