@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import io
 import itertools
 import logging
@@ -28,6 +29,7 @@ import signal
 import subprocess
 import sys
 import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -193,7 +195,7 @@ def test_timeout_fails_the_future_and_cancels_the_dask_task(
     with pytest.raises(TaskTimeoutError, match=r"0\.5 s"):
         future.result(timeout=RESULT_TIMEOUT)
     # The scheduler forgets the task: the bridge sees it reported as cancelled.
-    wait_until(lambda: not executor._tasks, timeout=FORGET_TIMEOUT)
+    wait_until(lambda: not executor._bridge.tasks, timeout=FORGET_TIMEOUT)
 
 
 def test_task_timeout_is_the_executors_default(scheduler_address: str, gate: Path) -> None:
@@ -208,7 +210,7 @@ def test_cancelling_a_future_cancels_the_dask_task(executor: DaskExecutor, gate:
     future = executor.submit(_tasks.wait_for_file, str(gate), GATE_WAIT)
     assert executor.cancel_task(future)
     assert future.cancelled()
-    wait_until(lambda: not executor._tasks, timeout=FORGET_TIMEOUT)
+    wait_until(lambda: not executor._bridge.tasks, timeout=FORGET_TIMEOUT)
 
 
 def test_worker_death_fails_its_task_with_worker_died_error(executor: DaskExecutor) -> None:
@@ -258,7 +260,7 @@ def test_map_buffersize_bounds_the_calls_in_flight(executor: DaskExecutor) -> No
     assert [next(results) for _ in range(5)] == [0, 1, 2, 3, 4]
     assert len(pulled) <= 5 + 2
     results.close()  # type: ignore[attr-defined]
-    wait_until(lambda: not executor._tasks, timeout=FORGET_TIMEOUT)
+    wait_until(lambda: not executor._bridge.tasks, timeout=FORGET_TIMEOUT)
 
 
 def test_map_reraises_a_calls_exception(executor: DaskExecutor) -> None:
@@ -282,7 +284,7 @@ def test_shutdown_cancel_futures_resolves_every_future(scheduler_address: str, g
     futures = [pool.submit(_tasks.wait_for_file, str(gate), GATE_WAIT) for _ in range(5)]
     pool.shutdown(wait=True, cancel_futures=True)
     assert all(f.cancelled() for f in futures)
-    assert not pool._bridge.is_alive()
+    assert not pool._bridge.thread.is_alive()
 
 
 def test_shutdown_stops_the_executors_threads(scheduler_address: str) -> None:
@@ -304,7 +306,7 @@ def test_shutdown_without_wait_returns_and_the_futures_still_resolve(
     futures = [pool.submit(_tasks.sleep_then, 0.3, i) for i in range(3)]
     pool.shutdown(wait=False)
     assert [f.result(timeout=RESULT_TIMEOUT) for f in futures] == [0, 1, 2]
-    assert pool._closed.wait(RESULT_TIMEOUT)
+    assert pool._bridge.closed.wait(RESULT_TIMEOUT)
 
 
 def test_shutdown_does_not_wait_for_a_timed_out_task_dask_never_reports() -> None:
@@ -391,8 +393,23 @@ def test_drain_all_drains_a_dask_pool(scheduler_address: str, gate: Path) -> Non
     assert stuck.cancelled()  # past the deadline: cancelled, Dask told to forget it
     with pytest.raises(RuntimeError, match="after shutdown"):
         pool.submit(_tasks.noop)
-    assert pool._live not in _process_pools.LIVE_POOLS.of_this_process()
-    assert not pool._bridge.is_alive()  # closed, not only refusing work
+    assert pool._bridge not in _process_pools.LIVE_POOLS.of_this_process()
+    assert not pool._bridge.thread.is_alive()  # closed, not only refusing work
+
+
+def test_a_dask_pool_nothing_holds_stays_registered_until_drained(scheduler_address: str) -> None:
+    # The exit hook and drain_all reach a pool through LIVE_POOLS, which holds
+    # it weakly: what they reach must outlive an executor dropped unclosed.
+    pool = DaskExecutor(address=scheduler_address)
+    assert pool.submit(_tasks.add, 1, 1).result(timeout=RESULT_TIMEOUT) == 2
+    bridge = weakref.ref(pool._bridge)
+    del pool
+    gc.collect()
+    live = bridge()
+    assert live is not None and live in _process_pools.LIVE_POOLS.of_this_process()
+    del live
+    drain_all(RESULT_TIMEOUT)
+    assert bridge() not in _process_pools.LIVE_POOLS.of_this_process()
 
 
 def test_a_forked_child_neither_uses_nor_drains_the_parents_dask_pool(

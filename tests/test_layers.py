@@ -169,9 +169,26 @@ def test_no_module_imports_another_that_imports_it_back() -> None:
 def test_the_engine_owners_never_import_the_layers_above_them() -> None:
     modules = _modules()
     above = {"_executor", "_manager", "_registry", "_routing", "_dask", "_shutdown"} | CLI_ONLY
+    above |= {"_dask_bridge", "_map", "_options"}  # the executors' own leaves
     for name, tree in modules.items():
         if name == "_core" or name.startswith("_pool"):
             assert not _imports(tree, module_level_only=False) & above, name
+
+
+#: The local engine and its executor: the Dask backend needs none of it.
+LOCAL_ENGINE = {"_executor", "_core", "_pool"}
+
+
+def test_the_dask_backend_and_the_shared_leaves_never_import_the_local_engine() -> None:
+    # _map, _options and _validate are shared by both executors so that the
+    # Dask backend need not reach them through the local executor's module.
+    modules = _modules()
+    for name in ("_dask", "_dask_bridge", "_map", "_options", "_validate"):
+        imported = _imports(modules[name], module_level_only=False)
+        reached = {i for i in imported if i.split(".")[0] in LOCAL_ENGINE}
+        assert not reached, (name, reached)
+    # The bridge is below the Dask executor's surface, not beside it.
+    assert not _imports(modules["_dask_bridge"], module_level_only=False) & {"_dask", "_manager"}
 
 
 def test_the_worker_side_imports_only_the_worker_side() -> None:
@@ -250,7 +267,7 @@ def _attributes(cls: ast.ClassDef) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("module", ["_core"])
+@pytest.mark.parametrize("module", ["_core", "_dask"])
 def test_every_name_the_data_flow_diagram_mentions_exists(module: str) -> None:
     modules = _modules()
     doc = ast.get_docstring(modules[module]) or ""

@@ -2,8 +2,8 @@
 
 Every pool this process runs is registered in ``LIVE_POOLS``, whatever runs
 its tasks: a local pool's engine (``_core.PoolCore``, which adds itself) and a
-``DaskExecutor`` (through its ``_dask._LivePool``).  Process-wide events reach
-the pools through this module only::
+``DaskExecutor``'s ``_dask_bridge.DaskBridge`` (which adds itself too).
+Process-wide events reach the pools through this module only::
 
     os.fork() -> the fork hook, in the child:
                    every inherited pool forgets itself (its copy refuses work
