@@ -6,17 +6,21 @@ started, with an error that names the argument and the value it got:
 range (``max_workers must be greater than 0, got 0``).  Each check returns
 the value to use.  The executors (local and Dask), the manager and the
 shutdown helpers call these; this module imports nothing above them.
+
+At import it loads nothing the shutdown helpers would not load anyway
+(``duckpool.drain_all`` may be imported long before any pool exists): a
+check that needs ``pickle``, ``multiprocessing`` or ``_admission`` imports
+it when it runs, once a pool is being made and they are loaded already.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Collection, Iterable, Mapping
-from multiprocessing.context import BaseContext
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from duckpool._admission import POLICIES
+if TYPE_CHECKING:
+    from multiprocessing.context import BaseContext
 
 __all__ = [
     "BACKENDS",
@@ -118,6 +122,8 @@ def check_task_callable(fn: Any) -> None:
 
 def check_picklable(name: str, value: Any) -> None:
     """A value that must reach worker processes."""
+    import pickle
+
     try:
         pickle.dumps(value)
     except Exception as exc:
@@ -133,6 +139,8 @@ def check_name_prefix(value: Any) -> Optional[str]:
 
 def check_mp_context(value: Any) -> Optional[BaseContext]:
     """``mp_context``: a multiprocessing context, or None for the default one."""
+    from multiprocessing.context import BaseContext
+
     if value is not None and not isinstance(value, BaseContext):
         raise TypeError(f"mp_context must be a multiprocessing context, got {value!r}")
     return value
@@ -142,6 +150,8 @@ def check_admission(
     max_pending: Any, on_saturated: Any, block_timeout: Any
 ) -> tuple[Optional[int], Optional[float]]:
     """Admission control: ``max_pending`` (None: unbounded) and ``block_timeout``."""
+    from duckpool._admission import POLICIES
+
     check_one_of("on_saturated", on_saturated, POLICIES)
     timeout = check_timeout("block_timeout", block_timeout)
     if max_pending is None:
