@@ -337,8 +337,9 @@ if ((!quick)); then
         [[ -e "$p" ]] && lint_paths+=("$p")
     done
     begin_step "ruff check"
-    banner "ruff check ${lint_paths[*]}"
+    banner "ruff check and format --check ${lint_paths[*]}"
     "$main_bin/ruff" check "${lint_paths[@]}"
+    "$main_bin/ruff" format --check "${lint_paths[@]}"
     step_ok "ruff check"
 
     begin_step "mypy"

@@ -315,9 +315,7 @@ def test_cancel_task_stops_a_running_task(
     wait_until(lambda: process_gone(pid) or pid not in executor.worker_pids(), TIMEOUT)
 
 
-def test_cancel_task_on_a_queued_task_cancels_it(
-    ctx: object, tmp_path: Path
-) -> None:
+def test_cancel_task_on_a_queued_task_cancels_it(ctx: object, tmp_path: Path) -> None:
     pool = duckpool.ProcessPoolExecutor(1, ctx)  # type: ignore[arg-type]
     try:
         gate = tmp_path / "gate"
@@ -396,9 +394,7 @@ CTRL_C_SCRIPT = textwrap.dedent(
 )
 
 
-def test_ctrl_c_stops_the_pool_without_worker_tracebacks(
-    start_method: str, tmp_path: Path
-) -> None:
+def test_ctrl_c_stops_the_pool_without_worker_tracebacks(start_method: str, tmp_path: Path) -> None:
     started = tmp_path / "started"
     started.mkdir()
     with parent_script(CTRL_C_SCRIPT, start_method, str(started)) as (parent, pids):

@@ -102,9 +102,7 @@ class _Pool:
 _ids = iter(range(1, 1_000_000))
 
 
-def _item(
-    kind: Optional[str] = None, timeout: Optional[float] = None, fn: Any = len
-) -> WorkItem:
+def _item(kind: Optional[str] = None, timeout: Optional[float] = None, fn: Any = len) -> WorkItem:
     task_id = next(_ids)
     return WorkItem(Future(), task_id, str(task_id).encode(), fn, timeout, kind)
 

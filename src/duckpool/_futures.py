@@ -24,6 +24,7 @@ class _Helper(Protocol):
 
     def help_resolve(self, future: Future[Any], timeout: Optional[float]) -> None: ...
 
+
 def notify_if_cancelled(future: Future[Any]) -> None:
     """Let ``concurrent.futures.wait`` see a cancelled future as done.
 

@@ -91,9 +91,7 @@ class ProcessPoolManager:
         pid = os.getpid()
         with _registry.lock:
             live = [ref() for ref in ProcessPoolManager.__instances]
-            ProcessPoolManager.__instances[:] = [
-                weakref.ref(m) for m in live if m is not None
-            ]
+            ProcessPoolManager.__instances[:] = [weakref.ref(m) for m in live if m is not None]
         return [m for m in live if m is not None and m._owner_pid == pid]
 
     @classmethod
@@ -478,9 +476,7 @@ def get_or_create_process_manager(
             if existing is not None:
                 return existing
             if strictly_get:
-                raise ManagerNotFound(
-                    f"process {pid} has no process pool manager with id {id!r}"
-                )
+                raise ManagerNotFound(f"process {pid} has no process pool manager with id {id!r}")
         elif managers is not None:
             replaced = managers.get(id)
         manager = ProcessPoolManager(multiprocessing.current_process())

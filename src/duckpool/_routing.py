@@ -58,9 +58,7 @@ def _backlog(manager: ProcessPoolManager) -> int:
     return 0 if core is None else core.backlog()
 
 
-def submit_task(
-    task: Callable[..., Any], *args: Any, task_type: str, **kwargs: Any
-) -> Future[Any]:
+def submit_task(task: Callable[..., Any], *args: Any, task_type: str, **kwargs: Any) -> Future[Any]:
     """Submit ``task(*args, **kwargs)`` to the pool that accepts ``task_type``.
 
     Returns the task's future, as ``ProcessPoolManager.submit_task`` does.

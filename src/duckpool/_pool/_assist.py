@@ -92,11 +92,7 @@ class Assists:
         the dispatcher reads next.
         """
         core = self._core
-        if (
-            core.lifecycle.inherited
-            or not core.selector.can_pause
-            or core.dispatcher.is_current()
-        ):
+        if core.lifecycle.inherited or not core.selector.can_pause or core.dispatcher.is_current():
             return
         with core.lock:
             slot = self._slot_running(future)

@@ -41,7 +41,6 @@ class WorkerProcess(Protocol):
     def close(self) -> None: ...
 
 
-
 class ResultReady(NamedTuple):
     """The dispatcher's tag of a worker's result pipe."""
 
@@ -52,6 +51,7 @@ class WorkerExit(NamedTuple):
     """The dispatcher's tag of a worker's sentinel."""
 
     slot: Slot
+
 
 class Stopping(NamedTuple):
     """A worker being stopped because its running item overran or was cancelled."""

@@ -307,9 +307,7 @@ class Zygotes:
         with core.lock:
             exited = [s for s in core.slots if s.process in exited_children]
             successors = core.successors
-            successors.exits.extend(
-                s for s in successors.spares() if s.process in exited_children
-            )
+            successors.exits.extend(s for s in successors.spares() if s.process in exited_children)
         if died:
             exited.extend(self.on_death(zygote))
         return exited
