@@ -32,7 +32,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING, NamedTuple, Optional
 
-from duckpool import _child, _zygote
+from duckpool import _child, _zygote, _zygote_process
 from duckpool._pool._slots import WorkerExit
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ class Zygotes:
         #: The zygote's channels, made before the first worker is forked
         #: (``prepare``): made after that fork, their pages would be
         #: copy-on-write faults on the way to the first result.
-        self.zygote_channels: Optional[_zygote.Channels] = None
+        self.zygote_channels: Optional[_zygote_process.Channels] = None
         #: Why the zygote could not be forked: workers are spawned then.
         self.zygote_error: Optional[OSError] = None
         #: The zygote and its standby are gone (or never were), so workers
@@ -95,7 +95,7 @@ class Zygotes:
             self.parent_pidfd = _child.pidfd_of(os.getpid())
         if self.zygote is None and self.zygote_channels is None:
             try:
-                self.zygote_channels = _zygote.Channels.open()
+                self.zygote_channels = _zygote_process.Channels.open()
             except OSError:
                 pass  # start tries again, and reports a failure
 
