@@ -200,3 +200,16 @@ MARKER = "module default"
 
 def read_marker() -> str:
     return MARKER
+
+
+class FalsyError(Exception):
+    """An exception that is false in a boolean context."""
+
+    def __bool__(self) -> bool:
+        return False
+
+
+def raise_falsy_after_file(path: str) -> None:
+    """Raise ``FalsyError`` once ``path`` exists (the caller is waiting by then)."""
+    wait_for_file(path)
+    raise FalsyError("falsy")

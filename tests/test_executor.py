@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import pickle
 import signal
+import threading
 import subprocess
 import sys
 import textwrap
@@ -563,3 +564,21 @@ def test_a_pool_that_has_shut_down_leaves_no_descriptor_open(ctx: object) -> Non
     run_a_pool()
     gc.collect()
     assert set(os.listdir("/proc/self/fd")) - before == set()
+
+
+def test_an_exception_that_is_false_is_raised_not_taken_for_none(
+    executor: duckpool.ProcessPoolExecutor, tmp_path: Path
+) -> None:
+    # Waited for, not read at once: result() must not read "no exception"
+    # from a false one, as 3.13.0's Future.result did (gh-132063).
+    gate = tmp_path / "gate"
+    future = executor.submit(tasks.raise_falsy_after_file, str(gate))
+    waiter = threading.Timer(0.2, gate.touch)  # opens the gate while result() waits
+    waiter.start()
+    try:
+        with pytest.raises(tasks.FalsyError):
+            future.result(TIMEOUT)
+    finally:
+        waiter.cancel()
+        gate.touch()
+    assert isinstance(future.exception(0), tasks.FalsyError)

@@ -192,15 +192,18 @@ class PoolFuture(Future[_T]):
     def result(self, timeout: Optional[float] = None) -> _T:
         if self._state not in DONE_STATES:
             timeout = self._help(timeout)
-        if self._state == _futures_base.FINISHED:
-            error = self._exception
-            if error is None:
-                return self._result  # type: ignore[return-value]
-            try:
-                raise error
-            finally:
-                del error, self  # no cycle: error -> traceback -> this frame -> self
-        return super().result(timeout)
+        if self._state != _futures_base.FINISHED:
+            # Waits (or raises CancelledError or TimeoutError).  Not
+            # Future.result: 3.13.0's took an exception whose __bool__ is
+            # False for no exception (gh-132063).
+            super().exception(timeout)
+        error = self._exception
+        if error is None:
+            return self._result  # type: ignore[return-value]
+        try:
+            raise error
+        finally:
+            del error, self  # no cycle: error -> traceback -> this frame -> self
 
     def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
         if self._state not in DONE_STATES:
