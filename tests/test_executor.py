@@ -8,10 +8,10 @@ import multiprocessing
 import os
 import pickle
 import signal
-import threading
 import subprocess
 import sys
 import textwrap
+import threading
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
