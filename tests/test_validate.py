@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import pytest
 
+import duckpool
 from duckpool import _validate
 
 
@@ -87,3 +88,25 @@ def test_the_dask_backend_refuses_every_local_only_option_given_and_names_them()
     assert _validate.check_backend("local", None, local_only) == "local"
     with pytest.raises(ValueError, match="address"):
         _validate.check_backend("local", "tcp://127.0.0.1:8786", {})
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "message"),
+    [
+        (2.0, TypeError, "buffersize must be an integer or None"),
+        ("2", TypeError, "buffersize must be an integer or None"),
+        (0, ValueError, "buffersize must be None or > 0"),
+        (-1, ValueError, "buffersize must be None or > 0"),
+    ],
+)
+def test_map_buffersize_is_refused_as_python_3_14_refuses_it(
+    executor: duckpool.ProcessPoolExecutor, value: object, error: type, message: str
+) -> None:
+    with pytest.raises(error) as info:
+        executor.map(abs, [1, 2], buffersize=value)  # type: ignore[arg-type]
+    assert str(info.value) == message
+
+
+def test_map_buffersize_takes_none_and_positive_ints() -> None:
+    assert _validate.check_buffersize(None) is None
+    assert _validate.check_buffersize(3) == 3

@@ -72,6 +72,7 @@ from duckpool._errors import InheritedManagerError
 from duckpool._map import chunk_calls, map_results, progress_bar_factory
 from duckpool._options import TaskOptions
 from duckpool._validate import (
+    check_buffersize,
     check_chunksize,
     check_cluster_arguments,
     check_offered_task_types,
@@ -288,7 +289,7 @@ class DaskExecutor(Executor):
     ) -> Iterator[_T]:
         # None (as options().map passes it): one call per Dask task.
         size = check_chunksize(chunksize) or 1
-        check_positive_int("buffersize", buffersize)
+        check_buffersize(buffersize)
         make_bar = progress_bar_factory(progress, iterables)
         deadline = None if timeout is None else time.monotonic() + timeout
         chunks = chunk_calls(iterables, size, read_now=buffersize is None)

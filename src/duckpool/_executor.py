@@ -41,6 +41,7 @@ from duckpool._options import TaskOptions
 from duckpool._stats import PoolStats
 from duckpool._validate import (
     check_admission,
+    check_buffersize,
     check_callable,
     check_chunksize,
     check_mp_context,
@@ -449,7 +450,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         progress: Any = None,
     ) -> Iterator[_T]:
         automatic = check_chunksize(chunksize) is None
-        check_positive_int("buffersize", buffersize)
+        check_buffersize(buffersize)
         make_bar = progress_bar_factory(progress, iterables)
         deadline = None if timeout is None else time.monotonic() + timeout
         if automatic:

@@ -80,6 +80,18 @@ def check_positive_int(
     return value
 
 
+def check_buffersize(value: Any) -> Optional[int]:
+    """``map``'s ``buffersize``, checked as Python 3.14's executors check it
+    (same errors, same messages, a bool counting as an int)."""
+    if value is None:
+        return None
+    if not isinstance(value, int):
+        raise TypeError("buffersize must be an integer or None")
+    if value < 1:
+        raise ValueError("buffersize must be None or > 0")
+    return value
+
+
 def check_timeout(name: str, value: Any) -> Optional[float]:
     """Seconds > 0, or None for no limit."""
     if value is None:
