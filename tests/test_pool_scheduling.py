@@ -15,7 +15,12 @@ from typing import Any, Optional
 
 import pytest
 
-from duckpool._errors import InheritedManagerError, TaskQuarantinedError, TaskTimeoutError
+from duckpool._errors import (
+    InheritedManagerError,
+    TaskCancelledError,
+    TaskQuarantinedError,
+    TaskTimeoutError,
+)
 from duckpool._futures import WorkItem
 from duckpool._pool._deadlines import Deadlines
 from duckpool._pool._lifecycle import Lifecycle
@@ -184,8 +189,8 @@ def test_a_cancelled_item_is_never_sent_and_a_queued_one_can_be_withdrawn() -> N
     scheduler.queue(busy)
     pool.slots[0].last_service = 1.0
     scheduler.queue(queued)
-    assert scheduler.cancel_queued(queued.future)
-    assert not scheduler.cancel_queued(queued.future)
+    assert scheduler.cancel_queued(queued.future) is queued
+    assert scheduler.cancel_queued(queued.future) is None
     assert not scheduler.pending
 
 
@@ -338,3 +343,70 @@ def test_queue_is_a_deque_the_scheduler_alone_replaces() -> None:
     for _ in range(3):
         scheduler.queue(_item("x"))
     assert isinstance(scheduler.pending, deque) and len(scheduler.pending) == 2
+
+
+def test_an_idle_worker_gets_the_first_item_not_cancelled() -> None:
+    # Cancelled items at the head of the queue: the idle worker must get the
+    # live one behind them now, for nothing may wake the dispatcher again.
+    pool = _Pool(1)
+    scheduler = _scheduler(pool)
+    cancelled = [_item() for _ in range(3)]
+    live = _item()
+    for item in cancelled:
+        assert item.future.cancel()
+    scheduler.pending.extend([*cancelled, live])
+    scheduler.dispatch_pending()
+    assert pool.transport.sent == {0: [live.task_id]}
+    assert not scheduler.pending
+
+
+def test_a_dropped_surplus_slot_gives_back_what_it_was_reserved_with() -> None:
+    import multiprocessing
+
+    from duckpool._core import PoolCore, PoolSettings
+
+    core = PoolCore(
+        PoolSettings(
+            max_workers=2,
+            context=multiprocessing.get_context("spawn"),
+            initializer=None,
+            initargs=(),
+            max_tasks_per_child=None,
+            max_memory_per_child=None,
+            name_prefix=None,
+            daemon=True,
+            serializer="pickle",
+        )
+    )
+    try:
+        # As right after the first submit: slot 1 reserved for a worker the
+        # dispatcher has not asked for yet, its first item in its outbox.
+        held = _item()
+        with core.lock:
+            core.launcher.reserve(core.slots[1])
+            core.scheduler.send(core.slots[1], held)
+            assert core.slots[1].outbox
+            core.size = 1
+            core.drop_surplus_slots()
+            assert len(core.slots) == 1
+            assert list(core.scheduler.pending) == [held]
+    finally:
+        core.request_shutdown(cancel_futures=True)
+    # Its future already ran (it was sent): cancelled by shutdown, it fails
+    # with TaskCancelledError rather than stay RUNNING for ever.
+    assert isinstance(held.future.exception(0), TaskCancelledError)
+
+
+def test_settling_a_settled_future_again_logs_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    # Two paths may settle one future (a cancel_task() that failed it, then
+    # kill_workers() failing what the worker held): the second is a no-op,
+    # not the stdlib's CRITICAL "in unexpected state".
+    from duckpool._futures import PoolFuture, set_exception, set_result
+
+    future: PoolFuture[Any] = PoolFuture(_Pool(1))  # type: ignore[arg-type]
+    set_exception(future, TaskCancelledError("first"))
+    with caplog.at_level("DEBUG", logger="concurrent.futures"):
+        set_exception(future, RuntimeError("second"))
+        set_result(future, 3)
+    assert not caplog.records
+    assert str(future.exception(0)) == "first"

@@ -143,8 +143,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 from duckpool import _marks, _process_pools
 from duckpool._admission import Admission
-from duckpool._futures import WorkItem
-from duckpool._futures import notify_if_cancelled as _notify_if_cancelled
+from duckpool._futures import WorkItem, cancel_item
 from duckpool._pool._assist import Assists
 from duckpool._pool._counters import Counters, snapshot
 from duckpool._pool._deadlines import Deadlines
@@ -296,10 +295,10 @@ class PoolCore:
     def cancel(self, future: Future[Any]) -> bool:
         """Cancel a queued item, or stop the worker running it; False if unknown."""
         with self.lock:
-            if not self.scheduler.cancel_queued(future):
+            item = self.scheduler.cancel_queued(future)
+            if item is None:
                 return self.supervisor.cancel_running(future)
-        future.cancel()
-        _notify_if_cancelled(future)
+        cancel_item(item, "while queued")
         return True
 
     def help_resolve(self, future: Future[Any], timeout: Optional[float]) -> None:
@@ -394,12 +393,21 @@ class PoolCore:
                 self.wake()
 
     def drop_surplus_slots(self) -> None:
-        """Forget trailing surplus slots whose process is gone (lock held)."""
+        """Forget trailing surplus slots whose process is gone (lock held).
+
+        A slot reserved for a worker not yet asked for may hold items (in its
+        outbox): they go back to the front of the queue, for the slots that stay.
+        """
         slots = self.slots
         end = len(slots)
         while end > self.size and slots[end - 1].process is None and not slots[end - 1].requested:
             end -= 1
-            successor = slots[end].successor
+            dropped = slots[end]
+            if dropped.reserved:
+                self.launcher.unreserve(dropped)
+            if dropped.assigned:
+                self.scheduler.requeue_front(dropped)
+            successor = dropped.successor
             if successor is not None:
                 self.successors.let_go(successor)
         if end < len(slots):
@@ -420,8 +428,7 @@ class PoolCore:
             if started and not self.scheduler.pending:
                 self.stop_idle_workers()
         for item in cancelled:
-            item.future.cancel()
-            _notify_if_cancelled(item.future)
+            cancel_item(item, "by shutdown(cancel_futures=True)")
         if started:
             self.wake()
         else:

@@ -13,6 +13,8 @@ from concurrent.futures import _base as _futures_base
 from concurrent.futures.process import _RemoteTraceback
 from typing import Any, Optional, Protocol, TypeVar
 
+from duckpool._errors import TaskCancelledError
+
 #: A future's states once it is resolved (or cancelled).
 DONE_STATES = frozenset(
     {_futures_base.CANCELLED, _futures_base.CANCELLED_AND_NOTIFIED, _futures_base.FINISHED}
@@ -37,12 +39,28 @@ def notify_if_cancelled(future: Future[Any]) -> None:
         pass
 
 
+def cancel_item(item: WorkItem, why: str) -> None:
+    """Cancel an item taken out of the queue.
+
+    One a worker held before (sent, then put back in the queue when that
+    worker died) already runs as far as its future knows, and cannot be
+    cancelled: it fails with ``TaskCancelledError`` instead, so that it
+    still resolves.
+    """
+    future = item.future
+    if future.cancel():
+        notify_if_cancelled(future)
+    elif not future.done():
+        set_exception(future, TaskCancelledError(f"task {item.label} was cancelled {why}"))
+
+
 def set_result(future: Future[Any], value: Any) -> None:
     """Resolve ``future`` with ``value``, unless it was cancelled or resolved meanwhile."""
     try:
         future.set_result(value)
     except Exception:  # cancelled or already resolved by a racing path
-        notify_if_cancelled(future)
+        if future.cancelled():
+            notify_if_cancelled(future)
 
 
 def set_exception(future: Future[Any], error: BaseException) -> None:
@@ -50,7 +68,10 @@ def set_exception(future: Future[Any], error: BaseException) -> None:
     try:
         future.set_exception(error)
     except Exception:  # cancelled or already resolved by a racing path
-        notify_if_cancelled(future)
+        # (Only a cancelled one is acknowledged: asked of a resolved future,
+        # the stdlib logs a CRITICAL "unexpected state".)
+        if future.cancelled():
+            notify_if_cancelled(future)
 
 
 _T = TypeVar("_T")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 import weakref
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from duckpool._futures import set_exception
 
@@ -165,9 +165,14 @@ class Scheduler:
             if not pending:
                 break
             if self.is_idle(slot) and self._type_limits is None:
-                item = pending.popleft()
-                if self.assign(slot, item):
-                    batches[slot.index] = [item]
+                # The first item not cancelled meanwhile: an idle worker
+                # never waits behind cancelled ones (nothing may wake the
+                # dispatcher again before a result, and none is coming).
+                while pending:
+                    item = pending.popleft()
+                    if self.assign(slot, item):
+                        batches[slot.index] = [item]
+                        break
         if pending and all(slot.process is not None for slot in core.slots):
             # (While a replacement worker is coming, it takes what is left.)
             now = time.monotonic()
@@ -261,13 +266,13 @@ class Scheduler:
         slot.queued_bytes = 0
         return items
 
-    def cancel_queued(self, future: Future[Any]) -> bool:
-        """Take ``future``'s item out of the queue; False if it is not there."""
+    def cancel_queued(self, future: Future[Any]) -> Optional[WorkItem]:
+        """Take ``future``'s item out of the queue; None if it is not there."""
         for item in self.pending:
             if item.future is future:
                 self.pending.remove(item)
-                return True
-        return False
+                return item
+        return None
 
     def take_all(self) -> list[WorkItem]:
         """Empty the queue; what it held, in order (to fail or cancel)."""
