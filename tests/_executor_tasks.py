@@ -213,3 +213,8 @@ def raise_falsy_after_file(path: str) -> None:
     """Raise ``FalsyError`` once ``path`` exists (the caller is waiting by then)."""
     wait_for_file(path)
     raise FalsyError("falsy")
+
+
+def init_wait_for_file(path: str) -> None:
+    """An initializer that returns once ``path`` exists."""
+    wait_for_file(path, 60.0)

@@ -100,14 +100,13 @@ def test_the_sentinel_becomes_readable_when_the_child_exits(tmp_path: Path) -> N
 
 
 def test_a_stopped_process_is_told_from_a_running_one() -> None:
-    from duckpool import _fork_server
 
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        assert not _fork_server.is_stopped(child.pid)
+        assert not _child.is_stopped(child.pid)
         os.kill(child.pid, signal.SIGSTOP)
-        wait_until(lambda: _fork_server.is_stopped(child.pid), 10)  # (stopped asynchronously)
+        wait_until(lambda: _child.is_stopped(child.pid), 10)  # (stopped asynchronously)
     finally:
         child.kill()
         child.wait(10)
-    assert not _fork_server.is_stopped(child.pid)  # gone: unknown, so not stopped
+    assert not _child.is_stopped(child.pid)  # gone: unknown, so not stopped

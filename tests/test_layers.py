@@ -305,6 +305,7 @@ SLOT_FIELD_OWNERS = {
         "reserved",
         "ready",
         "launched_at",
+        "installed_at",
     },
     "_scheduler": {
         "assigned",

@@ -34,6 +34,7 @@ class _Settings:
     def __init__(self, type_limits: Optional[dict[str, int]] = None) -> None:
         self.type_limits = type_limits
         self.max_tasks_per_child: Optional[int] = None
+        self.initializer: Any = None
 
 
 class _Transport:
@@ -54,7 +55,7 @@ class _Transport:
 
 
 class _Process:
-    pid = 1234
+    pid = None  # (no process: never "stopped")
     sentinel = None
 
     def __init__(self) -> None:
@@ -410,3 +411,24 @@ def test_settling_a_settled_future_again_logs_nothing(caplog: pytest.LogCaptureF
         set_result(future, 3)
     assert not caplog.records
     assert str(future.exception(0)) == "first"
+
+
+def test_a_worker_not_ready_in_time_is_killed_unless_it_runs_an_initializer() -> None:
+    from duckpool._pool._deadlines import READY_SECONDS, START_CHECK_SECONDS
+
+    pool = _Pool(1)
+    slot = pool.slots[0]
+    slot.ready = False
+    slot.installed_at = 100.0
+    process = slot.process
+    assert isinstance(process, _Process)
+    deadlines = _deadlines(pool)
+    assert deadlines.check(now=100.5) == pytest.approx(START_CHECK_SECONDS - 0.5)
+    assert deadlines.check(now=110.0) == pytest.approx(START_CHECK_SECONDS)  # looked again
+    assert process.signals == []
+    pool.settings.initializer = print  # a slow initializer is never cut short
+    deadlines.check(now=100.0 + READY_SECONDS)
+    assert process.signals == []
+    pool.settings.initializer = None
+    deadlines.check(now=100.0 + READY_SECONDS)
+    assert process.signals == [signal.SIGKILL]

@@ -181,6 +181,33 @@ def test_a_stopped_fork_server_does_not_hang_the_pool() -> None:
         pool.shutdown()
 
 
+def test_a_worker_stopped_before_it_is_ready_is_replaced(
+    ctx: multiprocessing.context.BaseContext, tmp_path: Path
+) -> None:
+    # Stopped in its initializer, a worker would hold the task sent to it for
+    # ever: the start-up watch kills it, and a new worker runs the task.
+    gate = tmp_path / "gate"
+    pool = duckpool.ProcessPoolExecutor(
+        1, ctx, initializer=tasks.init_wait_for_file, initargs=(str(gate),)
+    )
+    stopped: Optional[int] = None
+    try:
+        future = pool.submit(tasks.add, 2, 3)
+        wait_until(lambda: bool(pool.worker_pids()), TIMEOUT)
+        stopped = pool.worker_pids()[0]
+        os.kill(stopped, signal.SIGSTOP)
+        gate.touch()  # (a new worker's initializer returns at once)
+        assert future.result(TIMEOUT) == 5
+        assert process_gone(stopped)
+        assert stopped not in pool.worker_pids()
+        assert pool.submit(tasks.add, 1, 1).result(TIMEOUT) == 2
+    finally:
+        gate.touch()
+        if stopped is not None and not process_gone(stopped):
+            kill_quietly(stopped)
+        pool.shutdown()
+
+
 def _failing_starts(
     monkeypatch: pytest.MonkeyPatch, failures: Optional[int], error: BaseException
 ) -> list[int]:

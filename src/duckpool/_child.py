@@ -65,6 +65,16 @@ def has_pidfds() -> bool:
     return True
 
 
+def is_stopped(pid: int) -> bool:
+    """Is process ``pid`` stopped (by a signal, or traced)?  False if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    return bool(fields) and fields[0] in (b"T", b"t")
+
+
 class ChildProcess:
     """The parent's handle on a child it started with ``fork`` or ``spawn_worker``.
 

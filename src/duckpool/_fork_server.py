@@ -27,6 +27,8 @@ import threading
 import time
 from typing import Iterator, Optional
 
+from duckpool import _child
+
 #: How long a start runs before the watch looks at the server, and how often
 #: it looks again while the start lasts.
 CHECK_SECONDS = 2.0
@@ -38,16 +40,6 @@ def server_pid() -> Optional[int]:
 
     pid = getattr(forkserver._forkserver, "_forkserver_pid", None)  # type: ignore[attr-defined]
     return pid if isinstance(pid, int) else None
-
-
-def is_stopped(pid: int) -> bool:
-    """Is process ``pid`` stopped (by a signal, or traced)?  False if unknown."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            fields = stat.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return False
-    return bool(fields) and fields[0] in (b"T", b"t")
 
 
 class _StartWatch:
@@ -97,7 +89,7 @@ class _StartWatch:
 
 def _kill_if_stopped() -> None:
     pid = server_pid()
-    if pid is not None and is_stopped(pid):
+    if pid is not None and _child.is_stopped(pid):
         try:
             # (Its parent is this process: the pid cannot be reused until
             # multiprocessing reaps it, on the retry's ensure_running.)

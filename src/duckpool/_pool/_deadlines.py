@@ -10,7 +10,15 @@ Three kinds, all per slot, all computed afresh from the slots on each pass
 * a stopped worker's grace: past it, SIGKILL;
 * an assisting caller's window plus a grace: past it the dispatcher takes
   the result pipe back (``Assists.end_assist``), or its results would never
-  be read.
+  be read;
+* a worker's start-up: one that is not ready ``START_CHECK_SECONDS`` after it
+  was installed is looked at every ``START_CHECK_SECONDS``, and killed if it
+  is stopped (SIGSTOP, a debugger: it would hold the task sent to it for
+  ever), or if it is still not ready after ``READY_SECONDS`` while the pool
+  has no initializer (it is stuck: importing the main module takes seconds,
+  not minutes).  A slow initializer is never cut short.  A killed worker's
+  task had not started: it goes to the next worker, and the slot gets a new
+  one, as after any death.
 """
 
 from __future__ import annotations
@@ -19,12 +27,20 @@ import signal
 import weakref
 from typing import TYPE_CHECKING, Optional
 
+from duckpool import _child
 from duckpool._errors import TaskTimeoutError
 from duckpool._pool._assist import ASSIST_GRACE_SECONDS
 from duckpool._pool._supervisor import KILL_GRACE_SECONDS, signal_process
 
 if TYPE_CHECKING:
     from duckpool._core import PoolCore
+    from duckpool._pool._slots import Slot
+
+#: How long after its start a worker not yet ready is first looked at, and
+#: how often again while it is not.
+START_CHECK_SECONDS = 2.0
+#: How long a worker of a pool without an initializer may take to be ready.
+READY_SECONDS = 120.0
 
 
 class Deadlines:
@@ -51,6 +67,11 @@ class Deadlines:
                     signal_process(slot.process, signal.SIGKILL)
                     continue
                 deadline = stopping.kill_at
+            elif not slot.ready and slot.installed_at is not None and slot.process is not None:
+                due = self._check_start(slot, now)
+                if due is None:
+                    continue
+                deadline = due
             elif slot.assigned and slot.ready and slot.assigned[0].timeout is not None:
                 head = slot.assigned[0]
                 assert head.timeout is not None
@@ -71,3 +92,17 @@ class Deadlines:
             if nearest is None or deadline < nearest:
                 nearest = deadline
         return None if nearest is None else max(0.0, nearest - now)
+
+    def _check_start(self, slot: Slot, now: float) -> Optional[float]:
+        """Kill ``slot``'s starting worker if it is stopped or stuck; when
+        to look at it next (None: it was killed, its exit follows)."""
+        assert slot.installed_at is not None and slot.process is not None
+        first_look = slot.installed_at + START_CHECK_SECONDS
+        if now < first_look:
+            return first_look
+        pid = slot.process.pid
+        stuck = self._core.settings.initializer is None and now - slot.installed_at >= READY_SECONDS
+        if stuck or (pid is not None and _child.is_stopped(pid)):
+            signal_process(slot.process, signal.SIGKILL)  # its exit resets the slot
+            return None
+        return now + START_CHECK_SECONDS

@@ -15,7 +15,7 @@ initializer fails, say), with that error as the cause, or when
 ready.
 
 Owns the slot's process fields (``process``, its pipes and reader, ``used``,
-``reserved``, ``ready``, ``launched_at``).  Every method expects the pool's
+``reserved``, ``ready``, ``launched_at``, ``installed_at``).  Every method expects the pool's
 lock held.
 """
 
@@ -208,6 +208,7 @@ class Launcher:
         if process.sentinel is not None:
             core.selector.register(process.sentinel, WorkerExit(slot))
         slot.process = process  # the other fields were reset when the slot closed
+        slot.installed_at = time.monotonic()
         if slot.used:
             core.counters.restarts += 1
         slot.used = True
@@ -227,6 +228,7 @@ class Launcher:
     def on_ready(self, slot: Slot, now: float) -> None:
         """``slot``'s worker sent READY (lock held): its start is over."""
         slot.ready = True
+        slot.installed_at = None
         self.startup_deaths = 0
         if slot.launched_at is not None:
             took = now - slot.launched_at

@@ -89,6 +89,7 @@ class Slot:
         "assist",
         "head_since",
         "index",
+        "installed_at",
         "last_service",
         "launched_at",
         "outbox",
@@ -156,17 +157,20 @@ class Slot:
         self.last_service = float("inf")
         #: When its worker was started (``time.monotonic()``), until it is ready.
         self.launched_at: Optional[float] = None
+        #: When its worker was installed here (``time.monotonic()``), until it
+        #: is ready: the start-up watch counts from it (``Deadlines``).
+        self.installed_at: Optional[float] = None
         self.stopping: Optional[Stopping] = None
         #: Held while frames are read from the result pipe and booked, so the
         #: dispatcher and a helping caller take them in order.
         self.read_lock = threading.Lock()
-        #: A caller thread reading the result pipe itself (see help_resolve).
+        #: A caller thread reading the result pipe itself (``Assists.help_resolve``).
         self.assist: Optional[Assist] = None
         #: Why the worker is being killed because its result stream is not to
-        #: be trusted (see PoolCore._poison).
+        #: be trusted (``Assists.poison``).
         self.poisoned: Optional[WorkerDiedError] = None
         #: A process started ahead of time to take this slot when its worker
-        #: leaves (see PoolCore.start_successors); not a worker until then.
+        #: leaves (``Successors.start_due``); not a worker until then.
         self.successor: Optional[Spare] = None
 
     @property
@@ -189,6 +193,7 @@ class Slot:
         self.ready = False
         self.last_service = float("inf")
         self.launched_at = None
+        self.installed_at = None
         self.stopping = None
         self.poisoned = None
         self.requested = False  # an answer still due is unwanted now
