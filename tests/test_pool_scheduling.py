@@ -315,6 +315,9 @@ def test_the_lifecycle_refuses_work_with_the_error_that_applies() -> None:
     assert lifecycle.break_("starts keep failing", cause=None)
     assert not lifecycle.break_("a later reason", cause=None)
     assert lifecycle.broken == "starts keep failing"
+    crash = RuntimeError("bug")
+    lifecycle.dispatcher_failed("duckpool's dispatcher failed", crash)
+    assert (lifecycle.broken, lifecycle.broken_cause) == ("duckpool's dispatcher failed", crash)
     assert lifecycle.state(started=True, running=True) == "broken"
     assert not lifecycle.may_start_workers()
     with pytest.raises(BrokenProcessPool, match="starts keep failing"):

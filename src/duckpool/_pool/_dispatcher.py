@@ -144,7 +144,7 @@ def run(core: PoolCore) -> None:
     except BaseException as exc:  # last resort
         with core.lock:
             reason = f"duckpool's dispatcher failed: {exc!r}"
-            core.lifecycle.break_(reason, exc)
+            core.lifecycle.dispatcher_failed(reason, exc)
             # Results read but not handed out: their items left `assigned`.
             deferred = core.results.deferred
             stranded = [item for item, _, _ in deferred if item is not LOG_RECORD_ITEM]

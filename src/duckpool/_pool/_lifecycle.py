@@ -112,6 +112,12 @@ class Lifecycle:
         self.broken_cause = cause
         return True
 
+    def dispatcher_failed(self, reason: str, cause: BaseException) -> None:
+        """The dispatcher itself failed: the pool is broken for that reason,
+        whatever broke it before (every future then fails with it too)."""
+        self.broken = reason
+        self.broken_cause = cause
+
     def on_initializer_error(self, cause: BaseException) -> None:
         if self.initializer_error is None:
             self.initializer_error = cause
