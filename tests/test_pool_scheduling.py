@@ -315,13 +315,13 @@ def test_the_lifecycle_refuses_work_with_the_error_that_applies() -> None:
     assert lifecycle.break_("starts keep failing", cause=None)
     assert not lifecycle.break_("a later reason", cause=None)
     assert lifecycle.broken == "starts keep failing"
-    crash = RuntimeError("bug")
-    lifecycle.dispatcher_failed("duckpool's dispatcher failed", crash)
-    assert (lifecycle.broken, lifecycle.broken_cause) == ("duckpool's dispatcher failed", crash)
     assert lifecycle.state(started=True, running=True) == "broken"
     assert not lifecycle.may_start_workers()
     with pytest.raises(BrokenProcessPool, match="starts keep failing"):
         lifecycle.check_accepting()
+    crash = RuntimeError("bug")  # a failed dispatcher's reason replaces any earlier one
+    lifecycle.dispatcher_failed("duckpool's dispatcher failed", crash)
+    assert (lifecycle.broken, lifecycle.broken_cause) == ("duckpool's dispatcher failed", crash)
     lifecycle.forget_after_fork()
     assert lifecycle.state(started=True, running=True) == "inherited"
     with pytest.raises(InheritedManagerError):
