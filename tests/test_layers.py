@@ -380,3 +380,35 @@ def test_only_the_facade_assigns_the_pool_s_own_fields() -> None:
             ):
                 wrong.append(f"{name}: core.{attr}")
     assert not wrong, wrong
+
+
+#: The modules above the engine that hold a pool's core.
+_ENGINE_CALLERS = ("_executor", "_shutdown", "_routing", "_manager", "_process_pools")
+
+
+def test_the_engine_is_reached_through_the_facade_s_methods_only() -> None:
+    # The executor, shutdown and routing call PoolCore's methods and read its
+    # settings; never its lock, slots, queue or an owner.
+    modules = _modules()
+    facade = next(
+        node
+        for node in modules["_core"].body
+        if isinstance(node, ast.ClassDef) and node.name == "PoolCore"
+    )
+    allowed = {
+        node.name
+        for node in facade.body
+        if isinstance(node, ast.FunctionDef) and not node.name.startswith("_")
+    } | {"settings"}
+    wrong = []
+    for name in _ENGINE_CALLERS:
+        for node in ast.walk(modules[name]):
+            if not isinstance(node, ast.Attribute):
+                continue
+            base = node.value
+            holds_core = (isinstance(base, ast.Name) and base.id == "core") or (
+                isinstance(base, ast.Attribute) and base.attr == "_core"
+            )
+            if holds_core and node.attr not in allowed:
+                wrong.append(f"{name}: core.{node.attr}")
+    assert not wrong, wrong

@@ -260,6 +260,17 @@ class PoolCore:
     def owner_pid(self) -> int:
         return self.lifecycle.owner_pid
 
+    @property
+    def accepting(self) -> bool:
+        """May work be submitted?  (Read without the lock: a first, cheap
+        test; ``refuse`` says why not.)"""
+        return self.lifecycle.accepting
+
+    @property
+    def broken(self) -> Optional[str]:
+        """Why the pool is broken, or None."""
+        return self.lifecycle.broken
+
     def wake(self) -> None:
         """Interrupt the dispatcher's wait (safe from any thread)."""
         self.wakeup.wake()

@@ -217,7 +217,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
     @property
     def _broken(self) -> Any:  # type: ignore[override]
         """The reason the pool is broken, or False (the stdlib's attribute)."""
-        return self._core.lifecycle.broken or False
+        return self._core.broken or False
 
     @property
     def max_workers(self) -> int:
@@ -307,7 +307,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
     ) -> Future[_T]:
         check_task_callable(fn)
         core = self._core
-        if not core.lifecycle.accepting or _process_pools.interpreter_exiting:
+        if not core.accepting or _process_pools.interpreter_exiting:
             core.refuse()
         admission = self._admission
         if admission is None:
