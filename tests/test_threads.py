@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import threading
 
 import pytest
@@ -57,3 +58,28 @@ def test_a_thread_that_could_not_start_fails_join_as_threading_does(
         thread.join(TIMEOUT)
     # The event Thread.start waits on is the class's own again.
     assert "wait" not in vars(thread._started)  # type: ignore[attr-defined]
+
+
+class _Interrupt(Exception):
+    """Raised asynchronously in the starting thread, as a timeout library would."""
+
+
+def test_an_exception_raised_in_the_starting_thread_never_kills_the_new_one() -> None:
+    # Python 3.9 to 3.11 raise an exception aimed at a thread in the thread it
+    # has just started instead, if that one has not run yet (see _threads): it
+    # would die before its first line.  Each round aims one at this thread at
+    # once; it lands here, or is dropped, but the new thread always runs.
+    me = ctypes.c_ulong(threading.get_ident())
+    for _ in range(20):
+        ran = threading.Event()
+        thread = _threads.QuickStartThread(ran.set, name="duckpool-test-quick")
+        try:
+            thread.start()
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(me, ctypes.py_object(_Interrupt))
+            for _ in range(100):  # (a loop: where a pending exception is raised)
+                pass
+        except _Interrupt:
+            pass
+        assert ran.wait(TIMEOUT)
+        thread.join(TIMEOUT)
+        assert not thread.is_alive()

@@ -7,13 +7,29 @@ that wait then costs a millisecond or more, on the way to the first result,
 for a guarantee the pool never uses.  The thread submitting the first task
 goes back to its caller at once instead, and may read that task's result
 itself (``PoolCore.help_resolve``) while the new thread gets going.
+
+Until the new thread first runs, Python 3.9 to 3.11 give its thread state
+the id of the thread that started it: ``PyThreadState_SetAsyncExc`` aimed at
+the starting thread meanwhile raises in the new thread instead, which dies on
+its first line (3.12 leaves the id unset until the thread runs).  Not waiting
+for the new thread makes that window as long as the scheduler likes, and the
+pool's dispatcher would be the thread that dies.  There, the thread is
+started by a thread of its own that runs no Python code: an exception meant
+for the caller that lands in that one is dropped with it, and the new
+thread's state carries that thread's id, which nothing aims at.
 """
 
 from __future__ import annotations
 
+import _thread
+import functools
+import sys
 import threading
 import time
 from typing import Callable, Optional
+
+#: A new thread's state has its starter's id until it runs (see above).
+_BORN_WITH_STARTERS_ID = sys.version_info < (3, 12)
 
 
 def _no_wait(timeout: Optional[float] = None) -> bool:
@@ -41,6 +57,14 @@ class QuickStartThread(threading.Thread):
             super().start()
             return
         started.wait = _no_wait  # type: ignore[method-assign]
+        if _BORN_WITH_STARTERS_ID:
+            # Thread.start runs self._bootstrap in the new thread: this one
+            # starts it from a thread that runs C code only (see above).
+            self.__dict__["_bootstrap"] = functools.partial(
+                _thread.start_new_thread,
+                self._bootstrap,  # type: ignore[attr-defined]
+                (),
+            )
         try:
             super().start()
         except BaseException:
@@ -48,6 +72,7 @@ class QuickStartThread(threading.Thread):
             raise
         finally:
             del started.wait
+            self.__dict__.pop("_bootstrap", None)
 
     def run(self) -> None:
         self._running.set()
