@@ -9,15 +9,22 @@ error, whatever happens to the worker or to the waiting thread meanwhile.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ctypes
+import sys
 import threading
+import types
 from pathlib import Path
+from typing import Any, Iterator, Optional
 
 import pytest
 
 import _executor_tasks as tasks
 import duckpool
 from conftest import wait_until
+from duckpool import _buffers, _futures
+from duckpool._pool import _assist, _results, _transport
+from duckpool._pool._waiter import Waiter
 
 TIMEOUT = 30
 
@@ -152,6 +159,104 @@ def test_an_interrupted_waiting_thread_loses_no_future_and_gets_no_wrong_result(
             assert "interrupted" in str(exc)
             assert isinstance(exc.__cause__, _Interrupt)
     assert executor.submit(tasks.add, 1, 1).result(TIMEOUT) == 2
+
+
+@contextlib.contextmanager
+def _raised_at(code: types.CodeType, event: str) -> Iterator[list[str]]:
+    """Raise ``_Interrupt`` in this thread once, on entry to ``code`` (event
+    ``"call"``) or as it returns (``"return"``): where an asynchronous
+    exception is raised, at a function's first instruction or after a call.
+    Yields a list that says whether it was raised."""
+    fired: list[str] = []
+
+    def tracer(frame: types.FrameType, what: str, arg: Any) -> Optional[Any]:
+        if frame.f_code is not code or fired:
+            return None
+        if what == event:
+            fired.append(what)
+            raise _Interrupt
+        return tracer  # (to see the frame return)
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        yield fired
+    finally:
+        sys.settrace(previous)
+
+
+#: Where, in a thread reading its own result (help_resolve), an exception
+#: raised asynchronously once lost a future or a worker's results for good.
+_HELPING_STEPS = {
+    "pausing-the-pipe": (Waiter.pause.__code__, "return"),
+    "unpickling-the-result": (_buffers.loads.__code__, "call"),
+    "setting-the-future": (_futures.PoolFuture.set_result.__code__, "call"),
+    "resolving-what-it-read": (_results.ResultBook._resolve_in_helper.__code__, "call"),
+    "giving-the-pipe-back": (_assist.Assists.end_assist.__code__, "call"),
+}
+
+
+@pytest.mark.parametrize("step", list(_HELPING_STEPS))
+def test_an_exception_raised_in_a_helping_thread_at_any_step_loses_nothing(
+    executor: duckpool.ProcessPoolExecutor, step: str
+) -> None:
+    code, event = _HELPING_STEPS[step]
+    executor.submit(tasks.add, 0, 0).result(TIMEOUT)  # workers up
+    interrupted = 0
+    for i in range(300):
+        future = executor.submit(tasks.add, i, 1)
+        with _raised_at(code, event) as fired:
+            try:
+                future.result(TIMEOUT)
+            except _Interrupt:
+                pass
+        if not fired:
+            continue  # the dispatcher read the result: this round tells nothing
+        interrupted += 1
+        # The future still gets its own result, from the dispatcher if need be.
+        assert future.result(TIMEOUT) == i + 1
+        # Both workers' results are read again: by a thread waiting for its
+        # own (reading the pipe itself, or not)...
+        for k in range(3):
+            assert executor.submit(tasks.add, k, 1).result(TIMEOUT) == k + 1
+        # ...and by the dispatcher alone.
+        more = [executor.submit(tasks.add, k, 2) for k in range(4)]
+        done, _ = concurrent.futures.wait(more, TIMEOUT)
+        assert [f.result(0) for f in more] == [2, 3, 4, 5] and len(done) == 4
+        if interrupted >= 2:
+            break
+    assert interrupted >= 2
+
+
+def test_an_exception_raised_in_submit_as_it_pickles_the_call_is_raised_there(
+    executor: duckpool.ProcessPoolExecutor,
+) -> None:
+    # Not taken for the call's pickling error, which the future would carry.
+    executor.submit(tasks.add, 0, 0).result(TIMEOUT)
+    with _raised_at(_buffers.dumps.__code__, "call") as fired, pytest.raises(_Interrupt):
+        executor.submit(tasks.add, 1, 1)
+    assert fired
+    assert executor.submit(tasks.add, 1, 1).result(TIMEOUT) == 2
+
+
+def test_an_exception_raised_in_submit_as_it_sends_the_task_leaves_no_worker_waiting(
+    executor: duckpool.ProcessPoolExecutor, tmp_path: Path, gate: Path
+) -> None:
+    """The task went to an idle worker, maybe not all of its frame: that
+    worker must not wait for the rest for ever, its slot lost to the pool."""
+    executor.submit(tasks.add, 0, 0).result(TIMEOUT)
+    with (
+        _raised_at(_transport.Transport.write.__code__, "call") as fired,
+        pytest.raises(_Interrupt),
+    ):
+        executor.submit(tasks.add, 1, 1)
+    assert fired
+    # Both workers take tasks: two that block both start.
+    started = [tmp_path / f"started-{n}" for n in range(2)]
+    running = [executor.submit(tasks.touch_then_wait, str(path), str(gate)) for path in started]
+    wait_until(lambda: all(path.exists() for path in started), TIMEOUT)
+    gate.touch()
+    assert [f.result(TIMEOUT) for f in running] == ["released", "released"]
 
 
 def test_poisoned_slot_fails_the_started_task_and_requeues_the_rest(

@@ -92,7 +92,11 @@ Where a future is resolved, on every path:
                                there (Supervisor.on_worker_exit)
 * worker death ............... dispatcher (Supervisor.on_worker_exit)
 * worker whose result stream
-  cannot be trusted .......... dispatcher, once it is killed (Assists.poison)
+  cannot be trusted .......... dispatcher, once it is killed (Assists.poison:
+                               a thread reading it was interrupted)
+* worker whose task stream
+  cannot be trusted .......... dispatcher, once it is killed (Assists.poison:
+                               a submit() was interrupted as it wrote)
 * timeout / cancel_task() .... dispatcher, once the stopped worker is gone
                                (a queued item is cancelled at once, in the
                                pool or in a worker's pipe:
@@ -289,19 +293,42 @@ class PoolCore:
 
     def submit(self, item: WorkItem) -> None:
         """Queue ``item``, sending it straight to an idle worker if there is one."""
-        with self.lock:
-            self.lifecycle.check_accepting()
-            scheduler = self.scheduler
-            if self.quarantine.until and scheduler.refuse_quarantined(item):
-                return
-            if self.dispatcher.thread is None:
-                self.ensure_started()
-                try:
+        try:
+            with self.lock:
+                self.lifecycle.check_accepting()
+                scheduler = self.scheduler
+                if self.quarantine.until and scheduler.refuse_quarantined(item):
+                    return
+                if self.dispatcher.thread is None:
+                    self.ensure_started()
+                    try:
+                        scheduler.queue(item)
+                    finally:
+                        self.start_dispatcher()
+                else:
                     scheduler.queue(item)
-                finally:
-                    self.start_dispatcher()
-            else:
-                scheduler.queue(item)
+        except BaseException as exc:
+            self._abandon_send(item, exc)
+            raise
+
+    def _abandon_send(self, item: WorkItem, cause: BaseException) -> None:
+        """submit() raised, maybe once ``item`` had gone to a worker but before
+        its frame was all in that worker's pipe (an exception raised
+        asynchronously in the submitting thread: a signal handler's): the
+        worker would wait for the rest for ever, its slot taken.
+
+        A slot with no process yet holds its frames in its outbox alone: its
+        items go back to the queue.  Otherwise what reached the pipe cannot be
+        told: the worker is killed, and what it never took up is requeued.
+        """
+        with self.lock:
+            slot = next((s for s in self.slots if item in s.assigned), None)
+            if slot is not None and slot.process is None:
+                self.scheduler.requeue_front(slot)
+                self.wake()
+                return
+        if slot is not None:
+            self.assists.poison(slot, cause, writing=True)
 
     def cancel(self, future: Future[Any]) -> bool:
         """Cancel a queued item, or stop the worker running it; False if unknown."""

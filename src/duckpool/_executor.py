@@ -338,6 +338,11 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
             call = (fn, *_buffers.wrap_call(args, kwargs))
             payload, buffers = _buffers.dumps(self._dumps, call)
         except Exception as exc:
+            if self._pickles(fn, args, kwargs):
+                # It pickles now: what was raised came from outside, raised
+                # asynchronously in this thread (a signal handler's exception).
+                # It is the caller's, as it would be anywhere else in submit().
+                raise
             # Failed at once, not raised: code written for the stdlib's
             # executor (and CPython's tests) expects the error from the future.
             error = pickle.PicklingError(
@@ -357,6 +362,17 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
             item = _futures.WorkItem(future, task_id, frame, fn, timeout, kind, chunk)
         core.submit(item)
         return future
+
+    def _pickles(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> bool:
+        """Does the call pickle?  (Asked once pickling it raised: the exception
+        may not have been the call's.)"""
+        try:
+            _buffers.dumps(self._dumps, (fn, *_buffers.wrap_call(args, kwargs)))
+        except Exception:
+            return False
+        return True
 
     def _unpicklable_part(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]

@@ -8,7 +8,7 @@ import itertools
 import pickle
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import _base as _futures_base
 from concurrent.futures.process import _RemoteTraceback
 from typing import Any, Optional, Protocol, TypeVar
@@ -55,23 +55,33 @@ def cancel_item(item: WorkItem, why: str) -> None:
 
 
 def set_result(future: Future[Any], value: Any) -> None:
-    """Resolve ``future`` with ``value``, unless it was cancelled or resolved meanwhile."""
+    """Resolve ``future`` with ``value``, unless it was cancelled or resolved meanwhile.
+
+    Anything else raised here propagates: in a thread that resolves futures
+    as it waits for its own (``Assists.help_resolve``), an exception raised
+    asynchronously (a signal handler's, say) must reach the code that hands
+    the resolution over to the dispatcher, not pass for "already resolved".
+    """
     try:
         future.set_result(value)
-    except Exception:  # cancelled or already resolved by a racing path
-        if future.cancelled():
-            notify_if_cancelled(future)
+    except InvalidStateError:  # cancelled or already resolved by a racing path
+        _acknowledge_cancel(future)
 
 
 def set_exception(future: Future[Any], error: BaseException) -> None:
-    """Fail ``future`` with ``error``, unless it was cancelled or resolved meanwhile."""
+    """Fail ``future`` with ``error``, unless it was cancelled or resolved
+    meanwhile (anything else raised here propagates, as in ``set_result``)."""
     try:
         future.set_exception(error)
-    except Exception:  # cancelled or already resolved by a racing path
-        # (Only a cancelled one is acknowledged: asked of a resolved future,
-        # the stdlib logs a CRITICAL "unexpected state".)
-        if future.cancelled():
-            notify_if_cancelled(future)
+    except InvalidStateError:  # cancelled or already resolved by a racing path
+        _acknowledge_cancel(future)
+
+
+def _acknowledge_cancel(future: Future[Any]) -> None:
+    # Only a cancelled future: asked of a resolved one, the stdlib logs a
+    # CRITICAL "unexpected state".
+    if future._state == _futures_base.CANCELLED:
+        notify_if_cancelled(future)
 
 
 _T = TypeVar("_T")

@@ -54,8 +54,9 @@ class Assists:
     def __init__(self, core: PoolCore) -> None:
         self._core: PoolCore = weakref.proxy(core)
 
-    def poison(self, slot: Slot, cause: BaseException) -> None:
-        """The slot's result stream can no longer be trusted: kill its worker.
+    def poison(self, slot: Slot, cause: BaseException, writing: bool = False) -> None:
+        """The slot's result stream (or, ``writing``, its task stream) can no
+        longer be trusted: kill its worker.
 
         Its items that had started fail (with ``cause`` chained); the others
         are requeued, as after any worker death (``Supervisor.on_worker_exit``).
@@ -65,10 +66,14 @@ class Assists:
             process = slot.process
             if process is None or slot.poisoned is not None:
                 return
+            if writing:
+                what = f"writing it a task was interrupted ({cause!r}), so the task may "
+                what += "have reached it cut short"
+            else:
+                what = f"reading its results was interrupted ({cause!r}), so results it "
+                what += "had sent may be lost"
             slot.poisoned = WorkerDiedError(
-                f"worker {slot.index} (pid {process.pid}) was stopped: the thread "
-                f"reading its results was interrupted ({cause!r}), so results it "
-                f"had sent may be lost",
+                f"worker {slot.index} (pid {process.pid}) was stopped: the thread {what}",
                 pid=process.pid,
                 slot=slot.index,
             )
@@ -94,34 +99,36 @@ class Assists:
         core = self._core
         if core.lifecycle.inherited or not core.selector.can_pause or core.dispatcher.is_current():
             return
-        with core.lock:
-            slot = self._slot_running(future)
-            if slot is None or slot.assist is not None or core.closed:
-                return
-            conn = slot.result_conn
-            if conn is None or slot.poisoned is not None:
-                return
-            item = slot.assigned[0]
-            now = time.monotonic()
-            window = ASSIST_SECONDS if timeout is None else min(timeout, ASSIST_SECONDS)
-            end = now + window
-            # A result due within microseconds is polled for without sleeping:
-            # waking a sleeping thread costs more than such a task itself.
-            spin = slot.last_service < SPIN_SECONDS and not any(
-                s.assist is not None and s.assist.spin for s in core.slots
-            )
-            spin_until = now + min(window, 2 * slot.last_service) if spin else now
-            # Recorded before the pipe is paused: an exception raised in this
-            # thread from here on (Ctrl-C) leaves an assist the dispatcher
-            # takes back after its window (Deadlines.check), never a pipe
-            # paused for good.
-            assist = slot.assist = Assist(conn, end, spin)
-            try:
-                core.selector.pause(conn)
-            except OSError:  # no longer watched: the worker is gone
-                slot.assist = None
-                return
+        assist: Optional[Assist] = None
+        slot: Optional[Slot] = None
         try:
+            with core.lock:
+                slot = self._slot_running(future)
+                if slot is None or slot.assist is not None or core.closed:
+                    return
+                conn = slot.result_conn
+                if conn is None or slot.poisoned is not None:
+                    return
+                item = slot.assigned[0]
+                now = time.monotonic()
+                window = ASSIST_SECONDS if timeout is None else min(timeout, ASSIST_SECONDS)
+                end = now + window
+                # A result due within microseconds is polled for without
+                # sleeping: waking a sleeping thread costs more than such a task.
+                spin = slot.last_service < SPIN_SECONDS and not any(
+                    s.assist is not None and s.assist.spin for s in core.slots
+                )
+                spin_until = now + min(window, 2 * slot.last_service) if spin else now
+                # Recorded before the pipe is paused, in the try: an exception
+                # raised in this thread from here on (Ctrl-C) gives the pipe
+                # back, or wakes the dispatcher to take it back after the
+                # window (Deadlines.check), never leaves it paused for good.
+                assist = slot.assist = Assist(conn, end, spin)
+                try:
+                    core.selector.pause(conn)
+                except OSError:  # no longer watched: the worker is gone
+                    slot.assist = None
+                    return
             # A read the dispatcher began before the pipe was ours ends first;
             # if it took our result, the dispatcher resolves the future.
             with slot.read_lock:
@@ -141,8 +148,15 @@ class Assists:
                 if core.results.on_results(slot, helper=conn):
                     break
         finally:
-            with core.lock:
-                self.end_assist(slot, assist)
+            if assist is not None and slot is not None:
+                try:
+                    with core.lock:
+                        self.end_assist(slot, assist)
+                except BaseException:
+                    # Cut short in turn: the dispatcher, which may sleep with
+                    # no deadline, must see the assist to take the pipe back.
+                    core.wake()
+                    raise
 
     def end_assist(self, slot: Slot, assist: Assist) -> None:
         """Give a helped pipe back to the dispatcher (lock held)."""

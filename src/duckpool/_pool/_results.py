@@ -50,6 +50,19 @@ Resolution = tuple[WorkItem, int, Any]
 LOG_RECORD_ITEM = WorkItem(Future(), 0, b"", None, None)
 
 
+def _unpickles(status: int, payload: Any) -> bool:
+    """Does a result frame's payload unpickle?  (Asked once it raised: the
+    exception may not have been the payload's.)"""
+    try:
+        if status == _protocol.STATUS_OK:
+            _buffers.loads(pickle.loads, payload)
+        else:
+            exception_from_payload(payload)
+    except BaseException:
+        return False
+    return True
+
+
 class ResultBook:
     """Reads a pool's result pipes and settles the futures they answer."""
 
@@ -84,6 +97,7 @@ class ResultBook:
         core = self._core
         resolved: list[Resolution] = [] if deferred is None else deferred
         init_failure: Optional[memoryview] = None
+        booked = False
         try:
             with slot.read_lock:  # frames are booked in the order they were read
                 reader = slot.reader
@@ -111,46 +125,48 @@ class ResultBook:
                         # What the dispatcher decides on changed behind its back:
                         # shutdown may be complete, or a new deadline runs.
                         core.wake()
+                booked = True
+            if helper is not None and deferred is None:
+                # In the try: what was booked left the slot's items, and is
+                # resolved or handed over, wherever an exception strikes.
+                self._resolve_in_helper(resolved)
         except BaseException as exc:
-            # In a helping thread, an exception a signal handler raised (Ctrl-C
-            # in the main thread) may have struck between reading bytes and
-            # booking them: what the pipe held may be lost.
+            # In a helping thread, an exception raised asynchronously (a signal
+            # handler's: Ctrl-C in the main thread) may have struck between
+            # reading bytes and booking them: what the pipe held may be lost.
             if helper is None:
                 raise
-            core.assists.poison(slot, exc)
-            self.resolve_all(resolved)  # what was booked is sound
+            if not booked:
+                core.assists.poison(slot, exc)
+            self._hand_over(resolved)  # what was booked is sound
             raise
-        if deferred is None:
-            if helper is None:
-                self.resolve_all(resolved)
-            else:
-                self._resolve_in_helper(resolved)
+        if deferred is None and helper is None:
+            self.resolve_all(resolved)
         if init_failure is not None:
             self.on_initializer_failure(init_failure)
         return eof
 
     def _resolve_in_helper(self, resolved: list[Resolution]) -> None:
-        """Resolve what a helping thread booked; if an exception raised in that
-        thread (Ctrl-C) cuts this short, the dispatcher resolves the rest.
+        """Resolve what a helping thread booked (if an exception raised in that
+        thread, Ctrl-C, cuts this short, ``on_results`` hands it all over).
 
         If the dispatcher still holds resolutions it read before this thread
         took the pipe (a log record of the very task, say), everything goes to
         the dispatcher instead, to be resolved after them, in order.
         """
-        core = self._core
         if self.deferred:  # (emptied only once all of it is resolved)
-            with core.lock:
-                self.handed_over.extend(resolved)
-            resolved.clear()
-            core.wake()
+            self._hand_over(resolved)
             return
-        try:
-            self.resolve_all(resolved)
-        except BaseException:
-            with core.lock:
-                self.handed_over.extend(resolved)  # resolving twice is harmless
-            core.wake()
-            raise
+        self.resolve_all(resolved)
+
+    def _hand_over(self, resolved: list[Resolution]) -> None:
+        """Give resolutions a helping thread booked to the dispatcher (resolving
+        twice is harmless: a future resolved already is left alone)."""
+        core = self._core
+        with core.lock:
+            self.handed_over.extend(resolved)
+        resolved.clear()
+        core.wake()
 
     def _book(
         self,
@@ -243,6 +259,12 @@ class ResultBook:
             else:
                 error = exception_from_payload(payload)
         except BaseException as exc:
+            if not self._core.dispatcher.is_current() and _unpickles(status, payload):
+                # It unpickles now: what was raised came from outside, raised
+                # asynchronously in a thread helping with its result (a signal
+                # handler's exception).  That thread's to raise; its caller
+                # hands the resolution over to the dispatcher.
+                raise
             failure = TaskUnpicklingError(
                 f"could not unpickle what task {item.label} sent back: {exc!r}"
             )
