@@ -13,10 +13,12 @@ the id of the thread that started it: ``PyThreadState_SetAsyncExc`` aimed at
 the starting thread meanwhile raises in the new thread instead, which dies on
 its first line (3.12 leaves the id unset until the thread runs).  Not waiting
 for the new thread makes that window as long as the scheduler likes, and the
-pool's dispatcher would be the thread that dies.  There, the thread is
-started by a thread of its own that runs no Python code: an exception meant
-for the caller that lands in that one is dropped with it, and the new
-thread's state carries that thread's id, which nothing aims at.
+pool's dispatcher would be the thread that dies.  On those versions the
+thread is started by a thread of its own that runs no Python code: an
+exception meant for the caller that lands in that one is dropped with it,
+and the new thread's state carries that thread's id, which nothing aims at.
+(That go-between cannot report its own failure to start the thread: under
+a limit on threads, the caller sees no error and the thread never runs.)
 """
 
 from __future__ import annotations
