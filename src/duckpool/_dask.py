@@ -70,7 +70,7 @@ from duckpool import _process_pools, _worker
 from duckpool._dask_bridge import DaskBridge
 from duckpool._errors import InheritedManagerError
 from duckpool._map import chunk_calls, map_results, progress_bar_factory
-from duckpool._options import TaskOptions
+from duckpool._options import TaskOptions, await_cancelling
 from duckpool._validate import (
     check_buffersize,
     check_chunksize,
@@ -215,16 +215,7 @@ class DaskExecutor(Executor):
         Cancelling the awaiting task cancels the Dask task (best-effort: code
         already running on a worker is not stopped).
         """
-        return await self._await(self.submit(fn, *args, **kwargs))
-
-    async def _await(self, future: Future[_T]) -> _T:
-        import asyncio
-
-        try:
-            return await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            self.cancel_task(future)
-            raise
+        return await await_cancelling(self, self.submit(fn, *args, **kwargs))
 
     def cancel_task(self, future: Future[Any]) -> bool:
         """Cancel a task whose result has not arrived, running or not.

@@ -37,7 +37,7 @@ from duckpool._map import (
     materialised,
     progress_bar_factory,
 )
-from duckpool._options import TaskOptions
+from duckpool._options import TaskOptions, await_cancelling
 from duckpool._stats import PoolStats
 from duckpool._validate import (
     check_admission,
@@ -61,6 +61,39 @@ __all__ = ["ProcessPoolExecutor"]
 _T = TypeVar("_T")
 
 _SERIALIZERS = ("pickle", "cloudpickle")
+
+
+def _pickles(
+    dumps: Callable[..., bytes],
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> bool:
+    """Does the call pickle?  (Asked once pickling it raised: the exception
+    may not have been the call's.)"""
+    try:
+        _buffers.dumps(dumps, (fn, *_buffers.wrap_call(args, kwargs)))
+    except Exception:
+        return False
+    return True
+
+
+def _unpicklable_part(
+    dumps: Callable[..., bytes],
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> str:
+    """Name the first part of a call that does not pickle (for the error)."""
+    parts: list[tuple[str, Any]] = [("the callable", fn)]
+    parts += [(f"argument {i} ({_short_repr(a)})", a) for i, a in enumerate(args)]
+    parts += [(f"keyword argument {k}={_short_repr(v)}", v) for k, v in kwargs.items()]
+    for name, part in parts:
+        try:
+            dumps(_buffers.wrap(part, 2), pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            return name
+    return "the call"
 
 
 def _short_repr(value: object, limit: int = 60) -> str:
@@ -285,16 +318,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         :meth:`cancel_task`).  So ``asyncio.wait_for(executor.run(...), 5)`` and
         ``asyncio.timeout`` bound the work itself, not only the wait.
         """
-        return await self._await(self.submit(fn, *args, **kwargs))
-
-    async def _await(self, future: Future[_T]) -> _T:
-        import asyncio
-
-        try:
-            return await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            self.cancel_task(future)
-            raise
+        return await await_cancelling(self, self.submit(fn, *args, **kwargs))
 
     def _submit(
         self,
@@ -338,7 +362,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
             call = (fn, *_buffers.wrap_call(args, kwargs))
             payload, buffers = _buffers.dumps(self._dumps, call)
         except Exception as exc:
-            if self._pickles(fn, args, kwargs):
+            if _pickles(self._dumps, fn, args, kwargs):
                 # It pickles now: what was raised came from outside, raised
                 # asynchronously in this thread (a signal handler's exception).
                 # It is the caller's, as it would be anywhere else in submit().
@@ -347,7 +371,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
             # executor (and CPython's tests) expects the error from the future.
             error = pickle.PicklingError(
                 f"cannot send {_futures.callable_label(fn)} to a worker process: "
-                f"{self._unpicklable_part(fn, args, kwargs)} cannot be pickled: {exc}"
+                f"{_unpicklable_part(self._dumps, fn, args, kwargs)} cannot be pickled: {exc}"
             )
             error.__cause__ = exc
             future.set_exception(error)
@@ -362,31 +386,6 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
             item = _futures.WorkItem(future, task_id, frame, fn, timeout, kind, chunk)
         core.submit(item)
         return future
-
-    def _pickles(
-        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> bool:
-        """Does the call pickle?  (Asked once pickling it raised: the exception
-        may not have been the call's.)"""
-        try:
-            _buffers.dumps(self._dumps, (fn, *_buffers.wrap_call(args, kwargs)))
-        except Exception:
-            return False
-        return True
-
-    def _unpicklable_part(
-        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> str:
-        """Name the first part of a call that does not pickle (for the error)."""
-        parts: list[tuple[str, Any]] = [("the callable", fn)]
-        parts += [(f"argument {i} ({_short_repr(a)})", a) for i, a in enumerate(args)]
-        parts += [(f"keyword argument {k}={_short_repr(v)}", v) for k, v in kwargs.items()]
-        for name, part in parts:
-            try:
-                self._dumps(_buffers.wrap(part, 2), pickle.HIGHEST_PROTOCOL)
-            except Exception:
-                return name
-        return "the call"
 
     def options(
         self, *, timeout: Any = _futures.UNSET, task_type: Optional[str] = None

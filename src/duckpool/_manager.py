@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, List, Optional
 from duckpool import _registry
 from duckpool._errors import InheritedManagerError, ManagerNotFound, UnknownTaskError
 from duckpool._executor import ProcessPoolExecutor
+from duckpool._options import await_cancelling
 from duckpool._registry import REGISTRY
 from duckpool._stats import PoolStats
 from duckpool._validate import (
@@ -311,7 +312,7 @@ class ProcessPoolManager:
         """
         future = self.submit_task(task, *args, task_type=task_type, **kwargs)
         pool: Union[ProcessPoolExecutor, DaskExecutor] = self.get_pool()
-        return await pool._await(future)
+        return await await_cancelling(pool, future)
 
     def stop(self, wait: bool = True, *, timeout: Optional[float] = None) -> None:
         """Shut the pool down; calling it again is harmless.

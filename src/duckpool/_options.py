@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any, Callable, Optional, Protocol, TypeVar
 
-__all__ = ["OptionsTarget", "TaskOptions"]
+__all__ = ["OptionsTarget", "TaskOptions", "await_cancelling"]
 
 _T = TypeVar("_T")
 
@@ -41,7 +41,23 @@ class OptionsTarget(Protocol):
         progress: Any = None,
     ) -> Iterator[Any]: ...
 
-    async def _await(self, future: Future[_T]) -> _T: ...
+    def cancel_task(self, future: Future[Any]) -> bool: ...
+
+
+class _Cancels(Protocol):
+    def cancel_task(self, future: Future[Any]) -> bool: ...
+
+
+async def await_cancelling(executor: _Cancels, future: Future[_T]) -> _T:
+    """Await ``future`` in asyncio; cancelling the awaiting task cancels the
+    pool task too (``executor.cancel_task``), not only the wait."""
+    import asyncio
+
+    try:
+        return await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        executor.cancel_task(future)
+        raise
 
 
 class TaskOptions:
@@ -62,7 +78,7 @@ class TaskOptions:
 
     async def run(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
         """``executor.run`` with these options."""
-        return await self._executor._await(self.submit(fn, *args, **kwargs))
+        return await await_cancelling(self._executor, self.submit(fn, *args, **kwargs))
 
     def map(
         self,

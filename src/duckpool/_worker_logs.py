@@ -32,9 +32,17 @@ from duckpool._protocol import STATUS_LOG, encode_result
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing is not imported in a worker at run time
-    from typing import Any, Callable, Collection, Optional
+    from typing import Any, Callable, Collection, Optional, Protocol
 
-    from duckpool._worker import WorkerConfig
+    class WorkerConfig(Protocol):
+        """What this module reads of the worker's ``_worker.WorkerConfig``
+        (named here, not imported: the worker loop imports this module)."""
+
+        pool_id: Any
+        slot: int
+        name: str
+        log_levels: Optional[dict[str, int]]
+
 
 #: Attribute values sent as they are when a record's attributes fail to pickle
 #: as a whole; others are sent as their repr().
