@@ -25,7 +25,7 @@ import pytest
 
 from conftest import process_gone, wait_until
 from duckpool import _bench
-from duckpool._bench import _adapters, _cli, _metrics, _report, _runner
+from duckpool._bench import _adapters, _cli, _metrics, _plan, _report, _runner
 
 PEERS = ("loky", "pebble", "mpire")
 ALWAYS_PRESENT = ("stdlib", "mpool", "pipe")
@@ -181,7 +181,7 @@ def test_metric_that_does_not_apply_is_a_dash_and_starts_no_child(
 def test_child_that_finds_the_metric_does_not_apply_is_a_dash_not_a_failure(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def run_child(plan: _runner._Plan, library: str, metric: str) -> dict[str, Any]:
+    def run_child(plan: _plan._Plan, library: str, metric: str) -> dict[str, Any]:
         if library == "mpool":
             return {"ok": True, "not_applicable": "lacks it on this Python"}
         keys = [quantity.key for quantity in _metrics.METRICS[metric].quantities]
@@ -246,10 +246,10 @@ def test_child_that_dies_without_a_result_is_reported_failed(
 
 def _fake_run_child(
     values: dict[str, float], calls: list[tuple[str, str]]
-) -> Callable[[_runner._Plan, str, str], dict[str, Any]]:
+) -> Callable[[_plan._Plan, str, str], dict[str, Any]]:
     """A ``_run_child`` that starts nothing: every quantity of ``library`` is values[library]."""
 
-    def run_child(plan: _runner._Plan, library: str, metric: str) -> dict[str, Any]:
+    def run_child(plan: _plan._Plan, library: str, metric: str) -> dict[str, Any]:
         calls.append((library, metric))
         keys = [quantity.key for quantity in _metrics.METRICS[metric].quantities]
         return {"ok": True, "values": dict.fromkeys(keys, values[library])}
@@ -312,7 +312,7 @@ def test_ratio_is_library_median_over_stdlib_median_whichever_direction_is_bette
 ) -> None:
     samples = iter([10.0, 30.0, 20.0, 40.0, 50.0, 90.0] * 2 * len(_metrics.METRICS))
 
-    def run_child(plan: _runner._Plan, library: str, metric: str) -> dict[str, Any]:
+    def run_child(plan: _plan._Plan, library: str, metric: str) -> dict[str, Any]:
         value = next(samples) if library == "stdlib" else 2 * next(samples)
         keys = [quantity.key for quantity in _metrics.METRICS[metric].quantities]
         return {"ok": True, "values": dict.fromkeys(keys, value)}
@@ -339,7 +339,7 @@ def test_a_descriptive_number_is_summarised_by_a_value_seen_not_a_mean(
 ) -> None:
     chunksizes = iter([16.0, 256.0])
 
-    def run_child(plan: _runner._Plan, library: str, metric: str) -> dict[str, Any]:
+    def run_child(plan: _plan._Plan, library: str, metric: str) -> dict[str, Any]:
         value = next(chunksizes)
         keys = [quantity.key for quantity in _metrics.METRICS[metric].quantities]
         return {"ok": True, "values": dict.fromkeys(keys, value)}
@@ -406,7 +406,7 @@ def test_start_method_all_prints_one_table_per_method(
 ) -> None:
     methods: list[Optional[str]] = []
 
-    def run_child(plan: _runner._Plan, library: str, metric: str) -> dict[str, Any]:
+    def run_child(plan: _plan._Plan, library: str, metric: str) -> dict[str, Any]:
         methods.append(plan.start_method)
         return {"ok": True, "values": {"p50_us": 1.0, "p99_us": 2.0}}
 

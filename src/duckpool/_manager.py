@@ -473,7 +473,9 @@ def get_or_create_process_manager(
         managers = REGISTRY.get(pid)
         replaced = None
         if not force_create:
-            existing = managers.get(id) if managers is not None else None
+            existing: Optional[ProcessPoolManager] = (
+                managers.get(id) if managers is not None else None
+            )
             if existing is not None:
                 return existing
             if strictly_get:

@@ -17,19 +17,19 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, Dict, List
+from typing import Any, Dict, List
 
 from duckpool import _process_pools
 
-if TYPE_CHECKING:
-    from duckpool._manager import ProcessPoolManager
-
 __all__ = ["INSTANCES", "REGISTRY", "lock"]
 
-REGISTRY: Dict[int, Dict[Any, ProcessPoolManager]] = {}
+# Typed loosely: this module sits below the class it holds (``_manager``
+# imports it), and names no type of the layer above.  Its readers declare
+# what they take out (``manager: ProcessPoolManager = ...``).
+REGISTRY: Dict[int, Dict[Any, Any]] = {}
 """Every process's managers, by process id then manager id."""
 
-INSTANCES: List[weakref.ReferenceType[ProcessPoolManager]] = []
+INSTANCES: List[weakref.ReferenceType[Any]] = []
 """Weak references to the managers made in this process (``ProcessPoolManager.__instances``)."""
 
 #: Guards both.  Read it as ``_registry.lock`` each time: a forked child gets

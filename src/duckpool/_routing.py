@@ -32,7 +32,7 @@ def pool_for(task_type: str) -> ProcessPoolManager:
     if not isinstance(task_type, str):
         raise TypeError(f"task_type must be a str, got {task_type!r}")
     # A copy taken in one step (the GIL makes it atomic): no lock needed.
-    managers = list(REGISTRY.get(os.getpid(), {}).copy().values())
+    managers: list[ProcessPoolManager] = list(REGISTRY.get(os.getpid(), {}).copy().values())
     running = [m for m in managers if m.state == "running"]
     declared = [m for m in running if m._task_types is not None and task_type in m._task_types]
     if not declared:

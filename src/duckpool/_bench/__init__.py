@@ -22,11 +22,12 @@ the libraries rotates each rep, so a slow minute of the machine or the position
 in the sequence does not land on one library only.
 
 One concern per module; at import time they import each other one way only,
-``_cli`` -> ``_runner`` -> ``_report`` -> ``_metrics`` -> ``_adapters``::
+``_cli`` -> ``_runner`` -> ``_report`` -> ``_plan``, ``_metrics`` -> ``_adapters``::
 
     _cli       the options, one _Plan per table; main() of the parent and of a child
     _runner    the children (command, environment, deadline kill), progress, summary
     _report    number formats, tables, header, the JSON document, the plot
+    _plan      _Plan: what one table measures, decided before anything starts
     _metrics   Quantity, Metric, the _measure_* functions, METRICS
     _adapters  one pool of one library behind one interface, LIBRARIES, warm-up
     _tasks     what the workers run, imported by name in every library's workers

@@ -151,7 +151,7 @@ class _PipeFloorAdapter(_PoolAdapter):
     """
 
     def __init__(self, workers: int, start_method: Optional[str]) -> None:
-        from duckpool._bench import _tasks
+        import duckpool._bench._tasks as _tasks
 
         context = _mp_context(start_method)
         self._connections: list[Connection] = []
@@ -499,7 +499,7 @@ def _warm_up(pool: _PoolAdapter, workers: int, deadline: float) -> list[str]:
     ``pool.worker_pids``; returns how the workers were started (see
     :func:`_tasks.worker_identity`).
     """
-    from duckpool._bench import _tasks
+    import duckpool._bench._tasks as _tasks
 
     seen: dict[int, str] = {}
     while len(seen) < workers:

@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 
 from duckpool._bench._adapters import _BASELINE, LIBRARIES, _find_missing
 from duckpool._bench._metrics import METRICS, Metric
+from duckpool._bench._plan import _Plan
 from duckpool._bench._report import (
     _document,
     _header_lines,
@@ -26,7 +27,6 @@ from duckpool._bench._report import (
 from duckpool._bench._runner import (
     _child_main,
     _children_needed,
-    _Plan,
     _Progress,
     _run_plan,
     _summarise,

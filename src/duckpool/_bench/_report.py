@@ -17,7 +17,7 @@ from duckpool._bench._adapters import _BASELINE, LIBRARIES
 from duckpool._bench._metrics import METRICS
 
 if TYPE_CHECKING:
-    from duckpool._bench._runner import _Plan
+    from duckpool._bench._plan import _Plan
 
 
 def _printable(text: str, fallback: str) -> str:

@@ -26,6 +26,7 @@ from duckpool._bench._adapters import (
     _warm_up,
 )
 from duckpool._bench._metrics import METRICS
+from duckpool._bench._plan import _Plan
 from duckpool._bench._report import _format_value
 
 if TYPE_CHECKING:
@@ -113,22 +114,6 @@ class _Cell:
     failures: list[str] = field(default_factory=list)
     worker_start: set[str] = field(default_factory=set)  # as the warm-up observed it
     not_applicable: Optional[str] = None  # why the metric does not apply to the library
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """What one table measures, decided from the options before anything starts."""
-
-    command: str
-    libraries: tuple[str, ...]
-    skipped: dict[str, str]
-    metrics: tuple[str, ...]
-    sizes: dict[str, int]
-    reps: int
-    metric_reps: dict[str, int]  # each metric's reps; none more than ``reps``
-    workers: int
-    start_method: Optional[str]
-    timeout: float
 
 
 def _child_environment() -> dict[str, str]:
