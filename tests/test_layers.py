@@ -65,14 +65,19 @@ def _is_type_checking(node: ast.If) -> bool:
     )
 
 
-def _run_time_imports(tree: ast.Module, module_level_only: bool) -> set[str]:
-    """The modules ``tree`` imports at run time (not under TYPE_CHECKING), as
-    absolute names; ``from duckpool import _x`` counts as ``duckpool._x``."""
+def _run_time_imports(
+    tree: ast.Module, module_level_only: bool, type_checking: bool = False
+) -> set[str]:
+    """The modules ``tree`` imports at run time (with ``type_checking``, under
+    TYPE_CHECKING too), as absolute names; ``from duckpool import _x`` counts
+    as ``duckpool._x``."""
     names: set[str] = set()
 
     def visit(body: list[ast.stmt]) -> None:
         for node in body:
             if isinstance(node, ast.If) and _is_type_checking(node):
+                if type_checking:
+                    visit(node.body)
                 visit(node.orelse)
                 continue
             if isinstance(node, ast.ImportFrom):
@@ -108,12 +113,13 @@ def _run_time_imports(tree: ast.Module, module_level_only: bool) -> set[str]:
     return names
 
 
-def _imports(tree: ast.Module, module_level_only: bool) -> set[str]:
-    """duckpool modules ``tree`` imports at run time, relative to the package."""
+def _imports(tree: ast.Module, module_level_only: bool, type_checking: bool = False) -> set[str]:
+    """duckpool modules ``tree`` imports at run time (with ``type_checking``,
+    for the type checker too), relative to the package."""
     prefix = "duckpool."
     return {
         name[len(prefix) :]
-        for name in _run_time_imports(tree, module_level_only)
+        for name in _run_time_imports(tree, module_level_only, type_checking)
         if name.startswith(prefix)
     }
 
@@ -153,17 +159,20 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def _graph(module_level_only: bool) -> dict[str, set[str]]:
+def _graph(module_level_only: bool, type_checking: bool = False) -> dict[str, set[str]]:
     modules = _modules()
     return {
-        name: _imports(tree, module_level_only) & set(modules) for name, tree in modules.items()
+        name: _imports(tree, module_level_only, type_checking) & set(modules)
+        for name, tree in modules.items()
     }
 
 
 def test_no_module_imports_another_that_imports_it_back() -> None:
     # Imports inside functions count too: a cycle through one still ties the
-    # two modules together, whenever the function first runs.
-    assert _cycles(_graph(module_level_only=False)) == []
+    # two modules together, whenever the function first runs.  So do those
+    # made for the type checker only: the engine's owners name one another
+    # through the protocols of ``_pool._view``, never through ``_core``.
+    assert _cycles(_graph(module_level_only=False, type_checking=True)) == []
 
 
 def test_the_engine_owners_never_import_the_layers_above_them() -> None:

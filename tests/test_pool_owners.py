@@ -108,7 +108,8 @@ def test_only_the_epoll_waiter_pauses_a_descriptor_while_another_thread_waits() 
 
 
 def test_counters_keep_the_latest_latencies_and_their_percentiles() -> None:
-    from duckpool._pool._counters import LATENCY_WINDOW, Counters, percentile
+    from duckpool._pool._counters import LATENCY_WINDOW, Counters
+    from duckpool._pool._snapshot import percentile
 
     counters = Counters()
     counters.latencies.extend(float(i) for i in range(LATENCY_WINDOW + 100))

@@ -367,7 +367,8 @@ def test_an_idle_worker_gets_the_first_item_not_cancelled() -> None:
 def test_a_dropped_surplus_slot_gives_back_what_it_was_reserved_with() -> None:
     import multiprocessing
 
-    from duckpool._core import PoolCore, PoolSettings
+    from duckpool._core import PoolCore
+    from duckpool._pool._settings import PoolSettings
 
     core = PoolCore(
         PoolSettings(

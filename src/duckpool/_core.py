@@ -142,54 +142,33 @@ import os
 import signal
 import threading
 from concurrent.futures import Future
-from multiprocessing.context import BaseContext
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Optional
 
 from duckpool import _marks, _process_pools
 from duckpool._admission import Admission
 from duckpool._futures import WorkItem, cancel_item
 from duckpool._pool._assist import Assists
-from duckpool._pool._counters import Counters, snapshot
+from duckpool._pool._counters import Counters
 from duckpool._pool._deadlines import Deadlines
-from duckpool._pool._dispatcher import WAKEUP, Dispatcher, Wakeup
+from duckpool._pool._dispatcher import Dispatcher
 from duckpool._pool._launcher import Launcher
 from duckpool._pool._lifecycle import Lifecycle
 from duckpool._pool._quarantine import Quarantine
 from duckpool._pool._results import ResultBook
 from duckpool._pool._scheduler import Scheduler
+from duckpool._pool._settings import PoolSettings
 from duckpool._pool._slots import Slot
+from duckpool._pool._snapshot import snapshot
 from duckpool._pool._successors import Successors
 from duckpool._pool._supervisor import STOP_GRACE_SECONDS, Supervisor
 from duckpool._pool._transport import Transport
 from duckpool._pool._waiter import Waiter
+from duckpool._pool._wakeup import WAKEUP, Wakeup
 from duckpool._pool._zygotes import Zygotes
 from duckpool._stats import PoolStats
 
 #: The least number of worker slots a pool can grow to with ``resize``.
 _MIN_CAPACITY = 64
-
-
-class PoolSettings(NamedTuple):
-    """What a pool is configured with; fixed for its lifetime."""
-
-    max_workers: int
-    context: BaseContext
-    initializer: Optional[Callable[..., object]]
-    initargs: tuple[Any, ...]
-    max_tasks_per_child: Optional[int]
-    max_memory_per_child: Optional[int]
-    name_prefix: Optional[str]
-    daemon: bool
-    serializer: str
-    #: Per task type, how many of its tasks may run (or wait in a worker's pipe) at once.
-    type_limits: Optional[dict[str, int]] = None
-    #: Worker deaths in a row that put a callable in quarantine (None: never).
-    quarantine_after: Optional[int] = None
-    quarantine_seconds: float = 60.0
-    #: Send what workers log to the parent's loggers (see _worker_logs).
-    forward_logs: bool = True
-    #: Tagged on forwarded log records (``record.duckpool_pool``).
-    pool_id: Any = None
 
 
 class PoolCore:

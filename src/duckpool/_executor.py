@@ -38,6 +38,7 @@ from duckpool._map import (
     progress_bar_factory,
 )
 from duckpool._options import TaskOptions, await_cancelling
+from duckpool._pool._settings import PoolSettings
 from duckpool._stats import PoolStats
 from duckpool._validate import (
     check_admission,
@@ -225,7 +226,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         self._max_workers = workers
         self._task_timeout = timeout
         self._core = core = _core.PoolCore(
-            _core.PoolSettings(
+            PoolSettings(
                 max_workers=workers,
                 context=context,
                 initializer=initializer,

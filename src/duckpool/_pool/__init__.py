@@ -15,9 +15,15 @@ only that module assigns its fields (``tests/test_layers.py`` checks it):
 * ``_deadlines``: task timeouts, kill graces, assist windows;
 * ``_dispatcher``: the thread that waits on all of it, and its wakeup pipe;
 * ``_lifecycle``: whether the pool takes work, may start workers, and why not;
-* ``_slots``, ``_quarantine``, ``_counters``, ``_waiter``: the per-slot
-  records, death streaks per callable, what ``stats()`` reports, and what
-  the dispatcher sleeps on (epoll, else selectors).
+* ``_slots``, ``_quarantine``, ``_counters``, ``_waiter``, ``_wakeup``,
+  ``_settings``: the per-slot records (and the dispatcher's tags), death
+  streaks per callable, what ``stats()`` counts, what the dispatcher sleeps
+  on (epoll, else selectors) and the pipe that wakes it, the pool's settings;
+* ``_snapshot``: ``stats()``, read from all of the above.
+
+Imports go one way, for the type checker too: ``_core`` imports the owners;
+an owner names the pool and its siblings only through the protocols of
+``_view`` (``Core``, ``SchedulerView``, ...), which import only the leaves.
 
 Locking: one lock per pool.  Entry points (the facade, the dispatcher's pass,
 an assisting caller) take it; an owner's method expects it held unless its

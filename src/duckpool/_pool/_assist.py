@@ -31,8 +31,8 @@ from duckpool._pool._supervisor import signal_process
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
-    from duckpool._core import PoolCore
     from duckpool._pool._slots import Slot
+    from duckpool._pool._view import Core
 
 #: How long a thread blocked in ``result()`` reads its task's result pipe
 #: itself before it leaves that to the dispatcher again (see ``help_resolve``).
@@ -51,8 +51,8 @@ SPIN_SECONDS = 0.0005
 class Assists:
     """Lends a quiet slot's result pipe to the caller waiting on its task."""
 
-    def __init__(self, core: PoolCore) -> None:
-        self._core: PoolCore = weakref.proxy(core)
+    def __init__(self, core: Core) -> None:
+        self._core: Core = weakref.proxy(core)
 
     def poison(self, slot: Slot, cause: BaseException, writing: bool = False) -> None:
         """The slot's result stream (or, ``writing``, its task stream) can no

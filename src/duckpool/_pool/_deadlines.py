@@ -33,8 +33,8 @@ from duckpool._pool._assist import ASSIST_GRACE_SECONDS
 from duckpool._pool._supervisor import KILL_GRACE_SECONDS, signal_process
 
 if TYPE_CHECKING:
-    from duckpool._core import PoolCore
     from duckpool._pool._slots import Slot
+    from duckpool._pool._view import Core
 
 #: How long after its start a worker not yet ready is first looked at, and
 #: how often again while it is not.
@@ -46,8 +46,8 @@ READY_SECONDS = 120.0
 class Deadlines:
     """Enforces a pool's task timeouts, kill graces and assist windows."""
 
-    def __init__(self, core: PoolCore) -> None:
-        self._core: PoolCore = weakref.proxy(core)
+    def __init__(self, core: Core) -> None:
+        self._core: Core = weakref.proxy(core)
 
     def check(self, now: float) -> Optional[float]:
         """Act on what is due; seconds until the next deadline (lock held)."""

@@ -11,7 +11,7 @@ lists every source it waits on.
 Each source is registered with a tag of its own type, so a pass tells them
 apart by ``type(tag)``: ``WAKEUP``, ``ResultReady``, ``WorkerExit``,
 ``Writable`` (``_transport``), ``SpareExit`` (``_successors``) and
-``ZygoteTag`` (``_zygotes``).
+``ZygoteTag`` (``_slots``, for ``_zygotes``).
 
 The thread holds the pool strongly while it runs (its owners hold it
 weakly); it ends once shutdown finds no work left, or the pool is broken
@@ -20,7 +20,6 @@ and its workers are gone, after reaping every process the pool started.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import weakref
@@ -29,90 +28,40 @@ from typing import TYPE_CHECKING, Optional
 
 from duckpool import _threads
 from duckpool._pool._results import LOG_RECORD_ITEM
-from duckpool._pool._slots import ResultReady, WorkerExit
+from duckpool._pool._slots import ResultReady, WorkerExit, ZygoteTag
 from duckpool._pool._successors import SpareExit
 from duckpool._pool._supervisor import KILL_GRACE_SECONDS
 from duckpool._pool._transport import Writable
-from duckpool._pool._zygotes import ZygoteTag
+from duckpool._pool._wakeup import WAKEUP
 
 if TYPE_CHECKING:
-    from duckpool._core import PoolCore
     from duckpool._pool._slots import Slot
-
-#: The tag of the wakeup pipe.
-WAKEUP = object()
-
-
-class Wakeup:
-    """The pipe that interrupts the dispatcher's wait, from any thread."""
-
-    def __init__(self) -> None:
-        self.read_fd, self.write_fd = os.pipe()
-        os.set_blocking(self.read_fd, False)
-        os.set_blocking(self.write_fd, False)
-        # Its own lock: once the pipe is closed its number may belong to
-        # another file, which a stray write would corrupt.
-        self.lock = threading.Lock()
-        self.closed = False
-
-    def wake(self) -> None:
-        with self.lock:
-            if self.closed:
-                return
-            try:
-                os.write(self.write_fd, b"\0")
-            except OSError:
-                pass  # the pipe is full: a wake-up is already due
-
-    def drain(self) -> None:
-        try:
-            while os.read(self.read_fd, 4096):
-                pass
-        except OSError:
-            pass
-
-    def close(self) -> bool:
-        """Close the pipe; False if it already was."""
-        with self.lock:
-            if self.closed:
-                return False
-            self.closed = True
-            for fd in (self.read_fd, self.write_fd):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            return True
-
-    def forget_after_fork(self) -> None:
-        """In a forked child: never write to (or close) the parent's pipe."""
-        self.closed = True
-        self.lock = threading.Lock()
+    from duckpool._pool._view import Core
 
 
 class Dispatcher:
     """Owns a pool's dispatcher thread."""
 
-    def __init__(self, core: PoolCore) -> None:
-        self._core: PoolCore = weakref.proxy(core)
+    def __init__(self, core: Core) -> None:
+        self._core: Core = weakref.proxy(core)
         #: The running thread, once started (never unset: ``join`` waits on it).
         self.thread: Optional[threading.Thread] = None
         #: The thread object, made before the first fork (``prepare``).
         self._unstarted: Optional[_threads.QuickStartThread] = None
 
-    def prepare(self, core: PoolCore) -> None:
+    def prepare(self, core: Core) -> None:
         """Make the thread object now: after a fork, every page this process
         writes (and a Thread writes many) is a copy-on-write fault."""
         if self._unstarted is None and self.thread is None:
             self._unstarted = self._make(core)
 
-    def _make(self, core: PoolCore) -> _threads.QuickStartThread:
+    def _make(self, core: Core) -> _threads.QuickStartThread:
         # The pool itself, not the proxy: the thread keeps it alive while it runs.
         return _threads.QuickStartThread(
             lambda: run(core), name=f"duckpool-dispatcher-{id(core):x}"
         )
 
-    def start(self, core: PoolCore) -> None:
+    def start(self, core: Core) -> None:
         """Start the thread; not waited for (the caller may read the first
         result itself meanwhile)."""
         thread = self._unstarted or self._make(core)
@@ -137,7 +86,7 @@ class Dispatcher:
             thread.join(timeout)
 
 
-def run(core: PoolCore) -> None:
+def run(core: Core) -> None:
     """The dispatcher thread's body: never leaves a future unresolved."""
     try:
         _dispatch_until_done(core)
@@ -160,7 +109,7 @@ def run(core: PoolCore) -> None:
         core.zygotes.reap(KILL_GRACE_SECONDS)
 
 
-def _dispatch_until_done(core: PoolCore) -> None:
+def _dispatch_until_done(core: Core) -> None:
     results = core.results
     deferred = results.deferred
     launcher = core.launcher

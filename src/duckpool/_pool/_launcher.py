@@ -33,8 +33,8 @@ from duckpool import _child, _logs, _protocol, _spawn, _worker
 from duckpool._pool._slots import ResultReady, WorkerExit
 
 if TYPE_CHECKING:
-    from duckpool._core import PoolCore
     from duckpool._pool._slots import Slot, WorkerProcess
+    from duckpool._pool._view import Core
 
 #: Workers that fail by themselves before they are ready (an exit code, or a
 #: crash signal), in a row, before the pool gives up instead of respawning.
@@ -65,10 +65,10 @@ def is_transient(error: BaseException) -> bool:
 class Launcher:
     """Starts a pool's workers (lock held)."""
 
-    def __init__(self, core: PoolCore) -> None:
+    def __init__(self, core: Core) -> None:
         # Weakly: a pool that has ended is freed at once, by reference
         # counting, and what it holds (its initargs, say) with it.
-        self._core: PoolCore = weakref.proxy(core)
+        self._core: Core = weakref.proxy(core)
         settings = core.settings
         #: Workers are forked (from this process first, then by the zygote).
         self.forks = settings.context.get_start_method() == "fork"

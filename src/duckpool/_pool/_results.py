@@ -38,12 +38,8 @@ from duckpool._futures import (
 if TYPE_CHECKING:
     from multiprocessing import connection as mp_connection
 
-    from duckpool._core import PoolCore
-    from duckpool._pool._slots import Slot
-
-#: A future to resolve from a result frame: the item, the status, the payload
-#: (a pickle, or ``_buffers.Received``, or what decoding its buffers raised).
-Resolution = tuple[WorkItem, int, Any]
+    from duckpool._pool._slots import Resolution, Slot
+    from duckpool._pool._view import Core
 
 #: The item of a log frame's entry among the resolutions: a record, which
 #: answers no task, handed to logging where its frame came in the stream.
@@ -66,8 +62,8 @@ def _unpickles(status: int, payload: Any) -> bool:
 class ResultBook:
     """Reads a pool's result pipes and settles the futures they answer."""
 
-    def __init__(self, core: PoolCore) -> None:
-        self._core: PoolCore = weakref.proxy(core)
+    def __init__(self, core: Core) -> None:
+        self._core: Core = weakref.proxy(core)
         #: Results read but not yet given to their futures (dispatcher only).
         self.deferred: list[Resolution] = []
         #: Results a helping thread booked but could not resolve (lock held).

@@ -28,9 +28,9 @@ from duckpool._futures import set_exception
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
-    from duckpool._core import PoolCore
     from duckpool._futures import WorkItem
     from duckpool._pool._slots import Slot
+    from duckpool._pool._view import Core
 
 #: Items a worker may hold at once (one running, the rest queued in its pipe),
 #: so it never waits on the parent between small tasks.
@@ -47,8 +47,8 @@ PREFETCH_BYTES = 32 * 1024
 class Scheduler:
     """Owns a pool's queue and hands its items to workers."""
 
-    def __init__(self, core: PoolCore) -> None:
-        self._core: PoolCore = weakref.proxy(core)
+    def __init__(self, core: Core) -> None:
+        self._core: Core = weakref.proxy(core)
         # Fixed for the pool's life: held directly (the hot path reads them).
         self._type_limits = core.settings.type_limits
         self._max_tasks_per_child = core.settings.max_tasks_per_child

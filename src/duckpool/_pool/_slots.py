@@ -14,12 +14,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, NamedTuple, Optional, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Protocol, Tuple
 
 if TYPE_CHECKING:
     from multiprocessing import connection as mp_connection
 
-    from duckpool import _buffers, _protocol
+    from duckpool import _buffers, _protocol, _zygote
     from duckpool._errors import WorkerDiedError
     from duckpool._futures import WorkItem
 
@@ -51,6 +51,20 @@ class WorkerExit(NamedTuple):
     """The dispatcher's tag of a worker's sentinel."""
 
     slot: Slot
+
+
+class ZygoteTag(NamedTuple):
+    """The tag of a zygote's descriptor in the dispatcher's waiter."""
+
+    zygote: _zygote.Zygote
+    #: "started" (its control socket: an answer), "notices" (worker exits),
+    #: or "exit" (its own sentinel).
+    event: str
+
+
+#: A future to resolve from a result frame: the item, the status, the payload
+#: (a pickle, or ``_buffers.Received``, or what decoding its buffers raised).
+Resolution = Tuple["WorkItem", int, Any]
 
 
 class Stopping(NamedTuple):

@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, NamedTuple, Optional
 
 from duckpool import _child, _protocol, _zygote
 from duckpool._pool import _transport
-from duckpool._pool._results import LOG_RECORD_ITEM, Resolution
+from duckpool._pool._results import LOG_RECORD_ITEM
 from duckpool._pool._slots import Spare
 from duckpool._pool._supervisor import KILL_GRACE_SECONDS, self_inflicted
 
 if TYPE_CHECKING:
-    from duckpool._core import PoolCore
-    from duckpool._pool._slots import Slot
+    from duckpool._pool._slots import Resolution, Slot
+    from duckpool._pool._view import Core
 
 
 class SpareExit(NamedTuple):
@@ -41,8 +41,8 @@ class SpareExit(NamedTuple):
 class Successors:
     """Starts each slot's next worker before the current one must leave."""
 
-    def __init__(self, core: PoolCore) -> None:
-        self._core: PoolCore = weakref.proxy(core)
+    def __init__(self, core: Core) -> None:
+        self._core: Core = weakref.proxy(core)
         #: Spare processes let go unused (a successor no longer wanted), until
         #: they have exited and been reaped.
         self.leaving: list[Spare] = []

@@ -32,9 +32,9 @@ from duckpool._pool._slots import Stopping
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
-    from duckpool._core import PoolCore
     from duckpool._futures import WorkItem
     from duckpool._pool._slots import Slot, WorkerProcess
+    from duckpool._pool._view import Core
 
 #: How long shutdown waits for an idle worker to exit before terminating it.
 STOP_GRACE_SECONDS = 5.0
@@ -50,10 +50,10 @@ _CRASH_SIGNALS = frozenset(
 class Supervisor:
     """Watches a pool's workers end, and ends them."""
 
-    def __init__(self, core: PoolCore) -> None:
+    def __init__(self, core: Core) -> None:
         # Weakly: a pool that has ended is freed at once, by reference
         # counting, and what it holds (its initargs, say) with it.
-        self._core: PoolCore = weakref.proxy(core)
+        self._core: Core = weakref.proxy(core)
 
     def stop_worker(self, slot: Slot, item: WorkItem, error: BaseException) -> None:
         """Stop the worker running ``item``: SIGTERM now, SIGKILL after the grace."""

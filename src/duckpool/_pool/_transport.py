@@ -25,9 +25,9 @@ from duckpool import _buffers, _protocol
 if TYPE_CHECKING:
     from multiprocessing import connection as mp_connection
 
-    from duckpool._core import PoolCore
     from duckpool._futures import WorkItem
     from duckpool._pool._slots import Slot
+    from duckpool._pool._view import Core
 
 #: The stop frame, as written to a pipe.
 STOP_FRAME = _protocol.wire(b"")
@@ -42,8 +42,8 @@ class Writable(NamedTuple):
 class Transport:
     """Writes task, stop and release frames to a pool's workers."""
 
-    def __init__(self, core: PoolCore) -> None:
-        self._core: PoolCore = weakref.proxy(core)
+    def __init__(self, core: Core) -> None:
+        self._core: Core = weakref.proxy(core)
 
     def write(self, slot: Slot, data: _protocol.Frames) -> None:
         """Write task frames to ``slot``'s worker (and the stop frame, if due).

@@ -30,14 +30,14 @@ from __future__ import annotations
 import os
 import time
 import weakref
-from typing import TYPE_CHECKING, NamedTuple, Optional
+from typing import TYPE_CHECKING, Optional
 
 from duckpool import _child, _zygote, _zygote_process
-from duckpool._pool._slots import WorkerExit
+from duckpool._pool._slots import WorkerExit, ZygoteTag
 
 if TYPE_CHECKING:
-    from duckpool._core import PoolCore
     from duckpool._pool._slots import Slot
+    from duckpool._pool._view import Core
 
 #: How long after the zygote starts it is asked for its standby: a pool's
 #: start-up (and a shutdown right after it) never waits on that fork.
@@ -48,20 +48,11 @@ STANDBY_DELAY_SECONDS = 0.25
 ANSWER_SECONDS = 10.0
 
 
-class ZygoteTag(NamedTuple):
-    """The tag of a zygote's descriptor in the dispatcher's waiter."""
-
-    zygote: _zygote.Zygote
-    #: "started" (its control socket: an answer), "notices" (worker exits),
-    #: or "exit" (its own sentinel).
-    event: str
-
-
 class Zygotes:
     """Keeps a pool's zygote and its standby, and asks them for workers."""
 
-    def __init__(self, core: PoolCore) -> None:
-        self._core: PoolCore = weakref.proxy(core)
+    def __init__(self, core: Core) -> None:
+        self._core: Core = weakref.proxy(core)
         #: The process that forks this pool's workers, and its standby.
         self.zygote: Optional[_zygote.Zygote] = None
         self.standby: Optional[_zygote.Zygote] = None
