@@ -327,6 +327,7 @@ SLOT_FIELD_OWNERS = {
     "_results": {"tasks_done", "read_lock"},
     "_transport": {"outbox", "stop_sent", "releases_sent", "results_copied", "area", "area_offer"},
     "_supervisor": {"stopping"},
+    "_deadlines": {"start_missed"},
     "_assist": {"assist", "poisoned"},
     "_successors": {"successor"},
     "_zygotes": {"requested"},

@@ -433,6 +433,9 @@ def test_a_worker_not_ready_in_time_is_killed_unless_it_runs_an_initializer() ->
     pool.settings.initializer = print  # a slow initializer is never cut short
     deadlines.check(now=100.0 + READY_SECONDS)
     assert process.signals == []
+    assert slot.start_missed is None
     pool.settings.initializer = None
     deadlines.check(now=100.0 + READY_SECONDS)
     assert process.signals == [signal.SIGKILL]
+    # Its death will count as a failed start, and say why.
+    assert slot.start_missed == f"was not ready {READY_SECONDS:g} s after it started"

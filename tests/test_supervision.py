@@ -182,10 +182,13 @@ def test_a_stopped_fork_server_does_not_hang_the_pool() -> None:
 
 
 def test_a_worker_stopped_before_it_is_ready_is_replaced(
-    ctx: multiprocessing.context.BaseContext, tmp_path: Path
+    ctx: multiprocessing.context.BaseContext, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Stopped in its initializer, a worker would hold the task sent to it for
     # ever: the start-up watch kills it, and a new worker runs the task.
+    from duckpool._pool import _deadlines
+
+    monkeypatch.setattr(_deadlines, "START_CHECK_SECONDS", 0.05)  # (it looks sooner)
     gate = tmp_path / "gate"
     pool = duckpool.ProcessPoolExecutor(
         1, ctx, initializer=tasks.init_wait_for_file, initargs=(str(gate),)
@@ -205,6 +208,45 @@ def test_a_worker_stopped_before_it_is_ready_is_replaced(
         gate.touch()
         if stopped is not None and not process_gone(stopped):
             kill_quietly(stopped)
+        pool.shutdown()
+
+
+def test_workers_stopped_before_ready_three_times_in_a_row_break_the_pool(
+    ctx: multiprocessing.context.BaseContext, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each kill by the start-up watch is a failed start: retried, but not for
+    # ever.  MAX_STARTUP_DEATHS in a row break the pool, with the reason.
+    from duckpool._pool import _deadlines, _launcher
+
+    monkeypatch.setattr(_deadlines, "START_CHECK_SECONDS", 0.05)
+    gate = tmp_path / "gate"  # never opened: no worker gets ready
+    pool = duckpool.ProcessPoolExecutor(
+        1, ctx, initializer=tasks.init_wait_for_file, initargs=(str(gate),)
+    )
+    stopped: list[int] = []
+    try:
+        future = pool.submit(tasks.add, 2, 3)
+
+        def stop_each_new_worker() -> bool:
+            for pid in pool.worker_pids():
+                if pid not in stopped:
+                    stopped.append(pid)
+                    os.kill(pid, signal.SIGSTOP)
+            return future.done()
+
+        wait_until(stop_each_new_worker, TIMEOUT)
+        error = future.exception(0)
+        assert isinstance(error, BrokenProcessPool), error
+        assert f"{_launcher.MAX_STARTUP_DEATHS} worker processes in a row" in str(error)
+        assert "was stopped" in str(error)
+        assert len(stopped) == _launcher.MAX_STARTUP_DEATHS
+        wait_until(lambda: all(process_gone(pid) for pid in stopped), TIMEOUT)
+        with pytest.raises(BrokenProcessPool):
+            pool.submit(tasks.add, 1, 1)
+    finally:
+        for pid in stopped:
+            if not process_gone(pid):
+                kill_quietly(pid)
         pool.shutdown()
 
 

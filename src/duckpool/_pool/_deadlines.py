@@ -18,7 +18,10 @@ Three kinds, all per slot, all computed afresh from the slots on each pass
   has no initializer (it is stuck: importing the main module takes seconds,
   not minutes).  A slow initializer is never cut short.  A killed worker's
   task had not started: it goes to the next worker, and the slot gets a new
-  one, as after any death.
+  one.  The kill counts as a failed start (``slot.start_missed``): the next
+  start is backed off as after any transient failure, and
+  ``MAX_STARTUP_DEATHS`` of them in a row (with deaths of workers that
+  failed by themselves before they were ready) break the pool, saying why.
 """
 
 from __future__ import annotations
@@ -101,8 +104,11 @@ class Deadlines:
         if now < first_look:
             return first_look
         pid = slot.process.pid
-        stuck = self._core.settings.initializer is None and now - slot.installed_at >= READY_SECONDS
-        if stuck or (pid is not None and _child.is_stopped(pid)):
+        if pid is not None and _child.is_stopped(pid):
+            slot.start_missed = "was stopped (SIGSTOP, a debugger) before it was ready"
+        elif self._core.settings.initializer is None and now - slot.installed_at >= READY_SECONDS:
+            slot.start_missed = f"was not ready {READY_SECONDS:g} s after it started"
+        if slot.start_missed is not None:
             signal_process(slot.process, signal.SIGKILL)  # its exit resets the slot
             return None
         return now + START_CHECK_SECONDS

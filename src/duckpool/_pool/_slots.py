@@ -5,8 +5,8 @@ fills it now.  Its fields are grouped by the owner that writes them (and
 only that owner's module assigns them: ``tests/test_layers.py``): process
 fields (``_launcher``), work fields (``_scheduler``), result fields
 (``_results``), transport fields (``_transport``), ``stopping``
-(``_supervisor``), ``assist`` and ``poisoned`` (``_assist``) and
-``successor`` (``_successors``).
+(``_supervisor``), ``assist`` and ``poisoned`` (``_assist``),
+``start_missed`` (``_deadlines``) and ``successor`` (``_successors``).
 """
 
 from __future__ import annotations
@@ -119,6 +119,7 @@ class Slot:
         "result_conn",
         "results_copied",
         "retiring",
+        "start_missed",
         "stop_sent",
         "stopping",
         "successor",
@@ -183,6 +184,9 @@ class Slot:
         #: Why the worker is being killed because its result stream is not to
         #: be trusted (``Assists.poison``).
         self.poisoned: Optional[WorkerDiedError] = None
+        #: Why the start-up watch killed the worker before it was ready
+        #: (``Deadlines``): its death counts as a failed start.
+        self.start_missed: Optional[str] = None
         #: A process started ahead of time to take this slot when its worker
         #: leaves (``Successors.start_due``); not a worker until then.
         self.successor: Optional[Spare] = None
@@ -210,6 +214,7 @@ class Slot:
         self.installed_at = None
         self.stopping = None
         self.poisoned = None
+        self.start_missed = None
         self.requested = False  # an answer still due is unwanted now
 
 

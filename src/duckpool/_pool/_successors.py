@@ -22,6 +22,7 @@ import weakref
 from typing import TYPE_CHECKING, NamedTuple, Optional
 
 from duckpool import _child, _protocol, _zygote
+from duckpool._errors import describe_exit
 from duckpool._pool import _transport
 from duckpool._pool._results import LOG_RECORD_ITEM
 from duckpool._pool._slots import Spare
@@ -173,7 +174,7 @@ class Successors:
         core.results.resolve_all(records)
         if init_failure is not None:
             core.results.on_initializer_failure(init_failure)
-        core.supervisor.break_if_starts_fail(give_up, exitcode)
+        core.supervisor.break_if_starts_fail(give_up, describe_exit(exitcode))
 
     def close_spare(self, spare: Spare) -> None:
         """Stop watching a spare process and close its pipes (lock held)."""

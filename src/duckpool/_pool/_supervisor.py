@@ -117,21 +117,33 @@ class Supervisor:
                                 )
                 # The rest never started: back to the front of the queue.
                 core.scheduler.requeue_front(slot)
-            give_up = (
-                not slot.ready
-                and not core.lifecycle.shutdown_requested
-                and self_inflicted(exitcode)
-                and core.launcher.count_startup_death()
-            )
+            missed = slot.start_missed
+            failed_start = not slot.ready and not core.lifecycle.shutdown_requested
+            failed_start = failed_start and (self_inflicted(exitcode) or missed is not None)
+            give_up = failed_start and core.launcher.count_startup_death()
+            starts_failing: Optional[BaseException] = None
+            if missed is not None and not give_up:
+                # Killed by the start-up watch: retried later, as after any
+                # transient failure to start (backoff, and a time limit).
+                starts_failing = core.launcher.on_start_failure(
+                    TimeoutError(f"worker {slot.index} (pid {process.pid}) {missed}"),
+                    time.monotonic(),
+                )
             self.close_slot(slot)
             core.drop_surplus_slots()
         for item, error in failed:
             set_exception(item.future, error)
-        self.break_if_starts_fail(give_up, exitcode)
+        if starts_failing is not None:
+            self.mark_broken(
+                f"starting worker processes kept failing ({starts_failing}); the pool is broken",
+                starts_failing,
+            )
+        self.break_if_starts_fail(give_up, missed or describe_exit(exitcode))
 
-    def break_if_starts_fail(self, give_up: bool, exitcode: Optional[int]) -> None:
+    def break_if_starts_fail(self, give_up: bool, last: str) -> None:
         """After a process died: break the pool if an initializer failed, or if
-        ``give_up`` (too many processes in a row died before they were ready)."""
+        ``give_up`` (too many processes in a row died before they were ready;
+        ``last`` says how the last one did)."""
         core = self._core
         if core.lifecycle.initializer_error is not None:
             cause = core.lifecycle.initializer_error
@@ -139,7 +151,7 @@ class Supervisor:
         elif give_up:
             self.mark_broken(
                 f"{MAX_STARTUP_DEATHS} worker processes in a row died before they were "
-                f"ready (the last {describe_exit(exitcode)}); the pool is broken",
+                f"ready (the last {last}); the pool is broken",
                 None,
             )
 

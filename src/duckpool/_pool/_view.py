@@ -190,7 +190,7 @@ class ZygotesView(Protocol):
 class SupervisorView(Protocol):
     """``_supervisor.Supervisor``, as the other owners use it."""
 
-    def break_if_starts_fail(self, give_up: bool, exitcode: Optional[int]) -> None: ...
+    def break_if_starts_fail(self, give_up: bool, last: str) -> None: ...
 
     def fail_everything(
         self,
