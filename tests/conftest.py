@@ -10,6 +10,7 @@ importable from every worker, whatever the start method:
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import faulthandler
 import multiprocessing
@@ -17,9 +18,11 @@ import multiprocessing.context
 import os
 import pickle
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -73,6 +76,50 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     an error here.  The sort is stable, so every other test keeps its order.
     """
     items.sort(key=lambda item: item.get_closest_marker("dask") is not None)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A test that timed out waiting on a pool gets the stacks of every
+    process below this one appended to its report (with gdb, where the
+    machine has it): a hang that shows once in many runs must leave enough
+    behind to be explained."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if not (report.failed and call.when == "call" and call.excinfo is not None):
+        return
+    # (concurrent.futures' TimeoutError is the builtin one from 3.11 only;
+    # pytest-timeout's hang is a failure whose message starts "Timeout".)
+    timed_out = call.excinfo.errisinstance((TimeoutError, concurrent.futures.TimeoutError))
+    if not (timed_out or str(call.excinfo.value).startswith("Timeout")):
+        return
+    threads = {thread.ident: thread.name for thread in threading.enumerate()}
+    own = [
+        f"--- thread {threads.get(ident, ident)}\n{''.join(traceback.format_stack(frame))}"
+        for ident, frame in sys._current_frames().items()
+    ]
+    report.sections.append(("stacks of this process's threads", "\n".join(own)))
+    report.sections.append(("stacks of this process's descendants", _descendant_stacks()))
+
+
+def _descendant_stacks() -> str:
+    gdb = shutil.which("gdb")
+    lines = []
+    for child in psutil.Process().children(recursive=True)[:8]:  # gdb takes a second each
+        try:
+            lines.append(f"--- pid {child.pid} ({child.status()}): {' '.join(child.cmdline())}")
+        except psutil.Error:
+            continue
+        if gdb is None:
+            continue
+        command = [gdb, "-p", str(child.pid), "-batch", "-iex", "set auto-load safe-path /"]
+        command += ["-ex", "thread apply all py-bt", "-ex", "thread apply all bt 15"]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+            lines.append(done.stdout)
+        except (OSError, subprocess.SubprocessError) as exc:
+            lines.append(f"gdb failed: {exc!r}")
+    return "\n".join(lines) or "(no descendants)"
 
 
 @pytest.fixture(params=START_METHODS, ids=START_METHODS)
