@@ -158,6 +158,25 @@ def _stop_registered_managers() -> Iterator[None]:
 
 
 @pytest.fixture
+def short_graces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool's graces and watch periods cut short, in this process.
+
+    A test of what happens once a grace runs out (a worker that ignores
+    SIGTERM, or never leaves) need not wait the seconds a real pool gives.
+    Every module that holds one of these names gets the short value.
+    """
+    from duckpool import _core, _fork_server
+    from duckpool._pool import _deadlines, _dispatcher, _successors, _supervisor
+
+    for module in (_supervisor, _deadlines, _dispatcher, _successors):
+        monkeypatch.setattr(module, "KILL_GRACE_SECONDS", 0.5)
+    for module in (_supervisor, _core):
+        monkeypatch.setattr(module, "STOP_GRACE_SECONDS", 0.5)
+    monkeypatch.setattr(_fork_server, "CHECK_SECONDS", 0.1)
+    monkeypatch.setattr(_deadlines, "START_CHECK_SECONDS", 0.05)
+
+
+@pytest.fixture
 def gate(tmp_path: Path) -> Iterator[Path]:
     """A file path that blocked tasks wait for; created at teardown so no worker lingers."""
     path = tmp_path / "gate"

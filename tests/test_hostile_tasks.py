@@ -101,13 +101,13 @@ def test_closing_every_inherited_descriptor_fails_only_that_task(
 
 
 def test_timeout_kills_a_task_that_ignores_sigterm(
-    pool: duckpool.ProcessPoolExecutor, tmp_path: Path
+    pool: duckpool.ProcessPoolExecutor, tmp_path: Path, short_graces: None
 ) -> None:
     pid_file = tmp_path / "pid"
     with bystander(pool, tmp_path):
         future = pool.options(timeout=1).submit(tasks.ignore_sigterm_then_sleep, str(pid_file))
         worker = read_pid(pid_file)
-        # One second of timeout, one of grace before SIGKILL.
+        # One second of timeout, half a second of grace (short_graces) before SIGKILL.
         error = resolves_within(future, 2 + PROMPTLY)
     assert isinstance(error, duckpool.TaskTimeoutError), repr(error)
     assert process_gone(worker)
@@ -198,7 +198,7 @@ def test_system_exit_or_interrupt_raised_by_a_task_is_its_outcome(
 
 
 def test_non_daemon_thread_left_running_does_not_hold_up_shutdown(
-    pool: duckpool.ProcessPoolExecutor, tmp_path: Path
+    pool: duckpool.ProcessPoolExecutor, tmp_path: Path, short_graces: None
 ) -> None:
     thread_started = tmp_path / "thread-started"
     with bystander(pool, tmp_path):
@@ -219,7 +219,7 @@ def test_task_can_run_a_pool_of_its_own(
 
 
 def test_timeout_resolves_a_task_whose_worker_is_stopped(
-    pool: duckpool.ProcessPoolExecutor, tmp_path: Path
+    pool: duckpool.ProcessPoolExecutor, tmp_path: Path, short_graces: None
 ) -> None:
     # A stopped process takes SIGTERM only once continued; SIGKILL at once.
     pid_file = tmp_path / "pid"

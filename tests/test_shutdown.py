@@ -48,7 +48,9 @@ def test_a_drain_stops_overrunning_work_at_its_deadline(
     wait_until(lambda: process_gone(pid), TIMEOUT)
 
 
-def test_a_worker_that_ignores_sigterm_is_killed(ctx: object, tmp_path: Path, gate: Path) -> None:
+def test_a_worker_that_ignores_sigterm_is_killed(
+    ctx: object, tmp_path: Path, gate: Path, short_graces: None
+) -> None:
     pool = duckpool.ProcessPoolExecutor(1, ctx)  # type: ignore[arg-type]
     started = tmp_path / "started"
     running = pool.submit(tasks.ignore_sigterm_then_wait, str(started), str(gate))

@@ -155,7 +155,7 @@ def test_the_fork_server_dying_fails_no_running_task(tmp_path: Path) -> None:
         pool.shutdown()
 
 
-def test_a_stopped_fork_server_does_not_hang_the_pool() -> None:
+def test_a_stopped_fork_server_does_not_hang_the_pool(short_graces: None) -> None:
     # A start through a stopped server would block its thread (here the
     # dispatcher) forever: the server is killed, the start retried through
     # a new one, and the pool serves on.
@@ -182,13 +182,10 @@ def test_a_stopped_fork_server_does_not_hang_the_pool() -> None:
 
 
 def test_a_worker_stopped_before_it_is_ready_is_replaced(
-    ctx: multiprocessing.context.BaseContext, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ctx: multiprocessing.context.BaseContext, tmp_path: Path, short_graces: None
 ) -> None:
     # Stopped in its initializer, a worker would hold the task sent to it for
     # ever: the start-up watch kills it, and a new worker runs the task.
-    from duckpool._pool import _deadlines
-
-    monkeypatch.setattr(_deadlines, "START_CHECK_SECONDS", 0.05)  # (it looks sooner)
     gate = tmp_path / "gate"
     pool = duckpool.ProcessPoolExecutor(
         1, ctx, initializer=tasks.init_wait_for_file, initargs=(str(gate),)
@@ -212,13 +209,12 @@ def test_a_worker_stopped_before_it_is_ready_is_replaced(
 
 
 def test_workers_stopped_before_ready_three_times_in_a_row_break_the_pool(
-    ctx: multiprocessing.context.BaseContext, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ctx: multiprocessing.context.BaseContext, tmp_path: Path, short_graces: None
 ) -> None:
     # Each kill by the start-up watch is a failed start: retried, but not for
     # ever.  MAX_STARTUP_DEATHS in a row break the pool, with the reason.
-    from duckpool._pool import _deadlines, _launcher
+    from duckpool._pool import _launcher
 
-    monkeypatch.setattr(_deadlines, "START_CHECK_SECONDS", 0.05)
     gate = tmp_path / "gate"  # never opened: no worker gets ready
     pool = duckpool.ProcessPoolExecutor(
         1, ctx, initializer=tasks.init_wait_for_file, initargs=(str(gate),)

@@ -252,8 +252,11 @@ class Supervisor:
             process.close()  # (their pidfds)
         slot.reset()
 
-    def stop_workers(self, grace: float = STOP_GRACE_SECONDS) -> None:
-        """Ask workers to exit; terminate, then kill, those still there after ``grace``."""
+    def stop_workers(self, grace: Optional[float] = None) -> None:
+        """Ask workers to exit; terminate, then kill, those still there after
+        ``grace`` (None: ``STOP_GRACE_SECONDS``)."""
+        if grace is None:
+            grace = STOP_GRACE_SECONDS
         core = self._core
         core.zygotes.await_requested_starts()
         with core.lock:
