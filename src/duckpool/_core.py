@@ -157,7 +157,7 @@ from duckpool._pool._quarantine import Quarantine
 from duckpool._pool._results import ResultBook
 from duckpool._pool._scheduler import Scheduler
 from duckpool._pool._settings import PoolSettings
-from duckpool._pool._slots import Slot
+from duckpool._pool._slots import Slot, WorkerProcess
 from duckpool._pool._snapshot import snapshot
 from duckpool._pool._successors import Successors
 from duckpool._pool._supervisor import STOP_GRACE_SECONDS, Supervisor
@@ -342,6 +342,17 @@ class PoolCore:
                 for s in self.slots
                 if s.process is not None and s.process.pid is not None
             ]
+
+    def worker_processes(self) -> list[WorkerProcess]:
+        """The live worker processes, in slot order (handles of the engine's own:
+        read them, never reap them; ``_compat`` wraps them for callers)."""
+        with self.lock:
+            return [s.process for s in self.slots if s.process is not None]
+
+    def holds(self, process: WorkerProcess) -> bool:
+        """Is ``process`` still a worker of a slot (its exit not yet settled)?"""
+        with self.lock:
+            return any(s.process is process for s in self.slots)
 
     # -- workers (lock held) ------------------------------------------------------
 

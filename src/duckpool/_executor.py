@@ -30,6 +30,7 @@ from duckpool import (
     _shutdown,
     _worker,
 )
+from duckpool._compat import WorkerHandle, processes_view
 from duckpool._map import (
     auto_chunk_size,
     chunk_calls,
@@ -62,6 +63,36 @@ __all__ = ["ProcessPoolExecutor"]
 _T = TypeVar("_T")
 
 _SERIALIZERS = ("pickle", "cloudpickle")
+
+
+def _dumps_of(serializer: str) -> Callable[..., bytes]:
+    """The pickling function of ``serializer`` (checked already)."""
+    if serializer == "cloudpickle":
+        import cloudpickle
+
+        return cloudpickle.dumps  # type: ignore[no-any-return]
+    return pickle.dumps
+
+
+def _pickling_error(
+    dumps: Callable[..., bytes],
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    exc: Exception,
+) -> pickle.PicklingError:
+    """The error of a call whose pickling raised ``exc``, naming the part that
+    does not pickle.  Re-raises ``exc`` if the call pickles now: it came from
+    outside, raised asynchronously in this thread (a signal handler's
+    exception), and is the caller's, as anywhere else in ``submit()``."""
+    if _pickles(dumps, fn, args, kwargs):
+        raise exc
+    error = pickle.PicklingError(
+        f"cannot send {_futures.callable_label(fn)} to a worker process: "
+        f"{_unpicklable_part(dumps, fn, args, kwargs)} cannot be pickled: {exc}"
+    )
+    error.__cause__ = exc
+    return error
 
 
 def _pickles(
@@ -209,12 +240,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         check_positive_int("quarantine_after", quarantine_after)
         cooldown = check_timeout("quarantine_seconds", quarantine_seconds)
         assert cooldown is not None
-        if serializer == "cloudpickle":
-            import cloudpickle
-
-            self._dumps: Callable[..., bytes] = cloudpickle.dumps
-        else:
-            self._dumps = pickle.dumps
+        self._dumps = _dumps_of(serializer)
         if max_memory_per_child is not None:
             import psutil  # noqa: F401 - fail here, not in every worker
         check_picklable("pool_id", pool_id)
@@ -290,6 +316,15 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         if self._admission is not None:
             self._admission.resize(workers)
 
+    @property  # (typeshed has the stdlib's attribute: a dict of Process)
+    def _processes(self) -> Optional[Mapping[int, WorkerHandle]]:  # type: ignore[override]
+        """Compatibility with the stdlib's private ``_processes``, not API (see
+        ``_compat``): ``{pid: handle}`` of the live workers; None after shutdown."""
+        core = self._core
+        if core.state() in ("shutting down", "shut down"):
+            return None
+        return processes_view(core.worker_processes(), lambda p: not core.holds(p))
+
     def worker_pids(self) -> list[int]:
         """The pids of the live worker processes, in slot order."""
         return self._core.worker_pids()
@@ -363,19 +398,9 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
             call = (fn, *_buffers.wrap_call(args, kwargs))
             payload, buffers = _buffers.dumps(self._dumps, call)
         except Exception as exc:
-            if _pickles(self._dumps, fn, args, kwargs):
-                # It pickles now: what was raised came from outside, raised
-                # asynchronously in this thread (a signal handler's exception).
-                # It is the caller's, as it would be anywhere else in submit().
-                raise
             # Failed at once, not raised: code written for the stdlib's
             # executor (and CPython's tests) expects the error from the future.
-            error = pickle.PicklingError(
-                f"cannot send {_futures.callable_label(fn)} to a worker process: "
-                f"{_unpicklable_part(self._dumps, fn, args, kwargs)} cannot be pickled: {exc}"
-            )
-            error.__cause__ = exc
-            future.set_exception(error)
+            future.set_exception(_pickling_error(self._dumps, fn, args, kwargs, exc))
             return future
         if buffers:
             # Large buffers go beside the pickle, framed when a worker is
