@@ -12,7 +12,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 from pathlib import Path
 
 import pytest
@@ -153,10 +153,15 @@ def test_max_tasks_per_child_recycles_without_hanging(ctx: object) -> None:
 def test_initializer_failure_breaks_the_pool_once(ctx: object) -> None:
     pool = duckpool.ProcessPoolExecutor(2, ctx, initializer=tasks.init_fail)  # type: ignore[arg-type]
     try:
-        future = pool.submit(tasks.add, 1, 1)
+        future, *others = [pool.submit(tasks.add, i, 1) for i in range(3)]
         with pytest.raises(BrokenProcessPool, match="error in initializer") as info:
             future.result(TIMEOUT)
         assert isinstance(info.value.__cause__, ValueError)
+        # Each future its own exception (as from Python 3.15), with the same cause.
+        errors = [info.value, *(f.exception(TIMEOUT) for f in others)]
+        assert len({id(error) for error in errors}) == 3
+        assert all(isinstance(e, BrokenProcessPool) and str(e) == str(info.value) for e in errors)
+        assert all(e.__cause__ is info.value.__cause__ for e in errors)
         wait_until(lambda: bool(pool._broken))
         with pytest.raises(BrokenProcessPool):
             pool.submit(tasks.add, 1, 1)
@@ -207,8 +212,12 @@ def test_kill_workers_fails_running_tasks_and_cancels_queued(
     wait_until(started.exists, TIMEOUT)
     pids = executor.worker_pids()
     executor.kill_workers()
-    with pytest.raises(duckpool.WorkerDiedError, match="SIGKILL"):
+    with pytest.raises(duckpool.WorkerDiedError, match="SIGKILL") as info:
         running.result(TIMEOUT)
+    # The cause Python 3.15's BrokenProcessPool carries.
+    pid = info.value.pid
+    assert isinstance(info.value.__cause__, _RemoteTraceback)
+    assert str(info.value.__cause__) == f"Process {pid} terminated abruptly with exit code -9"
     wait_until(lambda: all(process_gone(pid) for pid in pids), TIMEOUT)
     with pytest.raises(RuntimeError):
         executor.submit(tasks.add, 1, 1)

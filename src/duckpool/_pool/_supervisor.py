@@ -16,11 +16,12 @@ dispatcher calls them (``close_slot``: lock held).
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import time
 import weakref
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from duckpool import _child, _zygote
@@ -161,13 +162,18 @@ class Supervisor:
         """The error of the task ``process`` was running when it died."""
         core = self._core
         why = "" if core.lifecycle.kill_reason is None else f" ({core.lifecycle.kill_reason})"
-        return WorkerDiedError(
+        error = WorkerDiedError(
             f"worker {slot.index} (pid {process.pid}) died while running "
             f"{item.label}: {describe_exit(exitcode)}{why}",
             pid=process.pid,
             exitcode=exitcode,
             slot=slot.index,
         )
+        # The cause Python 3.15's BrokenProcessPool carries, for code that reads it.
+        # (typeshed says its argument is a traceback; the stdlib passes text)
+        text = f"Process {process.pid} terminated abruptly with exit code {exitcode}"
+        error.__cause__ = _RemoteTraceback(text)  # type: ignore[arg-type]
+        return error
 
     def cancel_running(self, future: Future[Any]) -> bool:
         """Cancel an item a worker holds (lock held); False if none does.
@@ -218,7 +224,9 @@ class Supervisor:
         if cause is not None and error.__cause__ is None:
             error.__cause__ = cause
         for item in items:
-            set_exception(item.future, error)
+            # Each future its own instance (as from Python 3.15): one shared
+            # exception would gather every raiser's traceback.
+            set_exception(item.future, _own_copy(error))
 
     def close_slot(self, slot: Slot) -> None:
         """Forget the slot's process and close its pipes (lock held)."""
@@ -341,6 +349,17 @@ def self_inflicted(exitcode: Optional[int]) -> bool:
     if exitcode < 0:
         return -exitcode in _CRASH_SIGNALS
     return exitcode != 0
+
+
+def _own_copy(error: BaseException) -> BaseException:
+    """A copy of ``error`` with the same cause (``error`` itself if it cannot be copied)."""
+    try:
+        copied = copy.copy(error)
+    except Exception:
+        return error
+    copied.__cause__ = error.__cause__
+    copied.__suppress_context__ = error.__suppress_context__
+    return copied
 
 
 def signal_process(process: WorkerProcess, signum: int) -> None:
