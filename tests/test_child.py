@@ -110,3 +110,41 @@ def test_a_stopped_process_is_told_from_a_running_one() -> None:
         child.kill()
         child.wait(10)
     assert not _child.is_stopped(child.pid)  # gone: unknown, so not stopped
+
+
+_FORK_INTENT_SCRIPT = """
+import multiprocessing, os, threading
+import multiprocessing.resource_tracker as tracker
+import duckpool
+
+# Python 3.15 (gh-146313): a raw fork's child keeps the resource tracker's
+# pipe only if this thread-local flag was set around the fork.  Emulated
+# here: every fork reports the flag as the child sees it.
+tracker._fork_intent = threading.local()
+read_end, write_end = os.pipe()
+os.set_blocking(read_end, False)
+
+def report():
+    os.write(write_end, b"1" if getattr(tracker._fork_intent, "preserve_fd", False) else b"0")
+
+os.register_at_fork(after_in_child=report)
+if __name__ == "__main__":
+    with duckpool.ProcessPoolExecutor(2, multiprocessing.get_context("fork")) as pool:
+        assert sorted(pool.map(abs, [-1, -2, -3, -4], chunksize=1)) == [1, 2, 3, 4]
+        while len(pool.worker_pids()) < 2:
+            pool.submit(abs, 0).result()
+    print(os.read(read_end, 1024).decode(), getattr(tracker._fork_intent, "preserve_fd", None))
+"""
+
+
+def test_every_raw_fork_keeps_the_resource_tracker_s_pipe_for_its_child(tmp_path: Path) -> None:
+    # The worker, the zygote, its standby and the workers it forks: each
+    # child must reuse the parent's tracker, not start one of its own; and
+    # the flag is off again in the parent after each fork.
+    script = tmp_path / "fork_intent.py"
+    script.write_text(_FORK_INTENT_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    seen, after = done.stdout.split()
+    assert len(seen) >= 3 and set(seen) == {"1"}, seen  # first worker, zygote, second worker
+    assert after == "False"

@@ -310,6 +310,13 @@ def fork(main: Callable[[], None]) -> ChildProcess:
     _worker.flush_std_streams()  # no buffered output is written twice
     pipe_r, pipe_w = os.pipe()
     old_mask = block_sigint()
+    # From Python 3.15 (gh-146313), a raw fork's child closes its copy of the
+    # resource tracker's pipe unless this flag is set around the fork, as
+    # multiprocessing's own fork does: then every worker that uses a lock or
+    # shared memory would start a tracker of its own.
+    intent = getattr(sys.modules.get("multiprocessing.resource_tracker"), "_fork_intent", None)
+    if intent is not None:
+        intent.preserve_fd = True
     try:
         pid = os.fork()
     except BaseException:
@@ -317,6 +324,9 @@ def fork(main: Callable[[], None]) -> ChildProcess:
         os.close(pipe_r)
         os.close(pipe_w)
         raise
+    finally:
+        if intent is not None:
+            intent.preserve_fd = False  # (in both processes: the next fork may be raw)
     if pid == 0:
         code = 1
         try:
