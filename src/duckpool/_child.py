@@ -56,6 +56,28 @@ def pidfd_of(pid: int) -> Optional[int]:
         return None
 
 
+def send_signal(pid: int, pidfd: Optional[int], signum: int) -> None:
+    """Send ``signum`` to process ``pid``, through ``pidfd`` if given (a pid
+    may be reused once its process is reaped; a pidfd cannot); nothing if the
+    process is gone."""
+    try:
+        if pidfd is not None:
+            signal.pidfd_send_signal(pidfd, signum)  # type: ignore[attr-defined]
+        else:
+            os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def close_quietly(fd: Optional[int]) -> None:
+    """Close ``fd`` (if not None), whatever state it is in."""
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 def has_pidfds() -> bool:
     """Does this system give pidfds (Linux 5.3 and later, where not sandboxed away)?"""
     pidfd = pidfd_of(os.getpid())

@@ -44,7 +44,7 @@ class WorkerHandle:
         self._settled = settled
         #: Readable once the process has exited; None where there are no pidfds.
         self._pidfd = _child.pidfd_of(pid)
-        self._release = weakref.finalize(self, _close_quietly, self._pidfd)
+        self._release = weakref.finalize(self, _child.close_quietly, self._pidfd)
 
     def __repr__(self) -> str:
         state = "alive" if self.is_alive() else f"exitcode={self.exitcode}"
@@ -94,15 +94,8 @@ class WorkerHandle:
         self._send(signal.SIGKILL)
 
     def _send(self, signum: int) -> None:
-        if not self.is_alive():
-            return
-        try:
-            if self._pidfd is not None and self._release.alive:
-                signal.pidfd_send_signal(self._pidfd, signum)  # type: ignore[attr-defined]
-            else:
-                os.kill(self.pid, signum)
-        except ProcessLookupError:
-            pass
+        if self.is_alive():
+            _child.send_signal(self.pid, self._pidfd if self._release.alive else None, signum)
 
 
 def processes_view(
@@ -117,11 +110,3 @@ def processes_view(
         if process.pid is not None
     }
     return types.MappingProxyType(handles)
-
-
-def _close_quietly(fd: Optional[int]) -> None:
-    if fd is not None:
-        try:
-            os.close(fd)
-        except OSError:
-            pass

@@ -91,7 +91,7 @@ class ZygoteChild:
         #: Its exit was seen through ``pidfd`` (its exit code may come later,
         #: or never if its zygote died first).
         self.exited = False
-        self._release = weakref.finalize(self, _close_quietly, self.pidfd)
+        self._release = weakref.finalize(self, _child.close_quietly, self.pidfd)
 
     @property
     def sentinel(self) -> Optional[int]:
@@ -139,28 +139,13 @@ class ZygoteChild:
         self._send(signal.SIGKILL)
 
     def _send(self, signum: int) -> None:
-        if not self.is_alive():
-            return
-        try:
-            if self.pidfd is not None and self._release.alive:
-                signal.pidfd_send_signal(self.pidfd, signum)  # type: ignore[attr-defined]
-            else:
-                os.kill(self.pid, signum)
-        except ProcessLookupError:
-            pass
+        if self.is_alive():
+            _child.send_signal(self.pid, self.pidfd if self._release.alive else None, signum)
 
     def close(self) -> None:
         self._release()
         if self._zygote is not None:
             self._zygote.forget(self)
-
-
-def _close_quietly(fd: Optional[int]) -> None:
-    if fd is not None:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 class Started(NamedTuple):
