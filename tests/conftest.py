@@ -311,7 +311,11 @@ def run_in_forked_child(fn: Callable[[], Any], timeout: float = 30) -> Any:
         try:
             os.close(read_fd)
             # If the child hangs, its stacks land in the test's captured stderr.
-            faulthandler.dump_traceback_later(max(timeout - 5, 1), exit=True)
+            # (An alarm, not dump_traceback_later: with pytest's own
+            # faulthandler_timeout armed at the fork, that call would wait
+            # for ever on the lock of the parent's watchdog thread.)
+            faulthandler.register(signal.SIGALRM, all_threads=True)
+            signal.alarm(max(int(timeout) - 5, 1))
             try:
                 payload: tuple[str, Any] = ("ok", fn())
             except BaseException as exc:
