@@ -13,7 +13,9 @@ def process_facts() -> dict[str, Any]:
     """What a task sees of its process through multiprocessing, and of stdin."""
     current = multiprocessing.current_process()
     parent = multiprocessing.parent_process()
+    chosen = multiprocessing.get_start_method(allow_none=True)  # (before the next line sets it)
     return {
+        "chosen_start_method": chosen,
         "name": current.name,
         "authkey": bytes(current.authkey),
         "parent_pid": None if parent is None else parent.pid,

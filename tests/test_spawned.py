@@ -10,6 +10,9 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 import _spawned_tasks as tasks
 import duckpool
@@ -69,6 +72,27 @@ def test_a_task_sees_its_process_as_multiprocessing_would_show_it() -> None:
     assert facts["parent_alive"] is True
     assert facts["start_method"] == multiprocessing.get_start_method()
     assert facts["stdin"] == ""  # not the terminal, not the parent's stdin
+
+
+def test_preparation_data_without_a_start_method_is_accepted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Python 3.15's spawn.get_preparation_data may give start_method=None (no
+    # method chosen yet): the worker leaves its own unset, as spawn.prepare does.
+    from multiprocessing import spawn
+
+    real = spawn.get_preparation_data
+
+    def without_start_method(name: str) -> dict[str, Any]:
+        prep = real(name)
+        prep["start_method"] = None
+        return prep  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(spawn, "get_preparation_data", without_start_method)
+    with duckpool.ProcessPoolExecutor(1, SPAWN) as pool:
+        facts = pool.submit(tasks.process_facts).result(TIMEOUT)
+    assert facts["name"] == "duckpool-worker-0"
+    assert facts["chosen_start_method"] is None
 
 
 def test_a_multiprocessing_queue_can_be_an_initializer_argument() -> None:
