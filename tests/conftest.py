@@ -33,6 +33,7 @@ import psutil
 import pytest
 
 import duckpool
+from duckpool import _child
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -65,6 +66,20 @@ else:
     _duckpool_duck_alias.install()
 
 START_METHODS = ("fork", "spawn", "forkserver")
+
+# Linux's facilities the pool uses where the system has them.  The
+# portable-paths run (tests/portable/sitecustomize.py) hides them, so that
+# the fallbacks of macOS and the BSDs run too; a test of a facility itself
+# is skipped there.
+needs_pidfds = pytest.mark.skipif(
+    not _child.has_pidfds(), reason="needs pidfds (Linux 5.3+), hidden or missing here"
+)
+needs_memfd = pytest.mark.skipif(
+    not hasattr(os, "memfd_create"), reason="needs memfd_create (Linux), hidden or missing here"
+)
+needs_epoll = pytest.mark.skipif(
+    not hasattr(select, "epoll"), reason="needs epoll (Linux), hidden or missing here"
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

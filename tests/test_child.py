@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_until
+from conftest import needs_pidfds, wait_until
 from duckpool import _child
 
 TIMEOUT = 30
@@ -137,6 +137,7 @@ if __name__ == "__main__":
 """
 
 
+@needs_pidfds  # (without, multiprocessing forks the first worker, and sets the flag itself)
 def test_every_raw_fork_keeps_the_resource_tracker_s_pipe_for_its_child(tmp_path: Path) -> None:
     # The worker, the zygote, its standby and the workers it forks: each
     # child must reuse the parent's tracker, not start one of its own; and

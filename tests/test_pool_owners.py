@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from conftest import needs_epoll
 from duckpool._errors import TaskQuarantinedError
 from duckpool._pool._quarantine import Quarantine
 
@@ -46,7 +47,7 @@ def test_without_a_limit_nothing_is_ever_quarantined() -> None:
     assert quarantine.refusal("m.f", now=100.0) is None
 
 
-@pytest.fixture(params=["EpollWaiter", "SelectorWaiter"])
+@pytest.fixture(params=[pytest.param("EpollWaiter", marks=needs_epoll), "SelectorWaiter"])
 def waiter_class(request: pytest.FixtureRequest) -> type:
     from duckpool._pool import _waiter
 
@@ -84,6 +85,7 @@ def test_a_waiter_reports_the_tags_of_ready_descriptors(waiter_class: type) -> N
                 pass
 
 
+@needs_epoll
 def test_only_the_epoll_waiter_pauses_a_descriptor_while_another_thread_waits() -> None:
     from duckpool._pool._waiter import EpollWaiter, SelectorWaiter
 

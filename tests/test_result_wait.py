@@ -21,7 +21,7 @@ import pytest
 
 import _executor_tasks as tasks
 import duckpool
-from conftest import wait_until
+from conftest import needs_epoll, wait_until
 from duckpool import _buffers, _futures
 from duckpool._pool import _assist, _results, _transport
 from duckpool._pool._waiter import Waiter
@@ -29,6 +29,7 @@ from duckpool._pool._waiter import Waiter
 TIMEOUT = 30
 
 
+@needs_epoll  # (only the epoll waiter can lend a pipe to the caller)
 def test_a_waiting_thread_resolves_a_quiet_pools_future_itself(
     executor: duckpool.ProcessPoolExecutor,
 ) -> None:
@@ -196,6 +197,7 @@ _HELPING_STEPS = {
 }
 
 
+@needs_epoll
 @pytest.mark.parametrize("step", list(_HELPING_STEPS))
 def test_an_exception_raised_in_a_helping_thread_at_any_step_loses_nothing(
     executor: duckpool.ProcessPoolExecutor, step: str
@@ -324,6 +326,7 @@ def test_a_queued_future_makes_no_condition_until_used(
         pool.shutdown(cancel_futures=True, timeout=TIMEOUT)
 
 
+@needs_epoll  # (the caller reads the pipe itself: without, it sleeps on a condition)
 def test_a_future_nobody_waits_on_makes_no_condition(
     executor: duckpool.ProcessPoolExecutor,
 ) -> None:
