@@ -3,8 +3,9 @@
 #
 #   bash scripts/test.sh            ruff + mypy + the whole suite on python3 and python3.13
 #                                   (with CPython's own process-pool tests); the whole
-#                                   suite but the `slow` tests on python3.9; the seed
-#                                   contract on 3.10 and 3.12
+#                                   suite but the `slow` tests on python3.9, with Linux's
+#                                   pidfds, memfds and epoll hidden (the portable paths);
+#                                   the seed contract on 3.10 and 3.12
 #   bash scripts/test.sh --quick    only the whole suite on python3 (for development)
 #   bash scripts/test.sh -- ARGS    ARGS go to every pytest run (e.g. -- -x -k demo)
 #
@@ -358,9 +359,15 @@ for entry in ${matrix[@]+"${matrix[@]}"}; do
     venv_python="$(venv_for "$exe")/bin/python"
     case "$ver" in
         3.9)
-            run_pytest "pytest, whole suite but slow, python $ver" "$venv_python" \
-                -m "not soak and not cpython_suite and not slow"
-            ran+=("whole suite but slow on $ver") ;;
+            # The portable-paths run: every interpreter of it lacks Linux's
+            # pidfds, memfds and epoll (tests/portable/sitecustomize.py), as
+            # on macOS and the BSDs, so their fallbacks run on every change.
+            # (The Linux paths run on python3 and 3.13.)
+            export PYTHONPATH="$repo_root/tests/portable" DUCKPOOL_TEST_PORTABLE=1
+            run_pytest "pytest, whole suite but slow, portable paths, python $ver" \
+                "$venv_python" -m "not soak and not cpython_suite and not slow"
+            unset PYTHONPATH DUCKPOOL_TEST_PORTABLE
+            ran+=("whole suite but slow on $ver with portable paths") ;;
         3.13)
             # CPython's process-pool tests run in the background (above).
             run_pytest "pytest, whole suite, python $ver" "$venv_python" \

@@ -26,14 +26,17 @@ from conftest import (
     fork_server_pid,
     helper_pids,
     kill_quietly,
+    needs_pidfds,
     proc_cmdline,
     process_gone,
     wait_until,
 )
+from duckpool import _child
 
 TIMEOUT = 60
 
 
+@needs_pidfds  # (a standby is watched through pidfds: without, there is none)
 def test_a_killed_zygote_hands_over_to_its_standby(tmp_path: Path) -> None:
     ctx = multiprocessing.get_context("fork")
     tasks.MARKER = "as the pool started"
@@ -76,6 +79,7 @@ def test_a_killed_zygote_hands_over_to_its_standby(tmp_path: Path) -> None:
     assert process_gone(zygote) and process_gone(standby)
 
 
+@needs_pidfds  # (a standby is watched through pidfds: without, there is none)
 def test_a_killed_standby_is_replaced() -> None:
     pool = duckpool.ProcessPoolExecutor(2, multiprocessing.get_context("fork"))
     try:
@@ -90,6 +94,7 @@ def test_a_killed_standby_is_replaced() -> None:
         pool.shutdown()
 
 
+@needs_pidfds  # (it names the standby, which needs pidfds)
 def test_helper_processes_carry_titles_naming_pool_and_role() -> None:
     ctx = multiprocessing.get_context("fork")
     pool = duckpool.ProcessPoolExecutor(2, ctx, process_name_prefix="titled-pool")
@@ -112,7 +117,7 @@ def test_every_process_killed_at_once_the_pool_serves_the_next_task(
     pool = duckpool.ProcessPoolExecutor(2, ctx)
     try:
         pool.submit(tasks.add, 1, 1).result(TIMEOUT)
-        if ctx.get_start_method() == "fork":
+        if ctx.get_start_method() == "fork" and _child.has_pidfds():  # (no standby without)
             wait_until(lambda: "zygote-standby" in helper_pids(pool), TIMEOUT)
         victims = all_pool_processes(pool)
         assert victims
@@ -128,6 +133,7 @@ def test_every_process_killed_at_once_the_pool_serves_the_next_task(
     assert stats.stopped and not stats.helpers, stats
 
 
+@needs_pidfds  # (without, a worker's death is read from its connection to the fork server)
 def test_the_fork_server_dying_fails_no_running_task(tmp_path: Path) -> None:
     ctx = multiprocessing.get_context("forkserver")
     pool = duckpool.ProcessPoolExecutor(2, ctx)
@@ -155,6 +161,7 @@ def test_the_fork_server_dying_fails_no_running_task(tmp_path: Path) -> None:
         pool.shutdown()
 
 
+@needs_pidfds  # (without, a stopped fork server hides its workers' deaths)
 def test_a_stopped_fork_server_does_not_hang_the_pool(short_graces: None) -> None:
     # A start through a stopped server would block its thread (here the
     # dispatcher) forever: the server is killed, the start retried through
@@ -354,7 +361,7 @@ def test_a_manager_s_pool_survives_every_process_killed_at_once(
     try:
         assert manager.submit_task(tasks.add, 1, 1).result(TIMEOUT) == 2
         pool = manager.get_pool()
-        if ctx.get_start_method() == "fork":
+        if ctx.get_start_method() == "fork" and _child.has_pidfds():  # (no standby without)
             wait_until(lambda: "zygote-standby" in helper_pids(pool), TIMEOUT)
         victims = all_pool_processes(pool)
         for pid in victims:
@@ -390,7 +397,7 @@ def test_without_pidfds_a_dead_zygote_is_noticed_and_the_pool_serves(
 ) -> None:
     # (Linux before 5.3, some sandboxes.)  The zygote's sentinel is then a
     # pipe its workers inherit: its death must be seen all the same.
-    monkeypatch.delattr(os, "pidfd_open")
+    monkeypatch.delattr(os, "pidfd_open", raising=False)
     pool = duckpool.ProcessPoolExecutor(2, multiprocessing.get_context("fork"))
     try:
         assert pool.submit(tasks.add, 1, 1).result(TIMEOUT) == 2
@@ -406,6 +413,7 @@ def test_without_pidfds_a_dead_zygote_is_noticed_and_the_pool_serves(
     assert pool.stats().stopped
 
 
+@needs_pidfds  # (a standby is watched through pidfds: without, there is none)
 def test_a_stopped_zygote_is_taken_for_hung_and_its_standby_takes_over(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

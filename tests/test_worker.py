@@ -14,6 +14,7 @@ import pytest
 
 import _executor_tasks as tasks
 import duckpool
+from conftest import needs_memfd, needs_pidfds
 
 TIMEOUT = 30
 
@@ -55,6 +56,7 @@ WORKER_MODULES_SCRIPT = textwrap.dedent(
 )
 
 
+@needs_memfd  # (without it the marks are a RawArray: ctypes and multiprocessing come too)
 def test_a_spawned_worker_imports_nothing_avoidable() -> None:
     # In a fresh interpreter with a -c main: a spawned worker re-imports a
     # main module (here pytest's), which would import anything.
@@ -72,7 +74,7 @@ def test_a_spawned_worker_imports_nothing_avoidable() -> None:
 def test_marks_work_without_memfd(ctx: object, monkeypatch: pytest.MonkeyPatch) -> None:
     # Where there is no memfd, the marks are a RawArray: a task that kills its
     # worker is still known to have started, so it fails instead of being retried.
-    monkeypatch.delattr(os, "memfd_create")
+    monkeypatch.delattr(os, "memfd_create", raising=False)
     pool = duckpool.ProcessPoolExecutor(1, ctx)  # type: ignore[arg-type]
     try:
         with pytest.raises(duckpool.WorkerDiedError):
@@ -162,6 +164,7 @@ FORKED_FACTS_SCRIPT = textwrap.dedent(
 @pytest.mark.skipif(
     "fork" not in multiprocessing.get_all_start_methods(), reason="needs the fork start method"
 )
+@needs_pidfds  # (without, a worker the zygote forked has the zygote as parent_process())
 def test_forked_workers_look_to_their_tasks_like_processes_multiprocessing_forked() -> None:
     # Both the worker this process forks and those the zygote forks: the
     # pool's process is their parent, and stdin (here a pipe holding text)

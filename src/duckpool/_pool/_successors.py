@@ -166,7 +166,7 @@ class Successors:
                 if not core.lifecycle.shutdown_requested and core.lifecycle.kill_requested is None:
                     if exitcode != 0:
                         core.counters.worker_deaths += 1
-                    if self_inflicted(exitcode) and init_failure is None:
+                    if self_inflicted(exitcode, spare.process) and init_failure is None:
                         give_up = core.launcher.count_startup_death()
             else:
                 return  # already closed (the pool stopped it)
