@@ -15,6 +15,7 @@ saying so.
 from __future__ import annotations
 
 import ast
+import concurrent.futures
 import functools
 import inspect
 import io
@@ -29,8 +30,11 @@ from typing import Any, Callable, NamedTuple
 
 import pytest
 
+import _executor_tasks as tasks
 import duckpool
 from duckpool._futures import PoolFuture
+
+TIMEOUT = 30
 
 #: Python version -> the Pyodide release whose npm package carries its stdlib.
 RELEASES = {"3.14": "314.0.7", "3.15": "315.0.0-alpha.2"}
@@ -233,3 +237,38 @@ def test_the_check_tells_an_incompatible_signature() -> None:
     assert _incompatibilities(reference, _our_params(no_default)) == [
         "'timeout' has a default there, not here"
     ]
+
+
+def test_python_3_15_s_future_snapshot_reads_duckpool_s_futures_right(
+    executor: duckpool.ProcessPoolExecutor, tmp_path: Path
+) -> None:
+    # From 3.15, asyncio reads a concurrent future through the inherited
+    # Future._get_snapshot() (wrap_future, run_in_executor): run that very
+    # method, from 3.15's source, on duckpool's futures in every state,
+    # whose condition is made only when something waits.
+    import concurrent.futures._base as base
+
+    stdlib = _methods(_class("3.15", "concurrent/futures/_base.py", "Future"), False)
+    function = stdlib["_get_snapshot"]
+    namespace = {name: getattr(base, name) for name in ("FINISHED", "CANCELLED")}
+    namespace["CANCELLED_AND_NOTIFIED"] = base.CANCELLED_AND_NOTIFIED
+    exec(compile(ast.Module(body=[function], type_ignores=[]), "<3.15 _base>", "exec"), namespace)
+    snapshot = namespace["_get_snapshot"]
+
+    gate = tmp_path / "gate"
+    running = executor.submit(tasks.wait_for_file, str(gate))
+    assert snapshot(running) == (False, False, None, None)
+    cancelled: PoolFuture[int] = PoolFuture(executor._core)  # (as the pool makes them)
+    assert snapshot(cancelled) == (False, False, None, None)
+    assert cancelled.cancel()
+    assert snapshot(cancelled) == (True, True, None, None)
+    gate.touch()
+    assert running.result(TIMEOUT) == "released"
+    assert snapshot(running) == (True, False, "released", None)
+    failing = executor.submit(tasks.raise_key_error, "k")
+    concurrent.futures.wait([failing], TIMEOUT)
+    done, was_cancelled, result, error = snapshot(failing)
+    assert (done, was_cancelled, result) == (True, False, None)
+    assert isinstance(error, KeyError)
+    fresh = executor.submit(tasks.add, 2, 3)
+    assert fresh.result(TIMEOUT) == 5 and snapshot(fresh) == (True, False, 5, None)
