@@ -422,3 +422,22 @@ def test_the_engine_is_reached_through_the_facade_s_methods_only() -> None:
             if holds_core and node.attr not in allowed:
                 wrong.append(f"{name}: core.{node.attr}")
     assert not wrong, wrong
+
+
+def test_submodules_of_concurrent_futures_are_imported_where_they_are_used() -> None:
+    # From Python 3.15 (PEP 810) concurrent.futures imports .process and
+    # .thread lazily: reading concurrent.futures.process.X works only after
+    # an import of that submodule, never as a side effect of the package's.
+    for name, tree in _modules().items():
+        imported = _run_time_imports(tree, module_level_only=False)
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Attribute)
+                and isinstance(node.value.value, ast.Name)
+                and node.value.value.id == "concurrent"
+                and node.value.attr == "futures"
+                and node.attr in ("process", "thread", "interpreter")
+            ):
+                submodule = f"concurrent.futures.{node.attr}"
+                assert submodule in imported, f"{name} reads {submodule} without importing it"
