@@ -63,11 +63,32 @@ class DuckAliasFinder:
         import importlib.machinery
 
         if fullname == SEED_MODULE:
-            # A loader by protocol (create_module, exec_module), not by base class.
-            return importlib.machinery.ModuleSpec(fullname, _ShimLoader())  # type: ignore[arg-type]
+            return _seed_spec(fullname)
         # A parent, reached only when no installed package provides it: this
         # finder sits at the end of sys.meta_path.
         return importlib.machinery.ModuleSpec(fullname, None, is_package=True)
+
+
+def _seed_spec(fullname: str) -> "importlib.machinery.ModuleSpec":
+    """The seed module's spec: ``duckpool/_seed.py`` run under the seed's name.
+
+    A real module, then, with a ``__file__`` whose source ``inspect``,
+    coverage and documentation tools can read; its names are duckpool's own
+    objects (``_seed`` only imports them).  Where that file cannot be found
+    (duckpool frozen or zipped), a loader that copies ``_seed``'s names.
+    """
+    import importlib.machinery
+    import importlib.util
+
+    from duckpool import _seed
+
+    origin = getattr(_seed, "__file__", None)
+    if origin and os.path.isfile(origin):
+        spec = importlib.util.spec_from_file_location(fullname, origin)
+        if spec is not None:
+            return spec
+    # A loader by protocol (create_module, exec_module), not by base class.
+    return importlib.machinery.ModuleSpec(fullname, _ShimLoader())  # type: ignore[arg-type]
 
 
 def install() -> None:

@@ -430,3 +430,16 @@ def test_start_twice_raises_runtime_error(start_method: str) -> None:
     manager.start(max_workers=1, mp_context=ctx)
     with pytest.raises(RuntimeError):
         manager.start(max_workers=1, mp_context=ctx)
+
+
+def test_the_seed_module_is_a_real_module_whose_source_can_be_read() -> None:
+    # Tools that read a module's source (inspect, coverage, documentation
+    # builders) find it: duckpool/_seed.py, run under the seed's name.
+    seed = importlib.import_module(SEED_MODULE)
+    package = importlib.import_module("duckpool")
+    assert seed.__name__ == SEED_MODULE
+    assert seed.__file__ is not None and Path(seed.__file__).name == "_seed.py"
+    assert Path(seed.__file__).parent == Path(str(package.__file__)).parent
+    assert seed.__spec__ is not None and seed.__spec__.origin == seed.__file__
+    source = inspect.getsource(seed)
+    assert all(name in source for name in seed.__all__)
