@@ -17,7 +17,6 @@ import pytest
 import _spawned_tasks as tasks
 import duckpool
 from conftest import wait_until
-from duckpool import _child
 
 TIMEOUT = 30
 SPAWN = multiprocessing.get_context("spawn")
@@ -69,11 +68,9 @@ def test_a_task_sees_its_process_as_multiprocessing_would_show_it() -> None:
         facts = pool.submit(tasks.process_facts).result(TIMEOUT)
     assert facts["name"] == "duckpool-worker-0"
     assert facts["authkey"] == bytes(multiprocessing.current_process().authkey)
-    if _child.has_pidfds():
-        assert facts["parent_pid"] == facts["ppid"] == os.getpid()
-        assert facts["parent_alive"] is True
-    else:  # (no pidfd to watch the parent through: no parent_process(), as documented)
-        assert facts["parent_pid"] is None and facts["ppid"] == os.getpid()
+    # (Watched through a pidfd, or where there are none through a pipe.)
+    assert facts["parent_pid"] == facts["ppid"] == os.getpid()
+    assert facts["parent_alive"] is True
     assert facts["start_method"] == multiprocessing.get_start_method()
     assert facts["stdin"] == ""  # not the terminal, not the parent's stdin
 

@@ -107,12 +107,16 @@ class ChildProcess:
     writes costs a copy-on-write fault, and finalize's registry writes more.
     """
 
-    def __init__(self, pid: int, pipe_r: int) -> None:
+    def __init__(self, pid: int, pipe_r: int, parent_w: Optional[int] = None) -> None:
         """``pipe_r``: the read end of a pipe whose write end only the child
         holds, the sentinel where pidfds are missing (it fires once the
-        child's own children that inherited that end have exited too)."""
+        child's own children that inherited that end have exited too).
+        ``parent_w``: where pidfds are missing, the write end of the pipe the
+        child watches this process through (its ``parent_process()``), kept
+        open as long as the handle."""
         self.pid = pid
         self._exitcode: Optional[int] = None
+        self._parent_w = parent_w
         self._closed = True  # until it has a sentinel
         pidfd = pidfd_of(pid)
         if pidfd is None:
@@ -184,6 +188,7 @@ class ChildProcess:
             os.close(self.sentinel)
         except OSError:
             pass
+        close_quietly(self._parent_w)
         if self.exitcode is None:
             _UNREAPED.add(self.pid)
 

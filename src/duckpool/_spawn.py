@@ -226,6 +226,9 @@ def spawn_worker(config: _worker.WorkerConfig, task_r: int, result_w: int) -> _c
         prep["authkey"] = bytes(prep["authkey"])
     data_r, data_w = os.pipe()
     alive_r, alive_w = os.pipe()  # the sentinel where pidfds are missing
+    # Where pidfds are missing, the worker's parent_process() watches this
+    # process through a pipe whose write end stays here (EOF: this one died).
+    parent_r, parent_w = (None, None) if _child.has_pidfds() else os.pipe()
     try:
         extra: dict[str, Any] = {
             "parent_pid": os.getpid(),
@@ -233,6 +236,7 @@ def spawn_worker(config: _worker.WorkerConfig, task_r: int, result_w: int) -> _c
             "tracker_fd": resource_tracker.getfd(),
             # The worker closes it in every process it forks (_spawned._prepare).
             "alive_fd": alive_w,
+            "parent_fd": parent_r,
         }
         launch = _Launch()
         mp_context.set_spawning_popen(launch)  # type: ignore[arg-type]
@@ -252,15 +256,17 @@ def spawn_worker(config: _worker.WorkerConfig, task_r: int, result_w: int) -> _c
             "-c",
             _BOOT.format(package_parent=package_parent, data_fd=data_r),
         ]
-        keep = sorted({data_r, alive_w, extra["tracker_fd"], *launch.fds})
+        passed = {data_r, alive_w, extra["tracker_fd"], *launch.fds}
+        keep = sorted(passed if parent_r is None else passed | {parent_r})
         pid = util.spawnv_passfds(os.fsencode(executable), args, keep)  # type: ignore[attr-defined]
     except BaseException:
-        for fd in (data_r, data_w, alive_r, alive_w):
-            os.close(fd)
+        for fd in (data_r, data_w, alive_r, alive_w, parent_r, parent_w):
+            _child.close_quietly(fd)
         raise
     os.close(data_r)
     os.close(alive_w)
-    process = _child.ChildProcess(pid, alive_r)
+    _child.close_quietly(parent_r)
+    process = _child.ChildProcess(pid, alive_r, parent_w)
     try:
         _protocol.write_all(data_w, [len(head).to_bytes(8, "little"), head, body])
     except OSError:

@@ -192,15 +192,16 @@ def _adopt(prep: dict[str, Any], extra: dict[str, Any]) -> None:
         multiprocessing.set_start_method(prep["start_method"], force=True)
     pidfd_open = getattr(os, "pidfd_open", None)
     parent_pid = extra["parent_pid"]
-    if pidfd_open is not None and os.getppid() == parent_pid:
+    sentinel = extra.get("parent_fd")  # (given where the parent has no pidfds)
+    if sentinel is None and pidfd_open is not None and os.getppid() == parent_pid:
         try:
             sentinel = pidfd_open(parent_pid)
         except OSError:
             pass
-        else:
-            process._parent_process = process._ParentProcess(  # type: ignore[attr-defined]
-                extra["parent_name"], parent_pid, sentinel
-            )
+    if sentinel is not None:
+        process._parent_process = process._ParentProcess(  # type: ignore[attr-defined]
+            extra["parent_name"], parent_pid, sentinel
+        )
     tracker_fd = extra.get("tracker_fd")
     if tracker_fd is not None:
         from multiprocessing import resource_tracker
