@@ -218,3 +218,17 @@ def raise_falsy_after_file(path: str) -> None:
 def init_wait_for_file(path: str) -> None:
     """An initializer that returns once ``path`` exists."""
     wait_for_file(path, 60.0)
+
+
+def use_tracked_resources() -> int:
+    """Make and free what multiprocessing's resource tracker tracks (shared
+    memory, a semaphore); return this worker's pid."""
+    import multiprocessing
+    from multiprocessing import shared_memory
+
+    block = shared_memory.SharedMemory(create=True, size=64)
+    block.close()
+    block.unlink()
+    with multiprocessing.get_context().Lock():
+        pass
+    return os.getpid()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.context
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import needs_pidfds, wait_until
@@ -149,3 +152,34 @@ def test_every_raw_fork_keeps_the_resource_tracker_s_pipe_for_its_child(tmp_path
     seen, after = done.stdout.split()
     assert len(seen) >= 3 and set(seen) == {"1"}, seen  # first worker, zygote, second worker
     assert after == "False"
+
+
+def test_workers_that_use_tracked_resources_share_this_process_s_tracker(
+    ctx: multiprocessing.context.BaseContext,
+) -> None:
+    # One resource tracker, whatever the workers do: each worker reuses
+    # this process's (through its inherited pipe, or the descriptor spawn
+    # passes), never starts its own.
+    from multiprocessing import resource_tracker
+
+    import _executor_tasks as tasks
+    import duckpool
+
+    resource_tracker.ensure_running()
+
+    def trackers() -> list[int]:
+        found = []
+        for process in psutil.Process().children(recursive=True):
+            try:
+                if any("resource_tracker" in part for part in process.cmdline()):
+                    found.append(process.pid)
+            except psutil.Error:
+                pass
+        return found
+
+    before = trackers()
+    assert len(before) == 1
+    with duckpool.ProcessPoolExecutor(2, ctx) as pool:
+        pids = {pool.submit(tasks.use_tracked_resources).result(30) for _ in range(6)}
+        assert pids
+        assert trackers() == before
