@@ -27,7 +27,7 @@ from conftest import process_gone, wait_until
 from duckpool import _bench
 from duckpool._bench import _adapters, _cli, _metrics, _plan, _report, _runner
 
-PEERS = ("loky", "pebble", "mpire")
+PEERS = ("loky", "pebble", "mpire", "deadpool")
 ALWAYS_PRESENT = ("stdlib", "mpool", "pipe")
 # --quick for the metrics whose size counts pools or interpreters (1 or 2 each).
 TINY = ["--quick", "--reps", "1", "--size", "20", "--timeout", "60"]

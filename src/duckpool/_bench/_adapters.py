@@ -323,6 +323,20 @@ def _open_loky(options: _PoolOptions) -> _PoolAdapter:
     return _futures_adapter(loky.ProcessPoolExecutor(max_workers=options.workers, context=context))
 
 
+def _open_deadpool(options: _PoolOptions) -> _PoolAdapter:
+    # The peers are an optional extra: mypy may run where they are not installed.
+    import deadpool  # type: ignore[import-untyped,import-not-found,unused-ignore]
+
+    # Its default context is forkserver: given the start method, it uses that.
+    return _futures_adapter(
+        deadpool.Deadpool(
+            max_workers=options.workers,
+            mp_context=options.start_method,
+            max_tasks_per_child=options.max_tasks_per_child,
+        )
+    )
+
+
 def _open_pebble(options: _PoolOptions) -> _PoolAdapter:
     import pebble  # type: ignore[import-not-found,unused-ignore]
 
@@ -436,6 +450,14 @@ LIBRARIES: dict[str, _Library] = {
             {"recycle": "loky.ProcessPoolExecutor has no max_tasks_per_child"},
         ),
         _Library("pebble", "pebble.ProcessPool.schedule", "pebble", _open_pebble, ("pebble",)),
+        _Library(
+            "deadpool",
+            "deadpool.Deadpool (deadpool-executor; Executor.map, one task per item)",
+            "deadpool",
+            _open_deadpool,
+            ("deadpool",),
+            {"pending": "submit() blocks once 1,000 tasks wait (its default max_backlog)"},
+        ),
         _Library(
             "mpire",
             "mpire.WorkerPool.apply_async",
