@@ -591,3 +591,43 @@ def test_an_exception_that_is_false_is_raised_not_taken_for_none(
         waiter.cancel()
         gate.touch()
     assert isinstance(future.exception(0), tasks.FalsyError)
+
+
+_DEFAULT_CONTEXT_SCRIPT = """
+import multiprocessing, sys
+import duckpool
+
+if __name__ == "__main__":
+    # As Python 3.14 does on Linux: forkserver by default.
+    multiprocessing.set_start_method(sys.argv[1])
+    with duckpool.ProcessPoolExecutor(1) as pool:
+        assert pool.submit(abs, -3).result(30) == 3
+        executor_method = pool.start_method
+    manager = duckpool.get_or_create_process_manager("default-context")
+    manager.start(1)
+    try:
+        assert manager.submit_task(abs, -4).result(30) == 4
+        manager_method = manager.get_pool().start_method
+    finally:
+        manager.stop()
+    print(executor_method, manager_method)
+"""
+
+
+@pytest.mark.parametrize("default", ["forkserver", "spawn"])
+def test_without_a_context_a_pool_follows_the_interpreter_s_default(
+    default: str, tmp_path: Path
+) -> None:
+    # Python 3.14 made forkserver Linux's default: a pool given no context
+    # takes whatever the interpreter's default is, never a fixed method.
+    script = tmp_path / "default_context.py"
+    script.write_text(_DEFAULT_CONTEXT_SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script), default],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [default, default]
