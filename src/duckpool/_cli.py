@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import duckpool
 from duckpool import _demo_tasks
+from duckpool._cpus import cpu_budget
 from duckpool._demo_tasks import Receipt
 from duckpool._errors import UnknownTaskError, WorkerDiedError
 from duckpool._manager import ProcessPoolManager, get_or_create_process_manager
@@ -143,6 +144,7 @@ def _run_info() -> int:
         ("start methods", ", ".join(multiprocessing.get_all_start_methods())),
         ("default method", _default_start_method()),
         ("cpu count", f"{os.cpu_count()} (usable by this process: {usable})"),
+        ("default workers", "{} ({})".format(*cpu_budget())),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:

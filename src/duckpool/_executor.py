@@ -151,6 +151,10 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
       been sent half its quota, and takes its slot as soon as it leaves
       (so each slot may hold one process more than ``max_workers`` counts).
     * Workers exit when the parent dies, under every start method.
+    * ``max_workers=None`` starts as many workers as this process may use
+      CPUs: its CPU affinity, capped by its cgroup's CPU quota (a container's
+      CPU limit) rounded up, at least 1; ``duckpool info`` shows the count
+      and why.
     * Calls are pickled in ``submit()``: a call that cannot be pickled gives a
       future that has already failed, naming the callable.
     * Python 3.14's ``terminate_workers()``, ``kill_workers()`` and

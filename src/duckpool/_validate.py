@@ -15,7 +15,6 @@ it when it runs, once a pool is being made and they are loaded already.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -49,14 +48,11 @@ BACKENDS = ("local", "dask")
 
 
 def default_max_workers() -> int:
-    """The CPUs this process may run on (3.13's ``os.process_cpu_count()``)."""
-    process_cpu_count = getattr(os, "process_cpu_count", None)
-    if process_cpu_count is not None:
-        return int(process_cpu_count() or 1)
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+    """The CPUs this process may use: its CPU affinity, capped by its
+    cgroup's CPU quota rounded up, at least 1 (``_cpus.cpu_budget`` says why)."""
+    from duckpool._cpus import cpu_budget
+
+    return cpu_budget().workers
 
 
 def check_positive_int(
