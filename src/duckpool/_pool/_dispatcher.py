@@ -175,9 +175,7 @@ def _dispatch_until_done(core: Core) -> None:
                 and not any(s.assigned for s in slots)
             ) or (lifecycle.broken is not None and not any(s.alive for s in slots))
         if start_error is not None:
-            supervisor.mark_broken(
-                f"could not start a worker process: {start_error!r}", start_error
-            )
+            supervisor.starts_failed(start_error)
         elif done:
             break
     results.resolve_all(deferred)

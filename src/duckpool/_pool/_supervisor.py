@@ -137,10 +137,7 @@ class Supervisor:
         for item, error in failed:
             set_exception(item.future, error)
         if starts_failing is not None:
-            self.mark_broken(
-                f"starting worker processes kept failing ({starts_failing}); the pool is broken",
-                starts_failing,
-            )
+            self.starts_failed(starts_failing)
         self.break_if_starts_fail(give_up, missed or describe_exit(exitcode))
 
     def break_if_starts_fail(self, give_up: bool, last: str) -> None:
@@ -199,6 +196,11 @@ class Supervisor:
                     set_exception(future, error)
                 return True
         return False
+
+    def starts_failed(self, error: BaseException) -> None:
+        """Break the pool: starting workers failed for good with ``error``
+        (``Launcher.on_start_failure`` said so)."""
+        self.mark_broken(f"could not start a worker process: {error!r}", error)
 
     def mark_broken(self, reason: str, cause: Optional[BaseException]) -> None:
         """Break the pool for good: fail every outstanding future, stop workers."""

@@ -213,7 +213,7 @@ class Zygotes:
                 for slot in core.slots:
                     slot.requested = False  # asked again at the retry
             if error is not None:
-                core.supervisor.mark_broken(f"could not start a worker process: {error!r}", error)
+                core.supervisor.starts_failed(error)
             return False
         if started is None:  # its sentinel says how it died
             core.selector.unregister(zygote.control)
