@@ -263,6 +263,17 @@ def test_map_buffersize_bounds_the_calls_in_flight(executor: DaskExecutor) -> No
     wait_until(lambda: not executor._bridge.tasks, timeout=FORGET_TIMEOUT)
 
 
+def test_priorities_and_unordered_maps_work_and_retries_are_refused(
+    executor: DaskExecutor,
+) -> None:
+    urgent = executor.options(priority=10, timeout=RESULT_TIMEOUT)
+    assert urgent.submit(_tasks.echo, 4).result(RESULT_TIMEOUT) == 4
+    results = urgent.map(_tasks.echo, range(9), chunksize=2, ordered=False)
+    assert sorted(results) == list(range(9))
+    with pytest.raises(ValueError, match="retries are not supported on the Dask backend"):
+        executor.options(retries=1)
+
+
 def test_map_reraises_a_calls_exception(executor: DaskExecutor) -> None:
     results = executor.map(_tasks.raise_value_error, ["boom"], timeout=RESULT_TIMEOUT)
     with pytest.raises(ValueError, match="boom"):

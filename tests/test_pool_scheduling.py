@@ -8,7 +8,6 @@ workers and timing.
 from __future__ import annotations
 
 import signal
-from collections import deque
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Optional
@@ -24,6 +23,7 @@ from duckpool._errors import (
 from duckpool._futures import WorkItem
 from duckpool._pool._deadlines import Deadlines
 from duckpool._pool._lifecycle import Lifecycle
+from duckpool._pool._pending import Pending
 from duckpool._pool._quarantine import Quarantine
 from duckpool._pool._scheduler import PREFETCH, Scheduler
 from duckpool._pool._slots import Assist, Slot, Stopping
@@ -341,12 +341,67 @@ def test_a_kill_keeps_its_first_reason_and_stops_worker_starts() -> None:
     assert str(other.initializer_error) == "first" and not other.may_start_workers()
 
 
-def test_queue_is_a_deque_the_scheduler_alone_replaces() -> None:
-    pool = _Pool(1, type_limits={"x": 1})
+def _ranked(priority: int, kind: Optional[str] = None) -> WorkItem:
+    item = _item(kind)
+    item.priority = priority
+    return item
+
+
+def test_the_queue_goes_by_priority_then_in_order() -> None:
+    pending = Pending()
+    assert not pending and len(pending) == 0 and list(pending) == []
+    low, mid1, high, mid2, top = _ranked(-3), _ranked(0), _ranked(4), _ranked(0), _ranked(9)
+    for item in (low, mid1, high, mid2, top):
+        pending.append(item)
+    assert len(pending) == 5 and list(pending) == [top, high, mid1, mid2, low]
+    assert pending.first() is top and pending.popleft() is top
+    back = _ranked(4)
+    pending.appendleft(back)  # put back: first among its own priority
+    assert list(pending) == [back, high, mid1, mid2, low]
+    assert pending.pop_first(lambda item: item.priority == 0) is mid1
+    assert pending.remove_where(lambda item: item.priority != 0) == [back, high, low]
+    assert list(pending) == [mid2] and pending._ranks == [0]  # emptied levels dropped
+    assert pending.take_all() == [mid2] and not pending
+    with pytest.raises(IndexError):
+        pending.popleft()
+    assert pending.pop_first(lambda item: True) is None
+
+
+def test_many_priorities_do_not_pile_up_in_the_queue() -> None:
+    pending = Pending()
+    for priority in range(1, 200):
+        pending.append(_ranked(priority))
+        pending.popleft()
+    assert len(pending._ranks) <= 1
+
+
+def test_a_busy_pool_hands_out_the_highest_priority_first() -> None:
+    pool = _Pool(1)
     scheduler = _scheduler(pool)
-    for _ in range(3):
-        scheduler.queue(_item("x"))
-    assert isinstance(scheduler.pending, deque) and len(scheduler.pending) == 2
+    running, low, high = _ranked(0), _ranked(-1), _ranked(7)
+    for item in (running, low, high):
+        scheduler.queue(item)
+    assert pool.transport.sent == {0: [running.task_id]}
+    pool.slots[0].head_since = 0.0
+    scheduler.complete(pool.slots[0], 1.0)
+    scheduler.dispatch_pending()
+    assert pool.transport.sent[0][-1] == high.task_id and list(scheduler.pending) == [low]
+
+
+def test_type_limits_pass_over_a_capped_type_in_priority_order() -> None:
+    pool = _Pool(2, type_limits={"x": 1})
+    scheduler = _scheduler(pool)
+    scheduler.queue(_ranked(0, "x"))  # runs on worker 0; "x" is now at its cap
+    scheduler.queue(_ranked(0, "y"))  # runs on worker 1
+    capped, other_low, other_high = _ranked(9, "x"), _ranked(-1, "y"), _ranked(3, "y")
+    for item in (capped, other_low, other_high):
+        scheduler.queue(item)
+    assert list(scheduler.pending) == [capped, other_high, other_low]
+    scheduler.complete(pool.slots[1], 1.0)
+    scheduler.dispatch_pending()
+    # Worker 1 takes the highest-priority item whose type has room.
+    assert pool.transport.sent[1][-1] == other_high.task_id
+    assert list(scheduler.pending) == [capped, other_low]
 
 
 def test_an_idle_worker_gets_the_first_item_not_cancelled() -> None:
@@ -358,7 +413,8 @@ def test_an_idle_worker_gets_the_first_item_not_cancelled() -> None:
     live = _item()
     for item in cancelled:
         assert item.future.cancel()
-    scheduler.pending.extend([*cancelled, live])
+    for item in [*cancelled, live]:
+        scheduler.pending.append(item)
     scheduler.dispatch_pending()
     assert pool.transport.sent == {0: [live.task_id]}
     assert not scheduler.pending

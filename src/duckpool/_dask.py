@@ -76,7 +76,10 @@ from duckpool._validate import (
     check_chunksize,
     check_cluster_arguments,
     check_offered_task_types,
+    check_ordered,
     check_positive_int,
+    check_priority,
+    check_retries,
     check_task_callable,
     check_task_type,
     check_timeout,
@@ -197,7 +200,12 @@ class DaskExecutor(Executor):
         return self._submit(fn, args, kwargs, self._task_timeout, None)
 
     def options(
-        self, *, task_type: Optional[str] = None, timeout: Optional[float] = None
+        self,
+        *,
+        task_type: Optional[str] = None,
+        timeout: Optional[float] = None,
+        priority: int = 0,
+        retries: int = 0,
     ) -> TaskOptions:
         """Submit with per-task options, leaving the task's own keywords alone.
 
@@ -205,9 +213,21 @@ class DaskExecutor(Executor):
         ``fn(x)`` only on a worker offering the Dask resource ``render`` and
         fails it with :class:`~duckpool.TaskTimeoutError` after 5 seconds.
         ``timeout=None`` means no limit, whatever the executor's default.
+        ``priority`` is Dask's own: a higher one is scheduled first.
+
+        Raises ``ValueError`` for ``retries`` above 0: Dask's own retries
+        also re-run a task that raised, which duckpool's never do, so
+        they are not offered here (Dask reschedules a task whose worker died
+        by itself, up to the scheduler's ``allowed-failures``).
         """
         kind = check_task_type(task_type)
-        return TaskOptions(self, check_timeout("timeout", timeout), kind)
+        if check_retries(retries):
+            raise ValueError(
+                "retries are not supported on the Dask backend: Dask would re-run a "
+                "task that raised, not only one whose worker died (see its "
+                "allowed-failures setting)"
+            )
+        return TaskOptions(self, check_timeout("timeout", timeout), kind, check_priority(priority))
 
     async def run(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
         """Run ``fn(*args, **kwargs)`` on the cluster and await its result (asyncio).
@@ -233,12 +253,16 @@ class DaskExecutor(Executor):
         kwargs: dict[str, Any],
         timeout: Optional[float],
         task_type: Optional[str],
+        *,
         as_list: bool = False,
+        priority: int = 0,
+        retries: int = 0,
     ) -> Future[Any]:
         check_task_callable(fn)
         self._check_owner()
         _process_pools.raise_if_exiting()
-        return self._bridge.submit(fn, args, kwargs, task_type, timeout, as_list)
+        assert not retries  # refused by options()
+        return self._bridge.submit(fn, args, kwargs, task_type, timeout, as_list, priority)
 
     # -- map -----------------------------------------------------------------------
 
@@ -250,6 +274,7 @@ class DaskExecutor(Executor):
         chunksize: int = 1,
         buffersize: Optional[int] = None,
         progress: Any = None,
+        ordered: bool = True,
     ) -> Iterator[_T]:
         """Like :func:`map`, computed on the cluster; results come in input order.
 
@@ -261,10 +286,19 @@ class DaskExecutor(Executor):
         result is not ready ``timeout`` seconds after the call; a call that
         raised re-raises when its result is reached; closing the iterator
         early cancels the calls still in flight.  ``progress`` shows a
-        ``tqdm`` bar, as :meth:`ProcessPoolExecutor.map` does.
+        ``tqdm`` bar, as :meth:`ProcessPoolExecutor.map` does; ``ordered=False``
+        yields results as their tasks finish, as it does too.
         """
         return self._map(
-            fn, iterables, timeout, chunksize, buffersize, self._task_timeout, None, progress
+            fn,
+            iterables,
+            timeout,
+            chunksize,
+            buffersize,
+            self._task_timeout,
+            None,
+            progress,
+            ordered=ordered,
         )
 
     def _map(
@@ -277,10 +311,15 @@ class DaskExecutor(Executor):
         task_timeout: Optional[float],
         task_type: Optional[str],
         progress: Any = None,
+        *,
+        ordered: bool = True,
+        priority: int = 0,
+        retries: int = 0,
     ) -> Iterator[_T]:
         # None (as options().map passes it): one call per Dask task.
         size = check_chunksize(chunksize) or 1
         check_buffersize(buffersize)
+        check_ordered(ordered)
         make_bar = progress_bar_factory(progress, iterables)
         deadline = None if timeout is None else time.monotonic() + timeout
         chunks = chunk_calls(iterables, size, read_now=buffersize is None)
@@ -289,10 +328,12 @@ class DaskExecutor(Executor):
         def submit_chunk(chunk: _worker.Columns) -> Future[list[_T]]:
             if len(chunk[0]) == 1:  # fn itself: the workers need nothing from duckpool
                 args = tuple(column[0] for column in chunk)
-                return self._submit(fn, args, {}, task_timeout, task_type, as_list=True)
-            return self._submit(run_chunk, (chunk,), {}, task_timeout, task_type)
+                return self._submit(
+                    fn, args, {}, task_timeout, task_type, as_list=True, priority=priority
+                )
+            return self._submit(run_chunk, (chunk,), {}, task_timeout, task_type, priority=priority)
 
-        return map_results(chunks, buffersize, submit_chunk, deadline, make_bar)
+        return map_results(chunks, buffersize, submit_chunk, deadline, make_bar, ordered=ordered)
 
     # -- stopping ------------------------------------------------------------------
 

@@ -152,6 +152,7 @@ class DaskBridge:
         task_type: Optional[str],
         timeout: Optional[float],
         as_list: bool,
+        priority: int = 0,
     ) -> Future[Any]:
         """Send ``fn(*args, **kwargs)`` to the cluster; the caller's future for it.
 
@@ -168,7 +169,9 @@ class DaskBridge:
             if self.shutting_down:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             try:
-                dask_future = self.client.submit(call, *args, pure=False, resources=resources)
+                dask_future = self.client.submit(
+                    call, *args, pure=False, resources=resources, priority=priority
+                )
             except (TypeError, pickle.PicklingError) as exc:
                 # Dask serializes the call in submit(); as on the local backend,
                 # a call that cannot be sent gives a future that has failed.

@@ -111,6 +111,8 @@ class WorkerDiedError(BrokenProcessPool):
         exitcode: its ``Process.exitcode`` (negative: killed by that signal).
         signal_name: e.g. ``"SIGKILL"`` when killed by a signal, else ``None``.
         slot: the worker slot the process occupied.
+        attempts: how many times the task was run (above 1 with
+            ``options(retries=...)``; the message then says so).
     """
 
     def __init__(
@@ -120,24 +122,30 @@ class WorkerDiedError(BrokenProcessPool):
         pid: Optional[int] = None,
         exitcode: Optional[int] = None,
         slot: Optional[int] = None,
+        attempts: int = 1,
     ) -> None:
         super().__init__(message)
         self.pid = pid
         self.exitcode = exitcode
         self.slot = slot
+        self.attempts = attempts
         self.signal_name = signal_name(-exitcode) if exitcode is not None and exitcode < 0 else None
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (
             _rebuild_worker_died,
-            (str(self), self.pid, self.exitcode, self.slot),
+            (str(self), self.pid, self.exitcode, self.slot, self.attempts),
         )
 
 
 def _rebuild_worker_died(
-    message: str, pid: Optional[int], exitcode: Optional[int], slot: Optional[int]
+    message: str,
+    pid: Optional[int],
+    exitcode: Optional[int],
+    slot: Optional[int],
+    attempts: int = 1,
 ) -> WorkerDiedError:
-    return WorkerDiedError(message, pid=pid, exitcode=exitcode, slot=slot)
+    return WorkerDiedError(message, pid=pid, exitcode=exitcode, slot=slot, attempts=attempts)
 
 
 # Before 3.11, concurrent.futures.TimeoutError is its own class; since 3.11 it
@@ -155,7 +163,13 @@ class TaskTimeoutError(*_TIMEOUT_BASES):  # type: ignore[misc]
     The worker gets SIGTERM, then SIGKILL after a short grace; a replacement
     starts in its slot.  Subclasses :class:`TimeoutError` (and, before Python
     3.11, ``concurrent.futures.TimeoutError``).
+
+    Attributes:
+        attempts: how many times the task was run (above 1 with
+            ``options(retries=...)``; the message then says so).
     """
+
+    attempts: int = 1
 
 
 class TaskCancelledError(concurrent.futures.CancelledError):

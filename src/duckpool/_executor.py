@@ -49,8 +49,11 @@ from duckpool._validate import (
     check_mp_context,
     check_name_prefix,
     check_one_of,
+    check_ordered,
     check_picklable,
     check_positive_int,
+    check_priority,
+    check_retries,
     check_task_callable,
     check_task_type,
     check_timeout,
@@ -367,7 +370,10 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         kwargs: dict[str, Any],
         timeout: Optional[float],
         kind: Optional[str],
+        *,
         chunk: bool = False,
+        priority: int = 0,
+        retries: int = 0,
     ) -> Future[_T]:
         check_task_callable(fn)
         core = self._core
@@ -375,10 +381,10 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
             core.refuse()
         admission = self._admission
         if admission is None:
-            return self._queue(fn, args, kwargs, timeout, kind, chunk)
+            return self._queue(fn, args, kwargs, timeout, kind, chunk, priority, retries)
         admission.admit()
         try:
-            future = self._queue(fn, args, kwargs, timeout, kind, chunk)
+            future = self._queue(fn, args, kwargs, timeout, kind, chunk, priority, retries)
         except BaseException:
             admission.release()
             raise
@@ -393,6 +399,8 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         timeout: Optional[float],
         kind: Optional[str],
         chunk: bool,
+        priority: int,
+        retries: int,
     ) -> Future[_T]:
         """Pickle the call and hand it to the pool's core (``chunk``: a ``map`` chunk)."""
         core = self._core
@@ -410,15 +418,24 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
             # Large buffers go beside the pickle, framed when a worker is
             # chosen (into its shared area if there is room).
             sent = _buffers.outgoing(buffers, snapshot=True)
-            item = _futures.WorkItem(future, task_id, payload, fn, timeout, kind, chunk, sent)
+            item = _futures.WorkItem(
+                future, task_id, payload, fn, timeout, kind, chunk, sent, priority, retries
+            )
         else:
             frame = _protocol.task_frame(task_id, payload)
-            item = _futures.WorkItem(future, task_id, frame, fn, timeout, kind, chunk)
+            item = _futures.WorkItem(
+                future, task_id, frame, fn, timeout, kind, chunk, None, priority, retries
+            )
         core.submit(item)
         return future
 
     def options(
-        self, *, timeout: Any = _futures.UNSET, task_type: Optional[str] = None
+        self,
+        *,
+        timeout: Any = _futures.UNSET,
+        task_type: Optional[str] = None,
+        priority: int = 0,
+        retries: int = 0,
     ) -> TaskOptions:
         """Submit with per-task options, leaving the task's own keywords alone.
 
@@ -427,12 +444,42 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         ``timeout=None`` means no limit, whatever the pool's default; left
         out, the pool's ``task_timeout`` applies.  ``task_type`` names the
         task's type for the pool's ``type_limits``.
+
+        ``priority`` (an int, default 0): among the tasks waiting for a
+        worker, a higher priority goes first; tasks of one priority go in
+        the order they were submitted.  That is all it promises: a running
+        task is never interrupted for another, and lower priorities wait as
+        long as higher ones keep coming (no ageing).  It does not bypass
+        ``max_pending`` (a saturated pool refuses a task whatever its
+        priority) or ``type_limits``; with ``map``, every chunk has it.
+
+        ``retries`` (default 0): if the task's worker dies while running it
+        (a signal, ``os._exit``, the OOM killer), or the task overruns its
+        timeout, it is run again, up to this many more times, before its
+        future fails; never for an exception the task raises, nor after
+        ``cancel_task()``, ``terminate_workers()`` or ``kill_workers()``.
+        A retried task goes back to the front of the queue (of its
+        priority).  The final error, :class:`~duckpool.WorkerDiedError` or
+        :class:`~duckpool.TaskTimeoutError`, says how many attempts were
+        made (its ``attempts``).  Each death counts toward
+        ``quarantine_after``: once its callable is in quarantine, the task
+        is not retried and fails with :class:`~duckpool.TaskQuarantinedError`.
+        Off by default: use it only for tasks that are safe to run twice.
+
+        Raises ``TypeError`` or ``ValueError`` for an argument of the wrong
+        type or value (a negative ``retries``, a timeout not above 0).
         """
         if timeout is _futures.UNSET:
             timeout = self._task_timeout
         else:
             timeout = check_timeout("timeout", timeout)
-        return TaskOptions(self, timeout, check_task_type(task_type))
+        return TaskOptions(
+            self,
+            timeout,
+            check_task_type(task_type),
+            check_priority(priority),
+            check_retries(retries),
+        )
 
     def cancel_task(self, future: Future[Any]) -> bool:
         """Cancel a task, even a running one.
@@ -455,6 +502,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         chunksize: Optional[int] = None,
         buffersize: Optional[int] = None,
         progress: Any = None,
+        ordered: bool = True,
     ) -> Iterator[_T]:
         """Like :func:`map`, computed in the pool; results come in input order.
 
@@ -478,9 +526,26 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         or when the iterator is closed.  Raises ``ImportError`` if ``tqdm``
         is missing (``pip install "duckpool[progress]"``) and ``TypeError``
         for another kind of ``progress``.
+
+        ``ordered=False`` yields each result as soon as its chunk is back,
+        in whatever order the chunks finish (a chunk's own results in input
+        order), with the same chunking, ``buffersize`` (a new chunk is
+        submitted as each one's results are handed out), ``timeout`` and
+        ``progress``.  The first failed call raises when its chunk comes
+        back, after the results of its chunk before it.  Either way, ending
+        the iteration early (an error, a timeout, the iterator's ``close()``)
+        cancels the chunks no worker has started.
         """
         return self._map(
-            fn, iterables, timeout, chunksize, buffersize, self._task_timeout, None, progress
+            fn,
+            iterables,
+            timeout,
+            chunksize,
+            buffersize,
+            self._task_timeout,
+            None,
+            progress,
+            ordered=ordered,
         )
 
     def _map(
@@ -493,8 +558,13 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         task_timeout: Optional[float],
         kind: Optional[str],
         progress: Any = None,
+        *,
+        ordered: bool = True,
+        priority: int = 0,
+        retries: int = 0,
     ) -> Iterator[_T]:
         automatic = check_chunksize(chunksize) is None
+        check_ordered(ordered)
         check_buffersize(buffersize)
         make_bar = progress_bar_factory(progress, iterables)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -514,9 +584,18 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         chunks = chunk_calls(iterables, size, read_now=buffersize is None)
 
         def submit_chunk(chunk: _worker.Columns) -> Future[list[_T]]:
-            return self._submit(run, (chunk,), {}, task_timeout, kind, chunk=True)
+            return self._submit(
+                run,
+                (chunk,),
+                {},
+                task_timeout,
+                kind,
+                chunk=True,
+                priority=priority,
+                retries=retries,
+            )
 
-        return map_results(chunks, buffersize, submit_chunk, deadline, make_bar, automatic)
+        return map_results(chunks, buffersize, submit_chunk, deadline, make_bar, automatic, ordered)
 
     # -- stopping -----------------------------------------------------------------
 

@@ -124,6 +124,7 @@ class WorkItem:
     """One submitted call, from submit() until its future is resolved."""
 
     __slots__ = (
+        "attempts",
         "buffers",
         "chunk",
         "fn",
@@ -131,6 +132,8 @@ class WorkItem:
         "future",
         "in_area",
         "kind",
+        "priority",
+        "retries",
         "size",
         "started",
         "submitted",
@@ -148,6 +151,8 @@ class WorkItem:
         kind: Optional[str] = None,
         chunk: bool = False,
         buffers: Optional[list[tuple[int, memoryview]]] = None,
+        priority: int = 0,
+        retries: int = 0,
     ) -> None:
         self.future = future
         self.task_id = task_id
@@ -171,6 +176,12 @@ class WorkItem:
         self.kind = kind
         #: A chunk of a ``map``: one may wait in a worker's pipe behind another.
         self.chunk = chunk
+        #: Among queued items, a higher priority goes first (``_pool._pending``).
+        self.priority = priority
+        #: Times it may still be run again after its worker died or it timed out.
+        self.retries = retries
+        #: Runs begun or to begin: 1, plus one per retry.
+        self.attempts = 1
         self.submitted = time.monotonic()
 
     @property

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, List, Optional
 from duckpool import _registry
 from duckpool._errors import InheritedManagerError, ManagerNotFound, UnknownTaskError
 from duckpool._executor import ProcessPoolExecutor
+from duckpool._futures import UNSET
 from duckpool._options import await_cancelling
 from duckpool._registry import REGISTRY
 from duckpool._stats import PoolStats
@@ -24,12 +25,50 @@ from duckpool._validate import (
     check_mp_context,
     check_name_prefix,
     check_positive_int,
+    check_priority,
+    check_retries,
+    check_timeout,
 )
 
 if TYPE_CHECKING:
     from duckpool._dask import DaskExecutor
 
-__all__ = ["ProcessPoolManager", "get_or_create_process_manager"]
+__all__ = ["ManagerOptions", "ProcessPoolManager", "get_or_create_process_manager"]
+
+
+class ManagerOptions:
+    """A manager's ``submit_task`` and ``run`` with per-task options; see
+    :meth:`ProcessPoolManager.options`."""
+
+    __slots__ = ("_manager", "priority", "retries", "timeout")
+
+    def __init__(
+        self, manager: ProcessPoolManager, timeout: Any, priority: int, retries: int
+    ) -> None:
+        self._manager = manager
+        self.timeout = timeout
+        self.priority = priority
+        self.retries = retries
+
+    def submit_task(
+        self,
+        task: Callable[..., Any],
+        *args: Any,
+        task_type: Optional[str] = None,
+        **kwargs: Any,
+    ) -> Future[Any]:
+        """``manager.submit_task`` with these options."""
+        return self._manager._submit_task(task, args, kwargs, task_type, self)
+
+    async def run(
+        self,
+        task: Callable[..., Any],
+        *args: Any,
+        task_type: Optional[str] = None,
+        **kwargs: Any,
+    ) -> Any:
+        """``manager.run`` with these options."""
+        return await self._manager._run_task(task, args, kwargs, task_type, self)
 
 
 class ProcessPoolManager:
@@ -288,10 +327,52 @@ class ProcessPoolManager:
             PoolSaturatedError: if the pool has ``max_pending`` and no room.
             RuntimeError: if the manager is not running.
         """
+        return self._submit_task(task, args, kwargs, task_type, None)
+
+    def options(
+        self, *, timeout: Any = UNSET, priority: int = 0, retries: int = 0
+    ) -> ManagerOptions:
+        """``submit_task`` and ``run`` with per-task options.
+
+        ``manager.options(priority=5, retries=2).submit_task(fn, x,
+        task_type="render")`` runs ``fn(x)`` ahead of the waiting tasks of
+        lower priority, and again (twice at most) if its worker dies or it
+        times out.  The options mean what they mean for
+        :meth:`duckpool.ProcessPoolExecutor.options`; ``timeout`` left out
+        is the pool's ``task_timeout``.  They are not keywords of
+        ``submit_task`` itself, whose other keywords all go to the task.
+
+        Raises ``TypeError``/``ValueError`` for a bad value (checked again
+        by the pool running at submission: ``retries`` is refused there on
+        the Dask backend).
+        """
+        check_priority(priority)
+        check_retries(retries)
+        if timeout is not UNSET:
+            check_timeout("timeout", timeout)
+        return ManagerOptions(self, timeout, priority, retries)
+
+    def _submit_task(
+        self,
+        task: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        task_type: Optional[str],
+        options: Optional[ManagerOptions],
+    ) -> Future[Any]:
         pool: Union[ProcessPoolExecutor, DaskExecutor] = self.get_pool()
         if not self.accepts(task_type):
             raise UnknownTaskError(task_type, self._task_type)
-        return pool._submit(task, args, kwargs, pool.task_timeout, task_type)
+        if options is None:
+            return pool._submit(task, args, kwargs, pool.task_timeout, task_type)
+        timeout = pool.task_timeout if options.timeout is UNSET else options.timeout
+        chosen = pool.options(
+            timeout=timeout,
+            task_type=task_type,
+            priority=options.priority,
+            retries=options.retries,
+        )
+        return chosen.submit(task, *args, **kwargs)
 
     def accepts(self, task_type: Optional[str]) -> bool:
         """Would ``submit_task`` take a task of this type?"""
@@ -311,6 +392,18 @@ class ProcessPoolManager:
         task cancels the pool task, stopping its worker if it is running.
         """
         future = self.submit_task(task, *args, task_type=task_type, **kwargs)
+        pool: Union[ProcessPoolExecutor, DaskExecutor] = self.get_pool()
+        return await await_cancelling(pool, future)
+
+    async def _run_task(
+        self,
+        task: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        task_type: Optional[str],
+        options: ManagerOptions,
+    ) -> Any:
+        future = self._submit_task(task, args, kwargs, task_type, options)
         pool: Union[ProcessPoolExecutor, DaskExecutor] = self.get_pool()
         return await await_cancelling(pool, future)
 

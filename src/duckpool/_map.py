@@ -3,9 +3,10 @@
 An executor's ``map`` checks its arguments, cuts the calls into chunks
 (``chunk_calls``), says how one chunk is submitted, and hands both to
 ``map_results``, which submits the first chunks and returns a
-``MapResults``: an iterator over the chunks' results in input order that
-keeps ``buffersize`` chunks in flight, stops at the first failed call, and
-cancels what is not started when it ends early.  The chunks run in workers
+``MapResults``: an iterator over the chunks' results, in input order or
+(``ordered=False``) as the chunks finish, that keeps ``buffersize`` chunks
+in flight, stops at the first failed call, and cancels what is not started
+when it ends early.  The chunks run in workers
 through ``_worker.run_chunk`` / ``run_items``.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import queue
 import time
 from collections import deque
 from collections.abc import Generator, Iterable, Iterator
@@ -138,10 +140,15 @@ class MapResults(Iterator[_T]):
     ``next()`` on this object reads the same chain.
     """
 
-    __slots__ = ("_chunks", "_items")
+    __slots__ = ("_chunks", "_first", "_items")
 
-    def __init__(self, chunks: Generator[Iterator[_T], None, None]) -> None:
+    def __init__(
+        self, chunks: Generator[Iterator[_T], None, None], first: deque[Future[Any]]
+    ) -> None:
         self._chunks = chunks
+        #: The chunks submitted before the iteration starts (cancelled by a
+        #: close() that comes first: the generator's own clean-up never runs).
+        self._first = first
         self._items: Iterator[_T] = itertools.chain.from_iterable(chunks)
 
     def __iter__(self) -> Iterator[_T]:
@@ -154,6 +161,8 @@ class MapResults(Iterator[_T]):
         """Stop: cancel the chunks no worker has started, close the progress bar."""
         self._items = iter(())
         self._chunks.close()
+        for future in self._first:
+            future.cancel()
 
 
 def map_results(
@@ -163,8 +172,10 @@ def map_results(
     deadline: Optional[float],
     make_bar: Optional[Callable[[], Any]] = None,
     item_errors: bool = False,
+    ordered: bool = True,
 ) -> MapResults[_T]:
-    """Submit the first chunks and return every chunk's results in order.
+    """Submit the first chunks and return every chunk's results in order
+    (``ordered=False``: as the chunks finish).
 
     Without ``buffersize`` every chunk is submitted now (as the standard
     library does); with it, that many, and one more each time a chunk's
@@ -176,7 +187,10 @@ def map_results(
     first = chunks if buffersize is None else itertools.islice(chunks, buffersize)
     futures = deque(submit_chunk(chunk) for chunk in first)
     more = None if buffersize is None else chunks
-    return MapResults(_result_chunks(futures, more, submit_chunk, deadline, make_bar, item_errors))
+    results = _result_chunks if ordered else _unordered_result_chunks
+    return MapResults(
+        results(futures, more, submit_chunk, deadline, make_bar, item_errors), futures
+    )
 
 
 def _handed_out(results: list[_T]) -> Iterator[_T]:
@@ -212,18 +226,74 @@ def _result_chunks(
                 raise FuturesTimeoutError()
             chunk = future.result(remaining)
             del future  # hold no reference to a result once it is handed out
-            if bar is not None:
-                bar.update(len(chunk))
-            if item_errors and type(chunk) is _worker.PartlyFailed:
-                failed = next(i for i, r in enumerate(chunk) if isinstance(r, _worker.ItemError))
-                error: Any = chunk[failed]
-                del chunk[failed:]  # the map ends at the failed call
-                yield _handed_out(chunk)
-                raise _futures.exception_from_payload(memoryview(error.payload))
-            yield _handed_out(chunk)
+            yield from _chunk_results(chunk, bar, item_errors)
             del chunk
     finally:
         for future in futures:
+            future.cancel()
+        if bar is not None:
+            bar.close()
+
+
+def _chunk_results(
+    chunk: list[_T], bar: Any, item_errors: bool
+) -> Generator[Iterator[_T], None, None]:
+    """Hand out one chunk's results; raise where a call of it failed."""
+    if bar is not None:
+        bar.update(len(chunk))
+    if item_errors and type(chunk) is _worker.PartlyFailed:
+        failed = next(i for i, r in enumerate(chunk) if isinstance(r, _worker.ItemError))
+        error: Any = chunk[failed]
+        del chunk[failed:]  # the map ends at the failed call
+        yield _handed_out(chunk)
+        raise _futures.exception_from_payload(memoryview(error.payload))
+    yield _handed_out(chunk)
+
+
+def _unordered_result_chunks(
+    futures: deque[Future[list[_T]]],
+    more_chunks: Optional[Iterator[_worker.Columns]],
+    submit_chunk: Callable[[_worker.Columns], Future[list[_T]]],
+    deadline: Optional[float],
+    make_bar: Optional[Callable[[], Any]],
+    item_errors: bool,
+) -> Generator[Iterator[_T], None, None]:
+    """Like ``_result_chunks``, each chunk's results as soon as it finishes.
+
+    Each future, once resolved, puts itself in a queue (a done callback, run
+    where it is resolved), so waiting costs nothing per chunk in flight.
+    """
+    finished: queue.SimpleQueue[Future[list[_T]]] = queue.SimpleQueue()
+    outstanding: set[Future[list[_T]]] = set()
+
+    def track(future: Future[list[_T]]) -> None:
+        outstanding.add(future)
+        future.add_done_callback(finished.put)
+
+    bar = None
+    try:
+        if make_bar is not None:
+            bar = make_bar()
+        while futures:
+            track(futures.popleft())
+        while outstanding:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise FuturesTimeoutError()
+            try:
+                future = finished.get(timeout=remaining)
+            except queue.Empty:
+                raise FuturesTimeoutError() from None
+            outstanding.discard(future)
+            if more_chunks is not None:
+                for chunk_calls_ in itertools.islice(more_chunks, 1):
+                    track(submit_chunk(chunk_calls_))
+            chunk = future.result()
+            del future  # hold no reference to a result once it is handed out
+            yield from _chunk_results(chunk, bar, item_errors)
+            del chunk
+    finally:
+        for future in outstanding:
             future.cancel()
         if bar is not None:
             bar.close()

@@ -27,6 +27,9 @@ class OptionsTarget(Protocol):
         kwargs: dict[str, Any],
         timeout: Optional[float],
         kind: Optional[str],
+        *,
+        priority: int = 0,
+        retries: int = 0,
     ) -> Future[Any]: ...
 
     def _map(
@@ -39,6 +42,10 @@ class OptionsTarget(Protocol):
         task_timeout: Optional[float],
         kind: Optional[str],
         progress: Any = None,
+        *,
+        ordered: bool = True,
+        priority: int = 0,
+        retries: int = 0,
     ) -> Iterator[Any]: ...
 
     def cancel_task(self, future: Future[Any]) -> bool: ...
@@ -63,18 +70,33 @@ async def await_cancelling(executor: _Cancels, future: Future[_T]) -> _T:
 class TaskOptions:
     """Per-task options bound to an executor; see :meth:`ProcessPoolExecutor.options`."""
 
-    __slots__ = ("_executor", "_kind", "_timeout")
+    __slots__ = ("_executor", "_kind", "_priority", "_retries", "_timeout")
 
     def __init__(
-        self, executor: OptionsTarget, timeout: Optional[float], kind: Optional[str]
+        self,
+        executor: OptionsTarget,
+        timeout: Optional[float],
+        kind: Optional[str],
+        priority: int = 0,
+        retries: int = 0,
     ) -> None:
         self._executor = executor
         self._timeout = timeout
         self._kind = kind
+        self._priority = priority
+        self._retries = retries
 
     def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
         """``executor.submit`` with these options."""
-        return self._executor._submit(fn, args, kwargs, self._timeout, self._kind)
+        return self._executor._submit(
+            fn,
+            args,
+            kwargs,
+            self._timeout,
+            self._kind,
+            priority=self._priority,
+            retries=self._retries,
+        )
 
     async def run(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
         """``executor.run`` with these options."""
@@ -88,12 +110,24 @@ class TaskOptions:
         chunksize: Optional[int] = None,
         buffersize: Optional[int] = None,
         progress: Any = None,
+        ordered: bool = True,
     ) -> Iterator[_T]:
-        """``executor.map`` with these options (the task timeout applies per chunk).
+        """``executor.map`` with these options (the task timeout and retries
+        apply per chunk; every chunk has the priority).
 
         ``chunksize=None`` is the executor's own default: chunks the pool
         chooses locally, one call per task on Dask.
         """
         return self._executor._map(
-            fn, iterables, timeout, chunksize, buffersize, self._timeout, self._kind, progress
+            fn,
+            iterables,
+            timeout,
+            chunksize,
+            buffersize,
+            self._timeout,
+            self._kind,
+            progress,
+            ordered=ordered,
+            priority=self._priority,
+            retries=self._retries,
         )

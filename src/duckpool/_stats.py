@@ -71,6 +71,8 @@ class PoolStats(NamedTuple):
         helpers: the pool's live processes other than workers.
         stopped: the pool has shut down, every process it started has
             exited and its dispatcher thread has ended.
+        retried: runs of tasks begun again after their worker died or they
+            timed out (``options(retries=...)``).
     """
 
     max_workers: int
@@ -88,3 +90,4 @@ class PoolStats(NamedTuple):
     latency_p99: Optional[float]
     helpers: tuple[HelperStats, ...] = ()
     stopped: bool = False
+    retried: int = 0

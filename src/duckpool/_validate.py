@@ -194,6 +194,29 @@ def check_task_type(value: Any) -> Optional[str]:
     return value
 
 
+def check_priority(value: Any) -> int:
+    """A task's priority: any int (higher goes first among queued tasks)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"priority must be an int, got {value!r}")
+    return value
+
+
+def check_retries(value: Any) -> int:
+    """How many times a task may be run again after its worker died or it timed out."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"retries must be an int, got {value!r}")
+    if value < 0:
+        raise ValueError(f"retries must be 0 or more, got {value!r}")
+    return value
+
+
+def check_ordered(value: Any) -> bool:
+    """``map``'s ``ordered``: a bool."""
+    if not isinstance(value, bool):
+        raise TypeError(f"ordered must be True or False, got {value!r}")
+    return value
+
+
 def check_accepted_task_types(task_type: Any) -> Optional[frozenset[str]]:
     """A manager's ``task_type``: the set of types it accepts, or None for any."""
     if task_type is None:

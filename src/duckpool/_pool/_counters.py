@@ -22,6 +22,7 @@ class Counters:
         "latencies",
         "recycles",
         "restarts",
+        "retried",
         "timed_out",
         "worker_deaths",
     )
@@ -33,5 +34,6 @@ class Counters:
         self.worker_deaths = 0  # workers that died by no request of the pool's
         self.restarts = 0  # workers started in a slot that had one before
         self.recycles = 0  # workers that left by themselves (task or memory limit)
+        self.retried = 0  # tasks run again (options(retries=...)) after a death or timeout
         #: Seconds from submit() to result, of the latest tasks.
         self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections import deque
 from typing import TYPE_CHECKING, Any, Optional
 
 from duckpool._futures import set_exception
+from duckpool._pool._pending import Pending
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -54,8 +54,8 @@ class Scheduler:
         self._max_tasks_per_child = core.settings.max_tasks_per_child
         self._transport = core.transport
         self._quarantine = core.quarantine
-        #: Items no worker holds yet, in order.
-        self.pending: deque[WorkItem] = deque()
+        #: Items no worker holds yet, by priority, in order within one.
+        self.pending = Pending()
 
     def queue(self, item: WorkItem) -> None:
         """Send ``item`` to an idle worker, else queue it (lock held)."""
@@ -76,7 +76,9 @@ class Scheduler:
     def requeue_front(self, slot: Slot) -> None:
         """Put what ``slot`` holds and its worker never took up back at the
         front of the queue, in order (lock held)."""
-        self.pending.extendleft(reversed(slot.assigned))
+        pending = self.pending
+        for item in reversed(slot.assigned):
+            pending.appendleft(item)
         slot.assigned.clear()
         slot.outbox.clear()
         slot.queued_bytes = 0
@@ -179,7 +181,7 @@ class Scheduler:
             while pending:
                 placed = False
                 for slot in core.slots:
-                    if pending and self.can_prefetch(slot, pending[0], now):
+                    if pending and self.can_prefetch(slot, pending.first(), now):
                         item = pending.popleft()
                         if self.assign(slot, item):
                             batches.setdefault(slot.index, []).append(item)
@@ -197,22 +199,18 @@ class Scheduler:
         """
         core = self._core
         idle = [slot for slot in core.slots if self.is_idle(slot)]
-        if not idle:
-            return
-        kept: deque[WorkItem] = deque()
         pending = self.pending
         while pending and idle:
-            item = pending.popleft()
-            if item.kind is not None and not self.has_room(item.kind):
-                kept.append(item)
-                continue
-            slot = idle.pop(0)
+            item = pending.pop_first(self._may_start)
+            if item is None:
+                return
+            slot = idle[0]
             if self.assign(slot, item):
                 batches[slot.index] = [item]
-            else:
-                idle.insert(0, slot)
-        kept.extend(pending)
-        self.pending = kept
+                del idle[0]
+
+    def _may_start(self, item: WorkItem) -> bool:
+        return item.kind is None or self.has_room(item.kind)
 
     def has_room(self, kind: str) -> bool:
         """May another task of type ``kind`` go to a worker now? (lock held)"""
@@ -237,10 +235,7 @@ class Scheduler:
         label = item.label
         if not self._quarantine.on_death(label, time.monotonic()):
             return []
-        refused = [queued for queued in self.pending if queued.label == label]
-        if refused:
-            self.pending = deque(queued for queued in self.pending if queued.label != label)
-        return refused
+        return self.pending.remove_where(lambda queued: queued.label == label)
 
     def on_ready(self, slot: Slot, now: float) -> None:
         """``slot``'s worker is ready: its head item's time runs from now."""
@@ -268,14 +263,8 @@ class Scheduler:
 
     def cancel_queued(self, future: Future[Any]) -> Optional[WorkItem]:
         """Take ``future``'s item out of the queue; None if it is not there."""
-        for item in self.pending:
-            if item.future is future:
-                self.pending.remove(item)
-                return item
-        return None
+        return self.pending.pop_first(lambda item: item.future is future)
 
     def take_all(self) -> list[WorkItem]:
         """Empty the queue; what it held, in order (to fail or cancel)."""
-        items = list(self.pending)
-        self.pending.clear()
-        return items
+        return self.pending.take_all()

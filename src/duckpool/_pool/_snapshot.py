@@ -54,6 +54,7 @@ def snapshot(core: Core) -> PoolStats:
             counters.worker_deaths,
             counters.restarts,
             counters.recycles,
+            counters.retried,
         )
         quarantined = core.quarantine.active(time.monotonic())
         helpers = tuple(HelperStats(role, pid) for role, pid in core.zygotes.helpers())
@@ -64,7 +65,7 @@ def snapshot(core: Core) -> PoolStats:
             and not helpers
         )
     rss = rss_of([pid for _, pid, _, _ in workers])
-    completed, failed, timed_out, deaths, restarts, recycles = counts
+    completed, failed, timed_out, deaths, restarts, recycles, retried = counts
     return PoolStats(
         max_workers=core.size,
         workers=tuple(
@@ -84,6 +85,7 @@ def snapshot(core: Core) -> PoolStats:
         latency_p99=percentile(latencies, 0.99),
         helpers=helpers,
         stopped=stopped,
+        retried=retried,
     )
 
 

@@ -102,10 +102,11 @@ class Supervisor:
                 # reached (killed while idle, mid-send) is requeued, not failed.
                 if core.marks[slot.index] == head.task_id:
                     assigned.popleft()
+                    error: BaseException
                     if stopping is not None and stopping.item is head:
-                        failed.append((head, stopping.error))
+                        error = stopping.error
                     else:
-                        failed.append((head, self._death_error(slot, process, head, exitcode)))
+                        error = self._death_error(slot, process, head, exitcode)
                         if core.lifecycle.kill_requested is None:
                             for refused in core.scheduler.count_death(head):
                                 failed.append(
@@ -116,6 +117,10 @@ class Supervisor:
                                         ),
                                     )
                                 )
+                    if head.retries and self._retry(head, error):
+                        assigned.appendleft(head)  # first back in the queue
+                    else:
+                        failed.append((head, self._final_error(head, error)))
                 # The rest never started: back to the front of the queue.
                 core.scheduler.requeue_front(slot)
             missed = slot.start_missed
@@ -154,6 +159,41 @@ class Supervisor:
                 f"ready (the last {last}); the pool is broken",
                 None,
             )
+
+    def _retry(self, item: WorkItem, error: BaseException) -> bool:
+        """Run ``item`` again after ``error`` ended its attempt? (lock held)
+
+        Only after its worker died or it timed out (never after a cancel,
+        a requested kill or a poisoned stream), and not once its callable
+        is in quarantine.  Counts the attempt.
+        """
+        core = self._core
+        if not isinstance(error, (WorkerDiedError, TaskTimeoutError)):
+            return False
+        if core.lifecycle.kill_requested is not None or core.lifecycle.broken is not None:
+            return False
+        if core.quarantine.refusal(item.label, time.monotonic()) is not None:
+            return False
+        item.retries -= 1
+        item.attempts += 1
+        core.counters.retried += 1
+        return True
+
+    def _final_error(self, item: WorkItem, error: BaseException) -> BaseException:
+        """The error ``item``'s future fails with: ``error``, saying how many
+        attempts were made if it was run more than once; the quarantine's
+        error if its retries were cut short by it."""
+        core = self._core
+        if item.retries and isinstance(error, (WorkerDiedError, TaskTimeoutError)):
+            refusal = core.quarantine.refusal(item.label, time.monotonic())
+            if refusal is not None:
+                refusal.__cause__ = error
+                return refusal
+        if isinstance(error, (WorkerDiedError, TaskTimeoutError)):
+            error.attempts = item.attempts
+            if item.attempts > 1:
+                error.args = (f"{error.args[0]} (after {item.attempts} attempts)",)
+        return error
 
     def _death_error(
         self, slot: Slot, process: WorkerProcess, item: WorkItem, exitcode: Optional[int]

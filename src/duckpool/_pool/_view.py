@@ -15,7 +15,6 @@ import threading
 from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 if TYPE_CHECKING:
-    from collections import deque
     from multiprocessing import connection as mp_connection
     from typing import Sequence
 
@@ -23,6 +22,7 @@ if TYPE_CHECKING:
     from duckpool._futures import WorkItem
     from duckpool._pool._counters import Counters
     from duckpool._pool._lifecycle import Lifecycle
+    from duckpool._pool._pending import Pending
     from duckpool._pool._quarantine import Quarantine
     from duckpool._pool._settings import PoolSettings
     from duckpool._pool._slots import (
@@ -48,7 +48,7 @@ class SchedulerView(Protocol):
 
     def on_ready(self, slot: Slot, now: float) -> None: ...
 
-    pending: deque[WorkItem]
+    pending: Pending
 
     def requeue_front(self, slot: Slot) -> None: ...
 
