@@ -104,7 +104,9 @@ def test_demo_runs_every_step_and_leaves_no_process_behind(start_method: str) ->
     # The closing table: one crashed task failed, one wrong-typed task per pool refused.
     assert re.search(r"^\s+pool\s+workers\s+tasks ok\s+failed\s+rejected\s*$", output, re.M)
     assert re.search(r"^\s+render\s+2\s+11\s+1\s+1\s*$", output, re.M), output
-    assert re.search(r"^\s+reports\s+1\s+3\s+0\s+1\s*$", output, re.M), output
+    assert re.search(r"^\s+reports\s+1\s+7\s+0\s+1\s*$", output, re.M), output
+    assert "prestart=True: all 3 workers were ready before the first task" in output
+    assert "finished:  2025-01, 2025-12, 2025-02, 2025-03" in output
     assert elapsed < DEMO_PROMISED_SECONDS, f"the demo took {elapsed:.1f} s"
 
     try:

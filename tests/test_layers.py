@@ -330,6 +330,7 @@ SLOT_FIELD_OWNERS = {
     "_deadlines": {"start_missed"},
     "_assist": {"assist", "poisoned"},
     "_successors": {"successor"},
+    "_elastic": {"parked"},
     "_zygotes": {"requested"},
 }
 

@@ -94,6 +94,7 @@ class _Pool:
         self.stopped: list[tuple[Slot, WorkItem, BaseException]] = []
         self.assists = self
         self.supervisor = self
+        self.elastic = _NotElastic()
 
     def wake(self) -> None:
         self.wakes += 1
@@ -103,6 +104,10 @@ class _Pool:
 
     def stop_worker(self, slot: Slot, item: WorkItem, error: BaseException) -> None:
         self.stopped.append((slot, item, error))
+
+
+class _NotElastic:
+    enabled = False
 
 
 _ids = iter(range(1, 1_000_000))

@@ -9,6 +9,7 @@ imported only when asked for (it pulls in the peers it measures).
 from __future__ import annotations
 
 import argparse
+import functools
 import multiprocessing
 import os
 import platform
@@ -379,6 +380,31 @@ def _collect_rows(
     return rows
 
 
+def _note_done(finished: list[str], month: str, _future: Future[Any]) -> None:
+    finished.append(month)
+
+
+def _demo_priorities(reports: ProcessPoolManager, tally: _PoolTally, on_dask: bool) -> None:
+    """Four reports on the one-worker pool: the first runs at once, the urgent
+    one (priority 10, submitted last) runs next, then the other two in order."""
+    finished: list[str] = []
+    futures = {}
+    for month in ("2025-01", "2025-02", "2025-03", "2025-12"):
+        submit = (
+            reports.options(priority=10).submit_task if month == "2025-12" else reports.submit_task
+        )
+        futures[month] = future = submit(_demo_tasks.build_report, month, task_type="reports")
+        future.add_done_callback(functools.partial(_note_done, finished, month))
+    for future in futures.values():
+        _collect(future, tally)
+    _say("    submitted: 2025-01, 2025-02, 2025-03, then 2025-12 with priority=10")
+    _say(f"    finished:  {', '.join(finished)}")
+    if on_dask:
+        _say("    (Dask's own priority: it orders tasks of one priority as it sees fit)")
+    elif finished != ["2025-01", "2025-12", "2025-02", "2025-03"]:
+        raise _DemoFailure(f"the urgent report did not run next: {finished}")
+
+
 def _demo_steps(
     render: ProcessPoolManager,
     reports: ProcessPoolManager,
@@ -401,6 +427,7 @@ def _demo_steps(
                 task_type=tally.name,
                 process_name_prefix=f"duckpool-{tally.name}",
                 mp_context=context,
+                prestart=True,  # every worker ready before the first task
             )
     if on_dask:
         _say(
@@ -421,6 +448,9 @@ def _demo_steps(
         )
     _say(f"    {render!r}")
     _say(f"    {reports!r}")
+    if not on_dask:
+        ready = sum(len(m.stats().workers) for m in (render, reports))
+        _say(f"    prestart=True: all {ready} workers were ready before the first task")
 
     _say("\n2. Work routed to each pool by its task type")
     routed = [
@@ -512,7 +542,10 @@ def _demo_steps(
     _say(_table(("task", "result", "worker"), rows))
     _say(f"    {render!r}")
 
-    _say("\n6. Worker titles, as ps shows them (/proc/<pid>/cmdline)")
+    _say("\n6. Priorities: an urgent task overtakes those queued before it")
+    _demo_priorities(reports, reports_tally, on_dask)
+
+    _say("\n7. Worker titles, as ps shows them (/proc/<pid>/cmdline)")
     title_rows = []
     for tally in tallies.values():
         for pid, name in sorted(tally.pids.items(), key=lambda item: (item[1], item[0])):

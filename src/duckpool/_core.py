@@ -141,6 +141,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from concurrent.futures import Future
 from typing import Any, Optional
 
@@ -151,6 +152,7 @@ from duckpool._pool._assist import Assists
 from duckpool._pool._counters import Counters
 from duckpool._pool._deadlines import Deadlines
 from duckpool._pool._dispatcher import Dispatcher
+from duckpool._pool._elastic import Elastic
 from duckpool._pool._launcher import Launcher
 from duckpool._pool._lifecycle import Lifecycle
 from duckpool._pool._quarantine import Quarantine
@@ -188,6 +190,8 @@ class PoolCore:
     def __init__(self, settings: PoolSettings, admission: Optional[Admission] = None) -> None:
         self.settings = settings
         self.lock = threading.Lock()
+        #: Notified (lock held) each time a worker says it is ready.
+        self.workers_ready = threading.Condition(self.lock)
         self.lifecycle = Lifecycle()
         #: Admission control (``max_pending``), if the pool has it.
         self.admission = admission
@@ -214,6 +218,7 @@ class PoolCore:
         self.selector.register(self.wakeup.read_fd, WAKEUP)
         # The owners, in the order they depend on each other.
         self.transport = Transport(self)
+        self.elastic = Elastic(self)
         self.scheduler = Scheduler(self)
         self.launcher = Launcher(self)
         self.zygotes = Zygotes(self)
@@ -375,11 +380,53 @@ class PoolCore:
         # each takes a task as an idle worker would (so it counts as started,
         # as the stdlib's executor sends the first tasks on at once), which
         # waits in its outbox.
-        empty = [slot for slot in self.slots if slot.process is None]
+        empty = [slot for slot in self.slots if slot.process is None and not slot.parked]
         if empty:
             self.launcher.start_worker(empty[0])
         for slot in empty[1:]:
             self.launcher.reserve(slot)
+
+    def prestart(self, every: bool) -> None:
+        """Start workers now, with no task: every slot's (``every``), or the
+        minimum of an elastic pool (at its creation)."""
+        with self.lock:
+            self.lifecycle.check_accepting()
+            if every:
+                for slot in self.slots:
+                    if slot.index < self.size:
+                        self.elastic.unpark(slot)
+            if self.dispatcher.thread is None:
+                self.ensure_started()
+                self.start_dispatcher()
+            else:
+                self.launcher.refill_slots()
+                self.wake()
+
+    def wait_ready(self, timeout: Optional[float]) -> None:
+        """Return once every slot's worker is ready (its initializer ran).
+
+        Raises ``TimeoutError`` after ``timeout`` seconds, the pool's error
+        if it breaks meanwhile, ``RuntimeError`` if it shuts down.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.lock:
+            while True:
+                if self.lifecycle.broken is not None:
+                    self.lifecycle.check_accepting()  # raises BrokenProcessPool
+                if self.lifecycle.shutdown_requested:
+                    raise RuntimeError("the pool shut down before its workers were ready")
+                wanted = [s for s in self.slots if s.index < self.size and not s.parked]
+                if all(s.process is not None and s.ready for s in wanted):
+                    return
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    ready = sum(1 for s in wanted if s.process is not None and s.ready)
+                    raise TimeoutError(
+                        f"{ready} of {len(wanted)} workers were ready after {timeout:g} s"
+                    )
+                # Woken by each READY (Launcher.on_ready); a breakage or a
+                # shutdown is seen within the slice.
+                self.workers_ready.wait(0.05 if left is None else min(left, 0.05))
 
     def start_dispatcher(self) -> None:
         """Fork the zygote (under fork), then start the dispatcher thread."""
@@ -406,7 +453,10 @@ class PoolCore:
                 )
             self.size = size
             if size > len(self.slots):
-                self.slots = self.slots + [Slot(i) for i in range(len(self.slots), size)]
+                added = [Slot(i) for i in range(len(self.slots), size)]
+                for slot in added:
+                    self.elastic.adopt(slot)
+                self.slots = self.slots + added
             for slot in self.slots:
                 if slot.index >= size and slot.successor is not None:
                     self.successors.let_go(slot.successor)

@@ -7,12 +7,9 @@ calls, and implements the ``concurrent.futures`` interface on top.
 
 from __future__ import annotations
 
-import functools
 import os
 import pickle
 import signal
-import threading
-import time
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future
@@ -28,28 +25,19 @@ from duckpool import (
     _process_pools,
     _protocol,
     _shutdown,
-    _worker,
 )
 from duckpool._compat import WorkerHandle, processes_view
-from duckpool._map import (
-    auto_chunk_size,
-    chunk_calls,
-    map_results,
-    materialised,
-    progress_bar_factory,
-)
+from duckpool._map import pool_map
 from duckpool._options import TaskOptions, await_cancelling
 from duckpool._pool._settings import PoolSettings
 from duckpool._stats import PoolStats
 from duckpool._validate import (
     check_admission,
-    check_buffersize,
     check_callable,
-    check_chunksize,
+    check_min_workers,
     check_mp_context,
     check_name_prefix,
     check_one_of,
-    check_ordered,
     check_picklable,
     check_positive_int,
     check_priority,
@@ -75,6 +63,119 @@ def _dumps_of(serializer: str) -> Callable[..., bytes]:
 
         return cloudpickle.dumps  # type: ignore[no-any-return]
     return pickle.dumps
+
+
+def _checked_settings(
+    *,
+    max_workers: Optional[int],
+    mp_context: Optional[BaseContext],
+    initializer: Optional[Callable[..., object]],
+    initargs: tuple[Any, ...],
+    max_tasks_per_child: Optional[int],
+    process_name_prefix: Optional[str],
+    daemon: bool,
+    task_timeout: Optional[float],
+    max_memory_per_child: Optional[int],
+    serializer: str,
+    max_pending: Optional[int],
+    on_saturated: str,
+    block_timeout: Optional[float],
+    type_limits: Optional[Mapping[str, int]],
+    quarantine_after: Optional[int],
+    quarantine_seconds: float,
+    forward_logs: bool,
+    pool_id: Any,
+    min_workers: Optional[int],
+    idle_timeout: Optional[float],
+) -> tuple[PoolSettings, Optional[_admission.Admission]]:
+    """A pool's settings from the executor's arguments, each checked (the
+    error names the argument), and its admission control if it has any."""
+    workers = check_positive_int("max_workers", max_workers) or default_max_workers()
+    check_callable("initializer", initializer)
+    check_positive_int("max_tasks_per_child", max_tasks_per_child)
+    check_positive_int("max_memory_per_child", max_memory_per_child)
+    timeout = check_timeout("task_timeout", task_timeout)
+    check_name_prefix(process_name_prefix)
+    check_one_of("serializer", serializer, _SERIALIZERS)
+    pending, block_seconds = check_admission(max_pending, on_saturated, block_timeout)
+    admission = (
+        None
+        if pending is None
+        else _admission.Admission(workers, pending, on_saturated, block_seconds)
+    )
+    limits = check_type_limits(type_limits)
+    check_positive_int("quarantine_after", quarantine_after)
+    cooldown = check_timeout("quarantine_seconds", quarantine_seconds)
+    assert cooldown is not None
+    if max_memory_per_child is not None:
+        import psutil  # noqa: F401 - fail here, not in every worker
+    check_picklable("pool_id", pool_id)
+    minimum = check_min_workers(min_workers, workers)
+    idle_seconds = check_timeout("idle_timeout", idle_timeout)
+    context = check_mp_context(mp_context)
+    if context is None:
+        import multiprocessing
+
+        context = multiprocessing.get_context()
+    settings = PoolSettings(
+        max_workers=workers,
+        context=context,
+        initializer=initializer,
+        initargs=tuple(initargs),
+        max_tasks_per_child=max_tasks_per_child,
+        max_memory_per_child=max_memory_per_child,
+        name_prefix=process_name_prefix,
+        daemon=bool(daemon),
+        serializer=serializer,
+        type_limits=limits,
+        quarantine_after=quarantine_after,
+        quarantine_seconds=cooldown,
+        forward_logs=bool(forward_logs),
+        pool_id=pool_id,
+        min_workers=minimum,
+        idle_timeout=idle_seconds,
+        task_timeout=timeout,
+    )
+    return settings, admission
+
+
+def _queue(
+    core: _core.PoolCore,
+    dumps: Callable[..., bytes],
+    fn: Callable[..., _T],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    timeout: Optional[float],
+    kind: Optional[str],
+    chunk: bool,
+    priority: int,
+    retries: int,
+) -> Future[_T]:
+    """Pickle a call and hand it to the pool's core (``chunk``: a ``map`` chunk)."""
+    future: Future[_T] = _futures.PoolFuture(core)
+    task_id = _futures.next_task_id()
+    try:
+        call = (fn, *_buffers.wrap_call(args, kwargs))
+        payload, buffers = _buffers.dumps(dumps, call)
+    except Exception as exc:
+        # Failed at once, not raised: code written for the stdlib's
+        # executor (and CPython's tests) expects the error from the future.
+        future.set_exception(_pickling_error(dumps, fn, args, kwargs, exc))
+        return future
+    if buffers:
+        # Large buffers go beside the pickle, framed when a worker is
+        # chosen (into its shared area if there is room).
+        sent = _buffers.outgoing(buffers, snapshot=True)
+        item = _futures.WorkItem(
+            future, task_id, payload, fn, timeout, kind, chunk, sent, priority, retries
+        )
+    else:
+        frame = _protocol.task_frame(task_id, payload)
+        item = _futures.WorkItem(
+            future, task_id, frame, fn, timeout, kind, chunk, None, priority, retries
+        )
+    core.submit(item)
+    return future
 
 
 def _pickling_error(
@@ -204,6 +305,18 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
             the logging they have (under spawn: none configured).
         pool_id: a picklable label for this pool's forwarded log records
             (``record.duckpool_pool``); a manager passes its id.
+        min_workers, idle_timeout: a warm, elastic pool.  Given either, the
+            first ``min_workers`` workers (default 0) start with the pool,
+            are never reaped, and are replaced if they die; the others, up
+            to ``max_workers``, start only when a task finds no idle
+            worker (one per such task), and with ``idle_timeout`` a worker
+            above the minimum that has had no work for that many seconds
+            exits (its slot starts again when work comes).  Neither given:
+            every worker starts at the first submit and stays, as in the
+            standard library.  :meth:`prestart` starts them all now and
+            waits until they are ready.  A worker only exits while idle, so
+            no task is ever failed or delayed by it; ``stats()`` shows
+            ``min_workers``, ``max_workers`` and the live ``workers``.
     """
 
     def __init__(
@@ -227,57 +340,40 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         quarantine_seconds: float = 60.0,
         forward_logs: bool = True,
         pool_id: Any = None,
+        min_workers: Optional[int] = None,
+        idle_timeout: Optional[float] = None,
     ) -> None:
         # The standard library's __init__ is not called: this class has its own
         # dispatch and shares only the public interface (isinstance keeps working).
-        workers = check_positive_int("max_workers", max_workers) or default_max_workers()
-        check_callable("initializer", initializer)
-        check_positive_int("max_tasks_per_child", max_tasks_per_child)
-        check_positive_int("max_memory_per_child", max_memory_per_child)
-        timeout = check_timeout("task_timeout", task_timeout)
-        check_name_prefix(process_name_prefix)
-        check_one_of("serializer", serializer, _SERIALIZERS)
-        pending, block_seconds = check_admission(max_pending, on_saturated, block_timeout)
-        self._admission = (
-            None
-            if pending is None
-            else _admission.Admission(workers, pending, on_saturated, block_seconds)
+        settings, self._admission = _checked_settings(
+            max_workers=max_workers,
+            mp_context=mp_context,
+            initializer=initializer,
+            initargs=initargs,
+            max_tasks_per_child=max_tasks_per_child,
+            process_name_prefix=process_name_prefix,
+            daemon=daemon,
+            task_timeout=task_timeout,
+            max_memory_per_child=max_memory_per_child,
+            serializer=serializer,
+            max_pending=max_pending,
+            on_saturated=on_saturated,
+            block_timeout=block_timeout,
+            type_limits=type_limits,
+            quarantine_after=quarantine_after,
+            quarantine_seconds=quarantine_seconds,
+            forward_logs=forward_logs,
+            pool_id=pool_id,
+            min_workers=min_workers,
+            idle_timeout=idle_timeout,
         )
-        limits = check_type_limits(type_limits)
-        check_positive_int("quarantine_after", quarantine_after)
-        cooldown = check_timeout("quarantine_seconds", quarantine_seconds)
-        assert cooldown is not None
         self._dumps = _dumps_of(serializer)
-        if max_memory_per_child is not None:
-            import psutil  # noqa: F401 - fail here, not in every worker
-        check_picklable("pool_id", pool_id)
-        context = check_mp_context(mp_context)
-        if context is None:
-            import multiprocessing
-
-            context = multiprocessing.get_context()
-        self._max_workers = workers
-        self._task_timeout = timeout
-        self._core = core = _core.PoolCore(
-            PoolSettings(
-                max_workers=workers,
-                context=context,
-                initializer=initializer,
-                initargs=tuple(initargs),
-                max_tasks_per_child=max_tasks_per_child,
-                max_memory_per_child=max_memory_per_child,
-                name_prefix=process_name_prefix,
-                daemon=bool(daemon),
-                serializer=serializer,
-                type_limits=limits,
-                quarantine_after=quarantine_after,
-                quarantine_seconds=cooldown,
-                forward_logs=bool(forward_logs),
-                pool_id=pool_id,
-            ),
-            admission=self._admission,
-        )
+        self._max_workers = settings.max_workers
+        self._task_timeout = settings.task_timeout
+        self._core = core = _core.PoolCore(settings, admission=self._admission)
         weakref.finalize(self, core.request_shutdown, False).atexit = False
+        if settings.min_workers:
+            core.prestart(every=False)  # a warm pool: its minimum starts now
 
     # -- introspection ------------------------------------------------------------
 
@@ -306,6 +402,21 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         RSS), the queue, and counters of results, failures, timeouts, worker
         deaths, restarts and recycles, with latency percentiles."""
         return self._core.stats()
+
+    def prestart(self, timeout: Optional[float] = None) -> None:
+        """Start every worker now and return once they are all ready (their
+        ``initializer`` ran), so the first tasks pay no start-up.
+
+        In an elastic pool the workers above ``min_workers`` started this
+        way still exit after ``idle_timeout`` without work.  Raises
+        ``TimeoutError`` if they are not all ready within ``timeout``
+        seconds (they go on starting), ``BrokenProcessPool`` if the pool
+        breaks meanwhile (an initializer failed, say), and
+        ``RuntimeError`` after shutdown.
+        """
+        seconds = check_timeout("timeout", timeout)
+        self._core.prestart(every=True)
+        self._core.wait_ready(seconds)
 
     def resize(self, max_workers: int) -> None:
         """Run ``max_workers`` workers from now on, without failing any future.
@@ -381,52 +492,18 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
             core.refuse()
         admission = self._admission
         if admission is None:
-            return self._queue(fn, args, kwargs, timeout, kind, chunk, priority, retries)
+            return _queue(
+                core, self._dumps, fn, args, kwargs, timeout, kind, chunk, priority, retries
+            )
         admission.admit()
         try:
-            future = self._queue(fn, args, kwargs, timeout, kind, chunk, priority, retries)
+            future: Future[_T] = _queue(
+                core, self._dumps, fn, args, kwargs, timeout, kind, chunk, priority, retries
+            )
         except BaseException:
             admission.release()
             raise
         admission.track(future)  # the place is given back when it resolves
-        return future
-
-    def _queue(
-        self,
-        fn: Callable[..., _T],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        timeout: Optional[float],
-        kind: Optional[str],
-        chunk: bool,
-        priority: int,
-        retries: int,
-    ) -> Future[_T]:
-        """Pickle the call and hand it to the pool's core (``chunk``: a ``map`` chunk)."""
-        core = self._core
-        future: Future[_T] = _futures.PoolFuture(core)
-        task_id = _futures.next_task_id()
-        try:
-            call = (fn, *_buffers.wrap_call(args, kwargs))
-            payload, buffers = _buffers.dumps(self._dumps, call)
-        except Exception as exc:
-            # Failed at once, not raised: code written for the stdlib's
-            # executor (and CPython's tests) expects the error from the future.
-            future.set_exception(_pickling_error(self._dumps, fn, args, kwargs, exc))
-            return future
-        if buffers:
-            # Large buffers go beside the pickle, framed when a worker is
-            # chosen (into its shared area if there is room).
-            sent = _buffers.outgoing(buffers, snapshot=True)
-            item = _futures.WorkItem(
-                future, task_id, payload, fn, timeout, kind, chunk, sent, priority, retries
-            )
-        else:
-            frame = _protocol.task_frame(task_id, payload)
-            item = _futures.WorkItem(
-                future, task_id, frame, fn, timeout, kind, chunk, None, priority, retries
-            )
-        core.submit(item)
         return future
 
     def options(
@@ -453,18 +530,16 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         ``max_pending`` (a saturated pool refuses a task whatever its
         priority) or ``type_limits``; with ``map``, every chunk has it.
 
-        ``retries`` (default 0): if the task's worker dies while running it
-        (a signal, ``os._exit``, the OOM killer), or the task overruns its
-        timeout, it is run again, up to this many more times, before its
-        future fails; never for an exception the task raises, nor after
-        ``cancel_task()``, ``terminate_workers()`` or ``kill_workers()``.
-        A retried task goes back to the front of the queue (of its
-        priority).  The final error, :class:`~duckpool.WorkerDiedError` or
-        :class:`~duckpool.TaskTimeoutError`, says how many attempts were
-        made (its ``attempts``).  Each death counts toward
-        ``quarantine_after``: once its callable is in quarantine, the task
-        is not retried and fails with :class:`~duckpool.TaskQuarantinedError`.
-        Off by default: use it only for tasks that are safe to run twice.
+        ``retries`` (default 0, off: tasks may not be safe to run twice):
+        if the task's worker dies while running it (a signal, ``os._exit``,
+        the OOM killer) or it overruns its timeout, it runs again, first in
+        the queue of its priority, up to this many more times; never for an
+        exception the task raises, nor after ``cancel_task()``,
+        ``terminate_workers()`` or ``kill_workers()``.  The final
+        :class:`~duckpool.WorkerDiedError` or :class:`~duckpool.TaskTimeoutError`
+        says how many attempts were made (its ``attempts``).  Each death
+        counts toward ``quarantine_after``: a callable put in quarantine is
+        not retried, and fails with :class:`~duckpool.TaskQuarantinedError`.
 
         Raises ``TypeError`` or ``ValueError`` for an argument of the wrong
         type or value (a negative ``retries``, a timeout not above 0).
@@ -563,39 +638,11 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         priority: int = 0,
         retries: int = 0,
     ) -> Iterator[_T]:
-        automatic = check_chunksize(chunksize) is None
-        check_ordered(ordered)
-        check_buffersize(buffersize)
-        make_bar = progress_bar_factory(progress, iterables)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if automatic:
-            size = 1
-            if buffersize is None and task_timeout is None:
-                # Every call is submitted now anyway (as the stdlib does):
-                # with their number known, the size can fit it.
-                iterables = materialised(iterables)
-                count = len(iterables[0]) if iterables else 0
-                size = auto_chunk_size(count, self._max_workers)
-            run = functools.partial(_worker.run_items, fn)
-        else:
-            assert chunksize is not None
-            size = chunksize
-            run = functools.partial(_worker.run_chunk, fn)
-        chunks = chunk_calls(iterables, size, read_now=buffersize is None)
-
-        def submit_chunk(chunk: _worker.Columns) -> Future[list[_T]]:
-            return self._submit(
-                run,
-                (chunk,),
-                {},
-                task_timeout,
-                kind,
-                chunk=True,
-                priority=priority,
-                retries=retries,
-            )
-
-        return map_results(chunks, buffersize, submit_chunk, deadline, make_bar, automatic, ordered)
+        options = (task_timeout, kind, priority, retries)
+        limits = (timeout, chunksize, buffersize)
+        return pool_map(
+            self._submit, self._max_workers, fn, iterables, limits, options, progress, ordered
+        )
 
     # -- stopping -----------------------------------------------------------------
 
@@ -617,23 +664,8 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         With ``wait=False`` the drain runs in a background thread.
         """
         core = self._core
-        if core.owner_pid != os.getpid():
-            return
-        drain_timeout = check_timeout("timeout", timeout)
-        core.request_shutdown(cancel_futures)  # at once, whether or not it waits
-        if drain_timeout is None:
-            if wait:
-                core.join()
-            return
-        if wait:
-            _shutdown.drain([core], drain_timeout)
-        else:
-            threading.Thread(
-                target=_shutdown.drain,
-                args=([core], drain_timeout),
-                name="duckpool-drain",
-                daemon=True,
-            ).start()
+        if core.owner_pid == os.getpid():
+            _shutdown.shut_down(core, wait, cancel_futures, check_timeout("timeout", timeout))
 
     def terminate_workers(self) -> None:
         """Shut down now: cancel queued tasks and SIGTERM every worker.

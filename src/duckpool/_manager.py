@@ -174,6 +174,9 @@ class ProcessPoolManager:
         forward_logs: bool = True,
         backend: str = "local",
         address: Any = None,
+        min_workers: Optional[int] = None,
+        idle_timeout: Optional[float] = None,
+        prestart: bool = False,
     ) -> None:
         """Start the pool, ready to accept tasks.
 
@@ -212,6 +215,14 @@ class ProcessPoolManager:
                 the worker's slot and the task id (see
                 :class:`duckpool.ProcessPoolExecutor`); if false, workers keep
                 the logging they have.
+            min_workers, idle_timeout: a warm, elastic pool (see
+                :class:`duckpool.ProcessPoolExecutor`): ``min_workers`` start
+                now and stay; the others start when work needs them and,
+                with ``idle_timeout``, exit after that many idle seconds.
+            prestart: start every worker now and return only once they are
+                all ready (their start-up is then not paid by the first
+                requests); ``start`` raises what ``prestart()`` raises,
+                leaving the pool running.
             backend: ``"local"`` (worker processes of this machine) or
                 ``"dask"`` (needs ``pip install "duckpool[dask]"``).
             address: Dask only: None starts a LocalCluster of ``max_workers``
@@ -229,7 +240,9 @@ class ProcessPoolManager:
                 is unknown, ``address`` is given for the local backend, or
                 an option of the local backend only (``process_name_prefix``,
                 ``mp_context``, ``max_pending``, ``type_limits``,
-                ``quarantine_after``) for the Dask backend.
+                ``quarantine_after``, ``min_workers``, ``idle_timeout``,
+                ``prestart``) for the Dask backend, or ``min_workers`` is
+                above ``max_workers``.
             ImportError: for ``backend="dask"`` without ``distributed`` installed.
             TypeError: if another argument has the wrong type.
             RuntimeError: if the pool is already running.
@@ -245,6 +258,9 @@ class ProcessPoolManager:
             "max_pending": max_pending,
             "type_limits": type_limits,
             "quarantine_after": quarantine_after,
+            "min_workers": min_workers,
+            "idle_timeout": idle_timeout,
+            "prestart": prestart or None,
         }
         check_backend(backend, address, local_only)
         with self._lock:
@@ -279,6 +295,8 @@ class ProcessPoolManager:
                     quarantine_seconds=quarantine_seconds,
                     forward_logs=bool(forward_logs),
                     pool_id=_picklable_id(self._id),
+                    min_workers=min_workers,
+                    idle_timeout=idle_timeout,
                 )
             self._backend = backend
             self._max_workers = max_workers
@@ -288,6 +306,9 @@ class ProcessPoolManager:
             self._process_name_prefix = process_name_prefix
             self._mp_context = mp_context
             self._stopped = False
+            pool = self._pool
+        if prestart and isinstance(pool, ProcessPoolExecutor):
+            pool.prestart()
 
     def get_pool(self) -> Any:
         """Return the running pool.

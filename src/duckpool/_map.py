@@ -23,6 +23,7 @@ from concurrent.futures import TimeoutError as FuturesTimeoutError
 from typing import Any, Callable, Optional, TypeVar
 
 from duckpool import _futures, _worker
+from duckpool._validate import check_buffersize, check_chunksize, check_ordered
 
 __all__ = [
     "AUTO_CHUNK_MAX",
@@ -31,6 +32,7 @@ __all__ = [
     "chunk_calls",
     "map_results",
     "materialised",
+    "pool_map",
     "progress_bar_factory",
 ]
 
@@ -297,3 +299,56 @@ def _unordered_result_chunks(
             future.cancel()
         if bar is not None:
             bar.close()
+
+
+def pool_map(
+    submit: Callable[..., Future[Any]],
+    workers: int,
+    fn: Callable[..., _T],
+    iterables: tuple[Iterable[Any], ...],
+    limits: tuple[Optional[float], Optional[int], Optional[int]],
+    options: tuple[Optional[float], Optional[str], int, int],
+    progress: Any,
+    ordered: bool,
+) -> MapResults[_T]:
+    """A local pool's ``map``: check the arguments, choose the chunks, submit.
+
+    ``submit`` is the executor's ``_submit``; ``limits`` are the map's
+    ``timeout``, ``chunksize`` and ``buffersize``; ``options`` each chunk's
+    task timeout, task type, priority and retries.
+    """
+    timeout, chunksize, buffersize = limits
+    task_timeout, kind, priority, retries = options
+    automatic = check_chunksize(chunksize) is None
+    check_ordered(ordered)
+    check_buffersize(buffersize)
+    make_bar = progress_bar_factory(progress, iterables)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    if automatic:
+        size = 1
+        if buffersize is None and task_timeout is None:
+            # Every call is submitted now anyway (as the stdlib does):
+            # with their number known, the size can fit it.
+            iterables = materialised(iterables)
+            count = len(iterables[0]) if iterables else 0
+            size = auto_chunk_size(count, workers)
+        run = functools.partial(_worker.run_items, fn)
+    else:
+        assert chunksize is not None
+        size = chunksize
+        run = functools.partial(_worker.run_chunk, fn)
+    chunks = chunk_calls(iterables, size, read_now=buffersize is None)
+
+    def submit_chunk(chunk: _worker.Columns) -> Future[list[_T]]:
+        return submit(
+            run,
+            (chunk,),
+            {},
+            task_timeout,
+            kind,
+            chunk=True,
+            priority=priority,
+            retries=retries,
+        )
+
+    return map_results(chunks, buffersize, submit_chunk, deadline, make_bar, automatic, ordered)

@@ -59,6 +59,24 @@ def drain(pools: Sequence[_process_pools.LivePool], timeout: float) -> None:
         pool.join()
 
 
+def shut_down(
+    core: _process_pools.LivePool, wait: bool, cancel_futures: bool, timeout: Optional[float]
+) -> None:
+    """A local pool's ``shutdown()``: stop accepting work now; with
+    ``timeout``, drain (in a thread of its own without ``wait``)."""
+    core.request_shutdown(cancel_futures)  # at once, whether or not it waits
+    if timeout is None:
+        if wait:
+            core.join()
+        return
+    if wait:
+        drain([core], timeout)
+    else:
+        threading.Thread(
+            target=drain, args=([core], timeout), name="duckpool-drain", daemon=True
+        ).start()
+
+
 def install_shutdown_handlers(
     timeout: float = 30.0,
     signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT),

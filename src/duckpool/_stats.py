@@ -73,6 +73,9 @@ class PoolStats(NamedTuple):
             exited and its dispatcher thread has ended.
         retried: runs of tasks begun again after their worker died or they
             timed out (``options(retries=...)``).
+        min_workers: the workers the pool keeps however idle it is: its
+            ``min_workers`` if it is elastic, else ``max_workers``.  The
+            workers it runs now are ``len(workers)``.
     """
 
     max_workers: int
@@ -91,3 +94,4 @@ class PoolStats(NamedTuple):
     helpers: tuple[HelperStats, ...] = ()
     stopped: bool = False
     retried: int = 0
+    min_workers: int = 0

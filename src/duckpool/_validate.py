@@ -194,6 +194,19 @@ def check_task_type(value: Any) -> Optional[str]:
     return value
 
 
+def check_min_workers(value: Any, max_workers: int) -> Optional[int]:
+    """An elastic pool's ``min_workers``: an int from 0 to ``max_workers``, or None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"min_workers must be an int or None, got {value!r}")
+    if not 0 <= value <= max_workers:
+        raise ValueError(
+            f"min_workers must be from 0 to max_workers ({max_workers}), got {value!r}"
+        )
+    return value
+
+
 def check_priority(value: Any) -> int:
     """A task's priority: any int (higher goes first among queued tasks)."""
     if isinstance(value, bool) or not isinstance(value, int):

@@ -120,6 +120,7 @@ def _dispatch_until_done(core: Core) -> None:
     lifecycle = core.lifecycle
     selector = core.selector
     lock = core.lock
+    elastic = core.elastic if core.elastic.enabled else None
     while True:
         with lock:
             now = time.monotonic()
@@ -127,6 +128,10 @@ def _dispatch_until_done(core: Core) -> None:
             wait = launcher.before_wait(now)
             if wait is not None and (timeout is None or wait < timeout):
                 timeout = wait
+            if elastic is not None:
+                wait = elastic.check(now)
+                if wait is not None and (timeout is None or wait < timeout):
+                    timeout = wait
             transport.before_wait()
             results.take_handed_over()
         if deferred:
@@ -164,6 +169,8 @@ def _dispatch_until_done(core: Core) -> None:
                 or scheduler.pending
                 or any(slot.reserved for slot in slots)
             ):
+                if elastic is not None and scheduler.pending:
+                    elastic.unpark_for(len(scheduler.pending))
                 start_error = launcher.refill_slots()
                 scheduler.dispatch_pending()
                 if start_error is None:

@@ -230,6 +230,7 @@ class Launcher:
         slot.ready = True
         slot.installed_at = None
         self.startup_deaths = 0
+        self._core.workers_ready.notify_all()
         if slot.launched_at is not None:
             took = now - slot.launched_at
             self.start_seconds = took if not self.start_seconds else (self.start_seconds + took) / 2
@@ -260,13 +261,13 @@ class Launcher:
             return None
         core = self._core
         for slot in core.slots:
-            if slot.process is None and slot.index < core.size:
+            if slot.process is None and slot.index < core.size and not slot.parked:
                 try:
                     self.start_worker(slot)
                 except Exception as exc:
                     return self.on_start_failure(exc, now)
         if self.failing_since is not None and all(
-            slot.process is not None or slot.requested
+            slot.process is not None or slot.requested or slot.parked
             for slot in core.slots
             if slot.index < core.size
         ):

@@ -54,6 +54,7 @@ class Scheduler:
         self._max_tasks_per_child = core.settings.max_tasks_per_child
         self._transport = core.transport
         self._quarantine = core.quarantine
+        self._elastic = core.elastic
         #: Items no worker holds yet, by priority, in order within one.
         self.pending = Pending()
 
@@ -65,6 +66,11 @@ class Scheduler:
                 if self.is_idle(slot):
                     self.send(slot, item)
                     return
+            if self._elastic.enabled and self._elastic.unpark_for(1):
+                for slot in core.slots:  # the slot just unparked takes it
+                    if self.is_idle(slot):
+                        self.send(slot, item)
+                        return
         # Every worker is busy: the dispatcher hands this on as results come
         # back, several items per write.
         self.pending.append(item)
@@ -175,7 +181,7 @@ class Scheduler:
                     if self.assign(slot, item):
                         batches[slot.index] = [item]
                         break
-        if pending and all(slot.process is not None for slot in core.slots):
+        if pending and all(slot.process is not None or slot.parked for slot in core.slots):
             # (While a replacement worker is coming, it takes what is left.)
             now = time.monotonic()
             while pending:

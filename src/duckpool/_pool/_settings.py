@@ -27,3 +27,10 @@ class PoolSettings(NamedTuple):
     forward_logs: bool = True
     #: Tagged on forwarded log records (``record.duckpool_pool``).
     pool_id: Any = None
+    #: Workers kept from the pool's start to its end (None, with no
+    #: ``idle_timeout``: every slot, filled at the first submit).
+    min_workers: Optional[int] = None
+    #: Seconds of no work after which a worker above ``min_workers`` exits.
+    idle_timeout: Optional[float] = None
+    #: The default seconds a task may run (None: no limit).
+    task_timeout: Optional[float] = None

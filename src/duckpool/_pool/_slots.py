@@ -107,6 +107,7 @@ class Slot:
         "last_service",
         "launched_at",
         "outbox",
+        "parked",
         "poisoned",
         "process",
         "queued_bytes",
@@ -160,6 +161,9 @@ class Slot:
         self.reserved = False
         #: The zygote was asked for its next process; the answer is due.
         self.requested = False
+        #: An elastic pool wants no worker here until work comes (``_elastic``);
+        #: kept when the slot's process is gone.
+        self.parked = False
         #: Reached max_tasks_per_child: to exit once its items are done.
         self.retiring = False
         #: The empty frame that tells the worker to exit has been written.

@@ -57,6 +57,8 @@ def snapshot(core: Core) -> PoolStats:
             counters.retried,
         )
         quarantined = core.quarantine.active(time.monotonic())
+        elastic = core.elastic
+        minimum = min(elastic.min_workers, core.size) if elastic.enabled else core.size
         helpers = tuple(HelperStats(role, pid) for role, pid in core.zygotes.helpers())
         stopped = (
             core.lifecycle.shutdown_requested
@@ -86,6 +88,7 @@ def snapshot(core: Core) -> PoolStats:
         helpers=helpers,
         stopped=stopped,
         retried=retried,
+        min_workers=minimum,
     )
 
 

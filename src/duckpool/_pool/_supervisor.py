@@ -83,7 +83,11 @@ class Supervisor:
                 if isinstance(stopping.error, TaskTimeoutError):
                     counters.timed_out += 1
             elif exitcode == 0:  # it left by itself: recycled, resized away, shut down
-                if slot.index < core.size and not core.lifecycle.shutdown_requested:
+                if (
+                    slot.index < core.size
+                    and not core.lifecycle.shutdown_requested
+                    and not slot.parked  # (idle past an elastic pool's idle_timeout)
+                ):
                     counters.recycles += 1
             elif core.lifecycle.kill_requested is None:
                 counters.worker_deaths += 1

@@ -46,15 +46,34 @@ class SchedulerView(Protocol):
 
     def dispatch_pending(self) -> None: ...
 
+    def is_idle(self, slot: Slot) -> bool: ...
+
     def on_ready(self, slot: Slot, now: float) -> None: ...
 
     pending: Pending
+
+    def retire(self, slot: Slot) -> None: ...
 
     def requeue_front(self, slot: Slot) -> None: ...
 
     def take_all(self) -> list[WorkItem]: ...
 
     def take_assigned(self, slot: Slot) -> list[WorkItem]: ...
+
+
+class ElasticView(Protocol):
+    """``_elastic.Elastic``, as the other owners use it."""
+
+    enabled: bool
+    min_workers: int
+
+    def adopt(self, slot: Slot) -> None: ...
+
+    def check(self, now: float) -> Optional[float]: ...
+
+    def unpark(self, slot: Slot) -> None: ...
+
+    def unpark_for(self, waiting: int) -> bool: ...
 
 
 class TransportView(Protocol):
@@ -123,6 +142,8 @@ class LauncherView(Protocol):
     ) -> None: ...
 
     def launch(self, slot_index: int) -> tuple[WorkerProcess, Any, Any]: ...
+
+    def may_start(self) -> bool: ...
 
     def may_start_now(self, now: float) -> bool: ...
 
@@ -253,6 +274,7 @@ class Core(Protocol):
 
     settings: PoolSettings
     lock: threading.Lock
+    workers_ready: threading.Condition
     lifecycle: Lifecycle
     size: int
     capacity: int
@@ -269,6 +291,9 @@ class Core(Protocol):
 
     @property
     def scheduler(self) -> SchedulerView: ...
+
+    @property
+    def elastic(self) -> ElasticView: ...
 
     @property
     def launcher(self) -> LauncherView: ...
