@@ -13,20 +13,27 @@ Endpoints:
     /fib?n=25          CPU work in the "compute" pool (200 with the result)
     /crash             a task that kills its worker: 502, and the pool heals
     /slow?seconds=5    a task past the 1 s per-task timeout: 504
+    /report?rows=500   a long task streaming its progress (one JSON line per
+                       update, then its result); the ``X-Request-ID`` header
+                       (or a new id) reaches the task through a ContextVar,
+                       and the line it logs carries it
     /stats             the pools' ``stats()``
 A full pool answers 429 (admission control: ``max_pending``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import multiprocessing
 import os
+import uuid
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 import duckpool
@@ -44,11 +51,12 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     compute = duckpool.get_or_create_process_manager("compute")
     compute.start(
         WORKERS,
-        task_type={"fib", "crash", "slow"},
+        task_type={"fib", "crash", "slow", "report"},
         process_name_prefix="example-compute",
         max_pending=MAX_PENDING,
         task_timeout=TASK_TIMEOUT,
         mp_context=multiprocessing.get_context(START_METHOD),
+        context_vars=[tasks.request_id],  # every task sees the request's id
     )
     try:
         yield
@@ -86,6 +94,26 @@ async def slow(request: Request) -> JSONResponse:
     return await _run("slow", float(request.query_params.get("seconds", "5")))
 
 
+async def report(request: Request) -> StreamingResponse:
+    """Run a long report, streaming each progress update as a JSON line."""
+    tasks.request_id.set(request.headers.get("x-request-id") or uuid.uuid4().hex[:8])
+    rows = int(request.query_params.get("rows", "500"))
+    try:
+        future = duckpool.submit_task(tasks.report, rows, task_type="report")
+    except duckpool.PoolSaturatedError:
+        return StreamingResponse(iter([json.dumps({"error": "busy"}) + "\n"]), status_code=429)
+
+    async def lines() -> AsyncIterator[str]:
+        async for update in future.progress_updates():
+            yield json.dumps({"done": update.done, "total": update.total}) + "\n"
+        try:
+            yield json.dumps({"result": await asyncio.wrap_future(future)}) + "\n"
+        except Exception as exc:
+            yield json.dumps({"error": repr(exc)}) + "\n"
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
 async def stats(request: Request) -> JSONResponse:
     snapshot = duckpool.pool_for("fib").stats()
     return JSONResponse(
@@ -98,6 +126,7 @@ app = Starlette(
         Route("/fib", fib),
         Route("/crash", crash),
         Route("/slow", slow),
+        Route("/report", report),
         Route("/stats", stats),
     ],
     lifespan=lifespan,

@@ -60,6 +60,20 @@ def _get_accepted(url: str) -> tuple[int, Any]:
         time.sleep(0.05)  # a client's back-off; the answer itself is what is waited for
 
 
+def _stream(url: str, headers: dict[str, str]) -> list[Any]:
+    """The JSON lines a streaming endpoint sends (retried while busy: 429)."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        try:
+            request = urllib.request.Request(url, headers=headers)
+            with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+                return [json.loads(line) for line in response.read().splitlines()]
+        except urllib.error.HTTPError as exc:
+            if exc.code != 429 or time.monotonic() > deadline:
+                raise
+        time.sleep(0.05)  # a client's back-off
+
+
 def _server_up(url: str) -> bool:
     try:
         return _get(url)[0] == 200
@@ -120,6 +134,12 @@ def test_a_burst_is_answered_and_sigterm_leaves_no_process(start_method: str) ->
         served.add(body["server_pid"])
         stats = _get(f"{base}/stats")[1]
         assert stats["max_workers"] == 2
+        # A long task streams its progress; the request's id reaches it.
+        lines = _stream(f"{base}/report?rows=300", {"X-Request-ID": "req-test-7"})
+        *updates, last = lines
+        assert last["result"]["rows"] == 300, lines
+        assert updates and all(u["total"] == 300 for u in updates), lines
+        assert [u["done"] for u in updates] == sorted(u["done"] for u in updates)
 
         master = psutil.Process(server.pid)
         seen: dict[int, int] = {}  # pool workers by server worker, at the last look
@@ -160,4 +180,6 @@ def test_a_burst_is_answered_and_sigterm_leaves_no_process(start_method: str) ->
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(TIMEOUT)
     assert "Traceback" not in output, output
+    # Logged in a pool worker, forwarded to its server worker's logging.
+    assert "request req-test-7: building a report of 300 rows" in output, output
     wait_until(lambda: all(process_gone(pid) for pid in members), TIMEOUT)

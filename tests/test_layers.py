@@ -27,6 +27,7 @@ def _module_name(path: Path) -> str:
 WORKER_SIDE = {
     "_worker",
     "_worker_logs",
+    "_progress",
     "_protocol",
     "_marks",
     "_import_hooks",

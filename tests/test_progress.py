@@ -49,6 +49,27 @@ def test_bar_counts_items_with_any_chunksize(
     assert closed(out)
 
 
+def test_an_unordered_map_has_the_same_bar(executor: duckpool.ProcessPoolExecutor) -> None:
+    out = io.StringIO()
+    results = executor.map(
+        tasks.fail_on, range(10), [-1] * 10, chunksize=3, progress=bar_options(out), ordered=False
+    )
+    assert sorted(results) == list(range(10))
+    assert "10/10" in last_state(out) and closed(out)
+    failing = io.StringIO()
+    results = executor.map(
+        tasks.fail_on,
+        range(10),
+        [4] * 10,
+        chunksize=1,
+        progress=bar_options(failing),
+        ordered=False,
+    )
+    with pytest.raises(ValueError):
+        list(results)
+    assert closed(failing)
+
+
 def test_bar_counts_each_chunk_as_it_arrives(executor: duckpool.ProcessPoolExecutor) -> None:
     out = io.StringIO()
     results = executor.map(

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     )
     from duckpool._executor import ProcessPoolExecutor
     from duckpool._manager import ProcessPoolManager, get_or_create_process_manager
+    from duckpool._progress import Progress, report_progress
     from duckpool._registry import REGISTRY
     from duckpool._routing import pool_for, run_task, submit_task
     from duckpool._shutdown import drain_all, install_shutdown_handlers
@@ -58,6 +59,8 @@ _EXPORTS = {
     "WorkerDiedError": "duckpool._errors",
     "ProcessPoolExecutor": "duckpool._executor",
     "ProcessPoolManager": "duckpool._manager",
+    "Progress": "duckpool._progress",
+    "report_progress": "duckpool._progress",
     "REGISTRY": "duckpool._registry",
     "get_or_create_process_manager": "duckpool._manager",
     "pool_for": "duckpool._routing",
@@ -116,6 +119,7 @@ __all__ = [
     "PoolStats",
     "ProcessPoolExecutor",
     "ProcessPoolManager",
+    "Progress",
     "TaskCancelledError",
     "TaskQuarantinedError",
     "TaskTimeoutError",
@@ -129,6 +133,7 @@ __all__ = [
     "install_shutdown_handlers",
     "pool_for",
     "register_prometheus",
+    "report_progress",
     "run_task",
     "submit_task",
 ]

@@ -66,7 +66,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future
 from typing import Any, Callable, Optional, TypeVar
 
-from duckpool import _process_pools, _worker
+from duckpool import _context, _process_pools, _worker
 from duckpool._dask_bridge import DaskBridge
 from duckpool._errors import InheritedManagerError
 from duckpool._map import chunk_calls, map_results, progress_bar_factory
@@ -206,6 +206,7 @@ class DaskExecutor(Executor):
         timeout: Optional[float] = None,
         priority: int = 0,
         retries: int = 0,
+        context_vars: Any = None,
     ) -> TaskOptions:
         """Submit with per-task options, leaving the task's own keywords alone.
 
@@ -214,6 +215,8 @@ class DaskExecutor(Executor):
         fails it with :class:`~duckpool.TaskTimeoutError` after 5 seconds.
         ``timeout=None`` means no limit, whatever the executor's default.
         ``priority`` is Dask's own: a higher one is scheduled first.
+        ``context_vars`` carries context variables as on the local pool
+        (the Dask workers need duckpool installed, as the LocalCluster's have).
 
         Raises ``ValueError`` for ``retries`` above 0: Dask's own retries
         also re-run a task that raised, which duckpool's never do, so
@@ -227,7 +230,11 @@ class DaskExecutor(Executor):
                 "task that raised, not only one whose worker died (see its "
                 "allowed-failures setting)"
             )
-        return TaskOptions(self, check_timeout("timeout", timeout), kind, check_priority(priority))
+        variables = _context.check_context_vars(context_vars)
+        located = None if variables is None else _context.located(variables)
+        return TaskOptions(
+            self, check_timeout("timeout", timeout), kind, check_priority(priority), 0, located
+        )
 
     async def run(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
         """Run ``fn(*args, **kwargs)`` on the cluster and await its result (asyncio).
@@ -257,11 +264,14 @@ class DaskExecutor(Executor):
         as_list: bool = False,
         priority: int = 0,
         retries: int = 0,
+        context: Any = None,
     ) -> Future[Any]:
         check_task_callable(fn)
         self._check_owner()
         _process_pools.raise_if_exiting()
         assert not retries  # refused by options()
+        if context:
+            fn = _context.bind(fn, context)
         return self._bridge.submit(fn, args, kwargs, task_type, timeout, as_list, priority)
 
     # -- map -----------------------------------------------------------------------
@@ -315,6 +325,7 @@ class DaskExecutor(Executor):
         ordered: bool = True,
         priority: int = 0,
         retries: int = 0,
+        context: Any = None,
     ) -> Iterator[_T]:
         # None (as options().map passes it): one call per Dask task.
         size = check_chunksize(chunksize) or 1
@@ -329,9 +340,18 @@ class DaskExecutor(Executor):
             if len(chunk[0]) == 1:  # fn itself: the workers need nothing from duckpool
                 args = tuple(column[0] for column in chunk)
                 return self._submit(
-                    fn, args, {}, task_timeout, task_type, as_list=True, priority=priority
+                    fn,
+                    args,
+                    {},
+                    task_timeout,
+                    task_type,
+                    as_list=True,
+                    priority=priority,
+                    context=context,
                 )
-            return self._submit(run_chunk, (chunk,), {}, task_timeout, task_type, priority=priority)
+            return self._submit(
+                run_chunk, (chunk,), {}, task_timeout, task_type, priority=priority, context=context
+            )
 
         return map_results(chunks, buffersize, submit_chunk, deadline, make_bar, ordered=ordered)
 

@@ -11,26 +11,21 @@ import os
 import pickle
 import signal
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import Future
+from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor as _StdlibProcessPoolExecutor
 from multiprocessing.context import BaseContext
 from typing import Any, Callable, Optional, TypeVar
 
 from duckpool import (
     _admission,
-    _buffers,
+    _context,
     _core,
-    _futures,
-    _process_pools,
-    _protocol,
     _shutdown,
 )
 from duckpool._compat import WorkerHandle, processes_view
-from duckpool._map import pool_map
-from duckpool._options import TaskOptions, await_cancelling
 from duckpool._pool._settings import PoolSettings
 from duckpool._stats import PoolStats
+from duckpool._submitting import Submitting
 from duckpool._validate import (
     check_admission,
     check_callable,
@@ -40,10 +35,6 @@ from duckpool._validate import (
     check_one_of,
     check_picklable,
     check_positive_int,
-    check_priority,
-    check_retries,
-    check_task_callable,
-    check_task_type,
     check_timeout,
     check_type_limits,
     default_max_workers,
@@ -139,105 +130,7 @@ def _checked_settings(
     return settings, admission
 
 
-def _queue(
-    core: _core.PoolCore,
-    dumps: Callable[..., bytes],
-    fn: Callable[..., _T],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    timeout: Optional[float],
-    kind: Optional[str],
-    chunk: bool,
-    priority: int,
-    retries: int,
-) -> Future[_T]:
-    """Pickle a call and hand it to the pool's core (``chunk``: a ``map`` chunk)."""
-    future: Future[_T] = _futures.PoolFuture(core)
-    task_id = _futures.next_task_id()
-    try:
-        call = (fn, *_buffers.wrap_call(args, kwargs))
-        payload, buffers = _buffers.dumps(dumps, call)
-    except Exception as exc:
-        # Failed at once, not raised: code written for the stdlib's
-        # executor (and CPython's tests) expects the error from the future.
-        future.set_exception(_pickling_error(dumps, fn, args, kwargs, exc))
-        return future
-    if buffers:
-        # Large buffers go beside the pickle, framed when a worker is
-        # chosen (into its shared area if there is room).
-        sent = _buffers.outgoing(buffers, snapshot=True)
-        item = _futures.WorkItem(
-            future, task_id, payload, fn, timeout, kind, chunk, sent, priority, retries
-        )
-    else:
-        frame = _protocol.task_frame(task_id, payload)
-        item = _futures.WorkItem(
-            future, task_id, frame, fn, timeout, kind, chunk, None, priority, retries
-        )
-    core.submit(item)
-    return future
-
-
-def _pickling_error(
-    dumps: Callable[..., bytes],
-    fn: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    exc: Exception,
-) -> pickle.PicklingError:
-    """The error of a call whose pickling raised ``exc``, naming the part that
-    does not pickle.  Re-raises ``exc`` if the call pickles now: it came from
-    outside, raised asynchronously in this thread (a signal handler's
-    exception), and is the caller's, as anywhere else in ``submit()``."""
-    if _pickles(dumps, fn, args, kwargs):
-        raise exc
-    error = pickle.PicklingError(
-        f"cannot send {_futures.callable_label(fn)} to a worker process: "
-        f"{_unpicklable_part(dumps, fn, args, kwargs)} cannot be pickled: {exc}"
-    )
-    error.__cause__ = exc
-    return error
-
-
-def _pickles(
-    dumps: Callable[..., bytes],
-    fn: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> bool:
-    """Does the call pickle?  (Asked once pickling it raised: the exception
-    may not have been the call's.)"""
-    try:
-        _buffers.dumps(dumps, (fn, *_buffers.wrap_call(args, kwargs)))
-    except Exception:
-        return False
-    return True
-
-
-def _unpicklable_part(
-    dumps: Callable[..., bytes],
-    fn: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> str:
-    """Name the first part of a call that does not pickle (for the error)."""
-    parts: list[tuple[str, Any]] = [("the callable", fn)]
-    parts += [(f"argument {i} ({_short_repr(a)})", a) for i, a in enumerate(args)]
-    parts += [(f"keyword argument {k}={_short_repr(v)}", v) for k, v in kwargs.items()]
-    for name, part in parts:
-        try:
-            dumps(_buffers.wrap(part, 2), pickle.HIGHEST_PROTOCOL)
-        except Exception:
-            return name
-    return "the call"
-
-
-def _short_repr(value: object, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
+class ProcessPoolExecutor(Submitting, _StdlibProcessPoolExecutor):  # type: ignore[misc]
     """A drop-in :class:`concurrent.futures.ProcessPoolExecutor` that heals.
 
     Same constructor, methods and semantics as the standard library's, plus:
@@ -317,6 +210,14 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
             waits until they are ready.  A worker only exits while idle, so
             no task is ever failed or delayed by it; ``stats()`` shows
             ``min_workers``, ``max_workers`` and the live ``workers``.
+        context_vars: a ``contextvars.ContextVar`` or several, each a
+            module-level name, whose values at ``submit()`` (or ``map()``)
+            every task carries to its worker: they are set there while it
+            runs and reset afterwards (a variable with no value at submit
+            keeps the worker's own).  A value that cannot be pickled fails
+            that task's future at submit, naming the variable.  None (the
+            default) sends none and costs nothing; ``options(context_vars=...)``
+            chooses per call.
     """
 
     def __init__(
@@ -342,6 +243,7 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
         pool_id: Any = None,
         min_workers: Optional[int] = None,
         idle_timeout: Optional[float] = None,
+        context_vars: Any = None,
     ) -> None:
         # The standard library's __init__ is not called: this class has its own
         # dispatch and shares only the public interface (isinstance keeps working).
@@ -368,6 +270,8 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
             idle_timeout=idle_timeout,
         )
         self._dumps = _dumps_of(serializer)
+        variables = _context.check_context_vars(context_vars)
+        self._context = None if variables is None else _context.located(variables)
         self._max_workers = settings.max_workers
         self._task_timeout = settings.task_timeout
         self._core = core = _core.PoolCore(settings, admission=self._admission)
@@ -446,203 +350,6 @@ class ProcessPoolExecutor(_StdlibProcessPoolExecutor):
     def worker_pids(self) -> list[int]:
         """The pids of the live worker processes, in slot order."""
         return self._core.worker_pids()
-
-    # -- submitting ---------------------------------------------------------------
-
-    def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
-        """Schedule ``fn(*args, **kwargs)`` and return its future.
-
-        The pool's ``task_timeout`` applies; :meth:`options` sets another.
-        Raises ``RuntimeError`` after shutdown and once interpreter shutdown
-        has begun (the main thread has finished: ``atexit`` handlers and
-        non-daemon threads can no longer submit), ``BrokenProcessPool`` if the
-        pool is broken (its initializer failed), and
-        :class:`~duckpool.InheritedManagerError` in a forked child.  A call
-        that cannot be pickled gives a future that has already failed with the
-        pickling error.  If the worker running the task dies, the future fails
-        with :class:`~duckpool.WorkerDiedError` and the pool goes on.
-        """
-        return self._submit(fn, args, kwargs, self._task_timeout, None)
-
-    async def run(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
-        """Run ``fn(*args, **kwargs)`` in the pool and await its result (asyncio).
-
-        Cancelling the awaiting task cancels the pool task: a queued one never
-        runs, and a running one's worker is stopped and replaced (see
-        :meth:`cancel_task`).  So ``asyncio.wait_for(executor.run(...), 5)`` and
-        ``asyncio.timeout`` bound the work itself, not only the wait.
-        """
-        return await await_cancelling(self, self.submit(fn, *args, **kwargs))
-
-    def _submit(
-        self,
-        fn: Callable[..., _T],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        timeout: Optional[float],
-        kind: Optional[str],
-        *,
-        chunk: bool = False,
-        priority: int = 0,
-        retries: int = 0,
-    ) -> Future[_T]:
-        check_task_callable(fn)
-        core = self._core
-        if not core.accepting or _process_pools.interpreter_exiting:
-            core.refuse()
-        admission = self._admission
-        if admission is None:
-            return _queue(
-                core, self._dumps, fn, args, kwargs, timeout, kind, chunk, priority, retries
-            )
-        admission.admit()
-        try:
-            future: Future[_T] = _queue(
-                core, self._dumps, fn, args, kwargs, timeout, kind, chunk, priority, retries
-            )
-        except BaseException:
-            admission.release()
-            raise
-        admission.track(future)  # the place is given back when it resolves
-        return future
-
-    def options(
-        self,
-        *,
-        timeout: Any = _futures.UNSET,
-        task_type: Optional[str] = None,
-        priority: int = 0,
-        retries: int = 0,
-    ) -> TaskOptions:
-        """Submit with per-task options, leaving the task's own keywords alone.
-
-        ``executor.options(timeout=2).submit(fn, *args, **kwargs)`` runs
-        ``fn`` with a 2-second limit; ``.map(...)`` applies it to each chunk.
-        ``timeout=None`` means no limit, whatever the pool's default; left
-        out, the pool's ``task_timeout`` applies.  ``task_type`` names the
-        task's type for the pool's ``type_limits``.
-
-        ``priority`` (an int, default 0): among the tasks waiting for a
-        worker, a higher priority goes first; tasks of one priority go in
-        the order they were submitted.  That is all it promises: a running
-        task is never interrupted for another, and lower priorities wait as
-        long as higher ones keep coming (no ageing).  It does not bypass
-        ``max_pending`` (a saturated pool refuses a task whatever its
-        priority) or ``type_limits``; with ``map``, every chunk has it.
-
-        ``retries`` (default 0, off: tasks may not be safe to run twice):
-        if the task's worker dies while running it (a signal, ``os._exit``,
-        the OOM killer) or it overruns its timeout, it runs again, first in
-        the queue of its priority, up to this many more times; never for an
-        exception the task raises, nor after ``cancel_task()``,
-        ``terminate_workers()`` or ``kill_workers()``.  The final
-        :class:`~duckpool.WorkerDiedError` or :class:`~duckpool.TaskTimeoutError`
-        says how many attempts were made (its ``attempts``).  Each death
-        counts toward ``quarantine_after``: a callable put in quarantine is
-        not retried, and fails with :class:`~duckpool.TaskQuarantinedError`.
-
-        Raises ``TypeError`` or ``ValueError`` for an argument of the wrong
-        type or value (a negative ``retries``, a timeout not above 0).
-        """
-        if timeout is _futures.UNSET:
-            timeout = self._task_timeout
-        else:
-            timeout = check_timeout("timeout", timeout)
-        return TaskOptions(
-            self,
-            timeout,
-            check_task_type(task_type),
-            check_priority(priority),
-            check_retries(retries),
-        )
-
-    def cancel_task(self, future: Future[Any]) -> bool:
-        """Cancel a task, even a running one.
-
-        A queued task is cancelled as by ``Future.cancel()``.  A running task's
-        worker is stopped (SIGTERM, then SIGKILL after a short grace) and a
-        replacement starts; the future fails with
-        :class:`~duckpool.TaskCancelledError`, a ``CancelledError``.  Returns
-        False if the future is already done or not from this executor.
-        """
-        if future.done():
-            return False
-        return self._core.cancel(future)
-
-    def map(  # type: ignore[override]
-        self,
-        fn: Callable[..., _T],
-        *iterables: Iterable[Any],
-        timeout: Optional[float] = None,
-        chunksize: Optional[int] = None,
-        buffersize: Optional[int] = None,
-        progress: Any = None,
-        ordered: bool = True,
-    ) -> Iterator[_T]:
-        """Like :func:`map`, computed in the pool; results come in input order.
-
-        ``chunksize`` sends that many calls per task.  Left out (``None``),
-        the pool chooses: about four chunks per worker, of at most
-        4096 calls each (so results start coming back early), each call still
-        answering for itself (an error is raised when its own result is
-        reached, and the calls after it run, as with ``chunksize=1``); with
-        ``buffersize`` or a task timeout, one call per task.  ``buffersize`` (as in
-        Python 3.14) bounds how many chunks are submitted ahead of the one
-        being yielded, so an endless iterable can be mapped lazily.  Raises
-        ``TimeoutError`` if a result is not ready ``timeout`` seconds after the
-        call; a call that raised re-raises when its result is reached.
-
-        ``progress=True`` shows a ``tqdm`` progress bar while the results are
-        iterated, counting items (not chunks) as their chunk's results
-        arrive, with the inputs' length as total when they all have one;
-        a string is the bar's description, a dict goes to ``tqdm`` as keyword
-        arguments (``{"desc": "rows", "file": sys.stdout}``).  The bar closes
-        when the iteration ends: at the last result, at an error or timeout,
-        or when the iterator is closed.  Raises ``ImportError`` if ``tqdm``
-        is missing (``pip install "duckpool[progress]"``) and ``TypeError``
-        for another kind of ``progress``.
-
-        ``ordered=False`` yields each result as soon as its chunk is back,
-        in whatever order the chunks finish (a chunk's own results in input
-        order), with the same chunking, ``buffersize`` (a new chunk is
-        submitted as each one's results are handed out), ``timeout`` and
-        ``progress``.  The first failed call raises when its chunk comes
-        back, after the results of its chunk before it.  Either way, ending
-        the iteration early (an error, a timeout, the iterator's ``close()``)
-        cancels the chunks no worker has started.
-        """
-        return self._map(
-            fn,
-            iterables,
-            timeout,
-            chunksize,
-            buffersize,
-            self._task_timeout,
-            None,
-            progress,
-            ordered=ordered,
-        )
-
-    def _map(
-        self,
-        fn: Callable[..., _T],
-        iterables: tuple[Iterable[Any], ...],
-        timeout: Optional[float],
-        chunksize: Optional[int],
-        buffersize: Optional[int],
-        task_timeout: Optional[float],
-        kind: Optional[str],
-        progress: Any = None,
-        *,
-        ordered: bool = True,
-        priority: int = 0,
-        retries: int = 0,
-    ) -> Iterator[_T]:
-        options = (task_timeout, kind, priority, retries)
-        limits = (timeout, chunksize, buffersize)
-        return pool_map(
-            self._submit, self._max_workers, fn, iterables, limits, options, progress, ordered
-        )
 
     # -- stopping -----------------------------------------------------------------
 

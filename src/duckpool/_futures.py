@@ -11,9 +11,12 @@ import time
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import _base as _futures_base
 from concurrent.futures.process import _RemoteTraceback
-from typing import Any, Optional, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Optional, Protocol, TypeVar
 
 from duckpool._errors import TaskCancelledError
+
+if TYPE_CHECKING:
+    from duckpool._progress import Progress
 
 #: A future's states once it is resolved (or cancelled).
 DONE_STATES = frozenset(
@@ -75,6 +78,26 @@ def set_exception(future: Future[Any], error: BaseException) -> None:
         future.set_exception(error)
     except InvalidStateError:  # cancelled or already resolved by a racing path
         _acknowledge_cancel(future)
+
+
+def set_progress(future: Future[Any], payload: memoryview) -> None:
+    """A progress frame for ``future``'s task: keep it as the latest update
+    and call the future's progress callbacks (no lock held), unless the
+    future is resolved already (never a callback after that)."""
+    if future._state in DONE_STATES or not isinstance(future, PoolFuture):
+        return
+    from duckpool._progress import Progress
+
+    future.__dict__["_progress"] = Progress(*pickle.loads(payload))
+    for callback in future.__dict__.get("_progress_callbacks", ()):
+        _call_progress_callback(callback, future)
+
+
+def _call_progress_callback(callback: Callable[[Future[Any]], object], future: Future[Any]) -> None:
+    try:
+        callback(future)
+    except Exception:
+        _futures_base.LOGGER.exception("exception calling progress callback for %r", future)
 
 
 def _acknowledge_cancel(future: Future[Any]) -> None:
@@ -280,6 +303,50 @@ class PoolFuture(Future[_T]):
                 self._state = _futures_base.FINISHED
                 return
         super().set_exception(exception)
+
+    @property
+    def progress(self) -> Optional[Progress]:
+        """The task's latest :func:`duckpool.report_progress` update (a
+        :class:`duckpool.Progress`), or None before its first."""
+        return self.__dict__.get("_progress")  # type: ignore[no-any-return]
+
+    def add_progress_callback(self, fn: Callable[[Future[_T]], object]) -> None:
+        """Call ``fn(future)`` after each progress update of the task (read
+        ``future.progress``), in the thread that reads the task's results,
+        never once the future has resolved.  If an update came already,
+        ``fn`` is called now with it.  Updates a task sends faster than
+        every 50 ms are coalesced (the latest wins).  An exception ``fn``
+        raises is logged, as ``add_done_callback``'s are.
+        """
+        self.__dict__.setdefault("_progress_callbacks", []).append(fn)
+        if "_progress" in self.__dict__ and self._state not in DONE_STATES:
+            _call_progress_callback(fn, self)
+
+    async def progress_updates(self) -> AsyncIterator[Progress]:
+        """In asyncio: each progress update as it comes, until the task ends.
+
+        ``async for update in future.progress_updates(): ...`` then ``await
+        asyncio.wrap_future(future)`` for the result; the iteration ends when
+        the future resolves, however it resolves.
+        """
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue[Optional[Progress]] = asyncio.Queue()
+
+        def put(update: Optional[Progress]) -> None:
+            try:
+                loop.call_soon_threadsafe(updates.put_nowait, update)
+            except RuntimeError:  # the loop has closed meanwhile
+                pass
+
+        self.add_progress_callback(lambda future: put(future.progress))  # type: ignore[attr-defined]
+        self.add_done_callback(lambda _: put(None))
+        while True:
+            update = await updates.get()
+            if update is None:
+                return
+            yield update
 
     def _help(self, timeout: Optional[float]) -> Optional[float]:
         """Help resolve this future; return what is left of ``timeout``."""

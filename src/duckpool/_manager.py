@@ -13,6 +13,7 @@ from multiprocessing.context import BaseContext
 from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, List, Optional, Union
 
 from duckpool import _registry
+from duckpool._context import check_context_vars
 from duckpool._errors import InheritedManagerError, ManagerNotFound, UnknownTaskError
 from duckpool._executor import ProcessPoolExecutor
 from duckpool._futures import UNSET
@@ -40,15 +41,21 @@ class ManagerOptions:
     """A manager's ``submit_task`` and ``run`` with per-task options; see
     :meth:`ProcessPoolManager.options`."""
 
-    __slots__ = ("_manager", "priority", "retries", "timeout")
+    __slots__ = ("_manager", "context_vars", "priority", "retries", "timeout")
 
     def __init__(
-        self, manager: ProcessPoolManager, timeout: Any, priority: int, retries: int
+        self,
+        manager: ProcessPoolManager,
+        timeout: Any,
+        priority: int,
+        retries: int,
+        context_vars: Any = None,
     ) -> None:
         self._manager = manager
         self.timeout = timeout
         self.priority = priority
         self.retries = retries
+        self.context_vars = context_vars
 
     def submit_task(
         self,
@@ -177,6 +184,7 @@ class ProcessPoolManager:
         min_workers: Optional[int] = None,
         idle_timeout: Optional[float] = None,
         prestart: bool = False,
+        context_vars: Any = None,
     ) -> None:
         """Start the pool, ready to accept tasks.
 
@@ -223,6 +231,10 @@ class ProcessPoolManager:
                 all ready (their start-up is then not paid by the first
                 requests); ``start`` raises what ``prestart()`` raises,
                 leaving the pool running.
+            context_vars: context variables whose values at submit every
+                task carries to its worker (see
+                :class:`duckpool.ProcessPoolExecutor`); on either backend,
+                ``options(context_vars=...)`` chooses per call.
             backend: ``"local"`` (worker processes of this machine) or
                 ``"dask"`` (needs ``pip install "duckpool[dask]"``).
             address: Dask only: None starts a LocalCluster of ``max_workers``
@@ -261,6 +273,7 @@ class ProcessPoolManager:
             "min_workers": min_workers,
             "idle_timeout": idle_timeout,
             "prestart": prestart or None,
+            "context_vars": context_vars,
         }
         check_backend(backend, address, local_only)
         with self._lock:
@@ -297,6 +310,7 @@ class ProcessPoolManager:
                     pool_id=_picklable_id(self._id),
                     min_workers=min_workers,
                     idle_timeout=idle_timeout,
+                    context_vars=context_vars,
                 )
             self._backend = backend
             self._max_workers = max_workers
@@ -351,7 +365,12 @@ class ProcessPoolManager:
         return self._submit_task(task, args, kwargs, task_type, None)
 
     def options(
-        self, *, timeout: Any = UNSET, priority: int = 0, retries: int = 0
+        self,
+        *,
+        timeout: Any = UNSET,
+        priority: int = 0,
+        retries: int = 0,
+        context_vars: Any = None,
     ) -> ManagerOptions:
         """``submit_task`` and ``run`` with per-task options.
 
@@ -369,9 +388,10 @@ class ProcessPoolManager:
         """
         check_priority(priority)
         check_retries(retries)
+        check_context_vars(context_vars)
         if timeout is not UNSET:
             check_timeout("timeout", timeout)
-        return ManagerOptions(self, timeout, priority, retries)
+        return ManagerOptions(self, timeout, priority, retries, context_vars)
 
     def _submit_task(
         self,
@@ -392,6 +412,7 @@ class ProcessPoolManager:
             task_type=task_type,
             priority=options.priority,
             retries=options.retries,
+            context_vars=options.context_vars,
         )
         return chosen.submit(task, *args, **kwargs)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import itertools
 import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Generator, Iterable, Iterator
@@ -22,7 +23,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from typing import Any, Callable, Optional, TypeVar
 
-from duckpool import _futures, _worker
+from duckpool import _context, _futures, _worker
 from duckpool._validate import check_buffersize, check_chunksize, check_ordered
 
 __all__ = [
@@ -195,6 +196,56 @@ def map_results(
     )
 
 
+class _Bar:
+    """A ``map``'s progress bar: it counts the calls of each chunk as the
+    chunk's results arrive, and moves within a chunk still running as its
+    tasks report progress (``duckpool.report_progress``): the calls of the
+    chunk that had returned, plus the fraction ``done / total`` of the one
+    that reported.  Progress callbacks run in the pool's thread."""
+
+    __slots__ = ("_bar", "_credited", "_lock")
+
+    def __init__(self, bar: Any) -> None:
+        self._bar = bar
+        #: What each running chunk has moved the bar by, so far.
+        self._credited: dict[Future[Any], float] = {}
+        self._lock = threading.Lock()
+
+    def watch(self, future: Future[Any]) -> None:
+        add = getattr(future, "add_progress_callback", None)
+        if add is not None:  # (a Dask future has none)
+            add(self._on_progress)
+
+    def _on_progress(self, future: Future[Any]) -> None:
+        update = getattr(future, "progress", None)
+        if update is None:
+            return
+        fraction = 0.0
+        if update.total:
+            fraction = min(1.0, max(0.0, update.done / update.total))
+        value = (update.offset or 0) + fraction
+        with self._lock:
+            if future.done() or (future not in self._credited and future.running() is False):
+                return
+            old = self._credited.get(future, 0.0)
+            if value > old:
+                self._credited[future] = value
+                self._bar.update(value - old)
+
+    def finish(self, future: Future[Any], calls: int) -> None:
+        """``future``'s chunk of ``calls`` calls is back: count what is left of it."""
+        with self._lock:
+            old = self._credited.pop(future, 0.0)
+            bar = self._bar
+            bar.update(calls - old)
+            if isinstance(bar.n, float) and abs(bar.n - round(bar.n)) < 1e-6:
+                bar.n = round(bar.n)  # no "10.0/10" once the fractions are all counted
+                bar.refresh()
+
+    def close(self) -> None:
+        self._bar.close()
+
+
 def _handed_out(results: list[_T]) -> Iterator[_T]:
     """The items of ``results`` in order, each dropped from the list as it is handed out."""
     results.reverse()
@@ -218,17 +269,24 @@ def _result_chunks(
     bar = None
     try:
         if make_bar is not None:
-            bar = make_bar()
+            bar = _Bar(make_bar())
+            for future in futures:
+                bar.watch(future)
         while futures:
             future = futures.popleft()
             if more_chunks is not None:
-                futures.extend(submit_chunk(chunk) for chunk in itertools.islice(more_chunks, 1))
+                for chunk_calls_ in itertools.islice(more_chunks, 1):
+                    futures.append(submit_chunk(chunk_calls_))
+                    if bar is not None:
+                        bar.watch(futures[-1])
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise FuturesTimeoutError()
             chunk = future.result(remaining)
+            if bar is not None:
+                bar.finish(future, len(chunk))
             del future  # hold no reference to a result once it is handed out
-            yield from _chunk_results(chunk, bar, item_errors)
+            yield from _chunk_results(chunk, item_errors)
             del chunk
     finally:
         for future in futures:
@@ -237,12 +295,8 @@ def _result_chunks(
             bar.close()
 
 
-def _chunk_results(
-    chunk: list[_T], bar: Any, item_errors: bool
-) -> Generator[Iterator[_T], None, None]:
+def _chunk_results(chunk: list[_T], item_errors: bool) -> Generator[Iterator[_T], None, None]:
     """Hand out one chunk's results; raise where a call of it failed."""
-    if bar is not None:
-        bar.update(len(chunk))
     if item_errors and type(chunk) is _worker.PartlyFailed:
         failed = next(i for i, r in enumerate(chunk) if isinstance(r, _worker.ItemError))
         error: Any = chunk[failed]
@@ -268,14 +322,17 @@ def _unordered_result_chunks(
     finished: queue.SimpleQueue[Future[list[_T]]] = queue.SimpleQueue()
     outstanding: set[Future[list[_T]]] = set()
 
+    bar: Optional[_Bar] = None
+
     def track(future: Future[list[_T]]) -> None:
         outstanding.add(future)
         future.add_done_callback(finished.put)
+        if bar is not None:
+            bar.watch(future)
 
-    bar = None
     try:
         if make_bar is not None:
-            bar = make_bar()
+            bar = _Bar(make_bar())
         while futures:
             track(futures.popleft())
         while outstanding:
@@ -291,8 +348,10 @@ def _unordered_result_chunks(
                 for chunk_calls_ in itertools.islice(more_chunks, 1):
                     track(submit_chunk(chunk_calls_))
             chunk = future.result()
+            if bar is not None:
+                bar.finish(future, len(chunk))
             del future  # hold no reference to a result once it is handed out
-            yield from _chunk_results(chunk, bar, item_errors)
+            yield from _chunk_results(chunk, item_errors)
             del chunk
     finally:
         for future in outstanding:
@@ -307,7 +366,7 @@ def pool_map(
     fn: Callable[..., _T],
     iterables: tuple[Iterable[Any], ...],
     limits: tuple[Optional[float], Optional[int], Optional[int]],
-    options: tuple[Optional[float], Optional[str], int, int],
+    options: tuple[Optional[float], Optional[str], int, int, Any],
     progress: Any,
     ordered: bool,
 ) -> MapResults[_T]:
@@ -315,10 +374,11 @@ def pool_map(
 
     ``submit`` is the executor's ``_submit``; ``limits`` are the map's
     ``timeout``, ``chunksize`` and ``buffersize``; ``options`` each chunk's
-    task timeout, task type, priority and retries.
+    task timeout, task type, priority, retries and context variables (their
+    values now, set around each whole chunk in its worker).
     """
     timeout, chunksize, buffersize = limits
-    task_timeout, kind, priority, retries = options
+    task_timeout, kind, priority, retries, context = options
     automatic = check_chunksize(chunksize) is None
     check_ordered(ordered)
     check_buffersize(buffersize)
@@ -338,10 +398,11 @@ def pool_map(
         size = chunksize
         run = functools.partial(_worker.run_chunk, fn)
     chunks = chunk_calls(iterables, size, read_now=buffersize is None)
+    call = _context.bind(run, context) if context else run
 
     def submit_chunk(chunk: _worker.Columns) -> Future[list[_T]]:
         return submit(
-            run,
+            call,
             (chunk,),
             {},
             task_timeout,
@@ -349,6 +410,7 @@ def pool_map(
             chunk=True,
             priority=priority,
             retries=retries,
+            context=(),
         )
 
     return map_results(chunks, buffersize, submit_chunk, deadline, make_bar, automatic, ordered)

@@ -30,6 +30,7 @@ class OptionsTarget(Protocol):
         *,
         priority: int = 0,
         retries: int = 0,
+        context: Any = None,
     ) -> Future[Any]: ...
 
     def _map(
@@ -46,6 +47,7 @@ class OptionsTarget(Protocol):
         ordered: bool = True,
         priority: int = 0,
         retries: int = 0,
+        context: Any = None,
     ) -> Iterator[Any]: ...
 
     def cancel_task(self, future: Future[Any]) -> bool: ...
@@ -70,7 +72,7 @@ async def await_cancelling(executor: _Cancels, future: Future[_T]) -> _T:
 class TaskOptions:
     """Per-task options bound to an executor; see :meth:`ProcessPoolExecutor.options`."""
 
-    __slots__ = ("_executor", "_kind", "_priority", "_retries", "_timeout")
+    __slots__ = ("_context", "_executor", "_kind", "_priority", "_retries", "_timeout")
 
     def __init__(
         self,
@@ -79,8 +81,11 @@ class TaskOptions:
         kind: Optional[str],
         priority: int = 0,
         retries: int = 0,
+        context: Any = None,
     ) -> None:
         self._executor = executor
+        #: Context variables to carry (located, see ``_context``); None: the pool's.
+        self._context = context
         self._timeout = timeout
         self._kind = kind
         self._priority = priority
@@ -96,6 +101,7 @@ class TaskOptions:
             self._kind,
             priority=self._priority,
             retries=self._retries,
+            context=self._context,
         )
 
     async def run(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
@@ -130,4 +136,5 @@ class TaskOptions:
             ordered=ordered,
             priority=self._priority,
             retries=self._retries,
+            context=self._context,
         )

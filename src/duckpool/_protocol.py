@@ -24,6 +24,10 @@ frame is what ``multiprocessing.connection.Connection.send_bytes`` writes: a
   the id of the task running when the record was made (0 between tasks), and
   the pickle of a ``logging.LogRecord``'s attributes (see ``_worker_logs``).
   It answers no task: any number may come between two result frames.
+* progress frame (worker -> parent): ``STATUS_PROGRESS``, the id of the
+  running task, and the pickle of ``(done, total, message, offset)`` (see
+  ``_progress``).  It answers no task either; the last one of a task comes
+  before its result frame.
 
 The worker answers its tasks one at a time, in the order they arrived.
 
@@ -62,6 +66,7 @@ STATUS_INIT_FAILED = 2
 STATUS_READY = 3
 STATUS_UNPICKLE_FAILED = 4
 STATUS_LOG = 5
+STATUS_PROGRESS = 6
 #: Or'ed into a result frame's status: a ``_buffers`` body follows.
 STATUS_BUFFERS = 0x80
 #: Or'ed into a task frame's id: a ``_buffers`` body follows.

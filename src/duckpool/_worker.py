@@ -20,7 +20,7 @@ import _thread
 import os
 import sys
 
-from duckpool import _buffers
+from duckpool import _buffers, _progress
 from duckpool._marks import marks_array
 from duckpool._protocol import (
     STATUS_BUFFERS,
@@ -169,7 +169,13 @@ if TYPE_CHECKING:
 
 def run_chunk(fn: Callable[..., Any], columns: Columns) -> list[Any]:
     """Apply ``fn`` to each call of a ``map`` chunk; the first error ends it."""
-    return list(map(fn, *columns))
+    results: list[Any] = []
+    _progress.chunk = results  # (its length: the calls done, for progress reports)
+    try:
+        results.extend(map(fn, *columns))
+    finally:
+        _progress.chunk = None
+    return results
 
 
 class ItemError:
@@ -202,18 +208,23 @@ def run_items(fn: Callable[..., Any], columns: Columns) -> list[Any]:
     itself behaves as if every call had been its own task.
     """
     results: list[Any] = []
+    _progress.chunk = results  # (its length: the calls done, for progress reports)
     calls = map(fn, *columns)
-    while True:
-        try:
-            # CPython's list.extend keeps what it appended before an error,
-            # and a map object goes on with the next call after one: the
-            # loop runs in C until a call raises.
-            results.extend(calls)
-            return results
-        except BaseException as exc:  # a task's outcome, as in _run_one
-            if type(results) is list:
-                results = PartlyFailed(results)
-            results.append(ItemError(dump_exception(exc)))
+    try:
+        while True:
+            try:
+                # CPython's list.extend keeps what it appended before an error,
+                # and a map object goes on with the next call after one: the
+                # loop runs in C until a call raises.
+                results.extend(calls)
+                return results
+            except BaseException as exc:  # a task's outcome, as in _run_one
+                if type(results) is list:
+                    results = PartlyFailed(results)
+                    _progress.chunk = results
+                results.append(ItemError(dump_exception(exc)))
+    finally:
+        _progress.chunk = None
 
 
 def watch_parent(parent_pid: int) -> None:
@@ -424,18 +435,15 @@ def worker_main(
     close_on_exec(task_conn.fileno(), result_fd)
     _prepare(config)
 
+    # Threads of a task may log or report progress while the main thread
+    # writes a result: frames must not interleave, so every write takes the lock.
+    write_lock = _thread.allocate_lock()
+
     def send(frame: Frames) -> None:
-        write_all(result_fd, frame)
+        with write_lock:
+            write_all(result_fd, frame)
 
     if config.log_levels is not None:
-        # Threads of a task may log while the main thread writes a result:
-        # frames must not interleave, so every write takes the lock.
-        write_lock = _thread.allocate_lock()
-
-        def send(frame: Frames) -> None:
-            with write_lock:
-                write_all(result_fd, frame)
-
         if config.forked:
             forward_logs_from_first_record(send, config)
         else:
@@ -555,6 +563,7 @@ def _serve(
     else:
         dumps = _pickle.dumps
     protocol = _buffers.PROTOCOL
+    _progress.install(send, sys.modules[__name__])
     marks = marks_array(config.marks)
     slot = config.slot
     skip_cell = config.max_workers + slot
@@ -629,6 +638,8 @@ def _run_one(
         return True
     finally:
         del fn, args, kwargs
+        if _progress.pending is not None:  # its last update, before its result
+            _progress.flush()
     try:
         if type(result) in _PLAIN_RESULTS:  # nothing out of band, surely
             payload, buffers = dumps(result, protocol), None

@@ -32,6 +32,7 @@ from duckpool._futures import (
     WorkItem,
     exception_from_payload,
     set_exception,
+    set_progress,
     set_result,
 )
 
@@ -202,6 +203,14 @@ class ResultBook:
                     # Emitted in its place among the results, with no lock held.
                     resolved.append((LOG_RECORD_ITEM, status, payload))
                     continue
+                if status == _protocol.STATUS_PROGRESS:
+                    # The running task's: its future takes it, in its place.
+                    head = assigned[0] if assigned else None
+                    if head is not None and head.task_id == int.from_bytes(
+                        view[: _protocol.TASK_ID_BYTES], "little"
+                    ):
+                        resolved.append((head, status, payload))
+                    continue
                 item = assigned[0] if assigned else None
                 if item is None or item.task_id != int.from_bytes(
                     view[: _protocol.TASK_ID_BYTES], "little"
@@ -245,6 +254,9 @@ class ResultBook:
         """Set a future from a result frame (no lock held: callbacks run here)."""
         if status == _protocol.STATUS_LOG:
             _logs.handle_forwarded(payload)
+            return
+        if status == _protocol.STATUS_PROGRESS:
+            set_progress(item.future, payload)
             return
         future = item.future
         if future._state in DONE_STATES:
