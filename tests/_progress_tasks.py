@@ -50,3 +50,10 @@ def item_reports_then_waits(value: int, gate: str) -> int:
 
 def bad_report() -> None:
     duckpool.report_progress("half")  # type: ignore[arg-type]
+
+
+def report_then_raise() -> None:
+    """Two updates in quick succession (the second coalesced), then an error."""
+    duckpool.report_progress(1, 2, "first")
+    duckpool.report_progress(2, 2, "last")
+    raise ValueError("failed after reporting")

@@ -274,6 +274,20 @@ def test_priorities_and_unordered_maps_work_and_retries_are_refused(
         executor.options(retries=1)
 
 
+def test_context_variables_reach_a_dask_task(executor: DaskExecutor) -> None:
+    import _context_tasks as ctx_tasks
+
+    token = ctx_tasks.request_id.set("dask-req")
+    try:
+        carried = executor.options(context_vars=ctx_tasks.request_id, timeout=RESULT_TIMEOUT)
+        assert carried.submit(ctx_tasks.seen).result(RESULT_TIMEOUT) == ("dask-req", "nobody")
+        assert list(carried.map(ctx_tasks.seen_with, range(3), chunksize=2)) == [
+            (i, "dask-req") for i in range(3)
+        ]
+    finally:
+        ctx_tasks.request_id.reset(token)
+
+
 def test_map_reraises_a_calls_exception(executor: DaskExecutor) -> None:
     results = executor.map(_tasks.raise_value_error, ["boom"], timeout=RESULT_TIMEOUT)
     with pytest.raises(ValueError, match="boom"):

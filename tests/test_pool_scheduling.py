@@ -372,6 +372,18 @@ def test_the_queue_goes_by_priority_then_in_order() -> None:
     assert pending.pop_first(lambda item: True) is None
 
 
+def test_only_items_a_worker_could_start_count_as_startable() -> None:
+    pool = _Pool(2, type_limits={"x": 1})
+    scheduler = _scheduler(pool)
+    scheduler.queue(_ranked(0, "x"))  # runs: "x" is at its cap
+    scheduler.queue(_ranked(0, "y"))  # runs on the other worker
+    capped, cancelled, free, also_free = _ranked(0, "x"), _item(), _item(), _item()
+    for item in (capped, cancelled, free, also_free):
+        scheduler.queue(item)
+    assert cancelled.future.cancel()
+    assert scheduler.startable(10) == 2 and scheduler.startable(1) == 1
+
+
 def test_many_priorities_do_not_pile_up_in_the_queue() -> None:
     pending = Pending()
     for priority in range(1, 200):

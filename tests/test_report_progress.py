@@ -44,6 +44,17 @@ def test_updates_reach_the_future_and_the_last_comes_before_the_result(ctx: obje
         pool.shutdown()
 
 
+def test_a_failing_tasks_last_update_comes_before_its_error(ctx: object) -> None:
+    pool = duckpool.ProcessPoolExecutor(1, ctx)  # type: ignore[arg-type]
+    try:
+        future = pool.submit(progress_tasks.report_then_raise)
+        with pytest.raises(ValueError, match="failed after reporting"):
+            future.result(TIMEOUT)
+        assert future.progress == duckpool.Progress(2, 2, "last", None)  # type: ignore[attr-defined]
+    finally:
+        pool.shutdown()
+
+
 def test_a_callback_added_late_gets_the_latest_update_at_once(ctx: object, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     pool = duckpool.ProcessPoolExecutor(1, ctx)  # type: ignore[arg-type]

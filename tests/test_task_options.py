@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import CancelledError
+from concurrent.futures import TimeoutError as FuturesTimeoutError
 from pathlib import Path
 
 import pytest
@@ -114,11 +115,11 @@ def test_retries_rerun_a_task_whose_worker_died_or_that_timed_out_never_one_that
 
         # A timeout is retried like a death.
         runs = tmp_path / "stalled"
-        future = pool.options(retries=1, timeout=0.5).submit(
+        future = pool.options(retries=1, timeout=0.2).submit(
             option_tasks.stall_first_run, str(runs)
         )
         assert future.result(TIMEOUT) == 2
-        timed_out = pool.options(retries=1, timeout=0.5).submit(time.sleep, 60)
+        timed_out = pool.options(retries=1, timeout=0.2).submit(time.sleep, 60)
         error = timed_out.exception(TIMEOUT)
         assert isinstance(error, duckpool.TaskTimeoutError) and error.attempts == 2
 
@@ -133,6 +134,28 @@ def test_retries_rerun_a_task_whose_worker_died_or_that_timed_out_never_one_that
 
         # The pool goes on.
         assert pool.submit(tasks.add, 1, 2).result(TIMEOUT) == 3
+    finally:
+        pool.shutdown(cancel_futures=True, timeout=TIMEOUT)
+
+
+def test_a_retried_task_is_not_charged_for_a_worker_that_died_before_taking_it_up(
+    ctx: object, tmp_path: Path
+) -> None:
+    # The first worker runs X, which kills it; X waits for the next worker of
+    # that slot, which dies in its initializer before reading X.  That death
+    # is not X's: X runs a second time on the third worker, and returns.
+    starts, runs = tmp_path / "starts", tmp_path / "runs"
+    pool = duckpool.ProcessPoolExecutor(  # type: ignore[misc]
+        1,
+        ctx,  # type: ignore[arg-type]
+        initializer=option_tasks.exit_on_second_start,
+        initargs=(str(starts),),
+    )
+    try:
+        future = pool.options(retries=1).submit(option_tasks.die_until, str(runs), 1)
+        assert future.result(TIMEOUT) == 2
+        assert len(_lines(runs)) == 2 and len(_lines(starts)) == 3
+        assert pool.stats().retried == 1
     finally:
         pool.shutdown(cancel_futures=True, timeout=TIMEOUT)
 
@@ -175,6 +198,13 @@ def test_an_unordered_map_yields_results_as_they_finish(ctx: object, tmp_path: P
         gate.touch()
         rest = list(results)
         assert sorted(first + rest) == list(range(20))
+
+        # Past its timeout, the iteration raises (and cancels what is left).
+        late = tmp_path / "late"
+        stuck = pool.map(option_tasks.wait_or_echo, [0], [str(late)], ordered=False, timeout=0.2)
+        with pytest.raises(FuturesTimeoutError):
+            next(stuck)
+        late.touch()
 
         # Chosen chunks, a bounded buffer: every result once.
         assert sorted(

@@ -328,8 +328,9 @@ class PoolCore:
         self.assists.help_resolve(future, timeout)
 
     def backlog(self) -> int:
-        """How many items wait for a worker (read without the lock)."""
-        return len(self.scheduler.pending)
+        """How many items wait for a worker."""
+        with self.lock:
+            return len(self.scheduler.pending)
 
     def stats(self) -> PoolStats:
         """A snapshot of the pool's workers, queue and counters."""

@@ -208,8 +208,9 @@ class ProcessPoolExecutor(Submitting, _StdlibProcessPoolExecutor):  # type: igno
             every worker starts at the first submit and stays, as in the
             standard library.  :meth:`prestart` starts them all now and
             waits until they are ready.  A worker only exits while idle, so
-            no task is ever failed or delayed by it; ``stats()`` shows
-            ``min_workers``, ``max_workers`` and the live ``workers``.
+            no task fails by it (one that comes as it leaves may wait for a
+            worker to start); ``stats()`` shows ``min_workers``,
+            ``max_workers`` and the live ``workers``.
         context_vars: a ``contextvars.ContextVar`` or several, each a
             module-level name, whose values at ``submit()`` (or ``map()``)
             every task carries to its worker: they are set there while it
@@ -325,7 +326,8 @@ class ProcessPoolExecutor(Submitting, _StdlibProcessPoolExecutor):  # type: igno
     def resize(self, max_workers: int) -> None:
         """Run ``max_workers`` workers from now on, without failing any future.
 
-        Growing starts the new workers at once.  Shrinking lets the surplus
+        Growing starts the new workers at once (in an elastic pool, when work
+        needs them).  Shrinking lets the surplus
         workers finish what they hold, then they exit (idle ones at once);
         nothing queued is lost.  Raises ``ValueError`` for a count that is
         not a positive int or beyond what the pool can grow to, and

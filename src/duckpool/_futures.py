@@ -89,7 +89,9 @@ def set_progress(future: Future[Any], payload: memoryview) -> None:
     from duckpool._progress import Progress
 
     future.__dict__["_progress"] = Progress(*pickle.loads(payload))
-    for callback in future.__dict__.get("_progress_callbacks", ()):
+    for callback in tuple(future.__dict__.get("_progress_callbacks", ())):
+        if future._state in DONE_STATES:
+            return  # resolved meanwhile, by another thread (a kill, a breakage)
         _call_progress_callback(callback, future)
 
 
@@ -327,7 +329,8 @@ class PoolFuture(Future[_T]):
 
         ``async for update in future.progress_updates(): ...`` then ``await
         asyncio.wrap_future(future)`` for the result; the iteration ends when
-        the future resolves, however it resolves.
+        the future resolves, however it resolves.  It starts with the latest
+        update if one came already (the task's last, if it is over).
         """
         import asyncio
 
@@ -340,6 +343,10 @@ class PoolFuture(Future[_T]):
             except RuntimeError:  # the loop has closed meanwhile
                 pass
 
+        latest = self.progress
+        if latest is not None and self._state in DONE_STATES:
+            put(latest)  # over already: its last update, once
+        # (called at once with the latest update if the task still runs)
         self.add_progress_callback(lambda future: put(future.progress))  # type: ignore[attr-defined]
         self.add_done_callback(lambda _: put(None))
         while True:

@@ -103,31 +103,30 @@ def report_progress(
     task_id = _worker.current_task_id
     if task_id:  # (0: between tasks, an initializer, a thread left running)
         pending = (task_id, done, total, message, None if chunk is None else len(chunk))
-        if _countdown:  # reporting fast: the clock is read every few calls only
-            _countdown -= 1
+        if _countdown and task_id == _counted_task:
+            _countdown -= 1  # reporting fast: the clock is read every few calls only
         else:
-            _tick()
+            _tick(task_id)
 
 
-def _tick() -> None:
+def _tick(task_id: int) -> None:
     """Read the clock: send the pending update if the interval has passed,
     and choose how many calls go by before the next read (about eight reads
-    per interval at the rate the calls come)."""
-    global _countdown, _next_at, _read_at
+    per interval at the rate the calls come, at most ``_MAX_COUNTDOWN``, so
+    a task that slows down is read again soon; none carried to another task)."""
+    global _counted_task, _countdown, _last_countdown, _next_at, _read_at
     now = monotonic()
-    calls = _last_countdown + 1
-    elapsed = now - _read_at
+    if task_id == _counted_task:
+        elapsed = now - _read_at
+        rate = (_last_countdown + 1) / elapsed if elapsed > 0 else 0.0
+        _countdown = _last_countdown = min(_MAX_COUNTDOWN, int(rate * INTERVAL / 8))
+    else:
+        _counted_task = task_id
+        _countdown = _last_countdown = 0
     _read_at = now
-    rate = calls / elapsed if elapsed > 0 else 0.0
-    _set_countdown(min(_MAX_COUNTDOWN, int(rate * INTERVAL / 8)))
     if now >= _next_at:
         _next_at = now + INTERVAL
         flush()
-
-
-def _set_countdown(calls: int) -> None:
-    global _countdown, _last_countdown
-    _countdown = _last_countdown = calls
 
 
 def _checked(done: Any, total: Any, message: Any) -> tuple[float, Optional[float]]:
@@ -150,8 +149,9 @@ def _checked(done: Any, total: Any, message: Any) -> tuple[float, Optional[float
 #: Calls to let go by before the clock is read again, and how many that was.
 _countdown = 0
 _last_countdown = 0
+_counted_task = 0
 _read_at = 0.0
-_MAX_COUNTDOWN = 100_000
+_MAX_COUNTDOWN = 64
 
 
 _NUMBERS = frozenset((int, float))

@@ -634,12 +634,14 @@ def _run_one(
     except BaseException as exc:
         # SystemExit and KeyboardInterrupt raised by a task are that task's
         # outcome, not an order to this worker.
+        if _progress.pending is not None:  # its last update, before its result
+            _progress.flush()
         send(encode_result(task_id, STATUS_ERROR, dump_exception(exc, dumps)))
         return True
     finally:
         del fn, args, kwargs
-        if _progress.pending is not None:  # its last update, before its result
-            _progress.flush()
+    if _progress.pending is not None:
+        _progress.flush()
     try:
         if type(result) in _PLAIN_RESULTS:  # nothing out of band, surely
             payload, buffers = dumps(result, protocol), None

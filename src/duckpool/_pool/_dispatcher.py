@@ -170,7 +170,7 @@ def _dispatch_until_done(core: Core) -> None:
                 or any(slot.reserved for slot in slots)
             ):
                 if elastic is not None and scheduler.pending:
-                    elastic.unpark_for(len(scheduler.pending))
+                    elastic.unpark_for(scheduler.startable(len(slots)))
                 start_error = launcher.refill_slots()
                 scheduler.dispatch_pending()
                 if start_error is None:

@@ -70,7 +70,7 @@ class Elastic:
                     continue  # resized away
                 slot.parked = False
                 # Takes work now; the dispatcher starts its worker.
-                core.launcher.reserve(slot)
+                core.launcher.on_unparked(slot)
                 started = True
                 waiting -= 1
         if started:
@@ -88,16 +88,20 @@ class Elastic:
             return None
         nearest: Optional[float] = None
         for slot in core.slots:
+            if slot.index < self.min_workers or slot.parked or slot.process is None:
+                continue
             if (
-                slot.index < self.min_workers
-                or slot.parked
-                or slot.process is None
-                or not slot.ready
+                not slot.ready
                 or slot.assigned
                 or slot.outbox
                 or slot.retiring
                 or slot.stopping is not None
             ):
+                # Busy: it may go idle with no pass of the dispatcher (a
+                # caller that reads its own result), so look again by then.
+                due = now + limit
+                if nearest is None or due < nearest:
+                    nearest = due
                 continue
             due = slot.head_since + limit  # an idle slot's: since its last result
             if now < due:

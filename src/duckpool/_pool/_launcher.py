@@ -209,6 +209,9 @@ class Launcher:
             core.selector.register(process.sentinel, WorkerExit(slot))
         slot.process = process  # the other fields were reset when the slot closed
         slot.installed_at = time.monotonic()
+        # The last worker's marks are not this one's: a task it had taken up
+        # may come back (a retry), and must not read as taken up already.
+        core.marks[slot.index] = core.marks[core.capacity + slot.index] = 0
         if slot.used:
             core.counters.restarts += 1
         slot.used = True
@@ -220,6 +223,12 @@ class Launcher:
         """``slot`` takes work before its worker exists (it waits in the
         slot's outbox): its worker is on its way."""
         slot.reserved = True
+
+    def on_unparked(self, slot: Slot) -> None:
+        """``slot`` was parked (an elastic pool's idle worker left): the
+        worker it gets now is no restart, and it takes work meanwhile."""
+        slot.used = False
+        self.reserve(slot)
 
     def unreserve(self, slot: Slot) -> None:
         """``slot``'s worker will not come (the pool is being killed)."""

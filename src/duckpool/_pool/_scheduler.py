@@ -218,6 +218,18 @@ class Scheduler:
     def _may_start(self, item: WorkItem) -> bool:
         return item.kind is None or self.has_room(item.kind)
 
+    def startable(self, limit: int) -> int:
+        """How many queued items a worker could start now (at most ``limit``):
+        none cancelled meanwhile, none whose type is at its cap."""
+        count = 0
+        for item in self.pending:
+            if count >= limit:
+                break
+            if item.future.cancelled() or not self._may_start(item):
+                continue
+            count += 1
+        return count
+
     def has_room(self, kind: str) -> bool:
         """May another task of type ``kind`` go to a worker now? (lock held)"""
         core = self._core

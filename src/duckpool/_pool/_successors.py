@@ -77,6 +77,7 @@ class Successors:
             or slot.stopping is not None
             or slot.poisoned is not None
             or slot.index >= core.size
+            or slot.parked  # leaving idle: no worker is wanted there
         ):
             return False
         left = limit - slot.tasks_sent

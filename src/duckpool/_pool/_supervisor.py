@@ -188,7 +188,13 @@ class Supervisor:
         attempts were made if it was run more than once; the quarantine's
         error if its retries were cut short by it."""
         core = self._core
-        if item.retries and isinstance(error, (WorkerDiedError, TaskTimeoutError)):
+        lifecycle = core.lifecycle
+        if (
+            item.retries
+            and isinstance(error, (WorkerDiedError, TaskTimeoutError))
+            and lifecycle.kill_requested is None
+            and lifecycle.broken is None
+        ):  # its retries were cut short by the quarantine alone
             refusal = core.quarantine.refusal(item.label, time.monotonic())
             if refusal is not None:
                 refusal.__cause__ = error
