@@ -20,10 +20,12 @@
 # interpreters, exercising pool behaviour that the other tests cover on every
 # version.  python3 runs them; 3.9 and 3.13 do not.
 #
-# CPython's process-pool tests (3.13) run in a pytest process of their own, in
-# the background beside the other steps (they mostly sleep); their output is
-# printed when they end.  Every other step runs alone.  The closing summary
-# gives each step's seconds.
+# CPython's process-pool tests (3.13) and the portable-paths run (3.9) each run
+# in a pytest process of their own, in the background beside the other steps
+# (the first mostly sleeps; a pool test mostly waits for processes to start, so
+# on two cores the runs overlap well); their output is printed when they end.
+# The other steps run one after another.  The closing summary gives each
+# step's seconds.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -189,59 +191,65 @@ pytest_rc_ok() {
 }
 
 # start_background LABEL PYTHON ARGS...: run_pytest's run, started now and left
-# to go on beside the next steps; its output goes to a log that finish_background
-# prints.  Only for a run that mostly waits (CPython's process-pool tests spend
-# three quarters of their time asleep): it runs in a pytest process of its own,
-# so no test process gains a thread or a neighbour's children.
-bg_label="" bg_pid="" bg_started=0
+# to go on beside the next steps; its output goes to a log of its own that
+# finish_background prints.  For runs that leave a core free much of the time
+# (CPython's process-pool tests spend three quarters of their time asleep; a
+# suite of process-pool tests waits on process starts): each runs in a pytest
+# process of its own, so no test process gains a thread or a neighbour's
+# children.  Environment assignments before the call reach that run only.
+bg_labels=() bg_pids=() bg_started=()
 start_background() {
-    bg_label="$1"
-    local python="$2"
+    local label="$1" python="$2" i="${#bg_labels[@]}"
     shift 2
-    bg_started=$SECONDS
+    bg_labels+=("$label")
+    bg_started+=("$SECONDS")
     echo
-    echo "==> $bg_label: started in the background, output below when it ends"
+    echo "==> $label: started in the background, output below when it ends"
     (
         # A subshell that execs keeps SIGINT's default action (a bare `cmd &`
         # would ignore it, and the tests' own children would inherit that).
         ( exec timeout --foreground --kill-after=30 "$step_timeout" \
             "$python" -m pytest ${pytest_common[@]+"${pytest_common[@]}"} "$@" \
-            ${pytest_extra[@]+"${pytest_extra[@]}"} >"$work_dir/background.log" 2>&1 ) &
-        echo "$!" >"$work_dir/background.pid"
+            ${pytest_extra[@]+"${pytest_extra[@]}"} >"$work_dir/background-$i.log" 2>&1 ) &
+        echo "$!" >"$work_dir/background-$i.pid"
         rc=0
         wait "$!" || rc=$?
-        echo "$rc $SECONDS" >"$work_dir/background.done"
+        echo "$rc $SECONDS" >"$work_dir/background-$i.done"
     ) &
-    bg_pid=$!
+    bg_pids+=("$!")
 }
 
-# finish_background: waits for the background run, prints its output, and
-# fails (as run_pytest does) if it failed.
+# finish_background: waits for each background run, prints its output, and
+# fails (as run_pytest does) if one failed.
 finish_background() {
-    [[ -n "$bg_pid" ]] || return 0
-    begin_step "$bg_label (waiting for it)"
-    wait "$bg_pid" || true
-    bg_pid=""
-    banner "$bg_label (ran in the background)"
-    cat "$work_dir/background.log"
-    local rc ended
-    read -r rc ended <"$work_dir/background.done" || { rc=1; ended=$SECONDS; }
-    current_step="$bg_label"
-    pytest_rc_ok "$bg_label" "$rc" || return "$rc"
-    steps+=("$bg_label: ok ($((ended - bg_started))s, beside the steps above)")
+    local i rc ended
+    for i in "${!bg_pids[@]}"; do
+        [[ -n "${bg_pids[$i]}" ]] || continue
+        begin_step "${bg_labels[$i]} (waiting for it)"
+        wait "${bg_pids[$i]}" || true
+        bg_pids[i]=""
+        banner "${bg_labels[$i]} (ran in the background)"
+        cat "$work_dir/background-$i.log"
+        read -r rc ended <"$work_dir/background-$i.done" || { rc=1; ended=$SECONDS; }
+        current_step="${bg_labels[$i]}"
+        pytest_rc_ok "${bg_labels[$i]}" "$rc" || return "$rc"
+        steps+=("${bg_labels[$i]}: ok ($((ended - bg_started[i]))s, beside the steps above)")
+    done
 }
 
-# stop_background: on an early exit, ends the background pytest (by its pid).
+# stop_background: on an early exit, ends the background pytest runs (by pid).
 stop_background() {
-    [[ -n "$bg_pid" ]] || return 0
-    local pid
-    pid="$(cat "$work_dir/background.pid" 2>/dev/null || true)"
-    if [[ -n "$pid" ]]; then
-        kill -TERM "$pid" 2>/dev/null || true
-    fi
-    wait "$bg_pid" 2>/dev/null || true
-    echo "test.sh: stopped the background run ($bg_label)" >&2
-    bg_pid=""
+    local i pid
+    for i in "${!bg_pids[@]}"; do
+        [[ -n "${bg_pids[$i]}" ]] || continue
+        pid="$(cat "$work_dir/background-$i.pid" 2>/dev/null || true)"
+        if [[ -n "$pid" ]]; then
+            kill -TERM "$pid" 2>/dev/null || true
+        fi
+        wait "${bg_pids[$i]}" 2>/dev/null || true
+        echo "test.sh: stopped the background run (${bg_labels[$i]})" >&2
+        bg_pids[i]=""
+    done
 }
 
 work_dir="$(mktemp -d "${TMPDIR:-/tmp}/duckpool-test.XXXXXX")"  # the wheel, logs
@@ -317,21 +325,33 @@ require_dask "$main_venv_python"
 main_bin="$(dirname "$main_venv_python")"
 step_ok "install into ${#install_names[@]} venvs (${install_names[*]}), at once"
 
-# --- CPython's process-pool tests, in the background ----------------------------
-venv_313=""
+# --- in the background: CPython's process-pool tests, the portable paths --------
+ran=()
 for entry in ${matrix[@]+"${matrix[@]}"}; do
     IFS="|" read -r ver exe extras <<<"$entry"
-    if [[ "$ver" == "3.13" ]]; then
-        venv_313="$(venv_for "$exe")/bin/python"
-        require_dask "$venv_313"
-        # Its own cache directory: two sessions never write one file at once.
-        start_background "pytest -m cpython_suite (CPython's process-pool tests), python 3.13" \
-            "$venv_313" -m cpython_suite -o cache_dir=.pytest_cache/cpython-suite
-    fi
+    venv_python="$(venv_for "$exe")/bin/python"
+    case "$ver" in
+        3.13)
+            require_dask "$venv_python"
+            # Its own cache directory: two sessions never write one file at once.
+            start_background "pytest -m cpython_suite (CPython's process-pool tests), python 3.13" \
+                "$venv_python" -m cpython_suite -o cache_dir=.pytest_cache/cpython-suite
+            ran+=("CPython suite on 3.13") ;;
+        3.9)
+            # The portable-paths run: every interpreter of it lacks Linux's
+            # pidfds, memfds and epoll (tests/portable/sitecustomize.py), as
+            # on macOS and the BSDs, so their fallbacks run on every change.
+            # (The Linux paths run on python3 and 3.13.)  Beside the other
+            # steps: a pool test mostly waits for processes to start.
+            PYTHONPATH="$repo_root/tests/portable" DUCKPOOL_TEST_PORTABLE=1 \
+                start_background "pytest, whole suite but slow, portable paths, python $ver" \
+                "$venv_python" -m "not soak and not cpython_suite and not slow" \
+                -o cache_dir=.pytest_cache/portable
+            ran+=("whole suite but slow on $ver with portable paths") ;;
+    esac
 done
 
 # --- main interpreter: lint, types, whole suite ---------------------------------
-ran=()
 if ((!quick)); then
     lint_paths=()
     for p in src tests benchmarks examples; do
@@ -358,16 +378,7 @@ for entry in ${matrix[@]+"${matrix[@]}"}; do
     IFS="|" read -r ver exe extras <<<"$entry"
     venv_python="$(venv_for "$exe")/bin/python"
     case "$ver" in
-        3.9)
-            # The portable-paths run: every interpreter of it lacks Linux's
-            # pidfds, memfds and epoll (tests/portable/sitecustomize.py), as
-            # on macOS and the BSDs, so their fallbacks run on every change.
-            # (The Linux paths run on python3 and 3.13.)
-            export PYTHONPATH="$repo_root/tests/portable" DUCKPOOL_TEST_PORTABLE=1
-            run_pytest "pytest, whole suite but slow, portable paths, python $ver" \
-                "$venv_python" -m "not soak and not cpython_suite and not slow"
-            unset PYTHONPATH DUCKPOOL_TEST_PORTABLE
-            ran+=("whole suite but slow on $ver with portable paths") ;;
+        3.9) ;;  # in the background (above)
         3.13)
             # CPython's process-pool tests run in the background (above).
             # The `slow` end-to-end runs of the tools (bench, demo, the ASGI
@@ -382,9 +393,6 @@ for entry in ${matrix[@]+"${matrix[@]}"}; do
     esac
 done
 
-if [[ -n "$bg_pid" ]]; then
-    finish_background
-    ran+=("CPython suite on 3.13")
-fi
+finish_background
 
 summary_line="ran: $(printf '%s, ' "${ran[@]}" | sed 's/, $//')"

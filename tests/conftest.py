@@ -192,6 +192,41 @@ def short_graces(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
+def spans() -> Iterator[Any]:
+    """An in-memory exporter of the spans this process finishes (skips the
+    test without the OpenTelemetry SDK).  One tracer provider for the whole
+    session: OpenTelemetry lets a process set it once."""
+    pytest.importorskip("opentelemetry.sdk")
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    global _SPAN_EXPORTER
+    if _SPAN_EXPORTER is None:
+        _SPAN_EXPORTER = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(_SPAN_EXPORTER))
+        trace.set_tracer_provider(provider)
+    _SPAN_EXPORTER.clear()
+    yield _SPAN_EXPORTER
+    _SPAN_EXPORTER.clear()
+
+
+_SPAN_EXPORTER: Any = None
+
+
+def task_spans(exporter: Any, count: int) -> list[Any]:
+    """The first ``count`` task spans to end (they end as their futures resolve)."""
+
+    def ended() -> list[Any]:
+        return [s for s in exporter.get_finished_spans() if s.name.startswith("duckpool.task")]
+
+    wait_until(lambda: len(ended()) >= count, 30)
+    return ended()
+
+
+@pytest.fixture
 def gate(tmp_path: Path) -> Iterator[Path]:
     """A file path that blocked tasks wait for; created at teardown so no worker lingers."""
     path = tmp_path / "gate"

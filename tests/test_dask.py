@@ -274,6 +274,21 @@ def test_priorities_and_unordered_maps_work_and_retries_are_refused(
         executor.options(retries=1)
 
 
+def test_a_traced_dask_task_has_a_span_under_the_submitting_one(
+    executor: DaskExecutor, spans: Any
+) -> None:
+    from opentelemetry import trace
+
+    from conftest import task_spans
+
+    with trace.get_tracer("test").start_as_current_span("request") as request:
+        future = executor.options(trace=True).submit(_tasks.echo, 5)
+    assert future.result(RESULT_TIMEOUT) == 5
+    [task] = task_spans(spans, 1)
+    assert task.parent.span_id == request.get_span_context().span_id
+    assert task.context.trace_id == request.get_span_context().trace_id
+
+
 def test_context_variables_reach_a_dask_task(executor: DaskExecutor) -> None:
     import _context_tasks as ctx_tasks
 

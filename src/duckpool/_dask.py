@@ -66,9 +66,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future
 from typing import Any, Callable, Optional, TypeVar
 
-from duckpool import _context, _process_pools, _worker
+from duckpool import _context, _process_pools, _tracing, _worker
 from duckpool._dask_bridge import DaskBridge
 from duckpool._errors import InheritedManagerError
+from duckpool._futures import callable_label
 from duckpool._map import chunk_calls, map_results, progress_bar_factory
 from duckpool._options import TaskOptions, await_cancelling
 from duckpool._validate import (
@@ -207,6 +208,7 @@ class DaskExecutor(Executor):
         priority: int = 0,
         retries: int = 0,
         context_vars: Any = None,
+        trace: Optional[bool] = None,
     ) -> TaskOptions:
         """Submit with per-task options, leaving the task's own keywords alone.
 
@@ -215,8 +217,9 @@ class DaskExecutor(Executor):
         fails it with :class:`~duckpool.TaskTimeoutError` after 5 seconds.
         ``timeout=None`` means no limit, whatever the executor's default.
         ``priority`` is Dask's own: a higher one is scheduled first.
-        ``context_vars`` carries context variables as on the local pool
-        (the Dask workers need duckpool installed, as the LocalCluster's have).
+        ``context_vars`` carries context variables, and ``trace=True`` gives
+        each task a span, as on the local pool (the Dask workers need
+        duckpool installed, as the LocalCluster's have).
 
         Raises ``ValueError`` for ``retries`` above 0: Dask's own retries
         also re-run a task that raised, which duckpool's never do, so
@@ -233,7 +236,13 @@ class DaskExecutor(Executor):
         variables = _context.check_context_vars(context_vars)
         located = None if variables is None else _context.located(variables)
         return TaskOptions(
-            self, check_timeout("timeout", timeout), kind, check_priority(priority), 0, located
+            self,
+            check_timeout("timeout", timeout),
+            kind,
+            check_priority(priority),
+            0,
+            located,
+            None if trace is None else _tracing.check_trace(trace),
         )
 
     async def run(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
@@ -265,6 +274,7 @@ class DaskExecutor(Executor):
         priority: int = 0,
         retries: int = 0,
         context: Any = None,
+        trace: Optional[bool] = None,
     ) -> Future[Any]:
         check_task_callable(fn)
         self._check_owner()
@@ -272,6 +282,17 @@ class DaskExecutor(Executor):
         assert not retries  # refused by options()
         if context:
             fn = _context.bind(fn, context)
+        if trace:  # the task's span, from here to its future's resolution
+            span, fn = _tracing.start(fn, callable_label(fn), None)
+            try:
+                future = self._bridge.submit(
+                    fn, args, kwargs, task_type, timeout, as_list, priority
+                )
+            except BaseException:
+                span.span.end()
+                raise
+            future.add_done_callback(span.finish)
+            return future
         return self._bridge.submit(fn, args, kwargs, task_type, timeout, as_list, priority)
 
     # -- map -----------------------------------------------------------------------
@@ -326,6 +347,7 @@ class DaskExecutor(Executor):
         priority: int = 0,
         retries: int = 0,
         context: Any = None,
+        trace: Optional[bool] = None,
     ) -> Iterator[_T]:
         # None (as options().map passes it): one call per Dask task.
         size = check_chunksize(chunksize) or 1
@@ -348,9 +370,17 @@ class DaskExecutor(Executor):
                     as_list=True,
                     priority=priority,
                     context=context,
+                    trace=trace,
                 )
             return self._submit(
-                run_chunk, (chunk,), {}, task_timeout, task_type, priority=priority, context=context
+                run_chunk,
+                (chunk,),
+                {},
+                task_timeout,
+                task_type,
+                priority=priority,
+                context=context,
+                trace=trace,
             )
 
         return map_results(chunks, buffersize, submit_chunk, deadline, make_bar, ordered=ordered)

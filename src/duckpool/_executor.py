@@ -21,6 +21,7 @@ from duckpool import (
     _context,
     _core,
     _shutdown,
+    _tracing,
 )
 from duckpool._compat import WorkerHandle, processes_view
 from duckpool._pool._settings import PoolSettings
@@ -219,6 +220,11 @@ class ProcessPoolExecutor(Submitting, _StdlibProcessPoolExecutor):  # type: igno
             that task's future at submit, naming the variable.  None (the
             default) sends none and costs nothing; ``options(context_vars=...)``
             chooses per call.
+        trace: if true, each task gets an OpenTelemetry span, a child of
+            the span active at submit, ending when its future resolves, with
+            its outcome (a worker's death, a timeout, a cancel) and the
+            worker's slot and pid; the worker makes it current around the
+            task (needs ``duckpool[otel]``).  ``options(trace=...)`` per call.
     """
 
     def __init__(
@@ -245,6 +251,7 @@ class ProcessPoolExecutor(Submitting, _StdlibProcessPoolExecutor):  # type: igno
         min_workers: Optional[int] = None,
         idle_timeout: Optional[float] = None,
         context_vars: Any = None,
+        trace: bool = False,
     ) -> None:
         # The standard library's __init__ is not called: this class has its own
         # dispatch and shares only the public interface (isinstance keeps working).
@@ -273,6 +280,7 @@ class ProcessPoolExecutor(Submitting, _StdlibProcessPoolExecutor):  # type: igno
         self._dumps = _dumps_of(serializer)
         variables = _context.check_context_vars(context_vars)
         self._context = None if variables is None else _context.located(variables)
+        self._trace = _tracing.check_trace(trace)
         self._max_workers = settings.max_workers
         self._task_timeout = settings.task_timeout
         self._core = core = _core.PoolCore(settings, admission=self._admission)

@@ -164,6 +164,7 @@ class WorkItem:
         "submitted",
         "task_id",
         "timeout",
+        "trace",
     )
 
     def __init__(
@@ -207,6 +208,8 @@ class WorkItem:
         self.retries = retries
         #: Runs begun or to begin: 1, plus one per retry.
         self.attempts = 1
+        #: Its span (``_tracing.TaskSpan``) if its pool or call traces.
+        self.trace: Any = None
         self.submitted = time.monotonic()
 
     @property

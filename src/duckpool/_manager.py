@@ -185,6 +185,7 @@ class ProcessPoolManager:
         idle_timeout: Optional[float] = None,
         prestart: bool = False,
         context_vars: Any = None,
+        trace: bool = False,
     ) -> None:
         """Start the pool, ready to accept tasks.
 
@@ -235,6 +236,8 @@ class ProcessPoolManager:
                 task carries to its worker (see
                 :class:`duckpool.ProcessPoolExecutor`); on either backend,
                 ``options(context_vars=...)`` chooses per call.
+            trace: an OpenTelemetry span per task (see
+                :class:`duckpool.ProcessPoolExecutor`; ``duckpool[otel]``).
             backend: ``"local"`` (worker processes of this machine) or
                 ``"dask"`` (needs ``pip install "duckpool[dask]"``).
             address: Dask only: None starts a LocalCluster of ``max_workers``
@@ -274,6 +277,7 @@ class ProcessPoolManager:
             "idle_timeout": idle_timeout,
             "prestart": prestart or None,
             "context_vars": context_vars,
+            "trace": trace or None,
         }
         check_backend(backend, address, local_only)
         with self._lock:
@@ -311,6 +315,7 @@ class ProcessPoolManager:
                     min_workers=min_workers,
                     idle_timeout=idle_timeout,
                     context_vars=context_vars,
+                    trace=trace,
                 )
             self._backend = backend
             self._max_workers = max_workers

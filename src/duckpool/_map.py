@@ -283,16 +283,26 @@ def _result_chunks(
             if remaining is not None and remaining <= 0:
                 raise FuturesTimeoutError()
             chunk = future.result(remaining)
-            if bar is not None:
-                bar.finish(future, len(chunk))
+            _arrived(bar, future, chunk)
             del future  # hold no reference to a result once it is handed out
             yield from _chunk_results(chunk, item_errors)
             del chunk
     finally:
-        for future in futures:
-            future.cancel()
-        if bar is not None:
-            bar.close()
+        _stop(futures, bar)
+
+
+def _arrived(bar: Optional[_Bar], future: Future[Any], chunk: list[Any]) -> None:
+    """A chunk's results are back: the bar counts what it had not of them."""
+    if bar is not None:
+        bar.finish(future, len(chunk))
+
+
+def _stop(futures: Iterable[Future[Any]], bar: Optional[_Bar]) -> None:
+    """The iteration ended, however: cancel the chunks not started, close the bar."""
+    for future in futures:
+        future.cancel()
+    if bar is not None:
+        bar.close()
 
 
 def _chunk_results(chunk: list[_T], item_errors: bool) -> Generator[Iterator[_T], None, None]:
@@ -348,16 +358,12 @@ def _unordered_result_chunks(
                 for chunk_calls_ in itertools.islice(more_chunks, 1):
                     track(submit_chunk(chunk_calls_))
             chunk = future.result()
-            if bar is not None:
-                bar.finish(future, len(chunk))
+            _arrived(bar, future, chunk)
             del future  # hold no reference to a result once it is handed out
             yield from _chunk_results(chunk, item_errors)
             del chunk
     finally:
-        for future in outstanding:
-            future.cancel()
-        if bar is not None:
-            bar.close()
+        _stop(outstanding, bar)
 
 
 def pool_map(
@@ -366,7 +372,7 @@ def pool_map(
     fn: Callable[..., _T],
     iterables: tuple[Iterable[Any], ...],
     limits: tuple[Optional[float], Optional[int], Optional[int]],
-    options: tuple[Optional[float], Optional[str], int, int, Any],
+    options: tuple[Optional[float], Optional[str], int, int, Any, bool],
     progress: Any,
     ordered: bool,
 ) -> MapResults[_T]:
@@ -374,11 +380,12 @@ def pool_map(
 
     ``submit`` is the executor's ``_submit``; ``limits`` are the map's
     ``timeout``, ``chunksize`` and ``buffersize``; ``options`` each chunk's
-    task timeout, task type, priority, retries and context variables (their
-    values now, set around each whole chunk in its worker).
+    task timeout, task type, priority, retries, context variables (their
+    values now, set around each whole chunk in its worker) and whether each
+    chunk gets a span.
     """
     timeout, chunksize, buffersize = limits
-    task_timeout, kind, priority, retries, context = options
+    task_timeout, kind, priority, retries, context, trace = options
     automatic = check_chunksize(chunksize) is None
     check_ordered(ordered)
     check_buffersize(buffersize)
@@ -411,6 +418,7 @@ def pool_map(
             priority=priority,
             retries=retries,
             context=(),
+            trace=trace,
         )
 
     return map_results(chunks, buffersize, submit_chunk, deadline, make_bar, automatic, ordered)

@@ -31,6 +31,7 @@ class OptionsTarget(Protocol):
         priority: int = 0,
         retries: int = 0,
         context: Any = None,
+        trace: Optional[bool] = None,
     ) -> Future[Any]: ...
 
     def _map(
@@ -48,6 +49,7 @@ class OptionsTarget(Protocol):
         priority: int = 0,
         retries: int = 0,
         context: Any = None,
+        trace: Optional[bool] = None,
     ) -> Iterator[Any]: ...
 
     def cancel_task(self, future: Future[Any]) -> bool: ...
@@ -72,7 +74,7 @@ async def await_cancelling(executor: _Cancels, future: Future[_T]) -> _T:
 class TaskOptions:
     """Per-task options bound to an executor; see :meth:`ProcessPoolExecutor.options`."""
 
-    __slots__ = ("_context", "_executor", "_kind", "_priority", "_retries", "_timeout")
+    __slots__ = ("_context", "_executor", "_kind", "_priority", "_retries", "_timeout", "_trace")
 
     def __init__(
         self,
@@ -82,8 +84,11 @@ class TaskOptions:
         priority: int = 0,
         retries: int = 0,
         context: Any = None,
+        trace: Optional[bool] = None,
     ) -> None:
         self._executor = executor
+        #: Each task gets a span (None: as the pool says).
+        self._trace = trace
         #: Context variables to carry (located, see ``_context``); None: the pool's.
         self._context = context
         self._timeout = timeout
@@ -102,6 +107,7 @@ class TaskOptions:
             priority=self._priority,
             retries=self._retries,
             context=self._context,
+            trace=self._trace,
         )
 
     async def run(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
@@ -137,4 +143,5 @@ class TaskOptions:
             priority=self._priority,
             retries=self._retries,
             context=self._context,
+            trace=self._trace,
         )

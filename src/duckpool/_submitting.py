@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
-from duckpool import _buffers, _context, _futures, _process_pools, _protocol
+from duckpool import _buffers, _context, _futures, _process_pools, _protocol, _tracing
 from duckpool._map import pool_map
 from duckpool._options import TaskOptions, await_cancelling
 from duckpool._validate import (
@@ -48,6 +48,8 @@ class Submitting:
     _max_workers: int
     #: The context variables every task carries (``context_vars=``), if any.
     _context: Optional[Located]
+    #: Every task gets a span of its own (``trace=True``, see ``_tracing``).
+    _trace: bool
 
     def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
         """Schedule ``fn(*args, **kwargs)`` and return its future.
@@ -86,29 +88,66 @@ class Submitting:
         priority: int = 0,
         retries: int = 0,
         context: Optional[Located] = None,
+        trace: Optional[bool] = None,
+        span: Optional[_tracing.TaskSpan] = None,
     ) -> Future[_T]:
         check_task_callable(fn)
         if context is None:
             context = self._context  # (None: the pool sends no context variable)
         if context:
             fn = _context.bind(fn, context)
+        if trace or (trace is None and self._trace):
+            return self._submit_traced(fn, args, kwargs, timeout, kind, chunk, priority, retries)
         core = self._core
         if not core.accepting or _process_pools.interpreter_exiting:
             core.refuse()
         admission = self._admission
         if admission is None:
             return queue_call(
-                core, self._dumps, fn, args, kwargs, timeout, kind, chunk, priority, retries
+                core, self._dumps, fn, args, kwargs, timeout, kind, chunk, priority, retries, span
             )
         admission.admit()
         try:
             future: Future[_T] = queue_call(
-                core, self._dumps, fn, args, kwargs, timeout, kind, chunk, priority, retries
+                core, self._dumps, fn, args, kwargs, timeout, kind, chunk, priority, retries, span
             )
         except BaseException:
             admission.release()
             raise
         admission.track(future)  # the place is given back when it resolves
+        return future
+
+    def _submit_traced(
+        self,
+        fn: Callable[..., _T],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: Optional[float],
+        kind: Optional[str],
+        chunk: bool,
+        priority: int,
+        retries: int,
+    ) -> Future[_T]:
+        """``_submit``, in a span of the task's own (``_tracing``)."""
+        span, call = _tracing.start(fn, _futures.callable_label(fn), self._core.settings.pool_id)
+        try:
+            future = self._submit(
+                call,
+                args,
+                kwargs,
+                timeout,
+                kind,
+                chunk=chunk,
+                priority=priority,
+                retries=retries,
+                context=(),
+                trace=False,
+                span=span,
+            )
+        except BaseException:
+            span.span.end()
+            raise
+        future.add_done_callback(span.finish)
         return future
 
     def options(
@@ -119,6 +158,7 @@ class Submitting:
         priority: int = 0,
         retries: int = 0,
         context_vars: Any = None,
+        trace: Optional[bool] = None,
     ) -> TaskOptions:
         """Submit with per-task options, leaving the task's own keywords alone.
 
@@ -162,6 +202,7 @@ class Submitting:
             check_priority(priority),
             check_retries(retries),
             None if variables is None else _context.located(variables),
+            None if trace is None else _tracing.check_trace(trace),
         )
 
     def cancel_task(self, future: Future[Any]) -> bool:
@@ -246,6 +287,7 @@ class Submitting:
         priority: int = 0,
         retries: int = 0,
         context: Optional[Located] = None,
+        trace: Optional[bool] = None,
     ) -> Iterator[_T]:
         options = (
             task_timeout,
@@ -253,6 +295,7 @@ class Submitting:
             priority,
             retries,
             self._context if context is None else context,
+            self._trace if trace is None else trace,
         )
         limits = (timeout, chunksize, buffersize)
         return pool_map(
@@ -271,8 +314,10 @@ def queue_call(
     chunk: bool,
     priority: int,
     retries: int,
+    span: Optional[_tracing.TaskSpan] = None,
 ) -> Future[_T]:
-    """Pickle a call and hand it to the pool's core (``chunk``: a ``map`` chunk)."""
+    """Pickle a call and hand it to the pool's core (``chunk``: a ``map`` chunk;
+    ``span``: its span, if it is traced)."""
     future: Future[_T] = _futures.PoolFuture(core)
     task_id = _futures.next_task_id()
     try:
@@ -295,6 +340,8 @@ def queue_call(
         item = _futures.WorkItem(
             future, task_id, frame, fn, timeout, kind, chunk, None, priority, retries
         )
+    if span is not None:
+        item.trace = span
     core.submit(item)
     return future
 

@@ -142,6 +142,11 @@ class Scheduler:
         slot.assigned.append(item)
         slot.queued_bytes += item.size
         slot.tasks_sent += 1
+        if item.trace is not None:
+            process = slot.process
+            item.trace.on_assign(
+                slot.index, None if process is None else process.pid, item.attempts
+            )
         limit = self._max_tasks_per_child
         if limit is not None:
             if slot.tasks_sent >= limit:
