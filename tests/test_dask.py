@@ -289,6 +289,14 @@ def test_a_traced_dask_task_has_a_span_under_the_submitting_one(
     assert task.context.trace_id == request.get_span_context().trace_id
 
 
+def test_a_dask_future_refuses_progress_callbacks_saying_why(executor: DaskExecutor) -> None:
+    future = executor.submit(_tasks.echo, 1)
+    assert future.result(RESULT_TIMEOUT) == 1
+    assert future.progress is None  # type: ignore[attr-defined]
+    with pytest.raises(NotImplementedError, match="not carried on the Dask backend"):
+        future.add_progress_callback(lambda f: None)  # type: ignore[attr-defined]
+
+
 def test_context_variables_reach_a_dask_task(executor: DaskExecutor) -> None:
     import _context_tasks as ctx_tasks
 

@@ -4,12 +4,14 @@ span, whose context the worker makes current, under fork, forkserver and spawn."
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+import _executor_tasks as tasks
 import duckpool
-from conftest import task_spans
+from conftest import task_spans, wait_until
 
 pytest.importorskip("opentelemetry.sdk")
 
@@ -47,7 +49,7 @@ def test_a_tasks_span_is_a_child_of_the_submitting_span_and_current_in_the_worke
 
 
 def test_a_spans_status_and_events_say_how_its_task_ended(
-    ctx: object, spans: Any, short_graces: None
+    ctx: object, spans: Any, short_graces: None, tmp_path: Path
 ) -> None:
     pool = duckpool.ProcessPoolExecutor(1, ctx)  # type: ignore[arg-type]
     try:
@@ -58,8 +60,14 @@ def test_a_spans_status_and_events_say_how_its_task_ended(
             pool.options(trace=True, retries=1).submit(tracing_tasks.die).result(TIMEOUT)
         with pytest.raises(duckpool.TaskTimeoutError):
             pool.options(trace=True, timeout=0.2).submit(time.sleep, 30).result(TIMEOUT)
+        started, gate = tmp_path / "started", tmp_path / "gate"
+        running = traced.submit(tasks.touch_then_wait, str(started), str(gate))
+        wait_until(started.exists, TIMEOUT)
+        assert pool.cancel_task(running)
+        with pytest.raises(duckpool.TaskCancelledError):
+            running.result(TIMEOUT)
         assert pool.submit(pow, 2, 2).result(TIMEOUT) == 4  # untraced: no span
-        failed, died, timed_out = task_spans(spans, 3)
+        failed, died, timed_out, cancelled = task_spans(spans, 4)
         assert failed.status.status_code is StatusCode.ERROR
         assert [e.name for e in failed.events] == ["exception"]
         assert died.status.status_code is StatusCode.ERROR
@@ -67,7 +75,9 @@ def test_a_spans_status_and_events_say_how_its_task_ended(
         assert "duckpool.retry" in names and "duckpool.worker_died" in names
         assert dict(died.attributes)["duckpool.attempt"] == 2
         assert "duckpool.timeout" in [e.name for e in timed_out.events]
-        assert len(task_spans(spans, 3)) == 3
+        assert "duckpool.cancelled" in [e.name for e in cancelled.events]
+        assert cancelled.status.status_code is StatusCode.ERROR
+        assert len(task_spans(spans, 4)) == 4
     finally:
         pool.shutdown()
 

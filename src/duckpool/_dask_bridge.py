@@ -58,6 +58,28 @@ def _import_distributed() -> Any:
     return distributed
 
 
+class DaskFuture(Future[Any]):
+    """The future of a task on a Dask cluster: a plain ``concurrent.futures``
+    future, which says plainly that it carries no progress."""
+
+    @property
+    def progress(self) -> None:
+        """Always None: Dask has no channel for ``duckpool.report_progress``,
+        which does nothing in a Dask task."""
+        return None
+
+    def add_progress_callback(self, fn: Callable[[Future[Any]], object]) -> None:
+        """Refused: no progress update ever comes from a Dask task."""
+        raise NotImplementedError(
+            "progress updates are not carried on the Dask backend: report_progress "
+            "does nothing in a Dask task; use a local pool (backend='local') for them"
+        )
+
+    def progress_updates(self) -> Any:
+        """Refused, as ``add_progress_callback`` is."""
+        self.add_progress_callback(lambda future: None)
+
+
 def _callable_label(fn: Callable[..., Any]) -> str:
     name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
     return f"{name}()" if name else repr(fn)
@@ -163,7 +185,7 @@ class DaskBridge:
         # client.submit option (key, priority, resources...) reaches the task.
         call = functools.partial(fn, **kwargs) if kwargs else fn
         resources = None if task_type is None else {task_type: 1}
-        future: Future[Any] = Future()
+        future: Future[Any] = DaskFuture()
         label = _callable_label(fn)
         with self.lock:
             if self.shutting_down:

@@ -212,9 +212,8 @@ class _Bar:
         self._lock = threading.Lock()
 
     def watch(self, future: Future[Any]) -> None:
-        add = getattr(future, "add_progress_callback", None)
-        if add is not None:  # (a Dask future has none)
-            add(self._on_progress)
+        if isinstance(future, _futures.PoolFuture):  # (a Dask task reports none)
+            future.add_progress_callback(self._on_progress)
 
     def _on_progress(self, future: Future[Any]) -> None:
         update = getattr(future, "progress", None)
