@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,7 @@ import pytest
 
 import _executor_tasks as tasks
 import duckpool
-from conftest import needs_memfd, needs_pidfds
+from conftest import needs_memfd, needs_pidfds, run_in_forked_child
 
 TIMEOUT = 30
 
@@ -188,3 +189,36 @@ def test_forked_workers_look_to_their_tasks_like_processes_multiprocessing_forke
         assert facts["start_method"] == "fork"
         assert facts["stdin"] == ""
         assert facts["authkey"] == report["authkey"]
+
+
+def test_a_worker_whose_result_pipe_was_closed_leaves_quietly() -> None:
+    # A start the parent saw fail (its fork server died midway) may still
+    # have made a worker: the parent closed that worker's pipes, and the
+    # worker must leave without a traceback when it finds its result pipe shut.
+    import io
+
+    from duckpool import _marks, _protocol, _worker
+
+    def serve_with_the_read_end_closed() -> str:
+        task_r, _task_w = os.pipe()
+        result_r, result_w = os.pipe()
+        os.close(result_r)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # (EPIPE, as in a worker)
+        sys.stderr = io.StringIO()
+        config = _worker.WorkerConfig(
+            slot=0,
+            max_workers=1,
+            name="orphan",
+            title=None,
+            parent_pid=os.getppid(),
+            initializer=None,
+            initargs=(),
+            marks=_marks.new_marks(multiprocessing.get_context("fork"), 2),
+            max_memory=None,
+            serializer="pickle",
+            watched=True,
+        )
+        _worker.worker_main(_protocol.InheritedFd(task_r), _protocol.InheritedFd(result_w), config)
+        return sys.stderr.getvalue()
+
+    assert run_in_forked_child(serve_with_the_read_end_closed) == ""

@@ -462,8 +462,14 @@ def worker_main(
             send(encode_result(0, STATUS_INIT_FAILED, dump_exception(exc)))
             return
     area, offer = _buffers.create_area()
-    send(encode_result(0, STATUS_READY, offer))
-    _serve(FrameReader(task_conn.fileno()).read_blocking, send, config, _Transfer(area))
+    try:
+        send(encode_result(0, STATUS_READY, offer))
+        _serve(FrameReader(task_conn.fileno()).read_blocking, send, config, _Transfer(area))
+    except BrokenPipeError:
+        # The parent closed this worker's result pipe: it gave up on it (a
+        # start it saw fail when the fork server died midway) or is gone.
+        # Nobody reads what this worker would say: it leaves, quietly.
+        return
 
 
 def process_main(
