@@ -85,3 +85,19 @@ def test_a_spans_status_and_events_say_how_its_task_ended(
 def test_trace_is_checked() -> None:
     with pytest.raises(TypeError, match="trace must be True or False"):
         duckpool.ProcessPoolExecutor(1, trace="yes")  # type: ignore[arg-type]
+
+
+def test_the_managers_options_trace_a_task(ctx: object, spans: Any) -> None:
+    manager = duckpool.get_or_create_process_manager("tracing-test")
+    manager.start(1, mp_context=ctx)  # type: ignore[arg-type]
+    try:
+        with trace.get_tracer("test").start_as_current_span("request") as request:
+            future = manager.options(trace=True).submit_task(tracing_tasks.current_ids)
+        trace_id, span_id, _ = future.result(TIMEOUT)
+        [task] = task_spans(spans, 1)
+        assert task.parent.span_id == request.get_span_context().span_id
+        assert (task.context.trace_id, task.context.span_id) == (trace_id, span_id)
+        with pytest.raises(TypeError, match="trace must be True or False"):
+            manager.options(trace="yes")  # type: ignore[arg-type]
+    finally:
+        manager.stop()

@@ -20,6 +20,7 @@ from duckpool._futures import UNSET
 from duckpool._options import await_cancelling
 from duckpool._registry import REGISTRY
 from duckpool._stats import PoolStats
+from duckpool._tracing import check_trace
 from duckpool._validate import (
     check_accepted_task_types,
     check_backend,
@@ -41,7 +42,7 @@ class ManagerOptions:
     """A manager's ``submit_task`` and ``run`` with per-task options; see
     :meth:`ProcessPoolManager.options`."""
 
-    __slots__ = ("_manager", "context_vars", "priority", "retries", "timeout")
+    __slots__ = ("_manager", "_options")
 
     def __init__(
         self,
@@ -49,13 +50,21 @@ class ManagerOptions:
         timeout: Any,
         priority: int,
         retries: int,
-        context_vars: Any = None,
+        context_vars: Any,
+        trace: Optional[bool],
     ) -> None:
         self._manager = manager
-        self.timeout = timeout
-        self.priority = priority
-        self.retries = retries
-        self.context_vars = context_vars
+        check_context_vars(context_vars)
+        #: Keywords for the running pool's ``options()``, checked now (and
+        #: again by that pool, at submit).
+        self._options: dict[str, Any] = {
+            "priority": check_priority(priority),
+            "retries": check_retries(retries),
+            "context_vars": context_vars,
+            "trace": None if trace is None else check_trace(trace),
+        }
+        if timeout is not UNSET:
+            self._options["timeout"] = check_timeout("timeout", timeout)
 
     def submit_task(
         self,
@@ -65,7 +74,11 @@ class ManagerOptions:
         **kwargs: Any,
     ) -> Future[Any]:
         """``manager.submit_task`` with these options."""
-        return self._manager._submit_task(task, args, kwargs, task_type, self)
+        pool = self._manager._pool_for(task_type)
+        options = self._options
+        if "timeout" not in options:
+            options = dict(options, timeout=pool.task_timeout)
+        return pool.options(task_type=task_type, **options).submit(task, *args, **kwargs)
 
     async def run(
         self,
@@ -75,7 +88,8 @@ class ManagerOptions:
         **kwargs: Any,
     ) -> Any:
         """``manager.run`` with these options."""
-        return await self._manager._run_task(task, args, kwargs, task_type, self)
+        future = self.submit_task(task, *args, task_type=task_type, **kwargs)
+        return await await_cancelling(self._manager.get_pool(), future)
 
 
 class ProcessPoolManager:
@@ -224,20 +238,12 @@ class ProcessPoolManager:
                 the worker's slot and the task id (see
                 :class:`duckpool.ProcessPoolExecutor`); if false, workers keep
                 the logging they have.
-            min_workers, idle_timeout: a warm, elastic pool (see
-                :class:`duckpool.ProcessPoolExecutor`): ``min_workers`` start
-                now and stay; the others start when work needs them and,
-                with ``idle_timeout``, exit after that many idle seconds.
-            prestart: start every worker now and return only once they are
-                all ready (their start-up is then not paid by the first
-                requests); ``start`` raises what ``prestart()`` raises,
-                leaving the pool running.
-            context_vars: context variables whose values at submit every
-                task carries to its worker (see
-                :class:`duckpool.ProcessPoolExecutor`); on either backend,
-                ``options(context_vars=...)`` chooses per call.
-            trace: an OpenTelemetry span per task (see
-                :class:`duckpool.ProcessPoolExecutor`; ``duckpool[otel]``).
+            min_workers, idle_timeout, context_vars, trace: as for
+                :class:`duckpool.ProcessPoolExecutor` (a warm, elastic pool;
+                context variables and a span per task, per call on either
+                backend with :meth:`options`).
+            prestart: start every worker now and return once they are all
+                ready, raising what ``prestart()`` raises (the pool runs on).
             backend: ``"local"`` (worker processes of this machine) or
                 ``"dask"`` (needs ``pip install "duckpool[dask]"``).
             address: Dask only: None starts a LocalCluster of ``max_workers``
@@ -252,12 +258,10 @@ class ProcessPoolManager:
 
         Raises:
             ValueError: if ``max_workers`` is not a positive int, ``backend``
-                is unknown, ``address`` is given for the local backend, or
-                an option of the local backend only (``process_name_prefix``,
-                ``mp_context``, ``max_pending``, ``type_limits``,
-                ``quarantine_after``, ``min_workers``, ``idle_timeout``,
-                ``prestart``) for the Dask backend, or ``min_workers`` is
-                above ``max_workers``.
+                is unknown, ``address`` is given for the local backend, an
+                option of the local backend only is given for the Dask
+                backend (the error names it), or ``min_workers`` is above
+                ``max_workers``.
             ImportError: for ``backend="dask"`` without ``distributed`` installed.
             TypeError: if another argument has the wrong type.
             RuntimeError: if the pool is already running.
@@ -267,19 +271,18 @@ class ProcessPoolManager:
         task_types = check_accepted_task_types(task_type)
         check_name_prefix(process_name_prefix)
         check_mp_context(mp_context)
-        local_only = {
+        # The local pool's own keywords, refused on the Dask backend unless left out.
+        local: dict[str, Any] = {
             "process_name_prefix": process_name_prefix,
-            "mp_context": mp_context,
             "max_pending": max_pending,
             "type_limits": type_limits,
             "quarantine_after": quarantine_after,
             "min_workers": min_workers,
             "idle_timeout": idle_timeout,
-            "prestart": prestart or None,
             "context_vars": context_vars,
-            "trace": trace or None,
         }
-        check_backend(backend, address, local_only)
+        flags = {"mp_context": mp_context, "prestart": prestart or None, "trace": trace or None}
+        check_backend(backend, address, {**local, **flags})
         with self._lock:
             if self._pool is not None:
                 raise RuntimeError(
@@ -301,21 +304,15 @@ class ProcessPoolManager:
                 self._pool = ProcessPoolExecutor(
                     max_workers,
                     mp_context,
-                    process_name_prefix=process_name_prefix,
                     daemon=bool(daemon),
-                    max_pending=max_pending,
                     on_saturated=on_saturated,
                     block_timeout=block_timeout,
-                    type_limits=type_limits,
                     task_timeout=task_timeout,
-                    quarantine_after=quarantine_after,
                     quarantine_seconds=quarantine_seconds,
                     forward_logs=bool(forward_logs),
                     pool_id=_picklable_id(self._id),
-                    min_workers=min_workers,
-                    idle_timeout=idle_timeout,
-                    context_vars=context_vars,
                     trace=trace,
+                    **local,
                 )
             self._backend = backend
             self._max_workers = max_workers
@@ -367,7 +364,8 @@ class ProcessPoolManager:
             PoolSaturatedError: if the pool has ``max_pending`` and no room.
             RuntimeError: if the manager is not running.
         """
-        return self._submit_task(task, args, kwargs, task_type, None)
+        pool = self._pool_for(task_type)
+        return pool._submit(task, args, kwargs, pool.task_timeout, task_type)
 
     def options(
         self,
@@ -376,50 +374,24 @@ class ProcessPoolManager:
         priority: int = 0,
         retries: int = 0,
         context_vars: Any = None,
+        trace: Optional[bool] = None,
     ) -> ManagerOptions:
-        """``submit_task`` and ``run`` with per-task options.
-
-        ``manager.options(priority=5, retries=2).submit_task(fn, x,
-        task_type="render")`` runs ``fn(x)`` ahead of the waiting tasks of
-        lower priority, and again (twice at most) if its worker dies or it
-        times out.  The options mean what they mean for
-        :meth:`duckpool.ProcessPoolExecutor.options`; ``timeout`` left out
-        is the pool's ``task_timeout``.  They are not keywords of
-        ``submit_task`` itself, whose other keywords all go to the task.
-
-        Raises ``TypeError``/``ValueError`` for a bad value (checked again
-        by the pool running at submission: ``retries`` is refused there on
-        the Dask backend).
+        """``submit_task`` and ``run`` with per-task options, as
+        :meth:`duckpool.ProcessPoolExecutor.options` takes them (``timeout``
+        left out: the pool's; ``context_vars`` and ``trace`` left out: as the
+        pool says): ``manager.options(priority=5, retries=2).submit_task(fn,
+        x, task_type="render")``.  Not keywords of ``submit_task`` itself,
+        whose other keywords all go to the task.  ``TypeError``/``ValueError``
+        for a bad value; ``retries`` is refused at submit on the Dask backend.
         """
-        check_priority(priority)
-        check_retries(retries)
-        check_context_vars(context_vars)
-        if timeout is not UNSET:
-            check_timeout("timeout", timeout)
-        return ManagerOptions(self, timeout, priority, retries, context_vars)
+        return ManagerOptions(self, timeout, priority, retries, context_vars, trace)
 
-    def _submit_task(
-        self,
-        task: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        task_type: Optional[str],
-        options: Optional[ManagerOptions],
-    ) -> Future[Any]:
+    def _pool_for(self, task_type: Optional[str]) -> Union[ProcessPoolExecutor, DaskExecutor]:
+        """The running pool, if it accepts ``task_type`` (else ``UnknownTaskError``)."""
         pool: Union[ProcessPoolExecutor, DaskExecutor] = self.get_pool()
         if not self.accepts(task_type):
             raise UnknownTaskError(task_type, self._task_type)
-        if options is None:
-            return pool._submit(task, args, kwargs, pool.task_timeout, task_type)
-        timeout = pool.task_timeout if options.timeout is UNSET else options.timeout
-        chosen = pool.options(
-            timeout=timeout,
-            task_type=task_type,
-            priority=options.priority,
-            retries=options.retries,
-            context_vars=options.context_vars,
-        )
-        return chosen.submit(task, *args, **kwargs)
+        return pool
 
     def accepts(self, task_type: Optional[str]) -> bool:
         """Would ``submit_task`` take a task of this type?"""
@@ -439,18 +411,6 @@ class ProcessPoolManager:
         task cancels the pool task, stopping its worker if it is running.
         """
         future = self.submit_task(task, *args, task_type=task_type, **kwargs)
-        pool: Union[ProcessPoolExecutor, DaskExecutor] = self.get_pool()
-        return await await_cancelling(pool, future)
-
-    async def _run_task(
-        self,
-        task: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        task_type: Optional[str],
-        options: ManagerOptions,
-    ) -> Any:
-        future = self._submit_task(task, args, kwargs, task_type, options)
         pool: Union[ProcessPoolExecutor, DaskExecutor] = self.get_pool()
         return await await_cancelling(pool, future)
 
