@@ -69,7 +69,6 @@ from typing import Any, Callable, Optional, TypeVar
 from duckpool import _context, _process_pools, _tracing, _worker
 from duckpool._dask_bridge import DaskBridge
 from duckpool._errors import InheritedManagerError
-from duckpool._futures import callable_label
 from duckpool._map import chunk_calls, map_results, progress_bar_factory
 from duckpool._options import TaskOptions, await_cancelling
 from duckpool._validate import (
@@ -282,18 +281,16 @@ class DaskExecutor(Executor):
         assert not retries  # refused by options()
         if context:
             fn = _context.bind(fn, context)
+        bridge = self._bridge
         if trace:  # the task's span, from here to its future's resolution
-            span, fn = _tracing.start(fn, callable_label(fn), None)
-            try:
-                future = self._bridge.submit(
-                    fn, args, kwargs, task_type, timeout, as_list, priority
-                )
-            except BaseException:
-                span.span.end()
-                raise
-            future.add_done_callback(span.finish)
-            return future
-        return self._bridge.submit(fn, args, kwargs, task_type, timeout, as_list, priority)
+            return _tracing.submit_traced(
+                fn,
+                None,
+                lambda call, _: bridge.submit(
+                    call, args, kwargs, task_type, timeout, as_list, priority
+                ),
+            )
+        return bridge.submit(fn, args, kwargs, task_type, timeout, as_list, priority)
 
     # -- map -----------------------------------------------------------------------
 

@@ -129,9 +129,9 @@ class Submitting:
         retries: int,
     ) -> Future[_T]:
         """``_submit``, in a span of the task's own (``_tracing``)."""
-        span, call = _tracing.start(fn, _futures.callable_label(fn), self._core.settings.pool_id)
-        try:
-            future = self._submit(
+
+        def submit(call: Callable[..., Any], span: _tracing.TaskSpan) -> Future[Any]:
+            return self._submit(
                 call,
                 args,
                 kwargs,
@@ -144,11 +144,8 @@ class Submitting:
                 trace=False,
                 span=span,
             )
-        except BaseException:
-            span.span.end()
-            raise
-        future.add_done_callback(span.finish)
-        return future
+
+        return _tracing.submit_traced(fn, self._core.settings.pool_id, submit)
 
     def options(
         self,

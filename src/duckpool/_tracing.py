@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # a worker unpickles TracedCall: no typing at run time
     from concurrent.futures import Future
     from typing import Any, Callable, Optional
 
-__all__ = ["TaskSpan", "TracedCall", "check_trace", "start"]
+__all__ = ["TaskSpan", "TracedCall", "check_trace", "start", "submit_traced"]
 
 #: The name of the tracer duckpool's spans come from.
 TRACER_NAME = "duckpool"
@@ -120,6 +120,26 @@ class TaskSpan:
             span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
         finally:
             span.end()
+
+
+def submit_traced(
+    fn: Callable[..., Any],
+    pool_id: Any,
+    submit: Callable[[Callable[..., Any], TaskSpan], Future[Any]],
+) -> Future[Any]:
+    """``submit(call, span)`` in a span of the task's own: ``call`` is ``fn``
+    carrying the span's context; the span ends when the future resolves (at
+    once if ``submit`` raises)."""
+    from duckpool._futures import callable_label
+
+    span, call = start(fn, callable_label(fn), pool_id)
+    try:
+        future = submit(call, span)
+    except BaseException:
+        span.span.end()
+        raise
+    future.add_done_callback(span.finish)
+    return future
 
 
 def start(fn: Callable[..., Any], label: str, pool_id: Any) -> tuple[TaskSpan, Callable[..., Any]]:
