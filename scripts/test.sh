@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # duckpool's one test command (the README shows it; .ci/run calls exactly it).
 #
-#   bash scripts/test.sh            ruff + mypy + the whole suite on python3; the whole
+#   bash scripts/test.sh            ruff + mypy + the docs site (scripts/docs.sh) + the
+#                                   whole suite on python3; the whole
 #                                   suite but the `slow` tests on python3.13 (with
 #                                   CPython's own process-pool tests) and on python3.9,
 #                                   with Linux's pidfds, memfds and epoll hidden (the
@@ -267,7 +268,7 @@ case "$main_ver" in
     3.9|3.1[0-9]) ;;
     *) echo "test.sh: python3 is $main_ver; duckpool needs >= 3.9" >&2; exit 1 ;;
 esac
-main_extras="test,lint,bench,dask"
+main_extras="test,lint,bench,dask,docs"
 
 # The rest of the matrix, "ver|exe|extras" each.  3.9 (oldest) runs the whole
 # suite but the `slow` tests, 3.13 (newest) the whole suite and CPython's own
@@ -354,7 +355,7 @@ done
 # --- main interpreter: lint, types, whole suite ---------------------------------
 if ((!quick)); then
     lint_paths=()
-    for p in src tests benchmarks examples; do
+    for p in src tests benchmarks examples docs/conf.py docs/_ext; do
         [[ -e "$p" ]] && lint_paths+=("$p")
     done
     begin_step "ruff check"
@@ -367,7 +368,12 @@ if ((!quick)); then
     banner "mypy (strict, config in pyproject.toml)"
     "$main_bin/mypy"
     step_ok "mypy"
-    ran+=("ruff" "mypy")
+
+    begin_step "docs"
+    banner "documentation site (scripts/docs.sh: sphinx -W, offline)"
+    bash "$repo_root/scripts/docs.sh" "$main_venv_python"
+    step_ok "docs"
+    ran+=("ruff" "mypy" "docs")
 fi
 
 run_pytest "pytest, whole suite, python $main_ver" "$main_venv_python"

@@ -161,7 +161,9 @@ class ProcessPoolExecutor(Submitting, _StdlibProcessPoolExecutor):  # type: igno
       under every start method (see ``forward_logs``); ``map(...,
       progress=True)`` shows a progress bar.
 
-    Extra keyword arguments:
+    Besides the standard library's arguments, it takes these, by keyword only.
+
+    Keyword Args:
         process_name_prefix: name each worker ``<prefix>-<slot>``: its
             ``current_process().name`` and the OS process title ``ps`` shows.
         daemon: if true, interpreter exit kills running tasks instead of

@@ -221,21 +221,30 @@ _LAZY_CONDITION_LOCK = threading.Lock()
 
 
 class PoolFuture(Future[_T]):
-    """The future a pool's ``submit()`` returns.
+    """The future a local pool's ``submit()`` returns.
 
-    A thread that blocks on ``result()`` or ``exception()`` reads the task's
-    result from its worker itself, when it can (``_pool._assist.Assists.help_resolve``),
-    instead of sleeping until the dispatcher thread wakes it.
-
-    Its ``threading.Condition`` (two thirds of a future's memory: a deque,
-    an RLock, five bound methods) is made when first used, which for a task
-    still queued is never: a long queue costs a third as much.  Nor is it
-    made for a future nobody waits on by it: its caller read the result
-    itself, or asked once it was there.  A waiter, a callback and
-    ``concurrent.futures.wait`` all take the condition first; until one has,
-    the pool moves the future on under ``_LAZY_CONDITION_LOCK`` alone, with
-    no one to notify.
+    A :class:`concurrent.futures.Future` in every respect (``result()``,
+    ``exception()``, ``cancel()``, callbacks, ``concurrent.futures.wait``,
+    ``asyncio.wrap_future``), plus the progress its task reports with
+    :func:`duckpool.report_progress`: :attr:`progress`,
+    :meth:`add_progress_callback` and :meth:`progress_updates`.  It resolves
+    however the task ends: a result, the task's exception, or a
+    :class:`~duckpool.WorkerDiedError`, :class:`~duckpool.TaskTimeoutError` or
+    cancellation when its worker dies, it overruns or the pool shuts down.
     """
+
+    # A thread that blocks on result() or exception() reads the task's result
+    # from its worker itself, when it can (_pool._assist.Assists.help_resolve),
+    # instead of sleeping until the dispatcher thread wakes it.
+    #
+    # Its threading.Condition (two thirds of a future's memory: a deque, an
+    # RLock, five bound methods) is made when first used, which for a task
+    # still queued is never: a long queue costs a third as much.  Nor is it
+    # made for a future nobody waits on by it: its caller read the result
+    # itself, or asked once it was there.  A waiter, a callback and
+    # concurrent.futures.wait all take the condition first; until one has, the
+    # pool moves the future on under _LAZY_CONDITION_LOCK alone, with no one
+    # to notify.
 
     def __init__(self, core: _Helper) -> None:
         # Future.__init__'s fields (the same on 3.9 to 3.13), but the condition.

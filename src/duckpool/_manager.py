@@ -40,7 +40,7 @@ __all__ = ["ManagerOptions", "ProcessPoolManager", "get_or_create_process_manage
 
 class ManagerOptions:
     """A manager's ``submit_task`` and ``run`` with per-task options; see
-    :meth:`ProcessPoolManager.options`."""
+    :meth:`duckpool.ProcessPoolManager.options`."""
 
     __slots__ = ("_manager", "_options")
 

@@ -135,13 +135,21 @@ def materialised(iterables: tuple[Iterable[Any], ...]) -> tuple[list[Any], ...]:
 
 
 class MapResults(Iterator[_T]):
-    """What ``map`` returns: its results in order; ``close()`` cancels the calls not started.
+    """What ``map`` returns: an iterator over its results.
 
-    The results of each chunk are handed out by C code (``itertools.chain``
-    over a pop per item), so a ``for`` loop or ``list()`` over it costs no
-    Python frame per item: ``__iter__`` gives that chain itself, and
-    ``next()`` on this object reads the same chain.
+    In the order of the inputs (or as chunks finish, with ``ordered=False``).
+    A call that raised raises when its own result is reached; a worker's death
+    or a timeout raises :class:`~duckpool.WorkerDiedError` or
+    :class:`~duckpool.TaskTimeoutError` there.  :meth:`close` cancels the
+    calls no worker has started, as does dropping the iterator once its
+    iteration has begun (one never iterated runs to the end, as the standard
+    library's does).
     """
+
+    # The results of each chunk are handed out by C code (itertools.chain over
+    # a pop per item), so a for loop or list() over it costs no Python frame
+    # per item: __iter__ gives that chain itself, and next() on this object
+    # reads the same chain.
 
     __slots__ = ("_chunks", "_first", "_items")
 

@@ -72,7 +72,7 @@ async def await_cancelling(executor: _Cancels, future: Future[_T]) -> _T:
 
 
 class TaskOptions:
-    """Per-task options bound to an executor; see :meth:`ProcessPoolExecutor.options`."""
+    """Per-task options bound to an executor; see :meth:`duckpool.ProcessPoolExecutor.options`."""
 
     __slots__ = ("_context", "_executor", "_kind", "_priority", "_retries", "_timeout", "_trace")
 
