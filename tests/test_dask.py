@@ -204,6 +204,10 @@ def test_task_timeout_is_the_executors_default(scheduler_address: str, gate: Pat
         with pytest.raises(TaskTimeoutError):
             future.result(timeout=RESULT_TIMEOUT)
         assert pool.options(timeout=None).submit(_tasks.add, 1, 1).result(RESULT_TIMEOUT) == 2
+        # options() without a timeout keeps the executor's, as on a local pool.
+        future = pool.options(priority=1).submit(_tasks.wait_for_file, str(gate), GATE_WAIT)
+        with pytest.raises(TaskTimeoutError):
+            future.result(timeout=RESULT_TIMEOUT)
 
 
 def test_cancelling_a_future_cancels_the_dask_task(executor: DaskExecutor, gate: Path) -> None:

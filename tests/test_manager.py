@@ -233,6 +233,27 @@ def test_stop_is_idempotent(start_method: str) -> None:
     manager.stop(wait=False)
 
 
+def test_stop_with_a_bad_timeout_raises_and_leaves_the_pool_running(start_method: str) -> None:
+    manager = _started(start_method)
+    with pytest.raises(ValueError, match="timeout must be greater than 0"):
+        manager.stop(timeout=-1)
+    with pytest.raises(TypeError, match="timeout must be a number"):
+        manager.stop(timeout="soon")  # type: ignore[arg-type]
+    assert manager.state == "running"
+    assert manager.submit_task(_tasks.add, 1, 2).result(timeout=30) == 3
+    manager.stop()
+    assert manager.state == "stopped"
+
+
+def test_submit_task_refuses_a_task_type_that_is_not_a_string(start_method: str) -> None:
+    manager = _started(start_method)  # untyped: it accepts any type, but only a str is one
+    with pytest.raises(TypeError, match="task_type must be a str or None, got 5"):
+        manager.submit_task(_tasks.add, 1, 2, task_type=5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="task_type must be a str or None, got 5"):
+        manager.options(priority=1).submit_task(_tasks.add, 1, 2, task_type=5)  # type: ignore[arg-type]
+    assert manager.submit_task(_tasks.add, 1, 2, task_type="any").result(timeout=30) == 3
+
+
 def test_stop_before_start_does_nothing() -> None:
     manager = get_or_create_process_manager("m")
     manager.stop()

@@ -10,6 +10,7 @@ import pytest
 
 import _executor_tasks as tasks
 import duckpool
+from conftest import wait_until
 from duckpool import _futures, _map, _worker
 
 TIMEOUT = 30
@@ -157,4 +158,59 @@ def test_map_results_read_alike_through_next_and_a_loop_and_stop_when_closed(
         with pytest.raises(StopIteration):
             next(results)
     finally:
+        pool.shutdown()
+
+
+def test_map_checks_its_callable_and_its_timeout_before_submitting(ctx: object) -> None:
+    pool = duckpool.ProcessPoolExecutor(1, ctx)  # type: ignore[arg-type]
+    try:
+        with pytest.raises(TypeError, match=r"map\(\) needs a callable, got 42"):
+            pool.map(42, [1, 2])  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"map\(\) timeout must be a number of seconds"):
+            pool.map(abs, [1], timeout="1")  # type: ignore[arg-type]
+        stats = pool.stats()
+        assert (stats.pending, stats.in_flight, stats.completed) == (0, 0, 0)
+    finally:
+        pool.shutdown()
+
+
+def test_a_map_past_its_deadline_hands_out_the_results_already_back(ctx: object) -> None:
+    # As the standard library's: a deadline that has passed raises only for
+    # a result that is not there yet.
+    pool = duckpool.ProcessPoolExecutor(1, ctx)  # type: ignore[arg-type]
+    try:
+        results = pool.map(abs, [-1, -2, -3], chunksize=1, timeout=0)
+        wait_until(lambda: pool.stats().completed == 3, TIMEOUT)
+        assert list(results) == [1, 2, 3]
+        unordered = pool.map(abs, [-4, -5], chunksize=1, timeout=0, ordered=False)
+        wait_until(lambda: pool.stats().completed == 5, TIMEOUT)
+        assert sorted(unordered) == [4, 5]
+    finally:
+        pool.shutdown()
+
+
+def test_a_map_past_its_deadline_raises_for_a_result_not_back(ctx: object, gate: Path) -> None:
+    pool = duckpool.ProcessPoolExecutor(1, ctx)  # type: ignore[arg-type]
+    try:
+        results = pool.map(tasks.wait_for_file, [str(gate)], timeout=0)
+        with pytest.raises(TimeoutError):
+            next(results)
+    finally:
+        gate.touch()
+        pool.shutdown()
+
+
+def test_a_map_refused_partway_cancels_the_chunks_it_had_submitted(ctx: object, gate: Path) -> None:
+    pool = duckpool.ProcessPoolExecutor(1, ctx, max_pending=1)  # type: ignore[arg-type]
+    try:
+        # Room for 2 unfinished tasks: the third chunk is refused, and the map with it.
+        with pytest.raises(duckpool.PoolSaturatedError):
+            pool.map(tasks.wait_for_file, [str(gate)] * 5, chunksize=1)
+        # What it had queued was cancelled, so its place came back: a submit
+        # fits while the first chunk still blocks the only worker.
+        future = pool.submit(abs, -7)
+        gate.touch()
+        assert future.result(TIMEOUT) == 7
+    finally:
+        gate.touch()
         pool.shutdown()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import io
 import threading
+from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +127,11 @@ def test_report_progress_checks_its_arguments_and_is_a_no_op_outside_a_worker(
     duckpool.report_progress(1, 2, "nothing happens here")
     with pytest.raises(TypeError, match="report_progress takes numbers"):
         duckpool.report_progress("half")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="report_progress takes numbers"):
+        duckpool.report_progress("3")  # type: ignore[arg-type]  (float() would take it)
+    with pytest.raises(TypeError, match="report_progress takes numbers"):
+        duckpool.report_progress(1, "10")  # type: ignore[arg-type]
+    duckpool.report_progress(Fraction(1, 2), Decimal(1))  # numbers of other kinds are fine
     with pytest.raises(TypeError, match="a str message"):
         duckpool.report_progress(1, 2, 3)  # type: ignore[arg-type]
     pool = duckpool.ProcessPoolExecutor(1, ctx)  # type: ignore[arg-type]

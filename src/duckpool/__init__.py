@@ -98,7 +98,10 @@ def register_prometheus(registry: Any = None, executors: Any = None) -> Any:
     Registers a collector on ``registry`` (``prometheus_client``'s default
     if ``None``) that reports every running manager's ``stats()``, labelled
     by its id, and those of ``executors`` (a mapping of name to executor).
-    Returns the collector.
+    Returns the collector.  Raises ``ImportError`` without
+    ``prometheus-client``; its arguments are not checked here.  It reads
+    stats only, and touches no future: a manager that is not running (or
+    stops meanwhile), or runs on Dask, is left out of a scrape.
     """
     try:
         from duckpool import _prometheus

@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future
 from typing import Any, Callable, Optional, TypeVar
@@ -69,7 +68,8 @@ from typing import Any, Callable, Optional, TypeVar
 from duckpool import _context, _process_pools, _tracing, _worker
 from duckpool._dask_bridge import DaskBridge
 from duckpool._errors import InheritedManagerError
-from duckpool._map import chunk_calls, map_results, progress_bar_factory
+from duckpool._futures import UNSET
+from duckpool._map import chunk_calls, map_deadline, map_results, progress_bar_factory
 from duckpool._options import TaskOptions, await_cancelling
 from duckpool._validate import (
     check_buffersize,
@@ -191,11 +191,14 @@ class DaskExecutor(Executor):
         Any worker may run it (no resource constraint); the executor's
         ``task_timeout`` applies; :meth:`options` sets a task type or another
         timeout.  Raises ``RuntimeError`` after shutdown and once interpreter
-        shutdown has begun (the main thread has finished), and ``TypeError``
-        if ``fn`` is not callable.  The future fails with the task's own
-        exception, :class:`~duckpool.WorkerDiedError` if its worker died,
-        :class:`~duckpool.TaskTimeoutError` past its timeout, and is cancelled
-        if shutdown(cancel_futures=True) comes first.
+        shutdown has begun (the main thread has finished), ``TypeError``
+        if ``fn`` is not callable, and :class:`~duckpool.InheritedManagerError`
+        in a forked child.  A call Dask cannot serialize gives a future that
+        has already failed with a ``PicklingError``.  The future fails with
+        the task's own exception, :class:`~duckpool.WorkerDiedError` if its
+        worker died, :class:`~duckpool.TaskTimeoutError` past its timeout, and
+        is cancelled if shutdown(cancel_futures=True) comes first; a shutdown
+        without ``cancel_futures`` lets it finish.
         """
         return self._submit(fn, args, kwargs, self._task_timeout, None)
 
@@ -203,7 +206,7 @@ class DaskExecutor(Executor):
         self,
         *,
         task_type: Optional[str] = None,
-        timeout: Optional[float] = None,
+        timeout: Any = UNSET,
         priority: int = 0,
         retries: int = 0,
         context_vars: Any = None,
@@ -211,10 +214,14 @@ class DaskExecutor(Executor):
     ) -> TaskOptions:
         """Submit with per-task options, leaving the task's own keywords alone.
 
+        Returns a ``TaskOptions`` whose ``submit``, ``run`` and ``map`` take
+        the arguments of the executor's own and raise what they raise.
         ``executor.options(task_type="render", timeout=5).submit(fn, x)`` runs
         ``fn(x)`` only on a worker offering the Dask resource ``render`` and
         fails it with :class:`~duckpool.TaskTimeoutError` after 5 seconds.
-        ``timeout=None`` means no limit, whatever the executor's default.
+        ``timeout=None`` means no limit, whatever the executor's default;
+        left out, the executor's ``task_timeout`` applies (as on a local
+        pool).
         ``priority`` is Dask's own: a higher one is scheduled first.
         ``context_vars`` carries context variables, and ``trace=True`` gives
         each task a span, as on the local pool (the Dask workers need
@@ -223,7 +230,12 @@ class DaskExecutor(Executor):
         Raises ``ValueError`` for ``retries`` above 0: Dask's own retries
         also re-run a task that raised, which duckpool's never do, so
         they are not offered here (Dask reschedules a task whose worker died
-        by itself, up to the scheduler's ``allowed-failures``).
+        by itself, up to the scheduler's ``allowed-failures``).  Raises
+        ``TypeError`` for an argument of the wrong type, ``ValueError`` for a
+        timeout not above 0 or a negative ``retries``, and ``ImportError``
+        for ``trace=True`` without OpenTelemetry.  The futures of its tasks
+        resolve as :meth:`submit`'s do (a worker's death, a timeout, a
+        shutdown).
         """
         kind = check_task_type(task_type)
         if check_retries(retries):
@@ -236,7 +248,7 @@ class DaskExecutor(Executor):
         located = None if variables is None else _context.located(variables)
         return TaskOptions(
             self,
-            check_timeout("timeout", timeout),
+            self._task_timeout if timeout is UNSET else check_timeout("timeout", timeout),
             kind,
             check_priority(priority),
             0,
@@ -247,8 +259,13 @@ class DaskExecutor(Executor):
     async def run(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
         """Run ``fn(*args, **kwargs)`` on the cluster and await its result (asyncio).
 
-        Cancelling the awaiting task cancels the Dask task (best-effort: code
-        already running on a worker is not stopped).
+        Returns what ``fn`` returns; the exception it raises is raised here.
+        Raises what :meth:`submit` raises, with nothing submitted, and from the
+        ``await`` its future's error if its worker dies
+        (:class:`~duckpool.WorkerDiedError`), it overruns its timeout
+        (:class:`~duckpool.TaskTimeoutError`) or a shutdown cancels it
+        (``CancelledError``).  Cancelling the awaiting task cancels the Dask
+        task (best-effort: code already running on a worker is not stopped).
         """
         return await await_cancelling(self, self.submit(fn, *args, **kwargs))
 
@@ -257,7 +274,9 @@ class DaskExecutor(Executor):
 
         The future is cancelled (``CancelledError``) and the scheduler forgets
         the task; Dask cannot stop code already running on a worker.  Returns
-        False if the future is already done.
+        what ``future.cancel()`` returns: False if the future already has its
+        result or error (a worker's death or a timeout came first), else
+        True.  Nothing is checked: it cancels whatever future it is given.
         """
         return future.cancel()
 
@@ -316,6 +335,17 @@ class DaskExecutor(Executor):
         early cancels the calls still in flight.  ``progress`` shows a
         ``tqdm`` bar, as :meth:`ProcessPoolExecutor.map` does; ``ordered=False``
         yields results as their tasks finish, as it does too.
+
+        Returns an iterator over the results (a ``MapResults``, which has
+        ``close()``).  Raises ``ValueError`` for a ``chunksize`` other than
+        None or an int >= 1, ``TypeError`` or ``ValueError`` for a bad
+        ``buffersize``, ``TypeError`` for an ``ordered`` that is not a bool,
+        a bad ``progress`` or an input that is not iterable, ``ImportError``
+        for ``progress`` without ``tqdm``, and what :meth:`submit` raises
+        (after shutdown, say) as it submits.  A task whose worker died, that
+        overran its timeout or that a shutdown cancelled raises
+        :class:`~duckpool.WorkerDiedError`, :class:`~duckpool.TaskTimeoutError`
+        or ``CancelledError`` where its results would come.
         """
         return self._map(
             fn,
@@ -347,11 +377,12 @@ class DaskExecutor(Executor):
         trace: Optional[bool] = None,
     ) -> Iterator[_T]:
         # None (as options().map passes it): one call per Dask task.
+        check_task_callable(fn, "map()")
         size = check_chunksize(chunksize) or 1
         check_buffersize(buffersize)
         check_ordered(ordered)
+        deadline = map_deadline(timeout)
         make_bar = progress_bar_factory(progress, iterables)
-        deadline = None if timeout is None else time.monotonic() + timeout
         chunks = chunk_calls(iterables, size, read_now=buffersize is None)
         run_chunk = functools.partial(_worker.run_chunk, fn)
 
@@ -397,7 +428,8 @@ class DaskExecutor(Executor):
         with the cluster).  Either way no future is left pending once the
         Client is closed.  A task no worker can run (its type offered by no
         worker) keeps ``wait=True`` waiting: use ``cancel_futures`` or a
-        timeout.  Calling it again is harmless.
+        timeout.  Calling it again is harmless, and in a process that
+        inherited the executor by fork it does nothing.
         """
         self._bridge.shutdown(wait, cancel_futures)
 

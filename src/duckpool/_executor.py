@@ -324,10 +324,16 @@ class ProcessPoolExecutor(Submitting, _StdlibProcessPoolExecutor):  # type: igno
 
         In an elastic pool the workers above ``min_workers`` started this
         way still exit after ``idle_timeout`` without work.  Raises
-        ``TimeoutError`` if they are not all ready within ``timeout``
-        seconds (they go on starting), ``BrokenProcessPool`` if the pool
-        breaks meanwhile (an initializer failed, say), and
-        ``RuntimeError`` after shutdown.
+        ``TypeError`` or ``ValueError`` for a ``timeout`` that is not a
+        number above 0 (nothing is started then), ``TimeoutError`` if they
+        are not all ready within ``timeout`` seconds (they go on starting),
+        ``BrokenProcessPool`` if the pool breaks meanwhile (an initializer
+        failed, or workers kept dying before they were ready; every
+        outstanding future then fails with it too), ``RuntimeError`` after
+        shutdown or if the pool shuts down while it waits, and
+        :class:`~duckpool.InheritedManagerError` in a forked child.  It
+        queues no task and cancels none: submitted futures resolve as
+        usual, whether it returns or raises.
         """
         seconds = check_timeout("timeout", timeout)
         self._core.prestart(every=True)
@@ -336,12 +342,18 @@ class ProcessPoolExecutor(Submitting, _StdlibProcessPoolExecutor):  # type: igno
     def resize(self, max_workers: int) -> None:
         """Run ``max_workers`` workers from now on, without failing any future.
 
-        Growing starts the new workers at once (in an elastic pool, when work
-        needs them).  Shrinking lets the surplus
-        workers finish what they hold, then they exit (idle ones at once);
-        nothing queued is lost.  Raises ``ValueError`` for a count that is
-        not a positive int or beyond what the pool can grow to, and
-        ``RuntimeError`` after shutdown.
+        Returns at once, waiting for no worker to start or exit.  Growing
+        starts the new workers at once (in an elastic pool, when work needs
+        them).  Shrinking lets the surplus workers finish what they hold,
+        then they exit (idle ones at once); nothing queued is lost.  A
+        surplus worker that dies or overruns a timeout meanwhile fails only
+        that task, as in any slot (:class:`~duckpool.WorkerDiedError`,
+        :class:`~duckpool.TaskTimeoutError`); the rest it held goes back to
+        the queue.  Raises ``TypeError`` for a count that is not an int,
+        ``ValueError`` for one below 1 or beyond what the pool can grow to,
+        ``RuntimeError`` after shutdown, ``BrokenProcessPool`` if the pool is
+        broken, and :class:`~duckpool.InheritedManagerError` in a forked
+        child; the pool is left as it was then.
         """
         workers = check_positive_int("max_workers", max_workers, allow_none=False)
         assert workers is not None
@@ -379,8 +391,15 @@ class ProcessPoolExecutor(Submitting, _StdlibProcessPoolExecutor):  # type: igno
         for up to that many seconds; then the tasks still queued are
         cancelled and the workers still running get SIGTERM, then SIGKILL a
         second later, their tasks failing with
-        :class:`~duckpool.WorkerDiedError`.  Every future resolves either way.
-        With ``wait=False`` the drain runs in a background thread.
+        :class:`~duckpool.WorkerDiedError` (a task sent to such a worker but
+        not started yet fails with ``BrokenProcessPool``).  Every future
+        resolves either way.  With ``wait=False`` the drain runs in a
+        background thread.  A worker that dies while the pool drains fails
+        only its task, and a replacement takes over the work still queued.
+
+        Raises ``TypeError`` or ``ValueError`` for a ``timeout`` that is not a
+        number above 0 (nothing is stopped then).  In a process that inherited
+        the executor by fork it does nothing.
         """
         core = self._core
         if core.owner_pid == os.getpid():
@@ -389,14 +408,23 @@ class ProcessPoolExecutor(Submitting, _StdlibProcessPoolExecutor):  # type: igno
     def terminate_workers(self) -> None:
         """Shut down now: cancel queued tasks and SIGTERM every worker.
 
-        Tasks that were running fail with :class:`~duckpool.WorkerDiedError`;
-        the executor cannot be used afterwards (as in Python 3.14).
+        Returns once every worker has exited (SIGKILL follows after a short
+        grace).  Tasks that were running fail with
+        :class:`~duckpool.WorkerDiedError`, and tasks sent to a worker but not
+        started yet with ``BrokenProcessPool``; every future resolves.  The
+        executor cannot be used afterwards (as in Python 3.14): ``submit``
+        raises ``RuntimeError``.  Calling it after shutdown is harmless.
         """
         self._core.request_kill(signal.SIGTERM, "terminate_workers() was called")
         self._core.join()
 
     def kill_workers(self) -> None:
-        """Like :meth:`terminate_workers`, with SIGKILL."""
+        """Like :meth:`terminate_workers`, with SIGKILL.
+
+        Returns once every worker has exited; queued tasks are cancelled,
+        running ones fail with :class:`~duckpool.WorkerDiedError`, and the
+        executor cannot be used afterwards.
+        """
         self._core.request_kill(signal.SIGKILL, "kill_workers() was called")
         self._core.join()
 

@@ -321,7 +321,12 @@ class PoolFuture(Future[_T]):
     @property
     def progress(self) -> Optional[Progress]:
         """The task's latest :func:`duckpool.report_progress` update (a
-        :class:`duckpool.Progress`), or None before its first."""
+        :class:`duckpool.Progress`), or None before its first.
+
+        It stays once the future has resolved, however it resolved (a
+        result, a worker's death, a timeout, a cancel, a shutdown): the last
+        update that arrived before.
+        """
         return self.__dict__.get("_progress")  # type: ignore[no-any-return]
 
     def add_progress_callback(self, fn: Callable[[Future[_T]], object]) -> None:
@@ -329,8 +334,12 @@ class PoolFuture(Future[_T]):
         ``future.progress``), in the thread that reads the task's results,
         never once the future has resolved.  If an update came already,
         ``fn`` is called now with it.  Updates a task sends faster than
-        every 50 ms are coalesced (the latest wins).  An exception ``fn``
-        raises is logged, as ``add_done_callback``'s are.
+        every 50 ms are coalesced (the latest wins).  Returns None.  ``fn``
+        is not checked here: an exception it raises (a ``TypeError`` if it
+        is not callable, say) is logged, as ``add_done_callback``'s are.
+        Once the future resolves, however it resolves (a result, a worker's
+        death, a timeout, a cancel, a shutdown), ``fn`` is not called again,
+        nor at all if it is added after: use ``add_done_callback`` for that.
         """
         self.__dict__.setdefault("_progress_callbacks", []).append(fn)
         if "_progress" in self.__dict__ and self._state not in DONE_STATES:
@@ -342,7 +351,10 @@ class PoolFuture(Future[_T]):
         ``async for update in future.progress_updates(): ...`` then ``await
         asyncio.wrap_future(future)`` for the result; the iteration ends when
         the future resolves, however it resolves.  It starts with the latest
-        update if one came already (the task's last, if it is over).
+        update if one came already (the task's last, if it is over).  It
+        raises none of the task's errors: a worker's death, a timeout, a
+        cancel or a shutdown end it as a result does, and the future holds
+        the error.
         """
         import asyncio
 

@@ -29,6 +29,7 @@ from duckpool._validate import (
     check_positive_int,
     check_priority,
     check_retries,
+    check_task_type,
     check_timeout,
 )
 
@@ -73,7 +74,16 @@ class ManagerOptions:
         task_type: Optional[str] = None,
         **kwargs: Any,
     ) -> Future[Any]:
-        """``manager.submit_task`` with these options."""
+        """``manager.submit_task`` with these options.
+
+        Returns the task's future and raises what ``submit_task`` raises;
+        on the Dask backend, ``retries`` above 0 raise ``ValueError`` here.
+        The future resolves as :meth:`duckpool.ProcessPoolManager.submit_task`'s
+        does when the task's worker dies, it overruns its timeout or the
+        pool is stopped; with ``retries``, a task whose worker died or that
+        timed out runs again first (see
+        :meth:`duckpool.ProcessPoolExecutor.options`).
+        """
         pool = self._manager._pool_for(task_type)
         options = self._options
         if "timeout" not in options:
@@ -87,7 +97,13 @@ class ManagerOptions:
         task_type: Optional[str] = None,
         **kwargs: Any,
     ) -> Any:
-        """``manager.run`` with these options."""
+        """``manager.run`` with these options.
+
+        Returns what the task returns; raises what :meth:`submit_task`
+        raises, with nothing queued, and from the ``await`` the future's
+        error if the task's worker dies, it overruns its timeout or a stop
+        ends it.  Cancelling the awaiting task cancels the pool task.
+        """
         future = self.submit_task(task, *args, task_type=task_type, **kwargs)
         return await await_cancelling(self._manager.get_pool(), future)
 
@@ -203,8 +219,9 @@ class ProcessPoolManager:
     ) -> None:
         """Start the pool, ready to accept tasks.
 
-        With the default ``backend="local"``, workers start on the first
-        submitted task.  With ``backend="dask"`` the pool is a
+        Returns once the pool is made (with ``prestart``, once its workers
+        are ready).  With the default ``backend="local"``, workers start on
+        the first submitted task.  With ``backend="dask"`` the pool is a
         :class:`duckpool.DaskExecutor`: the tasks run on a Dask cluster, a
         typed pool's only on workers offering its type as a Dask resource
         (``{task_type: 1}``); ``submit_task``, ``run``, ``stop`` and the
@@ -256,15 +273,25 @@ class ProcessPoolManager:
                 instead of waiting for them; ``process_name_prefix`` and
                 ``mp_context`` are refused (the cluster starts its workers).
 
+        A bad argument raises before any pool is made, leaving the manager
+        as it was.  On a running manager it raises ``RuntimeError``
+        and leaves that pool and its futures alone; a stopped manager may be
+        started again (the old pool's futures resolve as :meth:`stop` said).
+
         Raises:
             ValueError: if ``max_workers`` is not a positive int, ``backend``
                 is unknown, ``address`` is given for the local backend, an
                 option of the local backend only is given for the Dask
-                backend (the error names it), or ``min_workers`` is above
-                ``max_workers``.
-            ImportError: for ``backend="dask"`` without ``distributed`` installed.
+                backend (the error names it), ``min_workers`` is above
+                ``max_workers``, or another argument is out of range (a
+                timeout not above 0, a negative ``max_pending``, an unknown
+                ``on_saturated``).
+            ImportError: for ``backend="dask"`` without ``distributed``
+                installed, or ``trace=True`` without OpenTelemetry.
             TypeError: if another argument has the wrong type.
             RuntimeError: if the pool is already running.
+            InheritedManagerError: in a process that inherited the manager
+                by fork.
         """
         self._check_owner()
         check_positive_int("max_workers", max_workers, allow_none=False, wrong_type=ValueError)
@@ -335,6 +362,8 @@ class ProcessPoolManager:
 
         Raises:
             RuntimeError: if the manager has not been started or was stopped.
+            InheritedManagerError: in a process that inherited the manager
+                by fork.
         """
         self._check_owner()
         pool = self._pool
@@ -355,14 +384,25 @@ class ProcessPoolManager:
 
         A task that raises delivers its exception through the future; a task
         whose worker dies fails with :class:`~duckpool.WorkerDiedError`; the
-        pool goes on serving in both cases.  On the Dask backend a typed
-        pool's task runs only on workers offering its type as a resource.
+        pool goes on serving in both cases.  A task past the pool's
+        ``task_timeout`` fails with :class:`~duckpool.TaskTimeoutError`.  If
+        :meth:`stop` comes meanwhile, the task still runs and its future
+        resolves, unless ``stop(timeout=...)`` stops it at the deadline (see
+        :meth:`stop`).  On the Dask backend a typed pool's task runs only on
+        workers offering its type as a resource.  A call that cannot be
+        pickled gives a future that has already failed.
 
         Raises:
             UnknownTaskError: if the pool was started with a ``task_type`` and
                 this task's type is not among its types (an untyped task included).
             PoolSaturatedError: if the pool has ``max_pending`` and no room.
-            RuntimeError: if the manager is not running.
+            TypeError: if ``task`` is not callable.
+            RuntimeError: if the manager is not running, or once interpreter
+                shutdown has begun.
+            concurrent.futures.process.BrokenProcessPool: if the local pool
+                is broken (its workers could not be started).
+            InheritedManagerError: in a process that inherited the manager
+                by fork.
         """
         pool = self._pool_for(task_type)
         return pool._submit(task, args, kwargs, pool.task_timeout, task_type)
@@ -381,20 +421,32 @@ class ProcessPoolManager:
         left out: the pool's; ``context_vars`` and ``trace`` left out: as the
         pool says): ``manager.options(priority=5, retries=2).submit_task(fn,
         x, task_type="render")``.  Not keywords of ``submit_task`` itself,
-        whose other keywords all go to the task.  ``TypeError``/``ValueError``
-        for a bad value; ``retries`` is refused at submit on the Dask backend.
+        whose other keywords all go to the task.  Returns a
+        ``ManagerOptions``; the manager need not be running yet.
+        ``TypeError``/``ValueError`` for a bad value (``ImportError`` for
+        ``trace=True`` without OpenTelemetry); ``retries`` is refused at
+        submit on the Dask backend.  The futures of its tasks resolve as
+        :meth:`submit_task`'s do, except that a task whose worker died or
+        that timed out runs again while it has ``retries`` left.
         """
         return ManagerOptions(self, timeout, priority, retries, context_vars, trace)
 
     def _pool_for(self, task_type: Optional[str]) -> Union[ProcessPoolExecutor, DaskExecutor]:
         """The running pool, if it accepts ``task_type`` (else ``UnknownTaskError``)."""
         pool: Union[ProcessPoolExecutor, DaskExecutor] = self.get_pool()
+        check_task_type(task_type)
         if not self.accepts(task_type):
             raise UnknownTaskError(task_type, self._task_type)
         return pool
 
     def accepts(self, task_type: Optional[str]) -> bool:
-        """Would ``submit_task`` take a task of this type?"""
+        """Would ``submit_task`` take a task of this type?
+
+        Returns True for any type if the pool was started without a
+        ``task_type`` (or never started), else whether the type is among
+        those it was started with.  It checks neither the type nor whether
+        the manager is running.
+        """
         types = self._task_types
         return types is None or task_type in types
 
@@ -407,8 +459,13 @@ class ProcessPoolManager:
     ) -> Any:
         """``submit_task`` for asyncio: await the task's result.
 
-        Raises what ``submit_task`` raises, at once.  Cancelling the awaiting
-        task cancels the pool task, stopping its worker if it is running.
+        Returns what the task returns.  Raises what ``submit_task`` raises,
+        at once, with nothing queued; then, from the ``await``, the task's own
+        exception, or its future's error if its worker dies
+        (:class:`~duckpool.WorkerDiedError`), it overruns its timeout
+        (:class:`~duckpool.TaskTimeoutError`) or a stop ends it.  Cancelling
+        the awaiting task cancels the pool task, stopping its worker if it is
+        running.
         """
         future = self.submit_task(task, *args, task_type=task_type, **kwargs)
         pool: Union[ProcessPoolExecutor, DaskExecutor] = self.get_pool()
@@ -426,8 +483,21 @@ class ProcessPoolManager:
                 futures fail with :class:`~duckpool.WorkerDiedError`).  On
                 the Dask backend, which cannot stop running code, it is not
                 accepted.
+
+        Returns None.  A worker that dies or a task that overruns its
+        timeout while the pool drains fails only that task, as at any time.
+
+        Raises:
+            ValueError: for a ``timeout`` on the Dask backend, or one not
+                above 0.
+            TypeError: for a ``timeout`` that is not a number.
+            InheritedManagerError: in a process that inherited the manager
+                by fork.
         """
         self._check_owner()
+        # Checked first: a bad timeout must leave the manager as it was, its
+        # pool running, not forgotten before its shutdown could refuse it.
+        timeout = check_timeout("timeout", timeout)
         with self._lock:
             pool = self._pool
             if pool is not None and self._backend == "dask" and timeout is not None:
@@ -453,16 +523,25 @@ class ProcessPoolManager:
         Raises:
             RuntimeError: if the manager is not running.
             NotImplementedError: for a Dask pool.
+            InheritedManagerError: in a process that inherited the manager
+                by fork.
         """
         return self._local_pool("stats()").stats()
 
     def resize(self, max_workers: int) -> None:
         """Change the number of workers of the running pool; no future fails.
 
+        Returns at once, as :meth:`duckpool.ProcessPoolExecutor.resize` does:
+        surplus workers finish what they hold, then exit.
+
         Raises:
-            ValueError: if ``max_workers`` is not a positive int.
+            TypeError: if ``max_workers`` is not an int.
+            ValueError: if ``max_workers`` is below 1, or beyond what the pool
+                can grow to.
             RuntimeError: if the manager is not running.
             NotImplementedError: for a Dask pool.
+            InheritedManagerError: in a process that inherited the manager
+                by fork.
         """
         with self._lock:
             self._local_pool("resize()").resize(max_workers)

@@ -24,7 +24,12 @@ from concurrent.futures import TimeoutError as FuturesTimeoutError
 from typing import Any, Callable, Optional, TypeVar
 
 from duckpool import _context, _futures, _worker
-from duckpool._validate import check_buffersize, check_chunksize, check_ordered
+from duckpool._validate import (
+    check_buffersize,
+    check_chunksize,
+    check_ordered,
+    check_task_callable,
+)
 
 __all__ = [
     "AUTO_CHUNK_MAX",
@@ -169,7 +174,12 @@ class MapResults(Iterator[_T]):
         return next(self._items)
 
     def close(self) -> None:
-        """Stop: cancel the chunks no worker has started, close the progress bar."""
+        """Stop: cancel the chunks no worker has started, close the progress bar.
+
+        Returns None; calling it again is harmless.  Chunks already running
+        go on to the end (or to their worker's death or timeout), and their
+        results are dropped.
+        """
         self._items = iter(())
         self._chunks.close()
         for future in self._first:
@@ -196,7 +206,14 @@ def map_results(
     turn comes.
     """
     first = chunks if buffersize is None else itertools.islice(chunks, buffersize)
-    futures = deque(submit_chunk(chunk) for chunk in first)
+    futures: deque[Future[list[_T]]] = deque()
+    try:
+        for chunk in first:
+            futures.append(submit_chunk(chunk))
+    except BaseException:
+        # The map call fails: no one will read the chunks already submitted.
+        _stop(futures, None)
+        raise
     more = None if buffersize is None else chunks
     results = _result_chunks if ordered else _unordered_result_chunks
     return MapResults(
@@ -286,16 +303,33 @@ def _result_chunks(
                     futures.append(submit_chunk(chunk_calls_))
                     if bar is not None:
                         bar.watch(futures[-1])
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise FuturesTimeoutError()
-            chunk = future.result(remaining)
+            # A deadline that has passed still hands out a chunk already
+            # back, as the standard library's map does.
+            chunk = future.result(_remaining(deadline))
             _arrived(bar, future, chunk)
             del future  # hold no reference to a result once it is handed out
             yield from _chunk_results(chunk, item_errors)
             del chunk
     finally:
         _stop(futures, bar)
+
+
+def map_deadline(timeout: Any) -> Optional[float]:
+    """When a map's results are due: ``timeout`` seconds from now, or None.
+
+    Any number, as the standard library takes it: one not above 0 still
+    hands out the results already back.  ``TypeError`` for anything else.
+    """
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"map() timeout must be a number of seconds or None, got {timeout!r}")
+    return time.monotonic() + timeout
+
+
+def _remaining(deadline: Optional[float]) -> Optional[float]:
+    """Seconds left until ``deadline`` (0 once it has passed), or None."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def _arrived(bar: Optional[_Bar], future: Future[Any], chunk: list[Any]) -> None:
@@ -353,11 +387,8 @@ def _unordered_result_chunks(
         while futures:
             track(futures.popleft())
         while outstanding:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise FuturesTimeoutError()
             try:
-                future = finished.get(timeout=remaining)
+                future = finished.get(timeout=_remaining(deadline))
             except queue.Empty:
                 raise FuturesTimeoutError() from None
             outstanding.discard(future)
@@ -393,11 +424,12 @@ def pool_map(
     """
     timeout, chunksize, buffersize = limits
     task_timeout, kind, priority, retries, context, trace = options
+    check_task_callable(fn, "map()")
     automatic = check_chunksize(chunksize) is None
     check_ordered(ordered)
     check_buffersize(buffersize)
+    deadline = map_deadline(timeout)
     make_bar = progress_bar_factory(progress, iterables)
-    deadline = None if timeout is None else time.monotonic() + timeout
     if automatic:
         size = 1
         if buffersize is None and task_timeout is None:

@@ -97,7 +97,15 @@ class TaskOptions:
         self._retries = retries
 
     def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
-        """``executor.submit`` with these options."""
+        """``executor.submit`` with these options.
+
+        Returns the task's future and raises what ``submit`` raises
+        (``TypeError`` for a ``fn`` that is not callable, ``RuntimeError``
+        after shutdown...).  The future resolves as ``submit``'s does when
+        the task's worker dies, it overruns its timeout (these options') or
+        the pool shuts down: see :meth:`duckpool.ProcessPoolExecutor.submit`
+        and :meth:`duckpool.DaskExecutor.submit`.
+        """
         return self._executor._submit(
             fn,
             args,
@@ -111,7 +119,13 @@ class TaskOptions:
         )
 
     async def run(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
-        """``executor.run`` with these options."""
+        """``executor.run`` with these options.
+
+        Returns what ``fn`` returns; raises what :meth:`submit` raises, with
+        nothing queued, and from the ``await`` the future's error if the
+        task's worker dies, it overruns its timeout or a shutdown stops it.
+        Cancelling the awaiting task cancels the pool task.
+        """
         return await await_cancelling(self._executor, self.submit(fn, *args, **kwargs))
 
     def map(
@@ -128,7 +142,11 @@ class TaskOptions:
         apply per chunk; every chunk has the priority).
 
         ``chunksize=None`` is the executor's own default: chunks the pool
-        chooses locally, one call per task on Dask.
+        chooses locally, one call per task on Dask.  Returns the results'
+        iterator, raises for a bad argument, and raises a chunk's
+        :class:`~duckpool.WorkerDiedError`, :class:`~duckpool.TaskTimeoutError`
+        or ``CancelledError`` (a shutdown) where its results would come, as
+        ``executor.map`` does: see :meth:`duckpool.ProcessPoolExecutor.map`.
         """
         return self._executor._map(
             fn,

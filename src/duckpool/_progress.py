@@ -88,8 +88,11 @@ def report_progress(
     future (``future.progress``) and calls its progress callbacks; updates
     that come faster than every 50 ms are coalesced (the latest wins), and
     the last one always arrives before the result.  Does nothing outside a
-    pool's worker.  Raises ``TypeError`` for a ``done`` or ``total`` that is
-    not a number, or a ``message`` that is not a string.
+    pool's worker.  Returns None.  Raises ``TypeError`` for a ``done`` or
+    ``total`` that is not a number, or a ``message`` that is not a string.
+    If the task's worker dies or the task is stopped (a timeout, a cancel,
+    a shutdown), its future keeps the last update that reached the parent,
+    and no progress callback is called once it has resolved.
     """
     global _countdown, pending
     if (
@@ -135,11 +138,13 @@ def _checked(done: Any, total: Any, message: Any) -> tuple[float, Optional[float
     if message is not None and not isinstance(message, str):
         raise TypeError(f"report_progress takes a str message or None, got {message!r}")
     try:
+        # float() would take a string too ("3"): only what defines __float__
+        # (NumPy numbers, Decimal, Fraction) is a number here.
         if done.__class__ not in _NUMBERS:
-            done = float(done)
+            done = float(type(done).__float__(done))
         if total is not None and total.__class__ not in _NUMBERS:
-            total = float(total)
-    except (TypeError, ValueError):
+            total = float(type(total).__float__(total))
+    except (AttributeError, TypeError, ValueError):
         raise TypeError(
             f"report_progress takes numbers for done and total, got {done!r} and {total!r}"
         ) from None

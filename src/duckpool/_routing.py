@@ -25,8 +25,10 @@ def pool_for(task_type: str) -> ProcessPoolManager:
 
     If several declare it, the one with the least work waiting.  A pool
     started without a task type is the fallback when none declares it.
+    Returns that manager (it submits nothing).
 
     Raises:
+        TypeError: if ``task_type`` is not a str.
         ManagerNotFound: if no running manager of this process accepts it.
     """
     if not isinstance(task_type, str):
@@ -61,15 +63,31 @@ def _backlog(manager: ProcessPoolManager) -> int:
 def submit_task(task: Callable[..., Any], *args: Any, task_type: str, **kwargs: Any) -> Future[Any]:
     """Submit ``task(*args, **kwargs)`` to the pool that accepts ``task_type``.
 
-    Returns the task's future, as ``ProcessPoolManager.submit_task`` does.
+    Returns the task's future, as ``ProcessPoolManager.submit_task`` does,
+    and it resolves as that one's does: the task's exception,
+    :class:`~duckpool.WorkerDiedError` if its worker dies,
+    :class:`~duckpool.TaskTimeoutError` past the pool's ``task_timeout``,
+    and a cancel or a failure if the manager is stopped with a ``timeout``
+    (see :meth:`duckpool.ProcessPoolManager.stop`).
 
     Raises:
+        TypeError: if ``task_type`` is not a str, or ``task`` is not callable.
         ManagerNotFound: if no running manager of this process accepts the type.
         PoolSaturatedError: if that pool has ``max_pending`` and no room.
+        RuntimeError: if that manager is stopped meanwhile, or once
+            interpreter shutdown has begun.
     """
     return pool_for(task_type).submit_task(task, *args, task_type=task_type, **kwargs)
 
 
 async def run_task(task: Callable[..., Any], *args: Any, task_type: str, **kwargs: Any) -> Any:
-    """``submit_task`` for asyncio: await the result; cancelling stops the task."""
+    """``submit_task`` for asyncio: await the result; cancelling stops the task.
+
+    Returns what the task returns.  Raises what ``submit_task`` raises
+    (``TypeError``, :class:`~duckpool.ManagerNotFound`...), with nothing
+    queued; then, from the ``await``, the task's own exception, or its
+    future's error if its worker dies (:class:`~duckpool.WorkerDiedError`),
+    it overruns its timeout (:class:`~duckpool.TaskTimeoutError`) or the
+    manager's stop ends it.
+    """
     return await pool_for(task_type).run(task, *args, task_type=task_type, **kwargs)

@@ -35,6 +35,8 @@ def drain_all(timeout: float) -> None:
     (Dask cannot stop code already running on a worker), and the Client and
     cluster the executor created are closed.  Every future resolves.  Pools
     a forked child inherited are not this process's, and are left alone.
+    Returns None, once every pool has stopped (after the deadline, local
+    workers still busy get the SIGKILL grace too).
 
     Raises:
         ValueError: if ``timeout`` is not a number >= 0 (nothing is stopped).
@@ -92,10 +94,15 @@ def install_shutdown_handlers(
     instead of the exit's usual wait for non-daemon pools).  Call it from the
     main thread, after any framework has installed its own handlers (those
     become the "previous" ones).  Returns a function that puts the previous
-    handlers back and takes the exit drain away.
+    handlers back and takes the exit drain away.  Outstanding futures fare
+    as under ``drain_all`` (in a local pool, tasks still running at the
+    deadline fail with :class:`~duckpool.WorkerDiedError` and queued ones
+    are cancelled): every future resolves before the signal goes on.
 
     Raises:
-        ValueError: if not called from the main thread, or for a bad timeout.
+        ValueError: if not called from the main thread, or for a bad timeout
+            (nothing is installed then); ``signal.signal``'s own error for a
+            signal it cannot handle (``OSError`` for ``SIGKILL``).
     """
     if threading.current_thread() is not threading.main_thread():
         raise ValueError("install_shutdown_handlers() must be called from the main thread")

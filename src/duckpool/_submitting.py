@@ -55,19 +55,40 @@ class Submitting:
         """Schedule ``fn(*args, **kwargs)`` and return its future.
 
         The pool's ``task_timeout`` applies; :meth:`options` sets another.
-        Raises ``RuntimeError`` after shutdown and once interpreter shutdown
-        has begun (the main thread has finished: ``atexit`` handlers and
-        non-daemon threads can no longer submit), ``BrokenProcessPool`` if the
-        pool is broken (its initializer failed), and
-        :class:`~duckpool.InheritedManagerError` in a forked child.  A call
+        Raises ``TypeError`` if ``fn`` is not callable, ``RuntimeError`` after
+        shutdown and once interpreter shutdown has begun (the main thread has
+        finished: ``atexit`` handlers and non-daemon threads can no longer
+        submit), ``BrokenProcessPool`` if the pool is broken (its initializer
+        failed), :class:`~duckpool.InheritedManagerError` in a forked child,
+        and :class:`~duckpool.PoolSaturatedError` if the pool has
+        ``max_pending`` and no room (at once under ``"reject"``, after
+        ``block_timeout`` under ``"block"``); nothing is queued then.  A call
         that cannot be pickled gives a future that has already failed with the
-        pickling error.  If the worker running the task dies, the future fails
-        with :class:`~duckpool.WorkerDiedError` and the pool goes on.
+        pickling error, and a callable in quarantine one failed with
+        :class:`~duckpool.TaskQuarantinedError`.
+
+        If the worker running the task dies, the future fails with
+        :class:`~duckpool.WorkerDiedError` and the pool goes on; past its
+        timeout, its worker is stopped and it fails with
+        :class:`~duckpool.TaskTimeoutError`.  A shutdown lets it finish,
+        unless ``cancel_futures=True`` cancels it while it is queued, or the
+        shutdown's ``timeout`` (or ``terminate_workers()``, ``kill_workers()``)
+        stops it first: see :meth:`shutdown`.  If the pool breaks meanwhile,
+        it fails with ``BrokenProcessPool``.
         """
         return self._submit(fn, args, kwargs, self._task_timeout, None)
 
     async def run(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
         """Run ``fn(*args, **kwargs)`` in the pool and await its result (asyncio).
+
+        Returns what ``fn`` returns; the exception it raises is raised here.
+        Raises what :meth:`submit` raises (``TypeError`` for a ``fn`` that is
+        not callable, ``RuntimeError`` after shutdown...), with nothing queued.
+        If the task's worker dies, it overruns its timeout or a shutdown stops
+        it, the ``await`` raises its future's error
+        (:class:`~duckpool.WorkerDiedError`, :class:`~duckpool.TaskTimeoutError`,
+        or ``CancelledError`` for a task ``shutdown(cancel_futures=True)``
+        cancelled).
 
         Cancelling the awaiting task cancels the pool task: a queued one never
         runs, and a running one's worker is stopped and replaced (see
@@ -159,6 +180,8 @@ class Submitting:
     ) -> TaskOptions:
         """Submit with per-task options, leaving the task's own keywords alone.
 
+        Returns a ``TaskOptions`` whose ``submit``, ``run`` and ``map`` take
+        the arguments of the executor's own and raise what they raise.
         ``executor.options(timeout=2).submit(fn, *args, **kwargs)`` runs
         ``fn`` with a 2-second limit; ``.map(...)`` applies it to each chunk.
         ``timeout=None`` means no limit, whatever the pool's default; left
@@ -184,8 +207,13 @@ class Submitting:
         counts toward ``quarantine_after``: a callable put in quarantine is
         not retried, and fails with :class:`~duckpool.TaskQuarantinedError`.
 
-        Raises ``TypeError`` or ``ValueError`` for an argument of the wrong
-        type or value (a negative ``retries``, a timeout not above 0).
+        Raises ``TypeError`` for an argument of the wrong type (a
+        ``context_vars`` that is not a module-level ``ContextVar`` included),
+        ``ValueError`` for a value out of range (a negative ``retries``, a
+        timeout not above 0), and ``ImportError`` for ``trace=True`` without
+        OpenTelemetry.  The futures of its tasks resolve as :meth:`submit`'s
+        do (a worker's death, a timeout, a shutdown), with these options'
+        timeout and retries.
         """
         if timeout is _futures.UNSET:
             timeout = self._task_timeout
@@ -208,8 +236,12 @@ class Submitting:
         A queued task is cancelled as by ``Future.cancel()``.  A running task's
         worker is stopped (SIGTERM, then SIGKILL after a short grace) and a
         replacement starts; the future fails with
-        :class:`~duckpool.TaskCancelledError`, a ``CancelledError``.  Returns
-        False if the future is already done or not from this executor.
+        :class:`~duckpool.TaskCancelledError`, a ``CancelledError``, once the
+        worker is gone.  A task waiting behind another in a worker's pipe
+        fails with it at once, and the worker skips it.  Returns True if it cancelled the
+        task or is stopping it; False if the future is already done (its
+        result, a worker's death, a timeout or a shutdown came first) or is
+        not one of this executor's.
         """
         if future.done():
             return False
@@ -226,6 +258,14 @@ class Submitting:
         ordered: bool = True,
     ) -> Iterator[_T]:
         """Like :func:`map`, computed in the pool; results come in input order.
+
+        Returns an iterator over the results (a ``MapResults``, which has
+        ``close()``); the chunks are submitted by this call (with
+        ``buffersize``, the first ones).  Raises ``ValueError`` for a
+        ``chunksize`` other than None or an int >= 1, ``TypeError`` or
+        ``ValueError`` for a bad ``buffersize``, ``TypeError`` for an
+        ``ordered`` that is not a bool or an input that is not iterable, and
+        what :meth:`submit` raises (after shutdown, say) as it submits.
 
         ``chunksize`` sends that many calls per task.  Left out (``None``),
         the pool chooses: about four chunks per worker, of at most
@@ -256,6 +296,13 @@ class Submitting:
         back, after the results of its chunk before it.  Either way, ending
         the iteration early (an error, a timeout, the iterator's ``close()``)
         cancels the chunks no worker has started.
+
+        A worker's death or a task timeout fails the whole chunk it was
+        running: :class:`~duckpool.WorkerDiedError` or
+        :class:`~duckpool.TaskTimeoutError` is raised where that chunk's
+        results would come.  A chunk that a shutdown cancelled
+        (``cancel_futures=True``) raises ``CancelledError`` there; one it
+        stopped raises what :meth:`submit`'s future would.
         """
         return self._map(
             fn,

@@ -122,10 +122,10 @@ def check_callable(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be callable, got {value!r}")
 
 
-def check_task_callable(fn: Any) -> None:
-    """What ``submit`` runs."""
+def check_task_callable(fn: Any, caller: str = "submit()") -> None:
+    """What ``submit`` (or ``caller``) runs."""
     if not callable(fn):
-        raise TypeError(f"submit() needs a callable, got {fn!r}")
+        raise TypeError(f"{caller} needs a callable, got {fn!r}")
 
 
 def check_picklable(name: str, value: Any) -> None:
