@@ -192,9 +192,11 @@ def test_child_that_finds_the_metric_does_not_apply_is_a_dash_not_a_failure(
     code, document, out = _run(args, tmp_path, capsys)
 
     assert code == 0, out
-    (row,) = _rows(document)
-    assert row["cells"]["mpool"]["not_applicable"] == "lacks it on this Python"
-    assert row["cells"]["stdlib"]["samples"] == [3.0, 3.0]
+    rows = _rows(document)  # time to the first result, then the shutdown after it
+    assert [row["quantity"] for row in rows] == ["startup_us", "fresh_shutdown_us"]
+    for row in rows:
+        assert row["cells"]["mpool"]["not_applicable"] == "lacks it on this Python"
+        assert row["cells"]["stdlib"]["samples"] == [3.0, 3.0]
     assert "startup mpool: does not apply (lacks it on this Python)" in out
 
 
@@ -379,7 +381,7 @@ def test_json_document_holds_the_header_and_every_cell(
     monkeypatch.setattr(_runner, "_run_child", _fake_run_child({"stdlib": 2.0, "pipe": 1.0}, calls))
     _, document, _ = _run(["--libs", "stdlib,pipe", "--reps", "2"], tmp_path, capsys)
 
-    assert document["schema"] == 2
+    assert document["schema"] == 3
     assert document["command"] == "duckpool bench --libs stdlib,pipe --reps 2 --json " + str(
         tmp_path / "bench.json"
     )
@@ -389,13 +391,22 @@ def test_json_document_holds_the_header_and_every_cell(
     (run,) = document["runs"]
     assert run["start_method"] is None
     row = run["rows"][0]
-    assert set(row) >= {"metric", "quantity", "unit", "higher_is_better", "compared", "size"}
+    assert set(row) >= {
+        "metric",
+        "quantity",
+        "unit",
+        "higher_is_better",
+        "compared",
+        "goal",
+        "size",
+    }
     assert row["cells"]["pipe"] == {
         "samples": [1.0, 1.0],
         "median": 1.0,
         "min": 1.0,
         "max": 1.0,
         "ratio": 0.5,
+        "ratio_spread": [0.5, 0.5],
         "failures": [],
         "not_applicable": None,
     }
@@ -427,10 +438,10 @@ def test_plot_writes_a_png_of_the_ratios(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[tuple[str, str]] = []
-    values = {"stdlib": 2.0, "mpool": 3.0, "pipe": 1.0}
+    values = {"stdlib": 2.0, "mpool": 3.0, "pipe": 1.0, "duckpool": 0.5}
     monkeypatch.setattr(_runner, "_run_child", _fake_run_child(values, calls))
     plot = tmp_path / "ratios.png"
-    args = ["--libs", "stdlib,mpool,pipe", "--reps", "1", "--start-method", "all"]
+    args = ["--libs", "duckpool,stdlib,mpool,pipe", "--reps", "1", "--start-method", "all"]
     code, _, _ = _run([*args, "--plot", str(plot)], tmp_path, capsys)
 
     assert code == 0
@@ -565,3 +576,62 @@ def test_metric_definitions_are_consistent() -> None:
         assert len({q.key for q in metric.quantities}) == len(metric.quantities), name
     for library in _adapters.LIBRARIES.values():
         assert set(library.not_applicable) <= set(_metrics.METRICS), library.name
+
+
+def _goal_row(goal: float, higher: bool, ratio: Optional[float], spread: Any) -> dict[str, Any]:
+    cell = {"ratio": ratio, "ratio_spread": spread, "median": ratio, "min": None, "max": None}
+    return {
+        "label": "a metric",
+        "unit": "us",
+        "higher_is_better": higher,
+        "compared": True,
+        "goal": goal,
+        "cells": {"duckpool": cell, "stdlib": dict(cell, ratio=1.0)},
+    }
+
+
+@pytest.mark.parametrize(
+    "goal, higher, ratio, spread, verdict",
+    [
+        (5.0, True, 6.0, None, "met"),
+        (5.0, True, 4.0, [3.5, 4.5], "missed"),
+        (5.0, True, 4.8, [4.2, 5.3], "tie"),  # the goal lies within the reps' ratios
+        (0.6, False, 0.5, None, "met"),
+        (0.6, False, 0.7, [0.55, 0.9], "tie"),
+        (0.6, False, 0.7, [0.65, 0.9], "missed"),
+        (0.6, False, None, None, "not measured"),
+    ],
+)
+def test_a_goal_is_met_missed_or_tied_within_the_spread_of_its_reps(
+    goal: float, higher: bool, ratio: Optional[float], spread: Any, verdict: str
+) -> None:
+    (result,) = _report._goal_results([_goal_row(goal, higher, ratio, spread)])
+    assert result["verdict"] == verdict
+
+
+def test_goals_are_reported_under_each_table_and_summed_up_per_start_method(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str, str]] = []
+    # duckpool's latency is a tenth of the stdlib's: p50 and p99 both meet their goals.
+    monkeypatch.setattr(
+        _runner, "_run_child", _fake_run_child({"stdlib": 10.0, "duckpool": 1.0}, calls)
+    )
+    args = ["--libs", "duckpool,stdlib", "--metrics", "latency,throughput", "--reps", "2"]
+    code, document, out = _run([*args, "--start-method", "all"], tmp_path, capsys)
+
+    assert code == 0, out
+    methods = [run["start_method"] for run in document["runs"]]
+    for run in document["runs"]:
+        verdicts = {goal["label"]: goal["verdict"] for goal in run["goals"]}
+        assert verdicts == {
+            "round-trip latency p50": "met",
+            "round-trip latency p99": "met",
+            "tiny-task throughput": "missed",  # 0.1x, the goal is >= 5x
+        }
+    assert out.count("duckpool's goals: 2 of 3 met") == len(methods)
+    assert "missed: tiny-task throughput: 0.10x (goal >= 5.00x; reps 0.10" in out
+    summary = out.split("goals met, per start method:\n", 1)[1].splitlines()
+    assert summary == [
+        f"{method}: 2 of 3 goals met (missed tiny-task throughput)" for method in methods
+    ]

@@ -17,6 +17,8 @@ from duckpool._bench._metrics import METRICS, Metric
 from duckpool._bench._plan import _Plan
 from duckpool._bench._report import (
     _document,
+    _goal_results,
+    _goal_summary,
     _header_lines,
     _machine,
     _report_lines,
@@ -245,7 +247,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                 "\n".join(_report_lines(plan, rows, header, worker_start, options.markdown))
             )
             runs.append(
-                {"start_method": plan.start_method, "worker_start": worker_start, "rows": rows}
+                {
+                    "start_method": plan.start_method,
+                    "worker_start": worker_start,
+                    "rows": rows,
+                    "goals": _goal_results(rows),
+                }
             )
     except KeyboardInterrupt:
         progress.close()
@@ -253,6 +260,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 130
     progress.close()
     print("\n\n".join(reports))
+    if len(runs) > 1:
+        print("\n" + "\n".join(["goals met, per start method:", *_goal_summary(runs)]))
 
     document = _document(plans, date, python, machine, runs)
     if options.json:

@@ -41,6 +41,14 @@ class Quantity:
     # False for a number that describes the library rather than ranks it (the
     # chunksize map found best): no ratio to the baseline is computed.
     compared: bool = True
+    # duckpool's goal: its ratio to the baseline (its value, for a number not
+    # compared) at least this if higher is better, at most this if lower is.
+    goal: Optional[float] = None
+
+    def meets(self, value: float) -> bool:
+        """Whether ``value`` (a ratio, or the number itself if not compared) meets the goal."""
+        assert self.goal is not None
+        return value >= self.goal if self.higher_is_better else value <= self.goal
 
 
 _PoolMeasure = Callable[[_PoolAdapter, int, float], dict[str, float]]
@@ -312,22 +320,56 @@ def _measure_worker_uss(pool: _PoolAdapter, size: int, deadline: float) -> dict[
 
 
 def _measure_startup(opener: _PoolOpener, size: int, deadline: float) -> dict[str, float]:
-    """From constructing a fresh pool to the first result of a tiny task; ``size`` pools."""
+    """From constructing a fresh pool to the first result of a tiny task, then
+    from there to the end of its shutdown (every process it started has
+    exited); the median of ``size`` pools each."""
     import statistics
 
     from duckpool._bench._tasks import increment
 
-    samples: list[float] = []
+    _require_psutil()
+    starts: list[float] = []
+    shutdowns: list[float] = []
     for _ in range(size):
+        before = _descendants()
         start = time.perf_counter()
         pool = opener.open()
         try:
             value = pool.wait(pool.submit(increment, (0,)), deadline)
-            samples.append(time.perf_counter() - start)
-        finally:
+            starts.append(time.perf_counter() - start)
+        except BaseException:
             pool.close()
+            raise
+        # What the pool has started by now, whatever the library calls it
+        # (workers, a zygote forking more, a manager process).
+        started = [pid for pid in _descendants() - before if not _lasting_helper(pid)]
+        start = time.perf_counter()
+        pool.close()
+        _wait_until_exited(started, deadline)
+        shutdowns.append(time.perf_counter() - start)
         _check_results([value], 0)
-    return {"startup_us": statistics.median(samples) * 1e6}
+    return {
+        "startup_us": statistics.median(starts) * 1e6,
+        "fresh_shutdown_us": statistics.median(shutdowns) * 1e6,
+    }
+
+
+def _descendants() -> set[int]:
+    import psutil
+
+    return {child.pid for child in psutil.Process().children(recursive=True)}
+
+
+def _lasting_helper(pid: int) -> bool:
+    """A helper process shared by every pool of this process and meant to
+    outlive them: multiprocessing's (or loky's) fork server or resource tracker."""
+    import psutil
+
+    try:
+        command = " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return False
+    return "resource_tracker" in command or "forkserver" in command
 
 
 def _measure_import(opener: _PoolOpener, size: int, deadline: float) -> dict[str, float]:
@@ -430,7 +472,9 @@ METRICS: dict[str, Metric] = {
         Metric(
             name="throughput",
             summary="submit N tiny tasks to a warmed pool, then wait for all results",
-            quantities=(Quantity("tasks_per_s", "tiny-task throughput", "", "tasks/s", True),),
+            quantities=(
+                Quantity("tasks_per_s", "tiny-task throughput", "", "tasks/s", True, goal=5.0),
+            ),
             quick_size=2_000,
             full_size=20_000,
             measure=_measure_throughput,
@@ -439,8 +483,8 @@ METRICS: dict[str, Metric] = {
             name="latency",
             summary="one task at a time, submit then result(), M times",
             quantities=(
-                Quantity("p50_us", "round-trip latency p50", "p50", "us", False),
-                Quantity("p99_us", "round-trip latency p99", "p99", "us", False),
+                Quantity("p50_us", "round-trip latency p50", "p50", "us", False, goal=0.35),
+                Quantity("p99_us", "round-trip latency p99", "p99", "us", False, goal=0.6),
             ),
             quick_size=300,
             full_size=5_000,
@@ -452,10 +496,14 @@ METRICS: dict[str, Metric] = {
             "(those giving 2+ chunks per worker; best reported) and at the library's "
             "automatic chunksize",
             quantities=(
-                Quantity("map_best_per_s", "map at best chunksize", "best", "items/s", True),
+                Quantity(
+                    "map_best_per_s", "map at best chunksize", "best", "items/s", True, goal=2.5
+                ),
                 Quantity("map_best_chunksize", "map: the best chunksize", "at", "", True, False),
                 Quantity("map_auto_per_s", "map at automatic chunksize", "auto", "items/s", True),
-                Quantity("map_auto_share", "map: automatic / best", "auto/best", "%", True, False),
+                Quantity(
+                    "map_auto_share", "map: automatic / best", "auto/best", "%", True, False, 80.0
+                ),
             ),
             quick_size=2_000,
             full_size=100_000,
@@ -464,8 +512,19 @@ METRICS: dict[str, Metric] = {
         ),
         Metric(
             name="startup",
-            summary="construct a fresh pool, submit a tiny task, get its result",
-            quantities=(Quantity("startup_us", "pool created to first result", "", "us", False),),
+            summary="construct a fresh pool, submit a tiny task, get its result; then shut "
+            "the pool down until every process it started has exited",
+            quantities=(
+                Quantity("startup_us", "pool created to first result", "", "us", False, goal=0.8),
+                Quantity(
+                    "fresh_shutdown_us",
+                    "shutdown right after the first result",
+                    "shutdown",
+                    "us",
+                    False,
+                    goal=1.0,
+                ),
+            ),
             # Each pool is one sample of a figure that moves by half between
             # pools: three per rep, as in a full run, cost under a second more.
             quick_size=3,
@@ -477,7 +536,9 @@ METRICS: dict[str, Metric] = {
         Metric(
             name="shutdown",
             summary="graceful shutdown of a warm idle pool, until every worker has exited",
-            quantities=(Quantity("shutdown_us", "shutdown of an idle pool", "", "us", False),),
+            quantities=(
+                Quantity("shutdown_us", "shutdown of an idle pool", "", "us", False, goal=1.0),
+            ),
             quick_size=1,
             full_size=1,
             measure=_measure_shutdown,
@@ -488,7 +549,9 @@ METRICS: dict[str, Metric] = {
             name="payload",
             summary=f"echo {_PAYLOAD_BYTES >> 20} MiB to a worker and back, N times "
             "(MB counted both ways)",
-            quantities=(Quantity("payload_mb_per_s", "1 MiB payload echo", "", "MB/s", True),),
+            quantities=(
+                Quantity("payload_mb_per_s", "1 MiB payload echo", "", "MB/s", True, goal=2.0),
+            ),
             quick_size=10,
             full_size=200,
             measure=_measure_payload,
@@ -499,7 +562,9 @@ METRICS: dict[str, Metric] = {
             summary="parent memory (tracemalloc) per queued task while every worker is blocked "
             "(N tasks queued first, the next N measured)",
             quantities=(
-                Quantity("pending_bytes", "parent memory per pending task", "", "B", False),
+                Quantity(
+                    "pending_bytes", "parent memory per pending task", "", "B", False, goal=0.8
+                ),
             ),
             quick_size=1_000,
             full_size=10_000,
@@ -509,7 +574,7 @@ METRICS: dict[str, Metric] = {
         Metric(
             name="uss",
             summary="USS of the warm idle workers (median over workers; needs psutil)",
-            quantities=(Quantity("worker_uss_bytes", "worker USS", "", "B", False),),
+            quantities=(Quantity("worker_uss_bytes", "worker USS", "", "B", False, goal=1.2),),
             quick_size=1,
             full_size=1,
             measure=_measure_worker_uss,
@@ -539,6 +604,7 @@ METRICS: dict[str, Metric] = {
                     "",
                     "us",
                     False,
+                    goal=0.5,
                 ),
             ),
             quick_size=100,

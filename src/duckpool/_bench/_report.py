@@ -174,7 +174,7 @@ def _markdown_table(rows: list[dict[str, Any]], libraries: Sequence[str]) -> lis
 
 
 def _write_plot(path: str, document: dict[str, Any]) -> None:
-    """A bar chart of every ranked row's ratios, one panel per start method, as a PNG.
+    """A bar chart of every ranked row's advantage over the baseline, one panel per table.
 
     Drawn on matplotlib's Agg canvas directly: no pyplot, no global backend
     switch, nothing that needs a display.  DeprecationWarnings are silenced
@@ -190,9 +190,19 @@ def _write_plot(path: str, document: dict[str, Any]) -> None:
 
 
 def _draw_plot(path: str, document: dict[str, Any]) -> None:
+    """One panel per table; in each, a group of bars per ranked row.
+
+    Every bar shows a library's *advantage* over the baseline: its ratio
+    where higher is better, the inverse where lower is, so a bar above the
+    1x line is better than the baseline whatever the metric, and twice as
+    tall (on the log scale) is twice the advantage.  A black tick across
+    duckpool's bar marks its goal.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
+    times = FuncFormatter(lambda value, _: f"{value:g}x")  # 2x, 0.5x: not 2e0
     baseline = document["baseline"]
     libraries = [name for name in document["libraries"] if name != baseline]
     runs = document["runs"]
@@ -203,36 +213,144 @@ def _draw_plot(path: str, document: dict[str, Any]) -> None:
     for index, run in enumerate(runs):
         axis = figure.add_subplot(len(runs), 1, index + 1)
         rows = [row for row in run["rows"] if row.get("compared", True)]
+        goal_drawn = False
         for offset, library in enumerate(libraries):
-            positions, ratios = [], []
+            shift = (offset - (len(libraries) - 1) / 2) * width
+            positions, advantages = [], []
             for position, row in enumerate(rows):
                 ratio = row["cells"][library]["ratio"]
                 if ratio:  # no bar for a failed or not-applicable cell
-                    positions.append(position + (offset - (len(libraries) - 1) / 2) * width)
-                    ratios.append(ratio)
-            # From the 1.0 line, up or down: on a log scale a bar from the
-            # axis bottom would make every ratio look large.
-            heights = [ratio - 1.0 for ratio in ratios]
+                    positions.append(position + shift)
+                    advantages.append(_advantage(ratio, row["higher_is_better"]))
+                goal = row.get("goal")
+                if library == _SUBJECT and goal:
+                    axis.hlines(
+                        _advantage(goal, row["higher_is_better"]),
+                        position + shift - width / 2,
+                        position + shift + width / 2,
+                        colors="black",
+                        linewidth=2,
+                        label="_nolegend_" if goal_drawn else f"{_SUBJECT}'s goal",
+                        zorder=3,
+                    )
+                    goal_drawn = True
+            # From the 1x line, up or down: on a log scale a bar from the axis
+            # bottom would make every advantage look large.
+            heights = [advantage - 1.0 for advantage in advantages]
             axis.bar(positions, heights, width, bottom=1.0, label=library)
         axis.axhline(1.0, color="black", linewidth=0.8)
         axis.set_yscale("log")
+        axis.yaxis.set_major_formatter(times)
+        axis.yaxis.set_minor_formatter(times)
+        axis.tick_params(axis="y", which="both", labelsize=7)
         axis.set_xticks(range(len(rows)))
-        axis.set_xticklabels(
-            [f"{row['label']} {'↑' if row['higher_is_better'] else '↓'}" for row in rows],
-            rotation=30,
-            ha="right",
-            fontsize=8,
-        )
-        axis.set_ylabel(f"ratio to {baseline} (log scale)")
+        axis.set_xticklabels([row["label"] for row in rows], rotation=30, ha="right", fontsize=8)
+        axis.set_ylabel(f"advantage over {baseline} (log scale)")
         axis.set_title(
-            f"start method: {_method_text(run['start_method'])} "
-            f"(↑ higher is better, ↓ lower is better)",
+            f"start method: {_method_text(run['start_method'])} (above 1x: better than "
+            f"{baseline}; the ratio where higher is better, its inverse where lower is)",
             fontsize=9,
         )
-        axis.legend(fontsize=8, ncol=max(1, len(libraries)))
+        axis.legend(fontsize=8, ncol=max(1, len(libraries) + 1))
     figure.suptitle(f"{document['command']} | {document['date']}", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
+
+
+def _advantage(ratio: float, higher_is_better: bool) -> float:
+    """How many times better than the baseline: the ratio, or its inverse where lower is better."""
+    return ratio if higher_is_better else 1.0 / ratio
+
+
+#: The library whose goals the report checks.
+_SUBJECT = "duckpool"
+
+
+def _goal_results(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """duckpool's goals in one table: each one met, tied, missed or not measured.
+
+    A goal is on the ratio to the baseline (on the number itself for one not
+    compared, the automatic map's share of the best).  A ratio that misses
+    its goal by less than its own run-to-run spread (the goal lies between
+    the lowest and highest ratio of a rep to the baseline's same rep) is a
+    tie: another run could as well have met it.
+    """
+    results = []
+    for row in rows:
+        goal = row.get("goal")
+        cell = row["cells"].get(_SUBJECT)
+        if goal is None or cell is None:
+            continue
+        compared = row.get("compared", True)
+        value = cell["ratio"] if compared else cell["median"]
+        if compared:
+            spread = cell.get("ratio_spread")
+        elif cell["min"] is not None and cell["min"] != cell["max"]:
+            spread = [cell["min"], cell["max"]]
+        else:
+            spread = None
+        higher = row["higher_is_better"]
+        if value is None:
+            verdict = "not measured"
+        elif (value >= goal) if higher else (value <= goal):
+            verdict = "met"
+        elif spread is not None and spread[0] <= goal <= spread[1]:
+            verdict = "tie"
+        else:
+            verdict = "missed"
+        results.append(
+            {
+                "label": row["label"],
+                "value": value,
+                "unit": "x" if compared else row["unit"],
+                "goal": goal,
+                "higher_is_better": higher,
+                "spread": spread,
+                "verdict": verdict,
+            }
+        )
+    return results
+
+
+def _goal_text(result: dict[str, Any]) -> str:
+    unit = result["unit"]
+    sign = ">=" if result["higher_is_better"] else "<="
+    text = f"{result['label']}: "
+    text += "-" if result["value"] is None else _format_value(result["value"], unit)
+    text += f" (goal {sign} {_format_value(result['goal'], unit)}"
+    if result["spread"] is not None:
+        text += f"; reps {_format_range(result['spread'], unit)}"
+    return text + ")"
+
+
+def _goal_lines(results: list[dict[str, Any]], markdown: bool) -> list[str]:
+    """The goals block under a table: a count, then one line per goal."""
+    if not results:
+        return []
+    met = sum(result["verdict"] == "met" for result in results)
+    lines = [f"{_SUBJECT}'s goals: {met} of {len(results)} met"]
+    for result in results:
+        line = f"{result['verdict']}: {_goal_text(result)}"
+        lines.append(f"- {line}" if markdown else f"  {line}")
+    return lines
+
+
+def _goal_summary(runs: list[dict[str, Any]]) -> list[str]:
+    """One line per table: the goals met, and the others by name."""
+    lines = []
+    for run in runs:
+        results = run.get("goals") or []
+        if not results:
+            continue
+        met = sum(result["verdict"] == "met" for result in results)
+        others = [
+            f"{result['verdict']} {result['label']}"
+            for result in results
+            if result["verdict"] != "met"
+        ]
+        line = f"{_method_text(run['start_method'])}: {met} of {len(results)} goals met"
+        lines.append(line + (f" ({'; '.join(others)})" if others else ""))
+    return lines
 
 
 def _machine() -> dict[str, Any]:
@@ -263,7 +381,7 @@ def _report_lines(
     worker_start: dict[str, list[str]],
     markdown: bool,
 ) -> list[str]:
-    """One table's report: header, skipped libraries, table, legend, n/a cells, failures."""
+    """One table's report: header, skipped libraries, table, goals, legend, n/a cells, failures."""
     lines = [
         *header,
         "workers started by: "
@@ -274,11 +392,15 @@ def _report_lines(
         lines = [line for text in lines for line in (text, "")]
         lines += _markdown_table(rows, plan.libraries)
         lines.append("")
+        goals = _goal_lines(_goal_results(rows), markdown)
+        lines += [*goals, ""] if goals else []
         lines += [f"- {name}: {LIBRARIES[name].description}" for name in plan.libraries]
     else:
         lines.append("")
         lines += _terminal_table(rows, plan.libraries)
         lines.append("")
+        goals = _goal_lines(_goal_results(rows), markdown)
+        lines += [*goals, ""] if goals else []
         lines += [f"{name} = {LIBRARIES[name].description}" for name in plan.libraries]
     first_rows = [  # once per metric
         row for row in rows if row["quantity"] == METRICS[row["metric"]].quantities[0].key
@@ -312,7 +434,7 @@ def _document(
     """The ``--json`` document: the run's header, then one entry per table in ``runs``."""
     first = plans[0]
     return {
-        "schema": 2,
+        "schema": 3,
         "command": first.command,
         "date": date,
         "python": python,

@@ -246,14 +246,19 @@ def _summarise(plan: _Plan, cells: dict[tuple[str, str], _Cell]) -> list[dict[st
                     "min": min(values) if values else None,
                     "max": max(values) if values else None,
                     "ratio": None,
+                    "ratio_spread": None,
                     "failures": list(cell.failures),
                     "not_applicable": cell.not_applicable,
                 }
                 row_cells[library] = summary
-            baseline = row_cells.get(_BASELINE, {}).get("median")
+            baseline_cell = row_cells.get(_BASELINE, {})
+            baseline = baseline_cell.get("median")
             for summary in row_cells.values():
                 if quantity.compared and baseline and summary["median"] is not None:
                     summary["ratio"] = summary["median"] / baseline
+                    summary["ratio_spread"] = _ratio_spread(
+                        summary["samples"], baseline_cell["samples"]
+                    )
             rows.append(
                 {
                     "metric": metric_name,
@@ -262,11 +267,25 @@ def _summarise(plan: _Plan, cells: dict[tuple[str, str], _Cell]) -> list[dict[st
                     "unit": quantity.unit,
                     "higher_is_better": quantity.higher_is_better,
                     "compared": quantity.compared,
+                    "goal": quantity.goal,
                     "size": plan.sizes[metric_name],
                     "cells": row_cells,
                 }
             )
     return rows
+
+
+def _ratio_spread(samples: list[float], baseline: list[float]) -> Optional[list[float]]:
+    """The lowest and highest ratio of one rep to the baseline's same rep.
+
+    Reps are interleaved across libraries, so rep ``i`` of each ran at about
+    the same time, under the same load: its ratio carries the run-to-run
+    spread a ratio of medians hides.  None with fewer than two paired reps.
+    """
+    ratios = [value / base for value, base in zip(samples, baseline) if base]
+    if len(ratios) < 2:
+        return None
+    return [min(ratios), max(ratios)]
 
 
 def _clock(seconds: float) -> str:
