@@ -14,6 +14,7 @@ import ast
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 DOCS = Path(__file__).resolve().parent
 SOURCE = DOCS.parent / "src" / "duckpool"
@@ -68,6 +69,22 @@ def _as_typed(node: ast.stmt) -> list[ast.stmt]:
 
 _write_static_package(SOURCE, GENERATED / "duckpool")
 
+
+def _module_constant(module: Path, name: str) -> Any:
+    """The literal a module assigns to ``name`` at its top level, read statically."""
+    tree = ast.parse(module.read_text(encoding="utf-8"))
+    return ast.literal_eval(
+        next(
+            node.value
+            for node in tree.body
+            if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == name
+        )
+    )
+
+
+#: Where each public name is defined: ``{name: module}`` (the package's lazy table).
+EXPORTS: dict[str, str] = _module_constant(SOURCE / "__init__.py", "_EXPORTS")
+
 project = "duckpool"
 author = "duckpool developers"
 copyright = "duckpool developers"
@@ -100,7 +117,6 @@ autodoc2_module_all_regexes = [r"duckpool", r"duck\.utils\.multiprocessing\.proc
 autodoc2_skip_module_regexes = [r"duckpool\..*"]
 autodoc2_hidden_objects = ["private", "dunder", "inherited"]
 autodoc2_replace_bases = [
-    ("*_TIMEOUT_BASES", "TimeoutError"),
     *((f"duckpool.{module}._T", "T") for module in ("_futures", "_map")),
 ]
 # The type variables of generic signatures read as plain T.
@@ -109,10 +125,19 @@ autodoc2_replace_annotations = [
         (f"duckpool.{module}._T", "T")
         for module in ("_dask", "_submitting", "_options", "_futures", "_map", "_executor")
     ),
-    ("duckpool._progress.Progress", "duckpool.Progress"),
+    # A public object reads as its public name: duckpool.PoolStats, not
+    # duckpool._stats.PoolStats.
+    *((f"{module}.{name}", f"duckpool.{name}") for name, module in EXPORTS.items()),
 ]
 # The standard Future methods a PoolFuture overrides for speed, same meaning.
-autodoc2_hidden_regexes = [r"duckpool\._futures\.PoolFuture\.(done|result|exception|set_.*)"]
+autodoc2_hidden_regexes = [
+    r"duckpool\._futures\.PoolFuture\.(done|result|exception|set_.*)",
+    # The fields of the named tuples stats() returns: their docstrings list
+    # them (napoleon's "Variables"); autodoc2's own entries would repeat them
+    # without a word, each with a meaningless default.
+    r"duckpool\._stats\.\w+Stats\.\w+",
+    r"duckpool\._progress\.Progress\.\w+",
+]
 autodoc2_docstring_parser_regexes = [(r".*", "duckpool_docstrings")]
 autodoc2_index_template = None
 
@@ -135,17 +160,7 @@ nitpick_ignore_regex = [
 # What duckpool_docs checks is documented: the seed page's names (the copy the
 # contract tests read) and the package's __all__, read statically.
 duckpool_seed_page = str(DOCS.parent / "tests" / "data" / "seed_api.txt")
-duckpool_public_names = [
-    name
-    for name in ast.literal_eval(
-        next(
-            node.value
-            for node in ast.parse((SOURCE / "__init__.py").read_text(encoding="utf-8")).body
-            if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "__all__"
-        )
-    )
-    if name != "__version__"
-]
+duckpool_public_names = list(_module_constant(SOURCE / "__init__.py", "__all__"))
 
 html_theme = "furo"
 html_title = f"duckpool {release}"

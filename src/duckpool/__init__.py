@@ -90,6 +90,7 @@ def __dir__() -> list[str]:
 
 
 __version__ = "0.1.0"
+"""duckpool's version, as its package metadata gives it."""
 
 
 def register_prometheus(registry: Any = None, executors: Any = None) -> Any:

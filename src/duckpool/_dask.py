@@ -427,8 +427,9 @@ class DaskExecutor(Executor):
         code already running is not stopped, but a LocalCluster's workers end
         with the cluster).  Either way no future is left pending once the
         Client is closed.  A task no worker can run (its type offered by no
-        worker) keeps ``wait=True`` waiting: use ``cancel_futures`` or a
-        timeout.  Calling it again is harmless, and in a process that
+        worker) keeps ``wait=True`` waiting: use ``cancel_futures=True``, or a
+        task timeout (``task_timeout``, ``options(timeout=...)``), or
+        ``duckpool.drain_all(timeout)``.  Calling it again is harmless, and in a process that
         inherited the executor by fork it does nothing.
         """
         self._bridge.shutdown(wait, cancel_futures)

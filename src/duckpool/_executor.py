@@ -201,8 +201,9 @@ class ProcessPoolExecutor(Submitting, _StdlibProcessPoolExecutor):  # type: igno
             the logging they have (under spawn: none configured).
         pool_id: a picklable label for this pool's forwarded log records
             (``record.duckpool_pool``); a manager passes its id.
-        min_workers, idle_timeout: a warm, elastic pool.  Given either, the
-            first ``min_workers`` workers (default 0) start with the pool,
+        min_workers: with ``idle_timeout``, makes a warm, elastic pool.
+            Given either, the first ``min_workers`` workers (default 0)
+            start with the pool,
             are never reaped, and are replaced if they die; the others, up
             to ``max_workers``, start only when a task finds no idle
             worker (one per such task), and with ``idle_timeout`` a worker
@@ -214,6 +215,8 @@ class ProcessPoolExecutor(Submitting, _StdlibProcessPoolExecutor):  # type: igno
             no task fails by it (one that comes as it leaves may wait for a
             worker to start); ``stats()`` shows ``min_workers``,
             ``max_workers`` and the live ``workers``.
+        idle_timeout: seconds a worker above ``min_workers`` may have no
+            work before it exits (see ``min_workers``); ``None``: never.
         context_vars: a ``contextvars.ContextVar`` or several, each a
             module-level name, whose values at ``submit()`` (or ``map()``)
             every task carries to its worker: they are set there while it

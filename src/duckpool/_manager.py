@@ -240,25 +240,35 @@ class ProcessPoolManager:
                 title ``ps`` and ``top`` show; a replacement keeps its slot.
             mp_context: a multiprocessing context (fork, spawn or forkserver);
                 the default context if ``None``.
-            max_pending, on_saturated, block_timeout: admission control (see
-                :class:`duckpool.ProcessPoolExecutor`): past ``max_pending``
+            max_pending: admission control (see
+                :class:`duckpool.ProcessPoolExecutor`): past this many
                 waiting tasks, ``submit_task`` raises
-                :class:`~duckpool.PoolSaturatedError` (``"reject"``) or waits
-                for room up to ``block_timeout`` (``"block"``).
+                :class:`~duckpool.PoolSaturatedError` or waits for room, as
+                ``on_saturated`` says.
+            on_saturated: ``"reject"`` (raise at once) or ``"block"`` (wait
+                for room up to ``block_timeout``, then raise).
+            block_timeout: with ``"block"``, the most seconds ``submit_task``
+                waits for room (``None``: as long as it takes).
             type_limits: per task type, the most of its tasks that run at
                 once, so one workload cannot take every worker.
             task_timeout: default seconds a task may run.
-            quarantine_after, quarantine_seconds: refuse for a while a task
-                that killed this many workers in a row.
+            quarantine_after: refuse for a while a task that killed this
+                many workers in a row.
+            quarantine_seconds: how long such a task is refused.
             forward_logs: send what tasks log to this process's loggers, each
                 record tagged with this manager's id (``record.duckpool_pool``),
                 the worker's slot and the task id (see
                 :class:`duckpool.ProcessPoolExecutor`); if false, workers keep
                 the logging they have.
-            min_workers, idle_timeout, context_vars, trace: as for
-                :class:`duckpool.ProcessPoolExecutor` (a warm, elastic pool;
-                context variables and a span per task, per call on either
-                backend with :meth:`options`).
+            min_workers: as for :class:`duckpool.ProcessPoolExecutor` (a
+                warm, elastic pool).
+            idle_timeout: as for :class:`duckpool.ProcessPoolExecutor`.
+            context_vars: context variables every task carries, as for
+                :class:`duckpool.ProcessPoolExecutor` (on the Dask backend,
+                per call only, with :meth:`options`).
+            trace: a span per task, as for
+                :class:`duckpool.ProcessPoolExecutor` (on the Dask backend,
+                per call only, with :meth:`options`).
             prestart: start every worker now and return once they are all
                 ready, raising what ``prestart()`` raises (the pool runs on).
             backend: ``"local"`` (worker processes of this machine) or

@@ -66,8 +66,9 @@ class PoolStats(NamedTuple):
             or ``max_memory_per_child``.
         quarantined: names of the callables refused for now
             (``quarantine_after``).
-        latency_p50, latency_p99: seconds from ``submit()`` to the result
-            arriving, over the latest 1024 tasks (``None`` before any).
+        latency_p50: the median of the seconds from ``submit()`` to the
+            result arriving, over the latest 1024 tasks (``None`` before any).
+        latency_p99: their 99th percentile (``None`` before any task).
         helpers: the pool's live processes other than workers.
         stopped: the pool has shut down, every process it started has
             exited and its dispatcher thread has ended.

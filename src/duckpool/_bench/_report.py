@@ -98,7 +98,9 @@ def _format_cell(summary: dict[str, Any], unit: str) -> str:
 
 
 def _row_title(row: dict[str, Any]) -> tuple[str, str]:
-    unit = _microseconds() if row["unit"] == "us" else row["unit"]
+    # Times and sizes are scaled cell by cell (ms, MB, ...), each cell naming
+    # its unit: a unit in the title would contradict most of them.
+    unit = "" if row["unit"] in ("us", "B") else row["unit"]
     title = f"{row['label']} ({unit})" if unit else row["label"]
     if not row.get("compared", True):
         return title, "not ranked, no ratio"
