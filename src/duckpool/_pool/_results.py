@@ -237,7 +237,7 @@ class ResultBook:
             if slot.process is not None and not (
                 core.lifecycle.shutdown_requested and not scheduler.pending
             ):
-                scheduler.dispatch_pending()
+                scheduler.refill(slot)
             # After the next calls are on their way: the workers need not wait.
             copy_buffers = core.transport.copy_buffers
             for index, (item, status, payload) in enumerate(resolved):

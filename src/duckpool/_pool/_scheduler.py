@@ -57,6 +57,11 @@ class Scheduler:
         self._elastic = core.elastic
         #: Items no worker holds yet, by priority, in order within one.
         self.pending = Pending()
+        #: Every slot had a worker (or was parked) at the last full pass: only
+        #: then may items queue behind busy workers, not while a replacement
+        #: is coming.  Read by ``refill`` as of that pass (a hint: stale, it
+        #: only moves an item behind a busy worker or keeps it queued).
+        self._manned = False
 
     def queue(self, item: WorkItem) -> None:
         """Send ``item`` to an idle worker, else queue it (lock held)."""
@@ -186,7 +191,8 @@ class Scheduler:
                     if self.assign(slot, item):
                         batches[slot.index] = [item]
                         break
-        if pending and all(slot.process is not None or slot.parked for slot in core.slots):
+        self._manned = all(slot.process is not None or slot.parked for slot in core.slots)
+        if pending and self._manned:
             # (While a replacement worker is coming, it takes what is left.)
             now = time.monotonic()
             while pending:
@@ -201,6 +207,41 @@ class Scheduler:
                     break
         for index, items in batches.items():
             slot = core.slots[index]
+            self._transport.write(slot, self._transport.frames_of(slot, items))
+
+    def refill(self, slot: Slot) -> None:
+        """After ``slot``'s worker answered: hand pending items to it alone.
+
+        What a result frees is room in its own slot: every other slot was
+        offered the queue when it last had room (its own answers, or the
+        dispatcher's passes, which run :meth:`dispatch_pending` over every
+        slot after any other change: a worker started, a slot unparked, a
+        resize).  So this looks at one slot, not all of them, which keeps a
+        pool of 64 workers as cheap per task as one of 2.  Under
+        ``type_limits`` an answer frees room for its type in any idle slot:
+        that takes the full pass.
+        """
+        pending = self.pending
+        if not pending:
+            return
+        if self._type_limits is not None:
+            self.dispatch_pending()
+            return
+        items: list[WorkItem] = []
+        if self.is_idle(slot):
+            while pending:  # the first item not cancelled meanwhile
+                item = pending.popleft()
+                if self.assign(slot, item):
+                    items.append(item)
+                    break
+        if (items or slot.assigned) and self._manned:
+            # Queued behind its current task, as dispatch_pending would.
+            now = time.monotonic()
+            while pending and self.can_prefetch(slot, pending.first(), now):
+                item = pending.popleft()
+                if self.assign(slot, item):
+                    items.append(item)
+        if items:
             self._transport.write(slot, self._transport.frames_of(slot, items))
 
     def dispatch_within_limits(self, batches: dict[int, list[WorkItem]]) -> None:

@@ -88,6 +88,8 @@ class Successors:
         """Start the successors that are due (lock held); return a start error."""
         core = self._core
         launcher = core.launcher
+        if core.settings.max_tasks_per_child is None or launcher.forks:
+            return None  # (no slot wants one: see wanted; not worth a pass over them)
         now = time.monotonic()
         if core.lifecycle.shutdown_requested or not launcher.may_start_now(now):
             return None
