@@ -113,7 +113,8 @@ def test_every_present_library_runs_the_metrics_its_adapter_implements(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     requested = [name for name in _adapters.LIBRARIES if name != "duckpool"]
-    metrics = ["latency", "map", "recycle"]
+    # pools: several threads submit to one pool at once; every library must take that.
+    metrics = ["latency", "map", "recycle", "pools"]
     # 30 tasks: with the 4 that start the workers, the recycle metric replaces one.
     args = ["--libs", ",".join(requested), "--metrics", ",".join(metrics), *TINY, "--size", "30"]
     code, document, out = _run(args, tmp_path, capsys)
@@ -549,9 +550,9 @@ def _measure_inline(metric: str, transform: Callable[[Any], Any]) -> dict[str, f
     return definition.measure(_inline_pool(transform), size, deadline)
 
 
-# Metrics that need real workers (to block them, or to see them exit) are
-# covered by the end-to-end tests only.
-NEED_WORKERS = {"pending", "shutdown"}
+# Metrics that need real workers (to block them, to see them exit, or to warm
+# up pools of several) are covered by the end-to-end tests only.
+NEED_WORKERS = {"pending", "shutdown", "workers", "pools"}
 CHECK_RESULTS = ["throughput", "latency", "map", "payload", "startup", "recycle", "scaling"]
 
 

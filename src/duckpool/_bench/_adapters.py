@@ -476,6 +476,7 @@ LIBRARIES: dict[str, _Library] = {
                 "map": "no map()",
                 "pending": "no queue: a task waits in the pipe or is not sent",
                 "recycle": "never recycles its workers",
+                "pools": "one caller at a time: nothing guards a pipe shared by threads",
             },
         ),
     )

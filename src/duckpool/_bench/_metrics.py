@@ -466,6 +466,111 @@ def _measure_scaling(opener: _PoolOpener, size: int, deadline: float) -> dict[st
     return {"speedup": seconds[1] / seconds[opener.options.workers]}
 
 
+#: The pool sizes the parent's CPU per task is measured at.
+_MANY_WORKERS = (2, 8, 32, 64)
+
+
+def _measure_many_workers(opener: _PoolOpener, size: int, deadline: float) -> dict[str, float]:
+    """The parent's CPU time per tiny task, in pools of 2, 8, 32 and 64 workers.
+
+    The CPU of the measuring process (every thread of it: the library's own
+    threads included) while ``size`` tasks go through a warmed pool, divided
+    by ``size``: what one dispatching process pays per task, which on a
+    many-core machine caps the tasks per second it can feed its workers.
+    """
+    from duckpool._bench._tasks import increment
+
+    values: dict[str, float] = {}
+    for workers in _MANY_WORKERS:
+        pool = opener.open(workers=workers)
+        try:
+            _warm_up(pool, workers, deadline)
+            batch = [(i,) for i in range(size)]
+            cpu = time.process_time()
+            results = pool.run_batch(increment, batch, deadline)
+            values[f"cpu_per_task_{workers}_us"] = (time.process_time() - cpu) / size * 1e6
+        finally:
+            pool.close()
+        _check_results(results, 0)
+    values["cpu_growth"] = values["cpu_per_task_64_us"] / values["cpu_per_task_2_us"]
+    return values
+
+
+#: Several pools loaded at once: this many pools of this many workers, each fed
+#: by a thread of its own, against one pool of all their workers fed by as
+#: many threads.
+_POOLS, _WORKERS_PER_POOL = 4, 2
+
+
+def _measure_pools(opener: _PoolOpener, size: int, deadline: float) -> dict[str, float]:
+    """``size`` tiny tasks through 4 pools of 2 workers at once, then through 1 pool of 8.
+
+    Each of 4 threads keeps 2 tasks per worker in flight in its pool (in the
+    single pool, the 4 threads share it), timing each task from its submit to
+    its result.  Several pools in one process share one interpreter: their
+    dispatching threads take turns at the GIL, which one pool does not.
+    """
+    import threading
+
+    from duckpool._bench._tasks import increment
+
+    def load(pools: list[_PoolAdapter]) -> tuple[float, float]:
+        share = size // _POOLS
+        window = 2 * _WORKERS_PER_POOL
+        times: list[list[float]] = [[] for _ in range(_POOLS)]
+        errors: list[BaseException] = []
+
+        def feed(index: int) -> None:
+            pool = pools[index % len(pools)]
+            try:
+                in_flight: list[tuple[float, Any]] = []
+                for i in range(share):
+                    if len(in_flight) >= window:
+                        started, handle = in_flight.pop(0)
+                        pool.wait(handle, deadline)
+                        times[index].append(time.perf_counter() - started)
+                    in_flight.append((time.perf_counter(), pool.submit(increment, (i,))))
+                for started, handle in in_flight:
+                    pool.wait(handle, deadline)
+                    times[index].append(time.perf_counter() - started)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=feed, args=(index,)) for index in range(_POOLS)]
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(_remaining(deadline))
+        elapsed = time.perf_counter() - start
+        if errors:
+            raise errors[0]
+        every = sorted(t for thread_times in times for t in thread_times)
+        return share * _POOLS / elapsed, _percentile(every, 99)
+
+    total = _POOLS * _WORKERS_PER_POOL
+    several = [opener.open(workers=_WORKERS_PER_POOL) for _ in range(_POOLS)]
+    try:
+        for pool in several:
+            _warm_up(pool, _WORKERS_PER_POOL, deadline)
+        several_rate, several_p99 = load(several)
+    finally:
+        for pool in several:
+            pool.close()
+    one = opener.open(workers=total)
+    try:
+        _warm_up(one, total, deadline)
+        one_rate, one_p99 = load([one])
+    finally:
+        one.close()
+    return {
+        "pools_tasks_per_s": several_rate,
+        "pools_p99_us": several_p99 * 1e6,
+        "pools_rate_share": 100 * several_rate / one_rate,
+        "pools_p99_growth": several_p99 / one_p99,
+    }
+
+
 METRICS: dict[str, Metric] = {
     metric.name: metric
     for metric in (
@@ -619,6 +724,83 @@ METRICS: dict[str, Metric] = {
             quick_size=8,
             full_size=80,
             measure_own_pools=_measure_scaling,
+            quick_reps=1,
+        ),
+        Metric(
+            name="workers",
+            summary="the parent's CPU time per tiny task, N tasks through warmed pools of "
+            + ", ".join(map(str, _MANY_WORKERS))
+            + " workers (--workers does not apply)",
+            quantities=(
+                *(
+                    Quantity(
+                        f"cpu_per_task_{n}_us",
+                        f"parent CPU per task, {n} workers",
+                        f"{n}w",
+                        "us",
+                        False,
+                    )
+                    for n in _MANY_WORKERS
+                ),
+                Quantity(
+                    "cpu_growth",
+                    f"parent CPU per task, {_MANY_WORKERS[-1]} / {_MANY_WORKERS[0]} workers",
+                    "growth",
+                    "x",
+                    False,
+                    False,
+                    goal=1.5,
+                ),
+            ),
+            quick_size=1_000,
+            full_size=10_000,
+            measure_own_pools=_measure_many_workers,
+            quick_reps=1,
+        ),
+        Metric(
+            name="pools",
+            summary=f"N tiny tasks through {_POOLS} pools of {_WORKERS_PER_POOL} workers "
+            f"loaded at once (a thread each), against 1 pool of "
+            f"{_POOLS * _WORKERS_PER_POOL} fed by {_POOLS} threads (--workers does not apply)",
+            quantities=(
+                Quantity(
+                    "pools_tasks_per_s",
+                    f"{_POOLS} pools of {_WORKERS_PER_POOL}: throughput",
+                    "rate",
+                    "tasks/s",
+                    True,
+                ),
+                Quantity(
+                    "pools_p99_us",
+                    f"{_POOLS} pools of {_WORKERS_PER_POOL}: p99 per task",
+                    "p99",
+                    "us",
+                    False,
+                ),
+                Quantity(
+                    "pools_rate_share",
+                    f"{_POOLS} pools of {_WORKERS_PER_POOL} / 1 of "
+                    f"{_POOLS * _WORKERS_PER_POOL}: throughput",
+                    "share",
+                    "%",
+                    True,
+                    False,
+                    goal=80.0,
+                ),
+                Quantity(
+                    "pools_p99_growth",
+                    f"{_POOLS} pools of {_WORKERS_PER_POOL} / 1 of "
+                    f"{_POOLS * _WORKERS_PER_POOL}: p99",
+                    "p99 growth",
+                    "x",
+                    False,
+                    False,
+                    goal=1.2,
+                ),
+            ),
+            quick_size=2_000,
+            full_size=20_000,
+            measure_own_pools=_measure_pools,
             quick_reps=1,
         ),
     )
