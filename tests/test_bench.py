@@ -275,9 +275,11 @@ def test_reps_are_interleaved_across_libraries(
         if metric not in _adapters.LIBRARIES[library].not_applicable
     }
     per_rep = len(everything)
-    assert len(calls) == 3 * per_rep
+    assert calls[0] == ("stdlib", "load")  # the load metrics' calibration, once
+    reps = calls[1:]
+    assert len(reps) == 3 * per_rep
     for rep in range(3):
-        assert set(calls[rep * per_rep : (rep + 1) * per_rep]) == everything
+        assert set(reps[rep * per_rep : (rep + 1) * per_rep]) == everything
 
 
 def test_quick_runs_fewer_reps_only_of_the_metrics_that_ask_for_it(
@@ -292,6 +294,8 @@ def test_quick_runs_fewer_reps_only_of_the_metrics_that_ask_for_it(
         assert document["metric_reps"][name] == expected
         if name in _adapters.LIBRARIES["stdlib"].not_applicable:  # recycle before 3.11
             expected = 0
+        if name == "load":
+            expected += 1  # the calibration, once per table
         assert calls.count(("stdlib", name)) == expected, name
     fewer = [name for name, metric in _metrics.METRICS.items() if metric.quick_reps]
     assert fewer, "no metric asks for fewer reps: drop this test"
@@ -552,7 +556,7 @@ def _measure_inline(metric: str, transform: Callable[[Any], Any]) -> dict[str, f
 
 # Metrics that need real workers (to block them, to see them exit, or to warm
 # up pools of several) are covered by the end-to-end tests only.
-NEED_WORKERS = {"pending", "shutdown", "workers", "pools"}
+NEED_WORKERS = {"pending", "shutdown", "workers", "pools", "load", "load_async"}
 CHECK_RESULTS = ["throughput", "latency", "map", "payload", "startup", "recycle", "scaling"]
 
 
@@ -636,3 +640,29 @@ def test_goals_are_reported_under_each_table_and_summed_up_per_start_method(
     assert summary == [
         f"{method}: 2 of 3 goals met (missed tiny-task throughput)" for method in methods
     ]
+
+
+def test_the_load_metrics_offer_every_library_the_rates_measured_once_on_the_baseline(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[str, str, Optional[str], Optional[str]]] = []
+
+    def run_child(plan: _plan._Plan, library: str, metric: str) -> dict[str, Any]:
+        calibrating = os.environ.get(_metrics.LOAD_CALIBRATE_ENVIRONMENT)
+        seen.append((library, metric, calibrating, os.environ.get(_metrics.LOAD_ENVIRONMENT)))
+        if calibrating:
+            return {"ok": True, "values": {"_iterations": 1234.0, "_capacity": 1500.0}}
+        keys = [quantity.key for quantity in _metrics.METRICS[metric].quantities]
+        return {"ok": True, "values": dict.fromkeys(keys, 2.0)}
+
+    monkeypatch.setattr(_runner, "_run_child", run_child)
+    monkeypatch.delenv(_metrics.LOAD_ENVIRONMENT, raising=False)
+    args = ["--libs", "stdlib,mpool", "--metrics", "load,latency", "--reps", "2"]
+    code, _, out = _run(args, tmp_path, capsys)
+
+    assert code == 0, out
+    assert seen[0] == ("stdlib", "load", "1", None)  # first, once, on the baseline
+    measured = [entry for entry in seen[1:] if entry[1] == "load"]
+    assert len(measured) == 4  # 2 libraries x 2 reps
+    assert all(entry[2] is None and entry[3] == "1234,1500.0" for entry in measured)
+    assert _metrics.LOAD_ENVIRONMENT not in os.environ  # the next table measures its own

@@ -50,6 +50,7 @@ def _remaining(deadline: float) -> float:
 _TaskFunction = Callable[..., Any]
 # map(function, items, chunksize or None for the library's automatic choice, timeout)
 _MapFunction = Callable[[_TaskFunction, list[Any], Optional[int], float], list[Any]]
+_NotifyFunction = Callable[[_TaskFunction, tuple[Any, ...], Callable[[], None]], None]
 
 
 @dataclass(frozen=True)
@@ -77,16 +78,40 @@ class _PoolAdapter:
         wait: Callable[[Any, float], Any],
         close: Callable[[], None],
         map_items: Optional[_MapFunction] = None,
+        *,
+        submit_notify: Optional[_NotifyFunction] = None,
+        executor: Any = None,
     ) -> None:
         self._submit = submit
         self._wait = wait
         self._close = close
         self._map = map_items
+        self._submit_notify = submit_notify
+        #: The library's ``concurrent.futures.Executor``, if it is one (for
+        #: ``loop.run_in_executor``), else None.
+        self.executor = executor
         self._closed = False
         self.worker_pids: list[int] = []
 
     def submit(self, function: _TaskFunction, args: tuple[Any, ...]) -> Any:
         return self._submit(function, args)
+
+    def submit_notify(
+        self, function: _TaskFunction, args: tuple[Any, ...], done: Callable[[], None]
+    ) -> None:
+        """Submit, and have ``done()`` called (in any thread) once the task is over.
+
+        Through the library's own notification: a future's done callback, or
+        ``apply_async``'s callbacks.  :class:`_NotApplicable` for a library
+        with neither.
+        """
+        if self._submit_notify is not None:
+            self._submit_notify(function, args, done)
+            return
+        handle = self.submit(function, args)
+        if not hasattr(handle, "add_done_callback"):
+            raise _NotApplicable("no way to be told a task is done but waiting on it")
+        handle.add_done_callback(lambda _: done())
 
     def wait(self, handle: Any, deadline: float) -> Any:
         return self._wait(handle, _remaining(deadline))
@@ -253,6 +278,7 @@ def _futures_adapter(executor: Any) -> _PoolAdapter:
         wait=lambda future, timeout: future.result(timeout=timeout),
         close=lambda: executor.shutdown(wait=True),
         map_items=map_items,
+        executor=executor,
     )
 
 
@@ -299,11 +325,17 @@ def _open_mpool(options: _PoolOptions) -> _PoolAdapter:
         # chunksize=None: Pool.map's own choice, about len(items) / (4 * workers).
         return list(pool.map_async(function, items, chunksize).get(timeout))
 
+    def submit_notify(
+        function: _TaskFunction, args: tuple[Any, ...], done: Callable[[], None]
+    ) -> None:
+        pool.apply_async(function, args, callback=lambda _: done(), error_callback=lambda _: done())
+
     return _PoolAdapter(
         submit=lambda function, args: pool.apply_async(function, args),
         wait=lambda result, timeout: result.get(timeout=timeout),
         close=close,
         map_items=map_items,
+        submit_notify=submit_notify,
     )
 
 
@@ -386,11 +418,19 @@ def _open_mpire(options: _PoolOptions) -> _PoolAdapter:
         # task_timeout: it adds a watchdog thread; the child's deadline bounds the map.
         return list(pool.map(function, items, chunk_size=chunksize))
 
+    def submit_notify(
+        function: _TaskFunction, args: tuple[Any, ...], done: Callable[[], None]
+    ) -> None:
+        pool.apply_async(
+            function, args=args, callback=lambda _: done(), error_callback=lambda _: done()
+        )
+
     return _PoolAdapter(
         submit=lambda function, args: pool.apply_async(function, args=args),
         wait=lambda result, timeout: result.get(timeout=timeout),
         close=pool.stop_and_join,
         map_items=map_items,
+        submit_notify=submit_notify,
     )
 
 
@@ -477,6 +517,8 @@ LIBRARIES: dict[str, _Library] = {
                 "pending": "no queue: a task waits in the pipe or is not sent",
                 "recycle": "never recycles its workers",
                 "pools": "one caller at a time: nothing guards a pipe shared by threads",
+                "load": "one caller at a time: nothing guards a pipe shared by threads",
+                "load_async": "not a concurrent.futures.Executor",
             },
         ),
     )

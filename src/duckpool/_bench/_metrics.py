@@ -571,6 +571,189 @@ def _measure_pools(opener: _PoolOpener, size: int, deadline: float) -> dict[str,
     }
 
 
+# --- a server's load: open-loop arrivals ------------------------------------------------
+
+#: CPU per task of the server-load metrics.
+_LOAD_TASK_S = 0.001
+#: Offered loads, as shares of the baseline pool's capacity for those tasks.
+_LOAD_LEVELS = (0.5, 0.8, 0.95)
+#: Threads submitting the arrivals (a server's request threads).
+_LOAD_THREADS = 16
+#: Set by the parent for every load child of a table: "<spin iterations>,<capacity
+#: in tasks/s>", both measured once on the baseline pool, so every library gets
+#: the same tasks at the same rates.  Unset: the child measures them itself.
+LOAD_ENVIRONMENT = "DUCKPOOL_BENCH_LOAD"
+#: Set by the parent for the one child that measures them (and nothing else).
+LOAD_CALIBRATE_ENVIRONMENT = "DUCKPOOL_BENCH_LOAD_CALIBRATE"
+
+
+def _load_calibration(pool: _PoolAdapter, deadline: float) -> tuple[int, float]:
+    """Spin iterations for a task of ~1 ms here, and the tasks per second
+    ``pool`` completes of them when kept busy (2 in flight per worker)."""
+    from duckpool._bench._tasks import spin
+
+    given = os.environ.get(LOAD_ENVIRONMENT)
+    if given:
+        spins, per_second = given.split(",")
+        return int(spins), float(per_second)  # as the parent measured them
+    iterations = _spin_iterations(_LOAD_TASK_S)
+    workers = max(1, len(pool.worker_pids))
+    count = max(20, int(1.0 / _LOAD_TASK_S) * workers)  # about a second's work
+    start = time.perf_counter()
+    pool.run_windowed(spin, [(iterations,)] * count, 2 * workers, deadline)
+    return iterations, count / (time.perf_counter() - start)
+
+
+def _arrivals(rate: float, seconds: float, seed: int) -> list[float]:
+    """Poisson arrival times (seconds from the start) at ``rate`` per second.
+
+    Seeded: every library gets the same arrivals at the same level.
+    """
+    import random
+
+    generator = random.Random(seed)
+    times: list[float] = []
+    now = generator.expovariate(rate)
+    while now < seconds:
+        times.append(now)
+        now += generator.expovariate(rate)
+    return times
+
+
+def _load_summary(
+    arrivals: list[float], done: list[float], prefix: str, rate: float
+) -> dict[str, float]:
+    """Response times (arrival to completion) and the rate achieved, of one load level."""
+    responses = sorted(end - start for start, end in zip(arrivals, done))
+    span = max(done) - 0.0 if done else 0.0
+    return {
+        f"{prefix}_p50_us": _percentile(responses, 50) * 1e6,
+        f"{prefix}_p99_us": _percentile(responses, 99) * 1e6,
+        f"{prefix}_p999_us": _percentile(responses, 99.9) * 1e6,
+        f"{prefix}_achieved": 100 * len(done) / span / rate if span > 0 else 0.0,
+    }
+
+
+def _offer(
+    pool: _PoolAdapter,
+    arrivals: list[float],
+    function: Callable[..., Any],
+    args: tuple[Any, ...],
+    deadline: float,
+) -> list[float]:
+    """Submit one task per arrival, at its time, from 16 threads; when each was done.
+
+    Times are seconds from the start, as the arrivals are.
+    """
+    import threading
+
+    done = [0.0] * len(arrivals)
+    finished = threading.Semaphore(0)
+    errors: list[BaseException] = []
+    start = time.perf_counter()
+
+    def submit_share(first: int) -> None:
+        try:
+            for index in range(first, len(arrivals), _LOAD_THREADS):
+                delay = start + arrivals[index] - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+
+                def on_done(index: int = index) -> None:
+                    done[index] = time.perf_counter() - start
+                    finished.release()
+
+                pool.submit_notify(function, args, on_done)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=submit_share, args=(first,)) for first in range(_LOAD_THREADS)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(_remaining(deadline))
+    if errors:
+        raise errors[0]
+    for _ in arrivals:
+        if not finished.acquire(timeout=_remaining(deadline)):
+            raise TimeoutError("the measurement's deadline passed")
+    return done
+
+
+def _measure_load(pool: _PoolAdapter, size: int, deadline: float) -> dict[str, float]:
+    """Open-loop arrivals of ~1 ms tasks for ``size`` seconds at 50, 80 and 95 %
+    of the baseline's capacity, submitted by 16 threads.
+
+    Each task is submitted at its arrival time (by the thread it falls to) and
+    timed from that arrival to the library's own notice that it is done, so
+    a library that falls behind pays for the queue it builds, and a thread
+    late to submit counts against it too (no coordinated omission).
+    """
+    from duckpool._bench._tasks import spin
+
+    iterations, capacity = _load_calibration(pool, deadline)
+    if os.environ.get(LOAD_CALIBRATE_ENVIRONMENT):
+        return {"_iterations": float(iterations), "_capacity": capacity}
+    values: dict[str, float] = {}
+    for level in _LOAD_LEVELS:
+        rate = level * capacity
+        arrivals = _arrivals(rate, size, seed=int(level * 100))
+        done = _offer(pool, arrivals, spin, (iterations,), deadline)
+        values.update(_load_summary(arrivals, done, f"load{int(level * 100)}", rate))
+    return {key: values[key] for key in _LOAD_KEYS}
+
+
+def _measure_load_async(pool: _PoolAdapter, size: int, deadline: float) -> dict[str, float]:
+    """Open-loop arrivals of ~1 ms tasks for ``size`` seconds at 80 % of the
+    baseline's capacity, from an asyncio loop through ``loop.run_in_executor``."""
+    import asyncio
+
+    from duckpool._bench._tasks import spin
+
+    if pool.executor is None:
+        raise _NotApplicable("not a concurrent.futures.Executor: no loop.run_in_executor")
+    iterations, capacity = _load_calibration(pool, deadline)
+    level = _LOAD_LEVELS[1]
+    rate = level * capacity
+    arrivals = _arrivals(rate, size, seed=int(level * 100))
+    done = [0.0] * len(arrivals)
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+        base = loop.time()
+
+        async def one(index: int) -> None:
+            await loop.run_in_executor(pool.executor, spin, iterations)
+            done[index] = time.perf_counter() - start
+
+        tasks = []
+        for index, arrival in enumerate(arrivals):
+            delay = base + arrival - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one(index)))
+        await asyncio.wait_for(asyncio.gather(*tasks), _remaining(deadline))
+
+    asyncio.run(serve())
+    summary = _load_summary(arrivals, done, "async80", rate)
+    return {key: summary[key] for key in ("async80_p50_us", "async80_p99_us", "async80_achieved")}
+
+
+#: What the load metric reports (of everything _load_summary computes).
+_LOAD_KEYS = (
+    "load50_p99_us",
+    "load80_p50_us",
+    "load80_p99_us",
+    "load80_p999_us",
+    "load95_p99_us",
+    "load80_achieved",
+    "load95_achieved",
+)
+
+
 METRICS: dict[str, Metric] = {
     metric.name: metric
     for metric in (
@@ -802,6 +985,63 @@ METRICS: dict[str, Metric] = {
             full_size=20_000,
             measure_own_pools=_measure_pools,
             quick_reps=1,
+        ),
+        Metric(
+            name="load",
+            summary=f"a server's load: Poisson arrivals of ~{_LOAD_TASK_S * 1e3:g} ms tasks for "
+            f"N s at each of {', '.join(f'{level:.0%}' for level in _LOAD_LEVELS)} of the "
+            f"capacity the baseline reaches, submitted by {_LOAD_THREADS} threads; "
+            "time from arrival to result",
+            quantities=(
+                Quantity("load50_p99_us", "load 50%: p99", "50% p99", "us", False),
+                Quantity("load80_p50_us", "load 80%: p50", "80% p50", "us", False),
+                Quantity("load80_p99_us", "load 80%: p99", "80% p99", "us", False, goal=0.5),
+                Quantity("load80_p999_us", "load 80%: p99.9", "80% p99.9", "us", False),
+                Quantity("load95_p99_us", "load 95%: p99", "95% p99", "us", False),
+                Quantity(
+                    "load80_achieved",
+                    "load 80%: rate achieved / offered",
+                    "80% rate",
+                    "%",
+                    True,
+                    False,
+                ),
+                Quantity(
+                    "load95_achieved",
+                    "load 95%: rate achieved / offered",
+                    "95% rate",
+                    "%",
+                    True,
+                    False,
+                ),
+            ),
+            quick_size=1,
+            full_size=4,
+            measure=_measure_load,
+            size_unit="s per load",
+            size_option=False,
+        ),
+        Metric(
+            name="load_async",
+            summary=f"as load, at {_LOAD_LEVELS[1]:.0%}, the arrivals made by an asyncio loop "
+            "through loop.run_in_executor",
+            quantities=(
+                Quantity("async80_p50_us", "asyncio load 80%: p50", "p50", "us", False),
+                Quantity("async80_p99_us", "asyncio load 80%: p99", "p99", "us", False),
+                Quantity(
+                    "async80_achieved",
+                    "asyncio load 80%: rate achieved / offered",
+                    "rate",
+                    "%",
+                    True,
+                    False,
+                ),
+            ),
+            quick_size=1,
+            full_size=4,
+            measure=_measure_load_async,
+            size_unit="s",
+            size_option=False,
         ),
     )
 }

@@ -352,13 +352,45 @@ class _Progress:
             self._shown = False
 
 
+_LOAD_METRICS = frozenset({"load", "load_async"})
+
+
 def _children_needed(plan: _Plan) -> int:
-    return sum(
+    calibration = 1 if _LOAD_METRICS & set(plan.metrics) else 0
+    return calibration + sum(
         plan.metric_reps[metric]
         for metric in plan.metrics
         for library in plan.libraries
         if metric not in LIBRARIES[library].not_applicable
     )
+
+
+def _calibrate_load(plan: _Plan, progress: _Progress) -> None:
+    """Measure, once for the table, the load metrics' task and the baseline's
+    capacity for it, and hand both to every load child (through the environment).
+
+    If that fails, each load child measures them itself: the rates then
+    differ a little between libraries, which the progress line says.
+    """
+    from duckpool._bench._metrics import LOAD_CALIBRATE_ENVIRONMENT, LOAD_ENVIRONMENT
+
+    os.environ.pop(LOAD_ENVIRONMENT, None)
+    what = f"{plan.start_method or 'default'} load: the {_BASELINE} pool's capacity"
+    progress.running(what)
+    started = time.monotonic()
+    os.environ[LOAD_CALIBRATE_ENVIRONMENT] = "1"
+    try:
+        record = _run_child(plan, _BASELINE, "load")
+    finally:
+        del os.environ[LOAD_CALIBRATE_ENVIRONMENT]
+    values = record.get("values") or {}
+    if record.get("ok") and "_capacity" in values:
+        iterations, capacity = int(values["_iterations"]), values["_capacity"]
+        os.environ[LOAD_ENVIRONMENT] = f"{iterations},{capacity!r}"
+        outcome = f"{capacity:.0f} tasks/s of {iterations} spins each"
+    else:
+        outcome = f"FAILED ({record.get('error', 'no result')}): each load child measures its own"
+    progress.finished(what, outcome, time.monotonic() - started)
 
 
 def _run_plan(plan: _Plan, progress: _Progress) -> dict[tuple[str, str], _Cell]:
@@ -367,6 +399,8 @@ def _run_plan(plan: _Plan, progress: _Progress) -> dict[tuple[str, str], _Cell]:
     for (metric_name, library), cell in cells.items():
         cell.not_applicable = LIBRARIES[library].not_applicable.get(metric_name)
     method = plan.start_method or "default"
+    if _LOAD_METRICS & set(plan.metrics):
+        _calibrate_load(plan, progress)
     for rep in range(plan.reps):
         shift = rep % max(1, len(plan.libraries))
         order = plan.libraries[shift:] + plan.libraries[:shift]
@@ -398,4 +432,8 @@ def _run_plan(plan: _Plan, progress: _Progress) -> dict[tuple[str, str], _Cell]:
                     if record.get("traceback"):  # the child's, for whoever debugs the library
                         progress.note(record["traceback"].rstrip())
                 progress.finished(what, outcome, time.monotonic() - started)
+    if _LOAD_METRICS & set(plan.metrics):
+        from duckpool._bench._metrics import LOAD_ENVIRONMENT
+
+        os.environ.pop(LOAD_ENVIRONMENT, None)  # the next table measures its own
     return cells
