@@ -202,7 +202,7 @@ def _draw_plot(path: str, document: dict[str, Any]) -> None:
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     times = FuncFormatter(lambda value, _: f"{value:g}x")  # 2x, 0.5x: not 2e0
     baseline = document["baseline"]
@@ -237,14 +237,29 @@ def _draw_plot(path: str, document: dict[str, Any]) -> None:
                     )
                     goal_drawn = True
             # From the 1x line, up or down: on a log scale a bar from the axis
-            # bottom would make every advantage look large.
-            heights = [advantage - 1.0 for advantage in advantages]
-            axis.bar(positions, heights, width, bottom=1.0, label=library)
+            # bottom would make every advantage look large.  A bar past the
+            # axis (the stdlib's map without a chunksize: hundreds of times)
+            # is cut there and labelled with its value.
+            shown = [min(max(advantage, 1 / _PLOT_LIMIT), _PLOT_LIMIT) for advantage in advantages]
+            axis.bar(positions, [a - 1.0 for a in shown], width, bottom=1.0, label=library)
+            for where, advantage, drawn in zip(positions, advantages, shown):
+                if drawn != advantage:
+                    axis.annotate(
+                        f"{advantage:.3g}x",
+                        (where, drawn),
+                        ha="center",
+                        va="bottom" if advantage > 1 else "top",
+                        fontsize=6,
+                        rotation=90,
+                    )
         axis.axhline(1.0, color="black", linewidth=0.8)
         axis.set_yscale("log")
+        axis.set_ylim(1 / (_PLOT_LIMIT * 2), _PLOT_LIMIT * 2)
+        axis.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         axis.yaxis.set_major_formatter(times)
-        axis.yaxis.set_minor_formatter(times)
+        axis.yaxis.set_minor_formatter(NullFormatter())
         axis.tick_params(axis="y", which="both", labelsize=7)
+        axis.grid(axis="y", which="major", linewidth=0.3, alpha=0.5)
         axis.set_xticks(range(len(rows)))
         axis.set_xticklabels([row["label"] for row in rows], rotation=30, ha="right", fontsize=8)
         axis.set_ylabel(f"advantage over {baseline} (log scale)")
@@ -257,6 +272,10 @@ def _draw_plot(path: str, document: dict[str, Any]) -> None:
     figure.suptitle(f"{document['command']} | {document['date']}", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
+
+
+#: The plot's axis ends at this advantage (and its inverse); bars past it are cut.
+_PLOT_LIMIT = 30.0
 
 
 def _advantage(ratio: float, higher_is_better: bool) -> float:
