@@ -504,7 +504,11 @@ LIBRARIES: dict[str, _Library] = {
             "mpire",
             _open_mpire,
             ("mpire",),
-            {"recycle": _MPIRE_RECYCLING},
+            {
+                "recycle": _MPIRE_RECYCLING,
+                # Seen on mpire 2.10: within a minute, no result, its workers gone.
+                "pools": "several WorkerPools fed at once from threads hang",
+            },
         ),
         _Library(
             "pipe",
