@@ -742,6 +742,27 @@ def _measure_load_async(pool: _PoolAdapter, size: int, deadline: float) -> dict[
     return {key: summary[key] for key in ("async80_p50_us", "async80_p99_us", "async80_achieved")}
 
 
+def _achieved(key: str, load: str, short: str) -> Quantity:
+    """The rate a load metric achieved, as a share of the rate offered (not ranked)."""
+    return Quantity(key, f"{load}: rate achieved / offered", short, "%", True, False)
+
+
+def _load_metric(
+    name: str, summary: str, quantities: tuple[Quantity, ...], measure: _PoolMeasure
+) -> Metric:
+    """A load metric: sized in seconds per offered load, 1 (quick) or 4."""
+    return Metric(
+        name=name,
+        summary=summary,
+        quantities=quantities,
+        quick_size=1,
+        full_size=4,
+        measure=measure,
+        size_unit="s per load",
+        size_option=False,
+    )
+
+
 #: What the load metric reports (of everything _load_summary computes).
 _LOAD_KEYS = (
     "load50_p99_us",
@@ -986,62 +1007,33 @@ METRICS: dict[str, Metric] = {
             measure_own_pools=_measure_pools,
             quick_reps=1,
         ),
-        Metric(
-            name="load",
-            summary=f"a server's load: Poisson arrivals of ~{_LOAD_TASK_S * 1e3:g} ms tasks for "
+        _load_metric(
+            "load",
+            f"a server's load: Poisson arrivals of ~{_LOAD_TASK_S * 1e3:g} ms tasks for "
             f"N s at each of {', '.join(f'{level:.0%}' for level in _LOAD_LEVELS)} of the "
             f"capacity the baseline reaches, submitted by {_LOAD_THREADS} threads; "
             "time from arrival to result",
-            quantities=(
+            (
                 Quantity("load50_p99_us", "load 50%: p99", "50% p99", "us", False),
                 Quantity("load80_p50_us", "load 80%: p50", "80% p50", "us", False),
                 Quantity("load80_p99_us", "load 80%: p99", "80% p99", "us", False, goal=0.5),
                 Quantity("load80_p999_us", "load 80%: p99.9", "80% p99.9", "us", False),
                 Quantity("load95_p99_us", "load 95%: p99", "95% p99", "us", False),
-                Quantity(
-                    "load80_achieved",
-                    "load 80%: rate achieved / offered",
-                    "80% rate",
-                    "%",
-                    True,
-                    False,
-                ),
-                Quantity(
-                    "load95_achieved",
-                    "load 95%: rate achieved / offered",
-                    "95% rate",
-                    "%",
-                    True,
-                    False,
-                ),
+                _achieved("load80_achieved", "load 80%", "80% rate"),
+                _achieved("load95_achieved", "load 95%", "95% rate"),
             ),
-            quick_size=1,
-            full_size=4,
-            measure=_measure_load,
-            size_unit="s per load",
-            size_option=False,
+            _measure_load,
         ),
-        Metric(
-            name="load_async",
-            summary=f"as load, at {_LOAD_LEVELS[1]:.0%}, the arrivals made by an asyncio loop "
+        _load_metric(
+            "load_async",
+            f"as load, at {_LOAD_LEVELS[1]:.0%}, the arrivals made by an asyncio loop "
             "through loop.run_in_executor",
-            quantities=(
+            (
                 Quantity("async80_p50_us", "asyncio load 80%: p50", "p50", "us", False),
                 Quantity("async80_p99_us", "asyncio load 80%: p99", "p99", "us", False),
-                Quantity(
-                    "async80_achieved",
-                    "asyncio load 80%: rate achieved / offered",
-                    "rate",
-                    "%",
-                    True,
-                    False,
-                ),
+                _achieved("async80_achieved", "asyncio load 80%", "rate"),
             ),
-            quick_size=1,
-            full_size=4,
-            measure=_measure_load_async,
-            size_unit="s",
-            size_option=False,
+            _measure_load_async,
         ),
     )
 }
