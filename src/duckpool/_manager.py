@@ -85,10 +85,7 @@ class ManagerOptions:
         :meth:`duckpool.ProcessPoolExecutor.options`).
         """
         pool = self._manager._pool_for(task_type)
-        options = self._options
-        if "timeout" not in options:
-            options = dict(options, timeout=pool.task_timeout)
-        return pool.options(task_type=task_type, **options).submit(task, *args, **kwargs)
+        return pool.options(task_type=task_type, **self._options).submit(task, *args, **kwargs)
 
     async def run(
         self,
@@ -119,7 +116,9 @@ class ProcessPoolManager:
     :func:`get_or_create_process_manager`, which names it.
 
     A copy of a manager inherited by a forked child raises
-    :class:`~duckpool.InheritedManagerError` when used, instead of hanging.
+    :class:`~duckpool.InheritedManagerError` from every method that would use
+    its pool (``start``, ``submit_task``, ``run``, ``options``, ``get_pool``,
+    ``stop``, ``stats``, ``resize``), instead of hanging.
     """
 
     __instances: List[Any] = _registry.INSTANCES
@@ -240,48 +239,25 @@ class ProcessPoolManager:
                 title ``ps`` and ``top`` show; a replacement keeps its slot.
             mp_context: a multiprocessing context (fork, spawn or forkserver);
                 the default context if ``None``.
-            max_pending: admission control (see
-                :class:`duckpool.ProcessPoolExecutor`): past this many
-                waiting tasks, ``submit_task`` raises
-                :class:`~duckpool.PoolSaturatedError` or waits for room, as
-                ``on_saturated`` says.
-            on_saturated: ``"reject"`` (raise at once) or ``"block"`` (wait
-                for room up to ``block_timeout``, then raise).
-            block_timeout: with ``"block"``, the most seconds ``submit_task``
-                waits for room (``None``: as long as it takes).
-            type_limits: per task type, the most of its tasks that run at
-                once, so one workload cannot take every worker.
-            task_timeout: default seconds a task may run.
-            quarantine_after: refuse for a while a task that killed this
-                many workers in a row.
-            quarantine_seconds: how long such a task is refused.
-            forward_logs: send what tasks log to this process's loggers, each
-                record tagged with this manager's id (``record.duckpool_pool``),
-                the worker's slot and the task id (see
-                :class:`duckpool.ProcessPoolExecutor`); if false, workers keep
-                the logging they have.
-            min_workers: as for :class:`duckpool.ProcessPoolExecutor` (a
-                warm, elastic pool).
-            idle_timeout: as for :class:`duckpool.ProcessPoolExecutor`.
-            context_vars: context variables every task carries, as for
-                :class:`duckpool.ProcessPoolExecutor` (on the Dask backend,
-                per call only, with :meth:`options`).
-            trace: a span per task, as for
-                :class:`duckpool.ProcessPoolExecutor` (on the Dask backend,
-                per call only, with :meth:`options`).
             prestart: start every worker now and return once they are all
                 ready, raising what ``prestart()`` raises (the pool runs on).
             backend: ``"local"`` (worker processes of this machine) or
                 ``"dask"`` (needs ``pip install "duckpool[dask]"``).
-            address: Dask only: None starts a LocalCluster of ``max_workers``
-                worker processes whose workers offer ``task_type``; a scheduler
-                address or a ``distributed.Client`` uses that cluster (its
-                workers must offer ``task_type``, e.g. ``dask worker
-                --resources "render=1"``; ``max_workers`` is then not used).
-                ``stop()`` closes only the Client and cluster the pool created.
-                ``daemon=True`` makes exit cancel the submitted tasks (best-effort)
-                instead of waiting for them; ``process_name_prefix`` and
-                ``mp_context`` are refused (the cluster starts its workers).
+            address: Dask only, as for :class:`duckpool.DaskExecutor`: None
+                starts a LocalCluster of ``max_workers`` processes offering
+                ``task_type``; a scheduler address or a Client uses that
+                cluster, whose workers must offer it.
+
+        The other keywords are the local pool's, as for
+        :class:`duckpool.ProcessPoolExecutor`: admission control
+        (``max_pending``, ``on_saturated``, ``block_timeout``), ``type_limits``,
+        ``task_timeout``, quarantine (``quarantine_after``,
+        ``quarantine_seconds``), ``forward_logs`` (records tagged with this
+        manager's id), a warm, elastic pool (``min_workers``,
+        ``idle_timeout``), ``context_vars`` and ``trace``.  On the Dask backend
+        ``task_timeout`` applies, ``context_vars`` and ``trace`` go per call
+        through :meth:`options`, and the others are refused if given (those
+        with a default, such as ``on_saturated``, do not apply).
 
         A bad argument raises before any pool is made, leaving the manager
         as it was.  On a running manager it raises ``RuntimeError``
@@ -289,19 +265,13 @@ class ProcessPoolManager:
         started again (the old pool's futures resolve as :meth:`stop` said).
 
         Raises:
-            ValueError: if ``max_workers`` is not a positive int, ``backend``
-                is unknown, ``address`` is given for the local backend, an
-                option of the local backend only is given for the Dask
-                backend (the error names it), ``min_workers`` is above
-                ``max_workers``, or another argument is out of range (a
-                timeout not above 0, a negative ``max_pending``, an unknown
-                ``on_saturated``).
-            ImportError: for ``backend="dask"`` without ``distributed``
-                installed, or ``trace=True`` without OpenTelemetry.
-            TypeError: if another argument has the wrong type.
+            ValueError: for a ``max_workers`` that is not a positive int, an
+                unknown ``backend``, an ``address`` without Dask, a local-only
+                option with Dask (named), or a value out of range.
+            TypeError: for an argument of the wrong type.
+            ImportError: for Dask without ``distributed``, or ``trace`` without
+                OpenTelemetry.
             RuntimeError: if the pool is already running.
-            InheritedManagerError: in a process that inherited the manager
-                by fork.
         """
         self._check_owner()
         check_positive_int("max_workers", max_workers, allow_none=False, wrong_type=ValueError)
@@ -325,32 +295,25 @@ class ProcessPoolManager:
                 raise RuntimeError(
                     f"process pool manager {self._id!r} is already running; stop() it first"
                 )
-            if backend == "dask":
-                # Imported for this backend only: a local pool's process
-                # never loads the Dask bridge.
-                from duckpool._dask import DaskExecutor
-
-                self._pool = DaskExecutor(
-                    max_workers,
-                    address,
-                    task_types=None if task_types is None or address is not None else task_types,
-                    task_timeout=task_timeout,
-                    daemon=bool(daemon),
-                )
-            else:
-                self._pool = ProcessPoolExecutor(
-                    max_workers,
-                    mp_context,
-                    daemon=bool(daemon),
-                    on_saturated=on_saturated,
-                    block_timeout=block_timeout,
-                    task_timeout=task_timeout,
-                    quarantine_seconds=quarantine_seconds,
-                    forward_logs=bool(forward_logs),
-                    pool_id=_picklable_id(self._id),
-                    trace=trace,
+            self._pool = _new_pool(
+                self._id,
+                backend,
+                max_workers,
+                address,
+                task_types,
+                dask_keywords={"task_timeout": task_timeout, "daemon": bool(daemon)},
+                local_keywords={
                     **local,
-                )
+                    "mp_context": mp_context,
+                    "daemon": bool(daemon),
+                    "on_saturated": on_saturated,
+                    "block_timeout": block_timeout,
+                    "task_timeout": task_timeout,
+                    "quarantine_seconds": quarantine_seconds,
+                    "forward_logs": bool(forward_logs),
+                    "trace": trace,
+                },
+            )
             self._backend = backend
             self._max_workers = max_workers
             self._task_type = task_type
@@ -364,16 +327,11 @@ class ProcessPoolManager:
             pool.prestart()
 
     def get_pool(self) -> Any:
-        """Return the running pool.
-
-        A :class:`duckpool.ProcessPoolExecutor` (a ``concurrent.futures.ProcessPoolExecutor``),
-        or with ``backend="dask"`` a :class:`duckpool.DaskExecutor` (a
-        ``concurrent.futures.Executor``).
+        """Return the running pool: a :class:`duckpool.ProcessPoolExecutor`, or
+        with ``backend="dask"`` a :class:`duckpool.DaskExecutor`.
 
         Raises:
             RuntimeError: if the manager has not been started or was stopped.
-            InheritedManagerError: in a process that inherited the manager
-                by fork.
         """
         self._check_owner()
         pool = self._pool
@@ -392,15 +350,13 @@ class ProcessPoolManager:
     ) -> Future[Any]:
         """Run ``task(*args, **kwargs)`` in the pool and return its future.
 
-        A task that raises delivers its exception through the future; a task
-        whose worker dies fails with :class:`~duckpool.WorkerDiedError`; the
-        pool goes on serving in both cases.  A task past the pool's
-        ``task_timeout`` fails with :class:`~duckpool.TaskTimeoutError`.  If
-        :meth:`stop` comes meanwhile, the task still runs and its future
-        resolves, unless ``stop(timeout=...)`` stops it at the deadline (see
-        :meth:`stop`).  On the Dask backend a typed pool's task runs only on
-        workers offering its type as a resource.  A call that cannot be
-        pickled gives a future that has already failed.
+        A task that raises delivers its exception through the future; one
+        whose worker dies fails with :class:`~duckpool.WorkerDiedError`, one
+        past ``task_timeout`` with :class:`~duckpool.TaskTimeoutError`; the
+        pool goes on.  A :meth:`stop` lets it finish unless its ``timeout``
+        stops it.  A call that cannot be pickled gives a future that has
+        already failed.  On Dask, a typed task runs only on workers offering
+        its type.
 
         Raises:
             UnknownTaskError: if the pool was started with a ``task_type`` and
@@ -411,8 +367,6 @@ class ProcessPoolManager:
                 shutdown has begun.
             concurrent.futures.process.BrokenProcessPool: if the local pool
                 is broken (its workers could not be started).
-            InheritedManagerError: in a process that inherited the manager
-                by fork.
         """
         pool = self._pool_for(task_type)
         return pool._submit(task, args, kwargs, pool.task_timeout, task_type)
@@ -450,13 +404,9 @@ class ProcessPoolManager:
         return pool
 
     def accepts(self, task_type: Optional[str]) -> bool:
-        """Would ``submit_task`` take a task of this type?
-
-        Returns True for any type if the pool was started without a
-        ``task_type`` (or never started), else whether the type is among
-        those it was started with.  It checks neither the type nor whether
-        the manager is running.
-        """
+        """Would ``submit_task`` take a task of this type?  True for any type
+        if the pool was started without a ``task_type`` (or never started),
+        else whether it is among those types; the manager may be stopped."""
         types = self._task_types
         return types is None or task_type in types
 
@@ -469,40 +419,29 @@ class ProcessPoolManager:
     ) -> Any:
         """``submit_task`` for asyncio: await the task's result.
 
-        Returns what the task returns.  Raises what ``submit_task`` raises,
-        at once, with nothing queued; then, from the ``await``, the task's own
-        exception, or its future's error if its worker dies
-        (:class:`~duckpool.WorkerDiedError`), it overruns its timeout
-        (:class:`~duckpool.TaskTimeoutError`) or a stop ends it.  Cancelling
-        the awaiting task cancels the pool task, stopping its worker if it is
-        running.
+        Raises what ``submit_task`` raises, with nothing queued; then, from
+        the ``await``, the task's exception, or :class:`~duckpool.WorkerDiedError`,
+        :class:`~duckpool.TaskTimeoutError` or a stop's error.  Cancelling the
+        awaiting task cancels the pool task, stopping its worker if it runs.
         """
         future = self.submit_task(task, *args, task_type=task_type, **kwargs)
-        pool: Union[ProcessPoolExecutor, DaskExecutor] = self.get_pool()
-        return await await_cancelling(pool, future)
+        return await await_cancelling(self.get_pool(), future)
 
     def stop(self, wait: bool = True, *, timeout: Optional[float] = None) -> None:
-        """Shut the pool down; calling it again is harmless.
+        """Shut the pool down; calling it again is harmless.  Returns None.
 
-        Args:
-            wait: wait for submitted tasks to finish and workers to exit.
-                With ``False`` it returns at once; submitted tasks still run
-                and their futures still resolve.
-            timeout: drain with a deadline: after this many seconds, tasks
-                still queued are cancelled and running ones stopped (their
-                futures fail with :class:`~duckpool.WorkerDiedError`).  On
-                the Dask backend, which cannot stop running code, it is not
-                accepted.
-
-        Returns None.  A worker that dies or a task that overruns its
-        timeout while the pool drains fails only that task, as at any time.
+        ``wait=True`` waits for submitted tasks to finish and workers to exit;
+        ``wait=False`` returns at once, and submitted tasks still run and
+        their futures still resolve.  ``timeout`` drains with a deadline: then
+        tasks still queued are cancelled and running ones stopped (their
+        futures fail with :class:`~duckpool.WorkerDiedError`); not on the Dask
+        backend, which cannot stop running code.  A worker that dies or a task
+        that overruns its timeout while the pool drains fails only that task.
 
         Raises:
             ValueError: for a ``timeout`` on the Dask backend, or one not
                 above 0.
             TypeError: for a ``timeout`` that is not a number.
-            InheritedManagerError: in a process that inherited the manager
-                by fork.
         """
         self._check_owner()
         # Checked first: a bad timeout must leave the manager as it was, its
@@ -528,30 +467,18 @@ class ProcessPoolManager:
         return pool
 
     def stats(self) -> PoolStats:
-        """A snapshot of the running pool (see ``ProcessPoolExecutor.stats``).
-
-        Raises:
-            RuntimeError: if the manager is not running.
-            NotImplementedError: for a Dask pool.
-            InheritedManagerError: in a process that inherited the manager
-                by fork.
-        """
+        """A snapshot of the running pool (see ``ProcessPoolExecutor.stats``);
+        ``RuntimeError`` if the manager is not running, ``NotImplementedError``
+        for a Dask pool."""
         return self._local_pool("stats()").stats()
 
     def resize(self, max_workers: int) -> None:
         """Change the number of workers of the running pool; no future fails.
 
-        Returns at once, as :meth:`duckpool.ProcessPoolExecutor.resize` does:
-        surplus workers finish what they hold, then exit.
-
-        Raises:
-            TypeError: if ``max_workers`` is not an int.
-            ValueError: if ``max_workers`` is below 1, or beyond what the pool
-                can grow to.
-            RuntimeError: if the manager is not running.
-            NotImplementedError: for a Dask pool.
-            InheritedManagerError: in a process that inherited the manager
-                by fork.
+        Returns at once, as :meth:`duckpool.ProcessPoolExecutor.resize` does
+        (surplus workers finish what they hold, then exit), and raises what it
+        raises for a bad ``max_workers``; ``RuntimeError`` if the manager is
+        not running, ``NotImplementedError`` for a Dask pool.
         """
         with self._lock:
             self._local_pool("resize()").resize(max_workers)
@@ -626,6 +553,27 @@ class ProcessPoolManager:
 
     def __str__(self) -> str:
         return self.__repr__()
+
+
+def _new_pool(
+    manager_id: Any,
+    backend: str,
+    max_workers: int,
+    address: Any,
+    task_types: Optional[frozenset[str]],
+    *,
+    dask_keywords: dict[str, Any],
+    local_keywords: dict[str, Any],
+) -> Union[ProcessPoolExecutor, DaskExecutor]:
+    """A manager's pool, made with the keywords its backend takes (checked)."""
+    if backend == "dask":
+        # Imported for this backend only: a local pool's process never loads
+        # the Dask bridge.
+        from duckpool._dask import DaskExecutor
+
+        offered = None if task_types is None or address is not None else task_types
+        return DaskExecutor(max_workers, address, task_types=offered, **dask_keywords)
+    return ProcessPoolExecutor(max_workers, pool_id=_picklable_id(manager_id), **local_keywords)
 
 
 def get_or_create_process_manager(
