@@ -87,14 +87,32 @@ def has_pidfds() -> bool:
     return True
 
 
-def is_stopped(pid: int) -> bool:
-    """Is process ``pid`` stopped (by a signal, or traced)?  False if unknown."""
+def _state(pid: int) -> Optional[bytes]:
+    """Process ``pid``'s state letter from ``/proc`` (None: no ``/proc``, or gone)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:
             fields = stat.read().rsplit(b")", 1)[1].split()
     except (OSError, IndexError):
+        return None
+    return fields[0] if fields else None
+
+
+def is_stopped(pid: int) -> bool:
+    """Is process ``pid`` stopped (by a signal, or traced)?  False if unknown."""
+    return _state(pid) in (b"T", b"t")
+
+
+def runs(pid: int) -> bool:
+    """Does process ``pid`` exist and has it not exited (a zombie has, where
+    ``/proc`` tells)?  For a process this one cannot reap or watch through a
+    pidfd: its pid may have been reused once it was reaped."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
-    return bool(fields) and fields[0] in (b"T", b"t")
+    except PermissionError:  # another user's: the pid was reused
+        return False
+    return _state(pid) not in (b"Z", b"X")
 
 
 class ChildProcess:

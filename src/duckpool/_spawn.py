@@ -57,6 +57,8 @@ def start_worker_process(
                 pidfd = _child.pidfd_of(process.pid)
                 if pidfd is not None:
                     process = _child.ServedProcess(process, pidfd)
+                else:
+                    process = _fork_server.OrphanableProcess(process)
     except BaseException:
         os.close(task_w)
         os.close(result_r)

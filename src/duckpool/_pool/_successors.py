@@ -26,7 +26,7 @@ from duckpool._errors import describe_exit
 from duckpool._pool import _transport
 from duckpool._pool._results import LOG_RECORD_ITEM
 from duckpool._pool._slots import Spare
-from duckpool._pool._supervisor import KILL_GRACE_SECONDS, self_inflicted
+from duckpool._pool._supervisor import KILL_GRACE_SECONDS, self_inflicted, sentinel_retired
 
 if TYPE_CHECKING:
     from duckpool._pool._slots import Resolution, Slot
@@ -145,6 +145,12 @@ class Successors:
         """A spare process exited: reap it; a successor that died unused is
         replaced later (``start_due``), unless it died of its initializer."""
         core = self._core
+        if sentinel_retired(spare.process):
+            # Its fork server died, not it; once it fills its slot, the exit
+            # poll watches it.
+            with core.lock:
+                self.unwatch(spare)
+            return
         spare.process.join(KILL_GRACE_SECONDS)
         exitcode = spare.process.exitcode
         init_failure: Optional[memoryview] = None
@@ -169,7 +175,7 @@ class Successors:
                 if not core.lifecycle.shutdown_requested and core.lifecycle.kill_requested is None:
                     if exitcode != 0:
                         core.counters.worker_deaths += 1
-                    if self_inflicted(exitcode, spare.process) and init_failure is None:
+                    if self_inflicted(exitcode) and init_failure is None:
                         give_up = core.launcher.count_startup_death()
             else:
                 return  # already closed (the pool stopped it)

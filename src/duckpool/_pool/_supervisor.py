@@ -71,6 +71,10 @@ class Supervisor:
         process = slot.process
         if process is None:  # already handled (e.g. killed by mark_broken)
             return
+        if sentinel_retired(process):
+            # Its fork server died, not it: the exit poll watches it from now on.
+            core.selector.unregister(process.sentinel)
+            return
         process.join(KILL_GRACE_SECONDS)
         exitcode = process.exitcode
         failed: list[tuple[WorkItem, BaseException]] = []
@@ -129,9 +133,7 @@ class Supervisor:
                 core.scheduler.requeue_front(slot)
             missed = slot.start_missed
             failed_start = not slot.ready and not core.lifecycle.shutdown_requested
-            failed_start = failed_start and (
-                self_inflicted(exitcode, process) or missed is not None
-            )
+            failed_start = failed_start and (self_inflicted(exitcode) or missed is not None)
             give_up = failed_start and core.launcher.count_startup_death()
             starts_failing: Optional[BaseException] = None
             if missed is not None and not give_up:
@@ -396,34 +398,22 @@ class Supervisor:
                 pass
 
 
-#: What ``multiprocessing`` reports as the exit code of a process its fork
-#: server started once that server is gone: unknown, not the process's own.
-_FORK_SERVER_GONE = 255
-
-
-def self_inflicted(exitcode: Optional[int], process: object = None) -> bool:
-    """Did a worker that died during start-up fail by itself?
-
-    Not if its exit code is unknown: a worker started through the fork
-    server and watched through it (no pidfds) reads as exited with 255 when
-    the server dies, whether or not it did (see ``_child.ServedProcess``).
-    """
+def self_inflicted(exitcode: Optional[int]) -> bool:
+    """Did a worker that died during start-up fail by itself?  Not if its
+    exit code is unknown (a process the fork server started, once that
+    server is gone)."""
     if exitcode is None:
-        return False
-    if exitcode == _FORK_SERVER_GONE and _watched_through_fork_server(process):
         return False
     if exitcode < 0:
         return -exitcode in _CRASH_SIGNALS
     return exitcode != 0
 
 
-def _watched_through_fork_server(process: object) -> bool:
-    """Is ``process`` a ``multiprocessing`` forkserver process seen only through
-    its connection to the fork server (not through a pidfd)?"""
-    popen = getattr(process, "_popen", None)
-    return type(popen).__module__ == "multiprocessing.popen_forkserver" and not isinstance(
-        process, _child.PidfdProcess
-    )
+def sentinel_retired(process: WorkerProcess) -> bool:
+    """Has ``process``'s sentinel stopped speaking for it while it runs on
+    (a worker the fork server started, where pidfds are missing, after the
+    server's death: ``_fork_server.OrphanableProcess``)?"""
+    return bool(getattr(process, "sentinel_retired", False)) and process.is_alive()
 
 
 def _own_copy(error: BaseException) -> BaseException:
