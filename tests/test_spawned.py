@@ -157,3 +157,42 @@ def test_a_main_module_without_the_main_guard_is_refused_not_run_without_end(
     assert process.returncode != 0
     assert "bootstrapping phase" in err
     assert "BrokenProcessPool" in err
+
+
+FORK_SERVER_MAIN = textwrap.dedent(
+    """
+    import multiprocessing
+    import sys
+    import duckpool
+    from multiprocessing import forkserver
+
+    def imported(name):
+        return name in sys.modules
+
+    def report(queue):
+        queue.put(("duckpool._worker" in sys.modules, "json" in sys.modules))
+
+    if __name__ == "__main__":
+        ctx = multiprocessing.get_context("forkserver")
+        asked = ["json"]
+        ctx.set_forkserver_preload(asked)
+        with duckpool.ProcessPoolExecutor(1, ctx) as pool:
+            assert pool.submit(imported, "json").result(30)
+        assert asked == ["json"], asked  # the program's own list is left alone
+        print(forkserver._forkserver._preload_modules)
+        # A process of the program's own, forked by the same server: the
+        # server imported duckpool's worker module (and the program's) as it started.
+        queue = ctx.SimpleQueue()
+        process = ctx.Process(target=report, args=(queue,))
+        process.start()
+        print(queue.get())
+        process.join(30)
+    """
+)
+
+
+def test_the_fork_server_duckpool_starts_has_the_worker_module_imported(tmp_path: Path) -> None:
+    # A worker forked from it skips importing it: most of its start-up.
+    (tmp_path / "main.py").write_text(FORK_SERVER_MAIN)
+    lines = _run(["main.py"], tmp_path).splitlines()
+    assert lines == ["['json', 'duckpool._worker']", "(True, True)"]

@@ -41,6 +41,27 @@ from duckpool import _child
 CHECK_SECONDS = 2.0
 
 
+#: What the fork server imports as it starts, for the workers it forks to have.
+WORKER_MODULE = "duckpool._worker"
+
+
+def preload_worker_module() -> None:
+    """Add duckpool's worker module to what ``multiprocessing``'s fork
+    server imports as it starts (after ``__main__`` and whatever the program
+    asked for with ``set_forkserver_preload``): a worker forked from it then
+    skips that import, most of its start-up.  Takes effect when a server
+    starts (the first, or one started anew after a death); a server already
+    running is left as it is.  The other processes the server forks have the
+    module imported too, which costs them nothing (copy-on-write) and does
+    nothing at import."""
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver  # type: ignore[attr-defined]
+    modules = getattr(server, "_preload_modules", None)
+    if isinstance(modules, list) and WORKER_MODULE not in modules:
+        server._preload_modules = [*modules, WORKER_MODULE]  # type: ignore[attr-defined]
+
+
 def server_pid() -> Optional[int]:
     """The pid of this process's ``multiprocessing`` fork server, if it has one."""
     from multiprocessing import forkserver

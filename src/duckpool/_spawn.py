@@ -49,6 +49,7 @@ def start_worker_process(
             parent_ends = (task_w, result_r, *also_close) if method == "fork" else ()
             process = _new_process(context, config, task_r, result_w, parent_ends)
             if method == "forkserver":
+                _fork_server.preload_worker_module()
                 with _fork_server.watch_start():
                     process.start()
             else:
