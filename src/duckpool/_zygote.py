@@ -342,7 +342,12 @@ class Zygote:
             self.read_notices()
             if child.exitcode is None and not self.process.is_alive():
                 self.read_notices()
-                return  # the zygote is gone: no notice will come
+                if child.exitcode is None:
+                    # The zygote is gone (finished, or died): no notice will
+                    # come; its pidfd tells, where it has one.
+                    child.orphan()
+                    child.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                return
 
     def forget(self, child: ZygoteChild) -> None:
         self.children.pop(child.pid, None)
