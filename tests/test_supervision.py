@@ -11,6 +11,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import threading
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -225,6 +227,63 @@ def test_a_worker_stopped_before_it_is_ready_is_replaced(
         if stopped is not None and not process_gone(stopped):
             kill_quietly(stopped)
         pool.shutdown()
+
+
+INHERITED_LOCK_MAIN = """
+import multiprocessing, os, sys, threading
+import duckpool
+from duckpool._pool import _deadlines
+
+_deadlines.START_CHECK_SECONDS = 0.2
+held = threading.Lock()
+release = threading.Event()
+marker = sys.argv[1]
+
+
+def block_the_first_child():
+    # Only the first process forked from here: the pool's first worker.
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    held.acquire()  # a thread of the parent held it at the fork: for ever
+
+
+def hold():
+    with held:
+        release.wait(60)
+
+
+if __name__ == "__main__":
+    holder = threading.Thread(target=hold)
+    holder.start()
+    os.register_at_fork(after_in_child=block_the_first_child)
+    pool = duckpool.ProcessPoolExecutor(1, multiprocessing.get_context("fork"))
+    try:
+        print(pool.submit(pow, 2, 5).result(30), pool.stats().worker_deaths)
+    finally:
+        release.set()
+        pool.shutdown()
+        holder.join()
+"""
+
+
+def test_a_first_worker_blocked_on_a_lock_it_inherited_is_replaced(tmp_path: Path) -> None:
+    # Under fork, the first worker is forked from this process, whose other
+    # threads may hold a lock at that instant: the child waits on it for
+    # ever.  The start-up watch sees it asleep without using CPU, kills it,
+    # and the zygote (one thread) forks its replacement, which runs the task.
+    script = tmp_path / "main.py"
+    script.write_text(INHERITED_LOCK_MAIN)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "blocked")],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["32", "1"]
+    assert (tmp_path / "blocked").exists()  # (the hook did block a child)
 
 
 def test_workers_stopped_before_ready_three_times_in_a_row_break_the_pool(

@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 from multiprocessing import connection as mp_connection
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Union
 
 from duckpool import _worker
 
@@ -87,14 +87,40 @@ def has_pidfds() -> bool:
     return True
 
 
-def _state(pid: int) -> Optional[bytes]:
-    """Process ``pid``'s state letter from ``/proc`` (None: no ``/proc``, or gone)."""
+def _stat(pid: Union[int, str]) -> list[bytes]:
+    """The fields of ``/proc/<pid>/stat`` after the command name, from the
+    state on (empty: no ``/proc``, or the process is gone)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:
-            fields = stat.read().rsplit(b")", 1)[1].split()
+            return stat.read().rsplit(b")", 1)[1].split()
     except (OSError, IndexError):
-        return None
+        return []
+
+
+def _state(pid: int) -> Optional[bytes]:
+    """Process ``pid``'s state letter from ``/proc`` (None: no ``/proc``, or gone)."""
+    fields = _stat(pid)
     return fields[0] if fields else None
+
+
+def cpu_sample(pid: int) -> Optional[tuple[bytes, int]]:
+    """Process ``pid``'s state letter and the CPU time it has used (clock
+    ticks, user and system), from ``/proc``; None where that is missing."""
+    fields = _stat(pid)
+    if len(fields) < 13:
+        return None
+    return fields[0], int(fields[11]) + int(fields[12])
+
+
+def threads_here() -> int:
+    """How many threads this process runs, those not started by ``threading``
+    included where ``/proc`` tells."""
+    fields = _stat("self")
+    if len(fields) > 17:
+        return int(fields[17])
+    import threading
+
+    return threading.active_count()
 
 
 def is_stopped(pid: int) -> bool:

@@ -16,7 +16,12 @@ Three kinds, all per slot, all computed afresh from the slots on each pass
   is stopped (SIGSTOP, a debugger: it would hold the task sent to it for
   ever), or if it is still not ready after ``READY_SECONDS`` while the pool
   has no initializer (it is stuck: importing the main module takes seconds,
-  not minutes).  A slow initializer is never cut short.  A killed worker's
+  not minutes).  A slow initializer is never cut short.  A worker forked
+  from this process while other threads ran (the first one under ``fork``;
+  the zygote forks the others from a single thread) is also killed if, at
+  two looks in a row, it sleeps and has used no CPU in between: it waits on
+  a lock that a thread of the parent held at the fork, which nothing in the
+  child will ever release (CPython gh-90622).  A killed worker's
   task had not started: it goes to the next worker, and the slot gets a new
   one.  The kill counts as a failed start (``slot.start_missed``): the next
   start is backed off as after any transient failure, and
@@ -108,6 +113,16 @@ class Deadlines:
             slot.start_missed = "was stopped (SIGSTOP, a debugger) before it was ready"
         elif self._core.settings.initializer is None and now - slot.installed_at >= READY_SECONDS:
             slot.start_missed = f"was not ready {READY_SECONDS:g} s after it started"
+        elif slot.forked_threaded and pid is not None and self._core.settings.initializer is None:
+            sample = _child.cpu_sample(pid)
+            if sample is not None:
+                state, used = sample
+                if state == b"S" and used == slot.start_cpu:
+                    slot.start_missed = (
+                        "was blocked before it was ready (forked while other threads "
+                        "ran here, it waits on a lock one of them held)"
+                    )
+                slot.start_cpu = used
         if slot.start_missed is not None:
             signal_process(slot.process, signal.SIGKILL)  # its exit resets the slot
             return None

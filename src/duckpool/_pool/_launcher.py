@@ -153,8 +153,13 @@ class Launcher:
             core.zygotes.request_start(slot)
             return
         launched_at = time.monotonic()
+        # (A fork of this process while other threads run may inherit a lock
+        # one of them holds, and block on it for ever: the start-up watch
+        # looks for that, see ``Deadlines``.)
+        threaded = self.forks and not core.zygotes.spawning and _child.threads_here() > 1
         self.install_worker(slot, *self.launch(slot.index))
         slot.launched_at = launched_at
+        slot.forked_threaded = threaded
 
     def launch(self, slot_index: int) -> tuple[WorkerProcess, Any, Any]:
         """Start a worker process for ``slot_index`` from this process, not

@@ -101,6 +101,7 @@ class Slot:
         "area_offer",
         "assigned",
         "assist",
+        "forked_threaded",
         "head_since",
         "index",
         "installed_at",
@@ -120,6 +121,7 @@ class Slot:
         "result_conn",
         "results_copied",
         "retiring",
+        "start_cpu",
         "start_missed",
         "stop_sent",
         "stopping",
@@ -191,6 +193,12 @@ class Slot:
         #: Why the start-up watch killed the worker before it was ready
         #: (``Deadlines``): its death counts as a failed start.
         self.start_missed: Optional[str] = None
+        #: Its process was forked while other threads of this process ran
+        #: (``Launcher.launch``): it may have inherited a lock one of them held.
+        self.forked_threaded = False
+        #: The CPU time its process had used when the start-up watch last
+        #: looked at it, not yet ready (``Deadlines``; clock ticks).
+        self.start_cpu: Optional[int] = None
         #: A process started ahead of time to take this slot when its worker
         #: leaves (``Successors.start_due``); not a worker until then.
         self.successor: Optional[Spare] = None
@@ -219,6 +227,8 @@ class Slot:
         self.stopping = None
         self.poisoned = None
         self.start_missed = None
+        self.forked_threaded = False
+        self.start_cpu = None
         self.requested = False  # an answer still due is unwanted now
 
 
