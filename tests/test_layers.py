@@ -316,6 +316,7 @@ SLOT_FIELD_OWNERS = {
         "ready",
         "launched_at",
         "installed_at",
+        "forked_threaded",
     },
     "_scheduler": {
         "assigned",
@@ -328,7 +329,7 @@ SLOT_FIELD_OWNERS = {
     "_results": {"tasks_done", "read_lock"},
     "_transport": {"outbox", "stop_sent", "releases_sent", "results_copied", "area", "area_offer"},
     "_supervisor": {"stopping"},
-    "_deadlines": {"start_missed"},
+    "_deadlines": {"start_missed", "start_cpu"},
     "_assist": {"assist", "poisoned"},
     "_successors": {"successor"},
     "_elastic": {"parked"},

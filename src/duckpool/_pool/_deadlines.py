@@ -27,6 +27,8 @@ Three kinds, all per slot, all computed afresh from the slots on each pass
   start is backed off as after any transient failure, and
   ``MAX_STARTUP_DEATHS`` of them in a row (with deaths of workers that
   failed by themselves before they were ready) break the pool, saying why.
+
+Owns the slot's ``start_missed`` and ``start_cpu`` fields.
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ initializer fails, say), with that error as the cause, or when
 ready.
 
 Owns the slot's process fields (``process``, its pipes and reader, ``used``,
-``reserved``, ``ready``, ``launched_at``, ``installed_at``).  Every method expects the pool's
-lock held.
+``reserved``, ``ready``, ``launched_at``, ``installed_at``,
+``forked_threaded``).  Every method expects the pool's lock held.
 """
 
 from __future__ import annotations
