@@ -322,15 +322,25 @@ class Supervisor:
         if grace is None:
             grace = STOP_GRACE_SECONDS
         core = self._core
+        processes: list[WorkerProcess] = []
+
+        def stop_installed() -> None:
+            with core.lock:
+                for slot in core.slots:
+                    process = slot.process
+                    if process is not None and slot.task_conn is not None:
+                        if process not in processes:
+                            core.transport.send_stop(slot)  # (with an outbox: reap stops it)
+                            processes.append(process)
+                    if slot.successor is not None:
+                        core.successors.let_go(slot.successor)
+
+        # The workers there leave while the zygote's answers still due come
+        # in (those workers are stopped next): their exits overlap the wait.
+        stop_installed()
         core.zygotes.await_requested_starts()
+        stop_installed()
         with core.lock:
-            processes = []
-            for slot in core.slots:
-                if slot.process is not None and slot.task_conn is not None:
-                    core.transport.send_stop(slot)  # (with an outbox: reap stops it)
-                    processes.append(slot.process)
-                if slot.successor is not None:
-                    core.successors.let_go(slot.successor)
             spares = list(core.successors.leaving)
         core.zygotes.finish()
         reap(processes + [spare.process for spare in spares], grace)
