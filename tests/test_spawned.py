@@ -195,4 +195,47 @@ def test_the_fork_server_duckpool_starts_has_the_worker_module_imported(tmp_path
     # A worker forked from it skips importing it: most of its start-up.
     (tmp_path / "main.py").write_text(FORK_SERVER_MAIN)
     lines = _run(["main.py"], tmp_path).splitlines()
-    assert lines == ["['json', 'duckpool._worker']", "(True, True)"]
+    assert lines == ["['json', '_duckpool_preload']", "(True, True)"]
+
+
+ANOTHER_COPY_MAIN = textwrap.dedent(
+    """
+    import sys
+
+    sys.path.insert(0, sys.argv[1])  # the program's own duckpool, chosen at run time
+    import multiprocessing
+    import duckpool
+
+    assert duckpool.__file__.startswith(sys.argv[1]), duckpool.__file__
+
+    if __name__ == "__main__":
+        with duckpool.ProcessPoolExecutor(1, multiprocessing.get_context("forkserver")) as pool:
+            print(pool.submit(pow, 2, 5).result(30))
+    """
+)
+
+
+def test_the_fork_server_never_preloads_another_copy_of_duckpool(tmp_path: Path) -> None:
+    # A fork server up to 3.13 imports its preload list with its own
+    # sys.path, not the program's: a duckpool found there first (here one
+    # whose worker module fails) must not be the one the workers get.
+    other = tmp_path / "other"
+    (other / "duckpool").mkdir(parents=True)
+    (other / "duckpool" / "__init__.py").write_text("")
+    (other / "duckpool" / "_worker.py").write_text("raise ImportError('another copy')\n")
+    (tmp_path / "main.py").write_text(ANOTHER_COPY_MAIN)
+    this_copy = str(Path(duckpool.__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(other), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    )
+    done = subprocess.run(
+        [sys.executable, "main.py", this_copy],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["32"]

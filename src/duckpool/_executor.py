@@ -389,6 +389,9 @@ class ProcessPoolExecutor(Submitting, _StdlibProcessPoolExecutor):  # type: igno
         worker has exited.  ``wait=False`` returns at once; submitted tasks
         still run and their futures still resolve.  ``cancel_futures=True``
         cancels the tasks no worker has started.  Calling it again is harmless.
+        A worker still starting then, with no task and no code of yours to
+        run before it is ready (no ``initializer``; under ``fork`` or
+        ``forkserver``), is killed rather than waited for.
 
         ``timeout`` makes it a graceful drain with a deadline: work goes on
         for up to that many seconds; then the tasks still queued are

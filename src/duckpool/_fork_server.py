@@ -27,8 +27,10 @@ then on judges the worker by its pid (see its docstring).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
+import sys
 import threading
 import time
 from multiprocessing import connection as mp_connection
@@ -41,25 +43,41 @@ from duckpool import _child
 CHECK_SECONDS = 2.0
 
 
-#: What the fork server imports as it starts, for the workers it forks to have.
-WORKER_MODULE = "duckpool._worker"
+#: What the fork server imports as it starts (a top-level module installed
+#: beside the package, which then imports ``duckpool._worker``: see its docstring).
+PRELOAD_MODULE = "_duckpool_preload"
 
 
 def preload_worker_module() -> None:
-    """Add duckpool's worker module to what ``multiprocessing``'s fork
-    server imports as it starts (after ``__main__`` and whatever the program
-    asked for with ``set_forkserver_preload``): a worker forked from it then
-    skips that import, most of its start-up.  Takes effect when a server
-    starts (the first, or one started anew after a death); a server already
-    running is left as it is.  The other processes the server forks have the
-    module imported too, which costs them nothing (copy-on-write) and does
-    nothing at import."""
+    """Have ``multiprocessing``'s fork server import duckpool's worker module
+    as it starts (after ``__main__`` and whatever the program asked for with
+    ``set_forkserver_preload``): a worker forked from it then skips that
+    import, most of its start-up.  Takes effect when a server starts (the
+    first, or one started anew after a death); a server already running is
+    left as it is.  The other processes the server forks have the module
+    imported too, which costs them nothing (copy-on-write) and does nothing
+    at import.  Not done where the program's ``sys.path`` would give the
+    server another copy of duckpool than the one running here."""
     from multiprocessing import forkserver
 
     server = forkserver._forkserver  # type: ignore[attr-defined]
     modules = getattr(server, "_preload_modules", None)
-    if isinstance(modules, list) and WORKER_MODULE not in modules:
-        server._preload_modules = [*modules, WORKER_MODULE]  # type: ignore[attr-defined]
+    if isinstance(modules, list) and PRELOAD_MODULE not in modules and _path_gives_this_copy():
+        server._preload_modules = [*modules, PRELOAD_MODULE]  # type: ignore[attr-defined]
+
+
+@functools.cache
+def _path_gives_this_copy() -> bool:
+    """Does ``sys.path`` lead to this copy of duckpool (asked once)?"""
+    import importlib.machinery
+
+    import duckpool
+
+    spec = importlib.machinery.PathFinder.find_spec("duckpool", sys.path)
+    found = spec.submodule_search_locations if spec is not None else None
+    if not found:
+        return False
+    return os.path.realpath(next(iter(found))) == os.path.realpath(next(iter(duckpool.__path__)))
 
 
 def server_pid() -> Optional[int]:

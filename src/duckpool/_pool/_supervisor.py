@@ -323,26 +323,42 @@ class Supervisor:
             grace = STOP_GRACE_SECONDS
         core = self._core
         processes: list[WorkerProcess] = []
+        # A worker still starting, with nothing to do and no code of the
+        # program's to run before it is ready (no initializer; forked, so no
+        # main module to import), has nothing to finish: killed, it need not
+        # finish starting to leave.
+        may_kill_starting = (
+            core.settings.initializer is None
+            and core.settings.context.get_start_method() != "spawn"
+        )
 
         def stop_installed() -> None:
             with core.lock:
                 for slot in core.slots:
                     process = slot.process
-                    if process is not None and slot.task_conn is not None:
-                        if process not in processes:
+                    if (
+                        process is not None
+                        and slot.task_conn is not None
+                        and process not in processes
+                    ):
+                        if may_kill_starting and not slot.ready and not slot.assigned:
+                            signal_process(process, signal.SIGKILL)
+                        else:
                             core.transport.send_stop(slot)  # (with an outbox: reap stops it)
-                            processes.append(process)
+                        processes.append(process)
                     if slot.successor is not None:
                         core.successors.let_go(slot.successor)
 
         # The workers there leave while the zygote's answers still due come
         # in (those workers are stopped next): their exits overlap the wait.
+        # The zygote is told to finish first: it answers what it was asked
+        # before (it reads in order), then leaves, its exit overlapping too.
         stop_installed()
+        core.zygotes.finish()
         core.zygotes.await_requested_starts()
         stop_installed()
         with core.lock:
             spares = list(core.successors.leaving)
-        core.zygotes.finish()
         reap(processes + [spare.process for spare in spares], grace)
         with core.lock:
             for slot in core.slots:
