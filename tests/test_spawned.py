@@ -239,3 +239,16 @@ def test_the_fork_server_never_preloads_another_copy_of_duckpool(tmp_path: Path)
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["32"]
+
+
+def test_the_fork_server_is_asked_to_preload_only_what_it_can_import(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # (Under 3.15's on_error="fail", a module the server cannot import
+    # would fail the server itself, and every process started through it.)
+    from duckpool import _fork_server
+
+    check = _fork_server._path_gives_this_copy.__wrapped__  # (uncached)
+    assert check()
+    monkeypatch.setattr(_fork_server, "PRELOAD_MODULE", "_duckpool_no_such_module")
+    assert not check()

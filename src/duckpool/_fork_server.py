@@ -68,14 +68,18 @@ def preload_worker_module() -> None:
 
 @functools.cache
 def _path_gives_this_copy() -> bool:
-    """Does ``sys.path`` lead to this copy of duckpool (asked once)?"""
+    """Does ``sys.path`` lead to this copy of duckpool, and to the module the
+    server is to import (installed beside it; missing where the package was
+    copied in by hand, and a module a server cannot import fails it outright
+    under 3.15's ``on_error="fail"``)?  Asked once."""
     import importlib.machinery
 
     import duckpool
 
-    spec = importlib.machinery.PathFinder.find_spec("duckpool", sys.path)
+    finder = importlib.machinery.PathFinder
+    spec = finder.find_spec("duckpool", sys.path)
     found = spec.submodule_search_locations if spec is not None else None
-    if not found:
+    if not found or finder.find_spec(PRELOAD_MODULE, sys.path) is None:
         return False
     return os.path.realpath(next(iter(found))) == os.path.realpath(next(iter(duckpool.__path__)))
 
