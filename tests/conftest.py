@@ -86,9 +86,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Run the Dask tests (marker ``dask``) after every other test.
 
     A distributed Client leaves threads behind in this process once closed
-    (its offload thread lives as long as the interpreter), and no pool may
-    fork from a multi-threaded process: on 3.12+ that is a DeprecationWarning,
-    an error here.  The sort is stable, so every other test keeps its order.
+    (its offload thread lives as long as the interpreter), and every fork
+    of a pool's first worker or zygote after that would be a fork of a
+    process running those threads, with the risk of inheriting a lock one
+    of them holds.  The sort is stable, so every other test keeps its order.
     """
     items.sort(key=lambda item: item.get_closest_marker("dask") is not None)
 
