@@ -176,6 +176,27 @@ def test_the_fork_server_dying_fails_no_running_task(tmp_path: Path, watched: st
         pool.shutdown()
 
 
+def test_the_fork_server_dying_costs_a_successor_no_death(watched: str) -> None:
+    # With max_tasks_per_child a successor starts ahead of its worker's exit,
+    # through the fork server; the server's death is not the successor's.
+    ctx = multiprocessing.get_context("forkserver")
+    pool = duckpool.ProcessPoolExecutor(1, ctx, max_tasks_per_child=10)
+    try:
+        assert [pool.submit(tasks.add, i, 1).result(TIMEOUT) for i in range(6)] == list(range(1, 7))
+        server = fork_server_pid()
+        assert server is not None
+        # The worker and its successor, both the server's children.
+        wait_until(lambda: len(psutil.Process(server).children()) == 2, TIMEOUT)
+        kill_quietly(server)
+        wait_until(lambda: process_gone(server), TIMEOUT)
+        futures = [pool.submit(tasks.add, i, 1) for i in range(30)]
+        assert [f.result(TIMEOUT) for f in futures] == [i + 1 for i in range(30)]
+        assert pool.stats().worker_deaths == 0
+    finally:
+        pool.shutdown()
+    assert pool.stats().stopped
+
+
 def test_a_stopped_fork_server_does_not_hang_the_pool(short_graces: None, watched: str) -> None:
     # A start through a stopped server would block its thread (here the
     # dispatcher) forever: the server is killed, the start retried through

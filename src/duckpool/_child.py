@@ -341,7 +341,9 @@ class ServedProcess(PidfdProcess):
                     self._exitcode = forkserver.read_signed(popen.sentinel)  # type: ignore[attr-defined]
                 except (OSError, EOFError):
                     pass  # the fork server is gone: nobody knows
-        else:
+        elif popen.returncode != 255:
+            # (Read by multiprocessing's own poll, which starting any process
+            # runs; 255 is its word for "the fork server went": unknown.)
             self._exitcode = popen.returncode
         # It has exited (its pidfd says so): multiprocessing may forget it
         # and close its end of the fork server's pipes (with 255, its own

@@ -84,6 +84,15 @@ def _path_gives_this_copy() -> bool:
     return os.path.realpath(next(iter(found))) == os.path.realpath(next(iter(duckpool.__path__)))
 
 
+def main_preloaded() -> bool:
+    """Does the fork server import the main module as it starts (so that a
+    worker forked from it runs none of the program's code while it starts)?"""
+    from multiprocessing import forkserver
+
+    modules = getattr(forkserver._forkserver, "_preload_modules", None)  # type: ignore[attr-defined]
+    return isinstance(modules, list) and "__main__" in modules
+
+
 def server_pid() -> Optional[int]:
     """The pid of this process's ``multiprocessing`` fork server, if it has one."""
     from multiprocessing import forkserver
@@ -196,6 +205,7 @@ class OrphanableProcess:
     @property
     def sentinel_retired(self) -> bool:
         """Does its sentinel no longer say anything of it (its server died)?"""
+        self._check(0.0)
         return self.orphaned
 
     def _check(self, timeout: float) -> None:

@@ -177,11 +177,6 @@ def _serve(
                 for sentinel in standbys:
                     if sentinel in workers:
                         workers[sentinel].kill()
-                if birth.parent_pidfd is not None:
-                    # The pool sees its workers' exits through their pidfds:
-                    # the zygote need not wait for them, and its own exit
-                    # (tearing down a copy of the parent) overlaps theirs.
-                    return
             elif finishing:
                 continue
             elif slot == STANDBY:

@@ -319,6 +319,11 @@ class Launcher:
             wait = EXIT_POLL_SECONDS
         return wait
 
+    def poll_exits_from_now(self) -> None:
+        """A worker's sentinel stopped speaking for it (its fork server
+        died): ask whether the processes live on every pass from now on."""
+        self.polls_exits = True
+
     # -- the zygote's answers and exits (dispatcher; they take the lock) ---------
 
     def poll_exits(self) -> list[Slot]:

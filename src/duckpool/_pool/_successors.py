@@ -17,6 +17,7 @@ the pool's lock held, but ``on_exit``, which the dispatcher calls without it.
 
 from __future__ import annotations
 
+import signal
 import time
 import weakref
 from typing import TYPE_CHECKING, NamedTuple, Optional
@@ -26,7 +27,12 @@ from duckpool._errors import describe_exit
 from duckpool._pool import _transport
 from duckpool._pool._results import LOG_RECORD_ITEM
 from duckpool._pool._slots import Spare
-from duckpool._pool._supervisor import KILL_GRACE_SECONDS, self_inflicted, sentinel_retired
+from duckpool._pool._supervisor import (
+    KILL_GRACE_SECONDS,
+    self_inflicted,
+    sentinel_retired,
+    signal_process,
+)
 
 if TYPE_CHECKING:
     from duckpool._pool._slots import Resolution, Slot
@@ -145,12 +151,12 @@ class Successors:
         """A spare process exited: reap it; a successor that died unused is
         replaced later (``start_due``), unless it died of its initializer."""
         core = self._core
-        if sentinel_retired(spare.process):
-            # Its fork server died, not it; once it fills its slot, the exit
-            # poll watches it.
-            with core.lock:
-                self.unwatch(spare)
-            return
+        # Its fork server died, not it: a spare runs no task, and the pool
+        # could no longer watch it as it does its workers, so it goes (not a
+        # death: a successor is started again when one is wanted).
+        orphaned = sentinel_retired(spare.process)
+        if orphaned:
+            signal_process(spare.process, signal.SIGKILL)
         spare.process.join(KILL_GRACE_SECONDS)
         exitcode = spare.process.exitcode
         init_failure: Optional[memoryview] = None
@@ -173,7 +179,7 @@ class Successors:
                     elif status == _protocol.STATUS_LOG:
                         records.append((LOG_RECORD_ITEM, status, payload))
                 if not core.lifecycle.shutdown_requested and core.lifecycle.kill_requested is None:
-                    if exitcode != 0:
+                    if exitcode != 0 and not orphaned:
                         core.counters.worker_deaths += 1
                     if self_inflicted(exitcode) and init_failure is None:
                         give_up = core.launcher.count_startup_death()

@@ -24,7 +24,7 @@ import weakref
 from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from duckpool import _child, _zygote
+from duckpool import _child, _fork_server, _zygote
 from duckpool._errors import TaskCancelledError, TaskTimeoutError, WorkerDiedError, describe_exit
 from duckpool._futures import set_exception
 from duckpool._pool._launcher import MAX_STARTUP_DEATHS
@@ -66,14 +66,15 @@ class Supervisor:
     def on_worker_exit(self, slot: Slot) -> None:
         """A worker's sentinel fired: settle its items and free the slot."""
         core = self._core
-        if slot.reader is not None:
-            core.results.on_results(slot, final=True)  # results written just before the exit
         process = slot.process
-        if process is None:  # already handled (e.g. killed by mark_broken)
-            return
-        if sentinel_retired(process):
+        if process is not None and sentinel_retired(process):
             # Its fork server died, not it: the exit poll watches it from now on.
             core.selector.unregister(process.sentinel)
+            core.launcher.poll_exits_from_now()
+            return
+        if slot.reader is not None:
+            core.results.on_results(slot, final=True)  # results written just before the exit
+        if process is None:  # already handled (e.g. killed by mark_broken)
             return
         process.join(KILL_GRACE_SECONDS)
         exitcode = process.exitcode
@@ -86,7 +87,11 @@ class Supervisor:
             if stopping is not None:
                 if isinstance(stopping.error, TaskTimeoutError):
                     counters.timed_out += 1
-            elif exitcode == 0:  # it left by itself: recycled, resized away, shut down
+            elif exitcode == 0 or (
+                # Its exit code unknown (its fork server is gone), but it was
+                # to leave, and left with nothing of its own unfinished.
+                exitcode is None and (slot.retiring or slot.stop_sent) and not assigned
+            ):  # it left by itself: recycled, resized away, shut down
                 if (
                     slot.index < core.size
                     and not core.lifecycle.shutdown_requested
@@ -324,12 +329,13 @@ class Supervisor:
         core = self._core
         processes: list[WorkerProcess] = []
         # A worker still starting, with nothing to do and no code of the
-        # program's to run before it is ready (no initializer; forked, so no
-        # main module to import), has nothing to finish: killed, it need not
-        # finish starting to leave.
-        may_kill_starting = (
-            core.settings.initializer is None
-            and core.settings.context.get_start_method() != "spawn"
+        # program's to run before it is ready (no initializer; forked, or
+        # forked by a fork server that has the main module imported already),
+        # has nothing to finish: killed, it need not finish starting to leave.
+        method = core.settings.context.get_start_method()
+        may_kill_starting = core.settings.initializer is None and (
+            (method == "fork" and not core.zygotes.spawning)
+            or (method == "forkserver" and _fork_server.main_preloaded())
         )
 
         def stop_installed() -> None:
@@ -351,14 +357,12 @@ class Supervisor:
 
         # The workers there leave while the zygote's answers still due come
         # in (those workers are stopped next): their exits overlap the wait.
-        # The zygote is told to finish first: it answers what it was asked
-        # before (it reads in order), then leaves, its exit overlapping too.
         stop_installed()
-        core.zygotes.finish()
         core.zygotes.await_requested_starts()
         stop_installed()
         with core.lock:
             spares = list(core.successors.leaving)
+        core.zygotes.finish()
         reap(processes + [spare.process for spare in spares], grace)
         with core.lock:
             for slot in core.slots:
