@@ -5,7 +5,10 @@ The zygote (forked with ``os.fork``, see ``_zygote``) and workers under the
 leaves out start-up work of ``multiprocessing``'s own that it does not need.
 ``ChildProcess`` is what the pool holds for them, with what it uses of a
 ``multiprocessing.Process``: ``pid``, ``sentinel``, ``exitcode``, ``join``,
-``terminate``, ``kill`` and ``close``.
+``terminate``, ``kill`` and ``close``.  The same for processes others
+start: ``ForeignProcess`` (a zygote's standby), and ``served`` for a
+``multiprocessing`` forkserver process (``ServedProcess`` through a pidfd,
+``OrphanableProcess`` where there are none).
 """
 
 from __future__ import annotations
@@ -333,26 +336,8 @@ class ServedProcess(PidfdProcess):
         popen = getattr(self._process, "_popen", None)
         if popen is None:
             return
-        if popen.returncode is None:
-            from multiprocessing import forkserver
-
-            if mp_connection.wait([popen.sentinel], timeout):
-                try:
-                    self._exitcode = forkserver.read_signed(popen.sentinel)  # type: ignore[attr-defined]
-                except (OSError, EOFError):
-                    pass  # the fork server is gone: nobody knows
-        elif popen.returncode != 255:
-            # (Read by multiprocessing's own poll, which starting any process
-            # runs; 255 is its word for "the fork server went": unknown.)
-            self._exitcode = popen.returncode
-        # It has exited (its pidfd says so): multiprocessing may forget it
-        # and close its end of the fork server's pipes (with 255, its own
-        # code for "unknown", if the fork server is gone).
-        popen.returncode = 255 if self._exitcode is None else self._exitcode
-        try:
-            self._process.join(0)
-        except Exception:  # (only bookkeeping: it is off the list or will be)
-            pass
+        _, self._exitcode = server_word(popen, timeout)
+        _forget(self._process, self._exitcode)
 
     def join(self, timeout: Optional[float] = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -360,6 +345,156 @@ class ServedProcess(PidfdProcess):
         if self._exited and not self._settled:
             remaining = 1.0 if deadline is None else max(0.0, deadline - time.monotonic())
             self._settle(remaining)
+
+
+class OrphanableProcess:
+    """A ``multiprocessing`` process the fork server started, where pidfds
+    are missing: the pool's handle on it (``pid``, ``sentinel``,
+    ``exitcode``, ``is_alive``, ``join``, ``terminate``, ``kill``, ``close``).
+
+    While the fork server lives, the process's sentinel is its connection to
+    the server, which sends its exit code once it has reaped it.  An end of
+    that connection without a code means the server died: the process is
+    then an orphan, most likely alive, and is judged by its pid from then on
+    (``runs``: it exists and is no zombie), its exit code unknown.  The pool
+    stops waiting on the sentinel then (``sentinel_retired``) and finds the
+    orphan's exit by asking ``is_alive`` (its exit poll, which runs wherever
+    pidfds are missing).  A dead process whose server is stopped (and so
+    neither reaps it nor says so) is seen the same way, by its pid.
+
+    The orphan's pid may be reused once its new parent has reaped it; a
+    pidfd would rule that out, which is why one is used wherever it exists
+    (``ServedProcess``).
+    """
+
+    def __init__(self, process: Any) -> None:
+        self._process = process
+        self.pid: Optional[int] = process.pid
+        self.sentinel: int = process.sentinel
+        #: It has exited (its exit code may still be on its way from the server).
+        self._exited = False
+        #: Its exit code is known, or will never be.
+        self._settled = False
+        self._exitcode: Optional[int] = None
+        #: The fork server died while it ran: judged by its pid from then on.
+        self.orphaned = False
+
+    @property
+    def exitcode(self) -> Optional[int]:
+        self._check(0.0)
+        return self._exitcode
+
+    @property
+    def sentinel_retired(self) -> bool:
+        """Does its sentinel no longer say anything of it, while it runs on
+        (its server died)?"""
+        self._check(0.0)
+        return self.orphaned and not self._settled
+
+    def _check(self, timeout: float) -> None:
+        """Learn whether the process has exited, and its exit code (waiting
+        up to ``timeout`` for the server's word)."""
+        if self._settled:
+            return
+        pid = self.pid or 0
+        if not self.orphaned:
+            said, code = server_word(self._process._popen, timeout)
+            if not said:
+                # No word (yet); a stopped server neither reaps nor tells.
+                self._exited = self._exited or not runs(pid)
+                return
+            if code is not None:
+                self._settle(code)
+                return
+            self.orphaned = True
+        if not runs(pid):
+            self._settle(None)
+
+    def _settle(self, code: Optional[int]) -> None:
+        self._exited = self._settled = True
+        self._exitcode = code
+        _forget(self._process, code)
+
+    def is_alive(self) -> bool:
+        self._check(0.0)
+        return not self._exited and not self._settled
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        """Wait up to ``timeout`` for the process to exit and the server's
+        word of its exit code."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.001
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            step = 0.05 if remaining is None else min(0.05, remaining)
+            if self.orphaned:
+                self._check(0.0)
+                if self._settled or remaining == 0.0:
+                    return
+                time.sleep(min(pause, step))
+                pause = min(2 * pause, 0.05)
+            else:
+                self._check(step)  # (waits on the server's connection)
+                if self._settled or remaining == 0.0:
+                    return
+
+    def terminate(self) -> None:
+        self._send(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._send(signal.SIGKILL)
+
+    def _send(self, signum: int) -> None:
+        if self.is_alive() and self.pid is not None:
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def close(self) -> None:
+        """Nothing to close: ``multiprocessing`` closes the connection."""
+
+
+def served(process: Any) -> Any:
+    """The pool's handle on a started ``multiprocessing`` forkserver process:
+    watched through a pidfd where the system has them, else through its
+    connection to the fork server, then its pid."""
+    pidfd = pidfd_of(process.pid)
+    return OrphanableProcess(process) if pidfd is None else ServedProcess(process, pidfd)
+
+
+def server_word(popen: Any, timeout: float) -> tuple[bool, Optional[int]]:
+    """What the fork server has said of a process it started, waiting up to
+    ``timeout``: ``(False, None)``, nothing yet; ``(True, code)``, its exit
+    code; ``(True, None)``, the server went without saying.  (A 255 that
+    ``multiprocessing``'s own poll read first, which starting any process
+    runs, is its word for the server's death: unknown too.)"""
+    code = popen.returncode
+    if code is not None:
+        return True, None if code == 255 else code
+    if not mp_connection.wait([popen.sentinel], timeout):
+        return False, None
+    from multiprocessing import forkserver
+
+    try:
+        code = forkserver.read_signed(popen.sentinel)  # type: ignore[attr-defined]
+    except (OSError, EOFError):
+        code = None  # the server died
+    popen.returncode = 255 if code is None else code
+    return True, code
+
+
+def _forget(process: Any, exitcode: Optional[int]) -> None:
+    """A forkserver process has exited: ``multiprocessing`` may forget it and
+    close its end of the server's pipes (with 255, its own code for
+    "unknown", where the code is not known)."""
+    popen = getattr(process, "_popen", None)
+    if popen is not None and popen.returncode is None:
+        popen.returncode = 255 if exitcode is None else exitcode
+    try:
+        process.join(0)  # (off multiprocessing's list of children)
+    except Exception:  # (only bookkeeping: it is off the list or will be)
+        pass
 
 
 def reap_closed() -> None:

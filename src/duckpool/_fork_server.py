@@ -15,13 +15,10 @@ start then fails with ``EOFError``, a transient error the launcher retries,
 and ``multiprocessing`` starts a new server for the retry.  A server that is
 merely slow (importing a heavy ``__main__`` before it can fork) is never
 killed: only a stopped one is.  Workers the old server forked live on (the
-pool watches them through their pidfds, ``_child.ServedProcess``).
+pool watches them through their pidfds, or else their pids: ``_child.served``).
 
-Where pidfds are missing (macOS, the BSDs, Linux before 5.3), a worker the
-fork server started is known only through its connection to the server,
-which reads as the worker's exit once the server dies, while the worker
-runs on, reparented.  ``OrphanableProcess`` tells the two apart, and from
-then on judges the worker by its pid (see its docstring).
+``preload_worker_module`` has the server import duckpool's worker module
+once, as it starts, for every worker it forks.
 """
 
 from __future__ import annotations
@@ -33,8 +30,7 @@ import signal
 import sys
 import threading
 import time
-from multiprocessing import connection as mp_connection
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 from duckpool import _child
 
@@ -58,12 +54,19 @@ def preload_worker_module() -> None:
     imported too, which costs them nothing (copy-on-write) and does nothing
     at import.  Not done where the program's ``sys.path`` would give the
     server another copy of duckpool than the one running here."""
+    modules = _preload_list()
+    if modules is not None and PRELOAD_MODULE not in modules and _path_gives_this_copy():
+        from multiprocessing import forkserver
+
+        forkserver._forkserver._preload_modules = [*modules, PRELOAD_MODULE]  # type: ignore[attr-defined]
+
+
+def _preload_list() -> Optional[list[str]]:
+    """What ``multiprocessing``'s fork server is to import as it starts."""
     from multiprocessing import forkserver
 
-    server = forkserver._forkserver  # type: ignore[attr-defined]
-    modules = getattr(server, "_preload_modules", None)
-    if isinstance(modules, list) and PRELOAD_MODULE not in modules and _path_gives_this_copy():
-        server._preload_modules = [*modules, PRELOAD_MODULE]  # type: ignore[attr-defined]
+    modules = getattr(forkserver._forkserver, "_preload_modules", None)  # type: ignore[attr-defined]
+    return modules if isinstance(modules, list) else None
 
 
 @functools.cache
@@ -87,10 +90,8 @@ def _path_gives_this_copy() -> bool:
 def main_preloaded() -> bool:
     """Does the fork server import the main module as it starts (so that a
     worker forked from it runs none of the program's code while it starts)?"""
-    from multiprocessing import forkserver
-
-    modules = getattr(forkserver._forkserver, "_preload_modules", None)  # type: ignore[attr-defined]
-    return isinstance(modules, list) and "__main__" in modules
+    modules = _preload_list()
+    return modules is not None and "__main__" in modules
 
 
 def server_pid() -> Optional[int]:
@@ -163,128 +164,6 @@ _watch = _StartWatch()
 def watch_start() -> contextlib.AbstractContextManager[None]:
     """Guard a start through the fork server (see the module docstring)."""
     return _watch.guard()
-
-
-class OrphanableProcess:
-    """A ``multiprocessing`` process the fork server started, where pidfds
-    are missing: the pool's handle on it (``pid``, ``sentinel``,
-    ``exitcode``, ``is_alive``, ``join``, ``terminate``, ``kill``, ``close``).
-
-    While the fork server lives, the process's sentinel is its connection to
-    the server, which sends its exit code once it has reaped it.  An end of
-    that connection without a code means the server died: the process is
-    then an orphan, most likely alive, and is judged by its pid from then on
-    (``_child.runs``: it exists and is no zombie), its exit code unknown.
-    The pool stops waiting on the sentinel then (``sentinel_retired``) and
-    finds the orphan's exit by asking ``is_alive`` (its exit poll, which runs
-    wherever pidfds are missing).  A dead process whose server is stopped
-    (and so neither reaps it nor says so) is seen the same way, by its pid.
-
-    The orphan's pid may be reused once its new parent has reaped it; a
-    pidfd would rule that out, which is why it is used wherever it exists
-    (``_child.ServedProcess``).
-    """
-
-    def __init__(self, process: Any) -> None:
-        self._process = process
-        self.pid: Optional[int] = process.pid
-        self.sentinel: int = process.sentinel
-        #: It has exited (its exit code may still be on its way from the server).
-        self._exited = False
-        #: Its exit code is known, or will never be.
-        self._settled = False
-        self._exitcode: Optional[int] = None
-        #: The fork server died while it ran: judged by its pid from then on.
-        self.orphaned = False
-
-    @property
-    def exitcode(self) -> Optional[int]:
-        self._check(0.0)
-        return self._exitcode
-
-    @property
-    def sentinel_retired(self) -> bool:
-        """Does its sentinel no longer say anything of it (its server died)?"""
-        self._check(0.0)
-        return self.orphaned
-
-    def _check(self, timeout: float) -> None:
-        """Learn whether the process has exited, and its exit code (waiting
-        up to ``timeout`` for the server's word)."""
-        if self._settled:
-            return
-        pid = self.pid or 0
-        if not self.orphaned:
-            popen = self._process._popen
-            code = popen.returncode  # (multiprocessing's own poll may have read it)
-            if code is None:
-                if not mp_connection.wait([popen.sentinel], timeout):
-                    # No word (yet); a stopped server neither reaps nor tells.
-                    self._exited = self._exited or not _child.runs(pid)
-                    return
-                from multiprocessing import forkserver
-
-                try:
-                    code = forkserver.read_signed(popen.sentinel)  # type: ignore[attr-defined]
-                except (OSError, EOFError):
-                    code = None  # the server died
-                popen.returncode = 255 if code is None else code  # (255: its "unknown")
-                if code is not None:
-                    self._settle(code)
-                    return
-            elif code != 255 or not _child.runs(pid):  # (255: maybe the server's death)
-                self._settle(code)
-                return
-            self.orphaned = True
-        if not _child.runs(pid):
-            self._settle(None)
-
-    def _settle(self, code: Optional[int]) -> None:
-        self._exited = self._settled = True
-        self._exitcode = code
-        try:
-            self._process.join(0)  # (off multiprocessing's list of children)
-        except Exception:
-            pass
-
-    def is_alive(self) -> bool:
-        self._check(0.0)
-        return not self._exited and not self._settled
-
-    def join(self, timeout: Optional[float] = None) -> None:
-        """Wait up to ``timeout`` for the process to exit and the server's
-        word of its exit code."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pause = 0.001
-        while True:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            step = 0.05 if remaining is None else min(0.05, remaining)
-            if self.orphaned:
-                self._check(0.0)
-                if self._settled or remaining == 0.0:
-                    return
-                time.sleep(min(pause, step))
-                pause = min(2 * pause, 0.05)
-            else:
-                self._check(step)  # (waits on the server's connection)
-                if self._settled or remaining == 0.0:
-                    return
-
-    def terminate(self) -> None:
-        self._send(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self._send(signal.SIGKILL)
-
-    def _send(self, signum: int) -> None:
-        if self.is_alive() and self.pid is not None:
-            try:
-                os.kill(self.pid, signum)
-            except ProcessLookupError:
-                pass
-
-    def close(self) -> None:
-        """Nothing to close: ``multiprocessing`` closes the connection."""
 
 
 def _after_fork_in_child() -> None:

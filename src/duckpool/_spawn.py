@@ -55,11 +55,7 @@ def start_worker_process(
             else:
                 process.start()
             if method == "forkserver":
-                pidfd = _child.pidfd_of(process.pid)
-                if pidfd is not None:
-                    process = _child.ServedProcess(process, pidfd)
-                else:
-                    process = _fork_server.OrphanableProcess(process)
+                process = _child.served(process)
     except BaseException:
         os.close(task_w)
         os.close(result_r)

@@ -442,8 +442,8 @@ def self_inflicted(exitcode: Optional[int]) -> bool:
 def sentinel_retired(process: WorkerProcess) -> bool:
     """Has ``process``'s sentinel stopped speaking for it while it runs on
     (a worker the fork server started, where pidfds are missing, after the
-    server's death: ``_fork_server.OrphanableProcess``)?"""
-    return bool(getattr(process, "sentinel_retired", False)) and process.is_alive()
+    server's death: ``_child.OrphanableProcess``)?"""
+    return bool(getattr(process, "sentinel_retired", False))
 
 
 def _own_copy(error: BaseException) -> BaseException:
