@@ -11,10 +11,7 @@ module, a top-level one that imports nothing of duckpool's before it knows
 where from, first takes the program's path from the server's own arguments,
 then imports the worker module from it.  Where it cannot tell the program's
 path, it imports nothing: the workers import the module themselves, as
-without preloading.  (Up to 3.13 the server imports the program's main
-module, when asked to, with its own path too, before this module runs:
-whatever duckpool that import brings is the server's, as it was before
-duckpool preloaded anything.)
+without preloading.
 """
 
 import sys

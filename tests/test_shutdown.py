@@ -185,3 +185,76 @@ def test_the_signal_helper_can_be_uninstalled() -> None:
     assert signal.getsignal(signal.SIGTERM) is not before
     uninstall()
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+STARTING_AT_SHUTDOWN_MAIN = """
+import multiprocessing, os, time
+import duckpool
+
+# (From the environment: spawned workers import this module too.)
+method, marker, finished = os.environ["TEST_STARTING"].split(os.pathsep)
+PARENT = int(os.environ.get("TEST_PARENT") or os.getpid())
+os.environ["TEST_PARENT"] = str(PARENT)
+
+
+def start_slowly():
+    time.sleep(2)
+    open(finished, "w").close()  # (a worker that finished starting)
+
+
+def second_worker_starts_slowly_after_fork():
+    # Under fork, the zygote's first child: the pool's second worker (the
+    # first worker and the zygote are this process's).
+    if os.getppid() != PARENT:
+        start_slowly()
+
+
+if method == "fork":
+    os.register_at_fork(after_in_child=second_worker_starts_slowly_after_fork)
+elif __name__ == "__mp_main__":
+    # A worker importing this module as it starts (spawn; forkserver
+    # before 3.14): the second one runs code of the program's meanwhile.
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        start_slowly()
+
+if __name__ == "__main__":
+    pool = duckpool.ProcessPoolExecutor(2, multiprocessing.get_context(method))
+    assert pool.submit(pow, 2, 5).result(30) == 32
+    deadline = time.monotonic() + 30
+    while len(pool._processes) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(pool._processes) == 2
+    pool.shutdown()  # (returns once every process of the pool has exited)
+    print(os.path.exists(finished))
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_a_worker_still_starting_at_shutdown_is_killed_only_if_it_runs_no_code_of_yours(
+    method: str, tmp_path: Path
+) -> None:
+    # Under fork a worker starting has no task and runs none of the
+    # program's code (no initializer, nothing to import): it need not finish
+    # starting to leave, and is killed.  One importing the main module as it
+    # starts (spawn; forkserver before 3.14, whose server never imports it)
+    # is asked to stop, and finishes starting first.
+    if method == "forkserver" and sys.version_info >= (3, 14):
+        pytest.skip("from 3.14 the fork server imports the main module: no worker does")
+    script = tmp_path / "main.py"
+    script.write_text(STARTING_AT_SHUTDOWN_MAIN)
+    env = dict(os.environ)
+    env["TEST_STARTING"] = os.pathsep.join(
+        [method, str(tmp_path / "first"), str(tmp_path / "done")]
+    )
+    env.pop("TEST_PARENT", None)
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False" if method == "fork" else "True"]

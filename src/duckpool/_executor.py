@@ -390,8 +390,8 @@ class ProcessPoolExecutor(Submitting, _StdlibProcessPoolExecutor):  # type: igno
         still run and their futures still resolve.  ``cancel_futures=True``
         cancels the tasks no worker has started.  Calling it again is harmless.
         A worker still starting then, with no task and no code of yours to
-        run before it is ready (no ``initializer``; under ``fork`` or
-        ``forkserver``), is killed rather than waited for.
+        run before it is ready (no ``initializer``; under ``fork``, or
+        ``forkserver`` from Python 3.14), is killed rather than waited for.
 
         ``timeout`` makes it a graceful drain with a deadline: work goes on
         for up to that many seconds; then the tasks still queued are

@@ -89,9 +89,12 @@ def _path_gives_this_copy() -> bool:
 
 def main_preloaded() -> bool:
     """Does the fork server import the main module as it starts (so that a
-    worker forked from it runs none of the program's code while it starts)?"""
+    worker forked from it runs none of the program's code while it starts)?
+    Never before Python 3.14: the server asks for the main module's path
+    under a name the preparation data does not use, so every worker
+    imports the main module itself."""
     modules = _preload_list()
-    return modules is not None and "__main__" in modules
+    return sys.version_info >= (3, 14) and modules is not None and "__main__" in modules
 
 
 def server_pid() -> Optional[int]:
