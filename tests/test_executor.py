@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import gc
+import json
 import multiprocessing
 import os
 import pickle
@@ -202,6 +203,47 @@ def test_garbage_collected_executor_finishes_its_work_and_its_workers_exit(ctx: 
     gc.collect()
     assert [f.result(TIMEOUT) for f in futures] == list(range(1, 11))
     wait_until(lambda: all(process_gone(pid) for pid in pids), TIMEOUT)
+
+
+COLLECTED_UNDER_ITS_LOCK = """
+import gc, json, multiprocessing, os, sys, duckpool
+
+ctx = multiprocessing.get_context(sys.argv[1])
+ran = duckpool.ProcessPoolExecutor(1, ctx)
+assert ran.submit(pow, 2, 5).result(30) == 32
+pids = ran.worker_pids()
+idle = duckpool.ProcessPoolExecutor(1, ctx)
+ran_core, idle_core = ran._core, idle._core
+ran.itself, idle.itself = ran, idle  # cycles: only the collector frees them
+del ran, idle
+gc.disable()
+with ran_core.lock:  # as drain_all holds it, asking each pool to shut down
+    gc.collect()
+ran_core.join(30)
+print(json.dumps([ran_core.thread.is_alive(), pids, idle_core.closed]))
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_an_executor_collected_while_its_pool_s_lock_is_held_shuts_its_pool_down(
+    method: str,
+) -> None:
+    # The collector runs finalizers in whatever thread allocates, which may
+    # hold that very pool's lock (drain_all() does, shutting every pool
+    # down): the executor's finalizer must not wait for it.  In a child
+    # interpreter: a deadlock here would hang, and pytest-timeout's error,
+    # raised inside the finalizer, would be swallowed there.
+    done = subprocess.run(
+        [sys.executable, "-c", COLLECTED_UNDER_ITS_LOCK, method],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT * 2,
+    )
+    assert done.returncode == 0, done.stderr
+    dispatcher_alive, pids, idle_closed = json.loads(done.stdout)
+    assert not dispatcher_alive  # the pool shut down, its workers reaped
+    assert pids and all(process_gone(pid) for pid in pids)
+    assert idle_closed  # a pool that never ran: its pipe is closed
 
 
 def test_kill_workers_fails_running_tasks_and_cancels_queued(

@@ -211,6 +211,9 @@ class PoolCore:
         #: Callables whose runs keep killing their worker (quarantine_after).
         self.quarantine = Quarantine(settings.quarantine_after, settings.quarantine_seconds)
         self.wakeup = Wakeup()
+        #: The executor was garbage collected (``abandon``): the dispatcher
+        #: shuts the pool down.  Set without the lock.
+        self.abandoned = False
         #: What the dispatcher waits on (see the diagram).  Changed only by
         #: the thread that owns the pool's workers (the dispatcher, or
         #: submit() before it exists).
@@ -512,6 +515,32 @@ class PoolCore:
             self.wake()
         else:
             self.close_wakeup()
+
+    def abandon(self) -> None:
+        """The executor was garbage collected: shut down as ``shutdown(wait=False)`` would.
+
+        Run by a finalizer, which Python runs in whatever thread allocates
+        when the collector runs, maybe one that holds this pool's lock at
+        that instant (``drain_all`` asks every pool to shut down): waiting
+        for that lock would deadlock.  So the pool's lock is never waited
+        for here.  A running dispatcher is told and woken (the wakeup pipe's
+        own lock is reentrant, and held only for a write or a close), and
+        shuts the pool down itself.  A pool whose dispatcher never started
+        owns no process, only its pipe, closed here if the lock is free; if
+        not, its holder is a process-wide hook (``drain_all``, the exit or
+        fork hook), which shuts the pool down or ends the process itself.
+        """
+        self.abandoned = True
+        if self.dispatcher.thread is not None:
+            self.wakeup.wake()
+        elif self.lock.acquire(blocking=False):
+            try:
+                if self.dispatcher.thread is None:
+                    self.lifecycle.request_shutdown()
+                    if self.wakeup.close():
+                        self.selector.close()
+            finally:
+                self.lock.release()
 
     def stop_idle_workers(self) -> None:
         """Shutdown of an idle pool: tell the workers to exit now (lock held).

@@ -289,7 +289,7 @@ class ProcessPoolExecutor(Submitting, _StdlibProcessPoolExecutor):  # type: igno
         self._max_workers = settings.max_workers
         self._task_timeout = settings.task_timeout
         self._core = core = _core.PoolCore(settings, admission=self._admission)
-        weakref.finalize(self, core.request_shutdown, False).atexit = False
+        weakref.finalize(self, core.abandon).atexit = False
         if settings.min_workers:
             core.prestart(every=False)  # a warm pool: its minimum starts now
 

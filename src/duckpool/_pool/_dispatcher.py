@@ -122,6 +122,8 @@ def _dispatch_until_done(core: Core) -> None:
     lock = core.lock
     elastic = core.elastic if core.elastic.enabled else None
     while True:
+        if core.abandoned and not lifecycle.shutdown_requested:
+            core.request_shutdown(False)  # (its executor's finalizer cannot)
         with lock:
             now = time.monotonic()
             timeout = core.deadlines.check(now)

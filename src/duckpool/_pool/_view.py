@@ -293,6 +293,7 @@ class Core(Protocol):
     quarantine: Quarantine
     wakeup: Wakeup
     selector: EpollWaiter | SelectorWaiter
+    abandoned: bool
 
     @property
     def transport(self) -> TransportView: ...
@@ -337,6 +338,8 @@ class Core(Protocol):
     def owner_pid(self) -> int: ...
 
     def wake(self) -> None: ...
+
+    def request_shutdown(self, cancel_futures: bool) -> None: ...
 
     def drop_surplus_slots(self) -> None: ...
 

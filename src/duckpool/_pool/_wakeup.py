@@ -17,8 +17,11 @@ class Wakeup:
         os.set_blocking(self.read_fd, False)
         os.set_blocking(self.write_fd, False)
         # Its own lock: once the pipe is closed its number may belong to
-        # another file, which a stray write would corrupt.
-        self.lock = threading.Lock()
+        # another file, which a stray write would corrupt.  Reentrant: a
+        # finalizer may wake the dispatcher (``PoolCore.abandon``) from
+        # inside a wake-up or a close of the same thread, interrupted by the
+        # garbage collector; the others only ever hold it for one write or close.
+        self.lock = threading.RLock()
         self.closed = False
 
     def wake(self) -> None:
@@ -53,4 +56,4 @@ class Wakeup:
     def forget_after_fork(self) -> None:
         """In a forked child: never write to (or close) the parent's pipe."""
         self.closed = True
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
