@@ -385,6 +385,40 @@ def test_cancel_task_on_a_queued_task_cancels_it(ctx: object, tmp_path: Path) ->
         pool.shutdown()
 
 
+def test_a_cancelled_task_s_done_callback_may_call_back_into_the_pool(
+    ctx: object, tmp_path: Path
+) -> None:
+    # A task sent to a worker that has not taken it up (here: the worker is
+    # still in its initializer) fails at once when cancelled, and its
+    # done-callbacks run then, in the cancelling thread: one that submits
+    # must find the pool's lock free.
+    gate = tmp_path / "gate"
+    pool = duckpool.ProcessPoolExecutor(
+        1,
+        ctx,  # type: ignore[arg-type]
+        initializer=tasks.init_wait_for_file,
+        initargs=(str(gate),),
+    )
+    try:
+        future = pool.submit(tasks.add, 1, 1)
+        chained: list[concurrent.futures.Future[int]] = []
+        future.add_done_callback(lambda _: chained.append(pool.submit(tasks.add, 2, 2)))
+        answers: list[bool] = []
+        canceller = threading.Thread(target=lambda: answers.append(pool.cancel_task(future)))
+        canceller.daemon = True  # (a deadlocked one must not hold up the exit)
+        canceller.start()
+        canceller.join(TIMEOUT)
+        assert not canceller.is_alive(), "cancel_task() hung in the done-callback"
+        assert answers == [True]
+        with pytest.raises(duckpool.TaskCancelledError):
+            future.result(0)
+        gate.touch()
+        assert chained[0].result(TIMEOUT) == 4
+    finally:
+        gate.touch()
+        pool.shutdown()
+
+
 def test_cloudpickle_serializer_sends_lambdas_and_closures(ctx: object) -> None:
     pool = duckpool.ProcessPoolExecutor(1, ctx, serializer="cloudpickle")  # type: ignore[arg-type]
     offset = 10

@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import ctypes
+import subprocess
 import sys
 import threading
 import types
@@ -21,7 +22,7 @@ import pytest
 
 import _executor_tasks as tasks
 import duckpool
-from conftest import needs_epoll, wait_until
+from conftest import needs_epoll, run_in_forked_child, wait_until
 from duckpool import _buffers, _futures
 from duckpool._pool import _assist, _results, _transport
 from duckpool._pool._waiter import Waiter
@@ -346,3 +347,67 @@ def test_a_future_nobody_waits_on_makes_no_condition(
     with pytest.raises(KeyError):
         failing.result(TIMEOUT)
     assert isinstance(failing.exception(0), KeyError)
+
+
+MAP_COLLECTED_WHILE_A_CONDITION_IS_MADE = """
+import gc, multiprocessing, sys, time, duckpool
+from duckpool import _futures
+
+pool = duckpool.ProcessPoolExecutor(1, multiprocessing.get_context(sys.argv[1]))
+results = pool.map(time.sleep, [0] + [0.2] * 10, chunksize=1)
+next(results)  # its generator runs: closing it cancels what is left
+cycle = [results, pool]
+cycle.append(cycle)  # only the collector frees it
+del results, cycle
+gc.disable()
+with _futures._LAZY_CONDITION_LOCK:  # as while a future's condition is made
+    gc.collect()
+pool.shutdown(cancel_futures=True)
+print("resolved")
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_an_abandoned_map_collected_while_a_condition_is_made_loses_nothing(
+    method: str,
+) -> None:
+    # The collector runs finalizers in whatever thread allocates: here the
+    # map's, which cancels its futures, in a thread making a condition under
+    # the lock that orders the two.  In a child interpreter: a deadlock
+    # there would hang, and pytest-timeout's error, raised in a finalizer,
+    # would be swallowed.
+    done = subprocess.run(
+        [sys.executable, "-c", MAP_COLLECTED_WHILE_A_CONDITION_IS_MADE, method],
+        capture_output=True,
+        text=True,
+        timeout=2 * TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["resolved"]
+
+
+def test_a_forked_child_may_resolve_futures_whatever_the_parent_held() -> None:
+    # The lock ordering a future's condition with the pool's moves is
+    # module-wide, and taken by every dispatcher: a fork while another
+    # thread holds it must not leave the child's copy locked.
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with _futures._LAZY_CONDITION_LOCK:
+            held.set()
+            release.wait(TIMEOUT)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(TIMEOUT)
+
+        def in_child() -> int:
+            future: _futures.PoolFuture[int] = _futures.PoolFuture(None)  # type: ignore[arg-type]
+            future.set_result(3)
+            return future.result(0)
+
+        assert run_in_forked_child(in_child, timeout=15) == 3
+    finally:
+        release.set()
+        holder.join(TIMEOUT)

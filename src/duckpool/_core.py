@@ -147,7 +147,7 @@ from typing import Any, Optional
 
 from duckpool import _marks, _process_pools
 from duckpool._admission import Admission
-from duckpool._futures import WorkItem, cancel_item
+from duckpool._futures import WorkItem, cancel_item, set_exception
 from duckpool._pool._assist import Assists
 from duckpool._pool._counters import Counters
 from duckpool._pool._deadlines import Deadlines
@@ -322,9 +322,14 @@ class PoolCore:
         with self.lock:
             item = self.scheduler.cancel_queued(future)
             if item is None:
-                return self.supervisor.cancel_running(future)
-        cancel_item(item, "while queued")
-        return True
+                found, error = self.supervisor.cancel_running(future)
+        # Resolved without the lock: done-callbacks may call back into the pool.
+        if item is not None:
+            cancel_item(item, "while queued")
+            return True
+        if error is not None:
+            set_exception(future, error)
+        return found
 
     def help_resolve(self, future: Future[Any], timeout: Optional[float]) -> None:
         """A thread waits on ``future``: let it read the result itself (``_assist``)."""

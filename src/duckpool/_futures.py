@@ -5,6 +5,7 @@ cancel, shutdown)."""
 from __future__ import annotations
 
 import itertools
+import os
 import pickle
 import threading
 import time
@@ -217,7 +218,20 @@ class WorkItem:
         return callable_label(self.fn)
 
 
-_LAZY_CONDITION_LOCK = threading.Lock()
+#: Orders the making of a future's condition with the pool's moves of a
+#: future that has none (see ``PoolFuture``).  Reentrant: the garbage
+#: collector may run a finalizer that cancels futures (an abandoned map's)
+#: while this thread makes a condition under it; renewed in a forked child,
+#: where another thread of the parent may have held it.
+_LAZY_CONDITION_LOCK = threading.RLock()
+
+
+def _renew_lazy_condition_lock() -> None:
+    global _LAZY_CONDITION_LOCK
+    _LAZY_CONDITION_LOCK = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_renew_lazy_condition_lock)
 
 
 class PoolFuture(Future[_T]):
@@ -262,7 +276,8 @@ class PoolFuture(Future[_T]):
             with _LAZY_CONDITION_LOCK:  # one condition per future, whoever asks first
                 condition = self.__dict__.get("_lazy_condition")
                 if condition is None:
-                    condition = self.__dict__["_lazy_condition"] = threading.Condition()
+                    # (setdefault: a finalizer run while it was made may have made one)
+                    condition = self.__dict__.setdefault("_lazy_condition", threading.Condition())
         return condition  # type: ignore[no-any-return]
 
     def done(self) -> bool:

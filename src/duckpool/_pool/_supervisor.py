@@ -231,13 +231,15 @@ class Supervisor:
         error.__cause__ = _RemoteTraceback(text)  # type: ignore[arg-type]
         return error
 
-    def cancel_running(self, future: Future[Any]) -> bool:
-        """Cancel an item a worker holds (lock held); False if none does.
+    def cancel_running(self, future: Future[Any]) -> tuple[bool, Optional[BaseException]]:
+        """Cancel an item a worker holds (lock held): whether one does, and
+        the error to fail the future with now, once the lock is released
+        (its done-callbacks may call back into the pool).
 
         The running one: its worker is stopped, and the item fails with
-        ``TaskCancelledError`` once it is gone.  One still in the worker's
-        pipe: the worker skips it when it gets there (a ``marks`` cell says
-        so), its answer is ignored, and it fails now.
+        ``TaskCancelledError`` once it is gone (no error now).  One still in
+        the worker's pipe: the worker skips it when it gets there (a
+        ``marks`` cell says so), its answer is ignored, and it fails now.
         """
         core = self._core
         for slot in core.slots:
@@ -248,11 +250,10 @@ class Supervisor:
                 if position == 0 and core.marks[slot.index] == item.task_id:
                     self.stop_worker(slot, item, error)
                     core.wake()
-                else:
-                    core.marks[core.capacity + slot.index] = item.task_id
-                    set_exception(future, error)
-                return True
-        return False
+                    return True, None
+                core.marks[core.capacity + slot.index] = item.task_id
+                return True, error
+        return False, None
 
     def starts_failed(self, error: BaseException) -> None:
         """Break the pool: starting workers failed for good with ``error``
