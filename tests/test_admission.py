@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -158,3 +160,70 @@ def test_bad_admission_arguments_are_refused(
 ) -> None:
     with pytest.raises(error, match=match):
         duckpool.ProcessPoolExecutor(1, **kwargs)
+
+
+def test_a_submit_in_a_done_callback_the_dispatcher_runs_never_waits_for_room(
+    ctx: object, tmp_path: Path, gate: Path
+) -> None:
+    # The dispatcher runs done-callbacks, and is what makes room: a blocking
+    # submit() there would wait for ever (and the pool with it).  It raises.
+    pool = duckpool.ProcessPoolExecutor(  # type: ignore[arg-type]
+        1, ctx, max_pending=1, on_saturated="block"
+    )
+    outcomes: list[Any] = []
+    called = threading.Event()
+
+    def submit_two(_: Any) -> None:
+        for _ in range(2):  # the first takes the place just given back
+            try:
+                outcomes.append(pool.submit(tasks.add, 1, 2))
+            except BaseException as exc:
+                outcomes.append(exc)
+        called.set()
+
+    try:
+        (running,) = _fill(pool, tmp_path, gate, 1)
+        queued = pool.submit(tasks.add, 0, 0)  # the pool is full
+        running.add_done_callback(submit_two)
+        gate.touch()  # (nobody waits on `running`: the dispatcher resolves it)
+        assert called.wait(TIMEOUT), "submit() in the done-callback hung"
+        assert outcomes[0].result(TIMEOUT) == 3
+        assert isinstance(outcomes[1], duckpool.PoolSaturatedError)
+        assert "dispatcher thread" in str(outcomes[1])
+        assert queued.result(TIMEOUT) == 0
+    finally:
+        gate.touch()
+        pool.shutdown(cancel_futures=True)
+
+
+MAP_COLLECTED_WHILE_A_PLACE_IS_TAKEN = """
+import gc, multiprocessing, sys, time, duckpool
+
+pool = duckpool.ProcessPoolExecutor(1, multiprocessing.get_context(sys.argv[1]), max_pending=400)
+results = pool.map(time.sleep, [0] + [0.05] * 300, chunksize=1)
+next(results)  # its generator runs: closing it cancels what is still queued
+cycle = [results]
+cycle.append(cycle)  # only the collector frees it
+del results, cycle
+gc.disable()
+with pool._admission._condition:  # as in submit(), taking a place
+    gc.collect()  # the map's futures give theirs back
+print(pool.submit(abs, -3).result(30))
+pool.shutdown(cancel_futures=True)
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_an_abandoned_map_collected_while_a_place_is_taken_gives_its_places_back(
+    method: str,
+) -> None:
+    # In a child interpreter: a deadlock there would hang, and pytest-timeout's
+    # error, raised in the map's finalizer, would be swallowed.
+    done = subprocess.run(
+        [sys.executable, "-c", MAP_COLLECTED_WHILE_A_PLACE_IS_TAKEN, method],
+        capture_output=True,
+        text=True,
+        timeout=2 * TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["3"]

@@ -42,7 +42,10 @@ class Admission:
         self.capacity = max_workers + max_pending
         self.policy = policy
         self.block_timeout = block_timeout
-        self._condition = threading.Condition(threading.Lock())
+        # Reentrant: a place comes back from a future's done-callback, which
+        # a finalizer the collector runs while this thread holds it (in
+        # admit) may trigger, cancelling an abandoned map's futures.
+        self._condition = threading.Condition(threading.RLock())
         self._in_use = 0
         self._closed = False
 
@@ -52,8 +55,12 @@ class Admission:
             self.capacity = max_workers + self.max_pending
             self._condition.notify_all()
 
-    def admit(self) -> None:
+    def admit(self, may_wait: bool = True) -> None:
         """Take a place, or raise :class:`PoolSaturatedError` as the policy says.
+
+        ``may_wait`` False: the calling thread is the one that gives places
+        back (the pool's dispatcher, running a done-callback), so the
+        ``"block"`` policy cannot wait there and raises at once too.
 
         Raises ``RuntimeError`` if the pool shuts down while this waits.
         """
@@ -65,6 +72,15 @@ class Admission:
                 raise PoolSaturatedError(
                     f"the pool is saturated: {self._in_use} tasks are unfinished, "
                     f"the most it holds with max_pending={self.max_pending}",
+                    max_pending=self.max_pending,
+                )
+            if not may_wait:
+                raise PoolSaturatedError(
+                    f"the pool is saturated ({self._in_use} tasks are unfinished, the "
+                    f"most it holds with max_pending={self.max_pending}), and submit() "
+                    "was called in the pool's own dispatcher thread (a done-callback): "
+                    'on_saturated="block" cannot wait there, since that thread is what '
+                    "makes room",
                     max_pending=self.max_pending,
                 )
             started = time.monotonic()

@@ -197,8 +197,10 @@ class PoolSaturatedError(RuntimeError):
 
     Raised by ``submit()`` (nothing is queued) when ``max_workers`` tasks run
     and ``max_pending`` more wait: at once under the ``"reject"`` policy, or
-    once ``block_timeout`` has passed without room under ``"block"``.  A
-    server maps it to "429 Too Many Requests".
+    once ``block_timeout`` has passed without room under ``"block"`` (at
+    once there too when ``submit()`` runs in the pool's own dispatcher
+    thread, a done-callback, which is what makes room).  A server maps it
+    to "429 Too Many Requests".
 
     Attributes:
         max_pending: the pool's limit on waiting tasks.

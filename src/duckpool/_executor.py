@@ -178,7 +178,9 @@ class ProcessPoolExecutor(Submitting, _StdlibProcessPoolExecutor):  # type: igno
         on_saturated: past ``max_pending``, ``"reject"`` makes ``submit()``
             raise :class:`~duckpool.PoolSaturatedError` at once; ``"block"``
             makes it wait for room, up to ``block_timeout`` seconds (``None``:
-            as long as it takes), then raise that error.
+            as long as it takes), then raise that error (a ``submit()`` made
+            in a done-callback the pool's dispatcher runs raises at once:
+            that thread is what makes room).
         type_limits: per task type, the most of its tasks that run at once
             (``{"report": 1}``), so one workload cannot take every worker.
             A task's type is given with ``options(task_type=...)`` or by the

@@ -127,7 +127,7 @@ class Submitting:
             return queue_call(
                 core, self._dumps, fn, args, kwargs, timeout, kind, chunk, priority, retries, span
             )
-        admission.admit()
+        admission.admit(may_wait=not core.dispatcher.is_current())
         try:
             future: Future[_T] = queue_call(
                 core, self._dumps, fn, args, kwargs, timeout, kind, chunk, priority, retries, span
