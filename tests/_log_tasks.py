@@ -122,3 +122,26 @@ def fail_on(value: int, bad: int) -> int:
     if value == bad:
         raise ValueError(f"bad value {value}")
     return value
+
+
+def log_from_the_collector_while_the_result_is_written() -> str:
+    """Arrange that the garbage collector logs once, from inside the worker's
+    own write of this task's result (as a finalizer that logs would); return."""
+    import gc
+    import sys
+
+    logging.getLogger(LOGGER).info("forwarding is on")  # (installed at the first record)
+    thresholds = gc.get_threshold()
+
+    def on_collection(phase: str, info: dict[str, Any]) -> None:
+        frame: Any = sys._getframe()
+        while frame is not None and frame.f_code.co_name != "write_all":
+            frame = frame.f_back
+        if frame is not None and phase == "start":  # inside a write
+            gc.callbacks.remove(on_collection)
+            gc.set_threshold(*thresholds)
+            logging.getLogger(LOGGER).warning("logged while the result was written")
+
+    gc.callbacks.append(on_collection)
+    gc.set_threshold(1)  # a collection at nearly every allocation from here
+    return "written"

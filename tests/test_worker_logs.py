@@ -116,6 +116,20 @@ def test_record_is_handled_before_its_task_future_resolves(
         assert f"record {n}" in seen
 
 
+def test_a_record_logged_inside_the_worker_s_own_write_is_sent_after_it(
+    ctx: object, collected: ListHandler
+) -> None:
+    # A finalizer (here: a collector callback) may log while the worker's
+    # main thread is writing a frame: the record waits for the end of that
+    # write, instead of waiting for ever on the write's lock.
+    with duckpool.ProcessPoolExecutor(1, mp_context=ctx) as pool:  # type: ignore[arg-type]
+        task = tasks.log_from_the_collector_while_the_result_is_written
+        assert pool.submit(task).result(TIMEOUT) == "written"
+        collected.wait_for("logged while the result was written")
+        assert pool.submit(tasks.log, logging.INFO, "after").result(TIMEOUT)
+        collected.wait_for("after")
+
+
 def test_exception_text_arrives(ctx: object, collected: ListHandler) -> None:
     with duckpool.ProcessPoolExecutor(1, mp_context=ctx) as pool:  # type: ignore[arg-type]
         pool.submit(tasks.log_exception).result(TIMEOUT)

@@ -49,13 +49,14 @@ nothing but ``os``.
 
 from __future__ import annotations
 
+import _thread
 import os
 
 # typing is not imported at run time: a spawned worker imports this module,
 # and annotations are not evaluated (``from __future__``).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Optional, Union
+    from typing import Any, Callable, Optional, Union
 
     #: What goes to a pipe: bytes, or parts written with one ``os.writev``.
     Frames = Union[bytes, list[Any]]
@@ -137,6 +138,35 @@ def write_all(fd: int, data: Frames) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def serial_writer(fd: int) -> Callable[[Frames], None]:
+    """A function that writes whole frames to a blocking pipe, from any thread.
+
+    Frames never interleave: each write takes a lock.  A finalizer the
+    collector runs, or a signal handler, may send in the middle of its own
+    thread's write (a task's finalizer that logs): that frame is written
+    right after the one under way (waiting for the lock would wait for ever).
+    """
+    lock = _thread.allocate_lock()
+    writer = [0]  # the thread writing now (0: none)
+    deferred: list[Frames] = []
+
+    def send(frame: Frames) -> None:
+        me = _thread.get_ident()
+        if writer[0] == me:
+            deferred.append(frame)
+            return
+        with lock:
+            writer[0] = me
+            try:
+                write_all(fd, frame)
+                while deferred:
+                    write_all(fd, deferred.pop(0))
+            finally:
+                writer[0] = 0
+
+    return send
 
 
 def write_parts(fd: int, parts: list[Any]) -> None:

@@ -34,7 +34,7 @@ from duckpool._protocol import (
     FrameReader,
     buffered_frame,
     encode_result,
-    write_all,
+    serial_writer,
 )
 
 # The C modules under pickle, signal and threading: the Python ones import
@@ -368,17 +368,27 @@ def forward_logs_from_first_record(send: Callable[[bytes], None], config: Worker
     handler_refs = getattr(logging, "_handlerList", None)
     started_with = None if handler_refs is None else list(handler_refs)
     install_lock = _thread.allocate_lock()
+    installer = [0]  # the thread installing now (0: none)
 
     def first_call_handlers(logger: logging.Logger, record: logging.LogRecord) -> None:
+        if installer[0] == _thread.get_ident():
+            # A finalizer logging in the middle of this thread's install: the
+            # handlers there are, as they are (waiting would wait for ever).
+            call_handlers(logger, record)
+            return
         with install_lock:  # the task's threads may log their first records at once
-            if logger_class.callHandlers is first_call_handlers:
-                from duckpool import _worker_logs
+            installer[0] = _thread.get_ident()
+            try:
+                if logger_class.callHandlers is first_call_handlers:
+                    from duckpool import _worker_logs
 
-                inherited = None
-                if started_with is not None:
-                    inherited = {ref() for ref in started_with} - {None}
-                _worker_logs.install(send, config, running_task_id, inherited)
-                logger_class.callHandlers = call_handlers  # type: ignore[method-assign]
+                    inherited = None
+                    if started_with is not None:
+                        inherited = {ref() for ref in started_with} - {None}
+                    _worker_logs.install(send, config, running_task_id, inherited)
+                    logger_class.callHandlers = call_handlers  # type: ignore[method-assign]
+            finally:
+                installer[0] = 0
         call_handlers(logger, record)
 
     def in_forked_child() -> None:
@@ -435,13 +445,7 @@ def worker_main(
     close_on_exec(task_conn.fileno(), result_fd)
     _prepare(config)
 
-    # Threads of a task may log or report progress while the main thread
-    # writes a result: frames must not interleave, so every write takes the lock.
-    write_lock = _thread.allocate_lock()
-
-    def send(frame: Frames) -> None:
-        with write_lock:
-            write_all(result_fd, frame)
+    send = serial_writer(result_fd)  # (the task's threads may log while a result goes)
 
     if config.log_levels is not None:
         if config.forked:
