@@ -361,6 +361,41 @@ def test_shutdown_without_wait_returns_and_the_futures_still_resolve(
     assert pool._bridge.closed.wait(RESULT_TIMEOUT)
 
 
+@pytest.mark.parametrize("how", ["result", "timeout", "cancel"])
+def test_shutdown_in_a_done_callback_returns_and_the_executor_closes(
+    scheduler_address: str, gate: Path, how: str
+) -> None:
+    # Done-callbacks run in the executor's own threads (the bridge's, the
+    # timeouts', the close's), which the close waits for: shutdown(wait=True)
+    # there must not wait, and the executor still closes, every future resolved.
+    pool = DaskExecutor(address=scheduler_address)
+    outcomes: list[object] = []
+    called = threading.Event()
+
+    def shut_down(_: object) -> None:
+        try:
+            pool.shutdown(wait=True)
+            outcomes.append("returned")
+        except BaseException as exc:
+            outcomes.append(exc)
+        called.set()
+
+    later = pool.submit(_tasks.sleep_then, 0.3, "later")  # still out at the callback
+    if how == "result":
+        first = pool.submit(_tasks.add, 1, 2)
+    elif how == "timeout":
+        first = pool.options(timeout=0.2).submit(_tasks.wait_for_file, str(gate), GATE_WAIT)
+    else:
+        first = pool.submit(_tasks.wait_for_file, str(gate), GATE_WAIT)
+    first.add_done_callback(shut_down)
+    if how == "cancel":
+        pool.shutdown(wait=False, cancel_futures=True)  # the close cancels it
+    assert called.wait(RESULT_TIMEOUT), "shutdown(wait=True) hung in a done-callback"
+    assert outcomes == ["returned"]
+    assert pool._bridge.closed.wait(RESULT_TIMEOUT)
+    assert later.done() and first.done()
+
+
 def test_shutdown_does_not_wait_for_a_timed_out_task_dask_never_reports() -> None:
     # A result Dask cannot serialize stays on its worker: the task is never
     # reported, so only its timeout resolves the future, and shutdown must not

@@ -429,8 +429,10 @@ class DaskExecutor(Executor):
         Client is closed.  A task no worker can run (its type offered by no
         worker) keeps ``wait=True`` waiting: use ``cancel_futures=True``, or a
         task timeout (``task_timeout``, ``options(timeout=...)``), or
-        ``duckpool.drain_all(timeout)``.  Calling it again is harmless, and in a process that
-        inherited the executor by fork it does nothing.
+        ``duckpool.drain_all(timeout)``.  Called in a done-callback, which runs
+        in a thread of the executor's own that the close waits for, it does
+        not wait (as ``wait=False``).  Calling it again is harmless, and in a
+        process that inherited the executor by fork it does nothing.
         """
         self._bridge.shutdown(wait, cancel_futures)
 

@@ -155,6 +155,8 @@ class DaskBridge:
         self._client_closed = False  # the bridge stops now
         self.closed = threading.Event()
         self._closer: Optional[threading.Thread] = None
+        #: The thread running ``_close`` (0: none yet).
+        self._closing_thread = 0
         self._timer: Optional[TimeoutTimer] = None
         self._bulk = threading.local()  # .cancelling: shutdown cancels Dask tasks in one call
         self._completed = distributed.as_completed(
@@ -314,6 +316,10 @@ class DaskBridge:
         """
         if self.owner_pid != os.getpid():
             return
+        if wait and self._resolves_futures():
+            # A done-callback in a thread the close waits for (or runs in):
+            # waiting there would wait for ever.  It closes in the background.
+            wait = False
         with self.lock:
             first = not self.shutting_down
             self.shutting_down = True
@@ -336,7 +342,22 @@ class DaskBridge:
         if wait:
             self.closed.wait()
 
+    def _resolves_futures(self) -> bool:
+        """Is this thread resolving this executor's futures (and so running
+        their done-callbacks) for something the close waits for: the
+        bridge's thread, the timeouts', the close's, or a ``shutdown`` that
+        cancels them before it starts the close?"""
+        current = threading.current_thread()
+        timer = self._timer
+        return (
+            current is self.thread
+            or (timer is not None and timer.runs_in(current))
+            or self._closing_thread == threading.get_ident()
+            or getattr(self._bulk, "cancelling", False)
+        )
+
     def _close(self) -> None:
+        self._closing_thread = threading.get_ident()
         try:
             with self.lock:
                 # Only the futures a caller still waits for hold the close up: a
@@ -432,6 +453,9 @@ class TimeoutTimer:
             heapq.heappush(self._heap, (deadline, next(self._order), task))
             if self._heap[0][2] is task:
                 self._changed.notify()
+
+    def runs_in(self, thread: threading.Thread) -> bool:
+        return thread is self._thread
 
     def stop(self) -> None:
         with self._changed:
