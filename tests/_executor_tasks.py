@@ -72,6 +72,12 @@ def identity(x: Any) -> Any:
     return x
 
 
+def sleep_then(seconds: float, value: Any) -> Any:
+    """Sleep ``seconds``, then return ``value``."""
+    time.sleep(seconds)
+    return value
+
+
 def sleep_forever(started: str) -> None:
     Path(started).touch()
     while True:

@@ -20,6 +20,7 @@ import concurrent.futures
 import gc
 import io
 import itertools
+import json
 import logging
 import multiprocessing
 import os
@@ -394,6 +395,68 @@ def test_shutdown_in_a_done_callback_returns_and_the_executor_closes(
     assert outcomes == ["returned"]
     assert pool._bridge.closed.wait(RESULT_TIMEOUT)
     assert later.done() and first.done()
+
+
+REENTERED_DASK_EXECUTOR = """
+import gc, json, sys, threading, time
+import distributed, duckpool
+
+cluster = distributed.LocalCluster(
+    n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+)
+client = distributed.Client(cluster, set_as_default=False)
+report = {}
+
+# drain_all() in a done-callback, which runs in the executor's bridge thread.
+pool = duckpool.DaskExecutor(address=client)
+drained = threading.Event()
+first = pool.submit(abs, -1)
+first.add_done_callback(lambda _: (duckpool.drain_all(0.5), drained.set()))
+report["drain_all returned"] = drained.wait(30)
+report["closed"] = pool._bridge.closed.wait(30)
+
+# An abandoned map collected while a thread holds the bridge's lock, shutting down.
+pool = duckpool.DaskExecutor(address=client)
+results = pool.map(time.sleep, [0] + [0.2] * 20, chunksize=1)
+next(results)  # its generator runs: closing it cancels the rest
+cycle = [results]
+cycle.append(cycle)  # only the collector frees it
+del results, cycle
+gc.disable()
+pool.shutdown(wait=False)
+collected = threading.Event()
+
+def collect_under_the_lock():
+    with pool._bridge.lock:
+        gc.collect()
+    collected.set()
+
+threading.Thread(target=collect_under_the_lock, daemon=True).start()
+report["collected"] = collected.wait(30)
+report["closed after"] = pool._bridge.closed.wait(30)
+print(json.dumps(report), flush=True)
+client.close()
+cluster.close()
+"""
+
+
+def test_a_dask_executor_reentered_from_its_own_threads_closes() -> None:
+    # In a child interpreter (an in-process cluster): a deadlock there would
+    # hold the bridge's lock for the rest of this module's tests.
+    done = subprocess.run(
+        [sys.executable, "-c", REENTERED_DASK_EXECUTOR],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report == {
+        "drain_all returned": True,
+        "closed": True,
+        "collected": True,
+        "closed after": True,
+    }
 
 
 def test_shutdown_does_not_wait_for_a_timed_out_task_dask_never_reports() -> None:

@@ -15,6 +15,7 @@ import textwrap
 import threading
 from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -414,6 +415,41 @@ def test_a_cancelled_task_s_done_callback_may_call_back_into_the_pool(
             future.result(0)
         gate.touch()
         assert chained[0].result(TIMEOUT) == 4
+    finally:
+        gate.touch()
+        pool.shutdown()
+
+
+def test_a_task_cancelled_in_a_worker_s_pipe_fails_with_task_cancelled_error_either_way(
+    ctx: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # cancel_task() marks the task to be skipped, then fails its future once
+    # the pool's lock is released: the worker's own answer ("skipped") may
+    # resolve it first.  Either way the error is a TaskCancelledError.
+    from duckpool import _core
+
+    gate = tmp_path / "gate"
+    pool = duckpool.ProcessPoolExecutor(
+        1,
+        ctx,  # type: ignore[arg-type]
+        initializer=tasks.init_wait_for_file,
+        initargs=(str(gate),),
+    )
+    fail = _core.set_exception
+
+    def after_the_worker_s_answer(future: concurrent.futures.Future[Any], error: Any) -> None:
+        gate.touch()  # the worker leaves its initializer and meets the mark
+        wait_until(future.done, TIMEOUT)
+        fail(future, error)
+
+    try:
+        future = pool.submit(tasks.add, 1, 1)
+        monkeypatch.setattr(_core, "set_exception", after_the_worker_s_answer)
+        assert pool.cancel_task(future)
+        error = future.exception(TIMEOUT)
+        assert isinstance(error, duckpool.TaskCancelledError), repr(error)
+        assert "before it started" in str(error)
+        assert pool.submit(tasks.add, 2, 2).result(TIMEOUT) == 4
     finally:
         gate.touch()
         pool.shutdown()

@@ -193,7 +193,7 @@ _HELPING_STEPS = {
     "pausing-the-pipe": (Waiter.pause.__code__, "return"),
     "unpickling-the-result": (_buffers.loads.__code__, "call"),
     "setting-the-future": (_futures.PoolFuture.set_result.__code__, "call"),
-    "resolving-what-it-read": (_results.ResultBook._resolve_in_helper.__code__, "call"),
+    "resolving-what-it-read": (_results.ResultBook.resolve_helped.__code__, "call"),
     "giving-the-pipe-back": (_assist.Assists.end_assist.__code__, "call"),
 }
 
@@ -411,3 +411,32 @@ def test_a_forked_child_may_resolve_futures_whatever_the_parent_held() -> None:
     finally:
         release.set()
         holder.join(TIMEOUT)
+
+
+@needs_epoll  # (only the epoll waiter can lend a pipe to the caller)
+def test_a_done_callback_run_by_a_waiting_thread_may_wait_on_the_same_worker(
+    ctx: object,
+) -> None:
+    # The thread blocked in result() reads the pipe itself, and resolves what
+    # it read: the future's done-callbacks run in it.  One that submits to
+    # the same worker and waits for that result needs the pipe read again:
+    # the waiting thread gives it back before it resolves anything.
+    pool = duckpool.ProcessPoolExecutor(1, mp_context=ctx)  # type: ignore[arg-type]
+    try:
+        pool.submit(tasks.add, 0, 0).result(TIMEOUT)  # the worker is up
+        chained: list[object] = []
+
+        def submit_and_wait(_: object) -> None:
+            try:
+                chained.append(pool.submit(tasks.add, 1, 1).result(TIMEOUT))
+            except BaseException as exc:
+                chained.append(exc)
+
+        for i in range(4):
+            future = pool.submit(tasks.sleep_then, 0.002, "first")
+            future.add_done_callback(submit_and_wait)
+            assert future.result(TIMEOUT) == "first"
+            wait_until(lambda n=i + 1: len(chained) == n, TIMEOUT)
+        assert chained == [2, 2, 2, 2]
+    finally:
+        pool.shutdown()

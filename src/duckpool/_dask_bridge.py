@@ -147,7 +147,9 @@ class DaskBridge:
             )
         self._killed_worker: type[BaseException] = distributed.KilledWorker
         self._daemon = daemon
-        self.lock = threading.Lock()
+        # Reentrant: a finalizer the collector runs while this thread holds it
+        # (an abandoned map's, cancelling its futures) notifies under it.
+        self.lock = threading.RLock()
         self._changed = threading.Condition(self.lock)  # tasks or the state changed
         self.tasks: dict[Any, Task] = {}
         self.shutting_down = False
@@ -408,8 +410,10 @@ class DaskBridge:
         self.shutdown(wait=False, cancel_futures=cancel_futures)
 
     def join(self, timeout: Optional[float] = None) -> None:
-        """Wait until every future has resolved and what the bridge made is closed."""
-        self.closed.wait(timeout)
+        """Wait until every future has resolved and what the bridge made is
+        closed; at once in a thread the close waits for (a done-callback)."""
+        if not self._resolves_futures():
+            self.closed.wait(timeout)
 
     def request_kill(self, signum: int, reason: Optional[str] = None) -> None:
         """Cancel every future still outstanding (the scheduler forgets its task).

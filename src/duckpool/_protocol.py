@@ -15,7 +15,9 @@ frame is what ``multiprocessing.connection.Connection.send_bytes`` writes: a
 * result frame (worker -> parent): ``task_id`` (8 bytes), one status byte,
   then a pickle: the return value for ``STATUS_OK``, or ``(exception,
   traceback_text)`` for ``STATUS_ERROR``, ``STATUS_UNPICKLE_FAILED`` (the
-  task's call itself could not be unpickled) and ``STATUS_INIT_FAILED``.  A
+  task's call itself could not be unpickled) and ``STATUS_INIT_FAILED``;
+  nothing for ``STATUS_SKIPPED`` (the task was cancelled before it started:
+  its skip mark was set, see below).  A
   worker sends one ``STATUS_READY`` frame (task id 0) once its initializer
   has run, with its shared area's offer (``_buffers.create_area``) if it made
   one.  ``STATUS_OK | STATUS_BUFFERS``: a ``_buffers`` body in the pickle's
@@ -44,7 +46,7 @@ The task id travels outside the pickle so that a payload that fails to
 unpickle, on either side, fails only its own future.
 
 Both sides import this module, and every spawned worker does: it imports
-nothing but ``os``.
+nothing but ``os`` and ``_thread``.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ STATUS_READY = 3
 STATUS_UNPICKLE_FAILED = 4
 STATUS_LOG = 5
 STATUS_PROGRESS = 6
+STATUS_SKIPPED = 7
 #: Or'ed into a result frame's status: a ``_buffers`` body follows.
 STATUS_BUFFERS = 0x80
 #: Or'ed into a task frame's id: a ``_buffers`` body follows.

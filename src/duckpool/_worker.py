@@ -28,6 +28,7 @@ from duckpool._protocol import (
     STATUS_INIT_FAILED,
     STATUS_OK,
     STATUS_READY,
+    STATUS_SKIPPED,
     STATUS_UNPICKLE_FAILED,
     TASK_BUFFERS,
     TASK_ID_BYTES,
@@ -623,7 +624,7 @@ def _run_one(
     marks[slot] = task_id
     current_task_id = task_id
     if marks[skip_cell] == task_id:  # cancelled while queued here
-        send(encode_result(task_id, STATUS_ERROR, dump_exception(_skipped(task_id))))
+        send(encode_result(task_id, STATUS_SKIPPED, b""))
         return True
     try:
         if buffered:
@@ -669,12 +670,6 @@ def _run_one(
     head = task_id.to_bytes(TASK_ID_BYTES, "little") + bytes((STATUS_OK | STATUS_BUFFERS,))
     send(buffered_frame(head, body))
     return True
-
-
-def _skipped(task_id: int) -> BaseException:
-    from concurrent.futures import CancelledError
-
-    return CancelledError(f"task {task_id} was cancelled before it started")
 
 
 if __name__ == "__main__":  # pragma: no cover - not an entry point

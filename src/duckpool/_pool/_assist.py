@@ -31,7 +31,7 @@ from duckpool._pool._supervisor import signal_process
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
-    from duckpool._pool._slots import Slot
+    from duckpool._pool._slots import Resolution, Slot
     from duckpool._pool._view import Core
 
 #: How long a thread blocked in ``result()`` reads its task's result pipe
@@ -90,15 +90,32 @@ class Assists:
         quiet (the future's worker holds only that task and nothing is
         queued), the dispatcher stops watching that one pipe for up to
         ``ASSIST_SECONDS`` (or ``timeout``) and this thread reads it instead,
-        booking and resolving what arrives, its own result included.  If the
-        worker's last task took less than ``SPIN_SECONDS``, it polls without
-        sleeping for up to twice that long first.  Deaths, deadlines and the other pipes
-        stay the dispatcher's; what this thread has not read when it stops,
-        the dispatcher reads next.
+        booking what arrives, its own result included, and resolving it once
+        it has given the pipe back.  If the worker's last task took less than
+        ``SPIN_SECONDS``, it polls without sleeping for up to twice that long
+        first.  Deaths, deadlines and the other pipes stay the dispatcher's;
+        what this thread has not read when it stops, the dispatcher reads next.
         """
         core = self._core
         if core.lifecycle.inherited or not core.selector.can_pause or core.dispatcher.is_current():
             return
+        # What this thread books, resolved once the pipe is given back: a
+        # done-callback may wait on that pipe (a submit, then result()).
+        booked: list[Resolution] = []
+        try:
+            self._read_for(future, timeout, booked)
+            if booked:
+                core.results.resolve_helped(booked)
+        except BaseException:
+            if booked:  # (resolving twice is harmless)
+                core.results.hand_over(booked)
+            raise
+
+    def _read_for(
+        self, future: Future[Any], timeout: Optional[float], booked: list[Resolution]
+    ) -> None:
+        """``help_resolve``'s reading, booking into ``booked``."""
+        core = self._core
         assist: Optional[Assist] = None
         slot: Optional[Slot] = None
         try:
@@ -145,7 +162,7 @@ class Assists:
                     if spinning:
                         continue
                     break  # the window closed
-                if core.results.on_results(slot, helper=conn):
+                if core.results.on_results(slot, booked, helper=conn):
                     break
         finally:
             if assist is not None and slot is not None:

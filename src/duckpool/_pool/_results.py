@@ -26,7 +26,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Optional
 
 from duckpool import _buffers, _logs, _protocol
-from duckpool._errors import TaskUnpicklingError
+from duckpool._errors import TaskCancelledError, TaskUnpicklingError
 from duckpool._futures import (
     DONE_STATES,
     WorkItem,
@@ -87,9 +87,11 @@ class ResultBook:
 
         The futures are resolved here, or, given ``deferred``, appended to it
         for the caller to resolve later.  The dispatcher calls this; so does a
-        thread helping with a result (``helper`` is the pipe it watches).
-        While a thread helps, the pipe is its own: the dispatcher reads it
-        only for the last time (``final``: the worker has exited).
+        thread helping with a result (``helper`` is the pipe it watches),
+        which resolves what it booked once it has given the pipe back
+        (``resolve_helped``): done-callbacks may wait on that pipe.  While a
+        thread helps, the pipe is its own: the dispatcher reads it only for
+        the last time (``final``: the worker has exited).
         """
         core = self._core
         resolved: list[Resolution] = [] if deferred is None else deferred
@@ -123,10 +125,6 @@ class ResultBook:
                         # shutdown may be complete, or a new deadline runs.
                         core.wake()
                 booked = True
-            if helper is not None and deferred is None:
-                # In the try: what was booked left the slot's items, and is
-                # resolved or handed over, wherever an exception strikes.
-                self._resolve_in_helper(resolved)
         except BaseException as exc:
             # In a helping thread, an exception raised asynchronously (a signal
             # handler's: Ctrl-C in the main thread) may have struck between
@@ -135,7 +133,7 @@ class ResultBook:
                 raise
             if not booked:
                 core.assists.poison(slot, exc)
-            self._hand_over(resolved)  # what was booked is sound
+            self.hand_over(resolved)  # what was booked is sound
             raise
         if deferred is None and helper is None:
             self.resolve_all(resolved)
@@ -143,20 +141,20 @@ class ResultBook:
             self.on_initializer_failure(init_failure)
         return eof
 
-    def _resolve_in_helper(self, resolved: list[Resolution]) -> None:
+    def resolve_helped(self, resolved: list[Resolution]) -> None:
         """Resolve what a helping thread booked (if an exception raised in that
-        thread, Ctrl-C, cuts this short, ``on_results`` hands it all over).
+        thread, Ctrl-C, cuts this short, it hands it all over: ``hand_over``).
 
         If the dispatcher still holds resolutions it read before this thread
         took the pipe (a log record of the very task, say), everything goes to
         the dispatcher instead, to be resolved after them, in order.
         """
         if self.deferred:  # (emptied only once all of it is resolved)
-            self._hand_over(resolved)
+            self.hand_over(resolved)
             return
         self.resolve_all(resolved)
 
-    def _hand_over(self, resolved: list[Resolution]) -> None:
+    def hand_over(self, resolved: list[Resolution]) -> None:
         """Give resolutions a helping thread booked to the dispatcher (resolving
         twice is harmless: a future resolved already is left alone)."""
         core = self._core
@@ -261,6 +259,10 @@ class ResultBook:
         future = item.future
         if future._state in DONE_STATES:
             return  # cancelled while queued in the worker
+        if status == _protocol.STATUS_SKIPPED:  # (cancel_task fails it too)
+            skipped = TaskCancelledError(f"task {item.label} was cancelled before it started")
+            set_exception(future, skipped)
+            return
         try:
             if status == _protocol.STATUS_OK:
                 value = _buffers.loads(pickle.loads, payload)

@@ -246,13 +246,17 @@ class Supervisor:
             for position, item in enumerate(slot.assigned):
                 if item.future is not future:
                     continue
-                error = TaskCancelledError(f"task {item.label} was cancelled while running")
                 if position == 0 and core.marks[slot.index] == item.task_id:
+                    error = TaskCancelledError(f"task {item.label} was cancelled while running")
                     self.stop_worker(slot, item, error)
                     core.wake()
                     return True, None
+                # The worker's answer may resolve it first, once the lock is
+                # released: with the same error type.
                 core.marks[core.capacity + slot.index] = item.task_id
-                return True, error
+                return True, TaskCancelledError(
+                    f"task {item.label} was cancelled before it started"
+                )
         return False, None
 
     def starts_failed(self, error: BaseException) -> None:
