@@ -269,6 +269,21 @@ def proc_comm(pid: int) -> str:
         return f.read().strip()
 
 
+def run_script(script: str, *args: str, timeout: float = 60) -> str:
+    """Run ``script`` in a child interpreter (duckpool as this one has it);
+    its output, once it has exited 0 within ``timeout`` s (a hang or a
+    failure fails the test, with its error output).
+
+    For what could deadlock: a deadlock in this process would hang the
+    suite, and pytest-timeout's error, if raised in a finalizer, would be
+    swallowed there."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout
+
+
 @contextlib.contextmanager
 def parent_script(
     script: str, *args: str, timeout: float = 30

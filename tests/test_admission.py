@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import pickle
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -13,7 +11,7 @@ import pytest
 
 import _executor_tasks as tasks
 import duckpool
-from conftest import wait_until
+from conftest import run_script, wait_until
 
 TIMEOUT = 30
 
@@ -217,13 +215,4 @@ pool.shutdown(cancel_futures=True)
 def test_an_abandoned_map_collected_while_a_place_is_taken_gives_its_places_back(
     method: str,
 ) -> None:
-    # In a child interpreter: a deadlock there would hang, and pytest-timeout's
-    # error, raised in the map's finalizer, would be swallowed.
-    done = subprocess.run(
-        [sys.executable, "-c", MAP_COLLECTED_WHILE_A_PLACE_IS_TAKEN, method],
-        capture_output=True,
-        text=True,
-        timeout=2 * TIMEOUT,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["3"]
+    assert run_script(MAP_COLLECTED_WHILE_A_PLACE_IS_TAKEN, method).split() == ["3"]

@@ -39,7 +39,7 @@ import psutil
 import pytest
 
 import _tasks
-from conftest import process_gone, run_in_forked_child, wait_until
+from conftest import process_gone, run_in_forked_child, run_script, wait_until
 
 distributed = pytest.importorskip("distributed")
 
@@ -441,16 +441,9 @@ cluster.close()
 
 
 def test_a_dask_executor_reentered_from_its_own_threads_closes() -> None:
-    # In a child interpreter (an in-process cluster): a deadlock there would
-    # hold the bridge's lock for the rest of this module's tests.
-    done = subprocess.run(
-        [sys.executable, "-c", REENTERED_DASK_EXECUTOR],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    # (An in-process cluster: a deadlock would hold the bridge's lock for the
+    # rest of this module's tests.)
+    report = json.loads(run_script(REENTERED_DASK_EXECUTOR, timeout=120).splitlines()[-1])
     assert report == {
         "drain_all returned": True,
         "closed": True,

@@ -15,13 +15,13 @@ import textwrap
 import threading
 from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
 import _executor_tasks as tasks
 import duckpool
-from conftest import parent_script, process_gone, wait_until
+from conftest import parent_script, process_gone, run_script, wait_until
 
 TIMEOUT = 30
 
@@ -231,17 +231,9 @@ def test_an_executor_collected_while_its_pool_s_lock_is_held_shuts_its_pool_down
 ) -> None:
     # The collector runs finalizers in whatever thread allocates, which may
     # hold that very pool's lock (drain_all() does, shutting every pool
-    # down): the executor's finalizer must not wait for it.  In a child
-    # interpreter: a deadlock here would hang, and pytest-timeout's error,
-    # raised inside the finalizer, would be swallowed there.
-    done = subprocess.run(
-        [sys.executable, "-c", COLLECTED_UNDER_ITS_LOCK, method],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT * 2,
-    )
-    assert done.returncode == 0, done.stderr
-    dispatcher_alive, pids, idle_closed = json.loads(done.stdout)
+    # down): the executor's finalizer must not wait for it.
+    output = run_script(COLLECTED_UNDER_ITS_LOCK, method)
+    dispatcher_alive, pids, idle_closed = json.loads(output)
     assert not dispatcher_alive  # the pool shut down, its workers reaped
     assert pids and all(process_gone(pid) for pid in pids)
     assert idle_closed  # a pool that never ran: its pipe is closed
@@ -386,13 +378,12 @@ def test_cancel_task_on_a_queued_task_cancels_it(ctx: object, tmp_path: Path) ->
         pool.shutdown()
 
 
-def test_a_cancelled_task_s_done_callback_may_call_back_into_the_pool(
+@pytest.fixture
+def held_in_initializer(
     ctx: object, tmp_path: Path
-) -> None:
-    # A task sent to a worker that has not taken it up (here: the worker is
-    # still in its initializer) fails at once when cancelled, and its
-    # done-callbacks run then, in the cancelling thread: one that submits
-    # must find the pool's lock free.
+) -> Iterator[tuple[duckpool.ProcessPoolExecutor, Path]]:
+    """A one-worker pool whose worker stays in its initializer until the
+    gate file exists (what is sent to it waits in its pipe), and the gate."""
     gate = tmp_path / "gate"
     pool = duckpool.ProcessPoolExecutor(
         1,
@@ -400,41 +391,44 @@ def test_a_cancelled_task_s_done_callback_may_call_back_into_the_pool(
         initializer=tasks.init_wait_for_file,
         initargs=(str(gate),),
     )
-    try:
-        future = pool.submit(tasks.add, 1, 1)
-        chained: list[concurrent.futures.Future[int]] = []
-        future.add_done_callback(lambda _: chained.append(pool.submit(tasks.add, 2, 2)))
-        answers: list[bool] = []
-        canceller = threading.Thread(target=lambda: answers.append(pool.cancel_task(future)))
-        canceller.daemon = True  # (a deadlocked one must not hold up the exit)
-        canceller.start()
-        canceller.join(TIMEOUT)
-        assert not canceller.is_alive(), "cancel_task() hung in the done-callback"
-        assert answers == [True]
-        with pytest.raises(duckpool.TaskCancelledError):
-            future.result(0)
-        gate.touch()
-        assert chained[0].result(TIMEOUT) == 4
-    finally:
-        gate.touch()
-        pool.shutdown()
+    yield pool, gate
+    gate.touch()
+    pool.shutdown()
+
+
+def test_a_cancelled_task_s_done_callback_may_call_back_into_the_pool(
+    held_in_initializer: tuple[duckpool.ProcessPoolExecutor, Path],
+) -> None:
+    # A task sent to a worker that has not taken it up fails at once when
+    # cancelled, and its done-callbacks run then, in the cancelling thread:
+    # one that submits must find the pool's lock free.
+    pool, gate = held_in_initializer
+    future = pool.submit(tasks.add, 1, 1)
+    chained: list[concurrent.futures.Future[int]] = []
+    future.add_done_callback(lambda _: chained.append(pool.submit(tasks.add, 2, 2)))
+    answers: list[bool] = []
+    canceller = threading.Thread(target=lambda: answers.append(pool.cancel_task(future)))
+    canceller.daemon = True  # (a deadlocked one must not hold up the exit)
+    canceller.start()
+    canceller.join(TIMEOUT)
+    assert not canceller.is_alive(), "cancel_task() hung in the done-callback"
+    assert answers == [True]
+    with pytest.raises(duckpool.TaskCancelledError):
+        future.result(0)
+    gate.touch()
+    assert chained[0].result(TIMEOUT) == 4
 
 
 def test_a_task_cancelled_in_a_worker_s_pipe_fails_with_task_cancelled_error_either_way(
-    ctx: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    held_in_initializer: tuple[duckpool.ProcessPoolExecutor, Path],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # cancel_task() marks the task to be skipped, then fails its future once
     # the pool's lock is released: the worker's own answer ("skipped") may
     # resolve it first.  Either way the error is a TaskCancelledError.
     from duckpool import _core
 
-    gate = tmp_path / "gate"
-    pool = duckpool.ProcessPoolExecutor(
-        1,
-        ctx,  # type: ignore[arg-type]
-        initializer=tasks.init_wait_for_file,
-        initargs=(str(gate),),
-    )
+    pool, gate = held_in_initializer
     fail = _core.set_exception
 
     def after_the_worker_s_answer(future: concurrent.futures.Future[Any], error: Any) -> None:
@@ -442,17 +436,13 @@ def test_a_task_cancelled_in_a_worker_s_pipe_fails_with_task_cancelled_error_eit
         wait_until(future.done, TIMEOUT)
         fail(future, error)
 
-    try:
-        future = pool.submit(tasks.add, 1, 1)
-        monkeypatch.setattr(_core, "set_exception", after_the_worker_s_answer)
-        assert pool.cancel_task(future)
-        error = future.exception(TIMEOUT)
-        assert isinstance(error, duckpool.TaskCancelledError), repr(error)
-        assert "before it started" in str(error)
-        assert pool.submit(tasks.add, 2, 2).result(TIMEOUT) == 4
-    finally:
-        gate.touch()
-        pool.shutdown()
+    future = pool.submit(tasks.add, 1, 1)
+    monkeypatch.setattr(_core, "set_exception", after_the_worker_s_answer)
+    assert pool.cancel_task(future)
+    error = future.exception(TIMEOUT)
+    assert isinstance(error, duckpool.TaskCancelledError), repr(error)
+    assert "before it started" in str(error)
+    assert pool.submit(tasks.add, 2, 2).result(TIMEOUT) == 4
 
 
 def test_cloudpickle_serializer_sends_lambdas_and_closures(ctx: object) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import ctypes
-import subprocess
 import sys
 import threading
 import types
@@ -22,7 +21,7 @@ import pytest
 
 import _executor_tasks as tasks
 import duckpool
-from conftest import needs_epoll, run_in_forked_child, wait_until
+from conftest import needs_epoll, run_in_forked_child, run_script, wait_until
 from duckpool import _buffers, _futures
 from duckpool._pool import _assist, _results, _transport
 from duckpool._pool._waiter import Waiter
@@ -373,17 +372,8 @@ def test_an_abandoned_map_collected_while_a_condition_is_made_loses_nothing(
 ) -> None:
     # The collector runs finalizers in whatever thread allocates: here the
     # map's, which cancels its futures, in a thread making a condition under
-    # the lock that orders the two.  In a child interpreter: a deadlock
-    # there would hang, and pytest-timeout's error, raised in a finalizer,
-    # would be swallowed.
-    done = subprocess.run(
-        [sys.executable, "-c", MAP_COLLECTED_WHILE_A_CONDITION_IS_MADE, method],
-        capture_output=True,
-        text=True,
-        timeout=2 * TIMEOUT,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["resolved"]
+    # the lock that orders the two.
+    assert run_script(MAP_COLLECTED_WHILE_A_CONDITION_IS_MADE, method).split() == ["resolved"]
 
 
 def test_a_forked_child_may_resolve_futures_whatever_the_parent_held() -> None:
