@@ -18,9 +18,11 @@ TIMEOUT = 30
 
 
 def _started(pool: duckpool.ProcessPoolExecutor, workers: int) -> None:
-    """Run tasks until ``workers`` workers are up (under fork the zygote starts
-    all but the first one after the pool's first task)."""
+    """Run a task, then wait until ``workers`` workers are up and ready
+    (under fork the zygote starts all but the first one after the pool's
+    first task; one still starting at shutdown would be killed, not told)."""
     assert pool.submit(tasks.add, 1, 1).result(TIMEOUT) == 2
+    pool.prestart(TIMEOUT)
     wait_until(lambda: len(pool.worker_pids()) == workers, TIMEOUT)
 
 
