@@ -218,7 +218,9 @@ ran_core, idle_core = ran._core, idle._core
 ran.itself, idle.itself = ran, idle  # cycles: only the collector frees them
 del ran, idle
 gc.disable()
-with ran_core.lock:  # as drain_all holds it, asking each pool to shut down
+# As drain_all holds a pool's lock, asking each pool to shut down; and as a
+# wake-up holds its pipe's lock for one write.
+with ran_core.lock, ran_core.wakeup.lock:
     gc.collect()
 ran_core.join(30)
 print(json.dumps([ran_core.thread.is_alive(), pids, idle_core.closed]))
