@@ -257,6 +257,7 @@ from duckpool._pool import _deadlines
 
 _deadlines.START_CHECK_SECONDS = 0.2
 held = threading.Lock()
+holding = threading.Event()
 release = threading.Event()
 marker = sys.argv[1]
 
@@ -272,12 +273,14 @@ def block_the_first_child():
 
 def hold():
     with held:
+        holding.set()
         release.wait(60)
 
 
 if __name__ == "__main__":
     holder = threading.Thread(target=hold)
     holder.start()
+    holding.wait(60)  # (held at the fork, not merely about to be)
     os.register_at_fork(after_in_child=block_the_first_child)
     pool = duckpool.ProcessPoolExecutor(1, multiprocessing.get_context("fork"))
     try:
