@@ -524,16 +524,12 @@ class PoolCore:
     def abandon(self) -> None:
         """The executor was garbage collected: shut down as ``shutdown(wait=False)`` would.
 
-        Run by a finalizer, which Python runs in whatever thread allocates
-        when the collector runs, maybe one that holds this pool's lock at
-        that instant (``drain_all`` asks every pool to shut down): waiting
-        for that lock would deadlock.  So the pool's lock is never waited
-        for here.  A running dispatcher is told and woken (the wakeup pipe's
-        own lock is reentrant, and held only for a write or a close), and
-        shuts the pool down itself.  A pool whose dispatcher never started
-        owns no process, only its pipe, closed here if the lock is free; if
-        not, its holder is a process-wide hook (``drain_all``, the exit or
-        fork hook), which shuts the pool down or ends the process itself.
+        A finalizer runs in whatever thread the collector interrupts, maybe
+        one holding this pool's lock (``drain_all`` does): so that lock is
+        never waited for here.  A running dispatcher is told and woken (the
+        pipe's own lock is reentrant), and shuts the pool down itself.  A
+        pool never started owns only its pipe, closed here if the lock is
+        free (else its holder, a process-wide hook, shuts the pool down).
         """
         self.abandoned = True
         if self.dispatcher.thread is not None:
