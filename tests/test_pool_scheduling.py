@@ -21,11 +21,12 @@ from duckpool._errors import (
     TaskTimeoutError,
 )
 from duckpool._futures import WorkItem
+from duckpool._pool import _scheduler as scheduler_module
 from duckpool._pool._deadlines import Deadlines
 from duckpool._pool._lifecycle import Lifecycle
 from duckpool._pool._pending import Pending
 from duckpool._pool._quarantine import Quarantine
-from duckpool._pool._scheduler import PREFETCH, Scheduler
+from duckpool._pool._scheduler import PREFETCH, PREFETCH_BEHIND_SECONDS, Scheduler
 from duckpool._pool._slots import Assist, Slot, Stopping
 from duckpool._pool._supervisor import KILL_GRACE_SECONDS
 
@@ -140,19 +141,64 @@ def test_an_item_goes_to_an_idle_worker_at_once_else_waits_in_order() -> None:
     assert list(scheduler.pending) == [fourth]
 
 
-def test_short_tasks_queue_behind_a_busy_worker_up_to_the_prefetch_limit() -> None:
+class _Clock:
+    """The scheduler's ``time`` module, stopped at ``now`` (its only read)."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
+    stopped = _Clock(100.0)
+    monkeypatch.setattr(scheduler_module, "time", stopped)
+    return stopped
+
+
+def test_short_tasks_queue_behind_a_busy_worker_up_to_the_prefetch_limit(clock: _Clock) -> None:
     pool = _Pool(1)
     scheduler = _scheduler(pool)
     slot = pool.slots[0]
     scheduler.queue(_item())
     slot.last_service = 0.0  # its tasks are tiny
-    slot.head_since = float("inf")  # (its current one has not run long: now - inf < bound)
     items = [_item() for _ in range(2 * PREFETCH)]
     for item in items:
         scheduler.queue(item)
     scheduler.dispatch_pending()
     assert len(slot.assigned) == PREFETCH
     assert list(scheduler.pending) == items[PREFETCH - 1 :]
+
+
+@pytest.mark.parametrize(
+    ("last_service", "ran", "behind"),
+    [
+        (0.9 * PREFETCH_BEHIND_SECONDS, 0.0, 1),  # ~1 ms tasks: one, never a queue of them
+        (0.9 * PREFETCH_BEHIND_SECONDS, 0.5 * PREFETCH_BEHIND_SECONDS, 1),
+        (0.9 * PREFETCH_BEHIND_SECONDS, 0.9 * PREFETCH_BEHIND_SECONDS, 2),  # (near its end)
+        (0.3 * PREFETCH_BEHIND_SECONDS, 0.0, 3),
+        (5 * PREFETCH_BEHIND_SECONDS, 0.0, 0),  # long tasks: none
+        (5 * PREFETCH_BEHIND_SECONDS, 4.5 * PREFETCH_BEHIND_SECONDS, 1),  # (but its end is near)
+        (0.4 * PREFETCH_BEHIND_SECONDS, 1.5 * PREFETCH_BEHIND_SECONDS, 0),  # one running long
+    ],
+)
+def test_as_many_queue_behind_a_busy_worker_as_would_start_within_the_bound(
+    clock: _Clock, last_service: float, ran: float, behind: int
+) -> None:
+    pool = _Pool(1)
+    scheduler = _scheduler(pool)
+    slot = pool.slots[0]
+    scheduler.queue(_item())
+    slot.last_service = last_service
+    slot.head_since = clock.now - ran
+    items = [_item() for _ in range(8)]
+    for item in items:
+        scheduler.queue(item)
+    scheduler.dispatch_pending()
+    assert len(slot.assigned) == 1 + behind
+    assert list(scheduler.pending) == items[behind:]
 
 
 def test_nothing_queues_behind_a_long_task() -> None:
@@ -235,14 +281,13 @@ def test_a_quarantined_callable_is_refused_and_its_queued_items_returned() -> No
     assert not scheduler.refuse_quarantined(_item(fn=abs))
 
 
-def test_max_tasks_per_child_retires_a_worker_with_its_last_item() -> None:
+def test_max_tasks_per_child_retires_a_worker_with_its_last_item(clock: _Clock) -> None:
     pool = _Pool(1)
     pool.settings.max_tasks_per_child = 2
     scheduler = _scheduler(pool)
     scheduler.queue(_item())
     assert not pool.slots[0].retiring
     pool.slots[0].last_service = 0.0
-    pool.slots[0].head_since = float("inf")
     scheduler.queue(_item())
     scheduler.dispatch_pending()
     assert pool.slots[0].retiring and pool.slots[0].tasks_sent == 2

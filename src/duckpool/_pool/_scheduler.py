@@ -35,9 +35,9 @@ if TYPE_CHECKING:
 #: Items a worker may hold at once (one running, the rest queued in its pipe),
 #: so it never waits on the parent between small tasks.
 PREFETCH = 16
-#: Work is queued behind a worker's current task only if its last task took
-#: less than this and the current one has not run longer: a task queued behind
-#: a long one would wait for it while another worker may be free.
+#: Work is queued behind a worker's current tasks only if, judged by its last
+#: task's time, it would start within this: a task queued behind a long one
+#: would wait for it while another worker may be free.
 PREFETCH_BEHIND_SECONDS = 0.001
 #: Never queue more than this many unread bytes in a task pipe, so a write to a
 #: busy worker cannot block (Linux pipes buffer 64 KiB).
@@ -107,9 +107,14 @@ class Scheduler:
     def can_prefetch(self, slot: Slot, item: WorkItem, now: float) -> bool:
         """May ``item`` queue in the pipe of ``slot``'s busy worker?
 
-        Behind short tasks, a few; a ``map`` chunk, behind one other chunk
-        whatever its length (the worker then never waits for the next one,
-        and a map's chunks are alike, so none waits long behind another).
+        Behind short tasks, as many as would start within
+        ``PREFETCH_BEHIND_SECONDS`` if each took as long as the worker's last
+        one (so behind ~1 ms tasks, one: the worker never waits for the
+        parent between them, and no task waits behind a queue of them while
+        another worker frees); none behind a task that has run past that and
+        twice its predecessor's time.  A ``map`` chunk, behind one other
+        chunk whatever its length (the worker then never waits for the next
+        one, and a map's chunks are alike, so none waits long behind another).
         """
         core = self._core
         if (
@@ -123,12 +128,13 @@ class Scheduler:
         assigned = slot.assigned
         if item.chunk and len(assigned) == 1 and assigned[0].chunk:
             return True
-        return (
-            len(assigned) < PREFETCH
-            and slot.queued_bytes + item.size <= PREFETCH_BYTES
-            and slot.last_service < PREFETCH_BEHIND_SECONDS
-            and now - slot.head_since < PREFETCH_BEHIND_SECONDS
-        )
+        if len(assigned) >= PREFETCH or slot.queued_bytes + item.size > PREFETCH_BYTES:
+            return False
+        ran = now - slot.head_since
+        last = slot.last_service
+        if ran >= PREFETCH_BEHIND_SECONDS and ran >= 2 * last:
+            return False  # the current task runs long: it may run longer still
+        return len(assigned) * last - ran <= PREFETCH_BEHIND_SECONDS
 
     def assign(self, slot: Slot, item: WorkItem) -> bool:
         """Record ``item`` as ``slot``'s; False if it was cancelled meanwhile.
