@@ -552,3 +552,36 @@ def test_without_epoll_the_pool_serves_and_heals(
         assert pool.submit(tasks.add, 3, 3).result(TIMEOUT) == 6
     finally:
         pool.shutdown()
+
+
+def test_shutdown_does_not_wait_for_a_worker_the_zygote_has_yet_to_hand_over(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The zygote stops (SIGSTOP) as it is asked for the second worker: that
+    # answer never comes.  A shutdown leaves that worker to the zygote (told
+    # how many answers were read, it kills the ones the pool never got),
+    # reaps the zygote, killing it after a grace, and returns.  It used to
+    # wait for the answer until the zygote's start timeout (60 s).
+    from duckpool import _spawn
+
+    here = os.getpid()
+    start_worker_process = _spawn.start_worker_process
+
+    def stopping_in_the_zygote(*args: Any, **kwargs: Any) -> Any:
+        if os.getpid() != here:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return start_worker_process(*args, **kwargs)
+
+    monkeypatch.setattr(_spawn, "start_worker_process", stopping_in_the_zygote)
+    pool = duckpool.ProcessPoolExecutor(2, multiprocessing.get_context("fork"))
+    try:
+        assert pool.submit(tasks.add, 1, 1).result(TIMEOUT) == 2
+        zygote = helper_pids(pool)["zygote"]
+        wait_until(lambda: psutil.Process(zygote).status() == psutil.STATUS_STOPPED, TIMEOUT)
+        [worker] = pool.worker_pids()
+    finally:
+        closing = threading.Thread(target=pool.shutdown, daemon=True)
+        closing.start()
+        closing.join(20)
+    assert not closing.is_alive(), "shutdown waited for the stopped zygote's answer"
+    assert process_gone(zygote) and process_gone(worker)

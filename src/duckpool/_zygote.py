@@ -169,6 +169,8 @@ class Zygote:
         self._pending_notices = b""
         self._closed = False
         self._finishing = False
+        #: Answers read (whole ones), told to the zygote at ``finish``.
+        self.answers_read = 0
         #: A standby was asked for; its answer is due.
         self.standby_requested = False
         self.children: dict[int, ZygoteChild] = {}
@@ -264,6 +266,7 @@ class Zygote:
                 os.close(fd)
             return None
         slot, pid = REPLY.unpack(message)
+        self.answers_read += 1
         if slot == STANDBY:
             self.standby_requested = False
         if pid <= 0 or len(fds) != 2:
@@ -357,13 +360,14 @@ class Zygote:
 
         Sent with the workers' stop frames, so that the zygote's exit overlaps
         theirs; ``close`` then mostly finds it gone.  No worker may be asked
-        for afterwards.
+        for afterwards.  A worker whose answer is still unread is killed by
+        the zygote (the pool cannot stop it: it never got its pipes).
         """
         if self._closed or self._finishing:
             return
         self._finishing = True
         try:
-            self._control.sendall(REQUEST.pack(FINISH))
+            self._control.sendall(REQUEST.pack(FINISH) + REQUEST.pack(self.answers_read))
         except OSError:
             pass  # it is gone: close() reaps it
 

@@ -20,7 +20,9 @@ from duckpool import _child, _protocol, _spawn, _worker
 
 REQUEST = struct.Struct("<I")  # slot index, or one of the requests below
 EXIT = 0xFFFFFFFF
-#: Exit as soon as every worker forked so far has exited.
+#: Exit as soon as every worker forked so far has exited.  The next request
+#: unit is how many answers the parent has read: a worker whose answer it
+#: has not read (it never got the worker's pipes, so cannot stop it) is killed.
 FINISH = 0xFFFFFFFE
 #: Fork a standby; the reply carries its pid and the parent's ends of its channels.
 STANDBY = 0xFFFFFFFD
@@ -117,6 +119,9 @@ def _serve(
     buffered = b""
     finishing = False
     adopting = False
+    counting = False  # the next unit is FINISH's count of answers read
+    answers = 0  # answers sent: one per start or standby request
+    answer_of: dict[int, int] = {}  # a worker's sentinel: the number of its answer
     titled = False
     standbys: set[int] = set()  # sentinels of the standbys it forked
     while not (finishing and not workers):
@@ -141,6 +146,7 @@ def _serve(
                 continue
             assert isinstance(sentinel, int)
             process = workers.pop(sentinel)
+            answer_of.pop(sentinel, None)
             process.join()
             assert process.pid is not None and process.exitcode is not None
             try:
@@ -163,6 +169,11 @@ def _serve(
                 pidfd = _child.pidfd_of(slot)
                 if pidfd is not None:
                     adopted.append(pidfd)
+            elif counting:
+                counting = False
+                for sentinel, answer in answer_of.items():
+                    if answer > slot and sentinel in workers:
+                        workers[sentinel].kill()  # (it has no task, and no way to get one)
             elif slot == ADOPT:
                 adopting = True
             elif slot == EXIT:
@@ -173,6 +184,7 @@ def _serve(
                 return
             elif slot == FINISH:
                 finishing = True
+                counting = True
                 # A standby has nothing left to take over: it goes now.
                 for sentinel in standbys:
                     if sentinel in workers:
@@ -183,12 +195,18 @@ def _serve(
                 if not titled:
                     _set_title(birth.title)
                     titled = True
+                answers += 1
                 standby = _fork_standby(control, notices_w, build_config, birth, workers, adopted)
                 if standby is not None:
                     standbys.add(standby)
             else:
+                answers += 1
                 own = (control.fileno(), notices_w, *workers, *adopted)
-                _start_one(ctx, control, build_config(slot), workers, birth.parent_pidfd, own)
+                started = _start_one(
+                    ctx, control, build_config(slot), workers, birth.parent_pidfd, own
+                )
+                if started is not None:
+                    answer_of[started] = answers
 
 
 def _parent_died(birth: Birth) -> bool:
@@ -296,8 +314,9 @@ def _start_one(
     workers: dict[int, Any],
     parent_sentinel: Optional[int],
     also_close: tuple[int, ...] = (),
-) -> None:
-    """Fork one worker and hand the parent its pid and pipe ends.
+) -> Optional[int]:
+    """Fork one worker and hand the parent its pid and pipe ends (or the
+    error); returns its sentinel (None if it could not be forked).
 
     The worker closes ``also_close`` at once: the zygote's channels and
     pidfds are no business of a task's (a task that wrote to the notice
@@ -310,9 +329,10 @@ def _start_one(
     except Exception as exc:  # never the zygote's death: the parent retries
         code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EAGAIN
         control.sendall(REPLY.pack(config.slot, -code))
-        return
+        return None
     workers[process.sentinel] = process
     reply = REPLY.pack(config.slot, process.pid)
     socket.send_fds(control, [reply], [task_w.fileno(), result_r.fileno()])
     task_w.close()
     result_r.close()
+    return int(process.sentinel)

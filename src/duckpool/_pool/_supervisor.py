@@ -362,9 +362,15 @@ class Supervisor:
 
         # The workers there leave while the zygote's answers still due come
         # in (those workers are stopped next): their exits overlap the wait.
+        # Unless they may be killed: the zygote kills those at ``finish``
+        # (told how many answers were read), and nothing waits for them.
         stop_installed()
-        core.zygotes.await_requested_starts()
-        stop_installed()
+        if may_kill_starting:
+            with core.lock:
+                core.zygotes.forget_requests()
+        else:
+            core.zygotes.await_requested_starts()
+            stop_installed()
         with core.lock:
             spares = list(core.successors.leaving)
         core.zygotes.finish()
