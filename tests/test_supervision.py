@@ -585,3 +585,29 @@ def test_shutdown_does_not_wait_for_a_worker_the_zygote_has_yet_to_hand_over(
         closing.join(20)
     assert not closing.is_alive(), "shutdown waited for the stopped zygote's answer"
     assert process_gone(zygote) and process_gone(worker)
+
+
+def test_a_closed_zygote_handle_closes_the_pipes_of_answers_never_read() -> None:
+    # A worker the zygote forked holds a copy of the control socket: were the
+    # write end of its task pipe left queued there (an answer the pool never
+    # read: the zygote stopped, say), the worker would keep it open itself.
+    import socket
+
+    from duckpool import _zygote
+    from duckpool._zygote_process import REPLY, Channels
+
+    channels = Channels.open()
+    task_r, task_w = os.pipe()
+    os.set_blocking(task_r, False)
+    socket.send_fds(channels.zygote_end, [REPLY.pack(1, os.getpid())], [task_w, task_w])
+    os.close(task_w)
+    workers_copy = os.dup(channels.control.fileno())  # (of the pool's end)
+    handle = _zygote.Zygote(object(), channels.control, channels.notices_r)
+    try:
+        handle.close()
+        assert os.read(task_r, 1) == b"", "the write end queued in the socket is still open"
+    finally:
+        os.close(workers_copy)
+        channels.zygote_end.close()
+        os.close(channels.notices_w)
+        os.close(task_r)

@@ -384,11 +384,29 @@ class Zygote:
             self._control.send(REQUEST.pack(EXIT))
         except OSError:
             pass
+        self._drop_unread_answers()
         self._control.close()
         try:
             os.close(self.notices_fd)
         except OSError:
             pass
+
+    def _drop_unread_answers(self) -> None:
+        """Close the pipe ends carried by answers never read.
+
+        A worker forked by the zygote holds a copy of this socket: were its
+        own task pipe's write end left queued here, the worker would keep it
+        open itself, and never see its task pipe close.
+        """
+        while True:
+            try:
+                message, fds, _, _ = socket.recv_fds(self._control, REPLY.size, 2)
+            except OSError:  # (nothing more to read: BlockingIOError)
+                return
+            for fd in fds:
+                os.close(fd)
+            if not message:
+                return
 
     def reap(self, timeout: float) -> None:
         """Once closed: wait for the zygote to exit (killing it after

@@ -22,7 +22,8 @@ No single death stops them:
 
 Owns the slot's ``requested`` (asked of the zygote, answer due).  Methods
 expect the pool's lock held, but the dispatcher's ``on_*`` handlers and
-``await_requested_starts``, which take it themselves.
+``await_requested_starts`` (at shutdown, where a starting worker may not
+be killed; else ``forget_requests``), which take it themselves.
 """
 
 from __future__ import annotations
@@ -108,9 +109,15 @@ class Zygotes:
             self.asked_at = time.monotonic()
 
     def forget_requests(self) -> None:
-        """No answer will come for the outstanding requests."""
-        for slot in self._core.slots:
-            slot.requested = False
+        """Shutdown: the answers still due are not awaited (the zygote kills
+        those workers at ``finish``, and one read later is killed here, see
+        ``on_started``); their slots take nothing more."""
+        core = self._core
+        for slot in core.slots:
+            if slot.requested:
+                slot.requested = False
+                core.launcher.unreserve(slot)
+                core.scheduler.requeue_front(slot)
 
     def wake_in(self, now: float) -> Optional[float]:
         """Seconds until the zygote is due an action (None: none is): to be
