@@ -642,8 +642,12 @@ def test_goals_are_reported_under_each_table_and_summed_up_per_start_method(
     ]
 
 
+@pytest.mark.parametrize("load", ["load", "load_async"])
 def test_the_load_metrics_offer_every_library_the_rates_measured_once_on_the_baseline(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    load: str,
 ) -> None:
     seen: list[tuple[str, str, Optional[str], Optional[str]]] = []
 
@@ -657,12 +661,12 @@ def test_the_load_metrics_offer_every_library_the_rates_measured_once_on_the_bas
 
     monkeypatch.setattr(_runner, "_run_child", run_child)
     monkeypatch.delenv(_metrics.LOAD_ENVIRONMENT, raising=False)
-    args = ["--libs", "stdlib,mpool", "--metrics", "load,latency", "--reps", "2"]
+    args = ["--libs", "stdlib,mpool", "--metrics", f"{load},latency", "--reps", "2"]
     code, _, out = _run(args, tmp_path, capsys)
 
     assert code == 0, out
-    assert seen[0] == ("stdlib", "load", "1", None)  # first, once, on the baseline
-    measured = [entry for entry in seen[1:] if entry[1] == "load"]
+    assert seen[0] == ("stdlib", load, "1", None)  # first, once, on the baseline
+    measured = [entry for entry in seen[1:] if entry[1] == load]
     assert len(measured) == 4  # 2 libraries x 2 reps
     assert all(entry[2] is None and entry[3] == "1234,1500.0" for entry in measured)
     assert _metrics.LOAD_ENVIRONMENT not in os.environ  # the next table measures its own
