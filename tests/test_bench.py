@@ -25,7 +25,7 @@ import pytest
 
 from conftest import process_gone, wait_until
 from duckpool import _bench
-from duckpool._bench import _adapters, _cli, _metrics, _plan, _report, _runner
+from duckpool._bench import _adapters, _bytecode, _cli, _metrics, _plan, _report, _runner
 
 PEERS = ("loky", "pebble", "mpire", "deadpool")
 ALWAYS_PRESENT = ("stdlib", "mpool", "pipe")
@@ -670,3 +670,30 @@ def test_the_load_metrics_offer_every_library_the_rates_measured_once_on_the_bas
     assert len(measured) == 4  # 2 libraries x 2 reps
     assert all(entry[2] is None and entry[3] == "1234,1500.0" for entry in measured)
     assert _metrics.LOAD_ENVIRONMENT not in os.environ  # the next table measures its own
+
+
+def test_the_measured_libraries_are_byte_compiled_first_as_pip_install_leaves_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Installed with pip --no-compile under PYTHONDONTWRITEBYTECODE, a library
+    # is compiled from source by every interpreter that imports it (every
+    # spawned worker, at every start), while the stdlib never is.
+    package = tmp_path / "uncompiled_library"
+    package.mkdir()
+    (package / "__init__.py").write_text("VALUE = 1\n")
+    (package / "worker.py").write_text("def run():\n    return 2\n")
+    (package / "broken.py").write_text("def (:\n")  # (compiles nowhere: left as it is)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    compiled = _bytecode.compile_libraries(["uncompiled_library", "no_such_library"])
+
+    assert sorted(Path(path).name for path in compiled) == ["__init__.py", "worker.py"]
+    for path in compiled:
+        assert Path(importlib.util.cache_from_source(path)).is_file()
+    assert _bytecode.compile_libraries(["uncompiled_library"]) == []  # (once only)
+    monkeypatch.setattr(_bytecode, "_done", set())
+    (package / "worker.py").write_text("def run():\n    return 3\n")
+    os.utime(package / "worker.py", (time.time() + 10, time.time() + 10))  # (newer: stale)
+    assert [Path(path).name for path in _bytecode.compile_libraries(["uncompiled_library"])] == [
+        "worker.py"
+    ]
