@@ -181,7 +181,14 @@ def test_short_tasks_queue_behind_a_busy_worker_up_to_the_prefetch_limit(clock: 
         (0.3 * PREFETCH_BEHIND_SECONDS, 0.0, 3),
         (5 * PREFETCH_BEHIND_SECONDS, 0.0, 0),  # long tasks: none
         (5 * PREFETCH_BEHIND_SECONDS, 4.5 * PREFETCH_BEHIND_SECONDS, 1),  # (but its end is near)
-        (0.4 * PREFETCH_BEHIND_SECONDS, 1.5 * PREFETCH_BEHIND_SECONDS, 0),  # one running long
+        (0.4 * PREFETCH_BEHIND_SECONDS, 1.5 * PREFETCH_BEHIND_SECONDS, 0),  # one overran
+        (
+            0.9 * PREFETCH_BEHIND_SECONDS,
+            1.8 * PREFETCH_BEHIND_SECONDS,
+            2,
+        ),  # (an overrun banks none)
+        (5 * PREFETCH_BEHIND_SECONDS, 5.5 * PREFETCH_BEHIND_SECONDS, 1),
+        (5 * PREFETCH_BEHIND_SECONDS, 6.5 * PREFETCH_BEHIND_SECONDS, 0),
     ],
 )
 def test_as_many_queue_behind_a_busy_worker_as_would_start_within_the_bound(
@@ -199,6 +206,27 @@ def test_as_many_queue_behind_a_busy_worker_as_would_start_within_the_bound(
     scheduler.dispatch_pending()
     assert len(slot.assigned) == 1 + behind
     assert list(scheduler.pending) == items[behind:]
+
+
+def test_answers_read_in_one_batch_share_its_time(clock: _Clock) -> None:
+    # Four answers read at once, 4 ms after the first was sent: 1 ms each,
+    # not 4 ms for the first and nothing for the others (which would queue
+    # 16 more behind what are in fact 1 ms tasks).
+    pool = _Pool(1)
+    scheduler = _scheduler(pool)
+    slot = pool.slots[0]
+    slot.last_service = 0.0
+    for _ in range(5):
+        scheduler.queue(_item())
+    scheduler.dispatch_pending()
+    slot.head_since = clock.now - 4 * PREFETCH_BEHIND_SECONDS
+    since = slot.head_since
+    for _ in range(4):
+        scheduler.complete(slot, clock.now)
+    scheduler.booked(slot, since, clock.now, 4)
+    assert slot.last_service == pytest.approx(PREFETCH_BEHIND_SECONDS)
+    scheduler.complete(slot, clock.now + 0.5 * PREFETCH_BEHIND_SECONDS)  # one alone: its own
+    assert slot.last_service == pytest.approx(0.5 * PREFETCH_BEHIND_SECONDS)
 
 
 def test_nothing_queues_behind_a_long_task() -> None:

@@ -181,6 +181,7 @@ class ResultBook:
             counters = core.counters
             quarantine = core.quarantine
             scheduler = core.scheduler
+            since, answers = slot.head_since, 0
             for frame in frames:
                 view = memoryview(frame)
                 status = view[_protocol.TASK_ID_BYTES]
@@ -193,6 +194,7 @@ class ResultBook:
                 if status == _protocol.STATUS_READY:
                     core.launcher.on_ready(slot, now)
                     scheduler.on_ready(slot, now)
+                    since = now
                     if payload and _buffers.SHARED_AREA:
                         core.transport.on_area_offer(slot, bytes(payload))
                     core.successors.wake_for(slot)
@@ -220,6 +222,7 @@ class ResultBook:
                 # Booked before it leaves `assigned`: never in neither.
                 resolved.append((item, status, payload))
                 scheduler.complete(slot, now)
+                answers += 1
                 if item.in_area:  # the worker has copied the call's buffers out
                     item.in_area = False
                     if slot.area is not None:
@@ -232,6 +235,7 @@ class ResultBook:
                     counters.failed += 1
                 if quarantine.streaks:
                     quarantine.on_return(item.label)
+            scheduler.booked(slot, since, now, answers)
             if slot.process is not None and not (
                 core.lifecycle.shutdown_requested and not scheduler.pending
             ):

@@ -111,8 +111,8 @@ class Scheduler:
         ``PREFETCH_BEHIND_SECONDS`` if each took as long as the worker's last
         one (so behind ~1 ms tasks, one: the worker never waits for the
         parent between them, and no task waits behind a queue of them while
-        another worker frees); none behind a task that has run past that and
-        twice its predecessor's time.  A ``map`` chunk, behind one other
+        another worker frees); none behind a task that has overrun its
+        predecessor's time by more than that.  A ``map`` chunk, behind one other
         chunk whatever its length (the worker then never waits for the next
         one, and a map's chunks are alike, so none waits long behind another).
         """
@@ -132,9 +132,11 @@ class Scheduler:
             return False
         ran = now - slot.head_since
         last = slot.last_service
-        if ran >= PREFETCH_BEHIND_SECONDS and ran >= 2 * last:
-            return False  # the current task runs long: it may run longer still
-        return len(assigned) * last - ran <= PREFETCH_BEHIND_SECONDS
+        if ran > last + PREFETCH_BEHIND_SECONDS:
+            return False  # the current task overran: it may run longer still
+        # (An overrun within the bound counts as a task about to end, not as
+        # time banked for more.)
+        return max(last - ran, 0.0) + (len(assigned) - 1) * last <= PREFETCH_BEHIND_SECONDS
 
     def assign(self, slot: Slot, item: WorkItem) -> bool:
         """Record ``item`` as ``slot``'s; False if it was cancelled meanwhile.
@@ -316,8 +318,17 @@ class Scheduler:
         the slot, and the next one's time runs from now."""
         item = slot.assigned.popleft()
         slot.queued_bytes -= item.size
-        slot.last_service = now - slot.head_since
+        if now > slot.head_since:  # (else a later answer of one batch: see booked)
+            slot.last_service = now - slot.head_since
         slot.head_since = now
+
+    def booked(self, slot: Slot, since: float, now: float, answers: int) -> None:
+        """``answers`` of ``slot``'s items were answered in one batch, booked
+        at ``now``, the first of them running from ``since``: each is taken
+        to have taken their mean time (not the first all of it, and the others
+        none, which would queue a worker's pipe deep behind long tasks)."""
+        if answers > 1:
+            slot.last_service = (now - since) / answers
 
     def retire(self, slot: Slot) -> None:
         """``slot``'s worker takes no more work and exits once done (told so
