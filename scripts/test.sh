@@ -150,7 +150,10 @@ install_venv() {
     # them: where PYTHONDONTWRITEBYTECODE is set, every spawned or
     # forkserver worker of the suite would compile them again as it starts.
     "$venv_python" -m compileall -q "$(dirname "$origin")" \
-        "$(dirname "$(dirname "$origin")")/_duckpool_duck_alias.py" >/dev/null
+        "$(dirname "$(dirname "$origin")")/_duckpool_duck_alias.py" || {
+        echo "test.sh: duckpool's installed modules did not all byte-compile" >&2
+        return 1
+    }
     echo "    duckpool -> $origin ($((SECONDS - began))s for this venv)"
 }
 

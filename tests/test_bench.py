@@ -697,3 +697,18 @@ def test_the_measured_libraries_are_byte_compiled_first_as_pip_install_leaves_th
     assert [Path(path).name for path in _bytecode.compile_libraries(["uncompiled_library"])] == [
         "worker.py"
     ]
+
+
+def test_a_checked_hash_pyc_is_cached_while_its_source_is_unchanged(tmp_path: Path) -> None:
+    import py_compile
+
+    source = tmp_path / "hashed.py"
+    source.write_text("VALUE = 1\n")
+    py_compile.compile(
+        str(source), invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH, doraise=True
+    )
+    assert _bytecode._cached(str(source))
+    stat = source.stat()
+    source.write_text("VALUE = 2\n")  # same size and time stamps: only the hash tells
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert not _bytecode._cached(str(source))

@@ -48,7 +48,7 @@ def compile_libraries(modules: Iterable[str]) -> list[str]:
     for path in sorted(paths):
         if _cached(path):
             continue
-        if compileall.compile_file(path, quiet=2) and _cached(path):
+        if compileall.compile_file(path, quiet=2, force=True) and _cached(path):
             compiled.append(path)
     return compiled
 
@@ -63,8 +63,17 @@ def _cached(path: str) -> bool:
         return False
     if len(header) < 16 or header[:4] != importlib.util.MAGIC_NUMBER:
         return False
-    if int.from_bytes(header[4:8], "little"):
-        return True  # hash-based: checked against the source at import, or not at all
+    flags = int.from_bytes(header[4:8], "little")
+    if flags & ~0b11:
+        return False  # (flags importlib rejects)
+    if flags & 0b01:  # hash-based: checked against the source at import, or never
+        if not flags & 0b10:
+            return True
+        try:
+            with open(path, "rb") as file:
+                return header[8:16] == importlib.util.source_hash(file.read())
+        except OSError:
+            return False
     mtime, size = int.from_bytes(header[8:12], "little"), int.from_bytes(header[12:16], "little")
     return mtime == int(source.st_mtime) & 0xFFFFFFFF and size == source.st_size & 0xFFFFFFFF
 
@@ -93,13 +102,16 @@ def _distributions_of(module: str) -> list[str]:
     from importlib import metadata
 
     top = module.partition(".")[0]
-    if hasattr(metadata, "packages_distributions"):  # Python 3.10+
-        return list(metadata.packages_distributions().get(top, []))
+    if hasattr(metadata, "packages_distributions"):  # Python 3.10+ (top_level.txt first)
+        names = list(metadata.packages_distributions().get(top, []))
+        if names:
+            return names
     names = []
     for distribution in metadata.distributions():
         files = distribution.files or ()
-        if any(file.parts and file.parts[0] in (top, f"{top}.py") for file in files):
-            names.append(distribution.metadata["Name"])
+        name = distribution.metadata["Name"]
+        if name and any(file.parts and file.parts[0] in (top, f"{top}.py") for file in files):
+            names.append(name)
     return names
 
 
@@ -115,7 +127,7 @@ def _distribution_files(name: str, seen: set[str] | None = None) -> list[str]:
     seen.add(key)
     try:
         distribution = metadata.distribution(name)
-    except metadata.PackageNotFoundError:
+    except (metadata.PackageNotFoundError, ValueError):
         return []
     files = [str(file.locate()) for file in distribution.files or () if str(file).endswith(".py")]
     for requirement in distribution.requires or ():

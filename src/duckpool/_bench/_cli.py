@@ -13,7 +13,6 @@ import sys
 from typing import Any, Optional, Sequence
 
 from duckpool._bench._adapters import _BASELINE, LIBRARIES, _find_missing
-from duckpool._bench._bytecode import compile_libraries
 from duckpool._bench._metrics import METRICS, Metric
 from duckpool._bench._plan import _Plan
 from duckpool._bench._report import (
@@ -230,6 +229,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         file=sys.stderr,
         flush=True,
     )
+    from duckpool._bench._bytecode import compile_libraries  # (the parent's alone)
+
     compiled = compile_libraries(
         module for library in first.libraries for module in LIBRARIES[library].imports
     )
