@@ -111,8 +111,9 @@ class Scheduler:
         ``PREFETCH_BEHIND_SECONDS`` if each took as long as the worker's last
         one (so behind ~1 ms tasks, one: the worker never waits for the
         parent between them, and no task waits behind a queue of them while
-        another worker frees); none behind a task that has overrun its
-        predecessor's time by more than that.  A ``map`` chunk, behind one other
+        another worker frees); behind short tasks, more while the queue holds
+        a full pipe's worth for every worker; none behind a task that has overrun its
+        predecessor's time by more than the bound.  A ``map`` chunk, behind one other
         chunk whatever its length (the worker then never waits for the next
         one, and a map's chunks are alike, so none waits long behind another).
         """
@@ -136,7 +137,13 @@ class Scheduler:
             return False  # the current task overran: it may run longer still
         # (An overrun within the bound counts as a task about to end, not as
         # time banked for more.)
-        return max(last - ran, 0.0) + (len(assigned) - 1) * last <= PREFETCH_BEHIND_SECONDS
+        if max(last - ran, 0.0) + (len(assigned) - 1) * last <= PREFETCH_BEHIND_SECONDS:
+            return True
+        # Short tasks and a backlog of a full pipe's worth per worker: its
+        # order hardly changes whichever worker takes which task, and with
+        # many workers sharing few cores each one's tasks look slow from here
+        # (its pipe would run dry between the parent's passes).
+        return last < PREFETCH_BEHIND_SECONDS and len(self.pending) >= PREFETCH * core.size
 
     def assign(self, slot: Slot, item: WorkItem) -> bool:
         """Record ``item`` as ``slot``'s; False if it was cancelled meanwhile.
