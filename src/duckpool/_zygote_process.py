@@ -171,8 +171,8 @@ def _serve(
                     adopted.append(pidfd)
             elif counting:
                 counting = False
-                for sentinel, answer in answer_of.items():
-                    if answer > slot and sentinel in workers:
+                for sentinel, answer in answer_of.items():  # (all still in workers)
+                    if answer > slot:
                         workers[sentinel].kill()  # (it has no task, and no way to get one)
             elif slot == ADOPT:
                 adopting = True

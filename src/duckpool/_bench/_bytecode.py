@@ -37,13 +37,14 @@ def compile_libraries(modules: Iterable[str]) -> list[str]:
     is looked at once per process.
     """
     paths: set[str] = set()
+    seen: set[str] = set()  # distributions walked (shared requirements once)
     for module in modules:
         if module in _done:
             continue
         _done.add(module)
         paths.update(_package_files(module))
         for distribution in _distributions_of(module):
-            paths.update(_distribution_files(distribution))
+            paths.update(_distribution_files(distribution, seen))
     compiled = []
     for path in sorted(paths):
         if _cached(path):
@@ -115,12 +116,12 @@ def _distributions_of(module: str) -> list[str]:
     return names
 
 
-def _distribution_files(name: str, seen: set[str] | None = None) -> list[str]:
+def _distribution_files(name: str, seen: set[str]) -> list[str]:
     """The ``.py`` files of distribution ``name`` and of every distribution it
-    requires (extras aside), as installed."""
+    requires (extras aside), as installed; none of those in ``seen`` (which
+    gains them)."""
     from importlib import metadata
 
-    seen = set() if seen is None else seen
     key = re.sub(r"[-_.]+", "-", name).lower()
     if key in seen:
         return []

@@ -107,15 +107,15 @@ class Scheduler:
     def can_prefetch(self, slot: Slot, item: WorkItem, now: float) -> bool:
         """May ``item`` queue in the pipe of ``slot``'s busy worker?
 
-        Behind short tasks, as many as would start within
-        ``PREFETCH_BEHIND_SECONDS`` if each took as long as the worker's last
-        one (so behind ~1 ms tasks, one: the worker never waits for the
-        parent between them, and no task waits behind a queue of them while
-        another worker frees); behind short tasks, more while the queue holds
-        a full pipe's worth for every worker; none behind a task that has overrun its
-        predecessor's time by more than the bound.  A ``map`` chunk, behind one other
-        chunk whatever its length (the worker then never waits for the next
-        one, and a map's chunks are alike, so none waits long behind another).
+        As many as would start within ``PREFETCH_BEHIND_SECONDS`` if each
+        took as long as the worker's last task (so behind ~1 ms tasks, one:
+        the worker never waits for the parent between them, and no task waits
+        behind a queue of them while another worker frees); behind short
+        tasks, more while the queue holds a full pipe's worth for every
+        worker; none behind a task that has overrun its predecessor's time by
+        more than the bound.  A ``map`` chunk, behind one other chunk whatever
+        its length (the worker then never waits for the next one, and a map's
+        chunks are alike, so none waits long behind another).
         """
         core = self._core
         if (
@@ -325,8 +325,7 @@ class Scheduler:
         the slot, and the next one's time runs from now."""
         item = slot.assigned.popleft()
         slot.queued_bytes -= item.size
-        if now > slot.head_since:  # (else a later answer of one batch: see booked)
-            slot.last_service = now - slot.head_since
+        slot.last_service = now - slot.head_since  # (one of a batch: see booked)
         slot.head_since = now
 
     def booked(self, slot: Slot, since: float, now: float, answers: int) -> None:
