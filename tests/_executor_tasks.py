@@ -226,6 +226,12 @@ def init_wait_for_file(path: str) -> None:
     wait_for_file(path, 60.0)
 
 
+def init_record_pid(directory: str) -> None:
+    """An initializer that leaves a file named by this worker's pid in ``directory``."""
+    with open(os.path.join(directory, str(os.getpid())), "w"):
+        pass
+
+
 def use_tracked_resources() -> int:
     """Make and free what multiprocessing's resource tracker tracks (shared
     memory, a semaphore); return this worker's pid."""

@@ -587,6 +587,51 @@ def test_shutdown_does_not_wait_for_a_worker_the_zygote_has_yet_to_hand_over(
     assert process_gone(zygote) and process_gone(worker)
 
 
+def test_with_an_initializer_shutdown_does_not_wait_for_a_stopped_zygote(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The zygote forks the second worker, then stops (SIGSTOP) before it
+    # answers.  With an initializer a starting worker is not killed at
+    # shutdown (it may be running the program's code), so its answer is
+    # awaited: not from a zygote that cannot give it.  That zygote is
+    # killed at once, not after the 10 s that mark a zygote as hung, and the
+    # worker it forked, left without pipes, leaves by itself once its
+    # initializer returns.  The wait used to last the start timeout (60 s).
+    from duckpool import _spawn
+    from duckpool._pool._zygotes import ANSWER_SECONDS
+
+    here = os.getpid()
+    start_worker_process = _spawn.start_worker_process
+
+    def stopping_in_the_zygote(*args: Any, **kwargs: Any) -> Any:
+        started = start_worker_process(*args, **kwargs)
+        if os.getpid() != here:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return started
+
+    monkeypatch.setattr(_spawn, "start_worker_process", stopping_in_the_zygote)
+    pool = duckpool.ProcessPoolExecutor(
+        2,
+        multiprocessing.get_context("fork"),
+        initializer=tasks.init_record_pid,
+        initargs=(str(tmp_path),),
+    )
+    try:
+        assert pool.submit(tasks.add, 1, 1).result(TIMEOUT) == 2
+        zygote = helper_pids(pool)["zygote"]
+        wait_until(lambda: psutil.Process(zygote).status() == psutil.STATUS_STOPPED, TIMEOUT)
+        wait_until(lambda: len(os.listdir(tmp_path)) == 2, TIMEOUT)  # both initializers ran
+        workers = [int(name) for name in os.listdir(tmp_path)]
+        assert len(pool.worker_pids()) == 1  # the second was never handed over
+    finally:
+        closing = threading.Thread(target=pool.shutdown, daemon=True)
+        closing.start()
+        closing.join(ANSWER_SECONDS / 2)
+    assert not closing.is_alive(), "shutdown waited for the stopped zygote's answer"
+    assert process_gone(zygote)
+    wait_until(lambda: all(process_gone(worker) for worker in workers), TIMEOUT)
+
+
 def test_a_closed_zygote_handle_closes_the_pipes_of_answers_never_read() -> None:
     # A worker the zygote forked holds a copy of the control socket: were the
     # write end of its task pipe left queued there (an answer the pool never

@@ -410,7 +410,11 @@ class Zygote:
 
     def reap(self, timeout: float) -> None:
         """Once closed: wait for the zygote to exit (killing it after
-        ``timeout``), and reap it (a standby is reaped by its zygote)."""
+        ``timeout``), and reap it (a standby is reaped by its zygote).  One
+        stopped (SIGSTOP) cannot exit: it is killed at once."""
+        pid = self.process.pid
+        if pid is not None and self.process.is_alive() and _child.is_stopped(pid):
+            self.process.kill()
         self.process.join(timeout)
         if self.process.is_alive():
             self.process.kill()

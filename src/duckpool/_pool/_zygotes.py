@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import time
 import weakref
+from multiprocessing import connection as mp_connection
 from typing import TYPE_CHECKING, Optional
 
 from duckpool import _child, _zygote, _zygote_process
@@ -47,6 +48,9 @@ STANDBY_DELAY_SECONDS = 0.25
 #: at all meanwhile) before it is taken for hung (SIGSTOP, say) and killed:
 #: its standby then takes over.  A fork takes milliseconds, even under load.
 ANSWER_SECONDS = 10.0
+#: At shutdown, how often a zygote whose answer is awaited is looked at:
+#: one stopped is not waited for.
+STOPPED_POLL_SECONDS = 0.05
 
 
 class Zygotes:
@@ -194,15 +198,42 @@ class Zygotes:
 
         Left unread, a worker's pipe ends would stay in the control socket,
         which the zygote and its workers hold copies of: that worker would
-        never see its task pipe close, nor its zygote finish.
+        never see its task pipe close, nor its zygote finish.  A zygote that
+        cannot answer (stopped, hung, dead) is killed and not waited for.
         """
         core = self._core
         while self.zygote is not None and any(slot.requested for slot in core.slots):
-            if not self.on_started(self.zygote):
+            zygote = self.zygote
+            if not self._answer_comes(zygote):
+                # Stopped, hung or dead: what it was starting is not awaited.
+                # A worker it forked finds its pipes closed once it is gone,
+                # and leaves by itself (after the initializer it runs).
+                zygote.process.kill()
+                with core.lock:
+                    self.forget_requests()
+                return
+            if not self.on_started(zygote):
                 with core.lock:
                     for slot in core.slots:
                         slot.requested = False
                 return
+
+    def _answer_comes(self, zygote: _zygote.Zygote) -> bool:
+        """Wait until ``zygote`` has an answer to read; False if it dies
+        first, is stopped (SIGSTOP, a debugger), or answers nothing for
+        ANSWER_SECONDS since it was asked, as the dispatcher would judge it
+        (``check_answers``)."""
+        asked_at = self.asked_at
+        deadline = (time.monotonic() if asked_at is None else asked_at) + ANSWER_SECONDS
+        while True:
+            ready = mp_connection.wait([zygote.control, zygote.sentinel], STOPPED_POLL_SECONDS)
+            if zygote.control in ready:
+                return True
+            if ready or time.monotonic() >= deadline:
+                return False
+            pid = zygote.process.pid
+            if pid is not None and _child.is_stopped(pid):
+                return False
 
     def on_started(self, zygote: _zygote.Zygote) -> bool:
         """Install what ``zygote`` answered with; False if no answer can come now.
