@@ -22,6 +22,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any, Optional
 
+from duckpool._cpus import cpu_budget
 from duckpool._futures import set_exception
 from duckpool._pool._pending import Pending
 
@@ -35,6 +36,11 @@ if TYPE_CHECKING:
 #: Items a worker may hold at once (one running, the rest queued in its pipe),
 #: so it never waits on the parent between small tasks.
 PREFETCH = 16
+#: A worker that still holds more than this many items is not topped up
+#: after each answer: its pipe is refilled once half of it has drained, in
+#: one write, rather than one write per answer (many workers on few cores,
+#: each read as soon as it answers, would otherwise cost a write per task).
+REFILL_BELOW = PREFETCH // 2
 #: Work is queued behind a worker's current tasks only if, judged by its last
 #: task's time, it would start within this: a task queued behind a long one
 #: would wait for it while another worker may be free.
@@ -62,6 +68,8 @@ class Scheduler:
         #: is coming.  Read by ``refill`` as of that pass (a hint: stale, it
         #: only moves an item behind a busy worker or keeps it queued).
         self._manned = False
+        #: The CPUs this process may use (``_cpu_share``), read when first needed.
+        self._cpus: Optional[int] = None
 
     def queue(self, item: WorkItem) -> None:
         """Send ``item`` to an idle worker, else queue it (lock held)."""
@@ -133,17 +141,33 @@ class Scheduler:
             return False
         ran = now - slot.head_since
         last = slot.last_service
-        if ran > last + PREFETCH_BEHIND_SECONDS:
+        if (
+            ran > last + PREFETCH_BEHIND_SECONDS
+            and (ran - last) * self._cpu_share() > PREFETCH_BEHIND_SECONDS
+        ):
             return False  # the current task overran: it may run longer still
         # (An overrun within the bound counts as a task about to end, not as
         # time banked for more.)
         if max(last - ran, 0.0) + (len(assigned) - 1) * last <= PREFETCH_BEHIND_SECONDS:
             return True
         # Short tasks and a backlog of a full pipe's worth per worker: its
-        # order hardly changes whichever worker takes which task, and with
-        # many workers sharing few cores each one's tasks look slow from here
-        # (its pipe would run dry between the parent's passes).
-        return last < PREFETCH_BEHIND_SECONDS and len(self.pending) >= PREFETCH * core.size
+        # order hardly changes whichever worker takes which task.
+        return (
+            len(self.pending) >= PREFETCH * core.size
+            and last * self._cpu_share() < PREFETCH_BEHIND_SECONDS
+        )
+
+    def _cpu_share(self) -> float:
+        """The share of a CPU each worker gets while all are busy: below 1
+        when the pool has more workers than this process has CPUs.  Each
+        worker then waits for a CPU between its tasks, so that from here its
+        tasks look longer than they run, by about that factor (64 workers on
+        2 CPUs: 32 times); times judged against the prefetch bound are
+        scaled by it."""
+        cpus = self._cpus
+        if cpus is None:
+            cpus = self._cpus = cpu_budget().workers
+        return min(1.0, cpus / max(1, self._core.size))
 
     def assign(self, slot: Slot, item: WorkItem) -> bool:
         """Record ``item`` as ``slot``'s; False if it was cancelled meanwhile.
@@ -249,6 +273,8 @@ class Scheduler:
                 if self.assign(slot, item):
                     items.append(item)
                     break
+        elif len(slot.assigned) > REFILL_BELOW:
+            return  # enough queued there: refilled later, in one write
         if (items or slot.assigned) and self._manned:
             # Queued behind its current task, as dispatch_pending would.
             now = time.monotonic()
