@@ -72,6 +72,12 @@ def identity(x: Any) -> Any:
     return x
 
 
+def sleep_then_getpid(seconds: float) -> int:
+    """This worker's pid, after ``seconds`` (long enough that a batch reaches every worker)."""
+    time.sleep(seconds)
+    return os.getpid()
+
+
 def sleep_then(seconds: float, value: Any) -> Any:
     """Sleep ``seconds``, then return ``value``."""
     time.sleep(seconds)

@@ -190,6 +190,7 @@ def short_graces(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(module, "STOP_GRACE_SECONDS", 0.5)
     monkeypatch.setattr(_fork_server, "CHECK_SECONDS", 0.1)
     monkeypatch.setattr(_deadlines, "START_CHECK_SECONDS", 0.05)
+    monkeypatch.setattr(_deadlines, "TAKE_UP_SECONDS", 0.05)
 
 
 @pytest.fixture

@@ -250,6 +250,33 @@ def test_a_worker_stopped_before_it_is_ready_is_replaced(
         pool.shutdown()
 
 
+def test_a_worker_stopped_while_idle_is_replaced_and_what_it_held_runs_elsewhere(
+    ctx: multiprocessing.context.BaseContext, short_graces: None
+) -> None:
+    # Stopped (SIGSTOP) while idle, a ready worker is still handed work: what
+    # it holds would never start, and a shutdown waiting for it never end.
+    # Seen not taking up its first item, and stopped, it is killed; its items
+    # (none started) go to the other worker and to its replacement.
+    pool = duckpool.ProcessPoolExecutor(2, ctx)
+    stopped: Optional[int] = None
+    try:
+        assert len(set(pool.map(tasks.sleep_then_getpid, [0.05] * 4))) == 2  # both ready
+        stopped = pool.worker_pids()[0]
+        os.kill(stopped, signal.SIGSTOP)
+        futures = [pool.submit(tasks.add, i, 1) for i in range(20)]
+        assert [f.result(TIMEOUT) for f in futures] == [i + 1 for i in range(20)]
+        wait_until(lambda: process_gone(stopped), TIMEOUT)
+        assert stopped not in pool.worker_pids()
+        assert pool.stats().worker_deaths == 1
+    finally:
+        closing = threading.Thread(target=pool.shutdown, daemon=True)
+        closing.start()
+        closing.join(TIMEOUT)
+        if stopped is not None and not process_gone(stopped):
+            kill_quietly(stopped)
+    assert not closing.is_alive(), "shutdown waited for the stopped worker"
+
+
 INHERITED_LOCK_MAIN = """
 import multiprocessing, os, sys, threading
 import duckpool
@@ -521,6 +548,32 @@ def test_a_stopped_zygote_is_taken_for_hung_and_its_standby_takes_over(
         wait_until(lambda: "zygote-standby" in helper_pids(pool), TIMEOUT)
         zygote, standby = helper_pids(pool)["zygote"], helper_pids(pool)["zygote-standby"]
         os.kill(zygote, signal.SIGSTOP)  # it will never answer
+        for pid in pool.worker_pids():
+            kill_quietly(pid)
+        futures = [pool.submit(tasks.add, i, 1) for i in range(20)]
+        assert [f.result(TIMEOUT) for f in futures] == [i + 1 for i in range(20)]
+        assert helper_pids(pool)["zygote"] == standby
+        wait_until(lambda: process_gone(zygote), TIMEOUT)
+    finally:
+        pool.shutdown()
+
+
+@needs_pidfds  # (a standby is watched through pidfds: without, there is none)
+def test_a_zygote_found_stopped_hands_over_without_waiting_for_the_hung_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A stopped zygote's answer is not awaited until a zygote is taken for
+    # hung (here, never): looked at once its answer is overdue, it is killed.
+    from duckpool._pool import _zygotes
+
+    monkeypatch.setattr(_zygotes, "ANSWER_SECONDS", 3600.0)
+    monkeypatch.setattr(_zygotes, "ANSWER_LOOK_SECONDS", 0.1)
+    pool = duckpool.ProcessPoolExecutor(2, multiprocessing.get_context("fork"))
+    try:
+        assert pool.submit(tasks.add, 1, 1).result(TIMEOUT) == 2
+        wait_until(lambda: "zygote-standby" in helper_pids(pool), TIMEOUT)
+        zygote, standby = helper_pids(pool)["zygote"], helper_pids(pool)["zygote-standby"]
+        os.kill(zygote, signal.SIGSTOP)
         for pid in pool.worker_pids():
             kill_quietly(pid)
         futures = [pool.submit(tasks.add, i, 1) for i in range(20)]

@@ -1,6 +1,6 @@
 """Deadlines: the times the dispatcher must wake at, and what it does then.
 
-Three kinds, all per slot, all computed afresh from the slots on each pass
+Five kinds, all per slot, all computed afresh from the slots on each pass
 (a pool has a few slots; a heap would cost more than it saves):
 
 * the running item's timeout: counted from when it reached the head of its
@@ -11,6 +11,12 @@ Three kinds, all per slot, all computed afresh from the slots on each pass
 * an assisting caller's window plus a grace: past it the dispatcher takes
   the result pipe back (``Assists.end_assist``), or its results would never
   be read;
+* a ready worker's first item not taken up: looked at ``TAKE_UP_SECONDS``
+  after it became the head, and every ``TAKE_UP_SECONDS`` again while it is
+  not taken up; the worker is killed if it is stopped (SIGSTOP while idle:
+  what it holds would never run, nor would a shutdown that waits for it
+  end).  Its items go to the next workers: none had started.  A worker
+  stopped in the middle of a task is left alone, as a long task is;
 * a worker's start-up: one that is not ready ``START_CHECK_SECONDS`` after it
   was installed is looked at every ``START_CHECK_SECONDS``, and killed if it
   is stopped (SIGSTOP, a debugger: it would hold the task sent to it for
@@ -51,6 +57,9 @@ if TYPE_CHECKING:
 START_CHECK_SECONDS = 2.0
 #: How long a worker of a pool without an initializer may take to be ready.
 READY_SECONDS = 120.0
+#: How long a ready worker may leave the first item it holds not taken up
+#: before it is looked at (and how often again): one stopped is killed.
+TAKE_UP_SECONDS = 2.0
 
 
 class Deadlines:
@@ -97,11 +106,34 @@ class Deadlines:
                         ),
                     )
                     deadline = now + KILL_GRACE_SECONDS
+            elif slot.assigned and slot.ready and slot.process is not None:
+                due = self._check_taken_up(slot, now)
+                if due is None:
+                    continue
+                deadline = due
             else:
                 continue
             if nearest is None or deadline < nearest:
                 nearest = deadline
         return None if nearest is None else max(0.0, nearest - now)
+
+    def _check_taken_up(self, slot: Slot, now: float) -> Optional[float]:
+        """Kill ``slot``'s ready worker if it is stopped with its first item
+        not taken up; when to look at it next (None: not while that item
+        is its head)."""
+        head = slot.assigned[0]
+        first_look = slot.head_since + TAKE_UP_SECONDS
+        if now < first_look:
+            return first_look
+        if self._core.marks[slot.index] == head.task_id:
+            return None  # running: what happens to it is the task's business
+        process = slot.process
+        assert process is not None
+        if process.pid is not None and _child.is_stopped(process.pid):
+            # Its items go back to the queue when it has exited (none started).
+            signal_process(process, signal.SIGKILL)
+            return None
+        return now + TAKE_UP_SECONDS
 
     def _check_start(self, slot: Slot, now: float) -> Optional[float]:
         """Kill ``slot``'s starting worker if it is stopped or stuck; when

@@ -13,8 +13,9 @@ No single death stops them:
   standby of its own; the workers the dead zygote forked are watched through
   their pidfds from then on (their exit codes are unknown);
 * the standby dies: the zygote forks another;
-* the zygote stops answering (SIGSTOP): after ``ANSWER_SECONDS`` it is
-  killed, and its standby takes over;
+* the zygote stops answering: after ``ANSWER_SECONDS`` it is killed, and
+  its standby takes over; at once if it is found stopped (SIGSTOP), looked
+  at once an answer is ``ANSWER_LOOK_SECONDS`` overdue;
 * both die (an operator's ``kill -9`` of every process of the pool): workers
   are *spawned* from then on (``spawning``), as under the ``spawn`` start
   method: a fresh interpreter that imports the main module and the task's
@@ -48,6 +49,10 @@ STANDBY_DELAY_SECONDS = 0.25
 #: at all meanwhile) before it is taken for hung (SIGSTOP, say) and killed:
 #: its standby then takes over.  A fork takes milliseconds, even under load.
 ANSWER_SECONDS = 10.0
+#: How long the zygote's answer may be overdue before the zygote is looked
+#: at (and how often again): one stopped (SIGSTOP) is killed then, not after
+#: ANSWER_SECONDS.
+ANSWER_LOOK_SECONDS = 1.0
 #: At shutdown, how often a zygote whose answer is awaited is looked at:
 #: one stopped is not waited for.
 STOPPED_POLL_SECONDS = 0.05
@@ -77,6 +82,8 @@ class Zygotes:
         #: When the zygote last answered, or was first asked, while requests
         #: are outstanding (None: none is); see ANSWER_SECONDS.
         self.asked_at: Optional[float] = None
+        #: When the zygote may next be looked at for being stopped (monotonic).
+        self.look_at = 0.0
         #: The pool has shut down with no work left: the zygotes are leaving.
         self.finishing = False
         #: When the zygote is to be asked for a standby (monotonic; 0: not
@@ -131,6 +138,7 @@ class Zygotes:
             due.append(self.standby_due)
         if self.asked_at is not None:
             due.append(self.asked_at + ANSWER_SECONDS)
+            due.append(max(self.asked_at + ANSWER_LOOK_SECONDS, self.look_at))
         return max(0.0, min(due) - now) if due else None
 
     def after_pass(self, now: float) -> None:
@@ -413,9 +421,21 @@ class Zygotes:
             return
         if not any(slot.requested for slot in self._core.slots):
             self.asked_at = None
-        elif now - self.asked_at >= ANSWER_SECONDS and self.zygote is not None:
+        elif self.zygote is not None and (
+            now - self.asked_at >= ANSWER_SECONDS or self._found_stopped(self.zygote, now)
+        ):
             self.asked_at = None
             self.zygote.process.kill()  # its sentinel fires: on_zygote_death
+
+    def _found_stopped(self, zygote: _zygote.Zygote, now: float) -> bool:
+        """Is ``zygote``, its answer ``ANSWER_LOOK_SECONDS`` overdue, stopped
+        (SIGSTOP)?  Looked at every ``ANSWER_LOOK_SECONDS`` at most."""
+        assert self.asked_at is not None
+        if now - self.asked_at < ANSWER_LOOK_SECONDS or now < self.look_at:
+            return False
+        self.look_at = now + ANSWER_LOOK_SECONDS
+        pid = zygote.process.pid
+        return pid is not None and _child.is_stopped(pid)
 
     def finish(self) -> None:
         """Shutdown, no work left: the zygote exits once its workers have, the
