@@ -614,6 +614,31 @@ def test_a_goal_is_met_missed_or_tied_within_the_spread_of_its_reps(
     assert result["verdict"] == verdict
 
 
+@pytest.mark.parametrize(
+    "peer, verdict",
+    [
+        (0.5, "met"),  # duckpool (0.4) the lowest of all
+        (0.35, "tie"),  # a peer's median lower, but not lower than duckpool's best rep
+        (0.2, "missed"),  # a peer lower than duckpool ever was
+    ],
+)
+def test_a_goal_asking_for_the_best_of_every_peer_is_missed_behind_one(
+    peer: float, verdict: str
+) -> None:
+    row = _goal_row(0.5, False, 0.4, [0.3, 0.45])
+    row["best_of_peers"] = True
+    row["cells"]["duckpool"].update(median=4.0, min=3.0, max=4.5)
+    row["cells"]["stdlib"].update(median=10.0)
+    row["cells"]["pebble"] = {"median": peer * 10, "ratio": peer}
+    row["cells"]["pipe"] = {"median": 0.1, "ratio": 0.01}  # the floor: no peer
+    (result,) = _report._goal_results([row])
+    assert result["verdict"] == verdict
+    assert result["behind"] == ([] if verdict == "met" else ["pebble"])
+    text = _report._goal_text(result)
+    assert "and the best of every peer" in text
+    assert ("behind pebble" in text) == (verdict != "met")
+
+
 def test_goals_are_reported_under_each_table_and_summed_up_per_start_method(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

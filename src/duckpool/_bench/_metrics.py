@@ -44,6 +44,8 @@ class Quantity:
     # duckpool's goal: its ratio to the baseline (its value, for a number not
     # compared) at least this if higher is better, at most this if lower is.
     goal: Optional[float] = None
+    # The goal also asks duckpool's median to be the best of every peer's.
+    best_of_peers: bool = False
 
     def meets(self, value: float) -> bool:
         """Whether ``value`` (a ratio, or the number itself if not compared) meets the goal."""
@@ -1018,7 +1020,15 @@ METRICS: dict[str, Metric] = {
             (
                 Quantity("load50_p99_us", "load 50%: p99", "50% p99", "us", False),
                 Quantity("load80_p50_us", "load 80%: p50", "80% p50", "us", False),
-                Quantity("load80_p99_us", "load 80%: p99", "80% p99", "us", False, goal=0.5),
+                Quantity(
+                    "load80_p99_us",
+                    "load 80%: p99",
+                    "80% p99",
+                    "us",
+                    False,
+                    goal=0.5,
+                    best_of_peers=True,
+                ),
                 Quantity("load80_p999_us", "load 80%: p99.9", "80% p99.9", "us", False),
                 Quantity("load95_p99_us", "load 95%: p99", "95% p99", "us", False),
                 _achieved("load80_achieved", "load 80%", "80% rate"),
@@ -1032,7 +1042,15 @@ METRICS: dict[str, Metric] = {
             "through loop.run_in_executor",
             (
                 Quantity("async80_p50_us", "asyncio load 80%: p50", "p50", "us", False),
-                Quantity("async80_p99_us", "asyncio load 80%: p99", "p99", "us", False),
+                Quantity(
+                    "async80_p99_us",
+                    "asyncio load 80%: p99",
+                    "p99",
+                    "us",
+                    False,
+                    goal=0.5,
+                    best_of_peers=True,
+                ),
                 _achieved("async80_achieved", "asyncio load 80%", "rate"),
             ),
             _measure_load_async,

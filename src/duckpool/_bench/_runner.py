@@ -268,6 +268,7 @@ def _summarise(plan: _Plan, cells: dict[tuple[str, str], _Cell]) -> list[dict[st
                     "higher_is_better": quantity.higher_is_better,
                     "compared": quantity.compared,
                     "goal": quantity.goal,
+                    "best_of_peers": quantity.best_of_peers,
                     "size": plan.sizes[metric_name],
                     "cells": row_cells,
                 }
