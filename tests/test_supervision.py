@@ -277,6 +277,30 @@ def test_a_worker_stopped_while_idle_is_replaced_and_what_it_held_runs_elsewhere
     assert not closing.is_alive(), "shutdown waited for the stopped worker"
 
 
+def test_shutdown_kills_workers_found_stopped_without_waiting_out_its_grace(
+    ctx: multiprocessing.context.BaseContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A stopped worker cannot leave when told to: shutdown would wait out
+    # its whole grace (here, an hour) before terminating it.
+    from duckpool import _core
+    from duckpool._pool import _supervisor
+
+    for module in (_supervisor, _core):
+        monkeypatch.setattr(module, "STOP_GRACE_SECONDS", 3600.0)
+    pool = duckpool.ProcessPoolExecutor(2, ctx)
+    assert len(set(pool.map(tasks.sleep_then_getpid, [0.05] * 4))) == 2
+    workers = pool.worker_pids()
+    try:
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+    finally:
+        closing = threading.Thread(target=pool.shutdown, daemon=True)
+        closing.start()
+        closing.join(TIMEOUT)
+    assert not closing.is_alive(), "shutdown waited out the grace of stopped workers"
+    assert all(process_gone(pid) for pid in workers)
+
+
 INHERITED_LOCK_MAIN = """
 import multiprocessing, os, sys, threading
 import duckpool

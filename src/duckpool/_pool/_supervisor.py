@@ -484,9 +484,22 @@ def signal_process(process: WorkerProcess, signum: int) -> None:
             pass
 
 
+#: How long shutdown waits for its workers before it looks for one stopped
+#: (SIGSTOP, a debugger): such a worker cannot leave, and is killed at once.
+STOPPED_LOOK_SECONDS = 0.05
+
+
 def reap(processes: list[WorkerProcess], grace: float) -> None:
-    """Join processes; terminate, then kill, those that outstay ``grace``."""
+    """Join processes; terminate, then kill, those that outstay ``grace``
+    (kill at once those found stopped after ``STOPPED_LOOK_SECONDS``)."""
     deadline = time.monotonic() + grace
+    look = time.monotonic() + min(grace, STOPPED_LOOK_SECONDS)
+    for process in processes:
+        process.join(max(0.0, look - time.monotonic()))
+    for process in processes:
+        pid = process.pid
+        if pid is not None and process.is_alive() and _child.is_stopped(pid):
+            signal_process(process, signal.SIGKILL)
     for process in processes:
         process.join(max(0.0, deadline - time.monotonic()))
     for process in processes:
