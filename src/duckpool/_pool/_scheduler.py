@@ -36,11 +36,11 @@ if TYPE_CHECKING:
 #: Items a worker may hold at once (one running, the rest queued in its pipe),
 #: so it never waits on the parent between small tasks.
 PREFETCH = 16
-#: A worker that still holds more than this many items is not topped up
-#: after each answer: its pipe is refilled once half of it has drained, in
-#: one write, rather than one write per answer (many workers on few cores,
-#: each read as soon as it answers, would otherwise cost a write per task).
-REFILL_BELOW = PREFETCH // 2
+#: With more workers than CPUs, times up to this long are judged by each
+#: worker's share of a CPU (``_judged``); longer ones as they are, so that
+#: nothing queues deep behind slow tasks (an oversubscribed pool is often
+#: one of I/O-bound tasks, which wait for no CPU).
+SHARED_SECONDS_MAX = 0.01
 #: Work is queued behind a worker's current tasks only if, judged by its last
 #: task's time, it would start within this: a task queued behind a long one
 #: would wait for it while another worker may be free.
@@ -68,7 +68,7 @@ class Scheduler:
         #: is coming.  Read by ``refill`` as of that pass (a hint: stale, it
         #: only moves an item behind a busy worker or keeps it queued).
         self._manned = False
-        #: The CPUs this process may use (``_cpu_share``), read when first needed.
+        #: The CPUs this process may use (``_judged``), read when first needed.
         self._cpus: Optional[int] = None
 
     def queue(self, item: WorkItem) -> None:
@@ -143,7 +143,7 @@ class Scheduler:
         last = slot.last_service
         if (
             ran > last + PREFETCH_BEHIND_SECONDS
-            and (ran - last) * self._cpu_share() > PREFETCH_BEHIND_SECONDS
+            and self._judged(ran - last) > PREFETCH_BEHIND_SECONDS
         ):
             return False  # the current task overran: it may run longer still
         # (An overrun within the bound counts as a task about to end, not as
@@ -154,20 +154,25 @@ class Scheduler:
         # order hardly changes whichever worker takes which task.
         return (
             len(self.pending) >= PREFETCH * core.size
-            and last * self._cpu_share() < PREFETCH_BEHIND_SECONDS
+            and self._judged(last) < PREFETCH_BEHIND_SECONDS
         )
 
-    def _cpu_share(self) -> float:
-        """The share of a CPU each worker gets while all are busy: below 1
-        when the pool has more workers than this process has CPUs.  Each
-        worker then waits for a CPU between its tasks, so that from here its
-        tasks look longer than they run, by about that factor (64 workers on
-        2 CPUs: 32 times); times judged against the prefetch bound are
-        scaled by it."""
+    def _judged(self, seconds: float) -> float:
+        """A task time seen from here, as judged against the prefetch bound.
+
+        With more workers than this process has CPUs, each busy worker waits
+        for a CPU between its tasks, so that from here its tasks look longer
+        than they run, by about the workers per CPU (64 on 2: 32 times).  A
+        time up to ``SHARED_SECONDS_MAX`` is scaled by each worker's share of
+        a CPU; a longer one is taken as it is.
+        """
+        if seconds > SHARED_SECONDS_MAX:
+            return seconds
         cpus = self._cpus
         if cpus is None:
             cpus = self._cpus = cpu_budget().workers
-        return min(1.0, cpus / max(1, self._core.size))
+        size = self._core.size
+        return seconds if cpus >= size else seconds * cpus / size
 
     def assign(self, slot: Slot, item: WorkItem) -> bool:
         """Record ``item`` as ``slot``'s; False if it was cancelled meanwhile.
@@ -273,8 +278,6 @@ class Scheduler:
                 if self.assign(slot, item):
                     items.append(item)
                     break
-        elif len(slot.assigned) > REFILL_BELOW:
-            return  # enough queued there: refilled later, in one write
         if (items or slot.assigned) and self._manned:
             # Queued behind its current task, as dispatch_pending would.
             now = time.monotonic()
