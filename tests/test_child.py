@@ -183,3 +183,33 @@ def test_workers_that_use_tracked_resources_share_this_process_s_tracker(
         pids = {pool.submit(tasks.use_tracked_resources).result(30) for _ in range(6)}
         assert pids
         assert trackers() == before
+
+
+def test_kill_children_kills_a_parent_s_children_but_those_kept() -> None:
+    # A stopped zygote cannot reap: the children it forked and the pool never
+    # got are killed through their parent's list, the others left alone.
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    script = (
+        "import os, signal, subprocess, sys\n"
+        f"kids = [subprocess.Popen({sleeper!r}) for _ in range(2)]\n"
+        "print(*(kid.pid for kid in kids), flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGSTOP)\n"
+        "for kid in kids:\n"
+        "    kid.wait()\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    doomed, kept = (int(word) for word in parent.stdout.readline().split())
+    try:
+        wait_until(lambda: _child.is_stopped(parent.pid), 60)
+        _child.kill_children(parent.pid, [kept])
+        wait_until(lambda: _child._state(doomed) in (None, b"Z"), 60)
+        assert _child._state(kept) not in (None, b"Z")
+    finally:
+        for pid in (doomed, kept):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        os.kill(parent.pid, signal.SIGCONT)
+        parent.wait(60)

@@ -23,7 +23,7 @@ from duckpool._errors import (
 )
 from duckpool._futures import WorkItem
 from duckpool._pool import _scheduler as scheduler_module
-from duckpool._pool._deadlines import Deadlines
+from duckpool._pool._deadlines import TAKE_UP_SECONDS, Deadlines
 from duckpool._pool._lifecycle import Lifecycle
 from duckpool._pool._pending import Pending
 from duckpool._pool._quarantine import Quarantine
@@ -92,6 +92,7 @@ class _Pool:
             slot.process = _Process()  # type: ignore[assignment]
             slot.ready = True
         self.size = workers
+        self.marks = [0] * (2 * workers)  # the task id each worker last took up
         self.successors = _Successors()
         self.wakes = 0
         self.ended_assists: list[Slot] = []
@@ -426,8 +427,34 @@ def test_no_timeout_runs_before_the_worker_is_ready() -> None:
     slot.ready = False
     slot.assigned.append(_item(timeout=1.0))
     slot.head_since = 0.0
-    assert _deadlines(pool).check(now=100.0) is None
+    assert _deadlines(pool).check(now=100.0) == TAKE_UP_SECONDS  # (nothing sooner)
     assert not pool.stopped
+
+
+@pytest.mark.parametrize("taken_up", [False, True])
+def test_a_stopped_worker_is_killed_if_it_never_took_up_its_first_item(
+    monkeypatch: pytest.MonkeyPatch, taken_up: bool
+) -> None:
+    # Looked at TAKE_UP_SECONDS after the item became its head, before the
+    # item's own (far) timeout; stopped mid-task, a worker is left alone.
+    from duckpool import _child
+
+    pool = _Pool(1)
+    slot = pool.slots[0]
+    process = slot.process
+    assert isinstance(process, _Process)
+    process.pid = 4242  # type: ignore[assignment]
+    monkeypatch.setattr(_child, "is_stopped", lambda pid: pid == 4242)
+    item = _item(timeout=60.0)
+    slot.assigned.append(item)
+    slot.head_since = 0.0
+    if taken_up:
+        pool.marks[0] = item.task_id
+    deadlines = _deadlines(pool)
+    assert deadlines.check(now=1.0) == pytest.approx(TAKE_UP_SECONDS - 1.0)
+    assert process.signals == []
+    deadlines.check(now=TAKE_UP_SECONDS)
+    assert process.signals == ([] if taken_up else [signal.SIGKILL])
 
 
 def test_a_stopped_worker_gets_sigkill_after_its_grace() -> None:

@@ -277,6 +277,25 @@ def test_a_worker_stopped_while_idle_is_replaced_and_what_it_held_runs_elsewhere
     assert not closing.is_alive(), "shutdown waited for the stopped worker"
 
 
+def test_an_item_handed_to_the_stopped_worker_of_an_idle_pool_runs(
+    ctx: multiprocessing.context.BaseContext, short_graces: None
+) -> None:
+    # Nothing else would wake the dispatcher: the caller hands the item
+    # straight to the (stopped) idle worker, and no result ever comes.
+    pool = duckpool.ProcessPoolExecutor(1, ctx)
+    stopped: Optional[int] = None
+    try:
+        assert pool.submit(tasks.add, 1, 1).result(TIMEOUT) == 2
+        [stopped] = pool.worker_pids()
+        os.kill(stopped, signal.SIGSTOP)
+        assert pool.submit(tasks.add, 2, 2).result(TIMEOUT) == 4
+        wait_until(lambda: process_gone(stopped), TIMEOUT)
+    finally:
+        if stopped is not None and not process_gone(stopped):
+            kill_quietly(stopped)
+        pool.shutdown()
+
+
 def test_shutdown_kills_workers_found_stopped_without_waiting_out_its_grace(
     ctx: multiprocessing.context.BaseContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -297,8 +316,11 @@ def test_shutdown_kills_workers_found_stopped_without_waiting_out_its_grace(
         closing = threading.Thread(target=pool.shutdown, daemon=True)
         closing.start()
         closing.join(TIMEOUT)
+    stuck = [pid for pid in workers if not process_gone(pid)]
+    for pid in stuck:
+        kill_quietly(pid)
     assert not closing.is_alive(), "shutdown waited out the grace of stopped workers"
-    assert all(process_gone(pid) for pid in workers)
+    assert not stuck
 
 
 INHERITED_LOCK_MAIN = """
@@ -640,6 +662,7 @@ def test_shutdown_does_not_wait_for_a_worker_the_zygote_has_yet_to_hand_over(
     # reaps the zygote, killing it after a grace, and returns.  It used to
     # wait for the answer until the zygote's start timeout (60 s).
     from duckpool import _spawn
+    from duckpool._pool import _zygotes
 
     here = os.getpid()
     start_worker_process = _spawn.start_worker_process
@@ -650,6 +673,8 @@ def test_shutdown_does_not_wait_for_a_worker_the_zygote_has_yet_to_hand_over(
         return start_worker_process(*args, **kwargs)
 
     monkeypatch.setattr(_spawn, "start_worker_process", stopping_in_the_zygote)
+    # (The running pool would find the zygote stopped first, and replace it.)
+    monkeypatch.setattr(_zygotes, "ANSWER_LOOK_SECONDS", 3600.0)
     pool = duckpool.ProcessPoolExecutor(2, multiprocessing.get_context("fork"))
     try:
         assert pool.submit(tasks.add, 1, 1).result(TIMEOUT) == 2
@@ -671,10 +696,12 @@ def test_with_an_initializer_shutdown_does_not_wait_for_a_stopped_zygote(
     # answers.  With an initializer a starting worker is not killed at
     # shutdown (it may be running the program's code), so its answer is
     # awaited: not from a zygote that cannot give it.  That zygote is
-    # killed at once, not after the 10 s that mark a zygote as hung, and the
-    # worker it forked, left without pipes, leaves by itself once its
-    # initializer returns.  The wait used to last the start timeout (60 s).
+    # killed at once, not after the 10 s that mark a zygote as hung, and so
+    # is the worker it forked, which the pool never got (no task, no way to
+    # get one, and nothing else watching it).  The wait used to last the
+    # start timeout (60 s).
     from duckpool import _spawn
+    from duckpool._pool import _zygotes
     from duckpool._pool._zygotes import ANSWER_SECONDS
 
     here = os.getpid()
@@ -687,6 +714,8 @@ def test_with_an_initializer_shutdown_does_not_wait_for_a_stopped_zygote(
         return started
 
     monkeypatch.setattr(_spawn, "start_worker_process", stopping_in_the_zygote)
+    # (The running pool would find the zygote stopped first, and replace it.)
+    monkeypatch.setattr(_zygotes, "ANSWER_LOOK_SECONDS", 3600.0)
     pool = duckpool.ProcessPoolExecutor(
         2,
         multiprocessing.get_context("fork"),

@@ -126,6 +126,30 @@ def threads_here() -> int:
     return threading.active_count()
 
 
+def kill_children(parent: int, keep: Iterable[int]) -> None:
+    """SIGKILL the children of process ``parent`` (single-threaded) but those
+    in ``keep``, where ``/proc`` lists them.  Each is signalled only once
+    seen to be ``parent``'s child through a pidfd of its own (its pid may
+    have been reused since it was listed), or at once where pidfds are
+    missing."""
+    kept = set(keep)
+    try:
+        with open(f"/proc/{parent}/task/{parent}/children", "rb") as listing:
+            pids = [int(word) for word in listing.read().split()]
+    except (OSError, ValueError):
+        return
+    for pid in pids:
+        if pid in kept:
+            continue
+        pidfd = pidfd_of(pid)
+        try:
+            fields = _stat(pid)
+            if len(fields) > 1 and int(fields[1]) == parent:
+                send_signal(pid, pidfd, signal.SIGKILL)
+        finally:
+            close_quietly(pidfd)
+
+
 def is_stopped(pid: int) -> bool:
     """Is process ``pid`` stopped (by a signal, or traced)?  False if unknown."""
     return _state(pid) in (b"T", b"t")

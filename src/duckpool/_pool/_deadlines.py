@@ -16,7 +16,9 @@ Five kinds, all per slot, all computed afresh from the slots on each pass
   not taken up; the worker is killed if it is stopped (SIGSTOP while idle:
   what it holds would never run, nor would a shutdown that waits for it
   end).  Its items go to the next workers: none had started.  A worker
-  stopped in the middle of a task is left alone, as a long task is;
+  stopped in the middle of a task is left alone, as a long task is.  The
+  dispatcher never sleeps longer than ``TAKE_UP_SECONDS``: a caller may
+  hand an item straight to an idle worker while it sleeps;
 * a worker's start-up: one that is not ready ``START_CHECK_SECONDS`` after it
   was installed is looked at every ``START_CHECK_SECONDS``, and killed if it
   is stopped (SIGSTOP, a debugger: it would hold the task sent to it for
@@ -39,6 +41,7 @@ Owns the slot's ``start_missed`` and ``start_cpu`` fields.
 
 from __future__ import annotations
 
+import math
 import signal
 import weakref
 from typing import TYPE_CHECKING, Optional
@@ -49,6 +52,7 @@ from duckpool._pool._assist import ASSIST_GRACE_SECONDS
 from duckpool._pool._supervisor import KILL_GRACE_SECONDS, signal_process
 
 if TYPE_CHECKING:
+    from duckpool._futures import WorkItem
     from duckpool._pool._slots import Slot
     from duckpool._pool._view import Core
 
@@ -63,13 +67,18 @@ TAKE_UP_SECONDS = 2.0
 
 
 class Deadlines:
-    """Enforces a pool's task timeouts, kill graces and assist windows."""
+    """Enforces a pool's task timeouts, kill graces, assist windows, and
+    the start-up and take-up watches."""
 
     def __init__(self, core: Core) -> None:
         self._core: Core = weakref.proxy(core)
+        #: When each slot's worker may next be looked at for being stopped
+        #: (``_check_taken_up``), by slot index.
+        self._looks: dict[int, float] = {}
 
     def check(self, now: float) -> Optional[float]:
-        """Act on what is due; seconds until the next deadline (lock held)."""
+        """Act on what is due; seconds until the next deadline, at most
+        ``TAKE_UP_SECONDS`` (lock held)."""
         core = self._core
         nearest: Optional[float] = None
         for slot in core.slots:
@@ -91,23 +100,8 @@ class Deadlines:
                 if due is None:
                     continue
                 deadline = due
-            elif slot.assigned and slot.ready and slot.assigned[0].timeout is not None:
-                head = slot.assigned[0]
-                assert head.timeout is not None
-                deadline = slot.head_since + head.timeout
-                if now >= deadline:
-                    core.supervisor.stop_worker(
-                        slot,
-                        head,
-                        TaskTimeoutError(
-                            f"task {head.label} ran longer than its timeout of "
-                            f"{head.timeout:g} s; its worker (pid "
-                            f"{slot.process.pid if slot.process else None}) was stopped"
-                        ),
-                    )
-                    deadline = now + KILL_GRACE_SECONDS
-            elif slot.assigned and slot.ready and slot.process is not None:
-                due = self._check_taken_up(slot, now)
+            elif slot.assigned and slot.ready:
+                due = self._check_head(slot, now)
                 if due is None:
                     continue
                 deadline = due
@@ -115,21 +109,53 @@ class Deadlines:
                 continue
             if nearest is None or deadline < nearest:
                 nearest = deadline
-        return None if nearest is None else max(0.0, nearest - now)
+        # Never asleep for longer: an item a caller hands straight to an idle
+        # worker meanwhile (no wake-up) gets its take-up look in time.
+        if nearest is None or nearest > now + TAKE_UP_SECONDS:
+            nearest = now + TAKE_UP_SECONDS
+        return max(0.0, nearest - now)
 
-    def _check_taken_up(self, slot: Slot, now: float) -> Optional[float]:
-        """Kill ``slot``'s ready worker if it is stopped with its first item
-        not taken up; when to look at it next (None: not while that item
-        is its head)."""
+    def _check_head(self, slot: Slot, now: float) -> Optional[float]:
+        """The head item's timeout, and whether it was taken up; when to
+        look at ``slot`` next (None: not now, or its worker was killed)."""
+        core = self._core
         head = slot.assigned[0]
-        first_look = slot.head_since + TAKE_UP_SECONDS
+        due = self._check_taken_up(slot, head, now)
+        if due is None:
+            return None
+        if head.timeout is not None:
+            deadline = slot.head_since + head.timeout
+            if now >= deadline:
+                core.supervisor.stop_worker(
+                    slot,
+                    head,
+                    TaskTimeoutError(
+                        f"task {head.label} ran longer than its timeout of "
+                        f"{head.timeout:g} s; its worker (pid "
+                        f"{slot.process.pid if slot.process else None}) was stopped"
+                    ),
+                )
+                deadline = now + KILL_GRACE_SECONDS
+            due = min(due, deadline)
+        return None if due == math.inf else due
+
+    def _check_taken_up(self, slot: Slot, head: WorkItem, now: float) -> Optional[float]:
+        """Kill ``slot``'s ready worker if it is stopped with ``head``, its
+        first item, not taken up; when to look next (inf: not while ``head``
+        runs; None: the worker was killed)."""
+        first_look = max(slot.head_since + TAKE_UP_SECONDS, self._looks.get(slot.index, 0.0))
         if now < first_look:
             return first_look
-        if self._core.marks[slot.index] == head.task_id:
-            return None  # running: what happens to it is the task's business
+        marks = self._core.marks
+        if marks[slot.index] == head.task_id:
+            return math.inf  # running: what happens to it is the task's business
         process = slot.process
-        assert process is not None
-        if process.pid is not None and _child.is_stopped(process.pid):
+        if process is None or process.pid is None:
+            return math.inf
+        self._looks[slot.index] = now + TAKE_UP_SECONDS
+        # (Read again once found stopped: it may have taken the item up
+        # just before it was stopped, and then it is mid-task.)
+        if _child.is_stopped(process.pid) and marks[slot.index] != head.task_id:
             # Its items go back to the queue when it has exited (none started).
             signal_process(process, signal.SIGKILL)
             return None

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 #: start-up (and a shutdown right after it) never waits on that fork.
 STANDBY_DELAY_SECONDS = 0.25
 #: How long the zygote may leave the pool's requests unanswered (no answer
-#: at all meanwhile) before it is taken for hung (SIGSTOP, say) and killed:
+#: at all meanwhile) before it is taken for hung (stuck) and killed:
 #: its standby then takes over.  A fork takes milliseconds, even under load.
 ANSWER_SECONDS = 10.0
 #: How long the zygote's answer may be overdue before the zygote is looked
@@ -132,7 +132,7 @@ class Zygotes:
 
     def wake_in(self, now: float) -> Optional[float]:
         """Seconds until the zygote is due an action (None: none is): to be
-        asked for a standby, or taken for hung."""
+        asked for a standby, looked at for being stopped, or taken for hung."""
         due = []
         if self.standby_due:
             due.append(self.standby_due)
@@ -214,9 +214,7 @@ class Zygotes:
             zygote = self.zygote
             if not self._answer_comes(zygote):
                 # Stopped, hung or dead: what it was starting is not awaited.
-                # A worker it forked finds its pipes closed once it is gone,
-                # and leaves by itself (after the initializer it runs).
-                zygote.process.kill()
+                self.kill_hung(zygote)
                 with core.lock:
                     self.forget_requests()
                 return
@@ -237,7 +235,8 @@ class Zygotes:
             ready = mp_connection.wait([zygote.control, zygote.sentinel], STOPPED_POLL_SECONDS)
             if zygote.control in ready:
                 return True
-            if ready or time.monotonic() >= deadline:
+            # (Without pidfds its sentinel is a pipe its workers hold too.)
+            if ready or time.monotonic() >= deadline or not zygote.process.is_alive():
                 return False
             pid = zygote.process.pid
             if pid is not None and _child.is_stopped(pid):
@@ -415,8 +414,9 @@ class Zygotes:
 
     def check_answers(self, now: float) -> None:
         """Kill a zygote that has left the pool's requests unanswered for
-        ANSWER_SECONDS (stopped, or stuck): its death hands over to its
-        standby, whose workers start instead (dispatcher, lock held)."""
+        ANSWER_SECONDS (stuck), or ANSWER_LOOK_SECONDS if found stopped: its
+        death hands over to its standby, whose workers start instead
+        (dispatcher, lock held)."""
         if self.asked_at is None:
             return
         if not any(slot.requested for slot in self._core.slots):
@@ -425,7 +425,20 @@ class Zygotes:
             now - self.asked_at >= ANSWER_SECONDS or self._found_stopped(self.zygote, now)
         ):
             self.asked_at = None
-            self.zygote.process.kill()  # its sentinel fires: on_zygote_death
+            self.kill_hung(self.zygote)  # its sentinel fires: on_zygote_death
+
+    def kill_hung(self, zygote: _zygote.Zygote) -> None:
+        """Kill ``zygote``, taken for hung, and first the children it forked
+        that the pool never got (their answers unread): they have no task,
+        nor any way to get one, and only the zygote watched them (its
+        standby and the workers the pool installed are kept)."""
+        pid = zygote.process.pid
+        if pid is not None:
+            keep = list(zygote.children)
+            if self.standby is not None and self.standby.process.pid is not None:
+                keep.append(self.standby.process.pid)
+            _child.kill_children(pid, keep)
+        zygote.process.kill()
 
     def _found_stopped(self, zygote: _zygote.Zygote, now: float) -> bool:
         """Is ``zygote``, its answer ``ANSWER_LOOK_SECONDS`` overdue, stopped
