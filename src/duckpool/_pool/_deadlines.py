@@ -101,10 +101,12 @@ class Deadlines:
                     continue
                 deadline = due
             elif slot.assigned and slot.ready:
-                due = self._check_head(slot, now)
-                if due is None:
-                    continue
-                deadline = due
+                deadline = slot.head_since + TAKE_UP_SECONDS
+                if now >= deadline or slot.assigned[0].timeout is not None:
+                    due = self._check_head(slot, now)
+                    if due is None:
+                        continue
+                    deadline = due
             else:
                 continue
             if nearest is None or deadline < nearest:
