@@ -21,12 +21,12 @@
 # interpreters, exercising pool behaviour that the other tests cover on every
 # version.  python3 runs them; 3.9 and 3.13 do not.
 #
-# CPython's process-pool tests (3.13) and the portable-paths run (3.9) each run
-# in a pytest process of their own, in the background beside the other steps
-# (the first mostly sleeps; a pool test mostly waits for processes to start, so
-# on two cores the runs overlap well); their output is printed when they end.
-# The other steps run one after another.  The closing summary gives each
-# step's seconds.
+# CPython's process-pool tests (3.13), then 3.13's suite, and the
+# portable-paths run (3.9) run in the background beside python3's steps, each
+# in a pytest process of its own (CPython's tests mostly sleep; a pool test
+# mostly waits for processes to start, so on two cores the runs overlap
+# well); their output is printed when they end.  The closing summary gives
+# each step's seconds.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -206,15 +206,25 @@ pytest_rc_ok() {
 # suite of process-pool tests waits on process starts): each runs in a pytest
 # process of its own, so no test process gains a thread or a neighbour's
 # children.  Environment assignments before the call reach that run only.
+# With bg_after=N set, the run starts only once background run N has ended
+# (N's slot then holds two runs one after the other).
 bg_labels=() bg_pids=() bg_started=()
 start_background() {
-    local label="$1" python="$2" i="${#bg_labels[@]}"
+    local label="$1" python="$2" i="${#bg_labels[@]}" after="${bg_after:-}"
     shift 2
     bg_labels+=("$label")
     bg_started+=("$SECONDS")
     echo
-    echo "==> $label: started in the background, output below when it ends"
+    if [[ -n "$after" ]]; then
+        echo "==> $label: to start in the background once '${bg_labels[$after]}' ends"
+    else
+        echo "==> $label: started in the background, output below when it ends"
+    fi
     (
+        if [[ -n "$after" ]]; then
+            while [[ ! -e "$work_dir/background-$after.done" ]]; do sleep 1; done
+            echo "$SECONDS" >"$work_dir/background-$i.began"
+        fi
         # A subshell that execs keeps SIGINT's default action (a bare `cmd &`
         # would ignore it, and the tests' own children would inherit that).
         ( exec timeout --foreground --kill-after=30 "$step_timeout" \
@@ -240,6 +250,9 @@ finish_background() {
         banner "${bg_labels[$i]} (ran in the background)"
         cat "$work_dir/background-$i.log"
         read -r rc ended <"$work_dir/background-$i.done" || { rc=1; ended=$SECONDS; }
+        if [[ -e "$work_dir/background-$i.began" ]]; then
+            read -r bg_started[i] <"$work_dir/background-$i.began"
+        fi
         current_step="${bg_labels[$i]}"
         pytest_rc_ok "${bg_labels[$i]}" "$rc" || return "$rc"
         steps+=("${bg_labels[$i]}: ok ($((ended - bg_started[i]))s, beside the steps above)")
@@ -254,6 +267,8 @@ stop_background() {
         pid="$(cat "$work_dir/background-$i.pid" 2>/dev/null || true)"
         if [[ -n "$pid" ]]; then
             kill -TERM "$pid" 2>/dev/null || true
+        else  # still waiting for its turn (bg_after)
+            kill -TERM "${bg_pids[$i]}" 2>/dev/null || true
         fi
         wait "${bg_pids[$i]}" 2>/dev/null || true
         echo "test.sh: stopped the background run (${bg_labels[$i]})" >&2
@@ -334,7 +349,7 @@ require_dask "$main_venv_python"
 main_bin="$(dirname "$main_venv_python")"
 step_ok "install into ${#install_names[@]} venvs (${install_names[*]}), at once"
 
-# --- in the background: CPython's process-pool tests, the portable paths --------
+# --- in the background: CPython's process-pool tests then 3.13's suite, the portable paths
 ran=()
 for entry in ${matrix[@]+"${matrix[@]}"}; do
     IFS="|" read -r ver exe extras <<<"$entry"
@@ -343,9 +358,20 @@ for entry in ${matrix[@]+"${matrix[@]}"}; do
         3.13)
             require_dask "$venv_python"
             # Its own cache directory: two sessions never write one file at once.
+            cpython_suite_run="${#bg_labels[@]}"
             start_background "pytest -m cpython_suite (CPython's process-pool tests), python 3.13" \
                 "$venv_python" -m cpython_suite -o cache_dir=.pytest_cache/cpython-suite
-            ran+=("CPython suite on 3.13") ;;
+            ran+=("CPython suite on 3.13")
+            # Then, in the same slot, the whole suite but the `slow` end-to-end
+            # runs of the tools (bench, demo, the ASGI example): they run on
+            # python3, and the pool behaviour they drive is covered here by
+            # the rest of the suite.  Beside python3's suite rather than after
+            # it: on two cores the two overlap well, as the portable run does.
+            bg_after="$cpython_suite_run" \
+                start_background "pytest, whole suite but slow, python $ver" \
+                "$venv_python" -m "not soak and not cpython_suite and not slow" \
+                -o cache_dir=.pytest_cache/py313
+            ran+=("whole suite but slow on $ver") ;;
         3.9)
             # The portable-paths run: every interpreter of it lacks Linux's
             # pidfds, memfds and epoll (tests/portable/sitecustomize.py), as
@@ -392,15 +418,7 @@ for entry in ${matrix[@]+"${matrix[@]}"}; do
     IFS="|" read -r ver exe extras <<<"$entry"
     venv_python="$(venv_for "$exe")/bin/python"
     case "$ver" in
-        3.9) ;;  # in the background (above)
-        3.13)
-            # CPython's process-pool tests run in the background (above).
-            # The `slow` end-to-end runs of the tools (bench, demo, the ASGI
-            # example) ran on python3 already: the pool behaviour they drive
-            # is covered here by the rest of the suite.
-            run_pytest "pytest, whole suite but slow, python $ver" "$venv_python" \
-                -m "not soak and not cpython_suite and not slow"
-            ran+=("whole suite but slow on $ver") ;;
+        3.9|3.13) ;;  # in the background (above)
         *)
             run_pytest "pytest -m contract, python $ver" "$venv_python" -m contract
             ran+=("contract on $ver") ;;

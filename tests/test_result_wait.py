@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import sys
 import threading
+import time
 import types
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -410,23 +411,74 @@ def test_a_done_callback_run_by_a_waiting_thread_may_wait_on_the_same_worker(
     # The thread blocked in result() reads the pipe itself, and resolves what
     # it read: the future's done-callbacks run in it.  One that submits to
     # the same worker and waits for that result needs the pipe read again:
-    # the waiting thread gives it back before it resolves anything.
+    # the waiting thread gives it back before it resolves anything.  (If the
+    # dispatcher read the result first, the callback runs there, and waiting
+    # there raises at once: the next test.)
     pool = duckpool.ProcessPoolExecutor(1, mp_context=ctx)  # type: ignore[arg-type]
     try:
         pool.submit(tasks.add, 0, 0).result(TIMEOUT)  # the worker is up
-        chained: list[object] = []
+        chained: list[tuple[bool, object]] = []
+        waiter = threading.current_thread()
 
         def submit_and_wait(_: object) -> None:
+            here = threading.current_thread() is waiter
             try:
-                chained.append(pool.submit(tasks.add, 1, 1).result(TIMEOUT))
+                chained.append((here, pool.submit(tasks.add, 1, 1).result(TIMEOUT)))
             except BaseException as exc:
-                chained.append(exc)
+                chained.append((here, exc))
 
-        for i in range(4):
+        deadline = time.monotonic() + TIMEOUT
+        while not any(here for here, _ in chained) and time.monotonic() < deadline:
+            count = len(chained)
             future = pool.submit(tasks.sleep_then, 0.002, "first")
             future.add_done_callback(submit_and_wait)
             assert future.result(TIMEOUT) == "first"
-            wait_until(lambda n=i + 1: len(chained) == n, TIMEOUT)
-        assert chained == [2, 2, 2, 2]
+            wait_until(lambda n=count + 1: len(chained) == n, TIMEOUT)
+        in_waiter = [value for here, value in chained if here]
+        assert in_waiter, f"no callback ran in the waiting thread: {chained}"
+        assert in_waiter == [2] * len(in_waiter)
+        for here, value in chained:
+            if not here:
+                assert isinstance(value, RuntimeError) and "dispatcher" in str(value)
     finally:
         pool.shutdown()
+
+
+def test_waiting_on_the_pool_in_its_dispatcher_thread_raises_at_once(ctx: object) -> None:
+    # A done-callback the dispatcher runs (it read the result: nobody waited)
+    # that waits on a new future of the same pool would stall every future of
+    # it: the stdlib's pool deadlocks there.  It raises instead, and the pool
+    # goes on.  A future already done, or of another pool, is fine there.
+    pool = duckpool.ProcessPoolExecutor(1, mp_context=ctx)  # type: ignore[arg-type]
+    other = duckpool.ProcessPoolExecutor(1, mp_context=ctx)  # type: ignore[arg-type]
+    try:
+        done_before = pool.submit(tasks.add, 0, 0)
+        done_before.result(TIMEOUT)
+        seen: list[object] = []
+        ran = threading.Event()
+
+        def wait_in_callback(_: object) -> None:
+            try:
+                seen.append(threading.current_thread().name)
+                seen.append(done_before.result(0))
+                seen.append(other.submit(tasks.add, 2, 2).result(TIMEOUT))
+                started = time.monotonic()
+                try:
+                    pool.submit(tasks.add, 1, 1).result()  # no timeout: forever
+                except RuntimeError as exc:
+                    seen.append((str(exc), time.monotonic() - started))
+            finally:
+                ran.set()
+
+        future = pool.submit(tasks.add, 3, 3)
+        future.add_done_callback(wait_in_callback)
+        assert ran.wait(TIMEOUT)
+        assert future.result(TIMEOUT) == 6
+        thread, already, elsewhere, (message, waited) = seen  # type: ignore[misc]
+        assert thread != threading.current_thread().name
+        assert (already, elsewhere) == (0, 4)
+        assert "dispatcher thread" in message and waited < 5
+        assert pool.submit(tasks.add, 5, 5).result(TIMEOUT) == 10  # the pool goes on
+    finally:
+        pool.shutdown()
+        other.shutdown()

@@ -48,6 +48,20 @@ ASSIST_GRACE_SECONDS = 0.5
 SPIN_SECONDS = 0.0005
 
 
+def _refuse_to_wait_in_dispatcher(future: Future[Any]) -> None:
+    """The pool's own dispatcher thread (running a done-callback) waits on one
+    of the pool's futures: that thread is what resolves them, so the wait
+    would stall the pool, forever or for its whole timeout.  Raise at once."""
+    if not future.done():
+        raise RuntimeError(
+            "result() or exception() on a pending future of this pool was called in "
+            "the pool's own dispatcher thread (a done-callback it ran): that thread "
+            "is what resolves the pool's futures, so the wait would stall the whole "
+            "pool and might never end; "
+            "wait elsewhere, or chain the work with add_done_callback"
+        )
+
+
 class Assists:
     """Lends a quiet slot's result pipe to the caller waiting on its task."""
 
@@ -95,9 +109,14 @@ class Assists:
         ``SPIN_SECONDS``, it polls without sleeping for up to twice that long
         first.  Deaths, deadlines and the other pipes stay the dispatcher's;
         what this thread has not read when it stops, the dispatcher reads next.
+
+        Raises ``RuntimeError`` in the dispatcher's own thread (a done-callback
+        it runs) while ``future`` is pending: that thread is what resolves it.
         """
         core = self._core
-        if core.lifecycle.inherited or not core.selector.can_pause or core.dispatcher.is_current():
+        if core.dispatcher.is_current():
+            _refuse_to_wait_in_dispatcher(future)
+        if core.lifecycle.inherited or not core.selector.can_pause:
             return
         # What this thread books, resolved once the pipe is given back: a
         # done-callback may wait on that pipe (a submit, then result()).
