@@ -155,6 +155,13 @@ def is_stopped(pid: int) -> bool:
     return _state(pid) in (b"T", b"t")
 
 
+def found_stopped(process: Any) -> bool:
+    """Is ``process`` (a handle with ``pid`` and ``is_alive()``) alive and
+    stopped?  One stopped can neither answer nor exit: its owner kills it."""
+    pid = process.pid
+    return pid is not None and process.is_alive() and is_stopped(pid)
+
+
 def runs(pid: int) -> bool:
     """Does process ``pid`` exist and has it not exited (a zombie has, where
     ``/proc`` tells)?  For a process this one cannot reap or watch through a

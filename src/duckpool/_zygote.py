@@ -412,8 +412,7 @@ class Zygote:
         """Once closed: wait for the zygote to exit (killing it after
         ``timeout``), and reap it (a standby is reaped by its zygote).  One
         stopped (SIGSTOP) cannot exit: it is killed at once."""
-        pid = self.process.pid
-        if pid is not None and self.process.is_alive() and _child.is_stopped(pid):
+        if _child.found_stopped(self.process):
             self.process.kill()
         self.process.join(timeout)
         if self.process.is_alive():

@@ -497,8 +497,7 @@ def reap(processes: list[WorkerProcess], grace: float) -> None:
     for process in processes:
         process.join(max(0.0, look - time.monotonic()))
     for process in processes:
-        pid = process.pid
-        if pid is not None and process.is_alive() and _child.is_stopped(pid):
+        if _child.found_stopped(process):
             signal_process(process, signal.SIGKILL)
     for process in processes:
         process.join(max(0.0, deadline - time.monotonic()))

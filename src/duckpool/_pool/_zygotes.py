@@ -238,8 +238,7 @@ class Zygotes:
             # (Without pidfds its sentinel is a pipe its workers hold too.)
             if ready or time.monotonic() >= deadline or not zygote.process.is_alive():
                 return False
-            pid = zygote.process.pid
-            if pid is not None and _child.is_stopped(pid):
+            if _child.found_stopped(zygote.process):
                 return False
 
     def on_started(self, zygote: _zygote.Zygote) -> bool:
@@ -447,8 +446,7 @@ class Zygotes:
         if now - self.asked_at < ANSWER_LOOK_SECONDS or now < self.look_at:
             return False
         self.look_at = now + ANSWER_LOOK_SECONDS
-        pid = zygote.process.pid
-        return pid is not None and _child.is_stopped(pid)
+        return _child.found_stopped(zygote.process)
 
     def finish(self) -> None:
         """Shutdown, no work left: the zygote exits once its workers have, the
