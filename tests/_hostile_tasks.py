@@ -167,3 +167,55 @@ def programs_see(listing_file: str) -> dict[str, object]:
         fd, target = line.split(" ", 1)
         python_saw[int(fd)] = target
     return {"held": held, "shell": shell_saw, "python": python_saw}
+
+
+def fork_whose_child_leaves_the_task(how: str) -> tuple[int, int, int]:
+    """Fork; the child comes back out of this task (``how``: "return",
+    "raise", or "exit" with code 3), as if it were the worker.  The task
+    waits for the child, and returns its own pid, the child's exit code and
+    the code it expected: the child must end as leaving the task asked."""
+    pid = os.fork()
+    if pid == 0:
+        if how == "raise":
+            raise ValueError("raised in the child")
+        if how == "exit":
+            sys.exit(3)
+        return (-1, -1, -1)  # an answer that must never reach the parent
+    _, status = os.waitpid(pid, 0)
+    return os.getpid(), os.waitstatus_to_exitcode(status), {"return": 0, "raise": 1}.get(how, 3)
+
+
+class _ForksWhenPickled:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        if os.fork() == 0:
+            return (str, ("from the child",))  # the child goes on to answer: it must not
+        os.wait()
+        return (str, ("from the worker",))
+
+
+def result_that_forks_when_pickled() -> object:
+    return _ForksWhenPickled()
+
+
+def answer_out_of_turn() -> str:
+    """Write a result frame for a task this worker is not running, through the
+    worker's own writer (as a process sharing its pipe could)."""
+    from duckpool import _progress, _protocol
+
+    assert _progress._send is not None
+    _progress._send(_protocol.encode_result(987654321, _protocol.STATUS_OK, b"\x80\x04N."))
+    time.sleep(60)  # killed long before
+    return "never"
+
+
+class _UnshowableError(Exception):
+    def __init__(self) -> None:
+        super().__init__()
+        self.unpicklable = lambda: None  # pickling it fails
+
+    def __str__(self) -> str:
+        raise SystemExit(9)  # and so does showing it, with what ends a process
+
+
+def raise_an_unshowable_unpicklable_error() -> None:
+    raise _UnshowableError()

@@ -271,3 +271,48 @@ def test_programs_a_task_runs_inherit_no_pool_descriptor(
     leaked = {fd: target for fd, target in seen[program].items() if pool_fds.get(fd) == target}
     assert leaked == {}, f"the program inherited the worker's {leaked} (it holds {pool_fds})"
     serves_then_shuts_down(pool)
+
+
+@pytest.mark.parametrize("how", ["return", "raise", "exit"])
+def test_a_process_the_task_forks_never_answers_for_the_worker(
+    pool: duckpool.ProcessPoolExecutor, tmp_path: Path, how: str
+) -> None:
+    # The child of a fork made in a task is a copy of the worker, mid-task.
+    # Coming back out of the task, it must end there (as leaving the task
+    # asked), not answer in the worker's place or go on reading its tasks.
+    with bystander(pool, tmp_path):
+        future = pool.submit(tasks.fork_whose_child_leaves_the_task, how)
+        assert resolves_within(future, PROMPTLY) is None
+        worker, child_code, expected = future.result()
+        assert worker in pool.worker_pids()
+        assert child_code == expected
+        # The worker goes on, alone on its pipes: no impostor runs a task.
+        ran_in = {pool.submit(os.getpid).result(TIMEOUT) for _ in range(6)}
+        assert ran_in <= set(pool.worker_pids()), (ran_in, pool.worker_pids())
+    assert pool.submit(tasks.result_that_forks_when_pickled).result(TIMEOUT) == "from the worker"
+    serves_then_shuts_down(pool)
+
+
+def test_an_answer_out_of_turn_costs_its_worker_not_the_pool(
+    pool: duckpool.ProcessPoolExecutor, tmp_path: Path
+) -> None:
+    # A frame for a task the worker is not running breaks only the trust in
+    # that worker's pipe: it is killed, its task fails, the pool goes on.
+    with bystander(pool, tmp_path):
+        error = resolves_within(pool.submit(tasks.answer_out_of_turn), PROMPTLY)
+    assert isinstance(error, duckpool.WorkerDiedError), repr(error)
+    assert "answered task 987654321" in str(error)
+    serves_then_shuts_down(pool)
+
+
+def test_an_error_that_can_be_neither_pickled_nor_shown_fails_only_its_task(
+    pool: duckpool.ProcessPoolExecutor, tmp_path: Path
+) -> None:
+    with bystander(pool, tmp_path):
+        wait_until(lambda: len(pool.worker_pids()) == 2, TIMEOUT)
+        before = set(pool.worker_pids())
+        error = resolves_within(pool.submit(tasks.raise_an_unshowable_unpicklable_error), PROMPTLY)
+        assert type(error) is RuntimeError, repr(error)
+        assert "_UnshowableError" in str(error) and "could not be pickled" in str(error)
+        assert set(pool.worker_pids()) == before  # no worker died of it
+    serves_then_shuts_down(pool)

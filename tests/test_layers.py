@@ -28,6 +28,7 @@ WORKER_SIDE = {
     "_worker",
     "_worker_logs",
     "_progress",
+    "_task_forks",
     "_protocol",
     "_marks",
     "_import_hooks",

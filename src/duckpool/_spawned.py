@@ -142,13 +142,13 @@ def _prepare(prep: dict[str, Any], extra: dict[str, Any]) -> None:
     if "dir" in prep:
         os.chdir(prep["dir"])
     _quiet_stdin()
-    from duckpool import _import_hooks, _worker
+    from duckpool import _import_hooks, _task_forks
 
     alive_fd = extra.get("alive_fd")
     if alive_fd is not None:
         # Where the parent has no pidfd, EOF on this pipe is how it sees the
         # worker exit: a process a task forks must not hold it open.
-        _worker.close_in_forks(alive_fd)
+        _task_forks.close_in_forks(alive_fd)
     # Before the main module runs: it may import multiprocessing itself.
     _import_hooks.after_import("multiprocessing", lambda: _adopt(prep, extra))
     if "init_main_from_name" in prep:

@@ -20,7 +20,7 @@ import _thread
 import os
 import sys
 
-from duckpool import _buffers, _progress
+from duckpool import _buffers, _progress, _task_forks
 from duckpool._marks import marks_array
 from duckpool._protocol import (
     STATUS_BUFFERS,
@@ -140,13 +140,20 @@ def dump_exception(exc: BaseException, dumps: Callable[..., bytes] = _pickle.dum
     """Pickle ``(exc, traceback_text)``, degrading to a picklable stand-in."""
     import traceback  # only when a task fails: it is not cheap to import
 
-    tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    def text(make: Callable[[], str]) -> str:  # (a hostile __str__ may raise anything)
+        try:
+            return make()
+        except BaseException as error:
+            return f"<not shown: {type(error).__qualname__} raised>"
+
+    tb_text = text(lambda: "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
     try:
         return dumps((exc, tb_text), _buffers.PROTOCOL)
     except BaseException as pickling_error:
+        why = pickling_error
         stand_in = RuntimeError(
-            f"the task raised {type(exc).__qualname__}: {exc!s} "
-            f"(the exception itself could not be pickled: {pickling_error!r})"
+            f"the task raised {type(exc).__qualname__}: {text(lambda: str(exc))} "
+            f"(the exception itself could not be pickled: {text(lambda: repr(why))})"
         )
         return _pickle.dumps((stand_in, tb_text), _buffers.PROTOCOL)
 
@@ -295,37 +302,6 @@ def close_on_exec(task_fd: int, result_fd: int) -> None:
             os.set_inheritable(fd, False)
         except OSError:  # closed already (the marks' memfd, once mapped)
             pass
-
-
-#: Descriptors closed in every process forked from this one (``close_in_forks``).
-_CLOSED_IN_FORKS: list[int] = []
-_close_in_forks_registered = False
-
-
-def close_in_forks(fd: int) -> None:
-    """Close ``fd`` in every process forked from this one from now on.
-
-    For the write end of the pipe whose EOF tells the parent that this
-    worker exited, where the parent has no pidfd (Linux before 5.3, some
-    sandboxes): a process a task forks, holding it, would hide the worker's
-    death from the parent for as long as it lives.  ``os.fork`` and what
-    uses it run the handler; an exec'd program never gets the descriptor
-    (``close_on_exec``).
-    """
-    global _close_in_forks_registered
-    _CLOSED_IN_FORKS.append(fd)
-    if not _close_in_forks_registered:  # (inherited with the list by a fork)
-        _close_in_forks_registered = True
-        os.register_at_fork(after_in_child=_close_in_forked_child)
-
-
-def _close_in_forked_child() -> None:
-    for fd in _CLOSED_IN_FORKS:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    _CLOSED_IN_FORKS.clear()
 
 
 def _ignore_interrupt(signum: int, frame: object) -> None:
@@ -580,6 +556,7 @@ def _serve(
     skip_cell = config.max_workers + slot
     rss = _rss_reader() if config.max_memory is not None else None
     global current_task_id
+    _task_forks.watch()
     while True:
         try:
             frames = recv()
@@ -643,6 +620,8 @@ def _run_one(
     try:
         result = fn(*args, **kwargs)
     except BaseException as exc:
+        if _task_forks.forked:
+            _task_forks.leave(exc)
         # SystemExit and KeyboardInterrupt raised by a task are that task's
         # outcome, not an order to this worker.
         if _progress.pending is not None:  # its last update, before its result
@@ -651,6 +630,8 @@ def _run_one(
         return True
     finally:
         del fn, args, kwargs
+    if _task_forks.forked:
+        _task_forks.leave(None)
     if _progress.pending is not None:
         _progress.flush()
     try:
@@ -661,6 +642,8 @@ def _run_one(
     except BaseException as exc:
         send(encode_result(task_id, STATUS_ERROR, dump_exception(exc)))
         return True
+    if _task_forks.forked:  # (forked by pickling the result)
+        _task_forks.leave(None)
     if not buffers:
         del result
         send(encode_result(task_id, STATUS_OK, payload))

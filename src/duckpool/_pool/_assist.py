@@ -68,9 +68,16 @@ class Assists:
     def __init__(self, core: Core) -> None:
         self._core: Core = weakref.proxy(core)
 
-    def poison(self, slot: Slot, cause: BaseException, writing: bool = False) -> None:
+    def poison(
+        self,
+        slot: Slot,
+        cause: Optional[BaseException],
+        writing: bool = False,
+        why: Optional[str] = None,
+    ) -> None:
         """The slot's result stream (or, ``writing``, its task stream) can no
-        longer be trusted: kill its worker.
+        longer be trusted: kill its worker.  ``cause``: the exception that
+        cut reading or writing short; else ``why`` says what happened.
 
         Its items that had started fail (with ``cause`` chained); the others
         are requeued, as after any worker death (``Supervisor.on_worker_exit``).
@@ -80,14 +87,14 @@ class Assists:
             process = slot.process
             if process is None or slot.poisoned is not None:
                 return
-            if writing:
-                what = f"writing it a task was interrupted ({cause!r}), so the task may "
-                what += "have reached it cut short"
-            else:
-                what = f"reading its results was interrupted ({cause!r}), so results it "
-                what += "had sent may be lost"
+            if why is None and writing:
+                why = f"the thread writing it a task was interrupted ({cause!r}), so the "
+                why += "task may have reached it cut short"
+            elif why is None:
+                why = f"the thread reading its results was interrupted ({cause!r}), so "
+                why += "results it had sent may be lost"
             slot.poisoned = WorkerDiedError(
-                f"worker {slot.index} (pid {process.pid}) was stopped: the thread {what}",
+                f"worker {slot.index} (pid {process.pid}) was stopped: {why}",
                 pid=process.pid,
                 slot=slot.index,
             )

@@ -173,6 +173,7 @@ class ResultBook:
         """Match result frames to the slot's items; return an initializer failure."""
         core = self._core
         now = time.monotonic()
+        stray: Optional[str] = None
         with core.lock:  # once for the whole batch
             if slot.reader is not reader:
                 # Closed meanwhile (the pool broke): its items are settled.
@@ -212,13 +213,13 @@ class ResultBook:
                         resolved.append((head, status, payload))
                     continue
                 item = assigned[0] if assigned else None
-                if item is None or item.task_id != int.from_bytes(
-                    view[: _protocol.TASK_ID_BYTES], "little"
-                ):
-                    raise RuntimeError(
-                        f"worker {slot.index} answered out of order "
-                        f"(expected task {item.task_id if item else None})"
-                    )
+                answered = int.from_bytes(view[: _protocol.TASK_ID_BYTES], "little")
+                if item is None or item.task_id != answered:
+                    # Not this worker's protocol: a process its task forked
+                    # writing to its pipe, say.  Nothing more it sends is trusted.
+                    running = "none" if item is None else f"task {item.task_id}"
+                    stray = f"it answered task {answered} while it ran {running}"
+                    break
                 # Booked before it leaves `assigned`: never in neither.
                 resolved.append((item, status, payload))
                 scheduler.complete(slot, now)
@@ -236,8 +237,10 @@ class ResultBook:
                 if quarantine.streaks:
                     quarantine.on_return(item.label)
             scheduler.booked(slot, since, now, answers)
-            if slot.process is not None and not (
-                core.lifecycle.shutdown_requested and not scheduler.pending
+            if (
+                stray is None
+                and slot.process is not None
+                and not (core.lifecycle.shutdown_requested and not scheduler.pending)
             ):
                 scheduler.refill(slot)
             # After the next calls are on their way: the workers need not wait.
@@ -245,6 +248,9 @@ class ResultBook:
             for index, (item, status, payload) in enumerate(resolved):
                 if type(payload) is _Undecoded:
                     resolved[index] = (item, status, copy_buffers(slot, payload.body))
+        if stray is not None:
+            why = f"{stray} (something in it wrote to its result pipe: a process its "
+            core.assists.poison(slot, None, why=why + "task forked, or the task itself)")
         return None
 
     def resolve_all(self, resolutions: list[Resolution]) -> None:

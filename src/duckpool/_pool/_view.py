@@ -129,7 +129,13 @@ class AssistsView(Protocol):
 
     def end_assist(self, slot: Slot, assist: Assist) -> None: ...
 
-    def poison(self, slot: Slot, cause: BaseException, writing: bool = False) -> None: ...
+    def poison(
+        self,
+        slot: Slot,
+        cause: Optional[BaseException],
+        writing: bool = False,
+        why: Optional[str] = None,
+    ) -> None: ...
 
 
 class LauncherView(Protocol):
