@@ -223,6 +223,7 @@ start_background() {
     (
         if [[ -n "$after" ]]; then
             while [[ ! -e "$work_dir/background-$after.done" ]]; do sleep 1; done
+            [[ ! -e "$work_dir/stopping" ]] || exit 143  # (stop_background: never start)
             echo "$SECONDS" >"$work_dir/background-$i.began"
         fi
         # A subshell that execs keeps SIGINT's default action (a bare `cmd &`
@@ -262,15 +263,21 @@ finish_background() {
 # stop_background: on an early exit, ends the background pytest runs (by pid).
 stop_background() {
     local i pid
+    : >"$work_dir/stopping"  # a run waiting for its turn (bg_after) never starts
     for i in "${!bg_pids[@]}"; do
         [[ -n "${bg_pids[$i]}" ]] || continue
         pid="$(cat "$work_dir/background-$i.pid" 2>/dev/null || true)"
         if [[ -n "$pid" ]]; then
             kill -TERM "$pid" 2>/dev/null || true
-        else  # still waiting for its turn (bg_after)
+        else  # still waiting for its turn (bg_after), or just starting
             kill -TERM "${bg_pids[$i]}" 2>/dev/null || true
         fi
         wait "${bg_pids[$i]}" 2>/dev/null || true
+        # (Started just before its subshell was stopped: its pytest is still there.)
+        if [[ -z "$pid" ]]; then
+            pid="$(cat "$work_dir/background-$i.pid" 2>/dev/null || true)"
+            [[ -z "$pid" ]] || kill -TERM "$pid" 2>/dev/null || true
+        fi
         echo "test.sh: stopped the background run (${bg_labels[$i]})" >&2
         bg_pids[i]=""
     done

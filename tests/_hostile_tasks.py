@@ -186,15 +186,44 @@ def fork_whose_child_leaves_the_task(how: str) -> tuple[int, int, int]:
 
 
 class _ForksWhenPickled:
+    def __init__(self, how: str) -> None:
+        self.how = how
+
     def __reduce__(self) -> tuple[object, tuple[str]]:
-        if os.fork() == 0:
-            return (str, ("from the child",))  # the child goes on to answer: it must not
+        if os.fork() == 0:  # the child goes on to answer: it must not
+            if self.how == "exit":
+                sys.exit(0)
+            return (str, ("from the child",))
         os.wait()
         return (str, ("from the worker",))
 
 
-def result_that_forks_when_pickled() -> object:
-    return _ForksWhenPickled()
+def result_that_forks_when_pickled(how: str) -> object:
+    """A result whose pickling forks; the child returns ("return") or exits."""
+    return _ForksWhenPickled(how)
+
+
+def log_pid_and_fork_on_zero(log: str, x: int) -> int:
+    """A ``map`` call that notes which process ran it; the one for 0 forks a
+    child that comes back out of the call (by ``sys.exit`` if ``x`` is 0 and
+    the log's name ends in "exit", else by returning)."""
+    with open(log, "a") as f:
+        f.write(f"{os.getpid()} {x}\n")
+    if x == 0:
+        pid = os.fork()
+        if pid == 0:
+            if log.endswith("exit"):
+                sys.exit(0)
+            return -1
+        os.waitpid(pid, 0)
+    return x
+
+
+def init_fork_whose_child_returns() -> None:
+    """An initializer that forks; the child returns from it, as the worker does."""
+    pid = os.fork()
+    if pid:
+        os.waitpid(pid, 0)
 
 
 def answer_out_of_turn() -> str:

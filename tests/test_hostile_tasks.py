@@ -13,6 +13,7 @@ bystander task runs on the other worker.  Whatever the hostile task does:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import threading
@@ -289,8 +290,45 @@ def test_a_process_the_task_forks_never_answers_for_the_worker(
         # The worker goes on, alone on its pipes: no impostor runs a task.
         ran_in = {pool.submit(os.getpid).result(TIMEOUT) for _ in range(6)}
         assert ran_in <= set(pool.worker_pids()), (ran_in, pool.worker_pids())
-    assert pool.submit(tasks.result_that_forks_when_pickled).result(TIMEOUT) == "from the worker"
     serves_then_shuts_down(pool)
+
+
+@pytest.mark.parametrize("how", ["return", "exit"])
+def test_a_process_forked_while_a_result_is_pickled_never_answers(
+    pool: duckpool.ProcessPoolExecutor, how: str
+) -> None:
+    for _ in range(2):
+        future = pool.submit(tasks.result_that_forks_when_pickled, how)
+        assert future.result(TIMEOUT) == "from the worker"
+    ran_in = {pool.submit(os.getpid).result(TIMEOUT) for _ in range(6)}
+    assert ran_in <= set(pool.worker_pids()), (ran_in, pool.worker_pids())
+    serves_then_shuts_down(pool)
+
+
+@pytest.mark.parametrize("chunksize", [None, 5], ids=["automatic", "chunksize-5"])
+@pytest.mark.parametrize("how", ["return", "exit"])
+def test_a_process_a_map_call_forks_runs_none_of_the_chunk_s_other_calls(
+    ctx: Any, tmp_path: Path, how: str, chunksize: Any
+) -> None:
+    # Every call of the map runs once, in the worker; the forked child stops
+    # where its call ends.
+    log = tmp_path / f"calls-{how}"
+    with duckpool.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        calls = functools.partial(tasks.log_pid_and_fork_on_zero, str(log))
+        extra = {} if chunksize is None else {"chunksize": chunksize}
+        assert list(pool.map(calls, range(5), timeout=TIMEOUT, **extra)) == [0, 1, 2, 3, 4]
+        (worker,) = pool.worker_pids()
+    ran = [line.split() for line in log.read_text().splitlines()]
+    assert sorted(int(x) for _, x in ran) == [0, 1, 2, 3, 4], ran
+    assert {int(pid) for pid, _ in ran} == {worker}, ran
+
+
+def test_a_process_the_initializer_forks_never_serves_tasks(ctx: Any) -> None:
+    with duckpool.ProcessPoolExecutor(
+        1, mp_context=ctx, initializer=tasks.init_fork_whose_child_returns
+    ) as pool:
+        ran_in = {pool.submit(os.getpid).result(TIMEOUT) for _ in range(8)}
+        assert ran_in == set(pool.worker_pids()), (ran_in, pool.worker_pids())
 
 
 def test_an_answer_out_of_turn_costs_its_worker_not_the_pool(

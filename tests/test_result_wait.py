@@ -444,7 +444,9 @@ def test_a_done_callback_run_by_a_waiting_thread_may_wait_on_the_same_worker(
         pool.shutdown()
 
 
-def test_waiting_on_the_pool_in_its_dispatcher_thread_raises_at_once(ctx: object) -> None:
+def test_waiting_on_the_pool_in_its_dispatcher_thread_raises_at_once(
+    ctx: object, tmp_path: Path
+) -> None:
     # A done-callback the dispatcher runs (it read the result: nobody waited)
     # that waits on a new future of the same pool would stall every future of
     # it: the stdlib's pool deadlocks there.  It raises instead, and the pool
@@ -470,10 +472,12 @@ def test_waiting_on_the_pool_in_its_dispatcher_thread_raises_at_once(ctx: object
             finally:
                 ran.set()
 
-        future = pool.submit(tasks.add, 3, 3)
-        future.add_done_callback(wait_in_callback)
+        gate = tmp_path / "gate"
+        future = pool.submit(tasks.wait_for_file, str(gate))
+        future.add_done_callback(wait_in_callback)  # (pending: the task waits for the gate)
+        gate.touch()
         assert ran.wait(TIMEOUT)
-        assert future.result(TIMEOUT) == 6
+        assert future.result(TIMEOUT) == "released"
         thread, already, elsewhere, (message, waited) = seen  # type: ignore[misc]
         assert thread != threading.current_thread().name
         assert (already, elsewhere) == (0, 4)

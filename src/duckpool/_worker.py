@@ -179,10 +179,11 @@ def run_chunk(fn: Callable[..., Any], columns: Columns) -> list[Any]:
     """Apply ``fn`` to each call of a ``map`` chunk; the first error ends it."""
     results: list[Any] = []
     _progress.chunk = results  # (its length: the calls done, for progress reports)
+    _task_forks.chunk = columns  # (emptied in a process a call forks)
     try:
         results.extend(map(fn, *columns))
     finally:
-        _progress.chunk = None
+        _progress.chunk = _task_forks.chunk = None
     return results
 
 
@@ -217,6 +218,7 @@ def run_items(fn: Callable[..., Any], columns: Columns) -> list[Any]:
     """
     results: list[Any] = []
     _progress.chunk = results  # (its length: the calls done, for progress reports)
+    _task_forks.chunk = columns  # (emptied in a process a call forks)
     calls = map(fn, *columns)
     try:
         while True:
@@ -227,12 +229,14 @@ def run_items(fn: Callable[..., Any], columns: Columns) -> list[Any]:
                 results.extend(calls)
                 return results
             except BaseException as exc:  # a task's outcome, as in _run_one
+                if _task_forks.forked:
+                    raise  # (out of a process the call forked: _run_one ends it)
                 if type(results) is list:
                     results = PartlyFailed(results)
                     _progress.chunk = results
                 results.append(ItemError(dump_exception(exc)))
     finally:
-        _progress.chunk = None
+        _progress.chunk = _task_forks.chunk = None
 
 
 def watch_parent(parent_pid: int) -> None:
@@ -420,6 +424,7 @@ def worker_main(
         os.close(fd)
     result_fd = result_conn.fileno()
     close_on_exec(task_conn.fileno(), result_fd)
+    _task_forks.guard(task_conn.fileno(), result_fd)
     _prepare(config)
 
     send = serial_writer(result_fd)  # (the task's threads may log while a result goes)
@@ -433,6 +438,8 @@ def worker_main(
         try:
             config.initializer(*config.initargs)
         except BaseException as exc:
+            if _task_forks.forked:
+                _task_forks.leave(exc)
             import logging
 
             # The standard library logs here too; keeping its logger name lets
@@ -442,6 +449,8 @@ def worker_main(
             )
             send(encode_result(0, STATUS_INIT_FAILED, dump_exception(exc)))
             return
+        if _task_forks.forked:
+            _task_forks.leave(None)
     area, offer = _buffers.create_area()
     try:
         send(encode_result(0, STATUS_READY, offer))
@@ -556,7 +565,6 @@ def _serve(
     skip_cell = config.max_workers + slot
     rss = _rss_reader() if config.max_memory is not None else None
     global current_task_id
-    _task_forks.watch()
     while True:
         try:
             frames = recv()
