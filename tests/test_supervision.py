@@ -597,6 +597,32 @@ def test_a_stopped_zygote_is_taken_for_hung_and_its_standby_takes_over(
         pool.shutdown()
 
 
+def test_a_zygote_stopped_while_it_owes_a_worker_s_exit_is_replaced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A recycled worker's exit reaches the pool only through its zygote's
+    # report, and its replacement is asked for once that report is in: a
+    # zygote stopped then owes nothing but the report.  Found stopped with it
+    # overdue, the zygote is killed and its standby (or, without pidfds,
+    # spawned workers) takes over.
+    from duckpool._pool import _zygotes
+
+    monkeypatch.setattr(_zygotes, "ANSWER_LOOK_SECONDS", 0.1)
+    pool = duckpool.ProcessPoolExecutor(
+        1, multiprocessing.get_context("fork"), max_tasks_per_child=1
+    )
+    try:
+        assert pool.submit(tasks.add, 1, 1).result(TIMEOUT) == 2  # forked by the parent
+        assert pool.submit(tasks.add, 2, 1).result(TIMEOUT) == 3  # by the zygote
+        zygote = helper_pids(pool)["zygote"]
+        os.kill(zygote, signal.SIGSTOP)
+        futures = [pool.submit(tasks.add, i, 1) for i in range(4)]
+        assert [f.result(TIMEOUT) for f in futures] == [1, 2, 3, 4]
+        wait_until(lambda: process_gone(zygote), TIMEOUT)
+    finally:
+        pool.shutdown()
+
+
 def test_without_epoll_the_pool_serves_and_heals(
     ctx: multiprocessing.context.BaseContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -286,6 +286,8 @@ def _fork_standby(
     try:
         reply = REPLY.pack(STANDBY, process.pid)
         socket.send_fds(control, [reply], [channels.control.fileno(), channels.notices_r])
+    except (BrokenPipeError, ConnectionResetError):  # (as in _start_one)
+        process.kill()
     finally:
         channels.control.close()
         os.close(channels.notices_r)
@@ -332,7 +334,13 @@ def _start_one(
         return None
     workers[process.sentinel] = process
     reply = REPLY.pack(config.slot, process.pid)
-    socket.send_fds(control, [reply], [task_w.fileno(), result_r.fileno()])
-    task_w.close()
-    result_r.close()
+    try:
+        socket.send_fds(control, [reply], [task_w.fileno(), result_r.fileno()])
+    except (BrokenPipeError, ConnectionResetError):
+        # The parent closed its end (it shut down, or gave up on this
+        # zygote): the worker can have no task.  The next read sees EOF.
+        process.kill()
+    finally:
+        task_w.close()
+        result_r.close()
     return int(process.sentinel)

@@ -306,12 +306,12 @@ class Launcher:
         stopped answering as dead; seconds until a start, the zygotes or an
         exit poll need the dispatcher (None: nothing is due)."""
         zygotes = self._core.zygotes
-        if zygotes.asked_at is not None:
+        if zygotes.asked_at is not None or zygotes.exits_due:
             zygotes.check_answers(now)
         wait = None
         if self.failing_since is not None:
             wait = max(0.0, self.retry_at - now)
-        if zygotes.standby_due or zygotes.asked_at is not None:
+        if zygotes.standby_due or zygotes.asked_at is not None or zygotes.exits_due:
             due = zygotes.wake_in(now)
             if due is not None and (wait is None or due < wait):
                 wait = due

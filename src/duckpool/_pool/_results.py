@@ -115,6 +115,7 @@ class ResultBook:
                         core.selector.unregister(slot.result_conn)
                     except (KeyError, ValueError):
                         pass
+                    core.zygotes.expect_exit(slot.process, time.monotonic())
                 if frames:
                     init_failure = self._book(slot, reader, frames, resolved)
                     if helper is not None and (

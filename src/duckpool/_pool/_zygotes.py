@@ -33,7 +33,7 @@ import os
 import time
 import weakref
 from multiprocessing import connection as mp_connection
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from duckpool import _child, _zygote, _zygote_process
 from duckpool._pool._slots import WorkerExit, ZygoteTag
@@ -84,6 +84,9 @@ class Zygotes:
         self.asked_at: Optional[float] = None
         #: When the zygote may next be looked at for being stopped (monotonic).
         self.look_at = 0.0
+        #: Workers the zygote reports the exits of, whose result pipes read
+        #: as closed: pid -> since when (``expect_exit``).
+        self.exits_due: dict[int, float] = {}
         #: The pool has shut down with no work left: the zygotes are leaving.
         self.finishing = False
         #: When the zygote is to be asked for a standby (monotonic; 0: not
@@ -139,7 +142,17 @@ class Zygotes:
         if self.asked_at is not None:
             due.append(self.asked_at + ANSWER_SECONDS)
             due.append(max(self.asked_at + ANSWER_LOOK_SECONDS, self.look_at))
+        if self.exits_due:
+            due.append(max(min(self.exits_due.values()) + ANSWER_LOOK_SECONDS, self.look_at))
         return max(0.0, min(due) - now) if due else None
+
+    def expect_exit(self, process: Any, now: float) -> None:
+        """``process``'s result pipe reads as closed: if the zygote reports
+        its exit, that report is due (a stopped zygote never sends it: see
+        ``check_answers``)."""
+        zygote = self.zygote
+        if zygote is not None and getattr(process, "pid", None) in zygote.children:
+            self.exits_due.setdefault(process.pid, now)
 
     def after_pass(self, now: float) -> None:
         """The dispatcher's pass is over: a zygote without a standby asks
@@ -339,6 +352,8 @@ class Zygotes:
         """Worker exits ``zygote`` reported; if it died itself, its standby takes over."""
         core = self._core
         exited_children = zygote.read_notices()
+        for child in exited_children:
+            self.exits_due.pop(child.pid, None)
         with core.lock:
             exited = [s for s in core.slots if s.process in exited_children]
             successors = core.successors
@@ -366,6 +381,8 @@ class Zygotes:
         exited: list[Slot] = []
         with core.lock:
             orphans = zygote.orphan_children()
+            for child in orphans:
+                self.exits_due.pop(child.pid, None)  # (seen through pidfds from now on)
             zygote.close()
             zygote.process.is_alive()  # reaps the zygote now, if it is this process's child
             self.retired.append(zygote)
@@ -413,9 +430,19 @@ class Zygotes:
 
     def check_answers(self, now: float) -> None:
         """Kill a zygote that has left the pool's requests unanswered for
-        ANSWER_SECONDS (stuck), or ANSWER_LOOK_SECONDS if found stopped: its
-        death hands over to its standby, whose workers start instead
+        ANSWER_SECONDS (stuck), or ANSWER_LOOK_SECONDS if found stopped, or
+        that is found stopped with a worker's exit report ANSWER_LOOK_SECONDS
+        due: its death hands over to its standby, whose workers start instead
         (dispatcher, lock held)."""
+        if self.exits_due and self.zygote is not None:
+            since = min(self.exits_due.values())
+            if now - since >= ANSWER_LOOK_SECONDS and now >= self.look_at:
+                self.look_at = now + ANSWER_LOOK_SECONDS
+                if _child.found_stopped(self.zygote.process):
+                    self.exits_due.clear()  # (its orphans are watched through pidfds)
+                    self.asked_at = None
+                    self.kill_hung(self.zygote)  # its sentinel fires: on_zygote_death
+                    return
         if self.asked_at is None:
             return
         if not any(slot.requested for slot in self._core.slots):
