@@ -251,6 +251,28 @@ def test_stopped_worker_killed_from_outside_fails_its_task(
     serves_then_shuts_down(pool)
 
 
+def test_shutdown_kills_a_worker_found_stopped_in_the_middle_of_a_task(
+    pool: duckpool.ProcessPoolExecutor, tmp_path: Path, short_graces: None
+) -> None:
+    # While the pool runs, a stopped busy worker is left alone (above); a
+    # shutdown would wait for its task for ever: found stopped at two looks
+    # in a row, it is killed, its task fails saying why, the others finish.
+    pid_file = tmp_path / "pid"
+    with bystander(pool, tmp_path):
+        future = pool.submit(tasks.report_pid_then_sleep, str(pid_file))
+        worker = read_pid(pid_file)
+        os.kill(worker, signal.SIGSTOP)
+        wait_until(lambda: is_stopped(worker), TIMEOUT)
+        stopper = threading.Thread(target=pool.shutdown, name="shutdown", daemon=True)
+        stopper.start()
+        error = resolves_within(future, PROMPTLY)
+    assert isinstance(error, duckpool.WorkerDiedError), repr(error)
+    assert error.pid == worker and "found stopped" in str(error)
+    stopper.join(SHUTDOWN_DEADLINE)
+    assert not stopper.is_alive(), f"shutdown() still runs after {SHUTDOWN_DEADLINE} s"
+    assert process_gone(worker)
+
+
 @pytest.mark.parametrize("program", ["shell", "python"])
 def test_programs_a_task_runs_inherit_no_pool_descriptor(
     pool: duckpool.ProcessPoolExecutor, tmp_path: Path, program: str

@@ -16,9 +16,12 @@ Five kinds, all per slot, all computed afresh from the slots on each pass
   not taken up; the worker is killed if it is stopped (SIGSTOP while idle:
   what it holds would never run, nor would a shutdown that waits for it
   end).  Its items go to the next workers: none had started.  A worker
-  stopped in the middle of a task is left alone, as a long task is.  The
-  dispatcher never sleeps longer than ``TAKE_UP_SECONDS``: a caller may
-  hand an item straight to an idle worker while it sleeps;
+  stopped in the middle of a task is left alone while the pool runs, as a
+  long task is; once the pool shuts down, one found stopped at two looks in
+  a row is killed, and its task fails (a shutdown, or the interpreter's
+  exit, would wait for it for ever).  The dispatcher never sleeps longer
+  than ``TAKE_UP_SECONDS``: a caller may hand an item straight to an idle
+  worker while it sleeps;
 * a worker's start-up: one that is not ready ``START_CHECK_SECONDS`` after it
   was installed is looked at every ``START_CHECK_SECONDS``, and killed if it
   is stopped (SIGSTOP, a debugger: it would hold the task sent to it for
@@ -47,7 +50,7 @@ import weakref
 from typing import TYPE_CHECKING, Optional
 
 from duckpool import _child
-from duckpool._errors import TaskTimeoutError
+from duckpool._errors import TaskTimeoutError, WorkerDiedError
 from duckpool._pool._assist import ASSIST_GRACE_SECONDS
 from duckpool._pool._supervisor import KILL_GRACE_SECONDS, signal_process
 
@@ -75,6 +78,9 @@ class Deadlines:
         #: When each slot's worker may next be looked at for being stopped
         #: (``_check_taken_up``), by slot index.
         self._looks: dict[int, float] = {}
+        #: Slots whose worker was found stopped mid-task at the last look
+        #: since the pool shut down (``_check_running``).
+        self._stopped_running: set[int] = set()
 
     def check(self, now: float) -> Optional[float]:
         """Act on what is due; seconds until the next deadline, at most
@@ -150,6 +156,8 @@ class Deadlines:
             return first_look
         marks = self._core.marks
         if marks[slot.index] == head.task_id:
+            if self._core.lifecycle.shutdown_requested:
+                return self._check_running(slot, head, now)
             return math.inf  # running: what happens to it is the task's business
         process = slot.process
         if process is None or process.pid is None:
@@ -159,6 +167,31 @@ class Deadlines:
         # just before it was stopped, and then it is mid-task.)
         if _child.is_stopped(process.pid) and marks[slot.index] != head.task_id:
             # Its items go back to the queue when it has exited (none started).
+            signal_process(process, signal.SIGKILL)
+            return None
+        return now + TAKE_UP_SECONDS
+
+    def _check_running(self, slot: Slot, head: WorkItem, now: float) -> Optional[float]:
+        """The pool shuts down: kill ``slot``'s worker if it is found stopped
+        in the middle of ``head`` at two looks in a row (one is not enough: a
+        whole process group resumed by SIGCONT is not all awake at once)."""
+        process = slot.process
+        if process is None or process.pid is None:
+            return math.inf
+        self._looks[slot.index] = now + TAKE_UP_SECONDS
+        if not _child.is_stopped(process.pid):
+            self._stopped_running.discard(slot.index)
+        elif slot.index not in self._stopped_running:
+            self._stopped_running.add(slot.index)
+        else:
+            self._stopped_running.discard(slot.index)
+            slot.poisoned = WorkerDiedError(
+                f"worker {slot.index} (pid {process.pid}) was killed: it was found stopped "
+                f"(SIGSTOP, a debugger) in the middle of task {head.label} while the pool "
+                "shut down, and nothing would ever have resumed it",
+                pid=process.pid,
+                slot=slot.index,
+            )
             signal_process(process, signal.SIGKILL)
             return None
         return now + TAKE_UP_SECONDS
