@@ -223,6 +223,26 @@ def test_a_stopped_fork_server_does_not_hang_the_pool(short_graces: None, watche
         pool.shutdown()
 
 
+def test_shutdown_kills_a_fork_server_found_stopped(watched: str) -> None:
+    # Stopped while the pool is idle, the server is looked at by no start;
+    # it would outlive the program (it leaves once it reads EOF).
+    pool = duckpool.ProcessPoolExecutor(2, multiprocessing.get_context("forkserver"))
+    server: Optional[int] = None
+    try:
+        assert pool.submit(tasks.add, 1, 1).result(TIMEOUT) == 2
+        server = fork_server_pid()
+        assert server is not None
+        os.kill(server, signal.SIGSTOP)
+        wait_until(lambda: _child.is_stopped(server), TIMEOUT)
+    finally:
+        pool.shutdown()
+    wait_until(lambda: process_gone(server), TIMEOUT)  # (SIGKILL takes a moment)
+    # The next pool starts a new server.
+    with duckpool.ProcessPoolExecutor(1, multiprocessing.get_context("forkserver")) as again:
+        assert again.submit(tasks.add, 2, 2).result(TIMEOUT) == 4
+    assert fork_server_pid() != server
+
+
 def test_a_worker_stopped_before_it_is_ready_is_replaced(
     ctx: multiprocessing.context.BaseContext, tmp_path: Path, short_graces: None
 ) -> None:

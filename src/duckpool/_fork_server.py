@@ -16,6 +16,9 @@ and ``multiprocessing`` starts a new server for the retry.  A server that is
 merely slow (importing a heavy ``__main__`` before it can fork) is never
 killed: only a stopped one is.  Workers the old server forked live on (the
 pool watches them through their pidfds, or else their pids: ``_child.served``).
+A pool's shutdown kills a stopped server too (``kill_if_stopped``): it could
+serve no one, and it would outlive the program, which it leaves only once it
+reads EOF.
 
 ``preload_worker_module`` has the server import duckpool's worker module
 once, as it starts, for every worker it forks.
@@ -147,10 +150,12 @@ class _StartWatch:
                 for token, due in self._due.items():
                     if due <= now:
                         self._due[token] = now + CHECK_SECONDS
-                _kill_if_stopped()
+                kill_if_stopped()
 
 
-def _kill_if_stopped() -> None:
+def kill_if_stopped() -> None:
+    """Kill this process's fork server if it is stopped: it could serve no
+    one, and it would outlive the program (it leaves when it reads EOF)."""
     pid = server_pid()
     if pid is not None and _child.is_stopped(pid):
         try:

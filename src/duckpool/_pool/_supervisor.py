@@ -374,6 +374,8 @@ class Supervisor:
         with core.lock:
             spares = list(core.successors.leaving)
         core.zygotes.finish()
+        if method == "forkserver":
+            _fork_server.kill_if_stopped()
         reap(processes + [spare.process for spare in spares], grace)
         with core.lock:
             for slot in core.slots:
