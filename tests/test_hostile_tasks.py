@@ -234,15 +234,21 @@ def test_timeout_resolves_a_task_whose_worker_is_stopped(
     serves_then_shuts_down(pool)
 
 
+def stop_mid_task(pool: duckpool.ProcessPoolExecutor, tmp_path: Path) -> tuple[Future[Any], int]:
+    """A task's future and its worker's pid, the worker stopped (SIGSTOP) in the task."""
+    pid_file = tmp_path / "pid"
+    future = pool.submit(tasks.report_pid_then_sleep, str(pid_file))
+    worker = read_pid(pid_file)
+    os.kill(worker, signal.SIGSTOP)
+    wait_until(lambda: is_stopped(worker), TIMEOUT)
+    return future, worker
+
+
 def test_stopped_worker_killed_from_outside_fails_its_task(
     pool: duckpool.ProcessPoolExecutor, tmp_path: Path
 ) -> None:
-    pid_file = tmp_path / "pid"
     with bystander(pool, tmp_path):
-        future = pool.submit(tasks.report_pid_then_sleep, str(pid_file))
-        worker = read_pid(pid_file)
-        os.kill(worker, signal.SIGSTOP)
-        wait_until(lambda: is_stopped(worker), TIMEOUT)
+        future, worker = stop_mid_task(pool, tmp_path)
         assert not future.done()  # stopped is not dead
         os.kill(worker, signal.SIGKILL)
         error = resolves_within(future, PROMPTLY)
@@ -257,12 +263,8 @@ def test_shutdown_kills_a_worker_found_stopped_in_the_middle_of_a_task(
     # While the pool runs, a stopped busy worker is left alone (above); a
     # shutdown would wait for its task for ever: found stopped at two looks
     # in a row, it is killed, its task fails saying why, the others finish.
-    pid_file = tmp_path / "pid"
     with bystander(pool, tmp_path):
-        future = pool.submit(tasks.report_pid_then_sleep, str(pid_file))
-        worker = read_pid(pid_file)
-        os.kill(worker, signal.SIGSTOP)
-        wait_until(lambda: is_stopped(worker), TIMEOUT)
+        future, worker = stop_mid_task(pool, tmp_path)
         stopper = threading.Thread(target=pool.shutdown, name="shutdown", daemon=True)
         stopper.start()
         error = resolves_within(future, PROMPTLY)

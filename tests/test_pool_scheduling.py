@@ -100,6 +100,8 @@ class _Pool:
         self.assists = self
         self.supervisor = self
         self.elastic = _NotElastic()
+        self.lifecycle = _Lifecycle()
+        self.condemned: list[tuple[Slot, str]] = []
 
     def wake(self) -> None:
         self.wakes += 1
@@ -107,12 +109,20 @@ class _Pool:
     def end_assist(self, slot: Slot, assist: Assist) -> None:
         self.ended_assists.append(slot)
 
+    def condemn(self, slot: Slot, what: str, cause: Optional[BaseException] = None) -> Any:
+        self.condemned.append((slot, what))
+        return slot.process
+
     def stop_worker(self, slot: Slot, item: WorkItem, error: BaseException) -> None:
         self.stopped.append((slot, item, error))
 
 
 class _NotElastic:
     enabled = False
+
+
+class _Lifecycle:
+    shutdown_requested = False
 
 
 _ids = iter(range(1, 1_000_000))
@@ -455,6 +465,39 @@ def test_a_stopped_worker_is_killed_if_it_never_took_up_its_first_item(
     assert process.signals == []
     deadlines.check(now=TAKE_UP_SECONDS)
     assert process.signals == ([] if taken_up else [signal.SIGKILL])
+
+
+def test_once_the_pool_shuts_down_a_worker_stopped_mid_task_is_killed_at_the_second_look(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Found stopped once, it may be about to resume (a process group given
+    # SIGCONT); found stopped again TAKE_UP_SECONDS later, it is killed.
+    from duckpool import _child
+
+    pool = _Pool(1)
+    slot = pool.slots[0]
+    process = slot.process
+    assert isinstance(process, _Process)
+    process.pid = 4242  # type: ignore[assignment]
+    stopped = {4242}
+    monkeypatch.setattr(_child, "is_stopped", lambda pid: pid in stopped)
+    item = _item()
+    slot.assigned.append(item)
+    slot.head_since = 0.0
+    pool.marks[0] = item.task_id  # running
+    deadlines = _deadlines(pool)
+    deadlines.check(now=10.0)
+    assert process.signals == []  # the pool runs: left alone
+    pool.lifecycle.shutdown_requested = True
+    deadlines.check(now=20.0)
+    stopped.clear()  # resumed between two looks: the count starts again
+    deadlines.check(now=20.0 + TAKE_UP_SECONDS)
+    stopped.add(4242)
+    deadlines.check(now=20.0 + 2 * TAKE_UP_SECONDS)
+    assert process.signals == [] and not pool.condemned
+    deadlines.check(now=20.0 + 3 * TAKE_UP_SECONDS)
+    assert process.signals == [signal.SIGKILL]
+    assert [(s, "found stopped" in what) for s, what in pool.condemned] == [(slot, True)]
 
 
 def test_a_stopped_worker_gets_sigkill_after_its_grace() -> None:

@@ -31,7 +31,7 @@ from duckpool._pool._supervisor import signal_process
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
-    from duckpool._pool._slots import Resolution, Slot
+    from duckpool._pool._slots import Resolution, Slot, WorkerProcess
     from duckpool._pool._view import Core
 
 #: How long a thread blocked in ``result()`` reads its task's result pipe
@@ -83,24 +83,32 @@ class Assists:
         are requeued, as after any worker death (``Supervisor.on_worker_exit``).
         """
         core = self._core
+        if why is None and writing:
+            why = f"the thread writing it a task was interrupted ({cause!r}), so the "
+            why += "task may have reached it cut short"
+        elif why is None:
+            why = f"the thread reading its results was interrupted ({cause!r}), so "
+            why += "results it had sent may be lost"
         with core.lock:
-            process = slot.process
-            if process is None or slot.poisoned is not None:
-                return
-            if why is None and writing:
-                why = f"the thread writing it a task was interrupted ({cause!r}), so the "
-                why += "task may have reached it cut short"
-            elif why is None:
-                why = f"the thread reading its results was interrupted ({cause!r}), so "
-                why += "results it had sent may be lost"
-            slot.poisoned = WorkerDiedError(
-                f"worker {slot.index} (pid {process.pid}) was stopped: {why}",
-                pid=process.pid,
-                slot=slot.index,
-            )
-            slot.poisoned.__cause__ = cause
-        signal_process(process, signal.SIGKILL)
-        core.wake()
+            process = self.condemn(slot, f"was stopped: {why}", cause)
+        if process is not None:
+            signal_process(process, signal.SIGKILL)
+            core.wake()
+
+    def condemn(
+        self, slot: Slot, what: str, cause: Optional[BaseException] = None
+    ) -> Optional[WorkerProcess]:
+        """Make ``slot``'s worker poisoned, with the error its started items
+        get ("worker N (pid P) " + ``what``), and return it for its caller to
+        kill; None if it has none, or is poisoned already (lock held)."""
+        process = slot.process
+        if process is None or slot.poisoned is not None:
+            return None
+        slot.poisoned = WorkerDiedError(
+            f"worker {slot.index} (pid {process.pid}) {what}", pid=process.pid, slot=slot.index
+        )
+        slot.poisoned.__cause__ = cause
+        return process
 
     def help_resolve(self, future: Future[Any], timeout: Optional[float]) -> None:
         """Wait for ``future`` by reading its worker's result pipe in this thread.

@@ -50,7 +50,7 @@ import weakref
 from typing import TYPE_CHECKING, Optional
 
 from duckpool import _child
-from duckpool._errors import TaskTimeoutError, WorkerDiedError
+from duckpool._errors import TaskTimeoutError
 from duckpool._pool._assist import ASSIST_GRACE_SECONDS
 from duckpool._pool._supervisor import KILL_GRACE_SECONDS, signal_process
 
@@ -185,14 +185,13 @@ class Deadlines:
             self._stopped_running.add(slot.index)
         else:
             self._stopped_running.discard(slot.index)
-            slot.poisoned = WorkerDiedError(
-                f"worker {slot.index} (pid {process.pid}) was killed: it was found stopped "
-                f"(SIGSTOP, a debugger) in the middle of task {head.label} while the pool "
-                "shut down, and nothing would ever have resumed it",
-                pid=process.pid,
-                slot=slot.index,
+            condemned = self._core.assists.condemn(
+                slot,
+                "was killed: it was found stopped (SIGSTOP, a debugger) in the middle of "
+                f"task {head.label} while the pool shut down, and nothing would resume it",
             )
-            signal_process(process, signal.SIGKILL)
+            if condemned is not None:
+                signal_process(condemned, signal.SIGKILL)
             return None
         return now + TAKE_UP_SECONDS
 

@@ -127,6 +127,10 @@ class ResultsView(Protocol):
 class AssistsView(Protocol):
     """``_assist.Assists``, as the other owners use it."""
 
+    def condemn(
+        self, slot: Slot, what: str, cause: Optional[BaseException] = None
+    ) -> Optional[WorkerProcess]: ...
+
     def end_assist(self, slot: Slot, assist: Assist) -> None: ...
 
     def poison(
