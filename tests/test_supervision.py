@@ -340,12 +340,20 @@ release = threading.Event()
 marker = sys.argv[1]
 
 
+forks = 0  # (made here so far: a child sees how many came before it)
+
+
+def count_fork():
+    global forks
+    forks += 1
+
+
 def block_the_first_child():
-    # Only the first process forked from here: the pool's first worker.
-    try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
+    # Only the first process forked from here: the pool's first worker (not
+    # the zygote, forked next, which may run first on a loaded machine).
+    if forks:
         return
+    os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     held.acquire()  # a thread of the parent held it at the fork: for ever
 
 
@@ -359,7 +367,7 @@ if __name__ == "__main__":
     holder = threading.Thread(target=hold)
     holder.start()
     holding.wait(60)  # (held at the fork, not merely about to be)
-    os.register_at_fork(after_in_child=block_the_first_child)
+    os.register_at_fork(after_in_parent=count_fork, after_in_child=block_the_first_child)
     pool = duckpool.ProcessPoolExecutor(1, multiprocessing.get_context("fork"))
     try:
         print(pool.submit(pow, 2, 5).result(30), pool.stats().worker_deaths)
