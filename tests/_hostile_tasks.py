@@ -226,13 +226,15 @@ def init_fork_whose_child_returns() -> None:
         os.waitpid(pid, 0)
 
 
-def answer_out_of_turn() -> str:
-    """Write a result frame for a task this worker is not running, through the
-    worker's own writer (as a process sharing its pipe could)."""
+def answer_out_of_turn(short: bool) -> str:
+    """Write a result frame for a task this worker is not running (or, with
+    ``short``, one too short for any answer) through the worker's own writer,
+    as a process sharing its pipe could."""
     from duckpool import _progress, _protocol
 
     assert _progress._send is not None
-    _progress._send(_protocol.encode_result(987654321, _protocol.STATUS_OK, b"\x80\x04N."))
+    frame = _protocol.encode_result(987654321, _protocol.STATUS_OK, b"\x80\x04N.")
+    _progress._send(b"\x00\x00\x00\x03abc" if short else frame)  # (a 4-byte length first)
     time.sleep(60)  # killed long before
     return "never"
 
@@ -248,3 +250,23 @@ class _UnshowableError(Exception):
 
 def raise_an_unshowable_unpicklable_error() -> None:
     raise _UnshowableError()
+
+
+def _fork_when_loaded() -> str:
+    if os.fork() == 0:
+        return "child-unpickled"  # the child goes on to run the task: it must not
+    os.wait()
+    return "parent-unpickled"
+
+
+class ForksWhenUnpickled:
+    """An argument whose unpickling, in the worker, forks."""
+
+    def __reduce__(self) -> tuple[object, tuple[()]]:
+        return (_fork_when_loaded, ())
+
+
+def note_argument(log: str, argument: str) -> str:
+    with open(log, "a") as f:
+        f.write(f"{argument}\n")
+    return argument

@@ -355,16 +355,29 @@ def test_a_process_the_initializer_forks_never_serves_tasks(ctx: Any) -> None:
         assert ran_in == set(pool.worker_pids()), (ran_in, pool.worker_pids())
 
 
+@pytest.mark.parametrize("short", [False, True], ids=["other-task", "short-frame"])
 def test_an_answer_out_of_turn_costs_its_worker_not_the_pool(
+    pool: duckpool.ProcessPoolExecutor, tmp_path: Path, short: bool
+) -> None:
+    # A frame for a task the worker is not running (or no answer at all)
+    # breaks only the trust in that worker's pipe: it is killed, its task
+    # fails, the pool goes on.
+    with bystander(pool, tmp_path):
+        error = resolves_within(pool.submit(tasks.answer_out_of_turn, short), PROMPTLY)
+    assert isinstance(error, duckpool.WorkerDiedError), repr(error)
+    expected = "a frame of 3 bytes" if short else "answered task 987654321"
+    assert expected in str(error)
+    serves_then_shuts_down(pool)
+
+
+def test_a_process_forked_while_the_arguments_are_unpickled_never_runs_the_task(
     pool: duckpool.ProcessPoolExecutor, tmp_path: Path
 ) -> None:
-    # A frame for a task the worker is not running breaks only the trust in
-    # that worker's pipe: it is killed, its task fails, the pool goes on.
-    with bystander(pool, tmp_path):
-        error = resolves_within(pool.submit(tasks.answer_out_of_turn), PROMPTLY)
-    assert isinstance(error, duckpool.WorkerDiedError), repr(error)
-    assert "answered task 987654321" in str(error)
+    log = tmp_path / "ran"
+    future = pool.submit(tasks.note_argument, str(log), tasks.ForksWhenUnpickled())
+    assert future.result(TIMEOUT) == "parent-unpickled"
     serves_then_shuts_down(pool)
+    assert log.read_text().split() == ["parent-unpickled"]
 
 
 def test_an_error_that_can_be_neither_pickled_nor_shown_fails_only_its_task(

@@ -219,6 +219,12 @@ def _at_exit() -> None:
         _run_at_exit(drain)
     for pool in LIVE_POOLS.of_this_process():
         _run_at_exit(pool.shutdown_at_exit, interrupted)
+    if "multiprocessing.forkserver" in sys.modules:
+        # Looked at once more, last: stopped after its pools shut down, it
+        # would outlive the program (it leaves once it reads EOF).
+        from duckpool import _fork_server
+
+        _run_at_exit(_fork_server.kill_if_stopped)
 
 
 def _run_at_exit(step: Callable[..., None], *args: Any) -> None:

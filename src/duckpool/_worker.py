@@ -622,8 +622,12 @@ def _run_one(
         else:
             fn, args, kwargs = loads(view[TASK_ID_BYTES:])
     except BaseException as exc:
+        if _task_forks.forked:  # (forked by unpickling the call)
+            _task_forks.leave(exc)
         send(encode_result(task_id, STATUS_UNPICKLE_FAILED, dump_exception(exc)))
         return True
+    if _task_forks.forked:
+        _task_forks.leave(None)
     del view, frame
     try:
         result = fn(*args, **kwargs)

@@ -186,6 +186,9 @@ class ResultBook:
             since, answers = slot.head_since, 0
             for frame in frames:
                 view = memoryview(frame)
+                if len(view) < _protocol.RESULT_HEADER_BYTES:
+                    stray = f"it sent a frame of {len(view)} bytes, too short for any answer"
+                    break
                 status = view[_protocol.TASK_ID_BYTES]
                 payload: Any = view[_protocol.RESULT_HEADER_BYTES :]
                 if status & _protocol.STATUS_BUFFERS:
