@@ -441,12 +441,11 @@ def test_no_timeout_runs_before_the_worker_is_ready() -> None:
     assert not pool.stopped
 
 
-@pytest.mark.parametrize("taken_up", [False, True])
-def test_a_stopped_worker_is_killed_if_it_never_took_up_its_first_item(
-    monkeypatch: pytest.MonkeyPatch, taken_up: bool
-) -> None:
-    # Looked at TAKE_UP_SECONDS after the item became its head, before the
-    # item's own (far) timeout; stopped mid-task, a worker is left alone.
+def _one_stopped_worker(
+    monkeypatch: pytest.MonkeyPatch, stopped: set[int], timeout: Optional[float] = None
+) -> tuple[_Pool, _Process, WorkItem]:
+    """A one-worker pool whose worker (pid 4242) holds one item since time 0,
+    and is stopped while its pid is in ``stopped``."""
     from duckpool import _child
 
     pool = _Pool(1)
@@ -454,10 +453,20 @@ def test_a_stopped_worker_is_killed_if_it_never_took_up_its_first_item(
     process = slot.process
     assert isinstance(process, _Process)
     process.pid = 4242  # type: ignore[assignment]
-    monkeypatch.setattr(_child, "is_stopped", lambda pid: pid == 4242)
-    item = _item(timeout=60.0)
+    monkeypatch.setattr(_child, "is_stopped", lambda pid: pid in stopped)
+    item = _item(timeout=timeout)
     slot.assigned.append(item)
     slot.head_since = 0.0
+    return pool, process, item
+
+
+@pytest.mark.parametrize("taken_up", [False, True])
+def test_a_stopped_worker_is_killed_if_it_never_took_up_its_first_item(
+    monkeypatch: pytest.MonkeyPatch, taken_up: bool
+) -> None:
+    # Looked at TAKE_UP_SECONDS after the item became its head, before the
+    # item's own (far) timeout; stopped mid-task, a worker is left alone.
+    pool, process, item = _one_stopped_worker(monkeypatch, {4242}, timeout=60.0)
     if taken_up:
         pool.marks[0] = item.task_id
     deadlines = _deadlines(pool)
@@ -472,18 +481,9 @@ def test_once_the_pool_shuts_down_a_worker_stopped_mid_task_is_killed_at_the_sec
 ) -> None:
     # Found stopped once, it may be about to resume (a process group given
     # SIGCONT); found stopped again TAKE_UP_SECONDS later, it is killed.
-    from duckpool import _child
-
-    pool = _Pool(1)
-    slot = pool.slots[0]
-    process = slot.process
-    assert isinstance(process, _Process)
-    process.pid = 4242  # type: ignore[assignment]
     stopped = {4242}
-    monkeypatch.setattr(_child, "is_stopped", lambda pid: pid in stopped)
-    item = _item()
-    slot.assigned.append(item)
-    slot.head_since = 0.0
+    pool, process, item = _one_stopped_worker(monkeypatch, stopped)
+    slot = pool.slots[0]
     pool.marks[0] = item.task_id  # running
     deadlines = _deadlines(pool)
     deadlines.check(now=10.0)

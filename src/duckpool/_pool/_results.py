@@ -253,8 +253,8 @@ class ResultBook:
                 if type(payload) is _Undecoded:
                     resolved[index] = (item, status, copy_buffers(slot, payload.body))
         if stray is not None:
-            why = f"{stray} (something in it wrote to its result pipe: a process its "
-            core.assists.poison(slot, None, why=why + "task forked, or the task itself)")
+            culprit = "a process its task forked, or the task itself"
+            core.assists.poison(slot, None, why=f"{stray} (written to its pipe by {culprit})")
         return None
 
     def resolve_all(self, resolutions: list[Resolution]) -> None:

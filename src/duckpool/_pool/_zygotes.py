@@ -434,24 +434,18 @@ class Zygotes:
         that is found stopped with a worker's exit report ANSWER_LOOK_SECONDS
         due: its death hands over to its standby, whose workers start instead
         (dispatcher, lock held)."""
-        if self.exits_due and self.zygote is not None:
-            since = min(self.exits_due.values())
-            if now - since >= ANSWER_LOOK_SECONDS and now >= self.look_at:
-                self.look_at = now + ANSWER_LOOK_SECONDS
-                if _child.found_stopped(self.zygote.process):
-                    self.exits_due.clear()  # (its orphans are watched through pidfds)
-                    self.asked_at = None
-                    self.kill_hung(self.zygote)  # its sentinel fires: on_zygote_death
-                    return
-        if self.asked_at is None:
+        if self.asked_at is not None and not any(slot.requested for slot in self._core.slots):
+            self.asked_at = None
+        owed = list(self.exits_due.values())
+        if self.asked_at is not None:
+            owed.append(self.asked_at)
+        zygote = self.zygote
+        if zygote is None or not owed:
             return
-        if not any(slot.requested for slot in self._core.slots):
+        stuck = self.asked_at is not None and now - self.asked_at >= ANSWER_SECONDS
+        if stuck or self._found_stopped(zygote, min(owed), now):
             self.asked_at = None
-        elif self.zygote is not None and (
-            now - self.asked_at >= ANSWER_SECONDS or self._found_stopped(self.zygote, now)
-        ):
-            self.asked_at = None
-            self.kill_hung(self.zygote)  # its sentinel fires: on_zygote_death
+            self.kill_hung(zygote)  # its sentinel fires: on_zygote_death (the reports due go)
 
     def kill_hung(self, zygote: _zygote.Zygote) -> None:
         """Kill ``zygote``, taken for hung, and first the children it forked
@@ -466,11 +460,11 @@ class Zygotes:
             _child.kill_children(pid, keep)
         zygote.process.kill()
 
-    def _found_stopped(self, zygote: _zygote.Zygote, now: float) -> bool:
-        """Is ``zygote``, its answer ``ANSWER_LOOK_SECONDS`` overdue, stopped
-        (SIGSTOP)?  Looked at every ``ANSWER_LOOK_SECONDS`` at most."""
-        assert self.asked_at is not None
-        if now - self.asked_at < ANSWER_LOOK_SECONDS or now < self.look_at:
+    def _found_stopped(self, zygote: _zygote.Zygote, owed_since: float, now: float) -> bool:
+        """Is ``zygote``, owing an answer or a report since ``owed_since``
+        for ``ANSWER_LOOK_SECONDS``, stopped (SIGSTOP)?  Looked at every
+        ``ANSWER_LOOK_SECONDS`` at most."""
+        if now - owed_since < ANSWER_LOOK_SECONDS or now < self.look_at:
             return False
         self.look_at = now + ANSWER_LOOK_SECONDS
         return _child.found_stopped(zygote.process)
