@@ -60,6 +60,28 @@ def close_inherited_fds_then(outcome: str) -> str:
     return "closed every descriptor"
 
 
+def replace_written_pipes_then(outcome: str) -> str:
+    """Put ``/dev/null`` in place of every pipe this process writes to but
+    2 (the worker's result pipe with them), then return or raise: the worker
+    runs on, answering into ``/dev/null``."""
+    sink = os.open(os.devnull, os.O_WRONLY)
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            with open(f"/proc/self/fdinfo/{fd}") as info:
+                flags = int(info.read().split("flags:")[1].split()[0], 8)
+        except OSError:  # (the listing's own descriptor, closed by now)
+            continue
+        written = flags & os.O_ACCMODE == os.O_WRONLY
+        if fd > 2 and fd != sink and target.startswith("pipe:") and written:
+            os.dup2(sink, fd)
+    os.close(sink)
+    if outcome == "raise":
+        raise ValueError("replaced the pipes")
+    return "replaced the pipes"
+
+
 def ignore_sigterm_then_sleep(pid_file: str, seconds: float = 60.0) -> None:
     """Ignore SIGTERM (a timeout's first signal), then overrun any timeout."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -98,6 +98,22 @@ def test_closing_every_inherited_descriptor_fails_only_that_task(
         future = pool.submit(tasks.close_inherited_fds_then, outcome)
         error = resolves_within(future, PROMPTLY)
     assert isinstance(error, duckpool.WorkerDiedError), repr(error)
+    assert "a task closed or replaced a descriptor it does not own" in str(error)
+    serves_then_shuts_down(pool)
+
+
+@pytest.mark.parametrize("outcome", ["return", "raise"])
+def test_a_worker_whose_result_pipe_a_task_replaced_is_not_waited_for(
+    pool: duckpool.ProcessPoolExecutor, tmp_path: Path, outcome: str
+) -> None:
+    # Its answers go to /dev/null and the worker lives on: the pool sees its
+    # result pipe closed, gives it a grace to exit, then kills it.  Before,
+    # the future (and any queued behind it, and shutdown) waited for ever.
+    with bystander(pool, tmp_path):
+        future = pool.submit(tasks.replace_written_pipes_then, outcome)
+        error = resolves_within(future, PROMPTLY)
+    assert isinstance(error, duckpool.WorkerDiedError), repr(error)
+    assert "its result pipe closed but it went on running" in str(error)
     serves_then_shuts_down(pool)
 
 

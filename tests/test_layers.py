@@ -327,7 +327,7 @@ SLOT_FIELD_OWNERS = {
         "queued_bytes",
         "retiring",
     },
-    "_results": {"tasks_done", "read_lock"},
+    "_results": {"tasks_done", "read_lock", "pipe_closed_at"},
     "_transport": {"outbox", "stop_sent", "releases_sent", "results_copied", "area", "area_offer"},
     "_supervisor": {"stopping"},
     "_deadlines": {"start_missed", "start_cpu"},

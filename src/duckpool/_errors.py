@@ -16,6 +16,8 @@ import sys
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Optional
 
+from duckpool._protocol import EXIT_PIPE_LOST
+
 __all__ = [
     "InheritedManagerError",
     "ManagerNotFound",
@@ -90,6 +92,11 @@ def describe_exit(exitcode: Optional[int]) -> str:
         return "exit status unknown"
     if exitcode < 0:
         return f"killed by signal {signal_name(-exitcode)}"
+    if exitcode == EXIT_PIPE_LOST:
+        return (
+            f"exited with code {exitcode}, as a worker does when its pipe to the"
+            " pool fails under it (a task closed or replaced a descriptor it does not own)"
+        )
     return f"exited with code {exitcode}"
 
 

@@ -79,6 +79,10 @@ TASK_BUFFERS = 1 << 63
 TASK_ID_BYTES = 8
 RESULT_HEADER_BYTES = TASK_ID_BYTES + 1
 
+#: A worker's exit code when its pipe to the pool failed under it (a task
+#: closed or replaced a descriptor the worker owns): its answer cannot go.
+EXIT_PIPE_LOST = 93
+
 #: Bytes asked of the kernel per read(): a pipe holds 64 KiB by default.
 _READ_SIZE = 1 << 16
 #: A frame at least this large is read straight into a buffer of its own.

@@ -23,6 +23,7 @@ import sys
 from duckpool import _buffers, _progress, _task_forks
 from duckpool._marks import marks_array
 from duckpool._protocol import (
+    EXIT_PIPE_LOST,
     STATUS_BUFFERS,
     STATUS_ERROR,
     STATUS_INIT_FAILED,
@@ -452,6 +453,7 @@ def worker_main(
         if _task_forks.forked:
             _task_forks.leave(None)
     area, offer = _buffers.create_area()
+    pipe = os.fstat(result_fd)
     try:
         send(encode_result(0, STATUS_READY, offer))
         _serve(FrameReader(task_conn.fileno()).read_blocking, send, config, _Transfer(area))
@@ -460,6 +462,26 @@ def worker_main(
         # start it saw fail when the fork server died midway) or is gone.
         # Nobody reads what this worker would say: it leaves, quietly.
         return
+    except OSError as exc:
+        # Its result pipe failed under it (EBADF: a task closed it)?  Nothing
+        # can reach the pool then: the exit code says why (``_errors``).
+        _leave_if_replaced(result_fd, pipe, exc)
+        raise
+
+
+def _leave_if_replaced(fd: int, pipe: os.stat_result, exc: OSError) -> None:
+    """Exit with ``EXIT_PIPE_LOST`` if ``fd`` is no longer ``pipe`` (closed,
+    or another file in its place), saying why on stderr."""
+    try:
+        if os.path.samestat(os.fstat(fd), pipe):
+            return
+    except OSError:
+        pass
+    try:
+        os.write(2, f"duckpool worker {os.getpid()}: its pipe to the pool failed: {exc}\n".encode())
+    except BaseException:
+        pass
+    os._exit(EXIT_PIPE_LOST)
 
 
 def process_main(

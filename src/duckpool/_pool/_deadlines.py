@@ -1,6 +1,6 @@
 """Deadlines: the times the dispatcher must wake at, and what it does then.
 
-Five kinds, all per slot, all computed afresh from the slots on each pass
+Six kinds, all per slot, all computed afresh from the slots on each pass
 (a pool has a few slots; a heap would cost more than it saves):
 
 * the running item's timeout: counted from when it reached the head of its
@@ -22,6 +22,10 @@ Five kinds, all per slot, all computed afresh from the slots on each pass
   exit, would wait for it for ever).  The dispatcher never sleeps longer
   than ``TAKE_UP_SECONDS``: a caller may hand an item straight to an idle
   worker while it sleeps;
+* a worker whose result pipe reads as closed but which is still running
+  ``PIPE_EXIT_SECONDS`` later is killed: a task closed or replaced the
+  worker's end of the pipe, and what it answers from then on (the running
+  item's result included) can never arrive;
 * a worker's start-up: one that is not ready ``START_CHECK_SECONDS`` after it
   was installed is looked at every ``START_CHECK_SECONDS``, and killed if it
   is stopped (SIGSTOP, a debugger: it would hold the task sent to it for
@@ -64,6 +68,9 @@ if TYPE_CHECKING:
 START_CHECK_SECONDS = 2.0
 #: How long a worker of a pool without an initializer may take to be ready.
 READY_SECONDS = 120.0
+#: How long a worker may go on running once its result pipe reads as closed
+#: (a worker closes it as it exits): past it, the worker is killed.
+PIPE_EXIT_SECONDS = 2.0
 #: How long a ready worker may leave the first item it holds not taken up
 #: before it is looked at (and how often again): one stopped is killed.
 TAKE_UP_SECONDS = 2.0
@@ -96,6 +103,12 @@ class Deadlines:
                 elif nearest is None or taken_back < nearest:
                     nearest = taken_back
             stopping = slot.stopping
+            if slot.pipe_closed_at is not None and stopping is None:
+                due = self._check_pipe_closed(slot, now)
+                if due is None:
+                    continue
+                if nearest is None or due < nearest:
+                    nearest = due
             if stopping is not None:
                 if now >= stopping.kill_at and slot.process is not None:
                     signal_process(slot.process, signal.SIGKILL)
@@ -122,6 +135,26 @@ class Deadlines:
         if nearest is None or nearest > now + TAKE_UP_SECONDS:
             nearest = now + TAKE_UP_SECONDS
         return max(0.0, nearest - now)
+
+    def _check_pipe_closed(self, slot: Slot, now: float) -> Optional[float]:
+        """Kill ``slot``'s worker if it is still there ``PIPE_EXIT_SECONDS``
+        after its result pipe closed; when to look (None: not again)."""
+        due = slot.pipe_closed_at + PIPE_EXIT_SECONDS  # type: ignore[operator]
+        if now < due:
+            return due
+        process = slot.process
+        if process is None or process.pid is None or slot.poisoned is not None:
+            return None
+        if process.is_alive() and _child.runs(process.pid):
+            condemned = self._core.assists.condemn(
+                slot,
+                f"was killed: its result pipe closed but it went on running for "
+                f"{PIPE_EXIT_SECONDS:g} s, so nothing it answered could reach the pool "
+                "(a task closed or replaced a descriptor the worker owns)",
+            )
+            if condemned is not None:
+                signal_process(condemned, signal.SIGKILL)
+        return None
 
     def _check_head(self, slot: Slot, now: float) -> Optional[float]:
         """The head item's timeout, and whether it was taken up; when to

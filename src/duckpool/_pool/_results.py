@@ -13,7 +13,7 @@ log frame answers no task: its record is handed to logging in its place
 among the resolutions.
 
 Owns ``deferred`` and ``handed_over``; the slot's ``read_lock``,
-``tasks_done`` and ``last_service``.  ``on_results`` and ``resolve`` take
+``tasks_done``, ``last_service`` and ``pipe_closed_at``.  ``on_results`` and ``resolve`` take
 the locks they need themselves (no lock held on entry).
 """
 
@@ -115,7 +115,9 @@ class ResultBook:
                         core.selector.unregister(slot.result_conn)
                     except (KeyError, ValueError):
                         pass
-                    core.zygotes.expect_exit(slot.process, time.monotonic())
+                    now = time.monotonic()
+                    slot.pipe_closed_at = now
+                    core.zygotes.expect_exit(slot.process, now)
                 if frames:
                     init_failure = self._book(slot, reader, frames, resolved)
                     if helper is not None and (

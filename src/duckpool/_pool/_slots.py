@@ -109,6 +109,7 @@ class Slot:
         "launched_at",
         "outbox",
         "parked",
+        "pipe_closed_at",
         "poisoned",
         "process",
         "queued_bytes",
@@ -190,6 +191,9 @@ class Slot:
         #: Why the worker is being killed because its result stream is not to
         #: be trusted (``Assists.poison``).
         self.poisoned: Optional[WorkerDiedError] = None
+        #: When its result pipe read as closed while the process had not yet
+        #: exited (``Results``): it should be on its way out (``Deadlines``).
+        self.pipe_closed_at: Optional[float] = None
         #: Why the start-up watch killed the worker before it was ready
         #: (``Deadlines``): its death counts as a failed start.
         self.start_missed: Optional[str] = None
@@ -226,6 +230,7 @@ class Slot:
         self.installed_at = None
         self.stopping = None
         self.poisoned = None
+        self.pipe_closed_at = None
         self.start_missed = None
         self.forked_threaded = False
         self.start_cpu = None
