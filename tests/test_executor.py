@@ -21,7 +21,7 @@ import pytest
 
 import _executor_tasks as tasks
 import duckpool
-from conftest import parent_script, process_gone, run_script, wait_until
+from conftest import parent_script, process_gone, run_in_forked_child, run_script, wait_until
 
 TIMEOUT = 30
 
@@ -279,6 +279,39 @@ def test_inherited_executor_refuses_use_in_forked_child(
         assert reader.read() == b"refused"
     os.waitpid(pid, 0)
     assert executor.submit(tasks.add, 2, 2).result(TIMEOUT) == 4
+
+
+def test_a_forked_child_can_neither_cancel_nor_wait_on_the_parent_s_tasks(
+    executor: duckpool.ProcessPoolExecutor, tmp_path: Path
+) -> None:
+    # The child's copies of the futures can never resolve there, and the
+    # workers are the parent's: it gets a clear error at once, and the
+    # parent's tasks are untouched (cancel_task used to stop its worker).
+    started, gate = tmp_path / "started", tmp_path / "gate"
+    running = executor.submit(tasks.touch_then_wait, str(started), str(gate))
+    wait_until(started.exists, TIMEOUT)
+    queued = [executor.submit(tasks.wait_for_file, str(gate)) for _ in range(2)]
+
+    def child() -> list[str]:
+        outcomes = []
+        for attempt in (
+            lambda: executor.cancel_task(running),
+            lambda: executor.cancel_task(queued[1]),
+            lambda: running.result(),
+            lambda: queued[0].exception(TIMEOUT),
+        ):
+            try:
+                attempt()
+                outcomes.append("returned")
+            except duckpool.InheritedManagerError as exc:
+                outcomes.append(f"refused: {exc}")
+        return outcomes
+
+    outcomes = run_in_forked_child(child)
+    assert all(outcome.startswith("refused") for outcome in outcomes), outcomes
+    assert "can never resolve" in outcomes[2]
+    gate.touch()
+    assert [f.result(TIMEOUT) for f in [running, *queued]] == ["released"] * 3
 
 
 @pytest.mark.parametrize("bad", [0, -1])

@@ -318,8 +318,14 @@ class PoolCore:
             self.assists.poison(slot, cause, writing=True)
 
     def cancel(self, future: Future[Any]) -> bool:
-        """Cancel a queued item, or stop the worker running it; False if unknown."""
+        """Cancel a queued item, or stop the worker running it; False if unknown.
+
+        Raises ``InheritedManagerError`` in a process that inherited the pool
+        by fork: its workers are the owner's.
+        """
         with self.lock:
+            if self.lifecycle.inherited:
+                self.lifecycle.check_accepting()
             item = self.scheduler.cancel_queued(future)
             if item is None:
                 found, error = self.supervisor.cancel_running(future)

@@ -241,7 +241,9 @@ class Submitting:
         fails with it at once, and the worker skips it.  Returns True if it cancelled the
         task or is stopping it; False if the future is already done (its
         result, a worker's death, a timeout or a shutdown came first) or is
-        not one of this executor's.
+        not one of this executor's.  Raises
+        :class:`~duckpool.InheritedManagerError` in a process that inherited
+        the executor by fork (its workers are the parent's).
         """
         if future.done():
             return False

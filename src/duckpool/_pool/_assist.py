@@ -18,13 +18,14 @@ Owns the slot's ``assist`` and ``poisoned``.  ``help_resolve`` and
 
 from __future__ import annotations
 
+import os
 import select
 import signal
 import time
 import weakref
 from typing import TYPE_CHECKING, Any, Optional
 
-from duckpool._errors import WorkerDiedError
+from duckpool._errors import InheritedManagerError, WorkerDiedError
 from duckpool._pool._slots import Assist
 from duckpool._pool._supervisor import signal_process
 
@@ -126,12 +127,19 @@ class Assists:
         what this thread has not read when it stops, the dispatcher reads next.
 
         Raises ``RuntimeError`` in the dispatcher's own thread (a done-callback
-        it runs) while ``future`` is pending: that thread is what resolves it.
+        it runs) while ``future`` is pending: that thread is what resolves it;
+        ``InheritedManagerError`` in a process that inherited the pool by fork.
         """
         core = self._core
         if core.dispatcher.is_current():
             _refuse_to_wait_in_dispatcher(future)
-        if core.lifecycle.inherited or not core.selector.can_pause:
+        lifecycle = core.lifecycle
+        if lifecycle.inherited and not future.done():
+            raise InheritedManagerError(
+                f"this future belongs to a pool of process {lifecycle.owner_pid}; process "
+                f"{os.getpid()} inherited a copy of it by fork, where it can never resolve"
+            )
+        if lifecycle.inherited or not core.selector.can_pause:
             return
         # What this thread books, resolved once the pipe is given back: a
         # done-callback may wait on that pipe (a submit, then result()).
