@@ -72,6 +72,26 @@ def log_unpicklable_extra() -> None:
     logging.getLogger(LOGGER).warning("with a lock", extra={"lock": threading.Lock()})
 
 
+def _raise(kind: str) -> None:
+    raise {"exit": SystemExit(3), "interrupt": KeyboardInterrupt()}[kind]
+
+
+class RaisesWhenUnpickled:
+    """Pickles fine; unpickling it raises ``SystemExit`` or ``KeyboardInterrupt``."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_raise, (self.kind,))
+
+
+def log_extra_raising_when_unpickled(kind: str) -> int:
+    logging.getLogger(LOGGER).warning("hostile", extra={"evil": RaisesWhenUnpickled(kind)})
+    logging.getLogger(LOGGER).warning("after the hostile one")
+    return 7
+
+
 def forwarder_installed() -> bool:
     """Does this worker's root logger forward records to the parent?"""
     return any(type(h).__name__ == "LogForwarder" for h in logging.getLogger().handlers)

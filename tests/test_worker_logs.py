@@ -248,6 +248,20 @@ def test_unpicklable_extra_attribute_arrives_as_its_repr(
     assert isinstance(record.lock, str) and "lock" in record.lock  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("kind", ["exit", "interrupt"])
+def test_a_record_whose_unpickling_raises_a_base_exception_costs_nothing(
+    ctx: object, collected: ListHandler, kind: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # The record is reported on stderr and dropped; the task's result, the
+    # next record and the pool are untouched (it used to break the pool).
+    with duckpool.ProcessPoolExecutor(1, mp_context=ctx) as pool:  # type: ignore[arg-type]
+        assert pool.submit(tasks.log_extra_raising_when_unpickled, kind).result(TIMEOUT) == 7
+        collected.wait_for("after the hostile one")
+        assert pool.submit(tasks.log, logging.WARNING, "still served").result(TIMEOUT)
+    assert "hostile" not in collected.messages()
+    assert "could not handle a worker's log record" in capfd.readouterr().err
+
+
 def test_forwarding_off_leaves_worker_logging_alone(ctx: object, collected: ListHandler) -> None:
     with duckpool.ProcessPoolExecutor(
         1,

@@ -23,22 +23,36 @@ def level_snapshot() -> dict[str, int]:
     return levels
 
 
-def handle_forwarded(payload: memoryview) -> None:
+def handle_forwarded(payload: memoryview, in_dispatcher: bool = True) -> None:
     """Emit a record a worker sent, if the parent's logger of its name is enabled for it.
 
-    Never raises: a failing handler is reported on stderr as logging itself
-    does, so the thread that read the record (the dispatcher, or one waiting
-    in ``result()``) goes on.
+    Never raises in the dispatcher thread (``in_dispatcher``): a record that
+    cannot be rebuilt (a hostile ``extra`` whose unpickling raises anything,
+    ``SystemExit`` included) or a failing handler is reported on stderr, as
+    logging itself does, and the thread goes on.  In a thread waiting in
+    ``result()``, an exception that is not the record's (Ctrl-C arriving
+    meanwhile, or a handler's ``BaseException``) is that thread's to raise.
     """
     try:
         record = logging.makeLogRecord(pickle.loads(payload))
         logger = logging.getLogger(record.name)  # "root" is the root logger
         if logger.isEnabledFor(record.levelno):
             logger.handle(record)
-    except Exception:
+    except BaseException as exc:
+        if not in_dispatcher and not isinstance(exc, Exception) and _unpickles(payload):
+            raise
         if logging.raiseExceptions:
             try:
                 sys.stderr.write("--- duckpool: could not handle a worker's log record ---\n")
                 traceback.print_exc(file=sys.stderr)
             except Exception:
                 pass
+
+
+def _unpickles(payload: memoryview) -> bool:
+    """Does a record's payload unpickle?  (Asked once handling it raised.)"""
+    try:
+        pickle.loads(payload)
+    except BaseException:
+        return False
+    return True

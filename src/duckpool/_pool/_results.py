@@ -267,7 +267,7 @@ class ResultBook:
     def resolve(self, item: WorkItem, status: int, payload: memoryview) -> None:
         """Set a future from a result frame (no lock held: callbacks run here)."""
         if status == _protocol.STATUS_LOG:
-            _logs.handle_forwarded(payload)
+            _logs.handle_forwarded(payload, self._core.dispatcher.is_current())
             return
         if status == _protocol.STATUS_PROGRESS:
             set_progress(item.future, payload)
