@@ -248,6 +248,17 @@ def init_fork_whose_child_returns() -> None:
         os.waitpid(pid, 0)
 
 
+def announce_a_frame_then_return(size: int) -> str:
+    """Write a frame's length header alone to the worker's result pipe (the
+    long form from ``2**31 - 1``), then return: the worker's own answer
+    follows it, as the bytes of a frame that can never be whole."""
+    from duckpool import _progress, _protocol
+
+    assert _progress._send is not None
+    _progress._send(_protocol.frame_header(size))
+    return "announced"
+
+
 def answer_out_of_turn(short: bool) -> str:
     """Write a result frame for a task this worker is not running (or, with
     ``short``, one too short for any answer) through the worker's own writer,

@@ -386,6 +386,23 @@ def test_an_answer_out_of_turn_costs_its_worker_not_the_pool(
     serves_then_shuts_down(pool)
 
 
+@pytest.mark.parametrize("size", [1 << 20, 2**31 - 2, 2**60], ids=["1MiB", "2GiB", "2**60"])
+def test_a_frame_announced_by_a_task_costs_its_worker_not_the_pool(
+    pool: duckpool.ProcessPoolExecutor, tmp_path: Path, size: int
+) -> None:
+    # The worker's real answer arrives as the start of the announced frame:
+    # judged by that head, the frame is no answer of the worker's, and it is
+    # killed before the pool asks for a buffer of that size.  Before, the
+    # future (and shutdown) waited for ever, having zero-filled 2 GiB in the
+    # pool's process; 2**60 broke the whole pool with a MemoryError.
+    with bystander(pool, tmp_path):
+        future = pool.submit(tasks.announce_a_frame_then_return, size)
+        error = resolves_within(future, PROMPTLY)
+    assert isinstance(error, duckpool.WorkerDiedError), repr(error)
+    assert "it began an answer for task" in str(error)
+    serves_then_shuts_down(pool)
+
+
 def test_a_process_forked_while_the_arguments_are_unpickled_never_runs_the_task(
     pool: duckpool.ProcessPoolExecutor, tmp_path: Path
 ) -> None:

@@ -62,6 +62,53 @@ def test_frame_reader_reads_a_large_frame_in_pieces() -> None:
         os.close(write_fd)
 
 
+def test_a_judged_reader_tells_each_frame_s_head_once_and_reads_large_frames_whole() -> None:
+    read_fd, write_fd = os.pipe()
+    try:
+        os.set_blocking(read_fd, False)
+        reader = _protocol.FrameReader(read_fd, judged=True)
+        small = _protocol.wire(b"head-of-small")
+        large_body = tasks.pattern(3 * _protocol._LARGE_FRAME + 1, 2)
+        stream = small + _protocol.wire(large_body) + small
+        frames: list[Any] = []
+        heads: list[bytes] = []
+        for start in range(0, len(stream), 10_000):  # 10 kB at a time
+            os.write(write_fd, stream[start : start + 10_000])
+            got, eof = reader.read_available()
+            assert not eof and reader.failed is None
+            frames += got
+            head = reader.partial_head(9)
+            if head is not None:
+                heads.append(head)
+        expected = [b"head-of-small", large_body, b"head-of-small"]
+        assert [bytes(frame) for frame in frames] == expected
+        assert heads == [large_body[:9]]  # (the small frames came whole: no partial head)
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+def test_a_judged_reader_allocates_nothing_for_a_frame_before_its_head_is_told() -> None:
+    # A frame announcing 2**60 bytes (what a task writing to its worker's
+    # pipe can do): no buffer of that size is asked for until the head has
+    # been judged; asked for then, the failure stops the stream.
+    read_fd, write_fd = os.pipe()
+    try:
+        os.set_blocking(read_fd, False)
+        reader = _protocol.FrameReader(read_fd, judged=True)
+        os.write(write_fd, _protocol._LONG_FRAME_MARK + (2**60).to_bytes(8, "big") + b"x" * 20)
+        assert reader.read_available() == ([], False)
+        assert reader.failed is None
+        assert reader.partial_head(9) == b"x" * 9
+        assert reader.partial_head(9) is None  # once per frame
+        assert reader.read_available() == ([], False)
+        assert isinstance(reader.failed, _protocol.FrameError)
+        assert str(2**60) in str(reader.failed)
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+
+
 def test_write_parts_writes_more_parts_than_one_writev_takes() -> None:
     parts = [bytes((i % 251,)) * 3 for i in range(2 * _protocol.IOV_MAX + 5)]
     read_fd, write_fd = os.pipe()

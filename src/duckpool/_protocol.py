@@ -199,6 +199,11 @@ def skip_written(views: list[memoryview], written: int) -> list[memoryview]:
     return rest
 
 
+class FrameError(Exception):
+    """A frame's header announced more than this process can take: the
+    stream cannot be read any further."""
+
+
 class FrameReader:
     """Reads ``Connection``-format frames from a pipe, as many as one read() brings.
 
@@ -209,20 +214,55 @@ class FrameReader:
     straight into a ``bytearray`` of its size, which is the frame.
     """
 
-    __slots__ = ("_buffer", "_fd", "_filled", "_large")
+    __slots__ = ("_buffer", "_fd", "_filled", "_head_told", "_judged", "_large", "failed")
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, judged: bool = False) -> None:
         self._fd = fd
+        #: Its frames' heads are judged before a large one is allocated
+        #: (``partial_head``): the pipe's writer is not trusted.
+        self._judged = judged
         self._buffer = bytearray()
         #: The large frame being read, and how much of it has arrived.
         self._large: Optional[bytearray] = None
         self._filled = 0
+        #: ``partial_head`` returned the head of the frame begun already.
+        self._head_told = False
+        #: Why nothing more can be read (the frames before it were returned).
+        self.failed: Optional[FrameError] = None
+
+    def partial_head(self, count: int) -> Optional[bytes]:
+        """The first ``count`` bytes of the frame begun but not yet whole, once
+        per frame, as soon as that many have arrived; else None.
+
+        The reader of a pipe that others may write to (a task writing to its
+        worker's) judges a frame by its head, before a bogus length makes it
+        wait for bytes that never come.
+        """
+        if self._head_told:
+            return None
+        large = self._large
+        if large is not None:
+            if self._filled < count:
+                return None
+            head = bytes(large[:count])
+        else:
+            buffer = self._buffer
+            if len(buffer) < 4:
+                return None
+            size, header = _frame_size(buffer)
+            if size < 0 or len(buffer) < header + count:
+                return None
+            head = bytes(buffer[header : header + count])
+        self._head_told = True
+        return head
 
     def read_available(self) -> tuple[list[bytes], bool]:
         """Frames complete now, from a non-blocking pipe; and whether it hit EOF."""
         eof = False
         frames: list[bytes] = []
-        while True:
+        if self._judged and self._head_told and self._large is None:
+            self._promote()
+        while self.failed is None:
             large = self._large
             if large is not None:
                 try:
@@ -270,6 +310,8 @@ class FrameReader:
             if not chunk:
                 return []
             frames = self._take(chunk)
+            if self.failed is not None:
+                raise self.failed
             if frames:
                 return frames
 
@@ -281,6 +323,7 @@ class FrameReader:
             return False
         frames.append(large)
         self._large = None
+        self._head_told = False  # (of the next frame, from now on)
         return True
 
     def _wanted(self) -> int:
@@ -289,7 +332,7 @@ class FrameReader:
         if len(buffer) < 4:
             return _READ_SIZE
         size, header = _frame_size(buffer)
-        if size < 0:
+        if size < 0 or size >= _LARGE_FRAME:  # (one whose head is to be judged first)
             return _READ_SIZE
         return max(_READ_SIZE, header + size - len(buffer))
 
@@ -309,6 +352,8 @@ class FrameReader:
                 break
             frames.append(view[start : start + size])
             position = start + size
+        if frames:
+            self._head_told = False
         if position < end:
             self._keep(view[position:])
         return frames
@@ -317,13 +362,33 @@ class FrameReader:
         """Keep the start of a frame: in the buffer, or as a large frame begun."""
         if len(rest) >= 4:
             size, header = _frame_size(rest)
-            if size >= _LARGE_FRAME:
-                large = bytearray(size)
+            if size >= _LARGE_FRAME and self._may_allocate():
+                try:
+                    large = bytearray(size)
+                except (MemoryError, OverflowError) as exc:
+                    # (Bytes after it would be read as frames: read none.)
+                    self.failed = FrameError(f"a frame of {size} bytes was announced ({exc!r})")
+                    return
                 got = len(rest) - header
                 large[:got] = rest[header:]
                 self._large, self._filled = large, got
                 return
         self._buffer += rest
+
+    def _promote(self) -> None:
+        """The buffer begins a large frame whose head is judged: read the rest
+        of it straight into a buffer of its own from now on."""
+        buffer = self._buffer
+        if len(buffer) < 4 or _frame_size(buffer)[0] < _LARGE_FRAME:
+            return
+        with memoryview(buffer) as view:
+            self._keep(view)
+        buffer.clear()
+
+    def _may_allocate(self) -> bool:
+        """May a large frame begun get its buffer (of the size it announces)?
+        Not before its head is judged, where heads are (``partial_head``)."""
+        return not self._judged or self._head_told
 
     def _split(self) -> list[bytes]:
         buffer = self._buffer
@@ -338,9 +403,11 @@ class FrameReader:
                     break
                 frames.append(bytes(view[start : start + size]))
                 position = start + size
+            if frames:
+                self._head_told = False
             if position < end and end - position >= 4:
                 size, header = _frame_size(view[position:])
-                if size >= _LARGE_FRAME:
+                if size >= _LARGE_FRAME and self._may_allocate():
                     self._keep(view[position:])
                     position = end
         if position:

@@ -208,7 +208,7 @@ class Launcher:
         os.set_blocking(result_r.fileno(), False)
         slot.task_conn = task_w
         slot.result_conn = result_r
-        slot.reader = _protocol.FrameReader(result_r.fileno())
+        slot.reader = _protocol.FrameReader(result_r.fileno(), judged=True)
         core.selector.register(result_r, ResultReady(slot))
         if process.sentinel is not None:
             core.selector.register(process.sentinel, WorkerExit(slot))

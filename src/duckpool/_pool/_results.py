@@ -60,6 +60,43 @@ def _unpickles(status: int, payload: Any) -> bool:
     return True
 
 
+#: The statuses of a frame that answers the worker's running task.
+_ANSWERS = frozenset(
+    {
+        _protocol.STATUS_OK,
+        _protocol.STATUS_ERROR,
+        _protocol.STATUS_UNPICKLE_FAILED,
+        _protocol.STATUS_SKIPPED,
+    }
+)
+
+
+def _implausible(
+    slot: Slot, failed: Optional[_protocol.FrameError], partial: Optional[bytes]
+) -> Optional[str]:
+    """Why the frame ``slot``'s worker has begun (its first bytes, ``partial``)
+    cannot be its own, or None.  Judged before it is whole: a length header
+    written by its task would otherwise swallow the worker's real answers
+    while the pool waited for bytes that never come."""
+    if failed is not None:
+        return f"it sent a frame it cannot have meant: {failed}"
+    if partial is None:
+        return None
+    status = partial[_protocol.TASK_ID_BYTES] & ~_protocol.STATUS_BUFFERS
+    if status in (_protocol.STATUS_LOG, _protocol.STATUS_PROGRESS):
+        return None
+    if status in (_protocol.STATUS_READY, _protocol.STATUS_INIT_FAILED) and not slot.ready:
+        return None
+    if status in _ANSWERS:
+        item = slot.assigned[0] if slot.assigned else None
+        answered = int.from_bytes(partial[: _protocol.TASK_ID_BYTES], "little")
+        if item is not None and item.task_id == answered:
+            return None
+        running = "none" if item is None else f"task {item.task_id}"
+        return f"it began an answer for task {answered} while it ran {running}"
+    return f"it began a frame of no kind it sends (status {status})"
+
+
 class ResultBook:
     """Reads a pool's result pipes and settles the futures they answer."""
 
@@ -109,6 +146,7 @@ class ResultBook:
                     # holds is the helper's to read (``Assists.help_resolve``).
                     return False
                 frames, eof = reader.read_available()
+                partial = reader.partial_head(_protocol.RESULT_HEADER_BYTES)
                 if eof and helper is None and slot.result_conn is not None:
                     # The worker is gone (its sentinel says how); stop watching the pipe.
                     try:
@@ -118,8 +156,8 @@ class ResultBook:
                     now = time.monotonic()
                     slot.pipe_closed_at = now
                     core.zygotes.expect_exit(slot.process, now)
-                if frames:
-                    init_failure = self._book(slot, reader, frames, resolved)
+                if frames or partial is not None or reader.failed is not None:
+                    init_failure = self._book(slot, reader, frames, resolved, partial)
                     if helper is not None and (
                         core.lifecycle.shutdown_requested
                         or (slot.assigned and slot.assigned[0].timeout is not None)
@@ -172,8 +210,10 @@ class ResultBook:
         reader: _protocol.FrameReader,
         frames: list[bytes],
         resolved: list[Resolution],
+        partial: Optional[bytes] = None,
     ) -> Optional[memoryview]:
-        """Match result frames to the slot's items; return an initializer failure."""
+        """Match result frames to the slot's items, then judge the head of the
+        frame begun after them (``partial``); return an initializer failure."""
         core = self._core
         now = time.monotonic()
         stray: Optional[str] = None
@@ -242,9 +282,12 @@ class ResultBook:
                     counters.failed += 1
                 if quarantine.streaks:
                     quarantine.on_return(item.label)
+            if stray is None:
+                stray = _implausible(slot, reader.failed, partial)
             scheduler.booked(slot, since, now, answers)
             if (
                 stray is None
+                and frames
                 and slot.process is not None
                 and not (core.lifecycle.shutdown_requested and not scheduler.pending)
             ):
