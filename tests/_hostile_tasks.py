@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -257,6 +258,24 @@ def announce_a_frame_then_return(size: int) -> str:
     assert _progress._send is not None
     _progress._send(_protocol.frame_header(size))
     return "announced"
+
+
+def steal_from_the_task_pipe_then_return(index: int, count: int, started: str) -> int:
+    """As a ``map`` call: the one of index 0 says it started (creating
+    ``started``), then reads up to ``count`` bytes of the next frame sent to
+    its worker out of the task pipe (waiting up to 30 s for it): part of it
+    leaves the worker out of step with the frames it is sent, all of it
+    leaves that frame never to arrive."""
+    if index == 0:
+        frame = sys._getframe()
+        while frame.f_code.co_name != "worker_main":
+            frame = frame.f_back  # type: ignore[assignment]
+        task_fd = frame.f_locals["task_conn"].fileno()
+        Path(started).touch()
+        readable, _, _ = select.select([task_fd], [], [], 30)
+        assert readable, "nothing was sent behind this call"
+        assert os.read(task_fd, count)
+    return index
 
 
 def answer_out_of_turn(short: bool) -> str:

@@ -77,6 +77,16 @@ def resolves_within(future: Future[Any], seconds: float) -> BaseException | None
         raise AssertionError(f"the future did not resolve within {seconds} s") from None
 
 
+def list_within(results: Iterator[Any], seconds: float) -> list[Any]:
+    """Every result of a ``map``, which must all come within ``seconds``."""
+    box: list[Any] = []
+    reader = threading.Thread(target=lambda: box.append(list(results)), daemon=True)
+    reader.start()
+    reader.join(seconds)
+    assert box, f"the map's results did not all come within {seconds} s"
+    return box[0]  # type: ignore[no-any-return]
+
+
 def read_pid(path: Path) -> int:
     wait_until(path.exists, TIMEOUT)
     return int(path.read_text())
@@ -401,6 +411,34 @@ def test_a_frame_announced_by_a_task_costs_its_worker_not_the_pool(
     assert isinstance(error, duckpool.WorkerDiedError), repr(error)
     assert "it began an answer for task" in str(error)
     serves_then_shuts_down(pool)
+
+
+@pytest.mark.parametrize("count", [1, 4, 100])
+def test_a_task_that_reads_its_worker_s_task_pipe_costs_no_other_task(
+    ctx: Any, tmp_path: Path, count: int
+) -> None:
+    # What is left in the pipe no longer parses as the frames sent (or the
+    # next frame is gone whole): the worker waits for bytes that never come,
+    # with the next chunk not taken up.  Found so at two looks 2 s apart, it
+    # is killed, and that chunk and those behind it run on its replacement.
+    # Before, they (and shutdown) waited for ever.  One worker, and a map
+    # chunk is always sent behind the chunk it runs: the second map's first
+    # chunk goes to its pipe while the first map's chunk steals from it.
+    started = tmp_path / "started"
+    pool = duckpool.ProcessPoolExecutor(1, mp_context=ctx)
+    try:
+        # (Once the pool has mapped the worker's buffer area, its next write
+        # says so in a frame of its own: written by now, not stolen below.)
+        assert [pool.submit(tasks.add, 1, 2).result(TIMEOUT) for _ in range(3)] == [3] * 3
+        steal = tasks.steal_from_the_task_pipe_then_return
+        first = pool.map(steal, range(2), [count] * 2, [str(started)] * 2, chunksize=2)
+        wait_until(started.exists, TIMEOUT)
+        second = pool.map(steal, range(2, 8), [count] * 6, [str(started)] * 6, chunksize=2)
+        assert list_within(first, TIMEOUT) == [0, 1]
+        assert list_within(second, TIMEOUT) == list(range(2, 8))
+        serves_then_shuts_down(pool)
+    finally:
+        pool.shutdown(cancel_futures=True, timeout=TIMEOUT)
 
 
 def test_a_process_forked_while_the_arguments_are_unpickled_never_runs_the_task(

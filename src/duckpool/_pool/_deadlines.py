@@ -48,8 +48,11 @@ Owns the slot's ``start_missed`` and ``start_cpu`` fields.
 
 from __future__ import annotations
 
+import fcntl
 import math
 import signal
+import sys
+import termios
 import weakref
 from typing import TYPE_CHECKING, Optional
 
@@ -88,6 +91,10 @@ class Deadlines:
         #: Slots whose worker was found stopped mid-task at the last look
         #: since the pool shut down (``_check_running``).
         self._stopped_running: set[int] = set()
+        #: Slots whose worker had read everything sent to it but not taken
+        #: its first item up at the last look: its pid, that item's task id
+        #: and the CPU time it had used then (``_starved``).
+        self._starving: dict[int, tuple[int, int, int]] = {}
 
     def check(self, now: float) -> Optional[float]:
         """Act on what is due; seconds until the next deadline, at most
@@ -202,7 +209,33 @@ class Deadlines:
             # Its items go back to the queue when it has exited (none started).
             signal_process(process, signal.SIGKILL)
             return None
+        if self._starved(slot, process.pid, head):
+            signal_process(process, signal.SIGKILL)  # (as above: none started)
+            return None
         return now + TAKE_UP_SECONDS
+
+    def _starved(self, slot: Slot, pid: int, head: WorkItem) -> bool:
+        """Has ``slot``'s worker read all that was sent to it, yet left
+        ``head`` not taken up and used no CPU, at two looks in a row?  It then
+        waits for bytes that will never come: a task read some of its task
+        pipe, and what is left there no longer parses as the frames sent."""
+        sample = _child.cpu_sample(pid)
+        conn = slot.task_conn
+        if (
+            sample is None
+            or sample[0] != b"S"
+            or slot.outbox
+            or conn is None
+            or _unread_bytes(conn.fileno()) != 0
+        ):
+            self._starving.pop(slot.index, None)
+            return False
+        seen = (pid, head.task_id, sample[1])
+        if self._starving.get(slot.index) == seen:
+            del self._starving[slot.index]
+            return True
+        self._starving[slot.index] = seen
+        return False
 
     def _check_running(self, slot: Slot, head: WorkItem, now: float) -> Optional[float]:
         """The pool shuts down: kill ``slot``'s worker if it is found stopped
@@ -254,3 +287,12 @@ class Deadlines:
             signal_process(slot.process, signal.SIGKILL)  # its exit resets the slot
             return None
         return now + START_CHECK_SECONDS
+
+
+def _unread_bytes(fd: int) -> Optional[int]:
+    """How many bytes written to pipe ``fd`` are not yet read (None: unknown)."""
+    try:
+        answer = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return None
+    return int.from_bytes(answer, sys.byteorder)
