@@ -22,7 +22,7 @@ import pytest
 
 import _executor_tasks as tasks
 import duckpool
-from conftest import needs_epoll, run_in_forked_child, run_script, wait_until
+from conftest import needs_epoll, process_gone, run_in_forked_child, run_script, wait_until
 from duckpool import _buffers, _futures
 from duckpool._pool import _assist, _results, _transport
 from duckpool._pool._waiter import Waiter
@@ -486,3 +486,40 @@ def test_waiting_on_the_pool_in_its_dispatcher_thread_raises_at_once(
     finally:
         pool.shutdown()
         other.shutdown()
+
+
+def test_shutdown_waiting_in_the_dispatcher_thread_raises_and_the_pool_still_shuts_down(
+    ctx: object, tmp_path: Path
+) -> None:
+    # A done-callback the dispatcher runs cannot wait for the shutdown that
+    # thread carries out: shutdown(wait=True) there used to return at once,
+    # with the workers still running.  It raises, as the stdlib's does, once
+    # the shutdown is requested; the shutdown then completes.
+    pool = duckpool.ProcessPoolExecutor(1, mp_context=ctx)  # type: ignore[arg-type]
+    try:
+        seen: list[str] = []
+        ran = threading.Event()
+
+        def shut_down_in_callback(_: object) -> None:
+            try:
+                pool.shutdown(wait=True)
+            except RuntimeError as exc:
+                seen.append(str(exc))
+            finally:
+                ran.set()
+
+        assert pool.submit(tasks.add, 0, 0).result(TIMEOUT) == 0
+        pids = pool.worker_pids()
+        assert pids
+        gate = tmp_path / "gate"
+        future = pool.submit(tasks.wait_for_file, str(gate))
+        future.add_done_callback(shut_down_in_callback)  # (pending: the task waits for the gate)
+        gate.touch()
+        assert ran.wait(TIMEOUT)
+        assert seen and "own dispatcher thread" in seen[0], seen
+        with pytest.raises(RuntimeError):
+            pool.submit(tasks.add, 1, 1)  # the shutdown was requested
+        pool.shutdown(wait=True)
+        assert all(process_gone(pid) for pid in pids)
+    finally:
+        pool.shutdown()

@@ -599,7 +599,18 @@ class PoolCore:
 
     def join(self, timeout: Optional[float] = None) -> None:
         """Wait until every process the pool started has exited (its zygotes
-        included) and its dispatcher thread has ended, or ``timeout`` passes."""
+        included) and its dispatcher thread has ended, or ``timeout`` passes.
+
+        Raises ``RuntimeError`` in the dispatcher thread itself (a
+        done-callback it runs): that thread is what would end them.
+        """
+        if self.dispatcher.is_current():
+            raise RuntimeError(
+                "cannot wait for the pool to shut down in its own dispatcher thread "
+                "(a done-callback it ran): that thread is what shuts it down; the "
+                "shutdown goes on once the callback returns (call shutdown(wait=False) "
+                "there, or wait elsewhere)"
+            )
         self.dispatcher.join(timeout)
 
     def shutdown_at_exit(self, interrupted: bool) -> None:
