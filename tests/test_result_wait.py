@@ -523,3 +523,34 @@ def test_shutdown_waiting_in_the_dispatcher_thread_raises_and_the_pool_still_shu
         assert all(process_gone(pid) for pid in pids)
     finally:
         pool.shutdown()
+
+
+def test_a_future_whose_lock_a_thread_left_held_does_not_stall_the_pool(
+    ctx: object, tmp_path: Path
+) -> None:
+    # Ctrl-C may strike a thread just as it took a future's lock (``with``,
+    # Condition.wait) and leave it held for good.  The dispatcher, resolving
+    # that future, used to block on it for ever, and every future of the pool
+    # with it; it now leaves that one to a thread of its own and goes on.
+    pool = duckpool.ProcessPoolExecutor(1, mp_context=ctx)  # type: ignore[arg-type]
+    held, release = threading.Event(), threading.Event()
+    try:
+        gate = tmp_path / "gate"
+        stuck = pool.submit(tasks.wait_for_file, str(gate))
+
+        def hold_its_lock() -> None:
+            with stuck._condition:  # (as an interrupted waiter leaves it)
+                held.set()
+                release.wait(TIMEOUT)
+
+        holder = threading.Thread(target=hold_its_lock, daemon=True)
+        holder.start()
+        assert held.wait(TIMEOUT)
+        gate.touch()
+        assert pool.submit(tasks.add, 2, 3).result(TIMEOUT) == 5  # the pool goes on
+        assert not stuck.done()
+        release.set()
+        assert stuck.result(TIMEOUT) == "released"
+    finally:
+        release.set()
+        pool.shutdown()

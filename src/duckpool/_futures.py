@@ -234,6 +234,24 @@ def _renew_lazy_condition_lock() -> None:
 os.register_at_fork(after_in_child=_renew_lazy_condition_lock)
 
 
+#: How long a future's condition may stay held by another thread before the
+#: thread resolving the future leaves that to a thread of its own.
+LOCK_LEFT_HELD_SECONDS = 1.0
+
+
+def _resolve_aside(method: Callable[..., None], future: Future[Any], value: Any) -> None:
+    """Resolve ``future`` in a thread of its own, which waits for its lock
+    (for ever, if it was left held): the caller goes on meanwhile."""
+
+    def resolve() -> None:
+        try:
+            method(future, value)
+        except InvalidStateError:  # (resolved meanwhile)
+            pass
+
+    threading.Thread(target=resolve, name="duckpool-resolve-aside", daemon=True).start()
+
+
 class PoolFuture(Future[_T]):
     """The future a local pool's ``submit()`` returns.
 
@@ -315,6 +333,8 @@ class PoolFuture(Future[_T]):
                 if self._state == _futures_base.CANCELLED:
                     self._state = _futures_base.CANCELLED_AND_NOTIFIED
                     return False
+        if self._lock_left_held():
+            return self._state == _futures_base.PENDING  # (it runs, seen as pending)
         return super().set_running_or_notify_cancel()
 
     def set_result(self, result: _T) -> None:
@@ -323,6 +343,9 @@ class PoolFuture(Future[_T]):
                 self._result = result
                 self._state = _futures_base.FINISHED
                 return
+        if self._lock_left_held():
+            _resolve_aside(Future.set_result, self, result)
+            return
         super().set_result(result)
 
     def set_exception(self, exception: Optional[BaseException]) -> None:
@@ -331,7 +354,25 @@ class PoolFuture(Future[_T]):
                 self._exception = exception
                 self._state = _futures_base.FINISHED
                 return
+        if self._lock_left_held():
+            _resolve_aside(Future.set_exception, self, exception)
+            return
         super().set_exception(exception)
+
+    def _lock_left_held(self) -> bool:
+        """Does another thread hold this future's condition for longer than
+        anyone legitimately does?  A thread interrupted (Ctrl-C) just as it
+        took the lock, in ``with`` or ``Condition.wait``, may leave it held
+        for good (a CPython weakness, bpo-29988): whoever resolves the future
+        would then block for ever, and in the dispatcher thread that is
+        every future of the pool."""
+        condition = self.__dict__.get("_lazy_condition")
+        if condition is None:
+            return False
+        if not condition.acquire(timeout=LOCK_LEFT_HELD_SECONDS):
+            return True
+        condition.release()
+        return False
 
     @property
     def progress(self) -> Optional[Progress]:
