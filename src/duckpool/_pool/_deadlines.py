@@ -221,12 +221,15 @@ class Deadlines:
         pipe, and what is left there no longer parses as the frames sent."""
         sample = _child.cpu_sample(pid)
         conn = slot.task_conn
+        mark = self._core.marks[slot.index]
         if (
             sample is None
             or sample[0] != b"S"
             or slot.outbox
             or conn is None
             or _unread_bytes(conn.fileno()) != 0
+            # (One that took up a later item ran this one: it is not starved.)
+            or any(item.task_id == mark for item in slot.assigned)
         ):
             self._starving.pop(slot.index, None)
             return False
