@@ -123,7 +123,12 @@ def test_a_worker_whose_result_pipe_a_task_replaced_is_not_waited_for(
         future = pool.submit(tasks.replace_written_pipes_then, outcome)
         error = resolves_within(future, PROMPTLY)
     assert isinstance(error, duckpool.WorkerDiedError), repr(error)
-    assert "its result pipe closed but it went on running" in str(error)
+    # (Where pidfds are missing, a spawned worker's sentinel is a pipe too:
+    # replaced with the others, it reads as the worker's exit, code unknown.)
+    said = str(error)
+    assert "its result pipe closed but it went on running" in said or (
+        "exit status unknown" in said and os.environ.get("DUCKPOOL_TEST_PORTABLE")
+    ), said
     serves_then_shuts_down(pool)
 
 
