@@ -112,15 +112,14 @@ def test_closing_every_inherited_descriptor_fails_only_that_task(
     serves_then_shuts_down(pool)
 
 
-@pytest.mark.parametrize("outcome", ["return", "raise"])
 def test_a_worker_whose_result_pipe_a_task_replaced_is_not_waited_for(
-    pool: duckpool.ProcessPoolExecutor, tmp_path: Path, outcome: str
+    pool: duckpool.ProcessPoolExecutor, tmp_path: Path
 ) -> None:
     # Its answers go to /dev/null and the worker lives on: the pool sees its
     # result pipe closed, gives it a grace to exit, then kills it.  Before,
     # the future (and any queued behind it, and shutdown) waited for ever.
     with bystander(pool, tmp_path):
-        future = pool.submit(tasks.replace_written_pipes_then, outcome)
+        future = pool.submit(tasks.replace_written_pipes_then, "return")
         error = resolves_within(future, PROMPTLY)
     assert isinstance(error, duckpool.WorkerDiedError), repr(error)
     # (Where pidfds are missing, a spawned worker's sentinel is a pipe too:
@@ -418,9 +417,8 @@ def test_a_frame_announced_by_a_task_costs_its_worker_not_the_pool(
     serves_then_shuts_down(pool)
 
 
-@pytest.mark.parametrize("count", [1, 4, 100])
 def test_a_task_that_reads_its_worker_s_task_pipe_costs_no_other_task(
-    ctx: Any, tmp_path: Path, count: int
+    ctx: Any, tmp_path: Path
 ) -> None:
     # What is left in the pipe no longer parses as the frames sent (or the
     # next frame is gone whole): the worker waits for bytes that never come,
@@ -429,6 +427,9 @@ def test_a_task_that_reads_its_worker_s_task_pipe_costs_no_other_task(
     # Before, they (and shutdown) waited for ever.  One worker, and a map
     # chunk is always sent behind the chunk it runs: the second map's first
     # chunk goes to its pipe while the first map's chunk steals from it.
+    # Four bytes: that frame's length header (1 byte, or the whole frame,
+    # ends the same way, checked by hand: the watch is the same).
+    count = 4
     started = tmp_path / "started"
     pool = duckpool.ProcessPoolExecutor(1, mp_context=ctx)
     try:
