@@ -318,14 +318,8 @@ class PoolCore:
             self.assists.poison(slot, cause, writing=True)
 
     def cancel(self, future: Future[Any]) -> bool:
-        """Cancel a queued item, or stop the worker running it; False if unknown.
-
-        Raises ``InheritedManagerError`` in a process that inherited the pool
-        by fork: its workers are the owner's.
-        """
+        """Cancel a queued item, or stop the worker running it; False if unknown."""
         with self.lock:
-            if self.lifecycle.inherited:
-                self.lifecycle.check_accepting()
             item = self.scheduler.cancel_queued(future)
             if item is None:
                 found, error = self.supervisor.cancel_running(future)
@@ -599,18 +593,7 @@ class PoolCore:
 
     def join(self, timeout: Optional[float] = None) -> None:
         """Wait until every process the pool started has exited (its zygotes
-        included) and its dispatcher thread has ended, or ``timeout`` passes.
-
-        Raises ``RuntimeError`` in the dispatcher thread itself (a
-        done-callback it runs): that thread is what would end them.
-        """
-        if self.dispatcher.is_current():
-            raise RuntimeError(
-                "cannot wait for the pool to shut down in its own dispatcher thread "
-                "(a done-callback it ran): that thread is what shuts it down; the "
-                "shutdown goes on once the callback returns (call shutdown(wait=False) "
-                "there, or wait elsewhere)"
-            )
+        included) and its dispatcher thread has ended, or ``timeout`` passes."""
         self.dispatcher.join(timeout)
 
     def shutdown_at_exit(self, interrupted: bool) -> None:

@@ -245,6 +245,9 @@ class Submitting:
         :class:`~duckpool.InheritedManagerError` in a process that inherited
         the executor by fork (its workers are the parent's).
         """
+        lifecycle = self._core.lifecycle
+        if lifecycle.inherited:  # (its workers are the parent's)
+            lifecycle.check_accepting()
         if future.done():
             return False
         return self._core.cancel(future)

@@ -81,8 +81,17 @@ class Dispatcher:
         return thread is not None and thread.is_alive()
 
     def join(self, timeout: Optional[float] = None) -> None:
+        """Wait for the thread to end; ``RuntimeError`` in the thread itself (a
+        done-callback it runs): it is what ends the pool."""
         thread = self.thread
-        if thread is not None and thread is not threading.current_thread():
+        if thread is threading.current_thread():
+            raise RuntimeError(
+                "cannot wait for the pool to shut down in its own dispatcher thread "
+                "(a done-callback it ran): that thread is what shuts it down; the "
+                "shutdown goes on once the callback returns (call shutdown(wait=False) "
+                "there, or wait elsewhere)"
+            )
+        if thread is not None:
             thread.join(timeout)
 
 
