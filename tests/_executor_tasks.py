@@ -13,6 +13,11 @@ def add(a: int, b: int) -> int:
     return a + b
 
 
+def touch(path: str) -> None:
+    with open(path, "w"):
+        pass
+
+
 def getpid() -> int:
     return os.getpid()
 

@@ -8,6 +8,7 @@ process that died may fail, queued work goes on, and the next task runs.
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import os
 import signal
@@ -509,6 +510,106 @@ def test_a_start_failing_for_good_breaks_the_pool_at_once(
         assert isinstance(failure.value.__cause__, TypeError)
     finally:
         pool.shutdown()
+
+
+def test_a_first_start_that_fails_raises_from_submit_and_queues_nothing(
+    ctx: multiprocessing.context.BaseContext, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The first task waits in its slot until the first worker is started
+    # with it in its pipe: when that start fails, submit() raises, and the
+    # task must neither run later nor hold the slot.
+    calls = _failing_starts(monkeypatch, 1, OSError(errno.EAGAIN, "fork refused"))
+    pool = duckpool.ProcessPoolExecutor(2, ctx)
+    marker = tmp_path / "ran"
+    try:
+        with pytest.raises(OSError, match="fork refused"):
+            pool.submit(tasks.touch, str(marker))
+        assert pool.submit(tasks.add, 1, 2).result(TIMEOUT) == 3
+        assert pool.submit(tasks.add, 2, 2).result(TIMEOUT) == 4
+        assert calls, "the first start never went through start_worker_process"
+    finally:
+        pool.shutdown()
+    assert not marker.exists(), "the call whose submit() raised ran anyway"
+
+
+def test_a_new_worker_s_first_frames_are_in_its_pipe_before_it_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from collections import deque
+
+    from duckpool import _spawn
+
+    frames = deque([memoryview(b"a" * 10), memoryview(b"b" * 20)])
+    seen: list[bytes] = []
+
+    def spawned(config: Any, task_r: int, result_w: int) -> object:
+        seen.append(os.read(task_r, 100))
+        return object()
+
+    monkeypatch.setattr(_spawn, "spawn_worker", spawned)
+    monkeypatch.setattr(_spawn, "_SPAWN_DIRECTLY", True)
+    spawn = multiprocessing.get_context("spawn")
+    _, task_w, result_r = _spawn.start_worker_process(spawn, None, ahead=frames)  # type: ignore[arg-type]
+    task_w.close()
+    result_r.close()
+    assert seen == [b"a" * 10 + b"b" * 20]
+    assert not frames, "what the pipe took is still waiting to be sent"
+
+    # A start that fails leaves the frames whole, for the next start.
+    def refused(config: Any, task_r: int, result_w: int) -> object:
+        raise OSError(errno.EAGAIN, "fork refused")
+
+    monkeypatch.setattr(_spawn, "spawn_worker", refused)
+    frames.extend([memoryview(b"c" * 10)])
+    with pytest.raises(OSError):
+        _spawn.start_worker_process(spawn, None, ahead=frames)  # type: ignore[arg-type]
+    assert [bytes(view) for view in frames] == [b"c" * 10]
+
+
+def test_a_pipe_too_small_for_the_first_frames_takes_what_it_can() -> None:
+    import fcntl
+    from collections import deque
+
+    from duckpool import _spawn
+
+    task_r, task_w = os.pipe()
+    try:
+        if fcntl.fcntl(task_w, getattr(fcntl, "F_SETPIPE_SZ", 1031), 4096) != 4096:
+            pytest.skip("the pipe's size cannot be set to one page here")
+        frames = deque([memoryview(b"x" * 3000), memoryview(b"y" * 3000)])
+        assert _spawn._write_ahead(task_w, frames) == 4096
+        assert os.read(task_r, 10000) == b"x" * 3000 + b"y" * 1096
+        assert os.get_blocking(task_w)
+    finally:
+        os.close(task_r)
+        os.close(task_w)
+
+
+@needs_pidfds
+def test_the_zygote_forks_the_first_workers_unasked() -> None:
+    # The workers the pool wants when the zygote is forked come with the fork,
+    # before the zygote runs anything else (see Zygote.fork): none is asked for.
+    from duckpool import _zygote
+
+    asked: list[int] = []
+    real = _zygote.Zygote.request_start
+
+    def request_start(self: Any, slot: int) -> None:
+        asked.append(slot)
+        real(self, slot)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_zygote.Zygote, "request_start", request_start)
+        pool = duckpool.ProcessPoolExecutor(3, multiprocessing.get_context("fork"))
+        try:
+            assert pool.submit(tasks.add, 1, 1).result(TIMEOUT) == 2
+            wait_until(lambda: len(pool.worker_pids()) == 3, TIMEOUT)
+            parents = {psutil.Process(pid).ppid() for pid in pool.worker_pids()}
+            assert len(pool.worker_pids()) == 3
+            assert os.getpid() in parents and len(parents) == 2  # the first, the zygote's
+            assert asked == []
+        finally:
+            pool.shutdown()
 
 
 def test_shutdown_returns_once_every_process_and_thread_is_gone(

@@ -371,10 +371,12 @@ class PoolCore:
     # -- workers (lock held) ------------------------------------------------------
 
     def ensure_started(self) -> None:
-        """Start the first worker, once; the others wait for the dispatcher.
+        """Make the pool ready to take work, once: every slot takes work
+        before its worker exists (it waits in the slot's outbox).
 
         ``start_dispatcher`` must follow, once the item being submitted has
-        gone to that worker: the first task then runs while the rest of the
+        gone to a slot: it starts that slot's worker first, with the item
+        already in its pipe, and the first task runs while the rest of the
         pool starts.
         """
         if self.marks is None:
@@ -382,18 +384,12 @@ class PoolCore:
             self.marks = _marks.marks_array(self.shared_marks)
         self.launcher.prepare()
         self.dispatcher.prepare(self)
-        # The first worker now, for the task being submitted (under fork,
-        # straight from this process: no thread of this pool exists yet, as
-        # when the zygote is forked).  The dispatcher starts the others at
-        # once, while that task already runs.  Until then they are reserved:
-        # each takes a task as an idle worker would (so it counts as started,
-        # as the stdlib's executor sends the first tasks on at once), which
-        # waits in its outbox.
-        empty = [slot for slot in self.slots if slot.process is None and not slot.parked]
-        if empty:
-            self.launcher.start_worker(empty[0])
-        for slot in empty[1:]:
-            self.launcher.reserve(slot)
+        # Each empty slot takes a task as an idle worker would (so it counts
+        # as started, as the stdlib's executor sends the first tasks on at
+        # once).
+        for slot in self.slots:
+            if slot.process is None and not slot.parked:
+                self.launcher.reserve(slot)
 
     def prestart(self, every: bool) -> None:
         """Start workers now, with no task: every slot's (``every``), or the
@@ -438,9 +434,25 @@ class PoolCore:
                 self.workers_ready.wait(0.05 if left is None else min(left, 0.05))
 
     def start_dispatcher(self) -> None:
-        """Fork the zygote (under fork), then start the dispatcher thread."""
+        """Start the first worker, fork the zygote (under fork), then start
+        the dispatcher thread, which starts the other workers."""
         if self.dispatcher.thread is not None:
             return
+        waiting = [s for s in self.slots if s.reserved and s.process is None]
+        # The first worker is the one the first task went to, forked from
+        # this process with that task in its pipe (see _spawn._write_ahead)
+        # and, under fork, straight before the zygote: no thread of this
+        # pool exists yet, and the two share what this process writes next.
+        first = next((s for s in waiting if s.assigned), waiting[0] if waiting else None)
+        if first is not None:
+            try:
+                self.launcher.start_worker(first)
+            except BaseException:
+                # Nothing was started: what this call queued is not queued.
+                for slot in waiting:
+                    self.scheduler.take_back(slot)
+                    self.launcher.unreserve(slot)
+                raise
         # Forked now, before this pool's thread exists; it forks the workers
         # from then on (see _zygote).
         self.zygotes.start()

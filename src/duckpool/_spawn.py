@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 import sys
+from collections import deque
 from multiprocessing import connection as mp_connection
 from typing import Any, Optional
 
@@ -22,18 +23,24 @@ def start_worker_process(
     config: _worker.WorkerConfig,
     parent_sentinel: Optional[int] = None,
     also_close: tuple[int, ...] = (),
+    ahead: Optional[deque[memoryview]] = None,
 ) -> tuple[Any, mp_connection.Connection, mp_connection.Connection]:
     """Start a worker; return it with the parent's ends of its task and result pipes.
 
     ``parent_sentinel``: under fork, a pidfd of the pool's process, which
     the worker inherits; with it the worker is forked directly (``fork_worker``).
     ``also_close``: under fork, more of the parent's descriptors the worker
-    closes at once.  On failure the pipes are closed and the error propagates.
+    closes at once.  ``ahead``: frames already meant for the worker (its
+    slot's outbox), written to its task pipe before it starts, as far as
+    the pipe takes them; what was written is then taken off ``ahead``.  On
+    failure the pipes are closed, ``ahead`` is left whole and the error
+    propagates.
     """
     task_r, task_w = os.pipe()
     result_r, result_w = os.pipe()
     for fd in (task_w, result_w):
         _enlarge(fd)
+    written = _write_ahead(task_w, ahead) if ahead else 0
     method = context.get_start_method()
     process: Any
     try:
@@ -64,11 +71,41 @@ def start_worker_process(
         # The worker has its own copies now (or never will).
         os.close(task_r)
         os.close(result_w)
+    if written:
+        assert ahead is not None
+        rest = _protocol.skip_written(list(ahead), written)
+        ahead.clear()
+        ahead.extend(rest)
     return (
         process,
         mp_connection.Connection(task_w, readable=False),
         mp_connection.Connection(result_r, writable=False),
     )
+
+
+def _write_ahead(task_w: int, frames: deque[memoryview]) -> int:
+    """Write ``frames`` to a new worker's task pipe before the worker
+    starts, as far as the pipe takes them; how many bytes it took.
+
+    Its first task is then there when it first reads: under fork, the
+    pool's process need not write it after the fork, which would copy
+    pages its first worker still shares.
+    """
+    os.set_blocking(task_w, False)
+    try:
+        left = list(frames)
+        total = sum(view.nbytes for view in left)
+        while left:
+            try:
+                done = os.writev(task_w, left[: _protocol.IOV_MAX])
+            except BlockingIOError:
+                break
+            if not done:
+                break
+            left = _protocol.skip_written(left, done)
+        return total - sum(view.nbytes for view in left)
+    finally:
+        os.set_blocking(task_w, True)
 
 
 def _new_process(

@@ -87,6 +87,11 @@ class TaskSpan:
         if attempt > 1:
             span.add_event("duckpool.retry", {"duckpool.attempt": attempt})
 
+    def on_worker(self, pid: int) -> None:
+        """The worker of the slot the task went to before it had one is
+        known now (lock held)."""
+        self.span.set_attribute("duckpool.worker.pid", pid)
+
     def finish(self, future: Future[Any]) -> None:
         """The future resolved (a done callback): the outcome, then the end."""
         from opentelemetry.trace import Status, StatusCode

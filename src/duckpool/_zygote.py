@@ -26,7 +26,11 @@ need no watchdog thread of their own (``_worker.WorkerConfig.watched``).
 
 The dispatcher does not wait for an answer: it sends its requests, goes on,
 and takes each answer when the control socket becomes readable, so the pool
-is never held up (nor its lock held) while the zygote forks.
+is never held up (nor its lock held) while the zygote forks.  The pool's
+first workers are asked for with the fork itself (``Zygote.fork``'s
+``first_slots``): the zygote forks them before it runs anything else, so
+that they and the first worker are near twins, sharing what either process
+writes later.
 
 The zygote exits when the pool has stopped its workers (told so when they
 are told to stop), when the parent closes the control socket, or dies.
@@ -184,8 +188,16 @@ class Zygote:
         adopted_pids: Sequence[int] = (),
         channels: Optional[Channels] = None,
         title: Optional[str] = None,
+        first_slots: Sequence[int] = (),
     ) -> Zygote:
         """Fork the zygote, with ``channels`` (new ones if None).
+
+        It starts the workers of ``first_slots`` before anything else, as
+        if asked by ``request_start`` (their answers come the same way): a
+        worker it forks at once inherits the pages this process wrote
+        since, not the zygote's copies of them, so it stays the twin of the
+        worker forked here just before (whose pages both this process and
+        the zygote had written would otherwise count in its memory alone).
 
         It closes ``inherited_fds`` (the parent's ends of the pipes of
         workers started before it: its workers must not hold them).  Given
@@ -196,7 +208,14 @@ class Zygote:
         if channels is None:
             channels = Channels.open()
         adopted = [fd for fd in map(_child.pidfd_of, adopted_pids) if fd is not None]
-        birth = Birth(os.getpid(), tuple(inherited_fds), parent_pidfd, tuple(adopted), title)
+        birth = Birth(
+            os.getpid(),
+            tuple(inherited_fds),
+            parent_pidfd,
+            tuple(adopted),
+            title,
+            first_slots=tuple(first_slots),
+        )
         try:
             process = _child.fork(
                 lambda: zygote_main(channels.zygote_end, channels.notices_w, build_config, birth)

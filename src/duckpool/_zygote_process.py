@@ -51,6 +51,8 @@ class Birth(NamedTuple):
     #: parent through ``os.getppid``, and it forks no standby of its own
     #: until it has served a request, that is, been promoted).
     standby: bool = False
+    #: Slots whose workers it starts at once, as if asked (see Zygote.fork).
+    first_slots: tuple[int, ...] = ()
 
 
 class Channels(NamedTuple):
@@ -116,7 +118,10 @@ def _serve(
     adopted = list(birth.adopted)
     parent_gone = birth.parent_pidfd
     watched: list[Any] = [control] if parent_gone is None else [control, parent_gone]
-    buffered = b""
+    # The first workers' requests came with the fork: served before anything
+    # else runs here (see Zygote.fork).
+    buffered = b"".join(REQUEST.pack(slot) for slot in birth.first_slots)
+    asked = bool(buffered)
     finishing = False
     adopting = False
     counting = False  # the next unit is FINISH's count of answers read
@@ -129,7 +134,7 @@ def _serve(
         # the control socket came along with the fork (as did other pools').
         # The parent's pidfd says it, or else its parent id (the zygote is its
         # child); no watchdog thread, since the zygote must stay single-threaded.
-        ready = mp_connection.wait([*watched, *workers], PARENT_POLL_SECONDS)
+        ready = [] if asked else mp_connection.wait([*watched, *workers], PARENT_POLL_SECONDS)
         if parent_gone in ready or _parent_died(birth):
             _kill_workers(workers.values(), adopted)
             return
@@ -154,13 +159,16 @@ def _serve(
             except BrokenPipeError:
                 pass  # the pool has closed its end: it no longer asks
             del process  # the last reference: its sentinel closes
-        if control not in ready:
+        if asked:
+            asked = False
+        elif control not in ready:
             continue
-        chunk = control.recv(4096)
-        if not chunk:  # every copy of the parent's end is closed: it is gone
-            _kill_workers(workers.values(), adopted)
-            return
-        buffered += chunk
+        else:
+            chunk = control.recv(4096)
+            if not chunk:  # every copy of the parent's end is closed: it is gone
+                _kill_workers(workers.values(), adopted)
+                return
+            buffered += chunk
         usable = len(buffered) - len(buffered) % REQUEST.size
         requests, buffered = buffered[:usable], buffered[usable:]
         for (slot,) in REQUEST.iter_unpack(requests):

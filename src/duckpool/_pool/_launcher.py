@@ -27,6 +27,7 @@ import os
 import socket
 import time
 import weakref
+from collections import deque
 from typing import TYPE_CHECKING, Any, Optional
 
 from duckpool import _child, _logs, _protocol, _spawn, _worker
@@ -157,14 +158,19 @@ class Launcher:
         # one of them holds, and block on it for ever: the start-up watch
         # looks for that, see ``Deadlines``.)
         threaded = self.forks and not core.zygotes.spawning and _child.threads_here() > 1
-        self.install_worker(slot, *self.launch(slot.index))
+        # What the slot took while reserved goes into the new pipe before
+        # the start (see _spawn._write_ahead); install_worker sends the rest.
+        self.install_worker(slot, *self.launch(slot.index, ahead=slot.outbox))
         slot.launched_at = launched_at
         slot.forked_threaded = threaded
 
-    def launch(self, slot_index: int) -> tuple[WorkerProcess, Any, Any]:
+    def launch(
+        self, slot_index: int, ahead: Optional[deque[memoryview]] = None
+    ) -> tuple[WorkerProcess, Any, Any]:
         """Start a worker process for ``slot_index`` from this process, not
         through the zygote.  Returns it with the parent's (non-blocking) ends
-        of its task and result pipes."""
+        of its task and result pipes; what of ``ahead`` (frames for it) its
+        task pipe took before the start is taken off ``ahead``."""
         core = self._core
         zygotes = core.zygotes
         context: Any = core.settings.context
@@ -186,6 +192,7 @@ class Launcher:
                 config,
                 parent_pidfd,
                 also_close=() if channels is None else channels.fds(),
+                ahead=ahead,
             )
         finally:
             _child.restore_mask(old_mask)
@@ -221,6 +228,10 @@ class Launcher:
             core.counters.restarts += 1
         slot.used = True
         slot.reserved = False
+        if process.pid is not None:
+            for item in slot.assigned:  # (taken while reserved: their worker is known now)
+                if item.trace is not None:
+                    item.trace.on_worker(process.pid)
         if slot.outbox:  # what it took while reserved
             core.transport.flush(slot)
 

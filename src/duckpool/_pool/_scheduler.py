@@ -102,6 +102,13 @@ class Scheduler:
         slot.outbox.clear()
         slot.queued_bytes = 0
 
+    def take_back(self, slot: Slot) -> None:
+        """Forget what ``slot`` took: the first worker's start failed, and
+        ``submit`` raises, so it was never queued (lock held)."""
+        slot.assigned.clear()
+        slot.outbox.clear()
+        slot.queued_bytes = 0
+
     def is_idle(self, slot: Slot) -> bool:
         core = self._core
         return (

@@ -173,6 +173,8 @@ class Zygotes:
         core = self._core
         if not core.launcher.forks or self.zygote is not None or self.spawning:
             return
+        # The slots waiting for a worker: the zygote forks theirs at once.
+        first = [s for s in core.slots if s.reserved and s.process is None and not s.requested]
         try:
             channels, self.zygote_channels = self.zygote_channels, None
             prefix = core.settings.name_prefix or "duckpool"
@@ -183,6 +185,7 @@ class Zygotes:
                 adopted_pids=[s.process.pid for s in core.slots if s.process and s.process.pid],
                 channels=channels,
                 title=f"{prefix}-zygote",
+                first_slots=[slot.index for slot in first],
             )
         except OSError as exc:
             # The pool runs on with the worker it has; later workers are
@@ -191,7 +194,12 @@ class Zygotes:
             self.spawning = True
         else:
             self.watch(self.zygote)
-            self.standby_due = time.monotonic() + STANDBY_DELAY_SECONDS
+            now = time.monotonic()
+            self.standby_due = now + STANDBY_DELAY_SECONDS
+            for slot in first:
+                slot.requested = True
+            if first:
+                self.asked_at = now
 
     def watch(self, zygote: _zygote.Zygote) -> None:
         selector = self._core.selector
