@@ -97,6 +97,56 @@ def test_a_killed_standby_is_replaced() -> None:
         pool.shutdown()
 
 
+@needs_pidfds  # (a standby is watched through pidfds: without, there is none)
+def test_zygote_deaths_leak_no_descriptor_anywhere() -> None:
+    # Each death hands the zygote's role to its standby, which forks the next
+    # workers and a standby of its own: the pool's process, the zygote and a
+    # worker it forks must hold no more descriptors after many deaths than
+    # after one (a leak would let a later single death break the pool once
+    # the descriptor limit is reached).
+    pool = duckpool.ProcessPoolExecutor(2, multiprocessing.get_context("fork"))
+
+    def descriptors(pid: int) -> int:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+
+    def kill_zygote_and_workers() -> None:
+        zygote = helper_pids(pool)["zygote"]
+        workers = pool.worker_pids()
+        os.kill(zygote, signal.SIGKILL)
+        wait_until(
+            lambda: (
+                helper_pids(pool).get("zygote") not in (None, zygote)
+                and "zygote-standby" in helper_pids(pool)
+            ),
+            TIMEOUT,
+        )
+        for pid in workers:  # the next ones are the new zygote's
+            kill_quietly(pid)
+        wait_until(lambda: not set(workers) & set(pool.worker_pids()), TIMEOUT)
+        assert sorted(pool.map(tasks.add, [1, 2], [1, 2])) == [2, 4]
+
+    def counts() -> tuple[int, int, int]:
+        worker = pool.submit(tasks.getpid).result(TIMEOUT)
+        return (
+            descriptors(os.getpid()),
+            descriptors(helper_pids(pool)["zygote"]),
+            descriptors(worker),
+        )
+
+    try:
+        pool.submit(tasks.add, 1, 1).result(TIMEOUT)
+        wait_until(lambda: "zygote-standby" in helper_pids(pool), TIMEOUT)
+        kill_zygote_and_workers()
+        after_one = counts()
+        for _ in range(4):
+            kill_zygote_and_workers()
+        # (Looked at until it holds: a process may be opening or closing a
+        # standby's channels at one look; a leak grows by one or more per death.)
+        wait_until(lambda: all(now <= then for now, then in zip(counts(), after_one)), 10)
+    finally:
+        pool.shutdown()
+
+
 @needs_pidfds  # (it names the standby, which needs pidfds)
 def test_helper_processes_carry_titles_naming_pool_and_role() -> None:
     ctx = multiprocessing.get_context("fork")

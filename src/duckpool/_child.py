@@ -32,6 +32,9 @@ else:
 #: the parent.
 _UNREAPED: set[int] = set()
 
+#: In a child ``fork`` started: the write end of its own sentinel pipe.
+_sentinel_w: Optional[int] = None
+
 
 def block_sigint() -> Iterable[int]:
     """Block SIGINT in this thread; return the signal mask to restore.
@@ -570,6 +573,12 @@ def fork(main: Callable[[], None]) -> ChildProcess:
         code = 1
         try:
             os.close(pipe_r)
+            # Only its own: a copy of its forker's would keep that one's
+            # sentinel open, and a zygote's standby, promoted, forks on (so
+            # each generation would hold one more, as would its workers).
+            global _sentinel_w
+            close_quietly(_sentinel_w)
+            _sentinel_w = pipe_w
             # Processes it forks through multiprocessing must not be
             # mistaken for the parent's children, nor the parent's for its own.
             import multiprocessing.process

@@ -174,6 +174,7 @@ def _serve(
         for (slot,) in REQUEST.iter_unpack(requests):
             if adopting:
                 adopting = False
+                _drop_exited(adopted)
                 pidfd = _child.pidfd_of(slot)
                 if pidfd is not None:
                     adopted.append(pidfd)
@@ -209,12 +210,27 @@ def _serve(
                     standbys.add(standby)
             else:
                 answers += 1
+                _drop_exited(adopted)
                 own = (control.fileno(), notices_w, *workers, *adopted)
                 started = _start_one(
                     ctx, control, build_config(slot), workers, birth.parent_pidfd, own
                 )
                 if started is not None:
                     answer_of[started] = answers
+
+
+def _drop_exited(adopted: list[int]) -> None:
+    """Close the pidfds of adopted workers that have exited: each death of
+    a zygote adds its workers' (and a standby promoted after many deaths
+    would otherwise hold them all, and pass them to every worker it forks)."""
+    if not adopted:
+        return
+    ready = mp_connection.wait(adopted, 0)
+    exited = {fd for fd in adopted if fd in ready}
+    if exited:
+        adopted[:] = [fd for fd in adopted if fd not in exited]
+        for fd in exited:
+            _child.close_quietly(fd)
 
 
 def _parent_died(birth: Birth) -> bool:

@@ -393,6 +393,7 @@ class Zygotes:
                 self.exits_due.pop(child.pid, None)  # (seen through pidfds from now on)
             zygote.close()
             zygote.process.is_alive()  # reaps the zygote now, if it is this process's child
+            zygote.process.close()  # its pidfd: one per death would pile up
             self.retired.append(zygote)
             if zygote is self.standby:
                 self.standby = None  # the zygote forks another (want_standby)
