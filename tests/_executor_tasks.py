@@ -44,6 +44,25 @@ def wait_for_file(path: str, timeout: float = 30.0) -> str:
     return "released"
 
 
+class _SlowToClose:
+    """A resource whose close blocks: it says so, then waits for ``gate``."""
+
+    def __init__(self, started: str, gate: str) -> None:
+        self.started = started
+        self.gate = gate
+
+    def __del__(self) -> None:
+        Path(self.started).touch()
+        wait_for_file(self.gate)
+
+
+def fail_leaving_a_slow_finalizer(started: str, gate: str) -> None:
+    """Raise, holding an object whose finalizer blocks until ``gate``: it
+    runs once the worker has sent the error (the traceback held it)."""
+    resource = _SlowToClose(started, gate)  # noqa: F841 (held by the frame)
+    raise ValueError("failed, with a resource left to close")
+
+
 def touch_then_wait(started: str, gate: str) -> str:
     """Say "running" by creating ``started``, then wait for ``gate``."""
     Path(started).touch()

@@ -562,6 +562,48 @@ def test_a_start_failing_for_good_breaks_the_pool_at_once(
         pool.shutdown()
 
 
+def test_a_worker_held_up_by_a_finalizer_after_its_task_is_not_killed(
+    ctx: multiprocessing.context.BaseContext,
+    monkeypatch: pytest.MonkeyPatch,
+    short_graces: None,
+    tmp_path: Path,
+) -> None:
+    # A task raises holding a resource whose close blocks: the worker runs the
+    # finalizer after sending the error, with the next task already read from
+    # its pipe (tasks stream in).  It is busy, not starved of bytes a task took
+    # from its pipe: the watch for those looks on and leaves it be.  (It used
+    # to kill it at the second look, cutting the close short.)
+    from duckpool._pool import _deadlines
+
+    looks: list[bool] = []
+    real = _deadlines.Deadlines._starved
+
+    def starved(self: Any, *args: Any) -> bool:
+        looks.append(real(self, *args))
+        return looks[-1]
+
+    monkeypatch.setattr(_deadlines.Deadlines, "_starved", starved)
+    started, gate = tmp_path / "closing", tmp_path / "gate"
+    pool = duckpool.ProcessPoolExecutor(1, ctx)
+    try:
+        worker = pool.submit(tasks.getpid).result(TIMEOUT)
+        stream = [pool.submit(tasks.add, i, 1) for i in range(100)]
+        failing = pool.submit(tasks.fail_leaving_a_slow_finalizer, str(started), str(gate))
+        after = pool.submit(tasks.getpid)
+        wait_until(started.exists, TIMEOUT)
+        wait_until(lambda: len(looks) >= 5 or any(looks), TIMEOUT)  # (it killed at the second)
+        gate.touch()
+        assert [f.result(TIMEOUT) for f in stream] == list(range(1, 101))
+        with pytest.raises(ValueError, match="resource left to close"):
+            failing.result(TIMEOUT)
+        assert after.result(TIMEOUT) == worker
+        assert pool.stats().worker_deaths == 0
+        assert not any(looks)
+    finally:
+        gate.touch()
+        pool.shutdown()
+
+
 def test_a_first_start_that_fails_raises_from_submit_and_queues_nothing(
     ctx: multiprocessing.context.BaseContext, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -1,4 +1,4 @@
-"""The started and skip marks: cells a worker and its parent share, beside the pipes.
+"""The started, skip and reading marks: cells a worker and its parent share, beside the pipes.
 
 One array of 8-byte cells serves a pool of up to ``capacity`` slots (the
 ``max_workers`` a ``WorkerConfig`` carries is that stride).  In cell ``slot``
@@ -6,9 +6,13 @@ the worker of that slot writes the id of each task it takes up, so that
 after a death the parent knows whether the task had started (it fails then,
 else it is sent again).  In cell ``capacity + slot`` the parent may write
 the id of a task queued in that worker's pipe that the worker must skip (it
-answers it as cancelled instead of running it).  The parent makes the array
-(``new_marks``) before its first worker starts and sends it in each worker's
-``WorkerConfig``.
+answers it as cancelled instead of running it).  In cell ``2 * capacity +
+slot`` the worker writes 1 while it waits in its task pipe for frames, and 0
+once it has them: a worker found there, at two looks, with every byte sent
+to it read and its next task not taken up, is starved of bytes a task took
+from its pipe (a worker busy, say in a finalizer after its task, is not).
+The parent makes the array (``new_marks``) before its first worker starts
+and sends it in each worker's ``WorkerConfig``.
 
 Every worker imports this module: it imports nothing but ``os``.
 """
@@ -25,7 +29,7 @@ if TYPE_CHECKING:
 
 
 class SharedMarks:
-    """The started and skip marks (see the module): 8-byte cells in a memfd mapping.
+    """The started, skip and reading marks (see the module): 8-byte cells in a memfd mapping.
 
     ``view`` is the array itself.  Pickled, it travels as the memfd (``DupFd``)
     and is mapped again in the worker; a ``RawArray`` would import ``ctypes``,

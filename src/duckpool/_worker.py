@@ -585,13 +585,18 @@ def _serve(
     marks = marks_array(config.marks)
     slot = config.slot
     skip_cell = config.max_workers + slot
+    # Set while it waits for frames, and only then (see _marks: the parent
+    # tells a worker starved of the bytes of a frame from a busy one).
+    reading_cell = 2 * config.max_workers + slot
     rss = _rss_reader() if config.max_memory is not None else None
     global current_task_id
     while True:
+        marks[reading_cell] = 1
         try:
             frames = recv()
         except OSError:
             return  # the parent is gone or closed the pipe
+        marks[reading_cell] = 0
         if not frames:
             return
         frames.reverse()

@@ -216,15 +216,19 @@ class Deadlines:
 
     def _starved(self, slot: Slot, pid: int, head: WorkItem) -> bool:
         """Has ``slot``'s worker read all that was sent to it, yet left
-        ``head`` not taken up and used no CPU, at two looks in a row?  It then
-        waits for bytes that will never come: a task read some of its task
-        pipe, and what is left there no longer parses as the frames sent."""
+        ``head`` not taken up, used no CPU and waited in its task pipe, at
+        two looks in a row?  It then waits for bytes that will never come: a
+        task read some of its task pipe, and what is left there no longer
+        parses as the frames sent.  (A worker blocked anywhere else, say in
+        a finalizer of the task before, is busy: see ``_marks``.)"""
         sample = _child.cpu_sample(pid)
         conn = slot.task_conn
-        mark = self._core.marks[slot.index]
+        marks = self._core.marks
+        mark = marks[slot.index]
         if (
             sample is None
             or sample[0] != b"S"
+            or marks[2 * self._core.capacity + slot.index] != 1
             or slot.outbox
             or conn is None
             or _unread_bytes(conn.fileno()) != 0

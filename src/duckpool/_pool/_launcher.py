@@ -223,7 +223,9 @@ class Launcher:
         slot.installed_at = time.monotonic()
         # The last worker's marks are not this one's: a task it had taken up
         # may come back (a retry), and must not read as taken up already.
-        core.marks[slot.index] = core.marks[core.capacity + slot.index] = 0
+        capacity = core.capacity
+        core.marks[slot.index] = core.marks[capacity + slot.index] = 0
+        core.marks[2 * capacity + slot.index] = 0
         if slot.used:
             core.counters.restarts += 1
         slot.used = True
