@@ -447,11 +447,15 @@ def pool_map(
     call = _context.bind(run, context) if context else run
 
     def submit_chunk(chunk: _worker.Columns) -> Future[list[_T]]:
+        # The task timeout is each call's: a chunk of n calls gets n times it.
+        limit = task_timeout
+        if limit is not None and chunk:
+            limit *= max(1, len(chunk[0]))
         return submit(
             call,
             (chunk,),
             {},
-            task_timeout,
+            limit,
             kind,
             chunk=True,
             priority=priority,

@@ -305,7 +305,9 @@ class Submitting:
         A worker's death or a task timeout fails the whole chunk it was
         running: :class:`~duckpool.WorkerDiedError` or
         :class:`~duckpool.TaskTimeoutError` is raised where that chunk's
-        results would come.  A chunk that a shutdown cancelled
+        results would come.  The task timeout is each call's: a chunk of
+        ``n`` calls may run for ``n`` times it (so it fails only if its
+        calls overran it on average, or one hangs).  A chunk that a shutdown cancelled
         (``cancel_futures=True``) raises ``CancelledError`` there; one it
         stopped raises what :meth:`submit`'s future would.
         """
