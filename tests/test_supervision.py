@@ -504,15 +504,24 @@ def _failing_starts(
     return calls
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        EOFError("unexpected EOF"),
+        # (A burst of descriptors used elsewhere in the program: it passes.)
+        OSError(errno.EMFILE, "Too many open files"),
+    ],
+    ids=["fork server EOF", "EMFILE"],
+)
 @pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
 def test_a_start_that_fails_for_a_transient_reason_is_retried(
-    ctx: multiprocessing.context.BaseContext, monkeypatch: pytest.MonkeyPatch
+    ctx: multiprocessing.context.BaseContext, monkeypatch: pytest.MonkeyPatch, error: Exception
 ) -> None:
     # (Under fork, starts are the zygote's; its death is tested above.)
     pool = duckpool.ProcessPoolExecutor(1, ctx)
     try:
         first = pool.submit(tasks.getpid).result(TIMEOUT)
-        calls = _failing_starts(monkeypatch, 3, EOFError("unexpected EOF"))
+        calls = _failing_starts(monkeypatch, 3, error)
         kill_quietly(first)
         assert pool.submit(tasks.add, 1, 2).result(TIMEOUT) == 3
         assert len(calls) == 4

@@ -48,9 +48,19 @@ _RETRY_FIRST_SECONDS = 0.01
 _RETRY_MAX_SECONDS = 1.0
 #: Without pidfds, how often the dispatcher asks whether its processes live.
 EXIT_POLL_SECONDS = 0.2
-#: errno values of a start that may well succeed if tried again.
+#: errno values of a start that may well succeed if tried again (EMFILE and
+#: ENFILE too: a burst of descriptors used elsewhere in the program passes).
 _TRANSIENT_ERRNOS = frozenset(
-    {errno.EAGAIN, errno.ENOMEM, errno.EINTR, errno.EPIPE, errno.ECONNRESET, errno.ETIMEDOUT}
+    {
+        errno.EAGAIN,
+        errno.ENOMEM,
+        errno.EINTR,
+        errno.EPIPE,
+        errno.ECONNRESET,
+        errno.ETIMEDOUT,
+        errno.EMFILE,
+        errno.ENFILE,
+    }
 )
 
 
