@@ -147,6 +147,93 @@ def test_zygote_deaths_leak_no_descriptor_anywhere() -> None:
         pool.shutdown()
 
 
+@needs_pidfds
+@pytest.mark.parametrize("parent", ["lives", "exits"])
+def test_a_zygote_kills_the_workers_it_adopted_only_when_the_parent_exits(
+    parent: str, tmp_path: Path
+) -> None:
+    # A standby whose zygote died before handing its channels over sees them
+    # close while the parent lives: the workers it adopted (the parent's, and
+    # a dead zygote's) run the parent's tasks and must live on.  (It used to
+    # kill them, failing every running task after the zygote and its newly
+    # promoted standby died one after the other.)  When the parent exits,
+    # they go with it.
+    from duckpool import _zygote_process
+
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    middle = tmp_path / "middle"
+
+    def parent_side() -> None:
+        # The zygote's parent (its channels opened here: no other process
+        # holds them), which lives on or exits once the zygote runs.
+        channels = _zygote_process.Channels.open()
+        adopted = _child.pidfd_of(worker.pid)
+        assert adopted is not None
+        own = (channels.control.fileno(), channels.notices_r)
+        birth = _zygote_process.Birth(
+            os.getpid(), own, _child.pidfd_of(os.getpid()), (adopted,), None
+        )
+        zygote = _child.fork(
+            lambda: _zygote_process.zygote_main(
+                channels.zygote_end,
+                channels.notices_w,
+                lambda slot: None,
+                birth,  # type: ignore[arg-type,return-value]
+            )
+        )
+        channels.zygote_end.close()
+        os.close(channels.notices_w)
+        middle.write_text(str(zygote.pid))
+        if parent == "lives":
+            channels.control.close()  # the zygote's channel closes: nothing more
+            zygote.join(TIMEOUT)
+            assert zygote.exitcode == 0
+
+    try:
+        _child.fork(parent_side).join(TIMEOUT)
+        wait_until(middle.exists, TIMEOUT)
+        zygote_pid = int(middle.read_text())
+        wait_until(lambda: process_gone(zygote_pid), TIMEOUT)
+        if parent == "lives":
+            assert worker.poll() is None, "an adopted worker was killed"
+        else:
+            assert worker.wait(TIMEOUT) == -signal.SIGKILL
+    finally:
+        worker.kill()
+        worker.wait(TIMEOUT)
+
+
+@needs_pidfds  # (a standby is watched through pidfds: without, there is none)
+def test_a_standby_the_zygote_cannot_fork_is_asked_for_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A standby is a spare: the zygote failing to fork one (EMFILE, say)
+    # must never break the pool, which asks again a little later.
+    from duckpool import _zygote_process
+    from duckpool._pool import _zygotes
+
+    real = _zygote_process._fork_standby
+    refusals = [2]  # (counted in the zygote, which inherits this list)
+
+    def refusing(control: Any, *args: Any) -> Optional[int]:
+        if refusals[0]:
+            refusals[0] -= 1
+            control.sendall(_zygote_process.REPLY.pack(_zygote_process.STANDBY, -errno.EMFILE))
+            return None
+        return real(control, *args)
+
+    monkeypatch.setattr(_zygote_process, "_fork_standby", refusing)
+    monkeypatch.setattr(_zygotes, "STANDBY_RETRY_SECONDS", 0.1)
+    pool = duckpool.ProcessPoolExecutor(2, multiprocessing.get_context("fork"))
+    try:
+        assert pool.submit(tasks.add, 1, 1).result(TIMEOUT) == 2
+        wait_until(lambda: "zygote-standby" in helper_pids(pool), TIMEOUT)
+        assert refusals == [2]  # (this process's copy: the zygote counted its own)
+        assert pool.submit(tasks.add, 2, 2).result(TIMEOUT) == 4
+    finally:
+        pool.shutdown()
+
+
 @needs_pidfds  # (it names the standby, which needs pidfds)
 def test_helper_processes_carry_titles_naming_pool_and_role() -> None:
     ctx = multiprocessing.get_context("fork")

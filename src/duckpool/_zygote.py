@@ -56,6 +56,7 @@ Each helper process has a title naming its pool and role (``<prefix>-zygote``,
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -78,6 +79,11 @@ from duckpool._zygote_process import (
     Channels,
     zygote_main,
 )
+
+
+class StandbyRefused(OSError):
+    """The zygote could not fork the standby it was asked for (the pool
+    asks again later: a standby is a spare, never a reason to fail)."""
 
 
 class ZygoteChild:
@@ -291,8 +297,12 @@ class Zygote:
         if pid <= 0 or len(fds) != 2:
             for fd in fds:
                 os.close(fd)
+            # (pid > 0 without two descriptors: they did not fit in this
+            # process, EMFILE; that child sees its channels close and exits.)
+            code = -pid if pid <= 0 else errno.EMFILE
+            failure = StandbyRefused if slot == STANDBY else OSError
             what = "a standby" if slot == STANDBY else "a worker"
-            raise OSError(-pid, f"the pool's zygote could not start {what}: {os.strerror(-pid)}")
+            raise failure(code, f"the pool's zygote could not start {what}: {os.strerror(code)}")
         if slot == STANDBY:
             pidfd = _child.pidfd_of(pid)
             if pidfd is None:  # gone already

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import struct
+import time
 from multiprocessing import connection as mp_connection
 from typing import Any, Callable, Iterable, NamedTuple, Optional
 
@@ -33,6 +34,9 @@ REPLY = struct.Struct("<Ii")  # slot index or STANDBY, pid (negative: errno of a
 NOTICE = struct.Struct("<ii")  # pid, exit code
 START_TIMEOUT = 60.0
 PARENT_POLL_SECONDS = 0.5
+#: How long a zygote whose control socket closed looks for the parent's exit
+#: (see ``_parent_exits``).
+EXITING_SECONDS = 1.0
 
 
 class Birth(NamedTuple):
@@ -165,8 +169,12 @@ def _serve(
             continue
         else:
             chunk = control.recv(4096)
-            if not chunk:  # every copy of the parent's end is closed: it is gone
-                _kill_workers(workers.values(), adopted)
+            if not chunk:
+                # Every copy of the parent's end is closed: the parent is gone,
+                # or that end never reached it (a standby whose zygote died
+                # before handing it over).  Its own workers go either way;
+                # the adopted ones, running the parent's tasks, only with it.
+                _kill_workers(workers.values(), adopted if _parent_exits(birth) else ())
                 return
             buffered += chunk
         usable = len(buffered) - len(buffered) % REQUEST.size
@@ -231,6 +239,21 @@ def _drop_exited(adopted: list[int]) -> None:
         adopted[:] = [fd for fd in adopted if fd not in exited]
         for fd in exited:
             _child.close_quietly(fd)
+
+
+def _parent_exits(birth: Birth) -> bool:
+    """Is the parent exiting?  Looked at for up to ``EXITING_SECONDS``:
+    a process's descriptors close before its exit shows."""
+    deadline = time.monotonic() + EXITING_SECONDS
+    while True:
+        left = deadline - time.monotonic()
+        if birth.parent_pidfd is not None:
+            return bool(mp_connection.wait([birth.parent_pidfd], max(0.0, left)))
+        if _parent_died(birth):
+            return True
+        if left <= 0:
+            return False
+        time.sleep(min(left, 0.01))
 
 
 def _parent_died(birth: Birth) -> bool:

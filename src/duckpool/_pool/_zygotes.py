@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 #: How long after the zygote starts it is asked for its standby: a pool's
 #: start-up (and a shutdown right after it) never waits on that fork.
 STANDBY_DELAY_SECONDS = 0.25
+#: How long after a refused standby (the zygote could not fork it) the pool
+#: asks again.
+STANDBY_RETRY_SECONDS = 1.0
 #: How long the zygote may leave the pool's requests unanswered (no answer
 #: at all meanwhile) before it is taken for hung (stuck) and killed:
 #: its standby then takes over.  A fork takes milliseconds, even under load.
@@ -272,6 +275,10 @@ class Zygotes:
         core = self._core
         try:
             started = zygote.receive_started()
+        except _zygote.StandbyRefused:
+            with core.lock:  # asked again later (want_standby), not at once
+                self.standby_due = time.monotonic() + STANDBY_RETRY_SECONDS
+            return True
         except OSError as exc:
             with core.lock:
                 error = core.launcher.on_start_failure(exc, time.monotonic())
