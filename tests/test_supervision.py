@@ -700,6 +700,37 @@ def test_a_worker_held_up_by_a_finalizer_after_its_task_is_not_killed(
         pool.shutdown()
 
 
+def test_a_first_task_taken_up_before_its_worker_is_installed_reads_as_started(
+    ctx: multiprocessing.context.BaseContext, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The first worker starts with its first task in its pipe, and may take it
+    # up before the pool has installed it: installing must not clear the
+    # mark that task is running (it would then fail as never started).
+    from duckpool._pool import _launcher
+
+    started, gate = tmp_path / "started", tmp_path / "gate"
+    real = _launcher.Launcher.install_worker
+    installs: list[int] = []
+
+    def late_install(self: Any, *args: Any, **kwargs: Any) -> None:
+        if not installs:
+            wait_until(started.exists, TIMEOUT)
+        installs.append(1)
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(_launcher.Launcher, "install_worker", late_install)
+    pool = duckpool.ProcessPoolExecutor(1, ctx)
+    try:
+        future = pool.submit(tasks.touch_then_wait, str(started), str(gate))
+        wait_until(started.exists, TIMEOUT)
+        pool.kill_workers()
+        error = future.exception(TIMEOUT)
+        assert isinstance(error, duckpool.WorkerDiedError), repr(error)
+    finally:
+        gate.touch()
+        pool.shutdown()
+
+
 def test_a_first_start_that_fails_raises_from_submit_and_queues_nothing(
     ctx: multiprocessing.context.BaseContext, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

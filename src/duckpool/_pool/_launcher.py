@@ -169,8 +169,12 @@ class Launcher:
         # looks for that, see ``Deadlines``.)
         threaded = self.forks and not core.zygotes.spawning and _child.threads_here() > 1
         # What the slot took while reserved goes into the new pipe before
-        # the start (see _spawn._write_ahead); install_worker sends the rest.
-        self.install_worker(slot, *self.launch(slot.index, ahead=slot.outbox))
+        # the start (see _spawn._write_ahead), so the worker may take it up
+        # before install_worker runs (which sends the rest): its marks are
+        # cleared first.
+        self.clear_marks(slot)
+        started = self.launch(slot.index, ahead=slot.outbox)
+        self.install_worker(slot, *started, marks_cleared=True)
         slot.launched_at = launched_at
         slot.forked_threaded = threaded
 
@@ -218,8 +222,10 @@ class Launcher:
         process: WorkerProcess,
         task_w: Any,
         result_r: Any,
+        marks_cleared: bool = False,
     ) -> None:
-        """Make a started process ``slot``'s worker, and send it what it took meanwhile."""
+        """Make a started process ``slot``'s worker, and send it what it took
+        meanwhile (``marks_cleared``: its marks were cleared before it started)."""
         core = self._core
         os.set_blocking(task_w.fileno(), False)
         os.set_blocking(result_r.fileno(), False)
@@ -231,11 +237,8 @@ class Launcher:
             core.selector.register(process.sentinel, WorkerExit(slot))
         slot.process = process  # the other fields were reset when the slot closed
         slot.installed_at = time.monotonic()
-        # The last worker's marks are not this one's: a task it had taken up
-        # may come back (a retry), and must not read as taken up already.
-        capacity = core.capacity
-        core.marks[slot.index] = core.marks[capacity + slot.index] = 0
-        core.marks[2 * capacity + slot.index] = 0
+        if not marks_cleared:
+            self.clear_marks(slot)
         if slot.used:
             core.counters.restarts += 1
         slot.used = True
@@ -246,6 +249,15 @@ class Launcher:
                     item.trace.on_worker(process.pid)
         if slot.outbox:  # what it took while reserved
             core.transport.flush(slot)
+
+    def clear_marks(self, slot: Slot) -> None:
+        """The last worker's marks are not the next one's: a task it had
+        taken up may come back (a retry), and must not read as taken up
+        already.  Cleared before the next worker can take anything up."""
+        core = self._core
+        capacity = core.capacity
+        core.marks[slot.index] = core.marks[capacity + slot.index] = 0
+        core.marks[2 * capacity + slot.index] = 0
 
     def reserve(self, slot: Slot) -> None:
         """``slot`` takes work before its worker exists (it waits in the
