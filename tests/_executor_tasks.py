@@ -18,6 +18,13 @@ def touch(path: str) -> None:
         pass
 
 
+def note_pid(path: str) -> int:
+    """Append this worker's pid to ``path`` (a line per run); return it."""
+    with open(path, "a") as stream:
+        stream.write(f"{os.getpid()}\n")
+    return os.getpid()
+
+
 def getpid() -> int:
     return os.getpid()
 

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+from concurrent.futures import CancelledError
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Optional
@@ -731,14 +732,116 @@ def test_a_first_task_taken_up_before_its_worker_is_installed_reads_as_started(
         pool.shutdown()
 
 
-def test_a_first_start_that_fails_raises_from_submit_and_queues_nothing(
+def test_starts_the_zygote_keeps_failing_break_the_pool_in_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A failure the zygote answers with is retried as any other, and breaks
+    # the pool once starts have failed for START_GIVE_UP_SECONDS: a request
+    # sent again is no start (it used to reset that clock, and the pool
+    # retried for ever, its queued futures unresolved).
+    from duckpool import _spawn
+    from duckpool._pool import _launcher
+
+    here = os.getpid()
+    real = _spawn.start_worker_process
+
+    def in_the_zygote_too_many_files(*args: Any, **kwargs: Any) -> Any:
+        if os.getpid() != here:  # (the zygote inherits this)
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_spawn, "start_worker_process", in_the_zygote_too_many_files)
+    monkeypatch.setattr(_launcher, "START_GIVE_UP_SECONDS", 0.5)
+    pool = duckpool.ProcessPoolExecutor(1, multiprocessing.get_context("fork"))
+    try:
+        kill_quietly(pool.submit(tasks.getpid).result(TIMEOUT))  # its successor: the zygote's
+        with pytest.raises(BrokenProcessPool, match="Too many open files"):
+            pool.submit(tasks.add, 1, 2).result(TIMEOUT)
+    finally:
+        pool.shutdown()
+
+
+def test_ctrl_c_as_the_first_worker_starts_leaves_no_worker_and_runs_nothing(
     ctx: multiprocessing.context.BaseContext, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # submit() raises KeyboardInterrupt: the task it was given must not run,
+    # although it was already in the new worker's pipe, and that worker,
+    # which the pool never installed, must not live on.
+    from duckpool import _spawn
+
+    real = _spawn.start_worker_process
+    interrupted: list[int] = []
+
+    def interrupted_start(*args: Any, **kwargs: Any) -> Any:
+        started = real(*args, **kwargs)
+        if not interrupted:
+            interrupted.append(started[0].pid)
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, as the start ends
+        return started
+
+    monkeypatch.setattr(_spawn, "start_worker_process", interrupted_start)
+    runs = tmp_path / "runs"
+    pool = duckpool.ProcessPoolExecutor(2, ctx)
+    try:
+        with pytest.raises(KeyboardInterrupt) as caught:
+            pool.submit(tasks.note_pid, str(runs))
+        worker = pool.submit(tasks.note_pid, str(runs)).result(TIMEOUT)
+        # (Its traceback kept, as an interactive session keeps the last one.)
+        wait_until(lambda: process_gone(interrupted[0]), TIMEOUT)
+        assert caught.value is not None
+    finally:
+        pool.shutdown()
+    assert runs.read_text().split() == [str(worker)]
+
+
+def test_a_task_cancelled_while_its_slot_awaits_its_worker_never_runs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Under fork the second worker comes from the zygote: a task given to its
+    # slot meanwhile, then cancelled, is marked to be skipped; installing the
+    # worker must keep that mark (it used to clear it, and the task ran).
+    from duckpool import _zygote
+
+    release = threading.Event()
+    real = _zygote.Zygote.receive_started
+
+    def held(self: Any) -> Any:
+        release.wait(TIMEOUT)  # (the dispatcher, without the pool's lock)
+        return real(self)
+
+    monkeypatch.setattr(_zygote.Zygote, "receive_started", held)
+    started, gate, ran = tmp_path / "started", tmp_path / "gate", tmp_path / "ran"
+    pool = duckpool.ProcessPoolExecutor(2, multiprocessing.get_context("fork"))
+    try:
+        blocker = pool.submit(tasks.touch_then_wait, str(started), str(gate))
+        wait_until(started.exists, TIMEOUT)
+        victim = pool.submit(tasks.touch, str(ran))
+        assert pool.cancel_task(victim)
+        release.set()
+        assert pool.submit(tasks.add, 1, 1).result(TIMEOUT) == 2  # (on the second worker)
+        gate.touch()
+        assert blocker.result(TIMEOUT) == "released"
+        assert victim.cancelled() or isinstance(victim.exception(TIMEOUT), CancelledError)
+        assert not ran.exists(), "the cancelled task ran"
+    finally:
+        release.set()
+        gate.touch()
+        pool.shutdown()
+
+
+@pytest.mark.parametrize("recycled", [None, 1], ids=["", "max_tasks_per_child"])
+def test_a_first_start_that_fails_raises_from_submit_and_queues_nothing(
+    ctx: multiprocessing.context.BaseContext,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    recycled: Optional[int],
 ) -> None:
     # The first task waits in its slot until the first worker is started
     # with it in its pipe: when that start fails, submit() raises, and the
-    # task must neither run later nor hold the slot.
+    # task must neither run later nor hold the slot (nor count as sent to it:
+    # with max_tasks_per_child=1, the slot would wait for a worker to retire).
     calls = _failing_starts(monkeypatch, 1, OSError(errno.EAGAIN, "fork refused"))
-    pool = duckpool.ProcessPoolExecutor(2, ctx)
+    pool = duckpool.ProcessPoolExecutor(1, ctx, max_tasks_per_child=recycled)
     marker = tmp_path / "ran"
     try:
         with pytest.raises(OSError, match="fork refused"):

@@ -24,6 +24,7 @@ def start_worker_process(
     parent_sentinel: Optional[int] = None,
     also_close: tuple[int, ...] = (),
     ahead: Optional[deque[memoryview]] = None,
+    started: Optional[list[Any]] = None,
 ) -> tuple[Any, mp_connection.Connection, mp_connection.Connection]:
     """Start a worker; return it with the parent's ends of its task and result pipes.
 
@@ -32,7 +33,9 @@ def start_worker_process(
     ``also_close``: under fork, more of the parent's descriptors the worker
     closes at once.  ``ahead``: frames already meant for the worker (its
     slot's outbox), written to its task pipe before it starts, as far as
-    the pipe takes them; what was written is then taken off ``ahead``.  On
+    the pipe takes them; what was written is then taken off ``ahead``.
+    ``started``: the process is appended to it as soon as it exists (so that
+    a caller interrupted before this returns can still stop it).  On
     failure the pipes are closed, ``ahead`` is left whole and the error
     propagates.
     """
@@ -40,10 +43,12 @@ def start_worker_process(
     result_r, result_w = os.pipe()
     for fd in (task_w, result_w):
         _enlarge(fd)
-    written = _write_ahead(task_w, ahead) if ahead else 0
+    written = 0
     method = context.get_start_method()
     process: Any
     try:
+        if ahead:
+            written = _write_ahead(task_w, ahead)
         if method == "spawn" and _SPAWN_DIRECTLY:
             process = spawn_worker(config, task_r, result_w)
         elif method == "fork" and parent_sentinel is not None:
@@ -63,6 +68,8 @@ def start_worker_process(
                 process.start()
             if method == "forkserver":
                 process = _child.served(process)
+        if started is not None:
+            started.append(process)
     except BaseException:
         os.close(task_w)
         os.close(result_r)

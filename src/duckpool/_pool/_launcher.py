@@ -73,6 +73,18 @@ def is_transient(error: BaseException) -> bool:
     return False
 
 
+def _discard(process: Any, *ends: Any) -> None:
+    """Kill a worker just started that the pool will not install, and close
+    the pool's ``ends`` of its pipes."""
+    for thing in (process, *ends):
+        try:
+            if thing is process:
+                process.kill()
+            thing.close()  # (a process is reaped later if it has not exited yet)
+        except Exception:  # (a multiprocessing.Process refuses close until it has exited)
+            pass
+
+
 class Launcher:
     """Starts a pool's workers (lock held)."""
 
@@ -198,7 +210,9 @@ class Launcher:
             parent_pidfd = zygotes.parent_pidfd
         # SIGINT stays blocked in the new process until the worker has set its
         # own handler: a Ctrl-C during start-up must not print a traceback.
-        old_mask = _child.block_sigint()
+        old_mask: Any = _child.block_sigint()
+        started: list[Any] = []  # (the process, as soon as it exists)
+        ends: tuple[Any, ...] = ()
         try:
             channels = zygotes.zygote_channels
             process, task_w, result_r = _spawn.start_worker_process(
@@ -207,13 +221,25 @@ class Launcher:
                 parent_pidfd,
                 also_close=() if channels is None else channels.fds(),
                 ahead=ahead,
+                started=started,
             )
-        finally:
+            ends = (task_w, result_r)
+            # (A Ctrl-C held back during the start strikes here.)
             _child.restore_mask(old_mask)
-        # Writes never block the thread (submit, the dispatcher): what a full
-        # pipe does not take waits in the slot's outbox.
-        os.set_blocking(task_w.fileno(), False)
-        os.set_blocking(result_r.fileno(), False)
+            old_mask = None
+            # Writes never block the thread (submit, the dispatcher): what a
+            # full pipe does not take waits in the slot's outbox.
+            os.set_blocking(task_w.fileno(), False)
+            os.set_blocking(result_r.fileno(), False)
+        except BaseException:
+            if old_mask is not None:
+                _child.restore_mask(old_mask)
+            # A worker started all the same is not this pool's: it goes, with
+            # what was written ahead to it (the caller sees the error, as if
+            # it never started).
+            for orphan in started:
+                _discard(orphan, *ends)
+            raise
         return process, task_w, result_r
 
     def install_worker(
@@ -239,6 +265,9 @@ class Launcher:
         slot.installed_at = time.monotonic()
         if not marks_cleared:
             self.clear_marks(slot)
+        # A start succeeded: failed ones in a row are over.
+        self.failing_since = None
+        self.failures = 0
         if slot.used:
             core.counters.restarts += 1
         slot.used = True
@@ -253,11 +282,15 @@ class Launcher:
     def clear_marks(self, slot: Slot) -> None:
         """The last worker's marks are not the next one's: a task it had
         taken up may come back (a retry), and must not read as taken up
-        already.  Cleared before the next worker can take anything up."""
-        core = self._core
-        capacity = core.capacity
-        core.marks[slot.index] = core.marks[capacity + slot.index] = 0
-        core.marks[2 * capacity + slot.index] = 0
+        already.  Cleared before the next worker can take anything up; a
+        skip mark set for an item the slot holds (cancelled while it waited
+        for this worker) stays."""
+        marks = self._core.marks
+        capacity = self._core.capacity
+        marks[slot.index] = marks[2 * capacity + slot.index] = 0
+        skip = capacity + slot.index
+        if not any(item.task_id == marks[skip] for item in slot.assigned):
+            marks[skip] = 0
 
     def reserve(self, slot: Slot) -> None:
         """``slot`` takes work before its worker exists (it waits in the
@@ -316,7 +349,8 @@ class Launcher:
                 except Exception as exc:
                     return self.on_start_failure(exc, now)
         if self.failing_since is not None and all(
-            slot.process is not None or slot.requested or slot.parked
+            # (A request to the zygote is no start yet: install_worker says.)
+            slot.process is not None or slot.parked
             for slot in core.slots
             if slot.index < core.size
         ):

@@ -104,10 +104,11 @@ class Scheduler:
 
     def take_back(self, slot: Slot) -> None:
         """Forget what ``slot`` took: the first worker's start failed, and
-        ``submit`` raises, so it was never queued (lock held)."""
+        ``submit`` raises, so it was never queued (lock held).  What sending
+        it counted goes too (``tasks_sent``, and with ``max_tasks_per_child``
+        the stop frame counted as sent)."""
         slot.assigned.clear()
-        slot.outbox.clear()
-        slot.queued_bytes = 0
+        slot.reset()
 
     def is_idle(self, slot: Slot) -> bool:
         core = self._core
