@@ -149,32 +149,33 @@ def test_zygote_deaths_leak_no_descriptor_anywhere() -> None:
 
 
 @needs_pidfds
-@pytest.mark.parametrize("parent", ["lives", "exits"])
-def test_a_zygote_kills_the_workers_it_adopted_only_when_the_parent_exits(
-    parent: str, tmp_path: Path
+@pytest.mark.parametrize("delivered", [False, True], ids=["never delivered", "delivered"])
+def test_a_standby_kills_the_workers_it_adopted_only_once_it_was_the_pool_s(
+    delivered: bool, tmp_path: Path
 ) -> None:
-    # A standby whose zygote died before handing its channels over sees them
+    # A standby whose zygote died as it handed its channels over sees them
     # close while the parent lives: the workers it adopted (the parent's, and
     # a dead zygote's) run the parent's tasks and must live on.  (It used to
     # kill them, failing every running task after the zygote and its newly
-    # promoted standby died one after the other.)  When the parent exits,
-    # they go with it.
+    # promoted standby died one after the other.)  Once the pool has its
+    # channels (HELLO), their closing means the parent is gone or exec'd:
+    # the adopted workers go.
     from duckpool import _zygote_process
 
     worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     middle = tmp_path / "middle"
 
     def parent_side() -> None:
-        # The zygote's parent (its channels opened here: no other process
-        # holds them), which lives on or exits once the zygote runs.
+        # The standby's parent, for the test (its channels opened here: no
+        # other process holds them); it lives on until the standby exits.
         channels = _zygote_process.Channels.open()
         adopted = _child.pidfd_of(worker.pid)
         assert adopted is not None
         own = (channels.control.fileno(), channels.notices_r)
         birth = _zygote_process.Birth(
-            os.getpid(), own, _child.pidfd_of(os.getpid()), (adopted,), None
+            os.getpid(), own, _child.pidfd_of(os.getpid()), (adopted,), None, standby=True
         )
-        zygote = _child.fork(
+        standby = _child.fork(
             lambda: _zygote_process.zygote_main(
                 channels.zygote_end,
                 channels.notices_w,
@@ -184,21 +185,21 @@ def test_a_zygote_kills_the_workers_it_adopted_only_when_the_parent_exits(
         )
         channels.zygote_end.close()
         os.close(channels.notices_w)
-        middle.write_text(str(zygote.pid))
-        if parent == "lives":
-            channels.control.close()  # the zygote's channel closes: nothing more
-            zygote.join(TIMEOUT)
-            assert zygote.exitcode == 0
+        middle.write_text(str(standby.pid))
+        if delivered:
+            channels.control.sendall(_zygote_process.REQUEST.pack(_zygote_process.HELLO))
+        channels.control.close()  # its channel closes: nothing more
+        standby.join(TIMEOUT)
+        assert standby.exitcode == 0
 
     try:
         _child.fork(parent_side).join(TIMEOUT)
         wait_until(middle.exists, TIMEOUT)
-        zygote_pid = int(middle.read_text())
-        wait_until(lambda: process_gone(zygote_pid), TIMEOUT)
-        if parent == "lives":
-            assert worker.poll() is None, "an adopted worker was killed"
-        else:
+        wait_until(lambda: process_gone(int(middle.read_text())), TIMEOUT)
+        if delivered:
             assert worker.wait(TIMEOUT) == -signal.SIGKILL
+        else:
+            assert worker.poll() is None, "an adopted worker was killed"
     finally:
         worker.kill()
         worker.wait(TIMEOUT)
@@ -208,8 +209,8 @@ def test_a_zygote_kills_the_workers_it_adopted_only_when_the_parent_exits(
 def test_a_standby_the_zygote_cannot_fork_is_asked_for_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # A standby is a spare: the zygote failing to fork one (EMFILE, say)
-    # must never break the pool, which asks again a little later.
+    # A standby is a spare: the zygote failing to fork one, for whatever
+    # reason, must never break the pool, which asks again a little later.
     from duckpool import _zygote_process
     from duckpool._pool import _zygotes
 
@@ -219,7 +220,8 @@ def test_a_standby_the_zygote_cannot_fork_is_asked_for_again(
     def refusing(control: Any, *args: Any) -> Optional[int]:
         if refusals[0]:
             refusals[0] -= 1
-            control.sendall(_zygote_process.REPLY.pack(_zygote_process.STANDBY, -errno.EMFILE))
+            # (EPERM, say from a sandbox: not an error a worker start retries.)
+            control.sendall(_zygote_process.REPLY.pack(_zygote_process.STANDBY, -errno.EPERM))
             return None
         return real(control, *args)
 

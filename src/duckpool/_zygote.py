@@ -70,6 +70,7 @@ from duckpool._zygote_process import (
     ADOPT,
     EXIT,
     FINISH,
+    HELLO,
     NOTICE,
     REPLY,
     REQUEST,
@@ -310,7 +311,13 @@ class Zygote:
                 os.close(fds[1])
                 return None
             os.set_blocking(fds[1], False)
-            return Zygote(_child.ForeignProcess(pid, pidfd), socket.socket(fileno=fds[0]), fds[1])
+            process = _child.ForeignProcess(pid, pidfd)
+            standby = Zygote(process, socket.socket(fileno=fds[0]), fds[1])
+            try:
+                standby._send(REQUEST.pack(HELLO))  # its channels reached the pool
+            except OSError:
+                pass  # it is gone: its sentinel says so
+            return standby
         child = ZygoteChild(pid, self)
         self.children[pid] = child
         task_w = mp_connection.Connection(fds[0], readable=False)

@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import struct
-import time
 from multiprocessing import connection as mp_connection
 from typing import Any, Callable, Iterable, NamedTuple, Optional
 
@@ -30,13 +29,14 @@ STANDBY = 0xFFFFFFFD
 #: The next request unit is the pid of a worker to kill when the parent dies
 #: (one a dead zygote forked).
 ADOPT = 0xFFFFFFFC
+#: The parent holds this standby's channels (its first request: a standby
+#: whose channels close before it, its zygote dying as it handed them over,
+#: was never the pool's).
+HELLO = 0xFFFFFFFB
 REPLY = struct.Struct("<Ii")  # slot index or STANDBY, pid (negative: errno of a failed start)
 NOTICE = struct.Struct("<ii")  # pid, exit code
 START_TIMEOUT = 60.0
 PARENT_POLL_SECONDS = 0.5
-#: How long a zygote whose control socket closed looks for the parent's exit
-#: (see ``_parent_exits``).
-EXITING_SECONDS = 1.0
 
 
 class Birth(NamedTuple):
@@ -126,6 +126,7 @@ def _serve(
     # else runs here (see Zygote.fork).
     buffered = b"".join(REQUEST.pack(slot) for slot in birth.first_slots)
     asked = bool(buffered)
+    delivered = not birth.standby  # (a standby: once told HELLO)
     finishing = False
     adopting = False
     counting = False  # the next unit is FINISH's count of answers read
@@ -170,11 +171,12 @@ def _serve(
         else:
             chunk = control.recv(4096)
             if not chunk:
-                # Every copy of the parent's end is closed: the parent is gone,
-                # or that end never reached it (a standby whose zygote died
-                # before handing it over).  Its own workers go either way;
-                # the adopted ones, running the parent's tasks, only with it.
-                _kill_workers(workers.values(), adopted if _parent_exits(birth) else ())
+                # Every copy of the parent's end is closed: the parent is gone
+                # (or exec'd), or that end never reached it (a standby whose
+                # zygote died handing it over).  Its own workers go either
+                # way; the adopted ones, running the parent's tasks, only in
+                # the first case.
+                _kill_workers(workers.values(), adopted if delivered else ())
                 return
             buffered += chunk
         usable = len(buffered) - len(buffered) % REQUEST.size
@@ -191,6 +193,8 @@ def _serve(
                 for sentinel, answer in answer_of.items():  # (all still in workers)
                     if answer > slot:
                         workers[sentinel].kill()  # (it has no task, and no way to get one)
+            elif slot == HELLO:
+                delivered = True
             elif slot == ADOPT:
                 adopting = True
             elif slot == EXIT:
@@ -239,21 +243,6 @@ def _drop_exited(adopted: list[int]) -> None:
         adopted[:] = [fd for fd in adopted if fd not in exited]
         for fd in exited:
             _child.close_quietly(fd)
-
-
-def _parent_exits(birth: Birth) -> bool:
-    """Is the parent exiting?  Looked at for up to ``EXITING_SECONDS``:
-    a process's descriptors close before its exit shows."""
-    deadline = time.monotonic() + EXITING_SECONDS
-    while True:
-        left = deadline - time.monotonic()
-        if birth.parent_pidfd is not None:
-            return bool(mp_connection.wait([birth.parent_pidfd], max(0.0, left)))
-        if _parent_died(birth):
-            return True
-        if left <= 0:
-            return False
-        time.sleep(min(left, 0.01))
 
 
 def _parent_died(birth: Birth) -> bool:
