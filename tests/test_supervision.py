@@ -796,6 +796,77 @@ def test_ctrl_c_as_the_first_worker_starts_leaves_no_worker_and_runs_nothing(
     assert runs.read_text().split() == [str(worker)]
 
 
+def test_a_task_cancelled_in_a_worker_s_pipe_never_runs_after_that_worker_dies(
+    ctx: multiprocessing.context.BaseContext, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # cancel_task() on a task queued behind a running one fails its future at
+    # once; if that worker then dies, the task comes back (it never started)
+    # and must not run on another worker (it used to).
+    pool = duckpool.ProcessPoolExecutor(2, ctx)
+    core = pool._core
+    paths = {name: tmp_path / name for name in ("a", "a-gate", "b", "b-gate", "ran")}
+    try:
+        first = pool.submit(tasks.touch_then_wait, str(paths["a"]), str(paths["a-gate"]))
+        wait_until(paths["a"].exists, TIMEOUT)
+        second = pool.submit(tasks.touch_then_wait, str(paths["b"]), str(paths["b-gate"]))
+        wait_until(paths["b"].exists, TIMEOUT)
+        holder = next(s for s in core.slots if s.assigned and s.assigned[0].future is second)
+        # (Placed behind the second task, whatever the scheduler would judge.)
+        monkeypatch.setattr(core.scheduler, "can_prefetch", lambda slot, item, now: slot is holder)
+        victim = pool.submit(tasks.touch, str(paths["ran"]))
+        with core.lock:  # (as the dispatcher would at the next result)
+            core.scheduler.dispatch_pending()
+        assert any(item.future is victim for item in holder.assigned)
+        paths["a-gate"].touch()
+        assert first.result(TIMEOUT) == "released"  # (its worker is idle now)
+        assert pool.cancel_task(victim)
+        assert isinstance(victim.exception(TIMEOUT), CancelledError)
+        assert holder.process is not None and holder.process.pid is not None
+        kill_quietly(holder.process.pid)
+        assert isinstance(second.exception(TIMEOUT), duckpool.WorkerDiedError)
+        assert pool.submit(tasks.add, 1, 1).result(TIMEOUT) == 2
+    finally:
+        for gate in ("a-gate", "b-gate"):
+            paths[gate].touch()
+        pool.shutdown()
+    assert not paths["ran"].exists(), "the cancelled task ran"
+
+
+def test_an_interrupted_start_leaves_the_slot_s_frames_for_its_next_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A start interrupted (Ctrl-C in the thread starting it: resize(),
+    # prestart()) once the frames were written ahead to the new worker, which
+    # is then discarded: the slot keeps them for its next worker (they were
+    # lost, and only the starved-worker watch, killing a healthy worker
+    # seconds later, brought them back).
+    from duckpool._pool import _launcher
+
+    def interrupted(self: Any, slot_index: int, ahead: Any = None) -> Any:
+        ahead.popleft()  # (written to the worker, which is then discarded)
+        raise KeyboardInterrupt
+
+    pool = duckpool.ProcessPoolExecutor(
+        2, multiprocessing.get_context("spawn"), min_workers=1, idle_timeout=60
+    )
+    core = pool._core
+    try:
+        assert pool.submit(tasks.add, 1, 1).result(TIMEOUT) == 2
+        slot = core.slots[1]  # (parked: no worker, and none is started)
+        monkeypatch.setattr(_launcher.Launcher, "launch", interrupted)
+        with core.lock:
+            assert slot.process is None and slot.parked
+            slot.outbox.append(memoryview(b"frames"))
+            try:
+                with pytest.raises(KeyboardInterrupt):
+                    core.launcher.start_worker(slot)
+                assert [bytes(view) for view in slot.outbox] == [b"frames"]
+            finally:
+                slot.outbox.clear()
+    finally:
+        pool.shutdown()
+
+
 def test_a_task_cancelled_while_its_slot_awaits_its_worker_never_runs(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

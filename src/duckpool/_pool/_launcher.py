@@ -185,7 +185,14 @@ class Launcher:
         # before install_worker runs (which sends the rest): its marks are
         # cleared first.
         self.clear_marks(slot)
-        started = self.launch(slot.index, ahead=slot.outbox)
+        sent = list(slot.outbox)
+        try:
+            started = self.launch(slot.index, ahead=slot.outbox)
+        except BaseException:
+            # (Interrupted once that worker had them: they go to the next.)
+            slot.outbox.clear()
+            slot.outbox.extend(sent)
+            raise
         self.install_worker(slot, *started, marks_cleared=True)
         slot.launched_at = launched_at
         slot.forked_threaded = threaded
