@@ -554,3 +554,27 @@ def test_a_future_whose_lock_a_thread_left_held_does_not_stall_the_pool(
     finally:
         release.set()
         pool.shutdown()
+
+
+def test_results_a_helper_hands_over_once_the_dispatcher_has_ended_still_resolve(
+    ctx: object,
+) -> None:
+    # A thread helping with a result books it (the item leaves its worker),
+    # then hands the resolution to the dispatcher, which may just have seen
+    # no work left and ended: the helper resolves it itself then.  (Found as
+    # a future left running for ever, about one run in a hundred, when a
+    # collected executor shut down as its caller helped with a result.)
+    import pickle
+
+    from duckpool import _protocol
+
+    pool = duckpool.ProcessPoolExecutor(1, ctx)  # type: ignore[arg-type]
+    assert pool.submit(tasks.add, 1, 1).result(TIMEOUT) == 2
+    core = pool._core
+    pool.shutdown(wait=True)
+    future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    future.set_running_or_notify_cancel()
+    item = _futures.WorkItem(future, 1 << 40, b"", tasks.add, None)
+    payload = memoryview(pickle.dumps(3))
+    core.results.hand_over([(item, _protocol.STATUS_OK, payload)])
+    assert future.result(0) == 3

@@ -104,6 +104,7 @@ def run(core: Core) -> None:
             reason = f"duckpool's dispatcher failed: {exc!r}"
             core.lifecycle.dispatcher_failed(reason, exc)
             # Results read but not handed out: their items left `assigned`.
+            core.results.take_handed_over(last=True)
             deferred = core.results.deferred
             stranded = [item for item, _, _ in deferred if item is not LOG_RECORD_ITEM]
             deferred.clear()
@@ -196,5 +197,7 @@ def _dispatch_until_done(core: Core) -> None:
             supervisor.starts_failed(start_error)
         elif done:
             break
+    with lock:  # (a helper may have booked the last results meanwhile)
+        results.take_handed_over(last=True)
     results.resolve_all(deferred)
     supervisor.stop_workers()

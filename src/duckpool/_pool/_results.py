@@ -106,12 +106,17 @@ class ResultBook:
         self.deferred: list[Resolution] = []
         #: Results a helping thread booked but could not resolve (lock held).
         self.handed_over: list[Resolution] = []
+        #: The dispatcher has taken the last of them: a helper resolves its own.
+        self.closed = False
 
-    def take_handed_over(self) -> None:
-        """Move what helpers handed over behind ``deferred`` (dispatcher, lock held)."""
+    def take_handed_over(self, last: bool = False) -> None:
+        """Move what helpers handed over behind ``deferred`` (dispatcher, lock
+        held); ``last``: the dispatcher ends, and takes no more after this."""
         if self.handed_over:
             self.deferred.extend(self.handed_over)
             self.handed_over.clear()
+        if last:
+            self.closed = True
 
     def on_results(
         self,
@@ -200,7 +205,12 @@ class ResultBook:
         twice is harmless: a future resolved already is left alone)."""
         core = self._core
         with core.lock:
-            self.handed_over.extend(resolved)
+            closed = self.closed
+            if not closed:
+                self.handed_over.extend(resolved)
+        if closed:  # (the dispatcher has ended: no one else will)
+            self.resolve_all(resolved)
+            return
         resolved.clear()
         core.wake()
 
