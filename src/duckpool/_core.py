@@ -438,21 +438,7 @@ class PoolCore:
         the dispatcher thread, which starts the other workers."""
         if self.dispatcher.thread is not None:
             return
-        waiting = [s for s in self.slots if s.reserved and s.process is None]
-        # The first worker is the one the first task went to, forked from
-        # this process with that task in its pipe (see _spawn._write_ahead)
-        # and, under fork, straight before the zygote: no thread of this
-        # pool exists yet, and the two share what this process writes next.
-        first = next((s for s in waiting if s.assigned), waiting[0] if waiting else None)
-        if first is not None:
-            try:
-                self.launcher.start_worker(first)
-            except BaseException:
-                # Nothing was started: what this call queued is not queued.
-                for slot in waiting:
-                    self.scheduler.take_back(slot)
-                    self.launcher.unreserve(slot)
-                raise
+        self.launcher.start_first()
         # Forked now, before this pool's thread exists; it forks the workers
         # from then on (see _zygote).
         self.zygotes.start()

@@ -197,6 +197,26 @@ class Launcher:
         slot.launched_at = launched_at
         slot.forked_threaded = threaded
 
+    def start_first(self) -> None:
+        """Start the pool's first worker: the one the first task went to,
+        forked from this process with that task in its pipe (see
+        ``_spawn._write_ahead``) and, under fork, straight before the zygote:
+        no thread of the pool exists yet, and the two share what this
+        process writes next.  If that start fails, what the caller queued is
+        not queued (``submit`` raises)."""
+        core = self._core
+        waiting = [s for s in core.slots if s.reserved and s.process is None]
+        first = next((s for s in waiting if s.assigned), waiting[0] if waiting else None)
+        if first is None:
+            return
+        try:
+            self.start_worker(first)
+        except BaseException:
+            for slot in waiting:
+                core.scheduler.take_back(slot)
+                self.unreserve(slot)
+            raise
+
     def launch(
         self, slot_index: int, ahead: Optional[deque[memoryview]] = None
     ) -> tuple[WorkerProcess, Any, Any]:

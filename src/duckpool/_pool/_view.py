@@ -66,6 +66,8 @@ class SchedulerView(Protocol):
 
     def take_assigned(self, slot: Slot) -> list[WorkItem]: ...
 
+    def take_back(self, slot: Slot) -> None: ...
+
 
 class ElasticView(Protocol):
     """``_elastic.Elastic``, as the other owners use it."""
