@@ -461,10 +461,10 @@ def test_a_task_cancelled_in_a_worker_s_pipe_fails_with_task_cancelled_error_eit
     # cancel_task() marks the task to be skipped, then fails its future once
     # the pool's lock is released: the worker's own answer ("skipped") may
     # resolve it first.  Either way the error is a TaskCancelledError.
-    from duckpool import _core
+    from duckpool._pool import _supervisor
 
     pool, gate = held_in_initializer
-    fail = _core.set_exception
+    fail = _supervisor.set_exception
 
     def after_the_worker_s_answer(future: concurrent.futures.Future[Any], error: Any) -> None:
         gate.touch()  # the worker leaves its initializer and meets the mark
@@ -472,7 +472,7 @@ def test_a_task_cancelled_in_a_worker_s_pipe_fails_with_task_cancelled_error_eit
         fail(future, error)
 
     future = pool.submit(tasks.add, 1, 1)
-    monkeypatch.setattr(_core, "set_exception", after_the_worker_s_answer)
+    monkeypatch.setattr(_supervisor, "set_exception", after_the_worker_s_answer)
     assert pool.cancel_task(future)
     error = future.exception(TIMEOUT)
     assert isinstance(error, duckpool.TaskCancelledError), repr(error)

@@ -207,11 +207,37 @@ def test_a_map_refused_partway_cancels_the_chunks_it_had_submitted(ctx: object, 
         # Room for 2 unfinished tasks: the third chunk is refused, and the map with it.
         with pytest.raises(duckpool.PoolSaturatedError):
             pool.map(tasks.wait_for_file, [str(gate)] * 5, chunksize=1)
-        # What it had queued was cancelled, so its place came back: a submit
-        # fits while the first chunk still blocks the only worker.
+        # What it had queued was cancelled (the second chunk even if it had
+        # gone to the worker's pipe), so its place came back: a submit fits
+        # while the first chunk still blocks the only worker.
         future = pool.submit(abs, -7)
         gate.touch()
         assert future.result(TIMEOUT) == 7
+    finally:
+        gate.touch()
+        pool.shutdown()
+
+
+def test_closing_a_map_withdraws_the_chunk_waiting_in_a_workers_pipe(
+    ctx: object, gate: Path, tmp_path: Path
+) -> None:
+    # A chunk behind another in the worker's pipe is not started: closing
+    # the map fails it at once, its worker skips it, and its place is free.
+    pool = duckpool.ProcessPoolExecutor(1, ctx, max_pending=1)  # type: ignore[arg-type]
+    try:
+        started = [str(tmp_path / str(n)) for n in range(2)]
+        results = pool.map(tasks.touch_then_wait, started, [str(gate)] * 2, chunksize=1)
+        running, behind = results._first  # type: ignore[attr-defined]
+        wait_until(lambda: Path(started[0]).exists())
+        wait_until(behind.running)  # (sent behind the first)
+        results.close()  # type: ignore[attr-defined]
+        with pytest.raises(duckpool.TaskCancelledError):
+            behind.result(0)
+        extra = pool.submit(abs, -7)  # (room: the withdrawn chunk's place)
+        gate.touch()
+        assert running.result(TIMEOUT) == ["released"]
+        assert extra.result(TIMEOUT) == 7
+        assert not Path(started[1]).exists()  # (the worker went past it)
     finally:
         gate.touch()
         pool.shutdown()

@@ -147,7 +147,7 @@ from typing import Any, Optional
 
 from duckpool import _marks, _process_pools
 from duckpool._admission import Admission
-from duckpool._futures import WorkItem, cancel_item, set_exception
+from duckpool._futures import WorkItem, cancel_item
 from duckpool._pool._assist import Assists
 from duckpool._pool._counters import Counters
 from duckpool._pool._deadlines import Deadlines
@@ -317,19 +317,9 @@ class PoolCore:
         if slot is not None:
             self.assists.poison(slot, cause, writing=True)
 
-    def cancel(self, future: Future[Any]) -> bool:
-        """Cancel a queued item, or stop the worker running it; False if unknown."""
-        with self.lock:
-            item = self.scheduler.cancel_queued(future)
-            if item is None:
-                found, error = self.supervisor.cancel_running(future)
-        # Resolved without the lock: done-callbacks may call back into the pool.
-        if item is not None:
-            cancel_item(item, "while queued")
-            return True
-        if error is not None:
-            set_exception(future, error)
-        return found
+    def cancel(self, future: Future[Any], running: bool = True) -> bool:
+        """Cancel a queued or held item (``Supervisor.cancel``); False if unknown."""
+        return self.supervisor.cancel(future, running)
 
     def help_resolve(self, future: Future[Any], timeout: Optional[float]) -> None:
         """A thread waits on ``future``: let it read the result itself (``_assist``)."""

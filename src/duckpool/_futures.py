@@ -30,6 +30,8 @@ class _Helper(Protocol):
 
     def help_resolve(self, future: Future[Any], timeout: Optional[float]) -> None: ...
 
+    def cancel(self, future: Future[Any], running: bool = True) -> bool: ...
+
 
 def notify_if_cancelled(future: Future[Any]) -> None:
     """Let ``concurrent.futures.wait`` see a cancelled future as done.
@@ -434,6 +436,14 @@ class PoolFuture(Future[_T]):
             if update is None:
                 return
             yield update
+
+    def withdraw(self) -> None:
+        """Cancel the task unless a worker has taken it up: as ``cancel()``,
+        and also while it waits in a worker's pipe, where ``cancel()`` sees
+        it running (it then fails with ``TaskCancelledError`` and the worker
+        skips it).  What a ``map`` that ends early does to its chunks."""
+        if not self.cancel() and not self.done():
+            self._duckpool_core.cancel(self, running=False)
 
     def _help(self, timeout: Optional[float]) -> Optional[float]:
         """Help resolve this future; return what is left of ``timeout``."""

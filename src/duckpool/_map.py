@@ -183,7 +183,7 @@ class MapResults(Iterator[_T]):
         self._items = iter(())
         self._chunks.close()
         for future in self._first:
-            future.cancel()
+            _withdraw(future)
 
 
 def map_results(
@@ -341,9 +341,18 @@ def _arrived(bar: Optional[_Bar], future: Future[Any], chunk: list[Any]) -> None
 def _stop(futures: Iterable[Future[Any]], bar: Optional[_Bar]) -> None:
     """The iteration ended, however: cancel the chunks not started, close the bar."""
     for future in futures:
-        future.cancel()
+        _withdraw(future)
     if bar is not None:
         bar.close()
+
+
+def _withdraw(future: Future[Any]) -> None:
+    """Cancel a chunk no worker has taken up: queued, or (a local pool's)
+    waiting in a worker's pipe behind another chunk."""
+    if isinstance(future, _futures.PoolFuture):
+        future.withdraw()
+    else:
+        future.cancel()
 
 
 def _chunk_results(chunk: list[_T], item_errors: bool) -> Generator[Iterator[_T], None, None]:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from duckpool import _child, _fork_server, _zygote
 from duckpool._errors import TaskCancelledError, TaskTimeoutError, WorkerDiedError, describe_exit
-from duckpool._futures import set_exception
+from duckpool._futures import cancel_item, set_exception
 from duckpool._pool._launcher import MAX_STARTUP_DEATHS
 from duckpool._pool._slots import Stopping
 
@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 STOP_GRACE_SECONDS = 5.0
 #: How long a worker stopped with SIGTERM (timeout, cancel) gets before SIGKILL.
 KILL_GRACE_SECONDS = 1.0
+#: How long a map ending early waits for the pool's lock to withdraw a chunk
+#: from a worker's pipe (``Supervisor.cancel``); past it, the chunk just runs.
+WITHDRAW_LOCK_SECONDS = 0.1
 #: Signals a process sends itself by failing (a crash loop), as opposed to
 #: signals sent from outside (SIGKILL, SIGTERM, ...), which are not its fault.
 _CRASH_SIGNALS = frozenset(
@@ -231,15 +234,45 @@ class Supervisor:
         error.__cause__ = _RemoteTraceback(text)  # type: ignore[arg-type]
         return error
 
-    def cancel_running(self, future: Future[Any]) -> tuple[bool, Optional[BaseException]]:
+    def cancel(self, future: Future[Any], running: bool = True) -> bool:
+        """Cancel a queued item, or stop the worker running it; False if unknown.
+
+        ``running`` False (a map ending early) leaves a running item be.  The
+        collector may run that in a thread holding the pool's lock (an
+        abandoned map's clean-up): so the lock is waited for only briefly then.
+        """
+        core = self._core
+        if core.lifecycle.inherited:
+            return False  # (the workers, and their marks, are the parent's)
+        lock = core.lock
+        if not lock.acquire(timeout=-1 if running else WITHDRAW_LOCK_SECONDS):
+            return False
+        try:
+            item = core.scheduler.cancel_queued(future)
+            if item is None:
+                found, error = self.cancel_running(future, running)
+        finally:
+            lock.release()
+        # Resolved without the lock: done-callbacks may call back into the pool.
+        if item is not None:
+            cancel_item(item, "while queued")
+            return True
+        if error is not None:
+            set_exception(future, error)
+        return found
+
+    def cancel_running(
+        self, future: Future[Any], running: bool = True
+    ) -> tuple[bool, Optional[BaseException]]:
         """Cancel an item a worker holds (lock held): whether one does, and
         the error to fail the future with now, once the lock is released
         (its done-callbacks may call back into the pool).
 
         The running one: its worker is stopped, and the item fails with
-        ``TaskCancelledError`` once it is gone (no error now).  One still in
-        the worker's pipe: the worker skips it when it gets there (a
-        ``marks`` cell says so), its answer is ignored, and it fails now.
+        ``TaskCancelledError`` once it is gone (no error now); ``running``
+        False leaves it be (False returned).  One still in the worker's pipe:
+        the worker skips it when it gets there (a ``marks`` cell says so), its
+        answer is ignored, and it fails now.
         """
         core = self._core
         for slot in core.slots:
@@ -247,6 +280,8 @@ class Supervisor:
                 if item.future is not future:
                     continue
                 if position == 0 and core.marks[slot.index] == item.task_id:
+                    if not running:
+                        return False, None
                     error = TaskCancelledError(f"task {item.label} was cancelled while running")
                     self.stop_worker(slot, item, error)
                     core.wake()

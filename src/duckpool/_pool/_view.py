@@ -15,6 +15,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
     from multiprocessing import connection as mp_connection
     from typing import Sequence
 
@@ -45,6 +46,8 @@ class SchedulerView(Protocol):
     def booked(self, slot: Slot, since: float, now: float, answers: int) -> None: ...
 
     def count_death(self, item: WorkItem) -> list[WorkItem]: ...
+
+    def cancel_queued(self, future: Future[Any]) -> Optional[WorkItem]: ...
 
     def dispatch_pending(self) -> None: ...
 
