@@ -763,37 +763,54 @@ def test_starts_the_zygote_keeps_failing_break_the_pool_in_time(
         pool.shutdown()
 
 
+@pytest.mark.parametrize("where", ["start", "before-install", "after-install"])
 def test_ctrl_c_as_the_first_worker_starts_leaves_no_worker_and_runs_nothing(
-    ctx: multiprocessing.context.BaseContext, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    ctx: multiprocessing.context.BaseContext,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    where: str,
 ) -> None:
     # submit() raises KeyboardInterrupt: the task it was given must not run,
     # although it was already in the new worker's pipe, and that worker,
-    # which the pool never installed, must not live on.
+    # which the pool then does not keep, must not live on.  The Ctrl-C
+    # strikes as the start ends, before the worker is installed, or after.
+    # (Raised there rather than signalled: a signal another thread of this
+    # process takes would strike the main thread wherever it is by then.)
     from duckpool import _spawn
+    from duckpool._pool import _launcher
 
-    real = _spawn.start_worker_process
+    real_start = _spawn.start_worker_process
+    real_install = _launcher.Launcher.install_worker
     interrupted: list[int] = []
 
     def interrupted_start(*args: Any, **kwargs: Any) -> Any:
-        started = real(*args, **kwargs)
-        if not interrupted:
+        started = real_start(*args, **kwargs)
+        if where == "start" and not interrupted:
             interrupted.append(started[0].pid)
-            # Ctrl-C as the start ends, raised here rather than signalled:
-            # a signal another thread of this process takes would strike the
-            # main thread wherever it is by then, perhaps after the install.
             raise KeyboardInterrupt
         return started
 
+    def interrupted_install(launcher: Any, slot: Any, process: Any, *rest: Any, **kw: Any) -> None:
+        if where == "after-install" or interrupted:
+            real_install(launcher, slot, process, *rest, **kw)
+        if not interrupted:
+            interrupted.append(process.pid)
+            raise KeyboardInterrupt
+
     monkeypatch.setattr(_spawn, "start_worker_process", interrupted_start)
+    if where != "start":
+        monkeypatch.setattr(_launcher.Launcher, "install_worker", interrupted_install)
     runs = tmp_path / "runs"
     pool = duckpool.ProcessPoolExecutor(2, ctx)
     try:
         with pytest.raises(KeyboardInterrupt) as caught:
             pool.submit(tasks.note_pid, str(runs))
+        assert pool.worker_pids() == []  # (not kept, whatever it holds)
         worker = pool.submit(tasks.note_pid, str(runs)).result(TIMEOUT)
         # (Its traceback kept, as an interactive session keeps the last one.)
         wait_until(lambda: process_gone(interrupted[0]), TIMEOUT)
         assert caught.value is not None
+        assert pool.stats().restarts == 0
     finally:
         pool.shutdown()
     assert runs.read_text().split() == [str(worker)]
@@ -845,7 +862,7 @@ def test_an_interrupted_start_leaves_the_slot_s_frames_for_its_next_worker(
     # seconds later, brought them back).
     from duckpool._pool import _launcher
 
-    def interrupted(self: Any, slot_index: int, ahead: Any = None) -> Any:
+    def interrupted(self: Any, slot_index: int, ahead: Any = None, started: Any = None) -> Any:
         ahead.popleft()  # (written to the worker, which is then discarded)
         raise KeyboardInterrupt
 

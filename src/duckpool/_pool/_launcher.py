@@ -76,13 +76,19 @@ def is_transient(error: BaseException) -> bool:
 def _discard(process: Any, *ends: Any) -> None:
     """Kill a worker just started that the pool will not install, and close
     the pool's ``ends`` of its pipes."""
+    _kill(process)
     for thing in (process, *ends):
         try:
-            if thing is process:
-                process.kill()
             thing.close()  # (a process is reaped later if it has not exited yet)
         except Exception:  # (a multiprocessing.Process refuses close until it has exited)
             pass
+
+
+def _kill(process: Any) -> None:
+    try:
+        process.kill()
+    except Exception:  # (gone, or closed already)
+        pass
 
 
 class Launcher:
@@ -186,14 +192,20 @@ class Launcher:
         # cleared first.
         self.clear_marks(slot)
         sent = list(slot.outbox)
+        started: list[Any] = []  # (the process, as soon as it exists)
+        launched: tuple[Any, ...] = ()
         try:
-            started = self.launch(slot.index, ahead=slot.outbox)
+            launched = self.launch(slot.index, ahead=slot.outbox, started=started)
+            self.install_worker(slot, *launched, marks_cleared=True)
         except BaseException:
-            # (Interrupted once that worker had them: they go to the next.)
-            slot.outbox.clear()
-            slot.outbox.extend(sent)
+            if slot.process is None:
+                # Interrupted (a Ctrl-C) before the worker was the slot's: it
+                # goes, and what was written ahead to it goes to the next.
+                for process in started:
+                    self._forget(process, *launched[1:])
+                slot.outbox.clear()
+                slot.outbox.extend(sent)
             raise
-        self.install_worker(slot, *started, marks_cleared=True)
         slot.launched_at = launched_at
         slot.forked_threaded = threaded
 
@@ -213,17 +225,28 @@ class Launcher:
             self.start_worker(first)
         except BaseException:
             for slot in waiting:
+                process = slot.process
+                if process is not None:
+                    # Interrupted once it was installed: it holds the task
+                    # the caller is told was not queued, so it goes too.
+                    _kill(process)
+                    core.supervisor.close_slot(slot)
+                    slot.used = False  # (its next worker is no restart)
                 core.scheduler.take_back(slot)
                 self.unreserve(slot)
             raise
 
     def launch(
-        self, slot_index: int, ahead: Optional[deque[memoryview]] = None
+        self,
+        slot_index: int,
+        ahead: Optional[deque[memoryview]] = None,
+        started: Optional[list[Any]] = None,
     ) -> tuple[WorkerProcess, Any, Any]:
         """Start a worker process for ``slot_index`` from this process, not
         through the zygote.  Returns it with the parent's (non-blocking) ends
         of its task and result pipes; what of ``ahead`` (frames for it) its
-        task pipe took before the start is taken off ``ahead``."""
+        task pipe took before the start is taken off ``ahead``.  The process
+        goes into ``started`` as soon as it exists."""
         core = self._core
         zygotes = core.zygotes
         context: Any = core.settings.context
@@ -238,7 +261,8 @@ class Launcher:
         # SIGINT stays blocked in the new process until the worker has set its
         # own handler: a Ctrl-C during start-up must not print a traceback.
         old_mask: Any = _child.block_sigint()
-        started: list[Any] = []  # (the process, as soon as it exists)
+        if started is None:
+            started = []
         ends: tuple[Any, ...] = ()
         try:
             channels = zygotes.zygote_channels
@@ -282,12 +306,15 @@ class Launcher:
         core = self._core
         os.set_blocking(task_w.fileno(), False)
         os.set_blocking(result_r.fileno(), False)
-        slot.task_conn = task_w
-        slot.result_conn = result_r
-        slot.reader = _protocol.FrameReader(result_r.fileno(), judged=True)
+        reader = _protocol.FrameReader(result_r.fileno(), judged=True)
         core.selector.register(result_r, ResultReady(slot))
         if process.sentinel is not None:
             core.selector.register(process.sentinel, WorkerExit(slot))
+        # Installed at once (no call between): until then, an interrupted
+        # start forgets what it registered (``_forget``).
+        slot.task_conn = task_w
+        slot.result_conn = result_r
+        slot.reader = reader
         slot.process = process  # the other fields were reset when the slot closed
         slot.installed_at = time.monotonic()
         if not marks_cleared:
@@ -305,6 +332,14 @@ class Launcher:
                     item.trace.on_worker(process.pid)
         if slot.outbox:  # what it took while reserved
             core.transport.flush(slot)
+
+    def _forget(self, process: Any, *ends: Any) -> None:
+        """A started worker no slot will have: unwatch it and ``_discard`` it."""
+        selector = self._core.selector
+        for watched in (*ends[1:], getattr(process, "sentinel", None)):
+            if watched is not None:
+                selector.unregister(watched)
+        _discard(process, *ends)
 
     def clear_marks(self, slot: Slot) -> None:
         """The last worker's marks are not the next one's: a task it had
