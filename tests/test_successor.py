@@ -205,3 +205,39 @@ def test_a_successor_exits_when_the_parent_is_killed(start_method: str, pids: Pa
         parent.kill()
         parent.wait(TIMEOUT)
     wait_until(lambda: all(process_gone(pid) for pid in _started(pids)), TIMEOUT)
+
+
+def test_a_successor_that_cannot_start_is_retried_with_a_growing_backoff(
+    ctx: object, pids: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Successor starts fail (EAGAIN, a process limit reached): the pool goes
+    # on with its worker, and each retry waits twice as long as the last.
+    # (The failures in a row were forgotten at every pass, since every slot
+    # had its worker: it retried every 10 ms for ever.)
+    import errno
+
+    from duckpool._pool import _launcher
+
+    real = _launcher.Launcher.launch
+    refused: list[float] = []
+
+    def launch(launcher: object, slot_index: int, *args: object, **kwargs: object) -> object:
+        if not args and not kwargs and len(refused) < 5:  # (a successor's start)
+            refused.append(1.0)
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        return real(launcher, slot_index, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_launcher.Launcher, "launch", launch)
+    pool = _pool(ctx, pids, quota=1000)
+    launcher = pool._core.launcher
+    try:
+        # Half its quota sent: its successor is due.
+        assert list(pool.map(abs, range(-500, 0), chunksize=1)) == list(range(500, 0, -1))
+        wait_until(lambda: len(refused) >= 4, TIMEOUT)
+        assert launcher.failures >= 3, launcher.failures  # (not 1 each time)
+        assert pool.submit(abs, -3).result(TIMEOUT) == 3
+        (worker,) = pool.worker_pids()
+        _one_successor(pids, [worker])  # (its start succeeds at last)
+        assert launcher.failures == 0 and launcher.failing_since is None
+    finally:
+        pool.shutdown()

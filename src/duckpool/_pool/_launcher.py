@@ -319,9 +319,7 @@ class Launcher:
         slot.installed_at = time.monotonic()
         if not marks_cleared:
             self.clear_marks(slot)
-        # A start succeeded: failed ones in a row are over.
-        self.failing_since = None
-        self.failures = 0
+        self.start_succeeded()
         if slot.used:
             core.counters.restarts += 1
         slot.used = True
@@ -412,13 +410,17 @@ class Launcher:
                     return self.on_start_failure(exc, now)
         if self.failing_since is not None and all(
             # (A request to the zygote is no start yet: install_worker says.)
-            slot.process is not None or slot.parked
+            (slot.process is not None or slot.parked) and not core.successors.wanted(slot)
             for slot in core.slots
             if slot.index < core.size
         ):
-            self.failing_since = None
-            self.failures = 0
+            self.start_succeeded()  # (none is wanted now: the failed ones are over)
         return None
+
+    def start_succeeded(self) -> None:
+        """A start succeeded: failed ones in a row are over (the backoff too)."""
+        self.failing_since = None
+        self.failures = 0
 
     def on_start_failure(self, error: BaseException, now: float) -> Optional[BaseException]:
         """A start failed: schedule a retry, or return the error that breaks the pool."""

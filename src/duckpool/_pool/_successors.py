@@ -105,6 +105,7 @@ class Successors:
                     process, task_w, result_r = launcher.launch(slot.index)
                 except Exception as exc:
                     return launcher.on_start_failure(exc, now)
+                launcher.start_succeeded()
                 spare = slot.successor = Spare(slot, process, task_w, result_r)
                 if process.sentinel is not None:
                     core.selector.register(process.sentinel, SpareExit(spare))

@@ -190,6 +190,8 @@ class LauncherView(Protocol):
 
     start_seconds: float
 
+    def start_succeeded(self) -> None: ...
+
     def unreserve(self, slot: Slot) -> None: ...
 
     def worker_config(
@@ -290,6 +292,8 @@ class SuccessorsView(Protocol):
     def take(self, slot: Slot) -> Optional[Spare]: ...
 
     def wake_for(self, slot: Slot) -> None: ...
+
+    def wanted(self, slot: Slot) -> bool: ...
 
 
 class DeadlinesView(Protocol):
