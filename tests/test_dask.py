@@ -740,6 +740,7 @@ def _duckpool(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow  # (a run of the tool: python3 only, see scripts/test.sh)
 def test_demo_on_dask_runs_every_step_and_leaves_no_worker() -> None:
     done = _duckpool("demo", "--backend", "dask")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -755,6 +756,7 @@ def test_demo_refuses_start_method_with_dask() -> None:
     assert "--start-method" in done.stderr
 
 
+@pytest.mark.slow  # (a run of the tool: python3 only, see scripts/test.sh)
 def test_bench_on_dask_reports_the_overhead_ratio() -> None:
     done = _duckpool("bench", "--backend", "dask", "--tasks", "20", "--reps", "1")
     assert done.returncode == 0, done.stdout + done.stderr

@@ -423,10 +423,11 @@ def test_a_task_that_reads_its_worker_s_task_pipe_costs_no_other_task(
     # What is left in the pipe no longer parses as the frames sent (or the
     # next frame is gone whole): the worker waits for bytes that never come,
     # with the next chunk not taken up.  Found so at two looks 2 s apart
-    # (here 0.05 s: short_graces), it is killed, and that chunk and those behind it run on its replacement.
-    # Before, they (and shutdown) waited for ever.  One worker, and a map
-    # chunk is always sent behind the chunk it runs: the second map's first
-    # chunk goes to its pipe while the first map's chunk steals from it.
+    # (here 0.05 s: short_graces), it is killed, and that chunk and those
+    # behind it run on its replacement.  Before, they (and shutdown) waited
+    # for ever.  One worker, and a map chunk is always sent behind the chunk
+    # it runs: the second map's first chunk goes to its pipe while the first
+    # map's chunk steals from it.
     # Four bytes: that frame's length header (1 byte, or the whole frame,
     # ends the same way, checked by hand: the watch is the same).
     count = 4
