@@ -46,6 +46,8 @@ START_GIVE_UP_SECONDS = 30.0
 #: failure in a row, up to ``_RETRY_MAX_SECONDS``.
 _RETRY_FIRST_SECONDS = 0.01
 _RETRY_MAX_SECONDS = 1.0
+#: A failed start this long after the last one begins a new streak.
+_STREAK_GAP_SECONDS = 3 * _RETRY_MAX_SECONDS
 #: Without pidfds, how often the dispatcher asks whether its processes live.
 EXIT_POLL_SECONDS = 0.2
 #: errno values of a start that may well succeed if tried again (EMFILE and
@@ -109,10 +111,12 @@ class Launcher:
         self.startup_deaths = 0
         #: How long a worker takes from its start to ready, lately (seconds).
         self.start_seconds = 0.0
-        #: Transient start failures in a row: since when, and when to retry.
+        #: Transient start failures in a row: since when, how many, the last.
         self.failing_since: Optional[float] = None
         self.failures = 0
-        self.retry_at = 0.0
+        self.last_failure = 0.0
+        #: When starts may be tried again after a failed one (None: now).
+        self.retry_at: Optional[float] = None
         #: No pidfds here: sentinels are pipes, which a process a task forked
         #: may hold open after its worker's exit, so the dispatcher also asks
         #: every EXIT_POLL_SECONDS whether its processes are alive (``poll_exits``).
@@ -390,7 +394,7 @@ class Launcher:
 
     def may_start_now(self, now: float) -> bool:
         """``may_start``, and no failed start is being backed off from."""
-        return self.may_start() and (self.failing_since is None or now >= self.retry_at)
+        return self.may_start() and (self.retry_at is None or now >= self.retry_at)
 
     def refill_slots(self) -> Optional[BaseException]:
         """Start a replacement in every empty slot; return an error that breaks the pool.
@@ -408,13 +412,6 @@ class Launcher:
                     self.start_worker(slot)
                 except Exception as exc:
                     return self.on_start_failure(exc, now)
-        if self.failing_since is not None and all(
-            # (A request to the zygote is no start yet: install_worker says.)
-            (slot.process is not None or slot.parked) and not core.successors.wanted(slot)
-            for slot in core.slots
-            if slot.index < core.size
-        ):
-            self.start_succeeded()  # (none is wanted now: the failed ones are over)
         return None
 
     def start_succeeded(self) -> None:
@@ -423,13 +420,22 @@ class Launcher:
         self.failures = 0
 
     def on_start_failure(self, error: BaseException, now: float) -> Optional[BaseException]:
-        """A start failed: schedule a retry, or return the error that breaks the pool."""
+        """A start failed: schedule a retry, or return the error that breaks the pool.
+
+        Failures in a row, each within ``_STREAK_GAP_SECONDS`` of the last
+        (a retry backs off at most ``_RETRY_MAX_SECONDS``), make one streak,
+        whatever wanted each start (an empty slot, a successor that a slot
+        wants now and then): the backoff doubles along it, and it breaks the
+        pool once it has lasted ``START_GIVE_UP_SECONDS``.
+        """
         if not is_transient(error):
             return error
-        if self.failing_since is None:
+        if self.failing_since is None or now - self.last_failure > _STREAK_GAP_SECONDS:
             self.failing_since = now
+            self.failures = 0
         elif now - self.failing_since >= START_GIVE_UP_SECONDS:
             return error
+        self.last_failure = now
         self.retry_at = now + min(_RETRY_MAX_SECONDS, _RETRY_FIRST_SECONDS * 2**self.failures)
         self.failures += 1
         return None
@@ -442,8 +448,11 @@ class Launcher:
         if zygotes.asked_at is not None or zygotes.exits_due:
             zygotes.check_answers(now)
         wait = None
-        if self.failing_since is not None:
-            wait = max(0.0, self.retry_at - now)
+        if self.retry_at is not None:
+            wait = self.retry_at - now
+            if wait <= 0:  # due: this pass retries, if a start is still wanted
+                self.retry_at = None
+                wait = 0.0
         if zygotes.standby_due or zygotes.asked_at is not None or zygotes.exits_due:
             due = zygotes.wake_in(now)
             if due is not None and (wait is None or due < wait):
