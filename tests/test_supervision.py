@@ -816,6 +816,71 @@ def test_ctrl_c_as_the_first_worker_starts_leaves_no_worker_and_runs_nothing(
     assert runs.read_text().split() == [str(worker)]
 
 
+def test_every_task_cancelled_in_one_worker_s_pipe_is_skipped(
+    ctx: multiprocessing.context.BaseContext, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Several tasks wait in one worker's pipe and each is cancelled: each
+    # fails at once and none runs (a single skip cell per worker used to
+    # keep only the last one: the others ran, their futures saying cancelled).
+    pool = duckpool.ProcessPoolExecutor(1, ctx)
+    core = pool._core
+    started, gate = tmp_path / "started", tmp_path / "gate"
+    try:
+        first = pool.submit(tasks.touch_then_wait, str(started), str(gate))
+        wait_until(started.exists, TIMEOUT)
+        # (Every one queued behind the first, whatever the scheduler would judge.)
+        monkeypatch.setattr(core.scheduler, "can_prefetch", lambda slot, item, now: True)
+        queued = [pool.submit(tasks.touch, str(tmp_path / f"ran-{n}")) for n in range(6)]
+        wait_until(lambda: all(future.running() for future in queued), TIMEOUT)
+        assert all(pool.cancel_task(future) for future in queued)
+        after = pool.submit(tasks.add, 1, 1)  # (behind them in the same pipe)
+        for future in queued:
+            assert isinstance(future.exception(0), duckpool.TaskCancelledError)
+        gate.touch()
+        assert first.result(TIMEOUT) == "released"
+        assert after.result(TIMEOUT) == 2
+        assert sorted(tmp_path.glob("ran-*")) == []
+    finally:
+        gate.touch()
+        pool.shutdown()
+
+
+def test_a_task_run_whose_answer_is_unread_is_not_cancelled_as_never_started(
+    ctx: multiprocessing.context.BaseContext, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The worker ran the task behind its first one, and the pool has read
+    # neither answer yet: that task was taken up, so it cannot be cancelled
+    # as one still waiting in the pipe (it used to fail with "cancelled
+    # before it started", having run to the end).
+    pool = duckpool.ProcessPoolExecutor(1, ctx)
+    core = pool._core
+    started, gate, ran = tmp_path / "started", tmp_path / "gate", tmp_path / "ran"
+    try:
+        first = pool.submit(tasks.touch_then_wait, str(started), str(gate))
+        wait_until(started.exists, TIMEOUT)
+        monkeypatch.setattr(core.scheduler, "can_prefetch", lambda slot, item, now: True)
+        behind = pool.submit(tasks.touch, str(ran))
+        wait_until(behind.running, TIMEOUT)
+        with core.lock:  # (no answer is booked meanwhile)
+            gate.touch()
+            wait_until(ran.exists, TIMEOUT)
+            slot = next(s for s in core.slots if s.assigned)
+            reading = 2 * core.capacity + slot.index  # (done, it waits for more)
+            wait_until(
+                lambda: (
+                    core.marks[slot.index] == slot.assigned[-1].task_id and core.marks[reading] == 1
+                ),
+                TIMEOUT,
+            )
+            assert core.supervisor.cancel_running(behind, running=False) == (False, None)
+            assert core.supervisor.cancel_running(behind) == (False, None)
+        assert first.result(TIMEOUT) == "released"
+        assert behind.result(TIMEOUT) is None
+    finally:
+        gate.touch()
+        pool.shutdown()
+
+
 def test_a_task_cancelled_in_a_worker_s_pipe_never_runs_after_that_worker_dies(
     ctx: multiprocessing.context.BaseContext, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -370,7 +370,7 @@ class PoolCore:
         pool starts.
         """
         if self.marks is None:
-            self.shared_marks = _marks.new_marks(self.settings.context, 3 * self.capacity)
+            self.shared_marks = _marks.new_marks(self.settings.context, _marks.cells(self.capacity))
             self.marks = _marks.marks_array(self.shared_marks)
         self.launcher.prepare()
         self.dispatcher.prepare(self)

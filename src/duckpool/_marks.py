@@ -1,18 +1,20 @@
-"""The started, skip and reading marks: cells a worker and its parent share, beside the pipes.
+"""The started, skip and reading marks: cells a worker and its parent share.
 
 One array of 8-byte cells serves a pool of up to ``capacity`` slots (the
-``max_workers`` a ``WorkerConfig`` carries is that stride).  In cell ``slot``
-the worker of that slot writes the id of each task it takes up, so that
-after a death the parent knows whether the task had started (it fails then,
-else it is sent again).  In cell ``capacity + slot`` the parent may write
-the id of a task queued in that worker's pipe that the worker must skip (it
-answers it as cancelled instead of running it).  In cell ``2 * capacity +
+``max_workers`` a ``WorkerConfig`` carries is that stride). In cell ``slot``
+the worker of that slot writes the id of each task it takes up, so that after
+a death the parent knows whether the task had started (it fails then, else it
+is sent again). In cell ``capacity + slot`` the parent may write how many of
+that slot's ``SKIPS_PER_SLOT`` skip cells, from cell ``skip_base(capacity,
+slot)`` on, hold the id of a task queued in that worker's pipe that the worker
+must skip (it answers it as cancelled instead of running it): 0, the worker's
+one look per task, until a task is cancelled there. In cell ``2 * capacity +
 slot`` the worker writes 1 while it waits in its task pipe for frames, and 0
-once it has them: a worker found there, at two looks, with every byte sent
-to it read and its next task not taken up, is starved of bytes a task took
-from its pipe (a worker busy, say in a finalizer after its task, is not).
-The parent makes the array (``new_marks``) before its first worker starts
-and sends it in each worker's ``WorkerConfig``.
+once it has them: a worker found there, at two looks, with every byte sent to
+it read and its next task not taken up, is starved of bytes a task took from
+its pipe (a worker busy, say in a finalizer after its task, is not). The
+parent makes the array (``new_marks``) before its first worker starts and
+sends it in each worker's ``WorkerConfig``.
 
 Every worker imports this module: it imports nothing but ``os``.
 """
@@ -26,6 +28,49 @@ import os
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Optional
+
+
+#: Skip cells per slot: as many as the tasks a worker's pipe may hold
+#: (``_pool._scheduler.PREFETCH``), so each of them may be cancelled there.
+SKIPS_PER_SLOT = 16
+
+
+def cells(capacity: int) -> int:
+    """The cells of the marks of a pool of up to ``capacity`` slots."""
+    return (3 + SKIPS_PER_SLOT) * capacity
+
+
+def skip_base(capacity: int, slot: int) -> int:
+    """The first of ``slot``'s skip cells."""
+    return 3 * capacity + SKIPS_PER_SLOT * slot
+
+
+def keep_skips(marks: Any, capacity: int, slot: int, held: Any) -> int:
+    """Clear ``slot``'s skip cells but those of the task ids in ``held`` (what
+    the slot holds: its worker is past the others); how many are left (parent)."""
+    first = skip_base(capacity, slot)
+    left = 0
+    for cell in range(first, first + SKIPS_PER_SLOT):
+        value = marks[cell]
+        if value and value not in held:
+            marks[cell] = 0
+        elif value:
+            left += 1
+    marks[capacity + slot] = left
+    return left
+
+
+def set_skip(marks: Any, capacity: int, slot: int, task_id: int, held: Any) -> bool:
+    """Tell ``slot``'s worker to skip ``task_id`` (parent; ``held`` as for
+    ``keep_skips``).  False if every skip cell holds a task still held."""
+    left = keep_skips(marks, capacity, slot, held)
+    first = skip_base(capacity, slot)
+    for cell in range(first, first + SKIPS_PER_SLOT):
+        if not marks[cell]:
+            marks[cell] = task_id
+            marks[capacity + slot] = left + 1  # (after the id: the worker looks here first)
+            return True
+    return False
 
 
 class SharedMarks:

@@ -21,7 +21,7 @@ import os
 import sys
 
 from duckpool import _buffers, _progress, _task_forks
-from duckpool._marks import marks_array
+from duckpool._marks import marks_array, skip_base
 from duckpool._protocol import (
     EXIT_PIPE_LOST,
     STATUS_BUFFERS,
@@ -584,7 +584,8 @@ def _serve(
     _progress.install(send, sys.modules[__name__])
     marks = marks_array(config.marks)
     slot = config.slot
-    skip_cell = config.max_workers + slot
+    skip_cell = config.max_workers + slot  # (how many skip marks are set: see _marks)
+    skips = (skip_base(config.max_workers, slot), skip_base(config.max_workers, slot + 1))
     # Set while it waits for frames, and only then (see _marks: the parent
     # tells a worker starved of the bytes of a frame from a busy one).
     reading_cell = 2 * config.max_workers + slot
@@ -605,7 +606,7 @@ def _serve(
                 return  # an empty frame: stop
             # Popped, not iterated: a frame is freed as soon as it is decoded.
             if not _run_one(
-                frames.pop(), send, loads, dumps, protocol, marks, slot, skip_cell, transfer
+                frames.pop(), send, loads, dumps, protocol, marks, slot, skip_cell, skips, transfer
             ):
                 continue  # a release frame: no task ran
             current_task_id = 0
@@ -622,6 +623,7 @@ def _run_one(
     marks: Any,
     slot: int,
     skip_cell: int,
+    skips: tuple[int, int],  # (its skip cells: from, to)
     transfer: _Transfer,
 ) -> bool:
     """Run one task frame and send its result frame; False for a release frame."""
@@ -635,7 +637,7 @@ def _run_one(
     task_id &= ~TASK_BUFFERS
     marks[slot] = task_id
     current_task_id = task_id
-    if marks[skip_cell] == task_id:  # cancelled while queued here
+    if marks[skip_cell] and task_id in marks[skips[0] : skips[1]]:  # cancelled while queued
         send(encode_result(task_id, STATUS_SKIPPED, b""))
         return True
     try:

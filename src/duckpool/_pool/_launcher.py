@@ -30,7 +30,7 @@ import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any, Optional
 
-from duckpool import _child, _logs, _protocol, _spawn, _worker
+from duckpool import _child, _logs, _marks, _protocol, _spawn, _worker
 from duckpool._pool._slots import ResultReady, WorkerExit
 
 if TYPE_CHECKING:
@@ -352,9 +352,7 @@ class Launcher:
         marks = self._core.marks
         capacity = self._core.capacity
         marks[slot.index] = marks[2 * capacity + slot.index] = 0
-        skip = capacity + slot.index
-        if not any(item.task_id == marks[skip] for item in slot.assigned):
-            marks[skip] = 0
+        _marks.keep_skips(marks, capacity, slot.index, {item.task_id for item in slot.assigned})
 
     def reserve(self, slot: Slot) -> None:
         """``slot`` takes work before its worker exists (it waits in the

@@ -24,7 +24,7 @@ import weakref
 from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from duckpool import _child, _fork_server, _zygote
+from duckpool import _child, _fork_server, _marks, _zygote
 from duckpool._errors import TaskCancelledError, TaskTimeoutError, WorkerDiedError, describe_exit
 from duckpool._futures import cancel_item, set_exception
 from duckpool._pool._launcher import MAX_STARTUP_DEATHS
@@ -270,29 +270,51 @@ class Supervisor:
 
         The running one: its worker is stopped, and the item fails with
         ``TaskCancelledError`` once it is gone (no error now); ``running``
-        False leaves it be (False returned).  One still in the worker's pipe:
-        the worker skips it when it gets there (a ``marks`` cell says so), its
-        answer is ignored, and it fails now.
+        False leaves it be (False returned).  One its worker has run, whose
+        answer is on its way: False.  One still in the worker's pipe: the
+        worker skips it when it gets there (a skip cell of ``marks`` says
+        so), its answer is ignored, and it fails now.
         """
         core = self._core
+        marks = core.marks
         for slot in core.slots:
-            for position, item in enumerate(slot.assigned):
-                if item.future is not future:
-                    continue
-                if position == 0 and core.marks[slot.index] == item.task_id:
-                    if not running:
-                        return False, None
-                    error = TaskCancelledError(f"task {item.label} was cancelled while running")
-                    self.stop_worker(slot, item, error)
-                    core.wake()
-                    return True, None
-                # The worker's answer may resolve it first, once the lock is
-                # released: with the same error type.
-                core.marks[core.capacity + slot.index] = item.task_id
-                return True, TaskCancelledError(
-                    f"task {item.label} was cancelled before it started"
-                )
+            assigned = slot.assigned
+            position = next((i for i, item in enumerate(assigned) if item.future is future), None)
+            if position is None:
+                continue
+            item = assigned[position]
+            # The worker takes its items up in order: those up to the one it
+            # runs (its started mark) are taken up, the rest are in its pipe.
+            taken = self._taken_up(slot)
+            if position < taken or (position == taken and marks[2 * core.capacity + slot.index]):
+                return False, None  # (run: its answer is on its way; the worker reads for more)
+            if position == taken:
+                if not running:
+                    return False, None
+                error = TaskCancelledError(f"task {item.label} was cancelled while running")
+                self.stop_worker(slot, item, error)
+                core.wake()
+                return True, None
+            held = {queued.task_id for queued in assigned}
+            if not _marks.set_skip(marks, core.capacity, slot.index, item.task_id, held):
+                return False, None  # (no skip cell free: more queued there than a pipe holds)
+            if marks[slot.index] == item.task_id:
+                # Taken up meanwhile: skipped or run, its answer says which.
+                return self.cancel_running(future, running) if running else (False, None)
+            # The worker's answer may resolve it first, once the lock is
+            # released: with the same error type.
+            return True, TaskCancelledError(f"task {item.label} was cancelled before it started")
         return False, None
+
+    def _taken_up(self, slot: Slot) -> int:
+        """The position in ``slot.assigned`` of the item its worker runs or
+        ran last (its started mark), or -1 if it has taken none of them up."""
+        started = self._core.marks[slot.index]
+        if started:
+            for position, item in enumerate(slot.assigned):
+                if item.task_id == started:
+                    return position
+        return -1
 
     def starts_failed(self, error: BaseException) -> None:
         """Break the pool: starting workers failed for good with ``error``
