@@ -169,6 +169,10 @@ from duckpool._pool._wakeup import WAKEUP, Wakeup
 from duckpool._pool._zygotes import Zygotes
 from duckpool._stats import PoolStats
 
+#: How long a map ending early waits for the pool's lock to withdraw a chunk
+#: from a worker's pipe (``PoolCore.withdraw``); past it, the chunk just runs.
+WITHDRAW_LOCK_SECONDS = 0.1
+
 #: The least number of worker slots a pool can grow to with ``resize``.
 _MIN_CAPACITY = 64
 
@@ -317,9 +321,15 @@ class PoolCore:
         if slot is not None:
             self.assists.poison(slot, cause, writing=True)
 
-    def cancel(self, future: Future[Any], running: bool = True) -> bool:
+    def cancel(self, future: Future[Any]) -> bool:
         """Cancel a queued or held item (``Supervisor.cancel``); False if unknown."""
-        return self.supervisor.cancel(future, running)
+        return bool(self.supervisor.cancel(future))
+
+    def withdraw(self, future: Future[Any], patient: bool) -> bool:
+        """Cancel an item no worker has taken up (``PoolFuture.withdraw``):
+        False if the lock was not free (in ``WITHDRAW_LOCK_SECONDS`` if ``patient``)."""
+        wait = WITHDRAW_LOCK_SECONDS if patient else 0
+        return self.supervisor.cancel(future, running=False, wait=wait) is not None
 
     def help_resolve(self, future: Future[Any], timeout: Optional[float]) -> None:
         """A thread waits on ``future``: let it read the result itself (``_assist``)."""

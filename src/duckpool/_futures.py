@@ -30,7 +30,7 @@ class _Helper(Protocol):
 
     def help_resolve(self, future: Future[Any], timeout: Optional[float]) -> None: ...
 
-    def cancel(self, future: Future[Any], running: bool = True) -> bool: ...
+    def withdraw(self, future: Future[Any], patient: bool) -> bool: ...
 
 
 def notify_if_cancelled(future: Future[Any]) -> None:
@@ -437,13 +437,19 @@ class PoolFuture(Future[_T]):
                 return
             yield update
 
-    def withdraw(self) -> None:
+    def withdraw(self, patient: bool = True) -> bool:
         """Cancel the task unless a worker has taken it up: as ``cancel()``,
         and also while it waits in a worker's pipe, where ``cancel()`` sees
         it running (it then fails with ``TaskCancelledError`` and the worker
-        skips it).  What a ``map`` that ends early does to its chunks."""
-        if not self.cancel() and not self.done():
-            self._duckpool_core.cancel(self, running=False)
+        skips it).  What a ``map`` that ends early does to its chunks.
+
+        False if the pool's lock was not free (briefly waited for if
+        ``patient``, else not at all): a finalizer may run this in a thread
+        that holds it, and the map's other chunks then need not wait for it.
+        """
+        if self.cancel() or self.done():
+            return True
+        return self._duckpool_core.withdraw(self, patient)
 
     def _help(self, timeout: Optional[float]) -> Optional[float]:
         """Help resolve this future; return what is left of ``timeout``."""

@@ -182,8 +182,7 @@ class MapResults(Iterator[_T]):
         """
         self._items = iter(())
         self._chunks.close()
-        for future in self._first:
-            _withdraw(future)
+        _withdraw_all(self._first)
 
 
 def map_results(
@@ -340,19 +339,22 @@ def _arrived(bar: Optional[_Bar], future: Future[Any], chunk: list[Any]) -> None
 
 def _stop(futures: Iterable[Future[Any]], bar: Optional[_Bar]) -> None:
     """The iteration ended, however: cancel the chunks not started, close the bar."""
-    for future in futures:
-        _withdraw(future)
+    _withdraw_all(futures)
     if bar is not None:
         bar.close()
 
 
-def _withdraw(future: Future[Any]) -> None:
-    """Cancel a chunk no worker has taken up: queued, or (a local pool's)
-    waiting in a worker's pipe behind another chunk."""
-    if isinstance(future, _futures.PoolFuture):
-        future.withdraw()
-    else:
-        future.cancel()
+def _withdraw_all(futures: Iterable[Future[Any]]) -> None:
+    """Cancel the chunks no worker has taken up: queued, or (a local pool's)
+    waiting in a worker's pipe behind another chunk.  Once the pool's lock
+    was not free in time (this thread may hold it: the collector's), the
+    rest are only cancelled where queued."""
+    patient = True
+    for future in futures:
+        if isinstance(future, _futures.PoolFuture):
+            patient = future.withdraw(patient) and patient
+        else:
+            future.cancel()
 
 
 def _chunk_results(chunk: list[_T], item_errors: bool) -> Generator[Iterator[_T], None, None]:

@@ -41,9 +41,6 @@ if TYPE_CHECKING:
 STOP_GRACE_SECONDS = 5.0
 #: How long a worker stopped with SIGTERM (timeout, cancel) gets before SIGKILL.
 KILL_GRACE_SECONDS = 1.0
-#: How long a map ending early waits for the pool's lock to withdraw a chunk
-#: from a worker's pipe (``Supervisor.cancel``); past it, the chunk just runs.
-WITHDRAW_LOCK_SECONDS = 0.1
 #: Signals a process sends itself by failing (a crash loop), as opposed to
 #: signals sent from outside (SIGKILL, SIGTERM, ...), which are not its fault.
 _CRASH_SIGNALS = frozenset(
@@ -234,19 +231,22 @@ class Supervisor:
         error.__cause__ = _RemoteTraceback(text)  # type: ignore[arg-type]
         return error
 
-    def cancel(self, future: Future[Any], running: bool = True) -> bool:
-        """Cancel a queued item, or stop the worker running it; False if unknown.
+    def cancel(self, future: Future[Any], running: bool = True, wait: float = -1) -> Optional[bool]:
+        """Cancel a queued item, or stop the worker running it; False if
+        unknown, None if the pool's lock was not free within ``wait`` seconds
+        (-1: however long it takes).
 
-        ``running`` False (a map ending early) leaves a running item be.  The
-        collector may run that in a thread holding the pool's lock (an
-        abandoned map's clean-up): so the lock is waited for only briefly then.
+        ``running`` False (a map ending early, see ``PoolFuture.withdraw``)
+        leaves a running item be.  The collector may run that in a thread
+        holding the pool's lock (an abandoned map's clean-up): so the lock is
+        waited for only briefly then.
         """
         core = self._core
         if core.lifecycle.inherited:
             return False  # (the workers, and their marks, are the parent's)
         lock = core.lock
-        if not lock.acquire(timeout=-1 if running else WITHDRAW_LOCK_SECONDS):
-            return False
+        if not lock.acquire(timeout=wait):
+            return None
         try:
             item = core.scheduler.cancel_queued(future)
             if item is None:
