@@ -763,7 +763,7 @@ def test_starts_the_zygote_keeps_failing_break_the_pool_in_time(
         pool.shutdown()
 
 
-@pytest.mark.parametrize("where", ["start", "before-install", "after-install"])
+@pytest.mark.parametrize("where", ["before-start", "start", "before-install", "after-install"])
 def test_ctrl_c_as_the_first_worker_starts_leaves_no_worker_and_runs_nothing(
     ctx: multiprocessing.context.BaseContext,
     monkeypatch: pytest.MonkeyPatch,
@@ -773,7 +773,8 @@ def test_ctrl_c_as_the_first_worker_starts_leaves_no_worker_and_runs_nothing(
     # submit() raises KeyboardInterrupt: the task it was given must not run,
     # although it was already in the new worker's pipe, and that worker,
     # which the pool then does not keep, must not live on.  The Ctrl-C
-    # strikes as the start ends, before the worker is installed, or after.
+    # strikes before the start (the task must not be queued again for the
+    # next worker: it was), as it ends, before the worker is installed, or after.
     # (Raised there rather than signalled: a signal another thread of this
     # process takes would strike the main thread wherever it is by then.)
     from duckpool import _spawn
@@ -797,8 +798,18 @@ def test_ctrl_c_as_the_first_worker_starts_leaves_no_worker_and_runs_nothing(
             interrupted.append(process.pid)
             raise KeyboardInterrupt
 
+    real_first = _launcher.Launcher.start_first
+
+    def interrupted_first(launcher: Any) -> None:
+        if not interrupted:
+            interrupted.append(0)  # (no process: the task waits in its slot)
+            raise KeyboardInterrupt
+        real_first(launcher)
+
     monkeypatch.setattr(_spawn, "start_worker_process", interrupted_start)
-    if where != "start":
+    if where == "before-start":
+        monkeypatch.setattr(_launcher.Launcher, "start_first", interrupted_first)
+    elif where != "start":
         monkeypatch.setattr(_launcher.Launcher, "install_worker", interrupted_install)
     runs = tmp_path / "runs"
     pool = duckpool.ProcessPoolExecutor(2, ctx)
@@ -808,7 +819,8 @@ def test_ctrl_c_as_the_first_worker_starts_leaves_no_worker_and_runs_nothing(
         assert pool.worker_pids() == []  # (not kept, whatever it holds)
         worker = pool.submit(tasks.note_pid, str(runs)).result(TIMEOUT)
         # (Its traceback kept, as an interactive session keeps the last one.)
-        wait_until(lambda: process_gone(interrupted[0]), TIMEOUT)
+        if interrupted[0]:
+            wait_until(lambda: process_gone(interrupted[0]), TIMEOUT)
         assert caught.value is not None
         assert pool.stats().restarts == 0
     finally:

@@ -542,11 +542,13 @@ def reap_closed() -> None:
             _UNREAPED.discard(pid)
 
 
-def fork(main: Callable[[], None]) -> ChildProcess:
+def fork(main: Callable[[], None], started: Optional[list[Any]] = None) -> ChildProcess:
     """Fork a child that runs ``main`` and exits with ``os._exit``: the
     parent's ``atexit`` handlers and finalizers never run in it.
 
-    SIGINT stays blocked in the child until ``main`` unblocks it.
+    SIGINT stays blocked in the child until ``main`` unblocks it.  The
+    child goes into ``started`` before a Ctrl-C held back meanwhile may
+    strike here (so that the caller can stop it).
     """
     reap_closed()
     _worker.flush_std_streams()  # no buffered output is written twice
@@ -597,6 +599,11 @@ def fork(main: Callable[[], None]) -> ChildProcess:
                 pass
         finally:
             os._exit(code)
-    restore_mask(old_mask)
-    os.close(pipe_w)
-    return ChildProcess(pid, pipe_r)
+    try:
+        os.close(pipe_w)
+        child = ChildProcess(pid, pipe_r)
+        if started is not None:
+            started.append(child)
+    finally:
+        restore_mask(old_mask)
+    return child

@@ -311,7 +311,10 @@ class PoolCore:
         A slot with no process yet holds its frames in its outbox alone: its
         items go back to the queue.  Otherwise what reached the pipe cannot be
         told: the worker is killed, and what it never took up is requeued.
+        ``item`` itself is cancelled first, never to run later (its worker may
+        have run it already): the caller is told it was not submitted.
         """
+        cancel_item(item, "as submit() raised")
         with self.lock:
             slot = next((s for s in self.slots if item in s.assigned), None)
             if slot is not None and slot.process is None:

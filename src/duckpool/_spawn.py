@@ -39,21 +39,34 @@ def start_worker_process(
     failure the pipes are closed, ``ahead`` is left whole and the error
     propagates.
     """
-    task_r, task_w = os.pipe()
-    result_r, result_w = os.pipe()
-    for fd in (task_w, result_w):
-        _enlarge(fd)
+    pipes: list[int] = []  # (filled as made: an interrupted start closes them all)
+    try:
+        pipes.extend(os.pipe())
+        pipes.extend(os.pipe())
+    except BaseException:
+        for fd in pipes:
+            os.close(fd)
+        raise
+    task_r, task_w, result_r, result_w = pipes
+    # The parent's ends as connections at once: dropped by an interrupted
+    # start, they close themselves.
+    task_conn = result_conn = None
     written = 0
     method = context.get_start_method()
     process: Any
     try:
+        task_conn = mp_connection.Connection(task_w, readable=False)
+        result_conn = mp_connection.Connection(result_r, writable=False)
+        for fd in (task_w, result_w):
+            _enlarge(fd)
         if ahead:
             written = _write_ahead(task_w, ahead)
         if method == "spawn" and _SPAWN_DIRECTLY:
             process = spawn_worker(config, task_r, result_w)
         elif method == "fork" and parent_sentinel is not None:
+            parent_ends = (task_w, result_r, *also_close)
             process = fork_worker(
-                context, config, task_r, result_w, (task_w, result_r, *also_close), parent_sentinel
+                context, config, task_r, result_w, parent_ends, parent_sentinel, started
             )
         else:
             # A forked worker closes its copies of the parent's ends
@@ -68,11 +81,14 @@ def start_worker_process(
                 process.start()
             if method == "forkserver":
                 process = _child.served(process)
-        if started is not None:
+        if started is not None and process not in started:
             started.append(process)
     except BaseException:
-        os.close(task_w)
-        os.close(result_r)
+        for conn, fd in ((task_conn, task_w), (result_conn, result_r)):
+            if conn is None:
+                os.close(fd)
+            else:
+                conn.close()
         raise
     finally:
         # The worker has its own copies now (or never will).
@@ -83,11 +99,7 @@ def start_worker_process(
         rest = _protocol.skip_written(list(ahead), written)
         ahead.clear()
         ahead.extend(rest)
-    return (
-        process,
-        mp_connection.Connection(task_w, readable=False),
-        mp_connection.Connection(result_r, writable=False),
-    )
+    return process, task_conn, result_conn
 
 
 def _write_ahead(task_w: int, frames: deque[memoryview]) -> int:
@@ -139,6 +151,7 @@ def fork_worker(
     result_w: int,
     parent_ends: tuple[int, ...],
     parent_sentinel: int,
+    started: Optional[list[Any]] = None,
 ) -> _child.ChildProcess:
     """Fork a worker as ``multiprocessing``'s fork start method would, less its
     ``Popen`` and the replacement of ``sys.stdin``.
@@ -154,12 +167,13 @@ def fork_worker(
 
     The caller keeps ``task_r`` and ``result_w`` (and closes them); the
     worker closes its copies of ``parent_ends``, the parent's ends of both.
+    It goes into ``started`` as soon as it exists (``_child.fork``).
     """
     process = _new_process(context, config, task_r, result_w, parent_ends)
     # Forked by the zygote, the worker is still the pool's: its parent, as
     # its tasks see it, is the pool's process.
     process._parent_pid = config.parent_pid  # type: ignore[attr-defined]
-    return _child.fork(lambda: _bootstrap_forked(process, parent_sentinel))
+    return _child.fork(lambda: _bootstrap_forked(process, parent_sentinel), started)
 
 
 #: From Python 3.13 a process multiprocessing forks runs its ``atexit``

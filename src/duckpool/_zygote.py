@@ -214,20 +214,25 @@ class Zygote:
         """
         if channels is None:
             channels = Channels.open()
-        adopted = [fd for fd in map(_child.pidfd_of, adopted_pids) if fd is not None]
-        birth = Birth(
-            os.getpid(),
-            tuple(inherited_fds),
-            parent_pidfd,
-            tuple(adopted),
-            title,
-            first_slots=tuple(first_slots),
-        )
+        adopted: list[int] = []
+        started: list[_child.ChildProcess] = []
         try:
+            adopted.extend(fd for fd in map(_child.pidfd_of, adopted_pids) if fd is not None)
+            birth = Birth(
+                os.getpid(),
+                tuple(inherited_fds),
+                parent_pidfd,
+                tuple(adopted),
+                title,
+                first_slots=tuple(first_slots),
+            )
             process = _child.fork(
-                lambda: zygote_main(channels.zygote_end, channels.notices_w, build_config, birth)
+                lambda: zygote_main(channels.zygote_end, channels.notices_w, build_config, birth),
+                started,
             )
         except BaseException:
+            for forked in started:  # (interrupted once it existed: it goes)
+                forked.kill()
             channels.control.close()
             os.close(channels.notices_r)
             raise
@@ -236,7 +241,13 @@ class Zygote:
             os.close(channels.notices_w)
             for fd in adopted:
                 os.close(fd)
-        return cls(process, channels.control, channels.notices_r)
+        try:
+            return cls(process, channels.control, channels.notices_r)
+        except BaseException:
+            process.kill()  # (interrupted: the caller never knew it)
+            channels.control.close()
+            os.close(channels.notices_r)
+            raise
 
     @property
     def sentinel(self) -> int:

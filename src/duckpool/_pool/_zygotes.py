@@ -181,7 +181,7 @@ class Zygotes:
         try:
             channels, self.zygote_channels = self.zygote_channels, None
             prefix = core.settings.name_prefix or "duckpool"
-            self.zygote = _zygote.Zygote.fork(
+            zygote = _zygote.Zygote.fork(
                 core.launcher.worker_config,
                 inherited_fds=core.launcher.inherited_fds(),
                 parent_pidfd=self.parent_pidfd,
@@ -196,13 +196,25 @@ class Zygotes:
             self.zygote_error = exc
             self.spawning = True
         else:
-            self.watch(self.zygote)
-            now = time.monotonic()
-            self.standby_due = now + STANDBY_DELAY_SECONDS
-            for slot in first:
-                slot.requested = True
-            if first:
-                self.asked_at = now
+            try:
+                self.zygote = zygote
+                self.watch(zygote)
+                now = time.monotonic()
+                self.standby_due = now + STANDBY_DELAY_SECONDS
+                for slot in first:
+                    slot.requested = True
+                if first:
+                    self.asked_at = now
+            except BaseException:
+                # Interrupted (a Ctrl-C) before the pool knew it whole: it
+                # goes, and the next start forks another.
+                self.unwatch(zygote)
+                self.zygote = self.asked_at = None
+                for slot in first:
+                    slot.requested = False
+                zygote.close()
+                zygote.process.kill()
+                raise
 
     def watch(self, zygote: _zygote.Zygote) -> None:
         selector = self._core.selector
