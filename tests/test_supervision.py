@@ -828,6 +828,35 @@ def test_ctrl_c_as_the_first_worker_starts_leaves_no_worker_and_runs_nothing(
     assert runs.read_text().split() == [str(worker)]
 
 
+def test_ctrl_c_as_the_dispatcher_thread_starts_leaves_one_dispatcher(
+    ctx: multiprocessing.context.BaseContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The interrupt strikes once the thread exists: it runs all the same, and
+    # the next submit() must not start a second one (it used to).
+    from duckpool import _threads
+
+    real = _threads.QuickStartThread.start
+    interrupted: list[bool] = []
+
+    def interrupted_start(thread: Any) -> None:
+        real(thread)
+        if not interrupted:
+            interrupted.append(True)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(_threads.QuickStartThread, "start", interrupted_start)
+    pool = duckpool.ProcessPoolExecutor(2, ctx)
+    name = f"duckpool-dispatcher-{id(pool._core):x}"
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pool.submit(abs, -1)
+        assert pool.submit(abs, -2).result(TIMEOUT) == 2
+        assert [t.name for t in threading.enumerate()].count(name) == 1
+    finally:
+        pool.shutdown()
+    wait_until(lambda: name not in [t.name for t in threading.enumerate()], TIMEOUT)
+
+
 def test_every_task_cancelled_in_one_worker_s_pipe_is_skipped(
     ctx: multiprocessing.context.BaseContext, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -49,6 +49,8 @@ class QuickStartThread(threading.Thread):
         super().__init__(target=target, name=name, daemon=True)
         #: Set once the thread runs (or failed to start): join() waits for it.
         self._running = threading.Event()
+        #: Set once the thread runs, and only then.
+        self.began = threading.Event()
 
     def start(self) -> None:
         # Thread.start ends by waiting on this event, which the new thread
@@ -77,6 +79,7 @@ class QuickStartThread(threading.Thread):
             self.__dict__.pop("_bootstrap", None)
 
     def run(self) -> None:
+        self.began.set()
         self._running.set()
         super().run()
 

@@ -69,8 +69,11 @@ class Dispatcher:
         self._unstarted = None
         try:
             thread.start()
-        except BaseException:
-            self.thread = None  # nothing to join
+        except BaseException as exc:
+            # Interrupted (a Ctrl-C) once the thread existed, it runs all the
+            # same, and must stay the pool's only one: it runs within moments.
+            if isinstance(exc, Exception) or not thread.began.wait(THREAD_BEGIN_SECONDS):
+                self.thread = None  # nothing to join
             raise
 
     def is_current(self) -> bool:
@@ -93,6 +96,10 @@ class Dispatcher:
             )
         if thread is not None:
             thread.join(timeout)
+
+
+#: How long a dispatcher whose start was interrupted is given to show it runs.
+THREAD_BEGIN_SECONDS = 2.0
 
 
 def run(core: Core) -> None:
