@@ -886,6 +886,50 @@ def test_every_task_cancelled_in_one_worker_s_pipe_is_skipped(
         pool.shutdown()
 
 
+def test_a_task_cancelled_in_a_pipe_as_its_worker_dies_never_runs_on_the_next(
+    ctx: multiprocessing.context.BaseContext, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # cancel_task() marks the task under the pool's lock and fails its future
+    # just after.  Should the worker die in between, the task comes back from
+    # it, and must not go to the next worker (it did: its future not failed yet).
+    from duckpool._pool import _supervisor
+
+    pool = duckpool.ProcessPoolExecutor(1, ctx)
+    core = pool._core
+    started, gate, ran = tmp_path / "started", tmp_path / "gate", tmp_path / "ran"
+    fail = _supervisor.set_exception
+    victims: list[Any] = []
+
+    def worker_dies_first(future: Any, error: Any) -> None:
+        if future not in victims:  # (the supervisor's other failures)
+            fail(future, error)
+            return
+        victims.clear()
+        (pid,) = pool.worker_pids()
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: pool.worker_pids() not in ([], [pid]), TIMEOUT)
+        # (Once this one's result is back, the replacement has been sent
+        # whatever the pool would send it.)
+        assert pool.submit(tasks.add, 1, 1).result(TIMEOUT) == 2
+        fail(future, error)
+
+    try:
+        first = pool.submit(tasks.touch_then_wait, str(started), str(gate))
+        wait_until(started.exists, TIMEOUT)
+        monkeypatch.setattr(core.scheduler, "can_prefetch", lambda slot, item, now: True)
+        victim = pool.submit(tasks.touch, str(ran))
+        wait_until(victim.running, TIMEOUT)  # (in the pipe, behind the first)
+        victims.append(victim)
+        monkeypatch.setattr(_supervisor, "set_exception", worker_dies_first)
+        assert pool.cancel_task(victim)
+        assert isinstance(victim.exception(TIMEOUT), duckpool.TaskCancelledError)
+        assert isinstance(first.exception(TIMEOUT), duckpool.WorkerDiedError)
+        assert not ran.exists()
+    finally:
+        gate.touch()
+        pool.shutdown()
+
+
 def test_a_task_run_whose_answer_is_unread_is_not_cancelled_as_never_started(
     ctx: multiprocessing.context.BaseContext, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -168,6 +168,7 @@ class WorkItem:
         "task_id",
         "timeout",
         "trace",
+        "withdrawn",
     )
 
     def __init__(
@@ -201,6 +202,9 @@ class WorkItem:
         self.timeout = timeout
         #: set_running_or_notify_cancel() has been called on the future.
         self.started = False
+        #: Cancelled in a worker's pipe (lock held), its future failed just
+        #: after: it must not be sent again meanwhile (``Scheduler.assign``).
+        self.withdrawn = False
         #: The task type, for per-type concurrency caps (``type_limits``).
         self.kind = kind
         #: A chunk of a ``map``: one may wait in a worker's pipe behind another.

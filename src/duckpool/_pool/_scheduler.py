@@ -192,9 +192,10 @@ class Scheduler:
             if not item.future.set_running_or_notify_cancel():
                 return False
             item.started = True
-        elif item.future.done():
+        elif item.withdrawn or item.future.done():
             # Cancelled while it waited in a worker's pipe (its future failed
-            # then), and back from that worker's death: it must not run.
+            # then, or is about to), and back from that worker's death: it
+            # must not run.
             return False
         if not slot.assigned:
             slot.head_since = time.monotonic()

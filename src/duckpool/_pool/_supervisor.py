@@ -301,6 +301,7 @@ class Supervisor:
             if marks[slot.index] == item.task_id:
                 # Taken up meanwhile: skipped or run, its answer says which.
                 return self.cancel_running(future, running) if running else (False, None)
+            item.withdrawn = True  # (never sent again, should its worker die first)
             # The worker's answer may resolve it first, once the lock is
             # released: with the same error type.
             return True, TaskCancelledError(f"task {item.label} was cancelled before it started")
