@@ -770,9 +770,9 @@ def test_ctrl_c_as_the_first_worker_starts_leaves_no_worker_and_runs_nothing(
     tmp_path: Path,
     where: str,
 ) -> None:
-    # submit() raises KeyboardInterrupt: the task it was given must not run,
-    # although it was already in the new worker's pipe, and that worker,
-    # which the pool then does not keep, must not live on.  The Ctrl-C
+    # submit() raises KeyboardInterrupt: the task it was given must not run
+    # later (it may have run in the new worker, whose pipe it was in), and
+    # that worker, which the pool then does not keep, must not live on.  The Ctrl-C
     # strikes before the start (the task must not be queued again for the
     # next worker: it was), as it ends, before the worker is installed, or after.
     # (Raised there rather than signalled: a signal another thread of this
@@ -825,7 +825,10 @@ def test_ctrl_c_as_the_first_worker_starts_leaves_no_worker_and_runs_nothing(
         assert pool.stats().restarts == 0
     finally:
         pool.shutdown()
-    assert runs.read_text().split() == [str(worker)]
+    # Never run by the next worker; the one killed had it in its pipe, and
+    # may have run it first (failures.md says so).
+    ran = runs.read_text().split()
+    assert ran in ([str(worker)], [str(interrupted[0]), str(worker)]), (ran, interrupted)
 
 
 def test_ctrl_c_as_the_dispatcher_thread_starts_leaves_one_dispatcher(

@@ -552,58 +552,74 @@ def fork(main: Callable[[], None], started: Optional[list[Any]] = None) -> Child
     """
     reap_closed()
     _worker.flush_std_streams()  # no buffered output is written twice
+    pid = 0
+    child: Optional[ChildProcess] = None
+    old_mask: Optional[Iterable[int]] = None
+    restored = handed = False
     pipe_r, pipe_w = os.pipe()
-    old_mask = block_sigint()
-    # From Python 3.15 (gh-146313), a raw fork's child closes its copy of the
-    # resource tracker's pipe unless this flag is set around the fork, as
-    # multiprocessing's own fork does: then every worker that uses a lock or
-    # shared memory would start a tracker of its own.
-    intent = getattr(sys.modules.get("multiprocessing.resource_tracker"), "_fork_intent", None)
-    if intent is not None:
-        intent.preserve_fd = True
     try:
-        pid = os.fork()
-    except BaseException:
-        restore_mask(old_mask)
-        os.close(pipe_r)
-        os.close(pipe_w)
-        raise
-    finally:
+        old_mask = block_sigint()
+        # From Python 3.15 (gh-146313), a raw fork's child closes its copy of
+        # the resource tracker's pipe unless this flag is set around the
+        # fork, as multiprocessing's own fork does: then every worker that
+        # uses a lock or shared memory would start a tracker of its own.
+        intent = getattr(sys.modules.get("multiprocessing.resource_tracker"), "_fork_intent", None)
         if intent is not None:
-            intent.preserve_fd = False  # (in both processes: the next fork may be raw)
-    if pid == 0:
-        code = 1
+            intent.preserve_fd = True
         try:
-            os.close(pipe_r)
-            # Only its own: a copy of its forker's would keep that one's
-            # sentinel open, and a zygote's standby, promoted, forks on (so
-            # each generation would hold one more, as would its workers).
-            global _sentinel_w
-            close_quietly(_sentinel_w)
-            _sentinel_w = pipe_w
-            # Processes it forks through multiprocessing must not be
-            # mistaken for the parent's children, nor the parent's for its own.
-            import multiprocessing.process
-
-            multiprocessing.process._children = set()  # type: ignore[attr-defined]
-            main()
-            code = 0
-        except BaseException:
-            try:
-                import traceback
-
-                sys.stderr.write(f"duckpool: a child process (pid {os.getpid()}) failed:\n")
-                traceback.print_exc()
-                sys.stderr.flush()
-            except BaseException:
-                pass
+            pid = os.fork()
         finally:
-            os._exit(code)
-    try:
-        os.close(pipe_w)
+            if intent is not None:
+                intent.preserve_fd = False  # (in both processes: the next fork may be raw)
+        if pid == 0:
+            code = 1
+            try:
+                os.close(pipe_r)
+                # Only its own: a copy of its forker's would keep that one's
+                # sentinel open, and a zygote's standby, promoted, forks on (so
+                # each generation would hold one more, as would its workers).
+                global _sentinel_w
+                close_quietly(_sentinel_w)
+                _sentinel_w = pipe_w
+                # Processes it forks through multiprocessing must not be
+                # mistaken for the parent's children, nor the parent's for its own.
+                import multiprocessing.process
+
+                multiprocessing.process._children = set()  # type: ignore[attr-defined]
+                main()
+                code = 0
+            except BaseException:
+                try:
+                    import traceback
+
+                    sys.stderr.write(f"duckpool: a child process (pid {os.getpid()}) failed:\n")
+                    traceback.print_exc()
+                    sys.stderr.flush()
+                except BaseException:
+                    pass
+            finally:
+                os._exit(code)
+        parents_w, pipe_w = pipe_w, -1  # (never closed twice)
+        os.close(parents_w)
+        handed = True  # (pipe_r is the handle's, even one half made)
         child = ChildProcess(pid, pipe_r)
         if started is not None:
             started.append(child)
-    finally:
-        restore_mask(old_mask)
+        restored = True
+        restore_mask(old_mask)  # (a Ctrl-C held back meanwhile strikes here)
+    except BaseException:
+        if not restored and old_mask is not None:
+            restore_mask(old_mask)
+        for fd in (pipe_w, -1 if handed else pipe_r):
+            if fd >= 0:
+                os.close(fd)
+        if pid and (started is None or child is None or child not in started):
+            # Interrupted before the caller could know it: it goes.
+            try:
+                os.kill(pid, signal.SIGKILL)
+                if child is None:
+                    os.waitpid(pid, 0)  # (else its handle reaps it)
+            except OSError:
+                pass
+        raise
     return child

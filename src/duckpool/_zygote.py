@@ -216,8 +216,12 @@ class Zygote:
             channels = Channels.open()
         adopted: list[int] = []
         started: list[_child.ChildProcess] = []
+        # This process's copies of what only the zygote keeps, closed once it
+        # has them (popped first: never closed twice).
+        ends = [channels.notices_w]
         try:
             adopted.extend(fd for fd in map(_child.pidfd_of, adopted_pids) if fd is not None)
+            ends.extend(adopted)
             birth = Birth(
                 os.getpid(),
                 tuple(inherited_fds),
@@ -230,21 +234,17 @@ class Zygote:
                 lambda: zygote_main(channels.zygote_end, channels.notices_w, build_config, birth),
                 started,
             )
-        except BaseException:
-            for forked in started:  # (interrupted once it existed: it goes)
-                forked.kill()
-            channels.control.close()
-            os.close(channels.notices_r)
-            raise
-        finally:
             channels.zygote_end.close()
-            os.close(channels.notices_w)
-            for fd in adopted:
-                os.close(fd)
-        try:
+            while ends:
+                os.close(ends.pop())
             return cls(process, channels.control, channels.notices_r)
         except BaseException:
-            process.kill()  # (interrupted: the caller never knew it)
+            # (Interrupted once it existed, a Ctrl-C say: the caller never knew it.)
+            for forked in started:
+                forked.kill()
+            channels.zygote_end.close()
+            while ends:
+                os.close(ends.pop())
             channels.control.close()
             os.close(channels.notices_r)
             raise

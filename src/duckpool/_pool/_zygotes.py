@@ -178,24 +178,31 @@ class Zygotes:
             return
         # The slots waiting for a worker: the zygote forks theirs at once.
         first = [s for s in core.slots if s.reserved and s.process is None and not s.requested]
+        inherited = core.launcher.inherited_fds()
+        adopted = [s.process.pid for s in core.slots if s.process and s.process.pid]
+        title = f"{core.settings.name_prefix or 'duckpool'}-zygote"
+        first_slots = [slot.index for slot in first]
         try:
-            channels, self.zygote_channels = self.zygote_channels, None
-            prefix = core.settings.name_prefix or "duckpool"
             zygote = _zygote.Zygote.fork(
                 core.launcher.worker_config,
-                inherited_fds=core.launcher.inherited_fds(),
+                inherited_fds=inherited,
                 parent_pidfd=self.parent_pidfd,
-                adopted_pids=[s.process.pid for s in core.slots if s.process and s.process.pid],
-                channels=channels,
-                title=f"{prefix}-zygote",
-                first_slots=[slot.index for slot in first],
+                adopted_pids=adopted,
+                channels=self.zygote_channels,  # (its own from now on)
+                title=title,
+                first_slots=first_slots,
             )
         except OSError as exc:
+            self.zygote_channels = None  # (closed)
             # The pool runs on with the worker it has; later workers are
             # spawned, never forked from this process once it runs threads.
             self.zygote_error = exc
             self.spawning = True
+        except BaseException:
+            self.zygote_channels = None  # (closed)
+            raise
         else:
+            self.zygote_channels = None  # (the zygote's)
             try:
                 self.zygote = zygote
                 self.watch(zygote)
