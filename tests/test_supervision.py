@@ -15,10 +15,10 @@ import signal
 import subprocess
 import sys
 import threading
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, Future
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import psutil
 import pytest
@@ -860,46 +860,57 @@ def test_ctrl_c_as_the_dispatcher_thread_starts_leaves_one_dispatcher(
     wait_until(lambda: name not in [t.name for t in threading.enumerate()], TIMEOUT)
 
 
-def test_every_task_cancelled_in_one_worker_s_pipe_is_skipped(
+@pytest.fixture
+def held_worker(
     ctx: multiprocessing.context.BaseContext, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    # Several tasks wait in one worker's pipe and each is cancelled: each
-    # fails at once and none runs (a single skip cell per worker used to
-    # keep only the last one: the others ran, their futures saying cancelled).
+) -> Iterator[tuple[duckpool.ProcessPoolExecutor, Future[Any], Path]]:
+    """A pool of one worker, running a first task until the file ``gate``
+    exists; every task submitted next waits in that worker's pipe behind it,
+    whatever the scheduler would judge.  Yields the pool, the first task's
+    future and ``gate``; the gate is opened and the pool shut down after."""
     pool = duckpool.ProcessPoolExecutor(1, ctx)
-    core = pool._core
     started, gate = tmp_path / "started", tmp_path / "gate"
     try:
         first = pool.submit(tasks.touch_then_wait, str(started), str(gate))
         wait_until(started.exists, TIMEOUT)
-        # (Every one queued behind the first, whatever the scheduler would judge.)
-        monkeypatch.setattr(core.scheduler, "can_prefetch", lambda slot, item, now: True)
-        queued = [pool.submit(tasks.touch, str(tmp_path / f"ran-{n}")) for n in range(6)]
-        wait_until(lambda: all(future.running() for future in queued), TIMEOUT)
-        assert all(pool.cancel_task(future) for future in queued)
-        after = pool.submit(tasks.add, 1, 1)  # (behind them in the same pipe)
-        for future in queued:
-            assert isinstance(future.exception(0), duckpool.TaskCancelledError)
-        gate.touch()
-        assert first.result(TIMEOUT) == "released"
-        assert after.result(TIMEOUT) == 2
-        assert sorted(tmp_path.glob("ran-*")) == []
+        monkeypatch.setattr(pool._core.scheduler, "can_prefetch", lambda slot, item, now: True)
+        yield pool, first, gate
     finally:
         gate.touch()
         pool.shutdown()
 
 
+def test_every_task_cancelled_in_one_worker_s_pipe_is_skipped(
+    held_worker: tuple[duckpool.ProcessPoolExecutor, Future[Any], Path], tmp_path: Path
+) -> None:
+    # Several tasks wait in one worker's pipe and each is cancelled: each
+    # fails at once and none runs (a single skip cell per worker used to
+    # keep only the last one: the others ran, their futures saying cancelled).
+    pool, first, gate = held_worker
+    queued = [pool.submit(tasks.touch, str(tmp_path / f"ran-{n}")) for n in range(6)]
+    wait_until(lambda: all(future.running() for future in queued), TIMEOUT)
+    assert all(pool.cancel_task(future) for future in queued)
+    after = pool.submit(tasks.add, 1, 1)  # (behind them in the same pipe)
+    for future in queued:
+        assert isinstance(future.exception(0), duckpool.TaskCancelledError)
+    gate.touch()
+    assert first.result(TIMEOUT) == "released"
+    assert after.result(TIMEOUT) == 2
+    assert sorted(tmp_path.glob("ran-*")) == []
+
+
 def test_a_task_cancelled_in_a_pipe_as_its_worker_dies_never_runs_on_the_next(
-    ctx: multiprocessing.context.BaseContext, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    held_worker: tuple[duckpool.ProcessPoolExecutor, Future[Any], Path],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     # cancel_task() marks the task under the pool's lock and fails its future
     # just after.  Should the worker die in between, the task comes back from
     # it, and must not go to the next worker (it did: its future not failed yet).
     from duckpool._pool import _supervisor
 
-    pool = duckpool.ProcessPoolExecutor(1, ctx)
-    core = pool._core
-    started, gate, ran = tmp_path / "started", tmp_path / "gate", tmp_path / "ran"
+    pool, first, _ = held_worker
+    ran = tmp_path / "ran"
     fail = _supervisor.set_exception
     victims: list[Any] = []
 
@@ -916,57 +927,43 @@ def test_a_task_cancelled_in_a_pipe_as_its_worker_dies_never_runs_on_the_next(
         assert pool.submit(tasks.add, 1, 1).result(TIMEOUT) == 2
         fail(future, error)
 
-    try:
-        first = pool.submit(tasks.touch_then_wait, str(started), str(gate))
-        wait_until(started.exists, TIMEOUT)
-        monkeypatch.setattr(core.scheduler, "can_prefetch", lambda slot, item, now: True)
-        victim = pool.submit(tasks.touch, str(ran))
-        wait_until(victim.running, TIMEOUT)  # (in the pipe, behind the first)
-        victims.append(victim)
-        monkeypatch.setattr(_supervisor, "set_exception", worker_dies_first)
-        assert pool.cancel_task(victim)
-        assert isinstance(victim.exception(TIMEOUT), duckpool.TaskCancelledError)
-        assert isinstance(first.exception(TIMEOUT), duckpool.WorkerDiedError)
-        assert not ran.exists()
-    finally:
-        gate.touch()
-        pool.shutdown()
+    victim = pool.submit(tasks.touch, str(ran))
+    wait_until(victim.running, TIMEOUT)  # (in the pipe, behind the first)
+    victims.append(victim)
+    monkeypatch.setattr(_supervisor, "set_exception", worker_dies_first)
+    assert pool.cancel_task(victim)
+    assert isinstance(victim.exception(TIMEOUT), duckpool.TaskCancelledError)
+    assert isinstance(first.exception(TIMEOUT), duckpool.WorkerDiedError)
+    assert not ran.exists()
 
 
 def test_a_task_run_whose_answer_is_unread_is_not_cancelled_as_never_started(
-    ctx: multiprocessing.context.BaseContext, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    held_worker: tuple[duckpool.ProcessPoolExecutor, Future[Any], Path], tmp_path: Path
 ) -> None:
     # The worker ran the task behind its first one, and the pool has read
     # neither answer yet: that task was taken up, so it cannot be cancelled
     # as one still waiting in the pipe (it used to fail with "cancelled
     # before it started", having run to the end).
-    pool = duckpool.ProcessPoolExecutor(1, ctx)
+    pool, first, gate = held_worker
     core = pool._core
-    started, gate, ran = tmp_path / "started", tmp_path / "gate", tmp_path / "ran"
-    try:
-        first = pool.submit(tasks.touch_then_wait, str(started), str(gate))
-        wait_until(started.exists, TIMEOUT)
-        monkeypatch.setattr(core.scheduler, "can_prefetch", lambda slot, item, now: True)
-        behind = pool.submit(tasks.touch, str(ran))
-        wait_until(behind.running, TIMEOUT)
-        with core.lock:  # (no answer is booked meanwhile)
-            gate.touch()
-            wait_until(ran.exists, TIMEOUT)
-            slot = next(s for s in core.slots if s.assigned)
-            reading = 2 * core.capacity + slot.index  # (done, it waits for more)
-            wait_until(
-                lambda: (
-                    core.marks[slot.index] == slot.assigned[-1].task_id and core.marks[reading] == 1
-                ),
-                TIMEOUT,
-            )
-            assert core.supervisor.cancel_running(behind, running=False) == (False, None)
-            assert core.supervisor.cancel_running(behind) == (False, None)
-        assert first.result(TIMEOUT) == "released"
-        assert behind.result(TIMEOUT) is None
-    finally:
+    ran = tmp_path / "ran"
+    behind = pool.submit(tasks.touch, str(ran))
+    wait_until(behind.running, TIMEOUT)
+    with core.lock:  # (no answer is booked meanwhile)
         gate.touch()
-        pool.shutdown()
+        wait_until(ran.exists, TIMEOUT)
+        slot = next(s for s in core.slots if s.assigned)
+        reading = 2 * core.capacity + slot.index  # (done, it waits for more)
+        wait_until(
+            lambda: (
+                core.marks[slot.index] == slot.assigned[-1].task_id and core.marks[reading] == 1
+            ),
+            TIMEOUT,
+        )
+        assert core.supervisor.cancel_running(behind, running=False) == (False, None)
+        assert core.supervisor.cancel_running(behind) == (False, None)
+    assert first.result(TIMEOUT) == "released"
+    assert behind.result(TIMEOUT) is None
 
 
 def test_a_task_cancelled_in_a_worker_s_pipe_never_runs_after_that_worker_dies(
