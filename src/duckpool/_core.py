@@ -382,8 +382,9 @@ class PoolCore:
         already in its pipe, and the first task runs while the rest of the
         pool starts.
         """
-        if self.marks is None:
+        if self.shared_marks is None:  # (made once, even if interrupted before ``marks``)
             self.shared_marks = _marks.new_marks(self.settings.context, _marks.cells(self.capacity))
+        if self.marks is None:
             self.marks = _marks.marks_array(self.shared_marks)
         self.launcher.prepare()
         self.dispatcher.prepare(self)
