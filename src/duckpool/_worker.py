@@ -584,11 +584,11 @@ def _serve(
     _progress.install(send, sys.modules[__name__])
     marks = marks_array(config.marks)
     slot = config.slot
-    skip_cell = config.max_workers + slot  # (how many skip marks are set: see _marks)
-    skips = (skip_base(config.max_workers, slot), skip_base(config.max_workers, slot + 1))
+    capacity = config.max_workers
+    skip = (capacity + slot, skip_base(capacity, slot), skip_base(capacity, slot + 1))
     # Set while it waits for frames, and only then (see _marks: the parent
     # tells a worker starved of the bytes of a frame from a busy one).
-    reading_cell = 2 * config.max_workers + slot
+    reading_cell = 2 * capacity + slot
     rss = _rss_reader() if config.max_memory is not None else None
     global current_task_id
     while True:
@@ -606,7 +606,7 @@ def _serve(
                 return  # an empty frame: stop
             # Popped, not iterated: a frame is freed as soon as it is decoded.
             if not _run_one(
-                frames.pop(), send, loads, dumps, protocol, marks, slot, skip_cell, skips, transfer
+                frames.pop(), send, loads, dumps, protocol, marks, slot, skip, transfer
             ):
                 continue  # a release frame: no task ran
             current_task_id = 0
@@ -622,8 +622,7 @@ def _run_one(
     protocol: int,
     marks: Any,
     slot: int,
-    skip_cell: int,
-    skips: tuple[int, int],  # (its skip cells: from, to)
+    skip: tuple[int, int, int],  # (its skip count cell; where its skip cells begin, end)
     transfer: _Transfer,
 ) -> bool:
     """Run one task frame and send its result frame; False for a release frame."""
@@ -637,7 +636,7 @@ def _run_one(
     task_id &= ~TASK_BUFFERS
     marks[slot] = task_id
     current_task_id = task_id
-    if marks[skip_cell] and task_id in marks[skips[0] : skips[1]]:  # cancelled while queued
+    if marks[skip[0]] and task_id in marks[skip[1] : skip[2]]:  # cancelled while queued here
         send(encode_result(task_id, STATUS_SKIPPED, b""))
         return True
     try:

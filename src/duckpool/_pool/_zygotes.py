@@ -178,50 +178,34 @@ class Zygotes:
             return
         # The slots waiting for a worker: the zygote forks theirs at once.
         first = [s for s in core.slots if s.reserved and s.process is None and not s.requested]
-        inherited = core.launcher.inherited_fds()
-        adopted = [s.process.pid for s in core.slots if s.process and s.process.pid]
-        title = f"{core.settings.name_prefix or 'duckpool'}-zygote"
-        first_slots = [slot.index for slot in first]
         try:
-            zygote = _zygote.Zygote.fork(
-                core.launcher.worker_config,
-                inherited_fds=inherited,
-                parent_pidfd=self.parent_pidfd,
-                adopted_pids=adopted,
-                channels=self.zygote_channels,  # (its own from now on)
-                title=title,
-                first_slots=first_slots,
-            )
+            zygote = _fork_zygote(core, first, self.zygote_channels, self.parent_pidfd)
         except OSError as exc:
-            self.zygote_channels = None  # (closed)
             # The pool runs on with the worker it has; later workers are
             # spawned, never forked from this process once it runs threads.
             self.zygote_error = exc
             self.spawning = True
+            return
+        finally:
+            self.zygote_channels = None  # (the zygote's, or closed)
+        try:
+            self.zygote = zygote
+            self.watch(zygote)
+            now = time.monotonic()
+            self.standby_due = now + STANDBY_DELAY_SECONDS
+            for slot in first:
+                slot.requested = True
+            if first:
+                self.asked_at = now
         except BaseException:
-            self.zygote_channels = None  # (closed)
+            # Interrupted (a Ctrl-C) before the pool knew it whole: it goes.
+            self.unwatch(zygote)
+            self.zygote = self.asked_at = None
+            for slot in first:
+                slot.requested = False
+            zygote.close()
+            zygote.process.kill()
             raise
-        else:
-            self.zygote_channels = None  # (the zygote's)
-            try:
-                self.zygote = zygote
-                self.watch(zygote)
-                now = time.monotonic()
-                self.standby_due = now + STANDBY_DELAY_SECONDS
-                for slot in first:
-                    slot.requested = True
-                if first:
-                    self.asked_at = now
-            except BaseException:
-                # Interrupted (a Ctrl-C) before the pool knew it whole: it
-                # goes, and the next start forks another.
-                self.unwatch(zygote)
-                self.zygote = self.asked_at = None
-                for slot in first:
-                    slot.requested = False
-                zygote.close()
-                zygote.process.kill()
-                raise
 
     def watch(self, zygote: _zygote.Zygote) -> None:
         selector = self._core.selector
@@ -527,3 +511,27 @@ class Zygotes:
             if zygote is not None:
                 zygote.reap(timeout)
         self.retired.clear()
+
+
+def _fork_zygote(
+    core: Core,
+    first: list[Slot],
+    channels: Optional[_zygote_process.Channels],
+    parent_pidfd: Optional[int],
+) -> _zygote.Zygote:
+    """Fork ``core``'s zygote with ``channels``, the first workers of
+    ``first`` its own to fork at once (``Zygote.fork``).  Its arguments are
+    made first: from the call on, the channels are the zygote's, or closed."""
+    inherited = core.launcher.inherited_fds()
+    adopted = [s.process.pid for s in core.slots if s.process and s.process.pid]
+    title = f"{core.settings.name_prefix or 'duckpool'}-zygote"
+    first_slots = [slot.index for slot in first]
+    return _zygote.Zygote.fork(
+        core.launcher.worker_config,
+        inherited_fds=inherited,
+        parent_pidfd=parent_pidfd,
+        adopted_pids=adopted,
+        channels=channels,
+        title=title,
+        first_slots=first_slots,
+    )
