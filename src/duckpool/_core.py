@@ -14,7 +14,9 @@ an owner in ``duckpool._pool``, whose fields only its own module assigns:
     Supervisor ... worker exits and deaths, cancel, stop, kill, breakage
     Successors ... with max_tasks_per_child, each slot's next worker early
     Deadlines .... task timeouts, kill graces, assist windows
-    Dispatcher ... the thread that waits on all of it (``_dispatcher.run``)
+    Dispatcher ... the thread that waits on all of it (``_dispatcher.run``);
+                   with several pools in the process, one hub thread runs
+                   every pool's passes (``_hub``)
     Quarantine, Counters, Waiter, Wakeup: state and services they share
 
 Locking: one lock per pool, ``PoolCore.lock``.  Entry points (this class's
@@ -36,7 +38,8 @@ Data flow::
       |                                     and log frames (records logged there)
       |                area i, results <--copied-- a result's large buffers
       v
-    _dispatcher.run [one thread per pool]
+    _dispatcher.run [one thread per pool; its passes on the hub's one
+      thread while several pools run, back on its own if the hub stalls]
       waits on (Waiter): the wakeup pipe, every result pipe, every worker's
                 sentinel (a pidfd where the kernel has them), task pipes
                 with an outbox to flush, spare processes' sentinels, the

@@ -197,8 +197,9 @@ class ProcessPoolExecutor(Submitting, _StdlibProcessPoolExecutor):  # type: igno
             when the pool started its workers.  Records carry
             ``duckpool_pool`` (``pool_id``), ``duckpool_slot`` and
             ``duckpool_task_id`` attributes; ``process`` is the worker's pid.
-            They are handled in the pool's dispatcher thread (or a thread
-            waiting in ``result()``), and those a task logs before it returns
+            They are handled in the pool's dispatcher thread (shared by the
+            pools of this process while several run), or a thread waiting in
+            ``result()``, and those a task logs before it returns
             are handled before its future resolves.  If false, workers keep
             the logging they have (under spawn: none configured).
         pool_id: a picklable label for this pool's forwarded log records

@@ -1,4 +1,4 @@
-"""The dispatcher: one thread per pool that waits on everything and acts.
+"""The dispatcher: the pool's thread, whose passes wait on everything and act.
 
 Each pass: under the lock, act on deadlines and the launcher's timers, map
 offered areas and watch pipes with an outbox; resolve what was read last
@@ -13,6 +13,9 @@ apart by ``type(tag)``: ``WAKEUP``, ``ResultReady``, ``WorkerExit``,
 ``Writable`` (``_transport``), ``SpareExit`` (``_successors``) and
 ``ZygoteTag`` (``_slots``, for ``_zygotes``).
 
+The passes are a generator (``_passes``) that yields at its one wait: the
+pool's own thread drives it, or the hub's thread while several pools run
+(``_hub``); the own thread then waits, and does the clean-up at the end.
 The thread holds the pool strongly while it runs (its owners hold it
 weakly); it ends once shutdown finds no work left, or the pool is broken
 and its workers are gone, after reaping every process the pool started.
@@ -27,6 +30,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Optional
 
 from duckpool import _threads
+from duckpool._pool import _hub
 from duckpool._pool._results import LOG_RECORD_ITEM
 from duckpool._pool._slots import ResultReady, WorkerExit, ZygoteTag
 from duckpool._pool._successors import SpareExit
@@ -48,6 +52,8 @@ class Dispatcher:
         self.thread: Optional[threading.Thread] = None
         #: The thread object, made before the first fork (``prepare``).
         self._unstarted: Optional[_threads.QuickStartThread] = None
+        #: The passes it drives, once it runs (maybe on the hub).
+        self.run: Optional[_hub.Run] = None
 
     def prepare(self, core: Core) -> None:
         """Make the thread object now: after a fork, every page this process
@@ -58,7 +64,7 @@ class Dispatcher:
     def _make(self, core: Core) -> _threads.QuickStartThread:
         # The pool itself, not the proxy: the thread keeps it alive while it runs.
         return _threads.QuickStartThread(
-            lambda: run(core), name=f"duckpool-dispatcher-{id(core):x}"
+            lambda: run(core, self), name=f"duckpool-dispatcher-{id(core):x}"
         )
 
     def start(self, core: Core) -> None:
@@ -77,7 +83,13 @@ class Dispatcher:
             raise
 
     def is_current(self) -> bool:
-        return threading.current_thread() is self.thread
+        """Whether this thread runs the pool's passes: its own thread, or
+        the hub's while it runs one of them."""
+        current = threading.current_thread()
+        if current is self.thread:
+            return True
+        run = self.run
+        return run is not None and run.stepper is current
 
     def running(self) -> bool:
         thread = self.thread
@@ -87,7 +99,7 @@ class Dispatcher:
         """Wait for the thread to end; ``RuntimeError`` in the thread itself (a
         done-callback it runs): it is what ends the pool."""
         thread = self.thread
-        if thread is threading.current_thread():
+        if self.is_current():
             raise RuntimeError(
                 "cannot wait for the pool to shut down in its own dispatcher thread "
                 "(a done-callback it ran): that thread is what shuts it down; the "
@@ -102,10 +114,10 @@ class Dispatcher:
 THREAD_BEGIN_SECONDS = 2.0
 
 
-def run(core: Core) -> None:
+def run(core: Core, dispatcher: Dispatcher) -> None:
     """The dispatcher thread's body: never leaves a future unresolved."""
     try:
-        _dispatch_until_done(core)
+        _dispatch_until_done(core, dispatcher)
     except BaseException as exc:  # last resort
         with core.lock:
             reason = f"duckpool's dispatcher failed: {exc!r}"
@@ -126,7 +138,20 @@ def run(core: Core) -> None:
         core.zygotes.reap(KILL_GRACE_SECONDS)
 
 
-def _dispatch_until_done(core: Core) -> None:
+def _dispatch_until_done(core: Core, dispatcher: Dispatcher) -> None:
+    passes = _passes(core)
+    dispatcher.run = _hub.Run(passes, core.selector, core.wakeup.wake)
+    _hub.drive(dispatcher.run, next(passes))
+    results = core.results
+    with core.lock:  # (a helper may have booked the last results meanwhile)
+        results.take_handed_over(last=True)
+    results.resolve_all(results.deferred)
+    core.supervisor.stop_workers()
+
+
+def _passes(core: Core) -> _hub.Passes:
+    """The dispatcher's passes: each yields how long it may sleep and is sent
+    what woke it (``_hub`` drives them, in this thread or the hub's)."""
     results = core.results
     deferred = results.deferred
     launcher = core.launcher
@@ -135,7 +160,6 @@ def _dispatch_until_done(core: Core) -> None:
     scheduler = core.scheduler
     successors = core.successors
     lifecycle = core.lifecycle
-    selector = core.selector
     lock = core.lock
     elastic = core.elastic if core.elastic.enabled else None
     while True:
@@ -156,7 +180,7 @@ def _dispatch_until_done(core: Core) -> None:
         if deferred:
             results.resolve_all(deferred)
         exited: list[Slot] = []
-        for tag in selector.wait(timeout):
+        for tag in (yield timeout):
             kind = type(tag)
             if kind is ResultReady:
                 results.on_results(tag.slot, deferred)
@@ -203,8 +227,4 @@ def _dispatch_until_done(core: Core) -> None:
         if start_error is not None:
             supervisor.starts_failed(start_error)
         elif done:
-            break
-    with lock:  # (a helper may have booked the last results meanwhile)
-        results.take_handed_over(last=True)
-    results.resolve_all(deferred)
-    supervisor.stop_workers()
+            return

@@ -53,6 +53,10 @@ class EpollWaiter:
         except (KeyError, ValueError, OSError):
             pass
 
+    def fileno(self) -> int:
+        """The epoll's own descriptor: readable while one of its is (``_hub``)."""
+        return self._epoll.fileno()
+
     def pause(self, watched: Any) -> None:
         """Stop reporting ``watched`` (safe while another thread waits)."""
         self._epoll.modify(_fileno(watched), 0)

@@ -1,0 +1,343 @@
+"""The hub: one thread that runs the dispatch passes of every pool of a process.
+
+A pool's dispatcher is a generator of passes (``_dispatcher._passes``): it
+yields how long it may sleep and is sent the tags its ``Waiter`` reported.
+Alone in its process, a pool's own thread drives it (``drive``: wait, send,
+repeat), as if there were no hub.  Once a second pool runs, each hands its
+passes to the hub at its next wait: the hub's one thread sleeps on an epoll
+over every pool's own epoll and runs the pass of whichever pool is ready or
+due.  Several dispatcher threads would take turns at one GIL, each wake-up a
+context switch; one thread reads more answers per wake-up and switches less.
+
+What a pass runs may block: a done-callback of one pool may wait on another
+pool's future, shut it down, or simply be slow.  So a pool's own thread
+stays behind, waiting for its passes to end, and looks every
+``STALL_SECONDS``: if the hub has been in one pass of another pool for that
+long, it takes its passes back (at their wait, which is where the hub left
+them) and drives them itself until the pool is done.  A pool's passes are
+never run by two threads at once: the hub marks the pool it runs under its
+lock, and a pool is taken back only while the hub is not running it.
+
+The hub thread starts with the first pool it takes and ends (its epoll and
+pipe closed) when the last one is done; the own thread of that last pool
+joins it, so no thread of the pool outlives its shutdown.  If the hub itself
+fails, it hands every pool back to its own thread.  A forked child starts
+with no hub (the parent's pools are not its own).  Where there is no epoll,
+or ``DUCKPOOL_SHARED_DISPATCHER=0`` is set, every pool drives its own passes.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import select
+import threading
+import time
+from typing import Any, Callable, Generator, Optional
+
+#: A pool's passes: yield how long to sleep, are sent the tags that woke them.
+Passes = Generator[Optional[float], list[Any], None]
+
+#: How long the hub may stay in one pool's pass before the others take their
+#: passes back (their own threads look this often while on the hub).
+STALL_SECONDS = 0.5
+
+
+class _Where(enum.Enum):
+    OWN = "driven by its own thread"
+    HUB = "driven by the hub"
+    DONE = "finished on the hub"
+    RETURNED = "handed back by the hub"
+
+
+class Run:
+    """One pool's passes, and who drives them."""
+
+    def __init__(self, passes: Passes, selector: Any, wake: Callable[[], None]) -> None:
+        self.passes = passes
+        self.selector = selector
+        #: Wakes the pool's own thread from its wait (the pool's wakeup pipe).
+        self.wake = wake
+        #: The thread running one of its passes right now, if not its own.
+        self.stepper: Optional[threading.Thread] = None
+        self.where = _Where.OWN
+        #: Set: the hub wants these passes (at their next wait).
+        self.called = False
+        #: Taken back once: never handed to the hub again.
+        self.kept = False
+        self.deadline: Optional[float] = None
+        self.fd = -1
+        #: What a pass run on the hub raised (the own thread raises it again).
+        self.error: Optional[BaseException] = None
+        self.settled = threading.Event()
+        #: The hub thread, ended with this pool's last pass: joined by the own thread.
+        self.hub_thread: Optional[threading.Thread] = None
+
+    def step(self, tags: list[Any]) -> bool:
+        """One pass, on the hub; False once the passes have ended."""
+        self.stepper = threading.current_thread()
+        try:
+            timeout = self.passes.send(tags)
+        except StopIteration:
+            return False
+        except BaseException as exc:
+            self.error = exc
+            return False
+        finally:
+            self.stepper = None
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        return True
+
+
+class Hub:
+    """The shared dispatcher thread of this process and the pools it drives."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        #: Pools driven by their own thread that may move to the hub.
+        self._own: set[Run] = set()
+        #: Pools on the hub, by their epoll's descriptor (the hub thread's).
+        self._runs: dict[int, Run] = {}
+        self._arrivals: list[Run] = []
+        #: The pool whose pass the hub runs now, and since when.
+        self._stepping: Optional[Run] = None
+        self._step_began = 0.0
+        self.thread: Optional[threading.Thread] = None
+        self._epoll: Optional[Any] = None
+        self._pipe: tuple[int, int] = (-1, -1)
+
+    # -- the pools' own threads ------------------------------------------
+
+    def enter(self, run: Run) -> None:
+        """A pool's passes begin: with another pool running, call them all in."""
+        with self.lock:
+            crowd = bool(self._own or self._runs or self._arrivals)
+            self._own.add(run)
+            if not crowd:
+                return
+            woken = [other for other in self._own if not other.called]
+            for other in woken:
+                other.called = True
+        for other in woken:
+            if other is not run:
+                other.wake()
+
+    def leave(self, run: Run) -> None:
+        """A pool's own thread is done driving its passes."""
+        with self.lock:
+            self._own.discard(run)
+
+    def hand_over(self, run: Run, timeout: Optional[float]) -> bool:
+        """Give the hub the passes, waiting at most ``timeout``; False: keep them."""
+        with self.lock:
+            self._own.discard(run)
+            run.called = False
+            if run.kept:
+                return False
+            if self.thread is None:
+                try:
+                    self._start()
+                except BaseException:
+                    self._close()
+                    run.kept = True
+                    raise
+            run.deadline = None if timeout is None else time.monotonic() + timeout
+            run.where = _Where.HUB
+            self._arrivals.append(run)
+            self._poke()
+        return True
+
+    def wait_for(self, run: Run) -> bool:
+        """Wait while the hub drives the passes: True once they ended there,
+        False when they are back with the own thread (taken back or returned)."""
+        while not run.settled.wait(STALL_SECONDS):
+            with self.lock:
+                if run.where is not _Where.HUB:
+                    break
+                stepping = self._stepping
+                if (
+                    stepping is None
+                    or stepping is run
+                    or time.monotonic() - self._step_began < STALL_SECONDS
+                ):
+                    continue
+                # The hub is stuck in another pool's pass: take these back.
+                self._drop(run)
+                run.where = _Where.OWN
+                run.kept = True
+                return False
+        hub_thread = run.hub_thread
+        if hub_thread is not None:
+            hub_thread.join()
+        return run.where is _Where.DONE
+
+    # -- the hub thread ---------------------------------------------------
+
+    def _start(self) -> None:
+        """Under the lock: the epoll, the pipe that wakes it, and the thread."""
+        self._epoll = select.epoll()
+        read_fd, write_fd = os.pipe()
+        self._pipe = (read_fd, write_fd)
+        os.set_blocking(read_fd, False)
+        os.set_blocking(write_fd, False)
+        self._epoll.register(read_fd, select.EPOLLIN)
+        thread = threading.Thread(target=self._run, name="duckpool-hub", daemon=True)
+        thread.start()
+        self.thread = thread
+
+    def _poke(self) -> None:
+        try:
+            os.write(self._pipe[1], b"\0")
+        except OSError:
+            pass  # the pipe is full: a wake-up is due anyway
+
+    def _close(self) -> None:
+        """Under the lock, the thread gone: close the epoll and the pipe."""
+        if self._epoll is not None:
+            self._epoll.close()
+            self._epoll = None
+        for fd in self._pipe:
+            if fd >= 0:
+                os.close(fd)
+        self._pipe = (-1, -1)
+
+    def _drop(self, run: Run) -> None:
+        """Under the lock: the hub no longer watches ``run``."""
+        if self._runs.pop(run.fd, None) is run and self._epoll is not None:
+            try:
+                self._epoll.unregister(run.fd)
+            except OSError:
+                pass
+        if run in self._arrivals:
+            self._arrivals.remove(run)
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:
+            logging.getLogger("duckpool").exception(
+                "duckpool's shared dispatcher failed; each pool goes on in its own thread"
+            )
+            with self.lock:
+                # Every pool goes back to its own thread; none is lost.
+                for run in [*self._runs.values(), *self._arrivals]:
+                    self._drop(run)
+                    run.where = _Where.RETURNED
+                    run.kept = True
+                    run.settled.set()
+                self.thread = None
+                self._close()
+
+    def _loop(self) -> None:
+        runs = self._runs
+        epoll = self._epoll
+        assert epoll is not None
+        wake_fd = self._pipe[0]
+        while True:
+            timeout = -1.0
+            now = time.monotonic()
+            for run in runs.values():
+                if run.deadline is not None:
+                    left = max(0.0, run.deadline - now)
+                    if timeout < 0 or left < timeout:
+                        timeout = left
+            ready = {fd for fd, _ in epoll.poll(timeout)}
+            if wake_fd in ready:
+                _drain(wake_fd)
+                with self.lock:
+                    arrivals, self._arrivals = self._arrivals, []
+                    for run in arrivals:
+                        run.fd = run.selector.fileno()
+                        runs[run.fd] = run
+                        epoll.register(run.fd, select.EPOLLIN)
+            now = time.monotonic()
+            for fd, run in list(runs.items()):
+                if fd not in ready and (run.deadline is None or run.deadline > now):
+                    continue
+                with self.lock:
+                    if run.where is not _Where.HUB:
+                        continue  # taken back meanwhile
+                    self._stepping = run
+                    self._step_began = time.monotonic()
+                try:
+                    alive = run.step(run.selector.wait(0))
+                finally:
+                    with self.lock:
+                        self._stepping = None
+                if not alive:
+                    with self.lock:
+                        self._drop(run)
+                        run.where = _Where.DONE
+                        if not runs and not self._arrivals:
+                            run.hub_thread = self.thread
+                            self.thread = None
+                            self._close()
+                            run.settled.set()
+                            return
+                    run.settled.set()
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except OSError:
+        pass
+
+
+def drive(run: Run, timeout: Optional[float]) -> None:
+    """The pool's own thread: run the passes (from their first wait) until
+    they end, here or on the hub; raises what a pass raised."""
+    hub = _the_hub if _the_hub is not None and hasattr(run.selector, "fileno") else None
+    if hub is None:
+        _drive_here(run, timeout)
+        return
+    hub.enter(run)
+    try:
+        while True:
+            if run.called and hub.hand_over(run, timeout):
+                if hub.wait_for(run):
+                    break
+                deadline = run.deadline
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                continue
+            try:
+                timeout = run.passes.send(run.selector.wait(timeout))
+            except StopIteration:
+                return
+    finally:
+        hub.leave(run)
+    error, run.error = run.error, None
+    if error is not None:
+        raise error
+
+
+def _drive_here(run: Run, timeout: Optional[float]) -> None:
+    passes = run.passes
+    wait = run.selector.wait
+    try:
+        while True:
+            timeout = passes.send(wait(timeout))
+    except StopIteration:
+        pass
+
+
+def _shared_wanted() -> bool:
+    return hasattr(select, "epoll") and os.environ.get("DUCKPOOL_SHARED_DISPATCHER", "1") != "0"
+
+
+_the_hub: Optional[Hub] = Hub() if _shared_wanted() else None
+
+
+def _after_fork_in_child() -> None:
+    """The parent's hub is not this process's: forget it, close its files."""
+    global _the_hub
+    old = _the_hub
+    if old is not None:
+        old._close()
+    _the_hub = Hub() if _shared_wanted() else None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,179 @@
+"""The hub: one dispatcher thread shared by every pool of a process (``_hub``).
+
+Each test runs pools under every start method and checks, from outside,
+that the pools share one thread while several run, that a pass that blocks
+(a done-callback waiting on another pool) stalls no other pool, that the
+thread is gone with the last pool, and that a fork or a failure of the hub
+loses no future.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import wait
+from typing import Any, Iterator
+
+import pytest
+
+import duckpool
+from _tasks import add, sleep_then
+from conftest import run_in_forked_child, run_script, wait_until
+from duckpool._pool import _hub
+
+pytestmark = pytest.mark.skipif(
+    _hub._the_hub is None, reason="no shared dispatcher here (no epoll, or turned off)"
+)
+
+
+def _duckpool_threads() -> list[str]:
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith("duckpool-"))
+
+
+@pytest.fixture
+def pools(ctx: Any) -> Iterator[list[duckpool.ProcessPoolExecutor]]:
+    """Three two-worker pools, shut down within bounds afterwards."""
+    made = [duckpool.ProcessPoolExecutor(2, mp_context=ctx) for _ in range(3)]
+    yield made
+    for pool in made:
+        pool.shutdown(cancel_futures=True, timeout=30)
+
+
+def test_several_pools_share_one_hub_thread_which_ends_with_the_last(
+    pools: list[duckpool.ProcessPoolExecutor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (A slow worker start on a loaded host must not look like a stall here.)
+    monkeypatch.setattr(_hub, "STALL_SECONDS", 30.0)
+    futures = [pool.submit(add, i, 1) for i in range(300) for pool in pools]
+    assert [f.result(timeout=60) for f in futures] == [i + 1 for i in range(300) for _ in pools]
+    assert _duckpool_threads().count("duckpool-hub") == 1
+    # Every pool's passes went to the hub: none is driven by its own thread.
+    runs = [pool._core.dispatcher.run for pool in pools]  # type: ignore[attr-defined]
+    wait_until(lambda: all(run is not None and run.where is _hub._Where.HUB for run in runs))
+    for pool in pools:
+        pool.shutdown(wait=True)
+    assert "duckpool-hub" not in _duckpool_threads()
+    assert not [n for n in _duckpool_threads() if n.startswith("duckpool-dispatcher")]
+
+
+def test_a_lone_pool_drives_its_own_passes(ctx: Any) -> None:
+    with duckpool.ProcessPoolExecutor(2, mp_context=ctx) as pool:
+        assert [f.result(timeout=30) for f in [pool.submit(add, i, 2) for i in range(50)]] == [
+            i + 2 for i in range(50)
+        ]
+        dispatcher = pool._core.dispatcher  # type: ignore[attr-defined]
+        wait_until(lambda: dispatcher.run is not None)
+        assert "duckpool-hub" not in _duckpool_threads()
+        assert dispatcher.run.where is _hub._Where.OWN
+
+
+def test_a_callback_waiting_on_another_pool_stalls_no_pool(
+    pools: list[duckpool.ProcessPoolExecutor],
+) -> None:
+    first, second, third = pools
+    for pool in pools:  # all three on the hub
+        pool.submit(add, 0, 0).result(timeout=30)
+    got: list[Any] = []
+    answered = threading.Event()
+
+    def on_done(_: Any) -> None:
+        # Runs in the hub's thread: a blocking wait on the second pool.
+        got.append(second.submit(sleep_then, 0.5, "second").result(timeout=20))
+        answered.set()
+
+    first.submit(add, 1, 1).add_done_callback(on_done)
+    # Meanwhile the third pool answers, though the hub is stuck in the callback.
+    started = time.monotonic()
+    assert [third.submit(add, i, 1).result(timeout=20) for i in range(5)] == [1, 2, 3, 4, 5]
+    assert answered.wait(20), "the callback's wait on another pool never ended"
+    assert got == ["second"]
+    assert time.monotonic() - started < 15
+    # And the first pool goes on once its callback has returned.
+    assert first.submit(add, 2, 2).result(timeout=20) == 4
+
+
+def test_shutdown_with_wait_inside_a_callback_run_by_the_hub_raises(
+    pools: list[duckpool.ProcessPoolExecutor],
+) -> None:
+    first = pools[0]
+    for pool in pools:
+        pool.submit(add, 0, 0).result(timeout=30)
+    raised: list[BaseException] = []
+    called = threading.Event()
+
+    def on_done(_: Any) -> None:
+        try:
+            first.shutdown(wait=True)
+        except BaseException as exc:
+            raised.append(exc)
+        called.set()
+
+    first.submit(add, 1, 1).add_done_callback(on_done)
+    assert called.wait(20)
+    assert len(raised) == 1 and isinstance(raised[0], RuntimeError)
+    assert "dispatcher thread" in str(raised[0])
+    assert pools[1].submit(add, 3, 3).result(timeout=20) == 6
+
+
+def test_a_failed_hub_hands_every_pool_back(
+    pools: list[duckpool.ProcessPoolExecutor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_loop(self: _hub.Hub) -> None:
+        raise OSError("the hub's epoll failed (injected)")
+
+    monkeypatch.setattr(_hub.Hub, "_loop", broken_loop)
+    futures = [pool.submit(add, i, 1) for i in range(100) for pool in pools]
+    _, not_done = wait(futures, timeout=60)
+    assert not not_done
+    assert [f.result() for f in futures] == [i + 1 for i in range(100) for _ in pools]
+    runs = [pool._core.dispatcher.run for pool in pools]  # type: ignore[attr-defined]
+    assert all(run is not None and run.where is not _hub._Where.HUB for run in runs)
+
+
+def test_a_process_forked_while_the_hub_runs_gets_a_hub_of_its_own(
+    pools: list[duckpool.ProcessPoolExecutor], start_method: str
+) -> None:
+    for pool in pools:
+        pool.submit(add, 0, 0).result(timeout=30)
+    assert "duckpool-hub" in _duckpool_threads()
+
+    def in_child() -> tuple[list[int], list[str]]:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context(start_method)
+        mine = [duckpool.ProcessPoolExecutor(1, mp_context=ctx) for _ in range(2)]
+        try:
+            futures = [p.submit(add, 2, i) for i in range(20) for p in mine]
+            results = [f.result(timeout=30) for f in futures]
+            runs = [p._core.dispatcher for p in mine]  # type: ignore[attr-defined]
+            wait_until(
+                lambda: all(d.run is not None and d.run.where is _hub._Where.HUB for d in runs)
+            )
+            return results, _duckpool_threads()
+        finally:
+            for pool in mine:
+                pool.shutdown(wait=True)
+
+    results, threads = run_in_forked_child(in_child, timeout=60)
+    assert results == [2 + i for i in range(20) for _ in range(2)]
+    assert threads.count("duckpool-hub") == 1
+    # The parent's pools were not disturbed.
+    assert [p.submit(add, 1, 1).result(timeout=20) for p in pools] == [2, 2, 2]
+
+
+def test_the_hub_can_be_turned_off(start_method: str) -> None:
+    script = f"""
+import os, threading, multiprocessing
+os.environ["DUCKPOOL_SHARED_DISPATCHER"] = "0"
+import duckpool
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context({start_method!r})
+    pools = [duckpool.ProcessPoolExecutor(1, mp_context=ctx) for _ in range(3)]
+    assert [p.submit(pow, 2, 3).result(timeout=30) for p in pools] == [8, 8, 8]
+    names = [t.name for t in threading.enumerate() if t.name.startswith("duckpool-")]
+    print(sorted(name.split("-")[1] for name in names))
+    for p in pools:
+        p.shutdown()
+"""
+    out = run_script(script)
+    assert "hub" not in out and out.count("dispatcher") == 3
