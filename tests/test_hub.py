@@ -78,18 +78,29 @@ def test_a_callback_waiting_on_another_pool_stalls_no_pool(
 
     def on_done(_: Any) -> None:
         # Runs in the hub's thread: a blocking wait on the second pool.
-        got.append(second.submit(sleep_then, 0.5, "second").result(timeout=20))
+        got.append(threading.current_thread().name)
+        got.append(second.submit(sleep_then, 1.0, "second").result(timeout=20))
         answered.set()
 
-    first.submit(add, 1, 1).add_done_callback(on_done)
-    # Meanwhile the third pool answers, though the hub is stuck in the callback.
+    first.submit(sleep_then, 0.2, None).add_done_callback(on_done)
+    wait_until(lambda: got)  # the hub is in the callback now
+    # Meanwhile the third pool answers, though the hub is stuck in the callback
+    # (waited for with wait(): a caller in result() could read the answers itself).
     started = time.monotonic()
-    assert [third.submit(add, i, 1).result(timeout=20) for i in range(5)] == [1, 2, 3, 4, 5]
+    for i in range(5):
+        future = third.submit(add, i, 1)
+        assert not wait([future], timeout=20).not_done
+        assert future.result() == i + 1
+    assert third._core.dispatcher.run.kept  # type: ignore[attr-defined]
     assert answered.wait(20), "the callback's wait on another pool never ended"
-    assert got == ["second"]
+    assert got == ["duckpool-hub", "second"]
     assert time.monotonic() - started < 15
     # And the first pool goes on once its callback has returned.
     assert first.submit(add, 2, 2).result(timeout=20) == 4
+    # The pools that took their passes back leave no thread behind.
+    for pool in pools:
+        pool.shutdown(wait=True)
+    assert [n for n in _duckpool_threads() if "hub" in n or "dispatcher" in n] == []
 
 
 def test_shutdown_with_wait_inside_a_callback_run_by_the_hub_raises(
@@ -101,15 +112,19 @@ def test_shutdown_with_wait_inside_a_callback_run_by_the_hub_raises(
     raised: list[BaseException] = []
     called = threading.Event()
 
+    names: list[str] = []
+
     def on_done(_: Any) -> None:
+        names.append(threading.current_thread().name)
         try:
             first.shutdown(wait=True)
         except BaseException as exc:
             raised.append(exc)
         called.set()
 
-    first.submit(add, 1, 1).add_done_callback(on_done)
+    first.submit(sleep_then, 0.2, None).add_done_callback(on_done)
     assert called.wait(20)
+    assert names == ["duckpool-hub"]
     assert len(raised) == 1 and isinstance(raised[0], RuntimeError)
     assert "dispatcher thread" in str(raised[0])
     assert pools[1].submit(add, 3, 3).result(timeout=20) == 6

@@ -235,6 +235,11 @@ class Hub:
         assert epoll is not None
         wake_fd = self._pipe[0]
         while True:
+            with self.lock:
+                if not runs and not self._arrivals:  # every pool taken back
+                    self.thread = None
+                    self._close()
+                    return
             timeout = -1.0
             now = time.monotonic()
             for run in runs.values():
