@@ -12,9 +12,11 @@ context switch; one thread reads more answers per wake-up and switches less.
 What a pass runs may block: a done-callback of one pool may wait on another
 pool's future, shut it down, or simply be slow.  So a pool's own thread
 stays behind, waiting for its passes to end, and looks every
-``STALL_SECONDS``: if the hub has been in one pass of another pool for that
-long, it takes its passes back (at their wait, which is where the hub left
-them) and drives them itself until the pool is done.  A pool's passes are
+``STALL_SECONDS``: if its pool had something to do (a descriptor ready, a
+deadline past) at the last look and still has, the hub having run none of
+its passes since, busy in other pools' passes, it takes its passes back (at
+their wait, which is where the hub left them) and drives them itself until
+the pool is done.  A pool's passes are
 never run by two threads at once: the hub marks the pool it runs under its
 lock, and a pool is taken back only while the hub is not running it.
 
@@ -39,9 +41,9 @@ from typing import Any, Callable, Generator, Optional
 #: A pool's passes: yield how long to sleep, are sent the tags that woke them.
 Passes = Generator[Optional[float], list[Any], None]
 
-#: How long the hub may stay in one pool's pass before the others take their
-#: passes back (their own threads look this often while on the hub).
-STALL_SECONDS = 0.5
+#: How often a pool's own thread looks whether the hub keeps its passes
+#: waiting: kept waiting from one look to the next, it takes them back.
+STALL_SECONDS = 0.1
 
 
 class _Where(enum.Enum):
@@ -61,6 +63,8 @@ class Run:
         self.wake = wake
         #: The thread running one of its passes right now, if not its own.
         self.stepper: Optional[threading.Thread] = None
+        #: Passes run on the hub so far.
+        self.passes_run = 0
         self.where = _Where.OWN
         #: Set: the hub wants these passes (at their next wait).
         self.called = False
@@ -77,6 +81,7 @@ class Run:
     def step(self, tags: list[Any]) -> bool:
         """One pass, on the hub; False once the passes have ended."""
         self.stepper = threading.current_thread()
+        self.passes_run += 1
         try:
             timeout = self.passes.send(tags)
         except StopIteration:
@@ -138,10 +143,10 @@ class Hub:
             if self.thread is None:
                 try:
                     self._start()
-                except BaseException:
+                except Exception:  # (out of descriptors, of threads): go on alone
                     self._close()
                     run.kept = True
-                    raise
+                    return False
             run.deadline = None if timeout is None else time.monotonic() + timeout
             run.where = _Where.HUB
             self._arrivals.append(run)
@@ -150,19 +155,27 @@ class Hub:
 
     def wait_for(self, run: Run) -> bool:
         """Wait while the hub drives the passes: True once they ended there,
-        False when they are back with the own thread (taken back or returned)."""
+        False when they are back with the own thread (taken back or returned).
+
+        Every ``STALL_SECONDS``, look: passes that had something to do (a
+        descriptor ready, or their deadline past) at the last look and still
+        have, the hub not having run one of them since, are taken back."""
+        ready = select.poll()
+        ready.register(run.selector.fileno(), select.POLLIN)
+        starved_at: Optional[int] = None  # the pass count when seen waiting
         while not run.settled.wait(STALL_SECONDS):
+            deadline = run.deadline
+            waiting = (deadline is not None and deadline <= time.monotonic()) or bool(ready.poll(0))
             with self.lock:
                 if run.where is not _Where.HUB:
                     break
-                stepping = self._stepping
-                if (
-                    stepping is None
-                    or stepping is run
-                    or time.monotonic() - self._step_began < STALL_SECONDS
-                ):
+                if not waiting or self._stepping is run:
+                    starved_at = None
                     continue
-                # The hub is stuck in another pool's pass: take these back.
+                if starved_at != run.passes_run:
+                    starved_at = run.passes_run
+                    continue
+                # Kept waiting a whole look by other pools' passes: take these back.
                 self._drop(run)
                 run.where = _Where.OWN
                 run.kept = True
@@ -212,6 +225,26 @@ class Hub:
         if run in self._arrivals:
             self._arrivals.remove(run)
 
+    def _take(self, run: Run) -> None:
+        """Under the lock: watch an arrival, or hand it back if it cannot be."""
+        assert self._epoll is not None
+        try:
+            fd = run.selector.fileno()
+            self._epoll.register(fd, select.EPOLLIN)
+        except (OSError, ValueError):  # (no room in the epoll; its epoll closed)
+            self._arrivals.remove(run)
+            self._hand_back(run)
+            return
+        run.fd = fd
+        self._runs[fd] = run
+        self._arrivals.remove(run)
+
+    def _hand_back(self, run: Run) -> None:
+        """Under the lock: ``run``'s own thread drives it from now on."""
+        run.where = _Where.RETURNED
+        run.kept = True
+        run.settled.set()
+
     def _run(self) -> None:
         try:
             self._loop()
@@ -223,9 +256,7 @@ class Hub:
                 # Every pool goes back to its own thread; none is lost.
                 for run in [*self._runs.values(), *self._arrivals]:
                     self._drop(run)
-                    run.where = _Where.RETURNED
-                    run.kept = True
-                    run.settled.set()
+                    self._hand_back(run)
                 self.thread = None
                 self._close()
 
@@ -251,11 +282,8 @@ class Hub:
             if wake_fd in ready:
                 _drain(wake_fd)
                 with self.lock:
-                    arrivals, self._arrivals = self._arrivals, []
-                    for run in arrivals:
-                        run.fd = run.selector.fileno()
-                        runs[run.fd] = run
-                        epoll.register(run.fd, select.EPOLLIN)
+                    for run in list(self._arrivals):
+                        self._take(run)
             now = time.monotonic()
             for fd, run in list(runs.items()):
                 if fd not in ready and (run.deadline is None or run.deadline > now):
