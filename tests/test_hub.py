@@ -192,3 +192,59 @@ if __name__ == "__main__":
 """
     out = run_script(script)
     assert "hub" not in out and out.count("dispatcher") == 3
+
+
+def test_a_pool_kept_waiting_by_other_pools_short_callbacks_takes_its_passes_back(
+    pools: list[duckpool.ProcessPoolExecutor],
+) -> None:
+    # Each callback is shorter than a look, but they follow one another, so
+    # the hub never runs the quiet pool's passes while they go on.
+    busy, quiet = pools[:2], pools[2]
+    for pool in pools:
+        pool.submit(add, 0, 0).result(timeout=30)
+    stop = threading.Event()
+
+    def feed(pool: duckpool.ProcessPoolExecutor) -> None:
+        while not stop.is_set():
+            future = pool.submit(add, 1, 1)
+            future.add_done_callback(lambda _: time.sleep(0.08))
+            wait([future], timeout=30)
+
+    feeders = [threading.Thread(target=feed, args=(pool,)) for pool in busy]
+    for feeder in feeders:
+        feeder.start()
+    try:
+        for i in range(5):
+            future = quiet.submit(add, i, 1)
+            assert not wait([future], timeout=20).not_done
+        assert quiet._core.dispatcher.run.kept  # type: ignore[attr-defined]
+    finally:
+        stop.set()
+        for feeder in feeders:
+            feeder.join(timeout=30)
+
+
+@pytest.mark.parametrize("failure", ["start", "watch"])
+def test_a_hub_that_cannot_start_or_watch_a_pool_leaves_it_its_own_thread(
+    pools: list[duckpool.ProcessPoolExecutor], monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    if failure == "start":
+
+        def no_start(self: _hub.Hub) -> None:
+            raise OSError(24, "Too many open files (injected)")
+
+        monkeypatch.setattr(_hub.Hub, "_start", no_start)
+    else:
+        watch = _hub.Hub._take
+
+        def no_room(self: _hub.Hub, run: _hub.Run) -> None:
+            monkeypatch.setattr(run.selector, "fileno", lambda: -1)  # EPOLL_CTL_ADD fails
+            watch(self, run)
+
+        monkeypatch.setattr(_hub.Hub, "_take", no_room)
+    futures = [pool.submit(add, i, 1) for i in range(50) for pool in pools]
+    assert not wait(futures, timeout=60).not_done
+    assert [f.result() for f in futures] == [i + 1 for i in range(50) for _ in pools]
+    runs = [pool._core.dispatcher.run for pool in pools]  # type: ignore[attr-defined]
+    assert all(run is not None and run.where is not _hub._Where.HUB for run in runs)
+    assert any(run.kept for run in runs)  # (one that came after may never have been called)
