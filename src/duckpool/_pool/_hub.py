@@ -23,8 +23,9 @@ lock, and a pool is taken back only while the hub is not running it.
 The hub thread starts with the first pool it takes and ends (its epoll and
 pipe closed) when the last one is done; the own thread of that last pool
 joins it, so no thread of the pool outlives its shutdown.  If the hub itself
-fails, it hands every pool back to its own thread.  A forked child starts
-with no hub (the parent's pools are not its own).  Where there is no epoll,
+fails, cannot start, or cannot watch a pool, the pools go on in their own
+threads.  A forked child starts with no hub (the parent's pools are not its
+own).  Where there is no epoll,
 or ``DUCKPOOL_SHARED_DISPATCHER=0`` is set, every pool drives its own passes.
 """
 
@@ -207,13 +208,16 @@ class Hub:
 
     def _close(self) -> None:
         """Under the lock, the thread gone: close the epoll and the pipe."""
-        if self._epoll is not None:
-            self._epoll.close()
-            self._epoll = None
-        for fd in self._pipe:
+        epoll, self._epoll = self._epoll, None
+        pipe, self._pipe = self._pipe, (-1, -1)
+        if epoll is not None:
+            epoll.close()
+        for fd in pipe:
             if fd >= 0:
-                os.close(fd)
-        self._pipe = (-1, -1)
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
     def _drop(self, run: Run) -> None:
         """Under the lock: the hub no longer watches ``run``."""
@@ -364,11 +368,10 @@ _the_hub: Optional[Hub] = Hub() if _shared_wanted() else None
 
 
 def _after_fork_in_child() -> None:
-    """The parent's hub is not this process's: forget it, close its files."""
+    """The parent's hub is not this process's: forget it.  Its epoll and pipe
+    are not closed: another thread may have closed them just before the fork
+    and their numbers been reused (as ``PoolCore.forget_after_fork``)."""
     global _the_hub
-    old = _the_hub
-    if old is not None:
-        old._close()
     _the_hub = Hub() if _shared_wanted() else None
 
 
