@@ -155,6 +155,8 @@ def test_a_process_forked_while_the_hub_runs_gets_a_hub_of_its_own(
     def in_child() -> tuple[list[int], list[str]]:
         import multiprocessing
 
+        _hub.STALL_SECONDS = 30.0  # (a loaded host must not look like a stall here)
+
         ctx = multiprocessing.get_context(start_method)
         mine = [duckpool.ProcessPoolExecutor(1, mp_context=ctx) for _ in range(2)]
         try:
