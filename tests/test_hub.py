@@ -146,16 +146,21 @@ def test_a_failed_hub_hands_every_pool_back(
 
 
 def test_a_process_forked_while_the_hub_runs_gets_a_hub_of_its_own(
-    pools: list[duckpool.ProcessPoolExecutor], start_method: str
+    pools: list[duckpool.ProcessPoolExecutor], start_method: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(_hub, "STALL_SECONDS", 30.0)  # (as below)
     for pool in pools:
         pool.submit(add, 0, 0).result(timeout=30)
+    dispatchers = [pool._core.dispatcher for pool in pools]  # type: ignore[attr-defined]
+    on_hub = _hub._Where.HUB
+    wait_until(lambda: all(d.run is not None and d.run.where is on_hub for d in dispatchers))
     assert "duckpool-hub" in _duckpool_threads()
 
     def in_child() -> tuple[list[int], list[str]]:
         import multiprocessing
 
-        _hub.STALL_SECONDS = 30.0  # (a loaded host must not look like a stall here)
+        # (A loaded host must not look like a stall here.)
+        _hub.STALL_SECONDS = 30.0
 
         ctx = multiprocessing.get_context(start_method)
         mine = [duckpool.ProcessPoolExecutor(1, mp_context=ctx) for _ in range(2)]
