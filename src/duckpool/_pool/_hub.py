@@ -39,6 +39,8 @@ import threading
 import time
 from typing import Any, Callable, Generator, Optional
 
+from duckpool._pool._wakeup import Wakeup
+
 #: A pool's passes: yield how long to sleep, are sent the tags that woke them.
 Passes = Generator[Optional[float], list[Any], None]
 
@@ -111,7 +113,8 @@ class Hub:
         self._step_began = 0.0
         self.thread: Optional[threading.Thread] = None
         self._epoll: Optional[Any] = None
-        self._pipe: tuple[int, int] = (-1, -1)
+        #: Wakes the hub thread when a pool arrives.
+        self._wakeup: Optional[Wakeup] = None
 
     # -- the pools' own threads ------------------------------------------
 
@@ -151,7 +154,8 @@ class Hub:
             run.deadline = None if timeout is None else time.monotonic() + timeout
             run.where = _Where.HUB
             self._arrivals.append(run)
-            self._poke()
+            assert self._wakeup is not None
+            self._wakeup.wake()
         return True
 
     def wait_for(self, run: Run) -> bool:
@@ -191,33 +195,20 @@ class Hub:
     def _start(self) -> None:
         """Under the lock: the epoll, the pipe that wakes it, and the thread."""
         self._epoll = select.epoll()
-        read_fd, write_fd = os.pipe()
-        self._pipe = (read_fd, write_fd)
-        os.set_blocking(read_fd, False)
-        os.set_blocking(write_fd, False)
-        self._epoll.register(read_fd, select.EPOLLIN)
+        self._wakeup = Wakeup()
+        self._epoll.register(self._wakeup.read_fd, select.EPOLLIN)
         thread = threading.Thread(target=self._run, name="duckpool-hub", daemon=True)
         thread.start()
         self.thread = thread
 
-    def _poke(self) -> None:
-        try:
-            os.write(self._pipe[1], b"\0")
-        except OSError:
-            pass  # the pipe is full: a wake-up is due anyway
-
     def _close(self) -> None:
         """Under the lock, the thread gone: close the epoll and the pipe."""
         epoll, self._epoll = self._epoll, None
-        pipe, self._pipe = self._pipe, (-1, -1)
+        wakeup, self._wakeup = self._wakeup, None
         if epoll is not None:
             epoll.close()
-        for fd in pipe:
-            if fd >= 0:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+        if wakeup is not None:
+            wakeup.close()
 
     def _drop(self, run: Run) -> None:
         """Under the lock: the hub no longer watches ``run``."""
@@ -268,7 +259,8 @@ class Hub:
         runs = self._runs
         epoll = self._epoll
         assert epoll is not None
-        wake_fd = self._pipe[0]
+        wakeup = self._wakeup
+        assert wakeup is not None
         while True:
             with self.lock:
                 if not runs and not self._arrivals:  # every pool taken back
@@ -283,8 +275,8 @@ class Hub:
                     if timeout < 0 or left < timeout:
                         timeout = left
             ready = {fd for fd, _ in epoll.poll(timeout)}
-            if wake_fd in ready:
-                _drain(wake_fd)
+            if wakeup.read_fd in ready:
+                wakeup.drain()
                 with self.lock:
                     for run in list(self._arrivals):
                         self._take(run)
@@ -313,14 +305,6 @@ class Hub:
                             run.settled.set()
                             return
                     run.settled.set()
-
-
-def _drain(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
-            pass
-    except OSError:
-        pass
 
 
 def drive(run: Run, timeout: Optional[float]) -> None:
