@@ -213,3 +213,33 @@ def test_kill_children_kills_a_parent_s_children_but_those_kept() -> None:
                 pass
         os.kill(parent.pid, signal.SIGCONT)
         parent.wait(60)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="no SCHED_BATCH on this system")
+def test_a_worker_told_to_exit_reads_its_stop_frame_as_a_batch_process() -> None:
+    # Woken by the stop frame, a batch process does not take the core of the
+    # thread that has the next worker to tell; it tells its policy here.
+    from multiprocessing.connection import Connection
+
+    from duckpool._pool import _transport
+
+    read_end, write_end = os.pipe()
+    reader = (
+        "import os, sys; frame = os.read(0, 64); "
+        "print(len(frame), os.sched_getscheduler(0) == os.SCHED_BATCH)"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", reader], stdin=read_end, stdout=subprocess.PIPE, text=True
+    )
+    os.close(read_end)
+    conn = Connection(write_end)
+    try:
+        _transport.stop(conn, child.pid)
+        out, _ = child.communicate(timeout=TIMEOUT)
+    finally:
+        conn.close()
+        child.kill()
+        child.wait(TIMEOUT)
+    assert out.split() == [str(len(_transport.STOP_FRAME)), "True"], out
+    # A process already gone: nothing to change, and nothing raised.
+    _child.exits_in_the_background(child.pid)

@@ -132,7 +132,7 @@ class Successors:
         if spare in self.leaving:
             return
         # Read once the successor is ready (EAGAIN: the pipe is empty by then).
-        _transport.stop(spare.task_conn)
+        _transport.stop(spare.task_conn, spare.process.pid)
         self.leaving.append(spare)
 
     def spares(self) -> list[Spare]:

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
-from duckpool import _buffers, _protocol
+from duckpool import _buffers, _child, _protocol
 
 if TYPE_CHECKING:
     from multiprocessing import connection as mp_connection
@@ -123,7 +123,8 @@ class Transport:
         """
         if slot.outbox or slot.stop_sent or slot.task_conn is None:
             return
-        stop(slot.task_conn)
+        process = slot.process
+        stop(slot.task_conn, None if process is None else process.pid)
         slot.stop_sent = True
 
     def on_area_offer(self, slot: Slot, offer: bytes) -> None:
@@ -201,9 +202,15 @@ class Transport:
         return received
 
 
-def stop(conn: mp_connection.Connection) -> None:
-    """Write the stop frame to a task pipe, if it takes it (a full pipe, or a
-    worker gone: its exit is seen through its sentinel)."""
+def stop(conn: mp_connection.Connection, pid: Optional[int]) -> None:
+    """Write the stop frame to worker ``pid``'s task pipe, if it takes it (a
+    full pipe, or a worker gone: its exit is seen through its sentinel).
+
+    The worker leaves as a batch process (``_child.exits_in_the_background``):
+    the caller may have more workers to tell.
+    """
+    if pid:
+        _child.exits_in_the_background(pid)
     try:
         os.write(conn.fileno(), STOP_FRAME)
     except OSError:
