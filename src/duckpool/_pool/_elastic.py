@@ -20,6 +20,8 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING, Optional
 
+from duckpool import _child
+
 if TYPE_CHECKING:
     from duckpool._pool._slots import Slot
     from duckpool._pool._view import Core
@@ -112,5 +114,7 @@ class Elastic:
             if slot.successor is not None:
                 core.successors.let_go(slot.successor)
             core.scheduler.retire(slot)
+            if slot.process is not None and slot.process.pid:
+                _child.exits_in_the_background(slot.process.pid)
             core.transport.write(slot, b"")  # just the stop frame
         return None if nearest is None else max(0.0, nearest - now)
