@@ -21,7 +21,7 @@
 # interpreters, exercising pool behaviour that the other tests cover on every
 # version.  python3 runs them; 3.9 and 3.13 do not.
 #
-# CPython's process-pool tests (3.13), 3.13's suite, and the
+# CPython's process-pool tests (3.13), then 3.13's suite, and the
 # portable-paths run (3.9) run in the background beside python3's steps, each
 # in a pytest process of its own (CPython's tests mostly sleep; a pool test
 # mostly waits for processes to start, so on two cores the runs overlap
@@ -206,15 +206,26 @@ pytest_rc_ok() {
 # suite of process-pool tests waits on process starts): each runs in a pytest
 # process of its own, so no test process gains a thread or a neighbour's
 # children.  Environment assignments before the call reach that run only.
+# With bg_after=N set, the run starts only once background run N has ended
+# (N's slot then holds two runs one after the other).
 bg_labels=() bg_pids=() bg_started=()
 start_background() {
-    local label="$1" python="$2" i="${#bg_labels[@]}"
+    local label="$1" python="$2" i="${#bg_labels[@]}" after="${bg_after:-}"
     shift 2
     bg_labels+=("$label")
     bg_started+=("$SECONDS")
     echo
-    echo "==> $label: started in the background, output below when it ends"
+    if [[ -n "$after" ]]; then
+        echo "==> $label: to start in the background once '${bg_labels[$after]}' ends"
+    else
+        echo "==> $label: started in the background, output below when it ends"
+    fi
     (
+        if [[ -n "$after" ]]; then
+            while [[ ! -e "$work_dir/background-$after.done" ]]; do sleep 1; done
+            [[ ! -e "$work_dir/stopping" ]] || exit 143  # (stop_background: never start)
+            echo "$SECONDS" >"$work_dir/background-$i.began"
+        fi
         # A subshell that execs keeps SIGINT's default action (a bare `cmd &`
         # would ignore it, and the tests' own children would inherit that).
         ( exec timeout --foreground --kill-after=30 "$step_timeout" \
@@ -240,6 +251,9 @@ finish_background() {
         banner "${bg_labels[$i]} (ran in the background)"
         cat "$work_dir/background-$i.log"
         read -r rc ended <"$work_dir/background-$i.done" || { rc=1; ended=$SECONDS; }
+        if [[ -e "$work_dir/background-$i.began" ]]; then
+            read -r bg_started[i] <"$work_dir/background-$i.began"
+        fi
         current_step="${bg_labels[$i]}"
         pytest_rc_ok "${bg_labels[$i]}" "$rc" || return "$rc"
         steps+=("${bg_labels[$i]}: ok ($((ended - bg_started[i]))s, beside the steps above)")
@@ -249,12 +263,13 @@ finish_background() {
 # stop_background: on an early exit, ends the background pytest runs (by pid).
 stop_background() {
     local i pid
+    : >"$work_dir/stopping"  # a run waiting for its turn (bg_after) never starts
     for i in "${!bg_pids[@]}"; do
         [[ -n "${bg_pids[$i]}" ]] || continue
         pid="$(cat "$work_dir/background-$i.pid" 2>/dev/null || true)"
         if [[ -n "$pid" ]]; then
             kill -TERM "$pid" 2>/dev/null || true
-        else  # just starting
+        else  # still waiting for its turn (bg_after), or just starting
             kill -TERM "${bg_pids[$i]}" 2>/dev/null || true
         fi
         wait "${bg_pids[$i]}" 2>/dev/null || true
@@ -350,17 +365,17 @@ for entry in ${matrix[@]+"${matrix[@]}"}; do
         3.13)
             require_dask "$venv_python"
             # Its own cache directory: two sessions never write one file at once.
+            cpython_suite_run="${#bg_labels[@]}"
             start_background "pytest -m cpython_suite (CPython's process-pool tests), python 3.13" \
                 "$venv_python" -m cpython_suite -o cache_dir=.pytest_cache/cpython-suite
             ran+=("CPython suite on 3.13")
-            # And at the same time, the whole suite but the `slow` end-to-end
+            # Then, in the same slot, the whole suite but the `slow` end-to-end
             # runs of the tools (bench, demo, the ASGI example): they run on
             # python3, and the pool behaviour they drive is covered here by
             # the rest of the suite.  Beside python3's suite rather than after
             # it: on two cores the two overlap well, as the portable run does.
-            # Not after CPython's tests either, which sleep most of their
-            # time: run one after the other, the two were the last to end.
-            start_background "pytest, whole suite but slow, python $ver" \
+            bg_after="$cpython_suite_run" \
+                start_background "pytest, whole suite but slow, python $ver" \
                 "$venv_python" -m "not soak and not cpython_suite and not slow" \
                 -o cache_dir=.pytest_cache/py313
             ran+=("whole suite but slow on $ver") ;;
