@@ -758,6 +758,6 @@ def test_demo_refuses_start_method_with_dask() -> None:
 
 @pytest.mark.slow  # (a run of the tool: python3 only, see scripts/test.sh)
 def test_bench_on_dask_reports_the_overhead_ratio() -> None:
-    done = _duckpool("bench", "--backend", "dask", "--tasks", "20", "--reps", "1")
+    done = _duckpool("bench", "--backend", "dask", "--workers", "1", "--tasks", "20", "--reps", "1")
     assert done.returncode == 0, done.stdout + done.stderr
     assert re.search(r"overhead ratio DaskExecutor / plain: \d+\.\d+", done.stdout), done.stdout
