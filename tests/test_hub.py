@@ -67,6 +67,44 @@ def test_a_lone_pool_drives_its_own_passes(ctx: Any) -> None:
         assert dispatcher.run.where is _hub._Where.OWN
 
 
+def _switches(thread: threading.Thread) -> int:
+    """How many times ``thread`` has gone to sleep so far (Linux's count)."""
+    with open(f"/proc/self/task/{thread.native_id}/status") as status:
+        for line in status:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches line")
+
+
+def test_the_own_threads_of_idle_pools_on_the_hub_sleep(
+    pools: list[duckpool.ProcessPoolExecutor],
+) -> None:
+    for pool in pools:  # all three on the hub, then idle
+        pool.submit(add, 0, 0).result(timeout=30)
+    dispatchers = [pool._core.dispatcher for pool in pools]  # type: ignore[attr-defined]
+    # (A caller may read its own first result before the pool's thread runs.)
+    wait_until(
+        lambda: all(d.run is not None and d.run.where is _hub._Where.HUB for d in dispatchers)
+    )
+    own = [pool._core.dispatcher.thread for pool in pools]  # type: ignore[attr-defined]
+    # (Under fork a zygote's standby comes a moment after the start: its
+    # answer is work.)
+    zygotes = [pool._core.zygotes for pool in pools]  # type: ignore[attr-defined]
+    wait_until(
+        lambda: all(
+            z.zygote is None or z.standby is not None or z.parent_pidfd is None for z in zygotes
+        )
+    )
+    before = [_switches(thread) for thread in own]
+    # A measuring window, not a wait for anything: looking every STALL_SECONDS
+    # the own threads would wake about ten times in it.
+    time.sleep(10 * _hub.STALL_SECONDS)
+    woke = [_switches(thread) - count for thread, count in zip(own, before)]
+    assert max(woke) <= 2, woke
+    # Work wakes them again, and the pools still answer.
+    assert [pool.submit(add, 1, 1).result(timeout=30) for pool in pools] == [2, 2, 2]
+
+
 def test_a_callback_waiting_on_another_pool_stalls_no_pool(
     pools: list[duckpool.ProcessPoolExecutor],
 ) -> None:

@@ -11,12 +11,13 @@ context switch; one thread reads more answers per wake-up and switches less.
 
 What a pass runs may block: a done-callback of one pool may wait on another
 pool's future, shut it down, or simply be slow.  So a pool's own thread
-stays behind, waiting for its passes to end, and looks every
-``STALL_SECONDS``: if its pool had something to do (a descriptor ready, a
-deadline past) at the last look and still has, the hub having run none of
-its passes since, busy in other pools' passes, it takes its passes back (at
-their wait, which is where the hub left them) and drives them itself until
-the pool is done.  A pool's passes are
+stays behind, waiting for its passes to end; while its pool has something
+to do (a descriptor ready, a deadline past) it looks every
+``STALL_SECONDS``: if its pool had something to do at the last look and
+still has, the hub having run none of its passes since, busy in other
+pools' passes, it takes its passes back (at their wait, which is where the
+hub left them) and drives them itself until the pool is done.  While its
+pool is idle it sleeps until there is work.  A pool's passes are
 never run by two threads at once: the hub marks the pool it runs under its
 lock, and a pool is taken back only while the hub is not running it.
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import os
 import select
 import threading
@@ -162,29 +164,43 @@ class Hub:
         """Wait while the hub drives the passes: True once they ended there,
         False when they are back with the own thread (taken back or returned).
 
-        Every ``STALL_SECONDS``, look: passes that had something to do (a
-        descriptor ready, or their deadline past) at the last look and still
-        have, the hub not having run one of them since, are taken back."""
+        While the pool has something to do (a descriptor ready, its deadline
+        past, or a pass of it running), look every ``STALL_SECONDS``: passes
+        that had something to do at the last look and still have, the hub
+        not having run one of them since, are taken back.  With nothing to
+        do, sleep until there is: the pool's epoll is readable whenever the
+        hub has a pass of it to run, and the deadline is the hub's own for it
+        (an idle pool's own thread wakes for nothing).  The hub pokes the
+        pool's pipe when it is done with the passes."""
         ready = select.poll()
         ready.register(run.selector.fileno(), select.POLLIN)
         starved_at: Optional[int] = None  # the pass count when seen waiting
-        while not run.settled.wait(STALL_SECONDS):
-            deadline = run.deadline
-            waiting = (deadline is not None and deadline <= time.monotonic()) or bool(ready.poll(0))
+        while not run.settled.is_set():
+            waiting = bool(ready.poll(0))
             with self.lock:
                 if run.where is not _Where.HUB:
                     break
-                if not waiting or self._stepping is run:
+                stepping = self._stepping is run
+                # (Read under the lock: a pass of its own sets it, and none runs.)
+                deadline = run.deadline
+                now = time.monotonic()
+                waiting = waiting or (deadline is not None and deadline <= now)
+                if not waiting or stepping:
                     starved_at = None
-                    continue
-                if starved_at != run.passes_run:
+                elif starved_at != run.passes_run:
                     starved_at = run.passes_run
-                    continue
-                # Kept waiting a whole look by other pools' passes: take these back.
-                self._drop(run)
-                run.where = _Where.OWN
-                run.kept = True
-                return False
+                else:
+                    # Kept waiting a whole look by other pools' passes: take these back.
+                    self._drop(run)
+                    run.where = _Where.OWN
+                    run.kept = True
+                    return False
+            if waiting or stepping:
+                run.settled.wait(STALL_SECONDS)
+            elif deadline is None:
+                ready.poll()
+            else:
+                ready.poll(math.ceil((deadline - now) * 1000))
         hub_thread = run.hub_thread
         if hub_thread is not None:
             hub_thread.join()
@@ -238,7 +254,7 @@ class Hub:
         """Under the lock: ``run``'s own thread drives it from now on."""
         run.where = _Where.RETURNED
         run.kept = True
-        run.settled.set()
+        _settle(run)
 
     def _run(self) -> None:
         try:
@@ -302,9 +318,19 @@ class Hub:
                             run.hub_thread = self.thread
                             self.thread = None
                             self._close()
-                            run.settled.set()
+                            _settle(run)
                             return
-                    run.settled.set()
+                    _settle(run)
+
+
+def _settle(run: Run) -> None:
+    """The hub is done with ``run``: wake its own thread (``Hub.wait_for``),
+    which may be asleep on the pool's epoll."""
+    run.settled.set()
+    try:
+        run.wake()
+    except OSError:
+        pass  # (its pipe is gone: nothing sleeps on it)
 
 
 def drive(run: Run, timeout: Optional[float]) -> None:
