@@ -97,8 +97,8 @@ def test_the_own_threads_of_idle_pools_on_the_hub_sleep(
     )
     before = [_switches(thread) for thread in own]
     # A measuring window, not a wait for anything: looking every STALL_SECONDS
-    # the own threads would wake about ten times in it.
-    time.sleep(10 * _hub.STALL_SECONDS)
+    # the own threads would wake about five times in it.
+    time.sleep(5 * _hub.STALL_SECONDS)
     woke = [_switches(thread) - count for thread, count in zip(own, before)]
     assert max(woke) <= 2, woke
     # Work wakes them again, and the pools still answer.

@@ -589,9 +589,10 @@ LOAD_ENVIRONMENT = "DUCKPOOL_BENCH_LOAD"
 LOAD_CALIBRATE_ENVIRONMENT = "DUCKPOOL_BENCH_LOAD_CALIBRATE"
 
 
-def _load_calibration(pool: _PoolAdapter, deadline: float) -> tuple[int, float]:
+def _load_calibration(pool: _PoolAdapter, seconds: float, deadline: float) -> tuple[int, float]:
     """Spin iterations for a task of ~1 ms here, and the tasks per second
-    ``pool`` completes of them when kept busy (2 in flight per worker)."""
+    ``pool`` completes of them when kept busy (2 in flight per worker), over
+    about ``seconds`` of work (a second at most)."""
     from duckpool._bench._tasks import spin
 
     given = os.environ.get(LOAD_ENVIRONMENT)
@@ -600,7 +601,7 @@ def _load_calibration(pool: _PoolAdapter, deadline: float) -> tuple[int, float]:
         return int(spins), float(per_second)  # as the parent measured them
     iterations = _spin_iterations(_LOAD_TASK_S)
     workers = max(1, len(pool.worker_pids))
-    count = max(20, int(1.0 / _LOAD_TASK_S) * workers)  # about a second's work
+    count = max(20, int(min(1.0, seconds) / _LOAD_TASK_S) * workers)
     start = time.perf_counter()
     pool.run_windowed(spin, [(iterations,)] * count, 2 * workers, deadline)
     return iterations, count / (time.perf_counter() - start)
@@ -685,7 +686,7 @@ def _offer(
 
 
 def _measure_load(pool: _PoolAdapter, size: int, deadline: float) -> dict[str, float]:
-    """Open-loop arrivals of ~1 ms tasks for ``size`` seconds at 50, 80 and 95 %
+    """Open-loop arrivals of ~1 ms tasks for ``size`` ms at 50, 80 and 95 %
     of the baseline's capacity, submitted by 16 threads.
 
     Each task is submitted at its arrival time (by the thread it falls to) and
@@ -695,20 +696,20 @@ def _measure_load(pool: _PoolAdapter, size: int, deadline: float) -> dict[str, f
     """
     from duckpool._bench._tasks import spin
 
-    iterations, capacity = _load_calibration(pool, deadline)
+    iterations, capacity = _load_calibration(pool, size / 1000, deadline)
     if os.environ.get(LOAD_CALIBRATE_ENVIRONMENT):
         return {"_iterations": float(iterations), "_capacity": capacity}
     values: dict[str, float] = {}
     for level in _LOAD_LEVELS:
         rate = level * capacity
-        arrivals = _arrivals(rate, size, seed=int(level * 100))
+        arrivals = _arrivals(rate, size / 1000, seed=int(level * 100))
         done = _offer(pool, arrivals, spin, (iterations,), deadline)
         values.update(_load_summary(arrivals, done, f"load{int(level * 100)}", rate))
     return {key: values[key] for key in _LOAD_KEYS}
 
 
 def _measure_load_async(pool: _PoolAdapter, size: int, deadline: float) -> dict[str, float]:
-    """Open-loop arrivals of ~1 ms tasks for ``size`` seconds at 80 % of the
+    """Open-loop arrivals of ~1 ms tasks for ``size`` ms at 80 % of the
     baseline's capacity, from an asyncio loop through ``loop.run_in_executor``."""
     import asyncio
 
@@ -716,12 +717,12 @@ def _measure_load_async(pool: _PoolAdapter, size: int, deadline: float) -> dict[
 
     if pool.executor is None:
         raise _NotApplicable("not a concurrent.futures.Executor: no loop.run_in_executor")
-    iterations, capacity = _load_calibration(pool, deadline)
+    iterations, capacity = _load_calibration(pool, size / 1000, deadline)
     if os.environ.get(LOAD_CALIBRATE_ENVIRONMENT):
         return {"_iterations": float(iterations), "_capacity": capacity}
     level = _LOAD_LEVELS[1]
     rate = level * capacity
-    arrivals = _arrivals(rate, size, seed=int(level * 100))
+    arrivals = _arrivals(rate, size / 1000, seed=int(level * 100))
     done = [0.0] * len(arrivals)
 
     async def serve() -> None:
@@ -754,15 +755,15 @@ def _achieved(key: str, load: str, short: str) -> Quantity:
 def _load_metric(
     name: str, summary: str, quantities: tuple[Quantity, ...], measure: _PoolMeasure
 ) -> Metric:
-    """A load metric: sized in seconds per offered load, 1 (quick) or 4."""
+    """A load metric: sized in milliseconds per offered load, 250 (quick) or 4000."""
     return Metric(
         name=name,
         summary=summary,
         quantities=quantities,
-        quick_size=1,
-        full_size=4,
+        quick_size=250,
+        full_size=4000,
         measure=measure,
-        size_unit="s per load",
+        size_unit="ms per load",
         size_option=False,
     )
 
@@ -1014,7 +1015,7 @@ METRICS: dict[str, Metric] = {
         _load_metric(
             "load",
             f"a server's load: Poisson arrivals of ~{_LOAD_TASK_S * 1e3:g} ms tasks for "
-            f"N s at each of {', '.join(f'{level:.0%}' for level in _LOAD_LEVELS)} of the "
+            f"N ms at each of {', '.join(f'{level:.0%}' for level in _LOAD_LEVELS)} of the "
             f"capacity the baseline reaches, submitted by {_LOAD_THREADS} threads; "
             "time from arrival to result",
             (
