@@ -33,6 +33,7 @@ from conftest import (
     needs_pidfds,
     proc_cmdline,
     process_gone,
+    run_script,
     wait_until,
 )
 from duckpool import _child
@@ -274,6 +275,60 @@ def test_every_process_killed_at_once_the_pool_serves_the_next_task(
         pool.shutdown()
     stats = pool.stats()
     assert stats.stopped and not stats.helpers, stats
+
+
+_SUBREAPER_SCRIPT = """
+import ctypes, multiprocessing, os, signal, sys, time
+from multiprocessing import forkserver
+import psutil
+import duckpool
+
+# This process inherits the orphans of its descendants, as PID 1 of a
+# container does (PR_SET_CHILD_SUBREAPER).
+if ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) != 0:
+    sys.exit("prctl(PR_SET_CHILD_SUBREAPER) failed")
+
+if __name__ == "__main__":
+    method = sys.argv[1]
+    pool = duckpool.ProcessPoolExecutor(2, multiprocessing.get_context(method))
+    assert pool.submit(pow, 2, 3).result(60) == 8
+    deadline = time.monotonic() + 60
+    helpers = {}
+    if method == "fork":  # the zygote dies, its standby takes over
+        while "zygote-standby" not in helpers:
+            assert time.monotonic() < deadline, helpers
+            time.sleep(0.01)
+            helpers = {h.role: h.pid for h in pool.stats().helpers}
+        victim = helpers["zygote"]
+    elif method == "forkserver":
+        victim = forkserver._forkserver._forkserver_pid
+    else:
+        victim = None  # (no helper process under spawn)
+    if victim is not None:
+        os.kill(victim, signal.SIGKILL)
+    assert [pool.submit(pow, 2, i).result(60) for i in range(20)] == [2**i for i in range(20)]
+    pool.shutdown()
+    zombies = [
+        child.pid
+        for child in psutil.Process().children()
+        # (A dead fork server is multiprocessing's: its next start reaps it.)
+        if child.status() == psutil.STATUS_ZOMBIE
+        and not (method == "forkserver" and child.pid == victim)
+    ]
+    print("zombies:", zombies)
+"""
+
+
+@needs_pidfds
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a subreaper is Linux's")
+def test_in_a_process_that_inherits_orphans_a_dead_helper_s_workers_are_reaped(
+    start_method: str,
+) -> None:
+    # When a zygote or the fork server dies, the workers it started are
+    # orphans: they go to the nearest subreaper, here the pool's process
+    # (PID 1 of a container is one), which must reap them once they exit.
+    out = run_script(_SUBREAPER_SCRIPT, start_method)
+    assert out.strip() == "zombies: []", out
 
 
 @pytest.fixture(params=["pidfds", "no pidfds"])

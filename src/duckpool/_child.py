@@ -100,6 +100,26 @@ def exits_in_the_background(pid: int) -> None:
         pass  # gone, or not ours to change
 
 
+def reap_if_adopted(pidfd: int) -> None:
+    """A process this one did not fork has exited: reap it if it has become
+    this process's child.
+
+    An orphan goes to the nearest subreaper: PID 1 of a container, or a
+    process that set ``PR_SET_CHILD_SUBREAPER``.  Where that is this process
+    (a pool's zygote died, so its workers and standby are orphans), nothing
+    else reaps them: each would stay a zombie.  Elsewhere their new parent
+    reaps them, and this does nothing.
+    """
+    waitid = getattr(os, "waitid", None)
+    by_pidfd = getattr(os, "P_PIDFD", None)
+    if waitid is None or by_pidfd is None:
+        return
+    try:
+        waitid(by_pidfd, pidfd, os.WEXITED | os.WNOHANG)
+    except OSError:
+        pass  # not this process's child (ChildProcessError), or the pidfd is gone
+
+
 def close_quietly(fd: Optional[int]) -> None:
     """Close ``fd`` (if not None), whatever state it is in."""
     if fd is not None:
@@ -321,6 +341,8 @@ class PidfdProcess:
     def _has_exited(self) -> bool:
         if not self._exited and not self._closed:
             self._exited = bool(mp_connection.wait([self.sentinel], 0))
+            if self._exited:
+                reap_if_adopted(self.sentinel)
         return self._exited
 
     def is_alive(self) -> bool:
@@ -329,6 +351,8 @@ class PidfdProcess:
     def join(self, timeout: Optional[float] = None) -> None:
         if not self._closed and not self._exited:
             self._exited = bool(mp_connection.wait([self.sentinel], timeout))
+            if self._exited:
+                reap_if_adopted(self.sentinel)
 
     def terminate(self) -> None:
         self._send(signal.SIGTERM)

@@ -111,8 +111,15 @@ class ZygoteChild:
 
     def orphan(self) -> None:
         """Its zygote died: its exit is seen through its pidfd from now on,
-        and its exit code is unknown (only its zygote could have read it)."""
+        and its exit code is unknown (only its zygote could have read it).
+        Where this process inherits orphans, it reaps it once it has exited."""
         self._zygote = None
+        if self.exited:
+            self._reap_if_adopted()
+
+    def _reap_if_adopted(self) -> None:
+        if self.pidfd is not None and self._release.alive:
+            _child.reap_if_adopted(self.pidfd)
 
     def join(self, timeout: Optional[float] = None) -> None:
         if not self.is_alive():
@@ -125,6 +132,7 @@ class ZygoteChild:
             and mp_connection.wait([self.pidfd], timeout)
         ):
             self.exited = True
+            self._reap_if_adopted()
 
     def is_alive(self) -> bool:
         if self.exitcode is not None or self.exited:
@@ -132,6 +140,8 @@ class ZygoteChild:
         if self._zygote is None:
             if self.pidfd is not None and self._release.alive:
                 self.exited = bool(mp_connection.wait([self.pidfd], 0))
+                if self.exited:
+                    self._reap_if_adopted()
             elif self.pidfd is None:
                 # No pidfds: init reaps it now, so a pid that is gone means
                 # it exited (reused that soon is not a risk worth a thread).

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import struct
+import time
 from multiprocessing import connection as mp_connection
 from typing import Any, Callable, Iterable, NamedTuple, Optional
 
@@ -330,19 +331,30 @@ def _fork_standby(
     return int(process.sentinel)
 
 
+#: How long a zygote that kills its workers on its way out waits, in all,
+#: for them to exit, so that it reaps them itself.
+KILLED_REAP_SECONDS = 1.0
+
+
 def _kill_workers(workers: Iterable[Any], adopted: Iterable[int]) -> None:
     """Kill ``workers`` and the ``adopted`` ones (the parent's, by pidfd).
 
     Used when the parent died, or the pool ended with workers left: they have
-    no watchdog of their own.
+    no watchdog of their own.  Its own are reaped before the zygote goes:
+    left to exit after it, they would be orphans, and where the pool's
+    process inherits orphans (PID 1 of a container) nothing would reap them.
     """
-    for process in workers:
+    killed = list(workers)
+    for process in killed:
         process.kill()
     for pidfd in adopted:
         try:
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)  # type: ignore[attr-defined]
         except OSError:
             pass  # it exited already
+    deadline = time.monotonic() + KILLED_REAP_SECONDS
+    for process in killed:
+        process.join(max(0.0, deadline - time.monotonic()))
 
 
 def _start_one(
