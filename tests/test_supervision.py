@@ -288,32 +288,39 @@ import duckpool
 if ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) != 0:
     sys.exit("prctl(PR_SET_CHILD_SUBREAPER) failed")
 
-if __name__ == "__main__":
-    method = sys.argv[1]
+def one_pool(method, kill):
     pool = duckpool.ProcessPoolExecutor(2, multiprocessing.get_context(method))
     assert pool.submit(pow, 2, 3).result(60) == 8
     deadline = time.monotonic() + 60
     helpers = {}
-    if method == "fork":  # the zygote dies, its standby takes over
+    if method == "fork":
         while "zygote-standby" not in helpers:
             assert time.monotonic() < deadline, helpers
             time.sleep(0.01)
             helpers = {h.role: h.pid for h in pool.stats().helpers}
-        victim = helpers["zygote"]
+        victims = [helpers[role] for role in kill]
     elif method == "forkserver":
-        victim = forkserver._forkserver._forkserver_pid
+        victims = [forkserver._forkserver._forkserver_pid]
     else:
-        victim = None  # (no helper process under spawn)
-    if victim is not None:
-        os.kill(victim, signal.SIGKILL)
+        victims = []  # (no helper process under spawn)
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
     assert [pool.submit(pow, 2, i).result(60) for i in range(20)] == [2**i for i in range(20)]
     pool.shutdown()
+    return victims
+
+
+if __name__ == "__main__":
+    method = sys.argv[1]
+    # The zygote dies (its standby takes over); then both at once (the
+    # standby may die first, still the zygote's to reap).
+    victims = one_pool(method, ["zygote"]) + one_pool(method, ["zygote", "zygote-standby"])
     zombies = [
         child.pid
         for child in psutil.Process().children()
         # (A dead fork server is multiprocessing's: its next start reaps it.)
         if child.status() == psutil.STATUS_ZOMBIE
-        and not (method == "forkserver" and child.pid == victim)
+        and not (method == "forkserver" and child.pid in victims)
     ]
     print("zombies:", zombies)
 """

@@ -338,6 +338,10 @@ class PidfdProcess:
         """None: only the process's parent can tell (see subclasses)."""
         return None
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def _has_exited(self) -> bool:
         if not self._exited and not self._closed:
             self._exited = bool(mp_connection.wait([self.sentinel], 0))

@@ -403,7 +403,11 @@ class Zygotes:
                 self.exits_due.pop(child.pid, None)  # (seen through pidfds from now on)
             zygote.close()
             zygote.process.is_alive()  # reaps the zygote now, if it is this process's child
-            zygote.process.close()  # its pidfd: one per death would pile up
+            # A standby dead before its zygote is the zygote's to reap: its pidfd
+            # stays open until the next death (the zygote's, if it comes first).
+            _close_dead_standbys(self.retired, reap=zygote is self.zygote)
+            if zygote is not self.standby or self.zygote is None:
+                zygote.process.close()  # its pidfd: one per death would pile up
             self.retired.append(zygote)
             if zygote is self.standby:
                 self.standby = None  # the zygote forks another (want_standby)
@@ -511,6 +515,19 @@ class Zygotes:
             if zygote is not None:
                 zygote.reap(timeout)
         self.retired.clear()
+
+
+def _close_dead_standbys(retired: list[_zygote.Zygote], reap: bool) -> None:
+    """Close the pidfds ``Zygotes.on_death`` kept of standbys that died before
+    their zygote; with ``reap`` (that zygote has died since), first reap those
+    that became this process's children, as orphans of a subreaper (PID 1 of
+    a container) do."""
+    for dead in retired:
+        process = dead.process
+        if isinstance(process, _child.PidfdProcess) and not process.closed:
+            if reap:
+                _child.reap_if_adopted(process.sentinel)
+            process.close()
 
 
 def _fork_zygote(
