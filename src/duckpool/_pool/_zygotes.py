@@ -75,8 +75,7 @@ class Zygotes:
         self.zygote_channels: Optional[_zygote_process.Channels] = None
         #: Why the zygote could not be forked: workers are spawned then.
         self.zygote_error: Optional[OSError] = None
-        #: The zygote and its standby are gone (or never were), so workers
-        #: are spawned from now on (see the module doc).
+        #: No zygote nor standby left (or ever): workers are spawned from now on.
         self.spawning = False
         #: A pidfd of this process, for the zygote to watch.
         self.parent_pidfd: Optional[int] = None
@@ -92,8 +91,7 @@ class Zygotes:
         self.exits_due: dict[int, float] = {}
         #: The pool has shut down with no work left: the zygotes are leaving.
         self.finishing = False
-        #: When the zygote is to be asked for a standby (monotonic; 0: not
-        #: due, it has one or it was asked).
+        #: When to ask the zygote for a standby (monotonic; 0: not due).
         self.standby_due = 0.0
 
     def prepare(self) -> None:
@@ -403,10 +401,8 @@ class Zygotes:
                 self.exits_due.pop(child.pid, None)  # (seen through pidfds from now on)
             zygote.close()
             zygote.process.is_alive()  # reaps the zygote now, if it is this process's child
-            # A standby dead before its zygote is the zygote's to reap: its pidfd
-            # stays open until the next death (the zygote's, if it comes first).
             _close_dead_standbys(self.retired, reap=zygote is self.zygote)
-            if zygote is not self.standby or self.zygote is None:
+            if zygote is not self.standby or self.zygote is None:  # (kept: _close_dead_standbys)
                 zygote.process.close()  # its pidfd: one per death would pile up
             self.retired.append(zygote)
             if zygote is self.standby:
