@@ -343,10 +343,7 @@ class PidfdProcess:
         return self._closed
 
     def _has_exited(self) -> bool:
-        if not self._exited and not self._closed:
-            self._exited = bool(mp_connection.wait([self.sentinel], 0))
-            if self._exited:
-                reap_if_adopted(self.sentinel)
+        PidfdProcess.join(self, 0)  # (not a subclass's: no more than a look)
         return self._exited
 
     def is_alive(self) -> bool:
