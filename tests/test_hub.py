@@ -240,25 +240,30 @@ if __name__ == "__main__":
 
 
 def test_pools_kept_waiting_by_other_pools_short_callbacks_take_their_passes_back(
-    pools: list[duckpool.ProcessPoolExecutor],
+    pools: list[duckpool.ProcessPoolExecutor], ctx: Any
 ) -> None:
-    # Each callback is shorter than a look, but they follow one another, so
-    # the hub runs no other pool's passes while they go on.
-    busy, quiet = pools[:2], pools[2]
-    for pool in pools:
-        pool.submit(add, 0, 0).result(timeout=30)
+    # Each callback is shorter than a look, but they follow one another: each
+    # submits its pool's next task, so no other thread reads those results,
+    # and the hub runs three pools' callbacks in turn while a fourth waits.
+    quiet = duckpool.ProcessPoolExecutor(2, mp_context=ctx)
     stop = threading.Event()
 
-    def feed(pool: duckpool.ProcessPoolExecutor) -> None:
-        while not stop.is_set():
-            future = pool.submit(add, 1, 1)
-            future.add_done_callback(lambda _: time.sleep(0.08))
-            wait([future], timeout=30)
+    def chain(pool: duckpool.ProcessPoolExecutor) -> None:
+        def again(_: Any) -> None:
+            time.sleep(0.08)
+            if not stop.is_set():
+                try:
+                    pool.submit(add, 1, 1).add_done_callback(again)
+                except RuntimeError:
+                    pass  # (shut down meanwhile)
 
-    feeders = [threading.Thread(target=feed, args=(pool,)) for pool in busy]
-    for feeder in feeders:
-        feeder.start()
+        pool.submit(add, 1, 1).add_done_callback(again)
+
     try:
+        for pool in [*pools, quiet]:
+            pool.submit(add, 0, 0).result(timeout=30)
+        for pool in pools:
+            chain(pool)
         took: list[float] = []
         for i in range(5):
             began = time.monotonic()
@@ -266,15 +271,14 @@ def test_pools_kept_waiting_by_other_pools_short_callbacks_take_their_passes_bac
             assert not wait([future], timeout=20).not_done
             took.append(time.monotonic() - began)
         # Whichever pools were kept waiting (the quiet one, or a busy one by
-        # the other's callbacks) took their passes back, and the quiet one's
+        # the others' callbacks) took their passes back, and the quiet one's
         # answers came within a few looks.
-        runs = [pool._core.dispatcher.run for pool in pools]  # type: ignore[attr-defined]
+        runs = [pool._core.dispatcher.run for pool in [*pools, quiet]]  # type: ignore[attr-defined]
         assert any(run.kept for run in runs), [(run.where, run.passes_run) for run in runs]
         assert max(took) < 2.0, took
     finally:
         stop.set()
-        for feeder in feeders:
-            feeder.join(timeout=30)
+        quiet.shutdown(cancel_futures=True, timeout=30)
 
 
 @pytest.mark.parametrize("failure", ["start", "watch"])
