@@ -426,6 +426,32 @@ def test_a_stopped_fork_server_does_not_hang_the_pool(short_graces: None, watche
         pool.shutdown()
 
 
+def test_a_fork_server_stopped_at_the_first_start_costs_the_first_submit_nothing(
+    short_graces: None, watched: str
+) -> None:
+    # The first worker is started in the caller's thread, inside submit():
+    # the stopped server is killed, and the start retried through a new one
+    # (as any start is), not raised to the caller as the server's EOF.
+    from multiprocessing import forkserver
+
+    ctx = multiprocessing.get_context("forkserver")
+    forkserver.ensure_running()
+    server = fork_server_pid()
+    assert server is not None
+    os.kill(server, signal.SIGSTOP)
+    pool = duckpool.ProcessPoolExecutor(2, ctx)
+    try:
+        first = pool.submit(tasks.add, 20, 22)
+        assert first.result(TIMEOUT) == 42
+        assert [pool.submit(tasks.add, i, 1).result(TIMEOUT) for i in range(4)] == [1, 2, 3, 4]
+        wait_until(lambda: process_gone(server), TIMEOUT)
+        assert pool.stats().worker_deaths == 0
+    finally:
+        if not process_gone(server):
+            os.kill(server, signal.SIGCONT)
+        pool.shutdown()
+
+
 def test_shutdown_kills_a_fork_server_found_stopped(watched: str) -> None:
     # Stopped while the pool is idle, the server is looked at by no start;
     # it would outlive the program (it leaves once it reads EOF).
@@ -1135,21 +1161,22 @@ def test_a_task_cancelled_while_its_slot_awaits_its_worker_never_runs(
 
 
 @pytest.mark.parametrize("recycled", [None, 1], ids=["", "max_tasks_per_child"])
-def test_a_first_start_that_fails_raises_from_submit_and_queues_nothing(
+def test_a_first_start_that_fails_for_good_raises_from_submit_and_queues_nothing(
     ctx: multiprocessing.context.BaseContext,
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
     recycled: Optional[int],
 ) -> None:
     # The first task waits in its slot until the first worker is started
-    # with it in its pipe: when that start fails, submit() raises, and the
-    # task must neither run later nor hold the slot (nor count as sent to it:
-    # with max_tasks_per_child=1, the slot would wait for a worker to retire).
-    calls = _failing_starts(monkeypatch, 1, OSError(errno.EAGAIN, "fork refused"))
+    # with it in its pipe: when that start fails for a reason a retry would
+    # meet again, submit() raises, and the task must neither run later nor
+    # hold the slot (nor count as sent to it: with max_tasks_per_child=1, the
+    # slot would wait for a worker to retire).
+    calls = _failing_starts(monkeypatch, 1, OSError(errno.EPERM, "fork forbidden"))
     pool = duckpool.ProcessPoolExecutor(1, ctx, max_tasks_per_child=recycled)
     marker = tmp_path / "ran"
     try:
-        with pytest.raises(OSError, match="fork refused"):
+        with pytest.raises(OSError, match="fork forbidden"):
             pool.submit(tasks.touch, str(marker))
         assert pool.submit(tasks.add, 1, 2).result(TIMEOUT) == 3
         assert pool.submit(tasks.add, 2, 2).result(TIMEOUT) == 4
@@ -1157,6 +1184,36 @@ def test_a_first_start_that_fails_raises_from_submit_and_queues_nothing(
     finally:
         pool.shutdown()
     assert not marker.exists(), "the call whose submit() raised ran anyway"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [OSError(errno.EAGAIN, "fork refused"), EOFError("unexpected EOF")],
+    ids=["EAGAIN", "fork-server-died"],
+)
+@pytest.mark.parametrize("recycled", [None, 1], ids=["", "max_tasks_per_child"])
+def test_a_first_start_that_fails_for_a_passing_reason_is_retried_and_submit_returns(
+    ctx: multiprocessing.context.BaseContext,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    recycled: Optional[int],
+    error: BaseException,
+) -> None:
+    # The fork server dying while it starts the first worker, or a fork
+    # refused for a moment, is no reason to refuse the task: the start is
+    # retried (by the dispatcher, with backoff) and the task runs, once.
+    calls = _failing_starts(monkeypatch, 2, error)
+    pool = duckpool.ProcessPoolExecutor(1, ctx, max_tasks_per_child=recycled)
+    marker = tmp_path / "ran"
+    try:
+        first = pool.submit(tasks.touch_count, str(marker))
+        assert first.result(TIMEOUT) == 1
+        assert pool.submit(tasks.add, 1, 2).result(TIMEOUT) == 3
+        # (Under fork the zygote starts it instead, once it is forked.)
+        assert len(calls) >= (1 if ctx.get_start_method() == "fork" else 3), calls
+    finally:
+        pool.shutdown()
+    assert marker.read_text() == "x", "the first task did not run exactly once"
 
 
 def test_a_new_worker_s_first_frames_are_in_its_pipe_before_it_starts(

@@ -218,8 +218,12 @@ class Launcher:
         forked from this process with that task in its pipe (see
         ``_spawn._write_ahead``) and, under fork, straight before the zygote:
         no thread of the pool exists yet, and the two share what this
-        process writes next.  If that start fails, what the caller queued is
-        not queued (``submit`` raises)."""
+        process writes next.
+
+        A start that fails for a transient reason (the fork server died
+        mid-start, say) is retried by the dispatcher, as any other: the
+        slots stay reserved, with what the caller queued.  Any other failure
+        (or an interruption) leaves nothing queued: ``submit`` raises."""
         core = self._core
         waiting = [s for s in core.slots if s.reserved and s.process is None]
         first = next((s for s in waiting if s.assigned), waiting[0] if waiting else None)
@@ -227,18 +231,29 @@ class Launcher:
             return
         try:
             self.start_worker(first)
-        except BaseException:
-            for slot in waiting:
-                process = slot.process
-                if process is not None:
-                    # Interrupted once it was installed: it holds the task
-                    # the caller is told was not queued, so it goes too.
-                    _kill(process)
-                    core.supervisor.close_slot(slot)
-                    slot.used = False  # (its next worker is no restart)
-                core.scheduler.take_back(slot)
-                self.unreserve(slot)
+        except Exception as exc:
+            if first.process is None and self.on_start_failure(exc, time.monotonic()) is None:
+                return  # (retried at ``retry_at``: the dispatcher starts next)
+            self._give_back(waiting)
             raise
+        except BaseException:
+            self._give_back(waiting)
+            raise
+
+    def _give_back(self, waiting: list[Slot]) -> None:
+        """The first start failed for good: what the slots took goes back, to
+        be withdrawn by ``submit``, and they take no more work."""
+        core = self._core
+        for slot in waiting:
+            process = slot.process
+            if process is not None:
+                # Interrupted once it was installed: it holds the task the
+                # caller is told was not queued, so it goes too.
+                _kill(process)
+                core.supervisor.close_slot(slot)
+                slot.used = False  # (its next worker is no restart)
+            core.scheduler.take_back(slot)
+            self.unreserve(slot)
 
     def launch(
         self,
