@@ -310,11 +310,44 @@ def one_pool(method, kill):
     return victims
 
 
+def stopped_helper(method):
+    # A worker dies while the helper that started it is stopped, so cannot
+    # reap it; the helper is killed later: the dead worker is then an orphan.
+    pool = duckpool.ProcessPoolExecutor(2, multiprocessing.get_context(method))
+    assert [pool.submit(pow, 2, i).result(60) for i in range(4)] == [1, 2, 4, 8]
+    deadline = time.monotonic() + 60
+    if method == "fork":
+        helpers = {}
+        while "zygote-standby" not in helpers:
+            assert time.monotonic() < deadline, helpers
+            time.sleep(0.01)
+            helpers = {h.role: h.pid for h in pool.stats().helpers}
+        helper = helpers["zygote"]
+    else:
+        helper = forkserver._forkserver._forkserver_pid
+    workers = set(pool.worker_pids())
+    worker = next(p.pid for p in psutil.Process(helper).children() if p.pid in workers)
+    os.kill(helper, signal.SIGSTOP)
+    os.kill(worker, signal.SIGKILL)
+    while worker in pool.worker_pids():  # (its death seen by the pool)
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    try:
+        os.kill(helper, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # (the pool found it stopped, and killed it first)
+    assert [pool.submit(pow, 2, i).result(60) for i in range(20)] == [2**i for i in range(20)]
+    pool.shutdown()
+    return [helper]
+
+
 if __name__ == "__main__":
     method = sys.argv[1]
     # The zygote dies (its standby takes over); then both at once (the
     # standby may die first, still the zygote's to reap).
     victims = one_pool(method, ["zygote"]) + one_pool(method, ["zygote", "zygote-standby"])
+    if method != "spawn":
+        victims += stopped_helper(method)
     zombies = [
         child.pid
         for child in psutil.Process().children()

@@ -13,6 +13,7 @@ start: ``ForeignProcess`` (a zygote's standby), and ``served`` for a
 
 from __future__ import annotations
 
+import _thread
 import os
 import signal
 import sys
@@ -31,6 +32,14 @@ else:
 #: reaped when the next one starts, so none stays a zombie for the life of
 #: the parent.
 _UNREAPED: set[int] = set()
+
+#: Duplicates of the pidfds of processes this one did not fork, seen exited
+#: while still another's zombie (``reap_if_adopted``): should that parent die
+#: before it reaps them (a stopped zygote or fork server, killed), they become
+#: this process's children where it inherits orphans, and ``reap_adopted``
+#: reaps them.  Each is dropped once reaped, by whoever reaps it.
+_ADOPTABLE: list[int] = []
+_ADOPTABLE_LOCK = _thread.allocate_lock()
 
 #: In a child ``fork`` started: the write end of its own sentinel pipe.
 _sentinel_w: Optional[int] = None
@@ -110,14 +119,48 @@ def reap_if_adopted(pidfd: int) -> None:
     else reaps them: each would stay a zombie.  Elsewhere their new parent
     reaps them, and this does nothing.
     """
-    waitid = getattr(os, "waitid", None)
     by_pidfd = getattr(os, "P_PIDFD", None)
-    if waitid is None or by_pidfd is None:
+    if by_pidfd is None or not hasattr(os, "waitid"):
         return
     try:
-        waitid(by_pidfd, pidfd, os.WEXITED | os.WNOHANG)
+        os.waitid(by_pidfd, pidfd, os.WEXITED | os.WNOHANG)
+    except ChildProcessError:  # another's zombie still, or reaped already
+        try:
+            _signal.pidfd_send_signal(pidfd, 0)  # (ESRCH once reaped)
+            kept = os.dup(pidfd)
+        except OSError:
+            pass
+        else:
+            with _ADOPTABLE_LOCK:
+                _ADOPTABLE.append(kept)
     except OSError:
-        pass  # not this process's child (ChildProcessError), or the pidfd is gone
+        pass  # the pidfd is gone
+    reap_adopted()
+
+
+def reap_adopted() -> None:
+    """Reap the processes ``reap_if_adopted`` kept that have become this
+    process's children since (their parent died before reaping them); forget
+    those their parent reaped."""
+    if not _ADOPTABLE:
+        return
+    with _ADOPTABLE_LOCK:
+        kept = []
+        for pidfd in _ADOPTABLE:
+            try:
+                os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)  # type: ignore[attr-defined]
+            except ChildProcessError:
+                try:
+                    _signal.pidfd_send_signal(pidfd, 0)
+                except OSError:
+                    close_quietly(pidfd)  # reaped by its parent
+                else:
+                    kept.append(pidfd)  # still its parent's zombie
+                continue
+            except OSError:
+                pass
+            close_quietly(pidfd)  # reaped here
+        _ADOPTABLE[:] = kept
 
 
 def close_quietly(fd: Optional[int]) -> None:
@@ -628,9 +671,13 @@ def fork(main: Callable[[], None], started: Optional[list[Any]] = None) -> Child
                 # Only its own: a copy of its forker's would keep that one's
                 # sentinel open, and a zygote's standby, promoted, forks on (so
                 # each generation would hold one more, as would its workers).
-                global _sentinel_w
+                global _sentinel_w, _ADOPTABLE_LOCK
                 close_quietly(_sentinel_w)
                 _sentinel_w = pipe_w
+                for kept in _ADOPTABLE:  # (the parent's to reap, not this child's)
+                    close_quietly(kept)
+                _ADOPTABLE.clear()
+                _ADOPTABLE_LOCK = _thread.allocate_lock()
                 # Processes it forks through multiprocessing must not be
                 # mistaken for the parent's children, nor the parent's for its own.
                 import multiprocessing.process

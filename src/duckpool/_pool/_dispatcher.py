@@ -29,7 +29,7 @@ import weakref
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Optional
 
-from duckpool import _threads
+from duckpool import _child, _threads
 from duckpool._pool import _hub
 from duckpool._pool._results import LOG_RECORD_ITEM
 from duckpool._pool._slots import ResultReady, WorkerExit, ZygoteTag
@@ -136,6 +136,9 @@ def run(core: Core, dispatcher: Dispatcher) -> None:
         # Told to exit, the zygotes tear down whole address spaces; join()
         # waits for that too (every process of the pool has exited then).
         core.zygotes.reap(KILL_GRACE_SECONDS)
+        # Workers of a helper that died before it reaped them (a stopped
+        # zygote or fork server, killed), if this process inherited them.
+        _child.reap_adopted()
 
 
 def _dispatch_until_done(core: Core, dispatcher: Dispatcher) -> None:
