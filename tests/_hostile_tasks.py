@@ -83,10 +83,50 @@ def replace_written_pipes_then(outcome: str) -> str:
     return "replaced the pipes"
 
 
+def overwrite_marks_then_die(runs_file: str) -> None:
+    """Zero every cell of the marks the worker shares with the pool (found as
+    a hostile task would: through the garbage collector), note this run in
+    ``runs_file``, then die."""
+    import gc
+
+    from duckpool import _marks, _worker
+
+    for obj in gc.get_objects():
+        if isinstance(obj, _worker.WorkerConfig):
+            view = _marks.marks_array(obj.marks)
+            for cell in range(len(view)):
+                view[cell] = 0
+    with open(runs_file, "a") as runs:
+        runs.write(f"{os.getpid()}\n")
+    os._exit(1)
+
+
 def ignore_sigterm_then_sleep(pid_file: str, seconds: float = 60.0) -> None:
     """Ignore SIGTERM (a timeout's first signal), then overrun any timeout."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     report_pid_then_sleep(pid_file, seconds)
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated("told to stop")
+
+
+def catch_sigterm_then(pid_file: str, outcome: str, seconds: float = 60.0) -> str:
+    """Turn SIGTERM (a timeout's or a cancel's first signal) into an
+    exception, overrun any timeout, then, once told to stop, ``"return"`` a
+    result or ``"raise"`` an error of the task's own."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        report_pid_then_sleep(pid_file, seconds)
+    except _Terminated:
+        if outcome == "raise":
+            raise RuntimeError("the task's own error, once told to stop") from None
+        return "the task's own result, once told to stop"
+    return "slept its fill"
 
 
 def fork_lingering_grandchild(grandchild_file: str, worker_file: str, then: str) -> str:

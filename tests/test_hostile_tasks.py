@@ -131,6 +131,24 @@ def test_a_worker_whose_result_pipe_a_task_replaced_is_not_waited_for(
     serves_then_shuts_down(pool)
 
 
+def test_a_task_that_overwrites_the_marks_then_dies_is_not_sent_again_for_ever(
+    pool: duckpool.ProcessPoolExecutor, tmp_path: Path
+) -> None:
+    # The pool reads whether a dead worker had taken up its first item from
+    # the marks the worker shares with it, which a task can write.  Taken at
+    # its word (not started), the task went to the next worker, and the
+    # next, for ever: its future never resolved, nor did shutdown() return.
+    from duckpool._pool._supervisor import MAX_UNMARKED_DEATHS
+
+    runs = tmp_path / "runs"
+    with bystander(pool, tmp_path):
+        future = pool.submit(tasks.overwrite_marks_then_die, str(runs))
+        error = resolves_within(future, TIMEOUT)
+    assert isinstance(error, duckpool.WorkerDiedError), repr(error)
+    assert len(runs.read_text().split()) == MAX_UNMARKED_DEATHS
+    serves_then_shuts_down(pool)
+
+
 def test_timeout_kills_a_task_that_ignores_sigterm(
     pool: duckpool.ProcessPoolExecutor, tmp_path: Path, short_graces: None
 ) -> None:
@@ -142,6 +160,32 @@ def test_timeout_kills_a_task_that_ignores_sigterm(
         error = resolves_within(future, 2 + PROMPTLY)
     assert isinstance(error, duckpool.TaskTimeoutError), repr(error)
     assert process_gone(worker)
+    serves_then_shuts_down(pool)
+
+
+@pytest.mark.parametrize("outcome", ["return", "raise"])
+@pytest.mark.parametrize("stop", ["timeout", "cancel_task"])
+def test_a_task_that_catches_the_stop_signal_still_gets_the_stop_as_its_outcome(
+    pool: duckpool.ProcessPoolExecutor,
+    tmp_path: Path,
+    short_graces: None,
+    outcome: str,
+    stop: str,
+) -> None:
+    # Told to stop (SIGTERM) past its timeout, or cancelled, the task turns
+    # the signal into an exception and answers: its own error, or a result.
+    # Before, that answer was its future's outcome; the stop is.
+    pid_file = tmp_path / "pid"
+    with bystander(pool, tmp_path):
+        timed = pool.options(timeout=1) if stop == "timeout" else pool
+        future = timed.submit(tasks.catch_sigterm_then, str(pid_file), outcome)
+        worker = read_pid(pid_file)
+        if stop == "cancel_task":
+            assert pool.cancel_task(future)
+        error = resolves_within(future, 2 + PROMPTLY)
+    expected = duckpool.TaskTimeoutError if stop == "timeout" else duckpool.TaskCancelledError
+    assert isinstance(error, expected), repr(error)
+    wait_until(lambda: process_gone(worker), TIMEOUT)  # (killed after the grace)
     serves_then_shuts_down(pool)
 
 

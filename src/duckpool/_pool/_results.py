@@ -276,6 +276,14 @@ class ResultBook:
                     running = "none" if item is None else f"task {item.task_id}"
                     stray = f"it answered task {answered} while it ran {running}"
                     break
+                stopping = slot.stopping
+                if stopping is not None and stopping.item is item:
+                    # Stopped (past its timeout, or cancelled), it answered
+                    # all the same: its task caught the SIGTERM.  The stop is
+                    # its outcome, settled once the worker has exited.
+                    core.supervisor.answered_once_stopped(slot)
+                    scheduler.complete(slot, now)
+                    continue
                 # Booked before it leaves `assigned`: never in neither.
                 resolved.append((item, status, payload))
                 scheduler.complete(slot, now)

@@ -73,6 +73,10 @@ class Stopping(NamedTuple):
     item: WorkItem
     error: BaseException
     kill_at: float
+    #: ``item`` answered all the same (its task caught the SIGTERM): that
+    #: answer was dropped, and the item, out of ``assigned``, is settled as
+    #: the stop's when the worker has exited.
+    answered: bool = False
 
 
 class Assist:

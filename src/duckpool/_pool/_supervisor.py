@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 STOP_GRACE_SECONDS = 5.0
 #: How long a worker stopped with SIGTERM (timeout, cancel) gets before SIGKILL.
 KILL_GRACE_SECONDS = 1.0
+#: Deaths of ready workers, each with the same item first and not marked as
+#: taken up, after which that item counts as taken up (``Supervisor.took_up``).
+MAX_UNMARKED_DEATHS = 3
 #: Signals a process sends itself by failing (a crash loop), as opposed to
 #: signals sent from outside (SIGKILL, SIGTERM, ...), which are not its fault.
 _CRASH_SIGNALS = frozenset(
@@ -62,6 +65,14 @@ class Supervisor:
             return
         slot.stopping = Stopping(item, error, time.monotonic() + KILL_GRACE_SECONDS)
         signal_process(slot.process, signal.SIGTERM)
+
+    def answered_once_stopped(self, slot: Slot) -> None:
+        """The item ``slot``'s worker is being stopped for answered all the
+        same (its task caught the SIGTERM): not its outcome.  It leaves
+        ``assigned`` as answered, and is settled as the stop's once the
+        worker has exited (lock held)."""
+        assert slot.stopping is not None
+        slot.stopping = slot.stopping._replace(answered=True)
 
     def on_worker_exit(self, slot: Slot) -> None:
         """A worker's sentinel fired: settle its items and free the slot."""
@@ -87,6 +98,8 @@ class Supervisor:
             if stopping is not None:
                 if isinstance(stopping.error, TaskTimeoutError):
                     counters.timed_out += 1
+                if stopping.answered:  # (its answer was dropped: see Stopping)
+                    assigned.appendleft(stopping.item)
             elif exitcode == 0 or (
                 # Its exit code unknown (its fork server is gone), but it was
                 # to leave, and left with nothing of its own unfinished.
@@ -106,6 +119,8 @@ class Supervisor:
                 ids = [item.task_id for item in assigned]
                 mark = core.marks[slot.index]
                 started = ids.index(mark) + 1 if mark in ids else 0
+                if not started and assigned and self.took_up(slot, assigned[0]):
+                    started = 1
                 for _ in range(started):
                     failed.append((assigned.popleft(), poisoned))
                 core.scheduler.requeue_front(slot)
@@ -113,7 +128,7 @@ class Supervisor:
                 head = assigned[0]
                 # The worker marks each task it takes up: an item it never
                 # reached (killed while idle, mid-send) is requeued, not failed.
-                if core.marks[slot.index] == head.task_id:
+                if (stopping is not None and stopping.item is head) or self.took_up(slot, head):
                     assigned.popleft()
                     error: BaseException
                     if stopping is not None and stopping.item is head:
@@ -155,6 +170,33 @@ class Supervisor:
         if starts_failing is not None:
             self.starts_failed(starts_failing)
         self.break_if_starts_fail(give_up, missed or describe_exit(exitcode))
+
+    def took_up(self, slot: Slot, head: WorkItem) -> bool:
+        """Had ``slot``'s worker, which has exited, taken up ``head``, its
+        first item?  (lock held)
+
+        Its mark says so.  But the marks are memory every worker can write,
+        and a task that wrote over its mark and then killed its worker
+        would, taken at its word, be sent again to the next worker, and the
+        next, for ever (nor would its timeout end it: each run starts its
+        clock anew).  So ``head`` counts as taken up, unmarked, once
+        ``MAX_UNMARKED_DEATHS`` ready workers have died with it first in
+        line: a worker dies before it reads its next item only in a moment
+        too short to hit that often.
+        """
+        core = self._core
+        if core.marks[slot.index] == head.task_id:
+            return True
+        if (
+            not slot.ready
+            or slot.retiring
+            or slot.stop_sent
+            or slot.stopping is not None
+            or core.lifecycle.kill_requested is not None
+        ):
+            return False  # it was not started, or it was told to leave
+        head.unmarked_deaths += 1
+        return head.unmarked_deaths >= MAX_UNMARKED_DEATHS
 
     def break_if_starts_fail(self, give_up: bool, last: str) -> None:
         """After a process died: break the pool if an initializer failed, or if

@@ -248,6 +248,8 @@ class ZygotesView(Protocol):
 class SupervisorView(Protocol):
     """``_supervisor.Supervisor``, as the other owners use it."""
 
+    def answered_once_stopped(self, slot: Slot) -> None: ...
+
     def break_if_starts_fail(self, give_up: bool, last: str) -> None: ...
 
     def fail_everything(
