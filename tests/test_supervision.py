@@ -485,6 +485,26 @@ def test_a_fork_server_stopped_at_the_first_start_costs_the_first_submit_nothing
         pool.shutdown()
 
 
+def test_the_fork_server_watch_leaves_no_thread_behind_once_idle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The thread that watches starts through the fork server ends once it
+    # has had nothing to watch for a while; the next start makes another.
+    from duckpool import _fork_server
+
+    monkeypatch.setattr(_fork_server, "IDLE_SECONDS", 0.2)
+    name = "duckpool-fork-server-watch"
+
+    def watching() -> bool:
+        return name in [t.name for t in threading.enumerate()]
+
+    ctx = multiprocessing.get_context("forkserver")
+    for _ in range(2):
+        with duckpool.ProcessPoolExecutor(2, ctx) as pool:
+            assert pool.submit(tasks.add, 1, 1).result(TIMEOUT) == 2
+        wait_until(lambda: not watching(), TIMEOUT)
+
+
 def test_shutdown_kills_a_fork_server_found_stopped(watched: str) -> None:
     # Stopped while the pool is idle, the server is looked at by no start;
     # it would outlive the program (it leaves once it reads EOF).

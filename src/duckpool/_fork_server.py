@@ -9,13 +9,14 @@ the caller submitting the first task) would wait forever, reading no result
 and noticing no death.
 
 ``watch_start`` guards each such start: one thread per process (started
-with the first guarded start) looks every ``CHECK_SECONDS`` at starts that
-have run longer than that, and if the server is stopped, kills it.  The
-start then fails with ``EOFError``, a transient error the launcher retries,
-and ``multiprocessing`` starts a new server for the retry.  A server that is
-merely slow (importing a heavy ``__main__`` before it can fork) is never
-killed: only a stopped one is.  Workers the old server forked live on (the
-pool watches them through their pidfds, or else their pids: ``_child.served``).
+with a guarded start, and ended once idle for ``IDLE_SECONDS``) looks every
+``CHECK_SECONDS`` at starts that have run longer than that, and if the
+server is stopped, kills it.  The start then fails with ``EOFError``, a
+transient error the launcher retries, and ``multiprocessing`` starts a new
+server for the retry.  A server that is merely slow (importing a heavy
+``__main__`` before it can fork) is never killed: only a stopped one is.
+Workers the old server forked live on (the pool watches them through their
+pidfds, or else their pids: ``_child.served``).
 A pool's shutdown kills a stopped server too (``kill_if_stopped``): it could
 serve no one, and it would outlive the program, which it leaves only once it
 reads EOF.
@@ -40,6 +41,8 @@ from duckpool import _child
 #: How long a start runs before the watch looks at the server, and how often
 #: it looks again while the start lasts.
 CHECK_SECONDS = 2.0
+#: How long the watching thread waits, with no start to watch, before it ends.
+IDLE_SECONDS = 2.0
 
 
 #: What the fork server imports as it starts (a top-level module installed
@@ -140,7 +143,11 @@ class _StartWatch:
         with self._lock:
             while True:
                 if not self._due:
-                    self._lock.wait()
+                    # Idle: it leaves after a while (the next start makes
+                    # another), so no thread outlives the pools for long.
+                    if not self._lock.wait(IDLE_SECONDS) and not self._due:
+                        self._thread = None
+                        return
                     continue
                 now = time.monotonic()
                 nearest = min(self._due.values())
