@@ -40,6 +40,8 @@ _UNREAPED: set[int] = set()
 #: reaps them.  Each is dropped once reaped, by whoever reaps it.
 _ADOPTABLE: list[int] = []
 _ADOPTABLE_LOCK = _thread.allocate_lock()
+#: ``prctl`` option: is this process a child subreaper?
+_PR_GET_CHILD_SUBREAPER = 37
 
 #: In a child ``fork`` started: the write end of its own sentinel pipe.
 _sentinel_w: Optional[int] = None
@@ -110,8 +112,8 @@ def exits_in_the_background(pid: int) -> None:
 
 
 def reap_if_adopted(pidfd: int) -> None:
-    """A process this one did not fork has exited: reap it if it has become
-    this process's child.
+    """A process this one did not fork has exited (or is about to): reap it
+    if it has become this process's child, else keep it for ``reap_adopted``.
 
     An orphan goes to the nearest subreaper: PID 1 of a container, or a
     process that set ``PR_SET_CHILD_SUBREAPER``.  Where that is this process
@@ -123,8 +125,12 @@ def reap_if_adopted(pidfd: int) -> None:
     if by_pidfd is None or not hasattr(os, "waitid"):
         return
     try:
-        os.waitid(by_pidfd, pidfd, os.WEXITED | os.WNOHANG)
-    except ChildProcessError:  # another's zombie still, or reaped already
+        reaped = os.waitid(by_pidfd, pidfd, os.WEXITED | os.WNOHANG) is not None
+    except ChildProcessError:  # another's (zombie) still, or reaped already
+        reaped = False
+    except OSError:
+        reaped = True  # (the pidfd is gone: nothing to keep)
+    if not reaped and inherits_orphans():
         try:
             _signal.pidfd_send_signal(pidfd, 0)  # (ESRCH once reaped)
             kept = os.dup(pidfd)
@@ -133,9 +139,32 @@ def reap_if_adopted(pidfd: int) -> None:
         else:
             with _ADOPTABLE_LOCK:
                 _ADOPTABLE.append(kept)
-    except OSError:
-        pass  # the pidfd is gone
     reap_adopted()
+
+
+#: ``prctl(2)``, once looked up (None: not yet; False: not to be had).
+_prctl: Any = None
+
+
+def inherits_orphans() -> bool:
+    """Do orphaned descendants of this process become its children: is it
+    PID 1 (of a container, say) or a child subreaper (``PR_SET_CHILD_SUBREAPER``)?"""
+    global _prctl
+    if os.getpid() == 1:
+        return True
+    if _prctl is None:
+        try:
+            import ctypes
+
+            _prctl = ctypes.CDLL(None, use_errno=True).prctl
+        except (ImportError, OSError, AttributeError):
+            _prctl = False
+    if _prctl is False:
+        return False
+    import ctypes
+
+    flag = ctypes.c_int(0)
+    return _prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0) == 0 and bool(flag.value)
 
 
 def reap_adopted() -> None:
@@ -148,18 +177,21 @@ def reap_adopted() -> None:
         kept = []
         for pidfd in _ADOPTABLE:
             try:
-                os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)  # type: ignore[attr-defined]
+                running = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG) is None  # type: ignore[attr-defined]
             except ChildProcessError:
                 try:
                     _signal.pidfd_send_signal(pidfd, 0)
                 except OSError:
                     close_quietly(pidfd)  # reaped by its parent
                 else:
-                    kept.append(pidfd)  # still its parent's zombie
+                    kept.append(pidfd)  # still its parent's
                 continue
             except OSError:
-                pass
-            close_quietly(pidfd)  # reaped here
+                running = False  # (gone: dropped)
+            if running:
+                kept.append(pidfd)  # this process's child now, still running
+            else:
+                close_quietly(pidfd)  # reaped here
         _ADOPTABLE[:] = kept
 
 

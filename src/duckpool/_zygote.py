@@ -460,6 +460,16 @@ class Zygote:
                 message, fds, _, _ = socket.recv_fds(self._control, REPLY.size, 2)
             except OSError:  # (nothing more to read: BlockingIOError)
                 return
+            if len(message) == REPLY.size:
+                _, pid = REPLY.unpack(message)
+                if pid > 0:
+                    # A worker (or standby) the pool never had: once its
+                    # pipes close it leaves, and where this process
+                    # inherits it (its zygote dead), this one reaps it.
+                    pidfd = _child.pidfd_of(pid)
+                    if pidfd is not None:
+                        _child.reap_if_adopted(pidfd)
+                        os.close(pidfd)
             for fd in fds:
                 os.close(fd)
             if not message:
