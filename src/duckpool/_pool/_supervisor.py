@@ -386,6 +386,10 @@ class Supervisor:
         with core.lock:
             items = [*also, *core.scheduler.take_all()]
             for slot in core.slots:
+                stopping = slot.stopping
+                if stopping is not None and stopping.answered:  # (out of assigned)
+                    items.append(stopping.item)
+                    slot.stopping = stopping._replace(answered=False)
                 items.extend(core.scheduler.take_assigned(slot))
         if cause is not None and error.__cause__ is None:
             error.__cause__ = cause
