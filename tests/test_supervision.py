@@ -371,6 +371,61 @@ def test_in_a_process_that_inherits_orphans_a_dead_helper_s_workers_are_reaped(
     assert out.strip() == "zombies: []", out
 
 
+_SLOW_ZYGOTE_SCRIPT = """
+import multiprocessing, time
+import duckpool
+from duckpool import _zygote_process
+from duckpool._pool import _dispatcher
+
+# The zygote forks each worker slowly (inherited with the fork: it is patched
+# before), and the pool gives it little time to leave at shutdown: it is
+# killed while it still forks the pool's first workers.
+start_one = _zygote_process._start_one
+
+def slow_start_one(*args, **kwargs):
+    time.sleep(0.05)
+    return start_one(*args, **kwargs)
+
+_zygote_process._start_one = slow_start_one
+_dispatcher.KILL_GRACE_SECONDS = 0.1
+pool = duckpool.ProcessPoolExecutor(8, multiprocessing.get_context("fork"))
+assert pool.submit(pow, 2, 3).result(60) == 8
+pool.shutdown()
+"""
+
+
+def _marked_processes(marker: str) -> list[int]:
+    """The processes whose environment holds ``marker``."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/environ", "rb") as env:
+                    if marker.encode() in env.read().split(b"\0"):
+                        found.append(int(name))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_a_zygote_killed_at_shutdown_had_forked_leave_with_the_pool(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Their answers unread, those workers were known to no one but the
+    # zygote, which held (and gave each) a copy of the pool's end of its
+    # control socket: the answers queued there kept each one's task pipe
+    # open, and they waited on it for ever, orphans.
+    marker = f"DUCKPOOL_TEST_MARK=slow-zygote-{os.getpid()}"
+    monkeypatch.setenv(*marker.split("=", 1))
+    try:
+        run_script(_SLOW_ZYGOTE_SCRIPT)
+        wait_until(lambda: not _marked_processes(marker), TIMEOUT)
+    finally:
+        for pid in _marked_processes(marker):
+            kill_quietly(pid)
+
+
 @pytest.fixture(params=["pidfds", "no pidfds"])
 def watched(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """How the pool watches processes it did not fork: through pidfds, or

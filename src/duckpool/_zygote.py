@@ -240,10 +240,18 @@ class Zygote:
                 title,
                 first_slots=tuple(first_slots),
             )
-            process = _child.fork(
-                lambda: zygote_main(channels.zygote_end, channels.notices_w, build_config, birth),
-                started,
-            )
+
+            def zygote() -> None:
+                # The pool's ends are not the zygote's.  Kept, every worker it
+                # forks would hold them too, and with them the answers queued
+                # to a pool that has closed its end, and the pipe ends they
+                # carry: a worker whose answer was never read would then never
+                # see its task pipe close, and outlive the pool.
+                channels.control.close()
+                os.close(channels.notices_r)
+                zygote_main(channels.zygote_end, channels.notices_w, build_config, birth)
+
+            process = _child.fork(zygote, started)
             channels.zygote_end.close()
             while ends:
                 os.close(ends.pop())
