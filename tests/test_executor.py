@@ -116,6 +116,24 @@ def test_unpicklable_argument_fails_only_its_future(
     assert executor.submit(tasks.add, 1, 2).result(TIMEOUT) == 3
 
 
+@pytest.mark.parametrize(
+    "argument, kind",
+    [(threading.Lock(), TypeError), (lambda: None, (AttributeError, pickle.PicklingError))],
+    ids=["lock", "lambda"],
+)
+def test_an_argument_that_does_not_pickle_fails_as_the_standard_library_s_does(
+    executor: duckpool.ProcessPoolExecutor, argument: object, kind: Any
+) -> None:
+    # The standard library's future fails with what pickle raised (a
+    # TypeError for a lock): duckpool's error is that too, as well as a
+    # PicklingError naming the callable and the argument.
+    error = executor.submit(tasks.add, 1, argument).exception(0)
+    assert isinstance(error, pickle.PicklingError), repr(error)
+    assert isinstance(error, kind), repr(error)
+    assert isinstance(error.__cause__, kind), repr(error.__cause__)
+    assert "argument 1" in str(error)
+
+
 def test_unpicklable_result_fails_only_its_future(executor: duckpool.ProcessPoolExecutor) -> None:
     with pytest.raises(Exception, match="lambda"):
         executor.submit(tasks.return_lambda).result(TIMEOUT)

@@ -199,6 +199,29 @@ class TaskUnpicklingError(BrokenProcessPool, pickle.UnpicklingError):
     """
 
 
+class _CallPicklingTypeError(pickle.PicklingError, TypeError):
+    """A call that does not pickle, where ``pickle`` raised a ``TypeError``."""
+
+
+class _CallPicklingAttributeError(pickle.PicklingError, AttributeError):
+    """A call that does not pickle, where ``pickle`` raised an ``AttributeError``."""
+
+
+def call_pickling_error(message: str, cause: BaseException) -> pickle.PicklingError:
+    """The ``PicklingError`` of a call that does not pickle, ``cause`` its
+    ``__cause__``: of ``cause``'s kind too where that is a ``TypeError`` or an
+    ``AttributeError`` (a lock, a local function), which is what the standard
+    library's future fails with there, so ``except TypeError`` goes on working."""
+    kind: type[pickle.PicklingError] = pickle.PicklingError
+    if isinstance(cause, TypeError):
+        kind = _CallPicklingTypeError
+    elif isinstance(cause, AttributeError):
+        kind = _CallPicklingAttributeError
+    error = kind(message)
+    error.__cause__ = cause
+    return error
+
+
 class PoolSaturatedError(RuntimeError):
     """A pool with ``max_pending`` had no room for another task.
 

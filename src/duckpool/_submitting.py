@@ -17,6 +17,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 from duckpool import _buffers, _context, _futures, _process_pools, _protocol, _tracing
+from duckpool._errors import call_pickling_error
 from duckpool._map import pool_map
 from duckpool._options import TaskOptions, await_cancelling
 from duckpool._validate import (
@@ -410,12 +411,11 @@ def _pickling_error(
     exception), and is the caller's, as anywhere else in ``submit()``."""
     if _pickles(dumps, fn, args, kwargs):
         raise exc
-    error = pickle.PicklingError(
+    return call_pickling_error(
         f"cannot send {_futures.callable_label(fn)} to a worker process: "
-        f"{_unpicklable_part(dumps, fn, args, kwargs)} cannot be pickled: {exc}"
+        f"{_unpicklable_part(dumps, fn, args, kwargs)} cannot be pickled: {exc}",
+        exc,
     )
-    error.__cause__ = exc
-    return error
 
 
 def _pickles(
