@@ -68,6 +68,8 @@ def test_good_arguments_come_back_as_the_values_to_use() -> None:
     assert _validate.check_chunksize(None) is None
     context = multiprocessing.get_context()
     assert _validate.check_mp_context(context) is context
+    # (The module, as the standard library's executor takes it: its default context.)
+    assert _validate.check_mp_context(multiprocessing) is context
 
 
 def test_a_wrong_type_may_raise_value_error_where_a_call_documents_it() -> None:

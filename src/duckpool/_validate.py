@@ -146,9 +146,16 @@ def check_name_prefix(value: Any) -> Optional[str]:
 
 
 def check_mp_context(value: Any) -> Optional[BaseContext]:
-    """``mp_context``: a multiprocessing context, or None for the default one."""
+    """``mp_context``: a multiprocessing context, or None for the default one.
+
+    The ``multiprocessing`` module itself, which the standard library's
+    executor takes as its default context, is that context.
+    """
+    import multiprocessing
     from multiprocessing.context import BaseContext
 
+    if value is multiprocessing:
+        return multiprocessing.get_context()
     if value is not None and not isinstance(value, BaseContext):
         raise TypeError(f"mp_context must be a multiprocessing context, got {value!r}")
     return value
