@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeoutError
@@ -128,6 +129,20 @@ def test_map_results_keeps_buffersize_chunks_in_flight_and_cancels_the_rest_when
     results.close()  # type: ignore[attr-defined]
     assert [f.cancelled() for f in submitted] == [False, True, True]
     assert len(submitted) == 3
+
+
+@pytest.mark.parametrize("chunksize", [None, 2], ids=["automatic", "explicit"])
+def test_a_map_s_errors_name_the_mapped_callable(chunksize: int | None) -> None:
+    # Not duckpool's own function that runs each chunk in its worker.
+    pool = duckpool.ProcessPoolExecutor(1)
+    try:
+        with pytest.raises(Exception, match=r"map\(\) chunk of _executor_tasks\.add"):
+            list(pool.map(tasks.add, [1, 2], [3, lambda: None], chunksize=chunksize))
+    finally:
+        pool.shutdown()
+    assert _futures.callable_label(functools.partial(_worker.run_chunk, divmod)) == (
+        "a map() chunk of builtins.divmod"
+    )
 
 
 def test_run_items_marks_a_chunk_with_failures_and_keeps_every_place() -> None:

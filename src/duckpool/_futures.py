@@ -124,12 +124,24 @@ def next_task_id() -> int:
     return next(_task_ids)
 
 
+#: What runs a ``map`` chunk in a worker (``_worker``): a chunk is named
+#: after the mapped callable, not after them.
+_MAP_RUNNERS = frozenset({"run_items", "run_chunk"})
+
+
 def callable_label(fn: object) -> str:
     """A short human name for a task's callable, for error messages."""
     import functools
 
     if isinstance(fn, functools.partial):
-        return callable_label(fn.func)
+        inner = fn.func
+        if (
+            getattr(inner, "__module__", None) == "duckpool._worker"
+            and getattr(inner, "__name__", None) in _MAP_RUNNERS
+            and fn.args
+        ):
+            return f"a map() chunk of {callable_label(fn.args[0])}"
+        return callable_label(inner)
     name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
     if name is None:
         return repr(fn)
