@@ -36,6 +36,7 @@ from duckpool import _validate
         (_validate.check_picklable, ("pool_id", lambda: 0), TypeError, "pool_id", None),
         (_validate.check_name_prefix, (7,), TypeError, "process_name_prefix", 7),
         (_validate.check_mp_context, ("fork",), TypeError, "mp_context", "fork"),
+        (_validate.check_initargs, (5,), TypeError, "initargs", 5),
         (_validate.check_admission, (-1, "reject", None), ValueError, "max_pending", -1),
         (_validate.check_admission, (1, "drop", None), ValueError, "on_saturated", "drop"),
         (_validate.check_admission, (1, "block", 0), ValueError, "block_timeout", 0),

@@ -30,6 +30,7 @@ from duckpool._submitting import Submitting
 from duckpool._validate import (
     check_admission,
     check_callable,
+    check_initargs,
     check_min_workers,
     check_mp_context,
     check_name_prefix,
@@ -113,7 +114,7 @@ def _checked_settings(
         max_workers=workers,
         context=context,
         initializer=initializer,
-        initargs=tuple(initargs),
+        initargs=check_initargs(initargs),
         max_tasks_per_child=max_tasks_per_child,
         max_memory_per_child=max_memory_per_child,
         name_prefix=process_name_prefix,

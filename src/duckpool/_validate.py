@@ -30,6 +30,7 @@ __all__ = [
     "check_chunksize",
     "check_cluster_arguments",
     "check_drain_timeout",
+    "check_initargs",
     "check_mp_context",
     "check_name_prefix",
     "check_offered_task_types",
@@ -126,6 +127,16 @@ def check_task_callable(fn: Any, caller: str = "submit()") -> None:
     """What ``submit`` (or ``caller``) runs."""
     if not callable(fn):
         raise TypeError(f"{caller} needs a callable, got {fn!r}")
+
+
+def check_initargs(value: Any) -> tuple[Any, ...]:
+    """``initargs``: the initializer's arguments, any iterable of them."""
+    try:
+        return tuple(value)
+    except TypeError:
+        raise TypeError(
+            f"initargs must be an iterable of the initializer's arguments (a tuple), got {value!r}"
+        ) from None
 
 
 def check_picklable(name: str, value: Any) -> None:
