@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from typing import Any, Optional
 
 import pytest
@@ -182,6 +184,58 @@ def test_an_inherited_local_pool_refuses_work_and_the_child_runs_its_own(
         assert parent_pool.submit(_tasks.add, 2, 2).result(TIMEOUT) == 4
     finally:
         parent_pool.shutdown()
+
+
+@pytest.mark.parametrize("leaves", ["return", "sys.exit"])
+@pytest.mark.parametrize("count", [1, 3], ids=["one pool", "pools on the hub"])
+def test_a_process_forked_in_a_done_callback_leaves_when_the_callback_does(
+    start_method: str, count: int, leaves: str
+) -> None:
+    # The child is a copy of the thread that ran the callback: the pool's
+    # dispatcher, or the hub serving several pools.  Going on there, it
+    # read the parent's workers' results (the parent's futures never
+    # resolved), or, its SystemExit taken for the dispatcher's failure,
+    # killed the parent's workers.
+    context = multiprocessing.get_context(start_method)
+    pools = [duckpool.ProcessPoolExecutor(2, context) for _ in range(count)]
+    children: list[int] = []
+
+    def fork_in_callback(_: Any) -> None:
+        pid = os.fork()
+        if pid == 0:
+            if leaves == "sys.exit":
+                sys.exit(5)
+            return
+        children.append(pid)
+
+    try:
+        assert [p.submit(_tasks.add, 1, 1).result(TIMEOUT) for p in pools] == [2] * count
+        work = [p.submit(_tasks.sleep_then, 0.3, i) for i, p in enumerate(pools) for _ in range(2)]
+        pools[0].submit(_tasks.add, 2, 2).add_done_callback(fork_in_callback)
+        assert [f.result(TIMEOUT) for f in work] == [i for i in range(count) for _ in range(2)]
+        assert all(p.stats().worker_deaths == 0 for p in pools)
+        assert [p.submit(_tasks.add, 3, 3).result(TIMEOUT) for p in pools] == [6] * count
+        deadline = time.monotonic() + TIMEOUT
+        while not children:  # (the callback may run after the other results)
+            assert time.monotonic() < deadline, "the callback never ran"
+            time.sleep(0.01)
+        while True:
+            reaped, status = os.waitpid(children[0], os.WNOHANG)
+            if reaped:
+                break
+            assert time.monotonic() < deadline, "the forked child did not leave"
+            time.sleep(0.01)
+        children.clear()
+        assert os.waitstatus_to_exitcode(status) == (5 if leaves == "sys.exit" else 0)
+    finally:
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        for p in pools:
+            p.shutdown()
 
 
 def test_the_fork_hook_empties_the_managers_registry_and_renews_its_lock() -> None:

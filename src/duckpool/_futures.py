@@ -12,7 +12,16 @@ import time
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import _base as _futures_base
 from concurrent.futures.process import _RemoteTraceback
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Optional, Protocol, TypeVar
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    AsyncIterator,
+    Callable,
+    NoReturn,
+    Optional,
+    Protocol,
+    TypeVar,
+)
 
 from duckpool._errors import TaskCancelledError
 
@@ -60,6 +69,12 @@ def cancel_item(item: WorkItem, why: str) -> None:
         set_exception(future, TaskCancelledError(f"task {item.label} was cancelled {why}"))
 
 
+#: Forks this process descends from (counted in each child as it starts):
+#: a change across a call of callbacks means one of them forked, and this
+#: is the child (``_leave_forked_child``).
+_forks = 0
+
+
 def set_result(future: Future[Any], value: Any) -> None:
     """Resolve ``future`` with ``value``, unless it was cancelled or resolved meanwhile.
 
@@ -68,19 +83,65 @@ def set_result(future: Future[Any], value: Any) -> None:
     asynchronously (a signal handler's, say) must reach the code that hands
     the resolution over to the dispatcher, not pass for "already resolved".
     """
+    forks = _forks
     try:
         future.set_result(value)
     except InvalidStateError:  # cancelled or already resolved by a racing path
         _acknowledge_cancel(future)
+    except BaseException as exc:
+        if _forks != forks:
+            _leave_forked_child(exc)
+        raise
+    if _forks != forks:
+        _leave_forked_child(None)
 
 
 def set_exception(future: Future[Any], error: BaseException) -> None:
     """Fail ``future`` with ``error``, unless it was cancelled or resolved
     meanwhile (anything else raised here propagates, as in ``set_result``)."""
+    forks = _forks
     try:
         future.set_exception(error)
     except InvalidStateError:  # cancelled or already resolved by a racing path
         _acknowledge_cancel(future)
+    except BaseException as exc:
+        if _forks != forks:
+            _leave_forked_child(exc)
+        raise
+    if _forks != forks:
+        _leave_forked_child(None)
+
+
+def _leave_forked_child(exc: Optional[BaseException]) -> NoReturn:
+    """A done-callback the pool ran forked this process, and in this child
+    it returned (``exc`` None) or raised ``exc``: the child leaves now.
+
+    It is a copy of the thread that ran the callback (the pool's dispatcher,
+    or a thread waiting for a result), in the middle of the pool's work:
+    going on, it would read the parent's workers' results, or kill them.
+    Its exit code is that of a ``SystemExit`` it raised, 1 for another
+    exception (its traceback printed), else 0; its output is flushed first.
+    """
+    import sys
+
+    code = 0
+    if isinstance(exc, SystemExit):
+        if isinstance(exc.code, int):
+            code = exc.code
+        elif exc.code is not None:
+            code = 1
+            print(exc.code, file=sys.stderr)
+    elif exc is not None:
+        import traceback
+
+        code = 1
+        traceback.print_exception(type(exc), exc, exc.__traceback__)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
 
 
 def set_progress(future: Future[Any], payload: memoryview) -> None:
@@ -248,12 +309,13 @@ class WorkItem:
 _LAZY_CONDITION_LOCK = threading.RLock()
 
 
-def _renew_lazy_condition_lock() -> None:
-    global _LAZY_CONDITION_LOCK
+def _after_fork_in_child() -> None:
+    global _LAZY_CONDITION_LOCK, _forks
     _LAZY_CONDITION_LOCK = threading.RLock()
+    _forks += 1
 
 
-os.register_at_fork(after_in_child=_renew_lazy_condition_lock)
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 #: How long a future's condition may stay held by another thread before the
