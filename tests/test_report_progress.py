@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import threading
+import time
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
@@ -42,6 +44,39 @@ def test_updates_reach_the_future_and_the_last_comes_before_the_result(ctx: obje
         # A plain task reports nothing.
         plain = pool.submit(pow, 2, 3)
         assert plain.result(TIMEOUT) == 8 and plain.progress is None  # type: ignore[attr-defined]
+    finally:
+        pool.shutdown()
+
+
+def test_a_process_forked_in_a_progress_callback_leaves_when_the_callback_does(
+    ctx: object,
+) -> None:
+    # (As for a done-callback: the child, a copy of the pool's thread, must
+    # not run on as the parent's dispatcher.)
+    pool = duckpool.ProcessPoolExecutor(1, ctx)  # type: ignore[arg-type]
+    children: list[int] = []
+
+    def fork_once(_: Any) -> None:
+        if not children:
+            pid = os.fork()
+            if pid == 0:
+                return
+            children.append(pid)
+
+    try:
+        future = pool.submit(progress_tasks.count_to, 100_000)
+        future.add_progress_callback(fork_once)  # type: ignore[attr-defined]
+        assert future.result(TIMEOUT) == 100_000
+        assert pool.submit(pow, 2, 3).result(TIMEOUT) == 8
+        wait_until(lambda: bool(children), TIMEOUT)
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            reaped, status = os.waitpid(children[0], os.WNOHANG)
+            if reaped:
+                break
+            assert time.monotonic() < deadline, "the forked child did not leave"
+            time.sleep(0.01)
+        assert os.waitstatus_to_exitcode(status) == 0
     finally:
         pool.shutdown()
 

@@ -160,10 +160,17 @@ def set_progress(future: Future[Any], payload: memoryview) -> None:
 
 
 def _call_progress_callback(callback: Callable[[Future[Any]], object], future: Future[Any]) -> None:
+    forks = _forks
     try:
         callback(future)
     except Exception:
         _futures_base.LOGGER.exception("exception calling progress callback for %r", future)
+    except BaseException as exc:
+        if _forks != forks:
+            _leave_forked_child(exc)
+        raise
+    if _forks != forks:
+        _leave_forked_child(None)
 
 
 def _acknowledge_cancel(future: Future[Any]) -> None:
