@@ -331,6 +331,18 @@ def resource_tracker_pid() -> Optional[int]:
     return None if pid is None or process_gone(pid) else int(pid)
 
 
+def exit_code_of_child(pid: int, timeout: float) -> int:
+    """Wait (polling) for this process's child ``pid`` to exit, reap it and
+    return its exit code; AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        reaped, status = os.waitpid(pid, os.WNOHANG)
+        if reaped:
+            return os.waitstatus_to_exitcode(status)
+        assert time.monotonic() < deadline, f"child {pid} still runs after {timeout} s"
+        time.sleep(0.01)
+
+
 def kill_quietly(pid: Optional[int]) -> None:
     """SIGKILL ``pid`` unless it is None or gone."""
     if pid is None:

@@ -21,7 +21,7 @@ import pytest
 
 import _tasks
 import duckpool
-from conftest import run_in_forked_child
+from conftest import exit_code_of_child, run_in_forked_child
 from duckpool import _process_pools, _registry
 
 TIMEOUT = 30
@@ -219,14 +219,8 @@ def test_a_process_forked_in_a_done_callback_leaves_when_the_callback_does(
         while not children:  # (the callback may run after the other results)
             assert time.monotonic() < deadline, "the callback never ran"
             time.sleep(0.01)
-        while True:
-            reaped, status = os.waitpid(children[0], os.WNOHANG)
-            if reaped:
-                break
-            assert time.monotonic() < deadline, "the forked child did not leave"
-            time.sleep(0.01)
-        children.clear()
-        assert os.waitstatus_to_exitcode(status) == (5 if leaves == "sys.exit" else 0)
+        code = exit_code_of_child(children.pop(), TIMEOUT)
+        assert code == (5 if leaves == "sys.exit" else 0)
     finally:
         for pid in children:
             try:

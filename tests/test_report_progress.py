@@ -7,7 +7,6 @@ import asyncio
 import io
 import os
 import threading
-import time
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 
 import _progress_tasks as progress_tasks
 import duckpool
-from conftest import wait_until
+from conftest import exit_code_of_child, wait_until
 
 TIMEOUT = 30
 
@@ -69,14 +68,7 @@ def test_a_process_forked_in_a_progress_callback_leaves_when_the_callback_does(
         assert future.result(TIMEOUT) == 100_000
         assert pool.submit(pow, 2, 3).result(TIMEOUT) == 8
         wait_until(lambda: bool(children), TIMEOUT)
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            reaped, status = os.waitpid(children[0], os.WNOHANG)
-            if reaped:
-                break
-            assert time.monotonic() < deadline, "the forked child did not leave"
-            time.sleep(0.01)
-        assert os.waitstatus_to_exitcode(status) == 0
+        assert exit_code_of_child(children[0], TIMEOUT) == 0
     finally:
         pool.shutdown()
 

@@ -83,27 +83,27 @@ def set_result(future: Future[Any], value: Any) -> None:
     asynchronously (a signal handler's, say) must reach the code that hands
     the resolution over to the dispatcher, not pass for "already resolved".
     """
-    forks = _forks
     try:
-        future.set_result(value)
+        _running_callbacks(future.set_result, value)
     except InvalidStateError:  # cancelled or already resolved by a racing path
         _acknowledge_cancel(future)
-    except BaseException as exc:
-        if _forks != forks:
-            _leave_forked_child(exc)
-        raise
-    if _forks != forks:
-        _leave_forked_child(None)
 
 
 def set_exception(future: Future[Any], error: BaseException) -> None:
     """Fail ``future`` with ``error``, unless it was cancelled or resolved
     meanwhile (anything else raised here propagates, as in ``set_result``)."""
-    forks = _forks
     try:
-        future.set_exception(error)
+        _running_callbacks(future.set_exception, error)
     except InvalidStateError:  # cancelled or already resolved by a racing path
         _acknowledge_cancel(future)
+
+
+def _running_callbacks(call: Callable[..., object], *args: Any) -> None:
+    """``call(*args)``, which runs callbacks of the program's: if one of them
+    forked, and this is the child, it leaves here (``_leave_forked_child``)."""
+    forks = _forks
+    try:
+        call(*args)
     except BaseException as exc:
         if _forks != forks:
             _leave_forked_child(exc)
@@ -160,17 +160,14 @@ def set_progress(future: Future[Any], payload: memoryview) -> None:
 
 
 def _call_progress_callback(callback: Callable[[Future[Any]], object], future: Future[Any]) -> None:
-    forks = _forks
+    _running_callbacks(_logging_errors, callback, future)
+
+
+def _logging_errors(callback: Callable[[Future[Any]], object], future: Future[Any]) -> None:
     try:
         callback(future)
     except Exception:
         _futures_base.LOGGER.exception("exception calling progress callback for %r", future)
-    except BaseException as exc:
-        if _forks != forks:
-            _leave_forked_child(exc)
-        raise
-    if _forks != forks:
-        _leave_forked_child(None)
 
 
 def _acknowledge_cancel(future: Future[Any]) -> None:
