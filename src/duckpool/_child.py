@@ -40,8 +40,6 @@ _UNREAPED: set[int] = set()
 #: reaps them.  Each is dropped once reaped, by whoever reaps it.
 _ADOPTABLE: list[int] = []
 _ADOPTABLE_LOCK = _thread.allocate_lock()
-#: ``prctl`` option: is this process a child subreaper?
-_PR_GET_CHILD_SUBREAPER = 37
 
 #: In a child ``fork`` started: the write end of its own sentinel pipe.
 _sentinel_w: Optional[int] = None
@@ -119,7 +117,8 @@ def reap_if_adopted(pidfd: int) -> None:
     process that set ``PR_SET_CHILD_SUBREAPER``.  Where that is this process
     (a pool's zygote died, so its workers and standby are orphans), nothing
     else reaps them: each would stay a zombie.  Elsewhere their new parent
-    reaps them, and this does nothing.
+    reaps them, and the pidfd kept meanwhile is dropped (``reap_adopted``,
+    which a pool's dispatcher calls on each pass while one is kept).
     """
     by_pidfd = getattr(os, "P_PIDFD", None)
     if by_pidfd is None or not hasattr(os, "waitid"):
@@ -130,7 +129,7 @@ def reap_if_adopted(pidfd: int) -> None:
         reaped = False
     except OSError:
         reaped = True  # (the pidfd is gone: nothing to keep)
-    if not reaped and inherits_orphans():
+    if not reaped:
         try:
             _signal.pidfd_send_signal(pidfd, 0)  # (ESRCH once reaped)
             kept = os.dup(pidfd)
@@ -142,39 +141,36 @@ def reap_if_adopted(pidfd: int) -> None:
     reap_adopted()
 
 
-#: ``prctl(2)``, once looked up (None: not yet; False: not to be had).
-_prctl: Any = None
-
-
-def inherits_orphans() -> bool:
-    """Do orphaned descendants of this process become its children: is it
-    PID 1 (of a container, say) or a child subreaper (``PR_SET_CHILD_SUBREAPER``)?"""
-    global _prctl
-    if os.getpid() == 1:
-        return True
-    if _prctl is None:
-        try:
-            import ctypes
-
-            _prctl = ctypes.CDLL(None, use_errno=True).prctl
-        except (ImportError, OSError, AttributeError):
-            _prctl = False
-    if _prctl is False:
-        return False
-    import ctypes
-
-    flag = ctypes.c_int(0)
-    return _prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0) == 0 and bool(flag.value)
-
-
-def reap_adopted() -> None:
+def reap_adopted(wait: float = 0.0) -> None:
     """Reap the processes ``reap_if_adopted`` kept that have become this
     process's children since (their parent died before reaping them); forget
-    those their parent reaped."""
+    those their parent reaped.  With ``wait``, wait up to that long for such
+    children of this process still running (a pool's own, killed as it
+    ended) to exit, and reap them too."""
     if not _ADOPTABLE:
         return
+    deadline = time.monotonic() + wait
+    while True:
+        running = _reap_adopted(dup_running=wait > 0)
+        left = deadline - time.monotonic()
+        try:
+            if not running or left <= 0:
+                return
+            mp_connection.wait(running, left)  # (each readable once it has exited)
+        finally:
+            for pidfd in running:
+                close_quietly(pidfd)
+
+
+def _reap_adopted(dup_running: bool = False) -> list[int]:
+    """One look (see ``reap_adopted``); with ``dup_running``, duplicates of
+    the pidfds of this process's children among them still running (the
+    caller's to close: another thread may close the kept ones meanwhile)."""
+    if not _ADOPTABLE:
+        return []
     with _ADOPTABLE_LOCK:
-        kept = []
+        kept: list[int] = []
+        ours: list[int] = []
         for pidfd in _ADOPTABLE:
             try:
                 running = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG) is None  # type: ignore[attr-defined]
@@ -190,9 +186,15 @@ def reap_adopted() -> None:
                 running = False  # (gone: dropped)
             if running:
                 kept.append(pidfd)  # this process's child now, still running
+                if dup_running:
+                    try:
+                        ours.append(os.dup(pidfd))
+                    except OSError:
+                        pass
             else:
                 close_quietly(pidfd)  # reaped here
         _ADOPTABLE[:] = kept
+        return ours
 
 
 def close_quietly(fd: Optional[int]) -> None:
@@ -448,6 +450,10 @@ class PidfdProcess:
         if self._closed:
             return
         self._closed = True
+        if not self._exited:
+            # Let go still running (or its exit not seen): where this process
+            # inherits it once its parent is gone, it is reaped later.
+            reap_if_adopted(self.sentinel)
         try:
             os.close(self.sentinel)
         except OSError:

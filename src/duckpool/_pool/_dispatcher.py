@@ -138,7 +138,7 @@ def run(core: Core, dispatcher: Dispatcher) -> None:
         core.zygotes.reap(KILL_GRACE_SECONDS)
         # Workers of a helper that died before it reaped them (a stopped
         # zygote or fork server, killed), if this process inherited them.
-        _child.reap_adopted()
+        _child.reap_adopted(KILL_GRACE_SECONDS)
 
 
 def _dispatch_until_done(core: Core, dispatcher: Dispatcher) -> None:
@@ -180,6 +180,7 @@ def _passes(core: Core) -> _hub.Passes:
                     timeout = wait
             transport.before_wait()
             results.take_handed_over()
+        _child.reap_adopted()  # (nothing to do unless a process is kept: see there)
         if deferred:
             results.resolve_all(deferred)
         exited: list[Slot] = []
