@@ -41,6 +41,10 @@ _UNREAPED: set[int] = set()
 _ADOPTABLE: list[int] = []
 _ADOPTABLE_LOCK = _thread.allocate_lock()
 
+#: How often ``reap_adopted``, told to wait, looks again at processes kept
+#: that are not this process's children (their parent is to reap them).
+ADOPTED_LOOK_SECONDS = 0.01
+
 #: In a child ``fork`` started: the write end of its own sentinel pipe.
 _sentinel_w: Optional[int] = None
 
@@ -129,9 +133,8 @@ def reap_if_adopted(pidfd: int) -> None:
         reaped = False
     except OSError:
         reaped = True  # (the pidfd is gone: nothing to keep)
-    if not reaped:
+    if not reaped and _may_become_ours(pidfd):
         try:
-            _signal.pidfd_send_signal(pidfd, 0)  # (ESRCH once reaped)
             kept = os.dup(pidfd)
         except OSError:
             pass
@@ -141,12 +144,28 @@ def reap_if_adopted(pidfd: int) -> None:
     reap_adopted()
 
 
+def _may_become_ours(pidfd: int) -> bool:
+    """May the unreaped process of ``pidfd`` be, or become, this process's
+    child?  Not once init has it (its parent died, and no subreaper on the
+    way took it), nor once it is reaped; else it may, were its parent to die
+    and this process to be PID 1 or the nearest subreaper."""
+    if os.getpid() == 1:
+        return True
+    try:
+        with open(f"/proc/self/fdinfo/{pidfd}") as info:
+            pid = next(int(line.split()[1]) for line in info if line.startswith("Pid:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return False
+    fields = _stat(pid)  # (a pid held by an unreaped process: not reused)
+    return len(fields) > 1 and fields[1] != b"1"
+
+
 def reap_adopted(wait: float = 0.0) -> None:
     """Reap the processes ``reap_if_adopted`` kept that have become this
     process's children since (their parent died before reaping them); forget
-    those their parent reaped.  With ``wait``, wait up to that long for such
-    children of this process still running (a pool's own, killed as it
-    ended) to exit, and reap them too."""
+    those their parent reaped.  With ``wait``, wait up to that long for every
+    process kept to be reaped, here or by its parent (a pool's, killed as it
+    ended)."""
     if not _ADOPTABLE:
         return
     deadline = time.monotonic() + wait
@@ -154,9 +173,15 @@ def reap_adopted(wait: float = 0.0) -> None:
         running = _reap_adopted(dup_running=wait > 0)
         left = deadline - time.monotonic()
         try:
-            if not running or left <= 0:
+            if not _ADOPTABLE or left <= 0:
                 return
-            mp_connection.wait(running, left)  # (each readable once it has exited)
+            # (Each of this process's children readable once it has exited;
+            # another's zombie is looked at again after a moment.)
+            step = min(left, ADOPTED_LOOK_SECONDS)
+            if running:
+                mp_connection.wait(running, step)
+            else:
+                time.sleep(step)
         finally:
             for pidfd in running:
                 close_quietly(pidfd)
