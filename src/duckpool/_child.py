@@ -113,7 +113,7 @@ def exits_in_the_background(pid: int) -> None:
         pass  # gone, or not ours to change
 
 
-def reap_if_adopted(pidfd: int) -> None:
+def reap_if_adopted(pidfd: int, keep: bool = False) -> None:
     """A process this one did not fork has exited (or is about to): reap it
     if it has become this process's child, else keep it for ``reap_adopted``.
 
@@ -122,7 +122,10 @@ def reap_if_adopted(pidfd: int) -> None:
     (a pool's zygote died, so its workers and standby are orphans), nothing
     else reaps them: each would stay a zombie.  Elsewhere their new parent
     reaps them, and the pidfd kept meanwhile is dropped (``reap_adopted``,
-    which a pool's dispatcher calls on each pass while one is kept).
+    which a pool's dispatcher calls on each pass while one is kept).  Kept
+    only where it may become this process's child (``_may_become_ours``),
+    or with ``keep`` (its parent, a zygote, is about to be told to leave,
+    and may be killed before it reaps it).
     """
     by_pidfd = getattr(os, "P_PIDFD", None)
     if by_pidfd is None or not hasattr(os, "waitid"):
@@ -133,7 +136,7 @@ def reap_if_adopted(pidfd: int) -> None:
         reaped = False
     except OSError:
         reaped = True  # (the pidfd is gone: nothing to keep)
-    if not reaped and _may_become_ours(pidfd):
+    if not reaped and (keep or _may_become_ours(pidfd)):
         try:
             kept = os.dup(pidfd)
         except OSError:
@@ -144,39 +147,47 @@ def reap_if_adopted(pidfd: int) -> None:
     reap_adopted()
 
 
-def _may_become_ours(pidfd: int) -> bool:
+def _may_become_ours(pidfd: int, soon: bool = False) -> bool:
     """May the unreaped process of ``pidfd`` be, or become, this process's
-    child?  Not once init has it (its parent died, and no subreaper on the
+    child?  Not once PID 1 has it (its parent died, and no subreaper on the
     way took it), nor once it is reaped; else it may, were its parent to die
-    and this process to be PID 1 or the nearest subreaper."""
-    if os.getpid() == 1:
-        return True
+    and this process to be PID 1 or the nearest subreaper.  With ``soon``:
+    only if it is this process's child already, or its parent is stopped
+    (a parent that runs reaps it within moments)."""
     try:
         with open(f"/proc/self/fdinfo/{pidfd}") as info:
             pid = next(int(line.split()[1]) for line in info if line.startswith("Pid:"))
     except (OSError, StopIteration, ValueError, IndexError):
         return False
     fields = _stat(pid)  # (a pid held by an unreaped process: not reused)
-    return len(fields) > 1 and fields[1] != b"1"
+    if len(fields) < 2:
+        return False
+    parent = int(fields[1])
+    if parent == os.getpid():
+        return True
+    if parent == 1:
+        return False
+    return not soon or _state(parent) in (b"T", b"t")
 
 
 def reap_adopted(wait: float = 0.0) -> None:
     """Reap the processes ``reap_if_adopted`` kept that have become this
     process's children since (their parent died before reaping them); forget
-    those their parent reaped.  With ``wait``, wait up to that long for every
-    process kept to be reaped, here or by its parent (a pool's, killed as it
-    ended)."""
+    those their parent reaped.  With ``wait`` (a pool's end), wait up to
+    that long for the processes kept that are this process's children, or
+    whose parent is stopped, to be reaped; the others are their running
+    parents' to reap, and are no longer kept."""
     if not _ADOPTABLE:
         return
     deadline = time.monotonic() + wait
     while True:
-        running = _reap_adopted(dup_running=wait > 0)
+        running = _reap_adopted(dup_running=wait > 0, last=wait > 0)
         left = deadline - time.monotonic()
         try:
             if not _ADOPTABLE or left <= 0:
                 return
             # (Each of this process's children readable once it has exited;
-            # another's zombie is looked at again after a moment.)
+            # another's, its parent stopped, looked at again after a moment.)
             step = min(left, ADOPTED_LOOK_SECONDS)
             if running:
                 mp_connection.wait(running, step)
@@ -187,10 +198,12 @@ def reap_adopted(wait: float = 0.0) -> None:
                 close_quietly(pidfd)
 
 
-def _reap_adopted(dup_running: bool = False) -> list[int]:
+def _reap_adopted(dup_running: bool = False, last: bool = False) -> list[int]:
     """One look (see ``reap_adopted``); with ``dup_running``, duplicates of
     the pidfds of this process's children among them still running (the
-    caller's to close: another thread may close the kept ones meanwhile)."""
+    caller's to close: another thread may close the kept ones meanwhile).
+    ``last`` (a pool's end): another's, whose parent runs, is left to that
+    parent from now on."""
     if not _ADOPTABLE:
         return []
     with _ADOPTABLE_LOCK:
@@ -205,7 +218,10 @@ def _reap_adopted(dup_running: bool = False) -> list[int]:
                 except OSError:
                     close_quietly(pidfd)  # reaped by its parent
                 else:
-                    kept.append(pidfd)  # still its parent's
+                    if last and not _may_become_ours(pidfd, soon=True):
+                        close_quietly(pidfd)  # its parent's, which runs
+                    else:
+                        kept.append(pidfd)  # still its parent's
                 continue
             except OSError:
                 running = False  # (gone: dropped)

@@ -476,7 +476,7 @@ class Zygote:
                     # inherits it (its zygote dead), this one reaps it.
                     pidfd = _child.pidfd_of(pid)
                     if pidfd is not None:
-                        _child.reap_if_adopted(pidfd)
+                        _child.reap_if_adopted(pidfd, keep=True)
                         os.close(pidfd)
             for fd in fds:
                 os.close(fd)
