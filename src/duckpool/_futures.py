@@ -294,7 +294,7 @@ class WorkItem:
         #: Runs begun or to begin: 1, plus one per retry.
         self.attempts = 1
         #: Deaths of a ready worker it was the first item of, not marked as
-        #: taken up (``Supervisor.took_up``).
+        #: taken up (``_supervisor.took_up``).
         self.unmarked_deaths = 0
         #: Its span (``_tracing.TaskSpan``) if its pool or call traces.
         self.trace: Any = None

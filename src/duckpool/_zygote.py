@@ -65,7 +65,7 @@ import weakref
 from multiprocessing import connection as mp_connection
 from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
-from duckpool import _child, _worker
+from duckpool import _child, _orphans, _worker
 from duckpool._zygote_process import (
     ADOPT,
     EXIT,
@@ -119,7 +119,7 @@ class ZygoteChild:
 
     def _reap_if_adopted(self) -> None:
         if self.pidfd is not None and self._release.alive:
-            _child.reap_if_adopted(self.pidfd)
+            _orphans.reap_if_adopted(self.pidfd)
 
     def join(self, timeout: Optional[float] = None) -> None:
         if not self.is_alive():
@@ -476,7 +476,7 @@ class Zygote:
                     # inherits it (its zygote dead), this one reaps it.
                     pidfd = _child.pidfd_of(pid)
                     if pidfd is not None:
-                        _child.reap_if_adopted(pidfd, keep=True)
+                        _orphans.reap_if_adopted(pidfd, keep=True)
                         os.close(pidfd)
             for fd in fds:
                 os.close(fd)

@@ -29,7 +29,7 @@ import weakref
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Optional
 
-from duckpool import _child, _threads
+from duckpool import _orphans, _threads
 from duckpool._pool import _hub
 from duckpool._pool._results import LOG_RECORD_ITEM
 from duckpool._pool._slots import ResultReady, WorkerExit, ZygoteTag
@@ -138,7 +138,7 @@ def run(core: Core, dispatcher: Dispatcher) -> None:
         core.zygotes.reap(KILL_GRACE_SECONDS)
         # Workers of a helper that died before it reaped them (a stopped
         # zygote or fork server, killed), if this process inherited them.
-        _child.reap_adopted(KILL_GRACE_SECONDS)
+        _orphans.reap_adopted(KILL_GRACE_SECONDS)
 
 
 def _dispatch_until_done(core: Core, dispatcher: Dispatcher) -> None:
@@ -180,7 +180,7 @@ def _passes(core: Core) -> _hub.Passes:
                     timeout = wait
             transport.before_wait()
             results.take_handed_over()
-        _child.reap_adopted()  # (nothing to do unless a process is kept: see there)
+        _orphans.reap_adopted()  # (nothing to do unless a process is kept: see there)
         if deferred:
             results.resolve_all(deferred)
         exited: list[Slot] = []

@@ -42,7 +42,7 @@ STOP_GRACE_SECONDS = 5.0
 #: How long a worker stopped with SIGTERM (timeout, cancel) gets before SIGKILL.
 KILL_GRACE_SECONDS = 1.0
 #: Deaths of ready workers, each with the same item first and not marked as
-#: taken up, after which that item counts as taken up (``Supervisor.took_up``).
+#: taken up, after which that item counts as taken up (``_supervisor.took_up``).
 MAX_UNMARKED_DEATHS = 3
 #: Signals a process sends itself by failing (a crash loop), as opposed to
 #: signals sent from outside (SIGKILL, SIGTERM, ...), which are not its fault.
@@ -119,7 +119,7 @@ class Supervisor:
                 ids = [item.task_id for item in assigned]
                 mark = core.marks[slot.index]
                 started = ids.index(mark) + 1 if mark in ids else 0
-                if not started and assigned and self.took_up(slot, assigned[0]):
+                if not started and assigned and took_up(core, slot, assigned[0]):
                     started = 1
                 for _ in range(started):
                     failed.append((assigned.popleft(), poisoned))
@@ -128,7 +128,7 @@ class Supervisor:
                 head = assigned[0]
                 # The worker marks each task it takes up: an item it never
                 # reached (killed while idle, mid-send) is requeued, not failed.
-                if (stopping is not None and stopping.item is head) or self.took_up(slot, head):
+                if (stopping is not None and stopping.item is head) or took_up(core, slot, head):
                     assigned.popleft()
                     error: BaseException
                     if stopping is not None and stopping.item is head:
@@ -148,7 +148,7 @@ class Supervisor:
                     if head.retries and self._retry(head, error):
                         assigned.appendleft(head)  # first back in the queue
                     else:
-                        failed.append((head, self._final_error(head, error)))
+                        failed.append((head, final_error(core, head, error)))
                 # The rest never started: back to the front of the queue.
                 core.scheduler.requeue_front(slot)
             missed = slot.start_missed
@@ -170,33 +170,6 @@ class Supervisor:
         if starts_failing is not None:
             self.starts_failed(starts_failing)
         self.break_if_starts_fail(give_up, missed or describe_exit(exitcode))
-
-    def took_up(self, slot: Slot, head: WorkItem) -> bool:
-        """Had ``slot``'s worker, which has exited, taken up ``head``, its
-        first item?  (lock held)
-
-        Its mark says so.  But the marks are memory every worker can write,
-        and a task that wrote over its mark and then killed its worker
-        would, taken at its word, be sent again to the next worker, and the
-        next, for ever (nor would its timeout end it: each run starts its
-        clock anew).  So ``head`` counts as taken up, unmarked, once
-        ``MAX_UNMARKED_DEATHS`` ready workers have died with it first in
-        line: a worker dies before it reads its next item only in a moment
-        too short to hit that often.
-        """
-        core = self._core
-        if core.marks[slot.index] == head.task_id:
-            return True
-        if (
-            not slot.ready
-            or slot.retiring
-            or slot.stop_sent
-            or slot.stopping is not None
-            or core.lifecycle.kill_requested is not None
-        ):
-            return False  # it was not started, or it was told to leave
-        head.unmarked_deaths += 1
-        return head.unmarked_deaths >= MAX_UNMARKED_DEATHS
 
     def break_if_starts_fail(self, give_up: bool, last: str) -> None:
         """After a process died: break the pool if an initializer failed, or if
@@ -231,28 +204,6 @@ class Supervisor:
         item.attempts += 1
         core.counters.retried += 1
         return True
-
-    def _final_error(self, item: WorkItem, error: BaseException) -> BaseException:
-        """The error ``item``'s future fails with: ``error``, saying how many
-        attempts were made if it was run more than once; the quarantine's
-        error if its retries were cut short by it."""
-        core = self._core
-        lifecycle = core.lifecycle
-        if (
-            item.retries
-            and isinstance(error, (WorkerDiedError, TaskTimeoutError))
-            and lifecycle.kill_requested is None
-            and lifecycle.broken is None
-        ):  # its retries were cut short by the quarantine alone
-            refusal = core.quarantine.refusal(item.label, time.monotonic())
-            if refusal is not None:
-                refusal.__cause__ = error
-                return refusal
-        if isinstance(error, (WorkerDiedError, TaskTimeoutError)):
-            error.attempts = item.attempts
-            if item.attempts > 1:
-                error.args = (f"{error.args[0]} (after {item.attempts} attempts)",)
-        return error
 
     def _death_error(
         self, slot: Slot, process: WorkerProcess, item: WorkItem, exitcode: Optional[int]
@@ -614,3 +565,52 @@ def reap(processes: list[WorkerProcess], grace: float) -> None:
         if process.is_alive():
             process.kill()
             process.join(KILL_GRACE_SECONDS)
+
+
+def took_up(core: Core, slot: Slot, head: WorkItem) -> bool:
+    """Had ``slot``'s worker, which has exited, taken up ``head``, its
+    first item?  (lock held)
+
+    Its mark says so.  But the marks are memory every worker can write,
+    and a task that wrote over its mark and then killed its worker
+    would, taken at its word, be sent again to the next worker, and the
+    next, for ever (nor would its timeout end it: each run starts its
+    clock anew).  So ``head`` counts as taken up, unmarked, once
+    ``MAX_UNMARKED_DEATHS`` ready workers have died with it first in
+    line: a worker dies before it reads its next item only in a moment
+    too short to hit that often.
+    """
+    if core.marks[slot.index] == head.task_id:
+        return True
+    if (
+        not slot.ready
+        or slot.retiring
+        or slot.stop_sent
+        or slot.stopping is not None
+        or core.lifecycle.kill_requested is not None
+    ):
+        return False  # it was not started, or it was told to leave
+    head.unmarked_deaths += 1
+    return head.unmarked_deaths >= MAX_UNMARKED_DEATHS
+
+
+def final_error(core: Core, item: WorkItem, error: BaseException) -> BaseException:
+    """The error ``item``'s future fails with: ``error``, saying how many
+    attempts were made if it was run more than once; the quarantine's
+    error if its retries were cut short by it."""
+    lifecycle = core.lifecycle
+    if (
+        item.retries
+        and isinstance(error, (WorkerDiedError, TaskTimeoutError))
+        and lifecycle.kill_requested is None
+        and lifecycle.broken is None
+    ):  # its retries were cut short by the quarantine alone
+        refusal = core.quarantine.refusal(item.label, time.monotonic())
+        if refusal is not None:
+            refusal.__cause__ = error
+            return refusal
+    if isinstance(error, (WorkerDiedError, TaskTimeoutError)):
+        error.attempts = item.attempts
+        if item.attempts > 1:
+            error.args = (f"{error.args[0]} (after {item.attempts} attempts)",)
+    return error

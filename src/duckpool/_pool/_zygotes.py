@@ -35,7 +35,7 @@ import weakref
 from multiprocessing import connection as mp_connection
 from typing import TYPE_CHECKING, Any, Optional
 
-from duckpool import _child, _zygote, _zygote_process
+from duckpool import _child, _orphans, _zygote, _zygote_process
 from duckpool._pool._slots import WorkerExit, ZygoteTag
 
 if TYPE_CHECKING:
@@ -522,7 +522,7 @@ def _close_dead_standbys(retired: list[_zygote.Zygote], reap: bool) -> None:
         process = dead.process
         if isinstance(process, _child.PidfdProcess) and not process.closed:
             if reap:
-                _child.reap_if_adopted(process.sentinel)
+                _orphans.reap_if_adopted(process.sentinel)
             process.close()
 
 
