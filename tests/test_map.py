@@ -259,16 +259,61 @@ def test_closing_a_map_withdraws_the_chunk_waiting_in_a_workers_pipe(
 
 
 def test_the_task_timeout_bounds_each_call_of_an_explicit_chunk(ctx: object) -> None:
-    # A chunk of four calls of 0.2 s runs 0.8 s: no call overran its 0.5 s.
-    # (One iterable: a chunk's calls, not its columns, count.)
-    pool = duckpool.ProcessPoolExecutor(1, ctx, task_timeout=0.5)  # type: ignore[arg-type]
+    # A chunk of four calls of 0.2 s runs 0.8 s: no call overran its 0.8 s,
+    # though the chunk overran one call's share.  (One iterable: a chunk's
+    # calls, not its columns, count.)
+    pool = duckpool.ProcessPoolExecutor(1, ctx, task_timeout=0.8)  # type: ignore[arg-type]
     try:
         quick = pool.map(tasks.sleep_then_getpid, [0.2] * 4, chunksize=4, timeout=60)
         assert len(set(quick)) == 1  # (every call, in the one worker)
-        # One call that hangs still fails its chunk, by the chunk's share (1 s).
+        # One call that hangs still fails its chunk, by the chunk's share (1.6 s).
         hung = pool.map(tasks.sleep_then, [0.01, 60], [0, 1], chunksize=2, timeout=60)
         with pytest.raises(duckpool.TaskTimeoutError):
             list(hung)
         assert list(pool.map(tasks.identity, range(3), chunksize=3, timeout=60)) == [0, 1, 2]
+    finally:
+        pool.shutdown()
+
+
+class _CountingExecutor(duckpool.ProcessPoolExecutor):
+    """A subclass that overrides ``submit`` (to count tasks), as user code does."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.submitted: list[object] = []
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def,override]
+        self.submitted.append(fn)
+        return super().submit(fn, *args, **kwargs)
+
+
+@pytest.mark.parametrize("chunksize", [None, 3], ids=["automatic", "explicit"])
+def test_map_goes_through_a_subclass_s_own_submit_and_keeps_the_chunks_options(
+    ctx: object, chunksize: int | None, tmp_path: Path
+) -> None:
+    # As the stdlib's map does, each chunk goes through submit(); the
+    # chunk keeps what map gave it: a failing call in an automatic chunk
+    # spares the calls after it, and the task timeout is each call's.
+    pool = _CountingExecutor(1, ctx, task_timeout=None if chunksize is None else 0.8)
+    try:
+        if chunksize is None:
+            divisors = [1] * 12
+            divisors[4] = 0
+            results = pool.map(
+                tasks.mark_then_divide, [str(tmp_path)] * 12, range(12), divisors, timeout=TIMEOUT
+            )
+            assert [next(results) for _ in range(4)] == [0.0, 1.0, 2.0, 3.0]
+            with pytest.raises(ZeroDivisionError):
+                next(results)
+            assert len(pool.submitted) == 4  # (four chunks of three for one worker)
+            # The call after the failed one in its chunk (3, 4, 5) ran too.
+            assert {3, 4, 5} <= {int(p.name) for p in tmp_path.iterdir()}
+        else:
+            # Three calls of 0.4 s: 1.2 s for the chunk, under its 2.4 s.
+            got = list(pool.map(tasks.sleep_then, [0.4] * 3, [7, 8, 9], chunksize=3))
+            assert got == [7, 8, 9]
+            assert len(pool.submitted) == 1
+            assert pool.stats().completed == 1
+        assert all(isinstance(fn, functools.partial) for fn in pool.submitted)
     finally:
         pool.shutdown()

@@ -12,6 +12,7 @@ future that has already failed, naming the part that does not
 from __future__ import annotations
 
 import pickle
+import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
@@ -36,6 +37,11 @@ if TYPE_CHECKING:
 __all__ = ["Submitting", "queue_call"]
 
 _T = TypeVar("_T")
+
+#: The ``map`` chunk this thread is submitting through a subclass's own
+#: ``submit`` (``Submitting._submit_chunk``): its callable, task timeout,
+#: task type and other options, for ``Submitting.submit`` to pick up.
+_chunk_under_way = threading.local()
 
 
 class Submitting:
@@ -77,7 +83,32 @@ class Submitting:
         stops it first: see :meth:`shutdown`.  If the pool breaks meanwhile,
         it fails with ``BrokenProcessPool``.
         """
+        chunk = getattr(_chunk_under_way, "call", None)
+        if chunk is not None and chunk[0] is fn:
+            # A map chunk passed on by a subclass's submit(): its own options.
+            _chunk_under_way.call = None
+            return self._submit(fn, args, kwargs, chunk[1], chunk[2], **chunk[3])
         return self._submit(fn, args, kwargs, self._task_timeout, None)
+
+    def _submit_chunk(
+        self,
+        fn: Callable[..., _T],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: Optional[float],
+        kind: Optional[str],
+        **options: Any,
+    ) -> Future[_T]:
+        """Submit a ``map`` chunk through ``self.submit``, as the standard
+        library's ``map`` does: a subclass that overrides ``submit`` (to log
+        or count tasks, say) sees every chunk.  Its call of this class's
+        ``submit`` with the same callable, in this thread, keeps the chunk's
+        own options (the task timeout of all its calls, its task type...)."""
+        _chunk_under_way.call = (fn, timeout, kind, options)
+        try:
+            return self.submit(fn, *args, **kwargs)
+        finally:
+            _chunk_under_way.call = None
 
     async def run(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
         """Run ``fn(*args, **kwargs)`` in the pool and await its result (asyncio).
@@ -273,6 +304,8 @@ class Submitting:
         ``ordered`` that is not a bool or an input that is not iterable, and
         what :meth:`submit` raises (after shutdown, say) as it submits.
 
+        Each chunk is a task submitted through :meth:`submit` (a subclass
+        that overrides it sees every chunk, as the standard library's does).
         ``chunksize`` sends that many calls per task.  Left out (``None``),
         the pool chooses: about four chunks per worker, of at most
         4096 calls each (so results start coming back early), each call still
@@ -350,8 +383,11 @@ class Submitting:
             self._trace if trace is None else trace,
         )
         limits = (timeout, chunksize, buffersize)
+        submit: Callable[..., Future[Any]] = self._submit
+        if type(self).submit is not Submitting.submit:
+            submit = self._submit_chunk  # (a subclass's submit sees each chunk)
         return pool_map(
-            self._submit, self._max_workers, fn, iterables, limits, options, progress, ordered
+            submit, self._max_workers, fn, iterables, limits, options, progress, ordered
         )
 
 
