@@ -111,6 +111,13 @@ def identity(x: Any) -> Any:
     return x
 
 
+def stop_at_two(x: int) -> int:
+    """``x``, or ``StopIteration`` for 2 (a ``next()`` on an empty iterator, say)."""
+    if x == 2:
+        raise StopIteration("empty")
+    return x
+
+
 def sleep_then_getpid(seconds: float) -> int:
     """This worker's pid, after ``seconds`` (long enough that a batch reaches every worker)."""
     time.sleep(seconds)

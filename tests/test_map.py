@@ -317,3 +317,41 @@ def test_map_goes_through_a_subclass_s_own_submit_and_keeps_the_chunks_options(
         assert all(isinstance(fn, functools.partial) for fn in pool.submitted)
     finally:
         pool.shutdown()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"chunksize": 1}, {"chunksize": 5}, {"ordered": False}],
+    ids=["automatic", "chunks-of-1", "chunk-of-5", "unordered"],
+)
+def test_a_call_that_raises_stop_iteration_is_an_error_not_the_end_of_the_results(
+    ctx: object, options: dict[str, object]
+) -> None:
+    # As the stdlib's map does: RuntimeError from the StopIteration, where
+    # that call's result would be.  Taken for the end of the calls, it used
+    # to drop that result silently, and with it the rest of its chunk.
+    pool = duckpool.ProcessPoolExecutor(2, ctx)  # type: ignore[arg-type]
+    try:
+        results = pool.map(tasks.stop_at_two, range(5), timeout=TIMEOUT, **options)  # type: ignore[arg-type]
+        got = []
+        with pytest.raises(RuntimeError, match="StopIteration") as info:
+            for value in results:
+                got.append(value)
+        assert isinstance(info.value.__cause__, StopIteration)
+        if options.get("chunksize") == 5:
+            assert got == []  # (an explicit chunk fails whole, as the stdlib's)
+        elif options.get("ordered") is not False:
+            assert got == [0, 1]
+        # The calls after it in an automatic chunk still ran, each on its own.
+        assert sorted(pool.map(tasks.identity, range(3), timeout=TIMEOUT)) == [0, 1, 2]
+    finally:
+        pool.shutdown()
+
+
+def test_run_items_keeps_a_stop_iteration_in_its_place_and_runs_the_calls_after_it() -> None:
+    chunk = _worker.run_items(tasks.stop_at_two, ([1, 2, 3],))
+    assert type(chunk) is _worker.PartlyFailed
+    assert chunk[0] == 1 and chunk[2] == 3
+    assert isinstance(chunk[1], _worker.ItemError)
+    with pytest.raises(StopIteration):
+        _worker.run_chunk(tasks.stop_at_two, ([1, 2, 3],))

@@ -183,9 +183,28 @@ def run_chunk(fn: Callable[..., Any], columns: Columns) -> list[Any]:
     _task_forks.chunk = columns  # (emptied in a process a call forks)
     try:
         results.extend(map(fn, *columns))
+        if _stopped_short(results, columns):
+            raise _stop_iteration(len(results))
     finally:
         _progress.chunk = _task_forks.chunk = None
     return results
+
+
+def _stopped_short(results: list[Any], columns: Columns) -> bool:
+    """Did ``list.extend`` end before the chunk's last call?  Only if a call
+    raised ``StopIteration``, which ``extend`` takes for the end of the
+    calls (in a process a call forked, the columns were emptied on purpose)."""
+    return not _task_forks.forked and bool(columns) and len(results) < len(columns[0])
+
+
+def _stop_iteration(index: int) -> StopIteration:
+    """The error of a call that raised ``StopIteration`` in a chunk: raised
+    where its result would be (a ``map`` raises ``RuntimeError`` from it, as
+    the standard library's does), never taken for the end of the results."""
+    return StopIteration(
+        f"raised by the mapped callable at call {index} of its chunk "
+        "(its own value and traceback are lost: StopIteration ends a C-level loop)"
+    )
 
 
 class ItemError:
@@ -228,7 +247,9 @@ def run_items(fn: Callable[..., Any], columns: Columns) -> list[Any]:
                 # and a map object goes on with the next call after one: the
                 # loop runs in C until a call raises.
                 results.extend(calls)
-                return results
+                if not _stopped_short(results, columns):
+                    return results
+                raise _stop_iteration(len(results))  # (its place holds it; the rest go on)
             except BaseException as exc:  # a task's outcome, as in _run_one
                 if _task_forks.forked:
                     raise  # (out of a process the call forked: _run_one ends it)
