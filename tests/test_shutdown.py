@@ -258,3 +258,45 @@ def test_a_worker_still_starting_at_shutdown_is_killed_only_if_it_runs_no_code_o
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False" if method == "fork" else "True"]
+
+
+def _in_join(thread_id: int) -> bool:
+    """Is that thread waiting in a ``join()`` (the pool's, or threading's)?"""
+    frame = sys._current_frames().get(thread_id)
+    while frame is not None:
+        if frame.f_code.co_name == "join":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_a_ctrl_c_caught_in_shutdown_leaves_the_pool_waiting_for_its_work(
+    ctx: object, tmp_path: Path, gate: Path
+) -> None:
+    # On 3.9-3.12 a Thread.join() that Ctrl-C interrupts can mark a thread
+    # that still runs as stopped (CPython's own lock handling): the second
+    # shutdown(wait=True) then returned at once, the tasks still running.
+    import threading
+
+    pool = duckpool.ProcessPoolExecutor(1, ctx)  # type: ignore[arg-type]
+    started = tmp_path / "started"
+    running = pool.submit(tasks.touch_then_wait, str(started), str(gate))
+    queued = pool.submit(tasks.add, 1, 1)
+    wait_until(started.exists, TIMEOUT)
+    main = threading.get_ident()
+
+    def interrupt_the_join() -> None:
+        wait_until(lambda: _in_join(main), TIMEOUT, interval=0.005)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    interrupter = threading.Thread(target=interrupt_the_join)
+    interrupter.start()
+    with pytest.raises(KeyboardInterrupt):
+        pool.shutdown(wait=True)
+    interrupter.join(TIMEOUT)
+    assert "shutting down" in repr(pool)
+    assert not running.done() and not queued.done()
+    threading.Timer(0.2, gate.touch).start()
+    pool.shutdown(wait=True)  # waits for both, as the first would have
+    assert running.result(0) == "released" and queued.result(0) == 2
+    assert "shut down" in repr(pool) and "shutting" not in repr(pool)

@@ -19,6 +19,13 @@ exception meant for the caller that lands in that one is dropped with it,
 and the new thread's state carries that thread's id, which nothing aims at.
 (That go-between cannot report its own failure to start the thread: under
 a limit on threads, the caller sees no error and the thread never runs.)
+
+Whether the thread has ended is its own event too (``finished``), set as
+its ``run`` returns: on Python 3.9 to 3.12, a ``Thread.join()`` interrupted
+by a signal handler's exception (Ctrl-C in ``shutdown(wait=True)``) can mark
+a thread that still runs as stopped, for good (CPython gh-90882's fix
+releases its lock).  ``is_alive()`` and ``join()`` here go by that event:
+a pool whose shutdown was interrupted still waits for its work.
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ class QuickStartThread(threading.Thread):
         self._running = threading.Event()
         #: Set once the thread runs, and only then.
         self.began = threading.Event()
+        #: Set once ``run`` has returned (or the thread failed to start).
+        self.finished = threading.Event()
 
     def start(self) -> None:
         # Thread.start ends by waiting on this event, which the new thread
@@ -73,6 +82,7 @@ class QuickStartThread(threading.Thread):
             super().start()
         except BaseException:
             self._running.set()  # join() raises as for a thread never started
+            self.finished.set()
             raise
         finally:
             del started.wait
@@ -81,10 +91,24 @@ class QuickStartThread(threading.Thread):
     def run(self) -> None:
         self.began.set()
         self._running.set()
-        super().run()
+        try:
+            super().run()
+        finally:
+            self.finished.set()
+
+    def is_alive(self) -> bool:
+        """Running: begun, and ``run`` has not returned (whatever an
+        interrupted ``join()`` made ``threading`` believe)."""
+        return self.began.is_set() and (not self.finished.is_set() or super().is_alive())
 
     def join(self, timeout: Optional[float] = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         if not self._running.wait(timeout):
             return
-        super().join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self.began.is_set():
+            super().join(left)  # (raises as for a thread never started)
+            return
+        # Interrupted, an Event's wait leaves nothing wrong behind.
+        if self.finished.wait(left):
+            super().join(None if deadline is None else max(0.0, deadline - time.monotonic()))
