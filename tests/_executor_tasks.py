@@ -92,6 +92,16 @@ def init_fail() -> None:
     raise ValueError("error in initializer")
 
 
+def init_exit_zero() -> None:
+    """An initializer that ends its worker with exit code 0, before it is ready."""
+    os._exit(0)
+
+
+def init_kill_self() -> None:
+    """An initializer whose worker is SIGKILLed as it starts (as by the OOM killer)."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 class _FailsToUnpickle:
     """Pickles fine, raises when unpickled."""
 

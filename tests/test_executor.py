@@ -190,6 +190,69 @@ def test_initializer_failure_breaks_the_pool_once(ctx: object) -> None:
         pool.shutdown()
 
 
+def test_an_initializer_that_ends_its_worker_with_code_0_breaks_the_pool_once(
+    ctx: object,
+) -> None:
+    # Exit code 0 before READY is no recycle: it used to restart workers
+    # for ever, the future never resolving and shutdown() hanging.
+    pool = duckpool.ProcessPoolExecutor(2, ctx, initializer=tasks.init_exit_zero)  # type: ignore[arg-type]
+    try:
+        future = pool.submit(tasks.add, 1, 1)
+        with pytest.raises(BrokenProcessPool, match=r"before they were ready.*code 0"):
+            future.result(TIMEOUT)
+        assert pool.stats().restarts < 5
+    finally:
+        pool.shutdown()
+
+
+def test_workers_killed_as_they_start_break_the_pool_only_once_that_has_lasted(
+    ctx: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SIGKILL before READY (the OOM killer during a big initializer) is not
+    # the worker's own failure: starts are backed off, and the pool gives up
+    # once such deaths have gone on long enough (30 s; 0.5 s here).
+    from duckpool._pool import _launcher
+
+    monkeypatch.setattr(_launcher, "MAX_KILLED_STARTS", 4)
+    monkeypatch.setattr(_launcher, "START_GIVE_UP_SECONDS", 0.5)
+    pool = duckpool.ProcessPoolExecutor(1, ctx, initializer=tasks.init_kill_self)  # type: ignore[arg-type]
+    try:
+        future = pool.submit(tasks.add, 1, 1)
+        with pytest.raises(BrokenProcessPool, match=r"before they were ready.*SIGKILL"):
+            future.result(TIMEOUT)
+        assert pool.stats().restarts < 20  # (backed off: no fork storm)
+    finally:
+        pool.shutdown()
+
+
+def test_a_storm_of_kills_on_starting_workers_is_ridden_out(
+    ctx: object, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # More kills in a row than MAX_KILLED_STARTS, within the give-up time:
+    # the pool starts another each time, and serves once one gets ready.
+    from duckpool._pool import _launcher
+
+    monkeypatch.setattr(_launcher, "MAX_KILLED_STARTS", 3)
+    gate = tmp_path / "gate"
+    pool = duckpool.ProcessPoolExecutor(  # type: ignore[arg-type]
+        1, ctx, initializer=tasks.init_wait_for_file, initargs=(str(gate),)
+    )
+    try:
+        future = pool.submit(tasks.add, 1, 1)
+        killed: set[int] = set()
+        for _ in range(5):
+            wait_until(lambda: bool(set(pool.worker_pids()) - killed), TIMEOUT)
+            pid = next(iter(set(pool.worker_pids()) - killed))
+            os.kill(pid, signal.SIGKILL)
+            killed.add(pid)
+        gate.touch()
+        assert future.result(TIMEOUT) == 2
+        assert pool.submit(tasks.add, 2, 2).result(TIMEOUT) == 4
+    finally:
+        gate.touch()
+        pool.shutdown()
+
+
 def test_shutdown_without_wait_still_resolves_futures(
     executor: duckpool.ProcessPoolExecutor,
 ) -> None:

@@ -67,6 +67,9 @@ def test_good_arguments_come_back_as_the_values_to_use() -> None:
     assert _validate.check_accepted_task_types("a") == frozenset({"a"})
     assert _validate.check_offered_task_types(["a", "b"]) == ("a", "b")
     assert _validate.check_chunksize(None) is None
+    # (None: no arguments, as a configuration defaulting both settings passes them.)
+    assert _validate.check_initargs(None) == ()
+    assert _validate.check_initargs([1, 2]) == (1, 2)
     context = multiprocessing.get_context()
     assert _validate.check_mp_context(context) is context
     # (The module, as the standard library's executor takes it: its default context.)

@@ -130,7 +130,11 @@ def check_task_callable(fn: Any, caller: str = "submit()") -> None:
 
 
 def check_initargs(value: Any) -> tuple[Any, ...]:
-    """``initargs``: the initializer's arguments, any iterable of them."""
+    """``initargs``: the initializer's arguments, any iterable of them; None
+    for none (as a configuration that defaults both settings to None passes
+    them, which the standard library takes when there is no initializer)."""
+    if value is None:
+        return ()
     try:
         return tuple(value)
     except TypeError:

@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 #: Workers that fail by themselves before they are ready (an exit code, or a
 #: crash signal), in a row, before the pool gives up instead of respawning.
 MAX_STARTUP_DEATHS = 3
+#: Processes in a row that died before they were ready, killed from outside
+#: or not, after which the pool gives up (see ``Launcher.on_unready_death``).
+MAX_KILLED_STARTS = 10
 #: How long starts may keep failing (transiently) before the pool breaks.
 START_GIVE_UP_SECONDS = 30.0
 #: The first wait before a failed start is tried again; it doubles per
@@ -109,6 +112,11 @@ class Launcher:
         #: Processes in a row that failed by themselves before they were
         #: ready (see ``count_startup_death``).
         self.startup_deaths = 0
+        #: Processes in a row that died before they were ready, unbidden,
+        #: whatever killed them (see ``on_unready_death``).
+        self.unready_deaths = 0
+        #: When the first of them died.
+        self.unready_since: Optional[float] = None
         #: How long a worker takes from its start to ready, lately (seconds).
         self.start_seconds = 0.0
         #: Transient start failures in a row: since when, how many, the last.
@@ -388,7 +396,8 @@ class Launcher:
         """``slot``'s worker sent READY (lock held): its start is over."""
         slot.ready = True
         slot.installed_at = None
-        self.startup_deaths = 0
+        self.startup_deaths = self.unready_deaths = 0
+        self.unready_since = None
         self._core.workers_ready.notify_all()
         if slot.launched_at is not None:
             took = now - slot.launched_at
@@ -400,6 +409,35 @@ class Launcher:
         that is ``MAX_STARTUP_DEATHS`` in a row: the pool gives up."""
         self.startup_deaths += 1
         return self.startup_deaths >= MAX_STARTUP_DEATHS
+
+    def on_unready_death(self, by_itself: bool, missed: Optional[str], now: float) -> int:
+        """A worker the pool wanted died before it was ready, unbidden (lock
+        held): ``by_itself`` (an exit, an initializer that ended it, a
+        crash), or missing its start-up deadline (``missed``), or killed
+        from outside (SIGKILL, SIGTERM: the OOM killer, an operator).
+
+        Returns how many died in a row once the pool gives up, else 0: after
+        ``MAX_STARTUP_DEATHS`` failures of their own, or once at least
+        ``MAX_KILLED_STARTS`` of any kind have gone on for
+        ``START_GIVE_UP_SECONDS`` with no worker ready meanwhile (so a storm
+        of kills is ridden out, and an initializer that the OOM killer ends
+        each time breaks the pool rather than make it start processes for
+        ever).  Each start after an outside kill is backed off.
+        """
+        self.unready_deaths += 1
+        if self.unready_since is None:
+            self.unready_since = now
+        if (by_itself or missed is not None) and self.count_startup_death():
+            return MAX_STARTUP_DEATHS
+        if (
+            self.unready_deaths >= MAX_KILLED_STARTS
+            and now - self.unready_since >= START_GIVE_UP_SECONDS
+        ):
+            return self.unready_deaths
+        if not by_itself and missed is None:
+            backoff = min(_RETRY_MAX_SECONDS, _RETRY_FIRST_SECONDS * 2**self.unready_deaths)
+            self.retry_at = max(self.retry_at or now, now + backoff)
+        return 0
 
     def may_start(self) -> bool:
         """May workers be started (the pool is neither broken nor being killed)?"""

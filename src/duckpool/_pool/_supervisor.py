@@ -95,12 +95,14 @@ class Supervisor:
             assigned = slot.assigned
             poisoned = slot.poisoned
             stopping = slot.stopping
+            # It died before it was ready, though wanted and not told to go.
+            unready = not slot.ready and _unbidden(core, slot)
             if stopping is not None:
                 if isinstance(stopping.error, TaskTimeoutError):
                     counters.timed_out += 1
                 if stopping.answered:  # (its answer was dropped: see Stopping)
                     assigned.appendleft(stopping.item)
-            elif exitcode == 0 or (
+            elif (exitcode == 0 and not unready) or (
                 # Its exit code unknown (its fork server is gone), but it was
                 # to leave, and left with nothing of its own unfinished.
                 exitcode is None and (slot.retiring or slot.stop_sent) and not assigned
@@ -152,9 +154,12 @@ class Supervisor:
                 # The rest never started: back to the front of the queue.
                 core.scheduler.requeue_front(slot)
             missed = slot.start_missed
-            failed_start = not slot.ready and not core.lifecycle.shutdown_requested
-            failed_start = failed_start and (self_inflicted(exitcode) or missed is not None)
-            give_up = failed_start and core.launcher.count_startup_death()
+            deaths = 0
+            if unready:
+                deaths = core.launcher.on_unready_death(
+                    self_inflicted(exitcode) or exitcode == 0, missed, time.monotonic()
+                )
+            give_up = deaths > 0
             starts_failing: Optional[BaseException] = None
             if missed is not None and not give_up:
                 # Killed by the start-up watch: retried later, as after any
@@ -169,11 +174,13 @@ class Supervisor:
             set_exception(item.future, error)
         if starts_failing is not None:
             self.starts_failed(starts_failing)
-        self.break_if_starts_fail(give_up, missed or describe_exit(exitcode))
+        self.break_if_starts_fail(give_up, missed or describe_exit(exitcode), deaths)
 
-    def break_if_starts_fail(self, give_up: bool, last: str) -> None:
+    def break_if_starts_fail(
+        self, give_up: bool, last: str, deaths: int = MAX_STARTUP_DEATHS
+    ) -> None:
         """After a process died: break the pool if an initializer failed, or if
-        ``give_up`` (too many processes in a row died before they were ready;
+        ``give_up`` (``deaths`` processes in a row died before they were ready;
         ``last`` says how the last one did)."""
         core = self._core
         if core.lifecycle.initializer_error is not None:
@@ -181,7 +188,7 @@ class Supervisor:
             self.mark_broken(f"a worker's initializer failed: {cause!r}; the pool is broken", cause)
         elif give_up:
             self.mark_broken(
-                f"{MAX_STARTUP_DEATHS} worker processes in a row died before they were "
+                f"{deaths} worker processes in a row died before they were "
                 f"ready (the last {last}); the pool is broken",
                 None,
             )
@@ -494,6 +501,23 @@ class Supervisor:
                 process.join(KILL_GRACE_SECONDS)
             except Exception:
                 pass
+
+
+def _unbidden(core: Core, slot: Slot) -> bool:
+    """Did ``slot``'s process end though the pool neither told it to (a stop,
+    a retirement, a kill, a stop of its task) nor could do without it (lock held)?"""
+    lifecycle = core.lifecycle
+    return (
+        slot.stopping is None
+        and slot.poisoned is None
+        and not slot.stop_sent
+        and not slot.retiring
+        and not slot.parked
+        and slot.index < core.size
+        and lifecycle.kill_requested is None
+        and lifecycle.broken is None
+        and (not lifecycle.shutdown_requested or bool(slot.assigned or core.scheduler.pending))
+    )
 
 
 def self_inflicted(exitcode: Optional[int]) -> bool:
