@@ -100,6 +100,29 @@ def test_a_killed_standby_is_replaced() -> None:
 
 
 @needs_pidfds  # (a standby is watched through pidfds: without, there is none)
+def test_a_zygote_that_cannot_fork_hands_over_to_its_standby() -> None:
+    # Alive but unable to fork (its descriptor limit lowered under it, as a
+    # task can through its parent's pid): it used to be asked again for 30 s,
+    # its standby unused, and then the pool broke.
+    import resource
+
+    pool = duckpool.ProcessPoolExecutor(  # (each worker replaced after a task)
+        2, multiprocessing.get_context("fork"), max_tasks_per_child=1
+    )
+    try:
+        pool.submit(tasks.add, 1, 1).result(TIMEOUT)
+        wait_until(lambda: "zygote-standby" in helper_pids(pool), TIMEOUT)
+        zygote, standby = helper_pids(pool)["zygote"], helper_pids(pool)["zygote-standby"]
+        resource.prlimit(zygote, resource.RLIMIT_NOFILE, (4, 4))
+        futures = [pool.submit(tasks.add, i, 1) for i in range(6)]
+        assert [f.result(10) for f in futures] == [i + 1 for i in range(6)]
+        assert helper_pids(pool)["zygote"] == standby
+        wait_until(lambda: process_gone(zygote), TIMEOUT)
+    finally:
+        pool.shutdown()
+
+
+@needs_pidfds  # (a standby is watched through pidfds: without, there is none)
 def test_zygote_deaths_leak_no_descriptor_anywhere() -> None:
     # Each death hands the zygote's role to its standby, which forks the next
     # workers and a standby of its own: the pool's process, the zygote and a

@@ -13,6 +13,9 @@ No single death stops them:
   standby of its own; the workers the dead zygote forked are watched through
   their pidfds from then on (their exit codes are unknown);
 * the standby dies: the zygote forks another;
+* the zygote cannot fork (``FAILED_FORKS`` failures in a row: its limits
+  changed under it, say, by a task through its parent's pid): it is killed,
+  and its standby takes over;
 * the zygote stops answering: after ``ANSWER_SECONDS`` it is killed, and
   its standby takes over; at once if it is found stopped (SIGSTOP), looked
   at once an answer is ``ANSWER_LOOK_SECONDS`` overdue;
@@ -59,6 +62,9 @@ ANSWER_LOOK_SECONDS = 1.0
 #: At shutdown, how often a zygote whose answer is awaited is looked at:
 #: one stopped is not waited for.
 STOPPED_POLL_SECONDS = 0.05
+#: Starts in a row the zygote failed (EMFILE, ENOMEM...) before its standby
+#: takes over: a zygote that cannot fork is as good as dead.
+FAILED_FORKS = 3
 
 
 class Zygotes:
@@ -93,6 +99,8 @@ class Zygotes:
         self.finishing = False
         #: When to ask the zygote for a standby (monotonic; 0: not due).
         self.standby_due = 0.0
+        #: Starts the zygote answered with a failure, in a row.
+        self.failed_forks = 0
 
     def prepare(self) -> None:
         """Before the first worker is forked: what it and the zygote need."""
@@ -285,6 +293,9 @@ class Zygotes:
                 error = core.launcher.on_start_failure(exc, time.monotonic())
                 for slot in core.slots:
                     slot.requested = False  # asked again at the retry
+                self.failed_forks += zygote is self.zygote
+                if self.failed_forks >= FAILED_FORKS and self.standby is not None:
+                    self.kill_hung(zygote)  # its standby forks from now on (on_death)
             if error is not None:
                 core.supervisor.starts_failed(error)
             return False
@@ -306,6 +317,7 @@ class Zygotes:
                     and lifecycle.kill_requested is None
                 ):
                     target.requested = False
+                    self.failed_forks = 0
                     core.launcher.install_worker(target, process, task_w, result_r)
                     return True
                 # (Resized away meanwhile, or the pool is ending.)
@@ -429,6 +441,7 @@ class Zygotes:
                     core.successors.exits.append(spare)
             self.zygote = self.standby
             self.standby = None
+            self.failed_forks = 0
             if self.zygote is None:
                 self.spawning = True
             else:
