@@ -109,6 +109,32 @@ def test_a_multiprocessing_queue_can_be_an_initializer_argument() -> None:
         queue.join_thread()
 
 
+def test_a_worker_starts_while_another_process_holds_its_arguments_pipe(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A fork pool starting in another thread forks copies of every
+    # descriptor this process has, the write end of a spawned worker's
+    # arguments pipe among them: read up to EOF, that worker never started.
+    from duckpool import _spawn
+
+    held: list[int] = []
+    enlarge = _spawn._enlarge
+
+    def enlarge_and_hold(fd: int) -> None:
+        held.append(os.dup(fd))  # (as that forked process would)
+        enlarge(fd)
+
+    monkeypatch.setattr(_spawn, "_enlarge", enlarge_and_hold)
+    pool = duckpool.ProcessPoolExecutor(1, SPAWN)
+    try:
+        assert pool.submit(tasks.process_facts).result(TIMEOUT)["name"]
+        assert held
+    finally:
+        pool.shutdown()
+        for fd in held:
+            os.close(fd)
+
+
 def test_a_retiring_worker_runs_its_exit_handlers(tmp_path: Path) -> None:
     # (Coverage, logging and tasks' own clean-up rely on them.)
     marker = tmp_path / "exited"

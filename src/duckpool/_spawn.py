@@ -325,7 +325,13 @@ def spawn_worker(config: _worker.WorkerConfig, task_r: int, result_w: int) -> _c
     _child.close_quietly(parent_r)
     process = _child.ChildProcess(pid, alive_r, parent_w)
     try:
-        _protocol.write_all(data_w, [len(head).to_bytes(8, "little"), head, body])
+        # Its length first: the worker reads that much, not up to EOF, which
+        # never comes while a process forked meanwhile by another thread (a
+        # fork pool starting) holds a copy of ``data_w``.
+        size = 8 + len(head) + len(body)
+        _protocol.write_all(
+            data_w, [size.to_bytes(8, "little"), len(head).to_bytes(8, "little"), head, body]
+        )
     except OSError:
         pass  # it died at once: its exit code tells the pool
     finally:

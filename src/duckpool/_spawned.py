@@ -42,14 +42,18 @@ class InheritedDupFd:
 def main(data_fd: int) -> None:
     """Prepare the process, run the worker, and exit as a spawned process does."""
     _close_on_exec_all()
-    chunks = []
-    while True:
+    # As many bytes as the length in front says (see _spawn.spawn_worker).
+    received = bytearray()
+    size = None
+    while size is None or len(received) < 8 + size:
         chunk = os.read(data_fd, 1 << 20)
         if not chunk:
-            break
-        chunks.append(chunk)
+            raise EOFError(f"the pool sent {len(received)} bytes of this worker's arguments")
+        received += chunk
+        if size is None and len(received) >= 8:
+            size = int.from_bytes(received[:8], "little")
     os.close(data_fd)
-    data = b"".join(chunks)
+    data = memoryview(received)[8:]
     import _pickle
 
     head = int.from_bytes(data[:8], "little")
@@ -62,7 +66,8 @@ def main(data_fd: int) -> None:
     finally:
         _inheriting = False
         _mark_inheriting(False)
-    del data, chunks
+    data.release()
+    del data, received
     from duckpool import _worker
 
     code = 1
