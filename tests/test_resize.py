@@ -97,3 +97,40 @@ def test_bad_sizes_are_refused(size: object, error: type) -> None:
             pool.resize(size)  # type: ignore[arg-type]
     finally:
         pool.shutdown()
+
+
+@pytest.mark.parametrize("how", ["SIGSTOP", "SIGKILL"])
+def test_slots_resized_away_while_a_dead_zygote_owed_their_workers_give_back_their_items(
+    how: str,
+) -> None:
+    # Grown, fed, then shrunk while the (stopped or killed) zygote was still
+    # asked for the new slots' workers: once its requests were dropped, those
+    # slots stayed reserved with an item each, never started nor dropped,
+    # their futures unresolved and shutdown() waiting for them for ever.
+    import concurrent.futures
+    import multiprocessing
+    import os
+    import signal
+
+    from conftest import helper_pids
+
+    pool = duckpool.ProcessPoolExecutor(2, multiprocessing.get_context("fork"))
+    zygote = None
+    futures: list[concurrent.futures.Future[int]] = []
+    try:
+        pool.prestart(TIMEOUT)
+        wait_until(lambda: "zygote-standby" in helper_pids(pool), TIMEOUT)
+        zygote = helper_pids(pool)["zygote"]
+        os.kill(zygote, getattr(signal, how))
+        pool.resize(4)
+        futures = [pool.submit(tasks.add, i, 1) for i in range(20)]
+        pool.resize(2)
+        _, waiting = concurrent.futures.wait(futures, 10)
+        assert not waiting
+        assert [f.result(0) for f in futures] == [i + 1 for i in range(20)]
+    finally:
+        if not all(f.done() for f in futures):
+            pool.kill_workers()  # (else the shutdown would wait for them)
+        pool.shutdown()
+        if zygote is not None:
+            assert process_gone(zygote)

@@ -293,6 +293,7 @@ class Zygotes:
                 error = core.launcher.on_start_failure(exc, time.monotonic())
                 for slot in core.slots:
                     slot.requested = False  # asked again at the retry
+                core.drop_surplus_slots()  # (resized away while asked for)
                 self.failed_forks += zygote is self.zygote
                 if self.failed_forks >= FAILED_FORKS and self.standby is not None:
                     self.kill_hung(zygote)  # its standby forks from now on (on_death)
@@ -439,6 +440,9 @@ class Zygotes:
             for spare in core.successors.spares():
                 if spare.process in orphans:
                     core.successors.exits.append(spare)
+            # Slots resized away while their starts were asked for go now,
+            # their items back in the queue (their answers will never come).
+            core.drop_surplus_slots()
             self.zygote = self.standby
             self.standby = None
             self.failed_forks = 0
