@@ -121,6 +121,11 @@ def identity(x: Any) -> Any:
     return x
 
 
+def call_through(fn: Any, *args: Any) -> Any:
+    """``fn(*args)``: a wrapper, as a subclass's ``submit`` may put around a call."""
+    return fn(*args)
+
+
 def stop_at_two(x: int) -> int:
     """``x``, or ``StopIteration`` for 2 (a ``next()`` on an empty iterator, say)."""
     if x == 2:

@@ -7,6 +7,7 @@ import itertools
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -314,7 +315,7 @@ def test_map_goes_through_a_subclass_s_own_submit_and_keeps_the_chunks_options(
             assert got == [7, 8, 9]
             assert len(pool.submitted) == 1
             assert pool.stats().completed == 1
-        assert all(isinstance(fn, functools.partial) for fn in pool.submitted)
+        assert all(isinstance(fn, _worker.MapChunk) for fn in pool.submitted)
     finally:
         pool.shutdown()
 
@@ -355,3 +356,33 @@ def test_run_items_keeps_a_stop_iteration_in_its_place_and_runs_the_calls_after_
     assert isinstance(chunk[1], _worker.ItemError)
     with pytest.raises(StopIteration):
         _worker.run_chunk(tasks.stop_at_two, ([1, 2, 3],))
+
+
+class _ElsewhereExecutor(duckpool.ProcessPoolExecutor):
+    """Passes each task on from another thread, wrapped (as a timing or
+    logging subclass may): a chunk keeps its options all the same."""
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def,override]
+        import threading
+
+        box: list[Future[Any]] = []
+        wrapped = functools.partial(tasks.call_through, fn)
+        thread = threading.Thread(
+            target=lambda: box.append(super(_ElsewhereExecutor, self).submit(wrapped, *args))
+        )
+        thread.start()
+        thread.join(TIMEOUT)
+        return box[0]
+
+
+def test_a_chunk_keeps_its_options_through_a_submit_that_wraps_it_in_another_thread(
+    ctx: object,
+) -> None:
+    # Three calls of 0.4 s: 1.2 s for the chunk, under its 2.4 s (the pool's
+    # 0.8 s per call); the chunk carries its options wherever it goes.
+    pool = _ElsewhereExecutor(1, ctx, task_timeout=0.8)  # type: ignore[arg-type]
+    try:
+        got = list(pool.map(tasks.sleep_then, [0.4] * 3, [7, 8, 9], chunksize=3))
+        assert got == [7, 8, 9]
+    finally:
+        pool.shutdown()

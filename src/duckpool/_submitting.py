@@ -11,8 +11,8 @@ future that has already failed, naming the part that does not
 
 from __future__ import annotations
 
+import functools
 import pickle
-import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
@@ -28,6 +28,7 @@ from duckpool._validate import (
     check_task_type,
     check_timeout,
 )
+from duckpool._worker import MapChunk
 
 if TYPE_CHECKING:
     from duckpool._admission import Admission
@@ -38,10 +39,18 @@ __all__ = ["Submitting", "queue_call"]
 
 _T = TypeVar("_T")
 
-#: The ``map`` chunk this thread is submitting through a subclass's own
-#: ``submit`` (``Submitting._submit_chunk``): its callable, task timeout,
-#: task type and other options, for ``Submitting.submit`` to pick up.
-_chunk_under_way = threading.local()
+
+def _chunk_in(fn: Any) -> Optional[MapChunk]:
+    """The ``map`` chunk ``fn`` is, or that a subclass's ``submit`` wrapped
+    in it (a ``functools.partial``), with its options; else None."""
+    kind = type(fn)
+    if kind is MapChunk:
+        return fn if fn.options is not None else None  # type: ignore[no-any-return]
+    if kind is functools.partial:
+        for part in (fn.func, *fn.args):
+            if type(part) is MapChunk and part.options is not None:
+                return part
+    return None
 
 
 class Submitting:
@@ -83,11 +92,12 @@ class Submitting:
         stops it first: see :meth:`shutdown`.  If the pool breaks meanwhile,
         it fails with ``BrokenProcessPool``.
         """
-        chunk = getattr(_chunk_under_way, "call", None)
-        if chunk is not None and chunk[0] is fn:
-            # A map chunk passed on by a subclass's submit(): its own options.
-            _chunk_under_way.call = None
-            return self._submit(fn, args, kwargs, chunk[1], chunk[2], **chunk[3])
+        chunk = _chunk_in(fn)
+        if chunk is not None:
+            # A map chunk, passed on by a subclass's submit(): its own options.
+            timeout, kind, options = chunk.options
+            call = chunk.call if fn is chunk else fn
+            return self._submit(call, args, kwargs, timeout, kind, **options)
         return self._submit(fn, args, kwargs, self._task_timeout, None)
 
     def _submit_chunk(
@@ -101,14 +111,11 @@ class Submitting:
     ) -> Future[_T]:
         """Submit a ``map`` chunk through ``self.submit``, as the standard
         library's ``map`` does: a subclass that overrides ``submit`` (to log
-        or count tasks, say) sees every chunk.  Its call of this class's
-        ``submit`` with the same callable, in this thread, keeps the chunk's
-        own options (the task timeout of all its calls, its task type...)."""
-        _chunk_under_way.call = (fn, timeout, kind, options)
-        try:
-            return self.submit(fn, *args, **kwargs)
-        finally:
-            _chunk_under_way.call = None
+        or count tasks, say) sees every chunk, as a ``MapChunk``.  Passed on
+        to this class's ``submit`` (from any thread, or wrapped in a
+        ``functools.partial``), the chunk keeps its own options (the task
+        timeout of all its calls, its task type...), which it carries."""
+        return self.submit(MapChunk(fn, (timeout, kind, options)), *args, **kwargs)
 
     async def run(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
         """Run ``fn(*args, **kwargs)`` in the pool and await its result (asyncio).

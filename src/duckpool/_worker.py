@@ -207,6 +207,28 @@ def _stop_iteration(index: int) -> StopIteration:
     )
 
 
+class MapChunk:
+    """A ``map`` chunk's call as a subclass's overridden ``submit`` sees it,
+    with the options ``map`` gave the chunk (task timeout, task type...),
+    for the executor's own ``submit`` to take back (``_submitting``).  In a
+    worker it is the call itself; the options stay in the pool's process."""
+
+    __slots__ = ("call", "options")
+
+    def __init__(self, call: Callable[..., Any], options: Any = None) -> None:
+        self.call = call
+        self.options = options
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.call(*args, **kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (MapChunk, (self.call,))
+
+    def __repr__(self) -> str:
+        return f"MapChunk({self.call!r})"
+
+
 class ItemError:
     """What ``run_items`` gives for an item that raised: its pickled error."""
 
