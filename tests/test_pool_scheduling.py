@@ -741,3 +741,35 @@ def test_only_a_known_exit_code_or_a_crash_signal_is_a_failed_start() -> None:
     assert self_inflicted(-signal.SIGSEGV) and not self_inflicted(-signal.SIGKILL)
     # (None: unknown, as for a process the fork server started once it is gone.)
     assert not self_inflicted(0) and not self_inflicted(None)
+
+
+def test_outside_kills_before_ready_break_the_pool_only_as_one_long_run() -> None:
+    from duckpool._pool import _launcher
+
+    def fresh() -> _launcher.Launcher:
+        launcher = _launcher.Launcher.__new__(_launcher.Launcher)
+        launcher.startup_deaths = launcher.unready_deaths = 0
+        launcher.unready_since = None
+        launcher.unready_last = 0.0
+        launcher.retry_at = None
+        return launcher
+
+    limit, give_up = _launcher.MAX_KILLED_STARTS, _launcher.START_GIVE_UP_SECONDS
+    # A run of kills lasting the give-up time breaks it once the count is reached...
+    launcher = fresh()
+    spread = give_up / (limit - 1)
+    assert [launcher.on_unready_death(False, None, i * spread) for i in range(limit)] == [0] * (
+        limit - 1
+    ) + [limit]
+    # ...each start after one backed off (doubling, at most a second)...
+    assert launcher.retry_at is not None
+    # ...but one old death does not make a later burst a long run (a start
+    # no longer wanted after it, say, so no worker became ready since).
+    launcher = fresh()
+    assert launcher.on_unready_death(False, None, 0.0) == 0
+    later = give_up + 1
+    burst = [launcher.on_unready_death(False, None, later + i * 0.05) for i in range(limit + 5)]
+    assert burst == [0] * (limit + 5)
+    # Deaths of their own break it at the third, however quick.
+    launcher = fresh()
+    assert [launcher.on_unready_death(True, None, 0.0) for _ in range(3)] == [0, 0, 3]

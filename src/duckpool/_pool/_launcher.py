@@ -43,6 +43,8 @@ MAX_STARTUP_DEATHS = 3
 #: Processes in a row that died before they were ready, killed from outside
 #: or not, after which the pool gives up (see ``Launcher.on_unready_death``).
 MAX_KILLED_STARTS = 10
+#: A death before READY this long after the last one starts a new run of them.
+UNREADY_GAP_SECONDS = 10.0
 #: How long starts may keep failing (transiently) before the pool breaks.
 START_GIVE_UP_SECONDS = 30.0
 #: The first wait before a failed start is tried again; it doubles per
@@ -115,8 +117,9 @@ class Launcher:
         #: Processes in a row that died before they were ready, unbidden,
         #: whatever killed them (see ``on_unready_death``).
         self.unready_deaths = 0
-        #: When the first of them died.
+        #: When the first of them died, and the last.
         self.unready_since: Optional[float] = None
+        self.unready_last = 0.0
         #: How long a worker takes from its start to ready, lately (seconds).
         self.start_seconds = 0.0
         #: Transient start failures in a row: since when, how many, the last.
@@ -424,9 +427,12 @@ class Launcher:
         each time breaks the pool rather than make it start processes for
         ever).  Each start after an outside kill is backed off.
         """
-        self.unready_deaths += 1
-        if self.unready_since is None:
+        if self.unready_since is None or now - self.unready_last > UNREADY_GAP_SECONDS:
+            # A new run of deaths (no start wanted since the last, say).
             self.unready_since = now
+            self.unready_deaths = 0
+        self.unready_deaths += 1
+        self.unready_last = now
         if (by_itself or missed is not None) and self.count_startup_death():
             return MAX_STARTUP_DEATHS
         if (
