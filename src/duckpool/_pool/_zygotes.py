@@ -294,7 +294,8 @@ class Zygotes:
                 for slot in core.slots:
                     slot.requested = False  # asked again at the retry
                 core.drop_surplus_slots()  # (resized away while asked for)
-                self.failed_forks += zygote is self.zygote
+                # (Counted only while a standby could take over.)
+                self.failed_forks += zygote is self.zygote and self.standby is not None
                 if self.failed_forks >= FAILED_FORKS and self.standby is not None:
                     self.kill_hung(zygote)  # its standby forks from now on (on_death)
             if error is not None:
