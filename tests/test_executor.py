@@ -395,6 +395,23 @@ def test_a_forked_child_can_neither_cancel_nor_wait_on_the_parent_s_tasks(
     assert [f.result(TIMEOUT) for f in [running, *queued]] == ["released"] * 3
 
 
+def test_stopping_an_inherited_executor_in_a_forked_child_does_nothing(
+    executor: duckpool.ProcessPoolExecutor,
+) -> None:
+    # The child's copy of the pool has no thread: kill_workers() and
+    # terminate_workers() there used to wait for it for ever.
+    assert executor.submit(tasks.add, 1, 1).result(TIMEOUT) == 2
+
+    def child() -> str:
+        executor.kill_workers()
+        executor.terminate_workers()
+        executor.shutdown()
+        return "returned"
+
+    assert run_in_forked_child(child) == "returned"
+    assert executor.submit(tasks.add, 2, 2).result(TIMEOUT) == 4  # (the parent's goes on)
+
+
 @pytest.mark.parametrize("bad", [0, -1])
 def test_max_workers_must_be_positive(bad: int) -> None:
     with pytest.raises(ValueError, match=str(bad)):

@@ -423,20 +423,24 @@ class ProcessPoolExecutor(Submitting, _StdlibProcessPoolExecutor):  # type: igno
         :class:`~duckpool.WorkerDiedError`, and tasks sent to a worker but not
         started yet with ``BrokenProcessPool``; every future resolves.  The
         executor cannot be used afterwards (as in Python 3.14): ``submit``
-        raises ``RuntimeError``.  Calling it after shutdown is harmless.
+        raises ``RuntimeError``.  Calling it after shutdown is harmless.  In
+        a process that inherited the executor by fork it does nothing.
         """
-        self._core.request_kill(signal.SIGTERM, "terminate_workers() was called")
-        self._core.join()
+        if self._core.owner_pid == os.getpid():
+            self._core.request_kill(signal.SIGTERM, "terminate_workers() was called")
+            self._core.join()
 
     def kill_workers(self) -> None:
         """Like :meth:`terminate_workers`, with SIGKILL.
 
         Returns once every worker has exited; queued tasks are cancelled,
         running ones fail with :class:`~duckpool.WorkerDiedError`, and the
-        executor cannot be used afterwards.
+        executor cannot be used afterwards.  In a process that inherited the
+        executor by fork it does nothing.
         """
-        self._core.request_kill(signal.SIGKILL, "kill_workers() was called")
-        self._core.join()
+        if self._core.owner_pid == os.getpid():
+            self._core.request_kill(signal.SIGKILL, "kill_workers() was called")
+            self._core.join()
 
     def __repr__(self) -> str:
         state = self._core.state()
