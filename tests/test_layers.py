@@ -26,6 +26,7 @@ def _module_name(path: Path) -> str:
 #: What runs inside a worker: it may import only these and the standard library.
 WORKER_SIDE = {
     "_worker",
+    "_chunks",
     "_worker_logs",
     "_progress",
     "_task_forks",
@@ -36,8 +37,10 @@ WORKER_SIDE = {
     "_spawned",
 }
 #: Where a worker process starts: ``_spawned.main`` under spawn,
-#: ``_worker.process_main`` or ``worker_main`` under fork and forkserver.
-WORKER_ENTRY_POINTS = {"_spawned", "_worker"}
+#: ``_worker.process_main`` or ``worker_main`` under fork and forkserver;
+#: and what a task's pickle names for the worker to import (``_chunks``,
+#: with a ``map`` chunk).
+WORKER_ENTRY_POINTS = {"_spawned", "_worker", "_chunks"}
 #: Not in the standard library, imported by a worker only when a pool's
 #: options ask for them (process titles, ``max_memory_per_child``,
 #: ``serializer="cloudpickle"``).

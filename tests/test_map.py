@@ -14,7 +14,7 @@ import pytest
 import _executor_tasks as tasks
 import duckpool
 from conftest import wait_until
-from duckpool import _futures, _map, _worker
+from duckpool import _chunks, _futures, _map
 
 TIMEOUT = 30
 
@@ -141,17 +141,17 @@ def test_a_map_s_errors_name_the_mapped_callable(chunksize: int | None) -> None:
             list(pool.map(tasks.add, [1, 2], [3, lambda: None], chunksize=chunksize))
     finally:
         pool.shutdown()
-    assert _futures.callable_label(functools.partial(_worker.run_chunk, divmod)) == (
+    assert _futures.callable_label(functools.partial(_chunks.run_chunk, divmod)) == (
         "a map() chunk of builtins.divmod"
     )
 
 
 def test_run_items_marks_a_chunk_with_failures_and_keeps_every_place() -> None:
-    assert type(_worker.run_items(divmod, ([7, 8], [2, 3]))) is list
-    results = _worker.run_items(divmod, ([7, 8, 9, 10], [2, 0, 3, 0]))
-    assert type(results) is _worker.PartlyFailed
+    assert type(_chunks.run_items(divmod, ([7, 8], [2, 3]))) is list
+    results = _chunks.run_items(divmod, ([7, 8, 9, 10], [2, 0, 3, 0]))
+    assert type(results) is _chunks.PartlyFailed
     assert results[0] == (3, 1) and results[2] == (3, 0)
-    assert all(isinstance(results[i], _worker.ItemError) for i in (1, 3))
+    assert all(isinstance(results[i], _chunks.ItemError) for i in (1, 3))
     error = _futures.exception_from_payload(memoryview(results[1].payload))
     assert isinstance(error, ZeroDivisionError)
 
@@ -315,7 +315,7 @@ def test_map_goes_through_a_subclass_s_own_submit_and_keeps_the_chunks_options(
             assert got == [7, 8, 9]
             assert len(pool.submitted) == 1
             assert pool.stats().completed == 1
-        assert all(isinstance(fn, _worker.MapChunk) for fn in pool.submitted)
+        assert all(isinstance(fn, _chunks.MapChunk) for fn in pool.submitted)
     finally:
         pool.shutdown()
 
@@ -350,12 +350,12 @@ def test_a_call_that_raises_stop_iteration_is_an_error_not_the_end_of_the_result
 
 
 def test_run_items_keeps_a_stop_iteration_in_its_place_and_runs_the_calls_after_it() -> None:
-    chunk = _worker.run_items(tasks.stop_at_two, ([1, 2, 3],))
-    assert type(chunk) is _worker.PartlyFailed
+    chunk = _chunks.run_items(tasks.stop_at_two, ([1, 2, 3],))
+    assert type(chunk) is _chunks.PartlyFailed
     assert chunk[0] == 1 and chunk[2] == 3
-    assert isinstance(chunk[1], _worker.ItemError)
+    assert isinstance(chunk[1], _chunks.ItemError)
     with pytest.raises(StopIteration):
-        _worker.run_chunk(tasks.stop_at_two, ([1, 2, 3],))
+        _chunks.run_chunk(tasks.stop_at_two, ([1, 2, 3],))
 
 
 class _ElsewhereExecutor(duckpool.ProcessPoolExecutor):

@@ -65,7 +65,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future
 from typing import Any, Callable, Optional, TypeVar
 
-from duckpool import _context, _process_pools, _tracing, _worker
+from duckpool import _chunks, _context, _process_pools, _tracing
 from duckpool._dask_bridge import DaskBridge
 from duckpool._errors import InheritedManagerError
 from duckpool._futures import UNSET
@@ -384,9 +384,9 @@ class DaskExecutor(Executor):
         deadline = map_deadline(timeout)
         make_bar = progress_bar_factory(progress, iterables)
         chunks = chunk_calls(iterables, size, read_now=buffersize is None)
-        run_chunk = functools.partial(_worker.run_chunk, fn)
+        run_chunk = functools.partial(_chunks.run_chunk, fn)
 
-        def submit_chunk(chunk: _worker.Columns) -> Future[list[_T]]:
+        def submit_chunk(chunk: _chunks.Columns) -> Future[list[_T]]:
             if len(chunk[0]) == 1:  # fn itself: the workers need nothing from duckpool
                 args = tuple(column[0] for column in chunk)
                 return self._submit(

@@ -189,7 +189,7 @@ def next_task_id() -> int:
     return next(_task_ids)
 
 
-#: What runs a ``map`` chunk in a worker (``_worker``): a chunk is named
+#: What runs a ``map`` chunk in a worker (``_chunks``): a chunk is named
 #: after the mapped callable, not after them.
 _MAP_RUNNERS = frozenset({"run_items", "run_chunk"})
 
@@ -201,7 +201,7 @@ def callable_label(fn: object) -> str:
     if isinstance(fn, functools.partial):
         inner = fn.func
         if (
-            getattr(inner, "__module__", None) == "duckpool._worker"
+            getattr(inner, "__module__", None) == "duckpool._chunks"
             and getattr(inner, "__name__", None) in _MAP_RUNNERS
             and fn.args
         ):

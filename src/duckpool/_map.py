@@ -7,7 +7,7 @@ An executor's ``map`` checks its arguments, cuts the calls into chunks
 (``ordered=False``) as the chunks finish, that keeps ``buffersize`` chunks
 in flight, stops at the first failed call, and cancels what is not started
 when it ends early.  The chunks run in workers
-through ``_worker.run_chunk`` / ``run_items``.
+through ``_chunks.run_chunk`` / ``run_items``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from typing import Any, Callable, Optional, TypeVar
 
-from duckpool import _context, _futures, _worker
+from duckpool import _chunks, _context, _futures
 from duckpool._validate import (
     check_buffersize,
     check_chunksize,
@@ -89,7 +89,7 @@ def progress_bar_factory(
 
 def chunk_calls(
     iterables: tuple[Iterable[Any], ...], size: int, read_now: bool
-) -> Iterator[_worker.Columns]:
+) -> Iterator[_chunks.Columns]:
     """The calls of ``map(fn, *iterables)``, ``size`` at a time, as columns.
 
     The iterables are opened here, at once, so that one which is not
@@ -107,12 +107,12 @@ def chunk_calls(
 
 def _sliced_chunks(
     columns: tuple[list[Any], ...], length: int, size: int
-) -> Iterator[_worker.Columns]:
+) -> Iterator[_chunks.Columns]:
     for start in range(0, length, size):
         yield tuple(column[start : start + size] for column in columns)
 
 
-def _single_column_chunks(items: Iterator[Any], size: int) -> Iterator[_worker.Columns]:
+def _single_column_chunks(items: Iterator[Any], size: int) -> Iterator[_chunks.Columns]:
     while True:
         column = list(itertools.islice(items, size))
         if not column:
@@ -120,7 +120,7 @@ def _single_column_chunks(items: Iterator[Any], size: int) -> Iterator[_worker.C
         yield (column,)
 
 
-def _zipped_chunks(calls: Iterator[tuple[Any, ...]], size: int) -> Iterator[_worker.Columns]:
+def _zipped_chunks(calls: Iterator[tuple[Any, ...]], size: int) -> Iterator[_chunks.Columns]:
     while True:
         rows = list(itertools.islice(calls, size))
         if not rows:
@@ -186,9 +186,9 @@ class MapResults(Iterator[_T]):
 
 
 def map_results(
-    chunks: Iterator[_worker.Columns],
+    chunks: Iterator[_chunks.Columns],
     buffersize: Optional[int],
-    submit_chunk: Callable[[_worker.Columns], Future[list[_T]]],
+    submit_chunk: Callable[[_chunks.Columns], Future[list[_T]]],
     deadline: Optional[float],
     make_bar: Optional[Callable[[], Any]] = None,
     item_errors: bool = False,
@@ -201,7 +201,7 @@ def map_results(
     library does); with it, that many, and one more each time a chunk's
     results are handed out.  ``submit_chunk`` raising here (shutdown,
     saturation) fails the ``map`` call itself.  ``item_errors``: a chunk's
-    results may hold a failed call (``_worker.run_items``), raised when its
+    results may hold a failed call (``_chunks.run_items``), raised when its
     turn comes.
     """
     first = chunks if buffersize is None else itertools.islice(chunks, buffersize)
@@ -277,8 +277,8 @@ def _handed_out(results: list[_T]) -> Iterator[_T]:
 
 def _result_chunks(
     futures: deque[Future[list[_T]]],
-    more_chunks: Optional[Iterator[_worker.Columns]],
-    submit_chunk: Callable[[_worker.Columns], Future[list[_T]]],
+    more_chunks: Optional[Iterator[_chunks.Columns]],
+    submit_chunk: Callable[[_chunks.Columns], Future[list[_T]]],
     deadline: Optional[float],
     make_bar: Optional[Callable[[], Any]],
     item_errors: bool,
@@ -359,8 +359,8 @@ def _withdraw_all(futures: Iterable[Future[Any]]) -> None:
 
 def _chunk_results(chunk: list[_T], item_errors: bool) -> Generator[Iterator[_T], None, None]:
     """Hand out one chunk's results; raise where a call of it failed."""
-    if item_errors and type(chunk) is _worker.PartlyFailed:
-        failed = next(i for i, r in enumerate(chunk) if isinstance(r, _worker.ItemError))
+    if item_errors and type(chunk) is _chunks.PartlyFailed:
+        failed = next(i for i, r in enumerate(chunk) if isinstance(r, _chunks.ItemError))
         error: Any = chunk[failed]
         del chunk[failed:]  # the map ends at the failed call
         yield _handed_out(chunk)
@@ -370,8 +370,8 @@ def _chunk_results(chunk: list[_T], item_errors: bool) -> Generator[Iterator[_T]
 
 def _unordered_result_chunks(
     futures: deque[Future[list[_T]]],
-    more_chunks: Optional[Iterator[_worker.Columns]],
-    submit_chunk: Callable[[_worker.Columns], Future[list[_T]]],
+    more_chunks: Optional[Iterator[_chunks.Columns]],
+    submit_chunk: Callable[[_chunks.Columns], Future[list[_T]]],
     deadline: Optional[float],
     make_bar: Optional[Callable[[], Any]],
     item_errors: bool,
@@ -449,15 +449,15 @@ def pool_map(
             iterables = materialised(iterables)
             count = len(iterables[0]) if iterables else 0
             size = auto_chunk_size(count, workers)
-        run = functools.partial(_worker.run_items, fn)
+        run = functools.partial(_chunks.run_items, fn)
     else:
         assert chunksize is not None
         size = chunksize
-        run = functools.partial(_worker.run_chunk, fn)
+        run = functools.partial(_chunks.run_chunk, fn)
     chunks = chunk_calls(iterables, size, read_now=buffersize is None)
     call = _context.bind(run, context) if context else run
 
-    def submit_chunk(chunk: _worker.Columns) -> Future[list[_T]]:
+    def submit_chunk(chunk: _chunks.Columns) -> Future[list[_T]]:
         # The task timeout is each call's: a chunk of n calls gets n times it.
         limit = task_timeout
         if limit is not None and chunk:

@@ -58,7 +58,7 @@ _worker: Optional[ModuleType] = None
 _next_at = 0.0
 #: The latest update not sent yet: ``(task_id, done, total, message, offset)``.
 pending: Optional[tuple[int, Any, Any, Any, Any]] = None
-#: The results so far of the ``map`` chunk running now (``_worker.run_items``).
+#: The results so far of the ``map`` chunk running now (``_chunks.run_items``).
 chunk: Optional[list[Any]] = None
 
 

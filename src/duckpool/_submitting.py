@@ -18,6 +18,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 from duckpool import _buffers, _context, _futures, _process_pools, _protocol, _tracing
+from duckpool._chunks import MapChunk
 from duckpool._errors import call_pickling_error
 from duckpool._map import pool_map
 from duckpool._options import TaskOptions, await_cancelling
@@ -28,7 +29,6 @@ from duckpool._validate import (
     check_task_type,
     check_timeout,
 )
-from duckpool._worker import MapChunk
 
 if TYPE_CHECKING:
     from duckpool._admission import Admission
@@ -38,6 +38,10 @@ if TYPE_CHECKING:
 __all__ = ["Submitting", "queue_call"]
 
 _T = TypeVar("_T")
+
+
+#: What a map chunk reaches ``submit`` as, through a subclass's own ``submit``.
+_CHUNK_CARRIERS = frozenset({MapChunk, functools.partial})
 
 
 def _chunk_in(fn: Any) -> Optional[MapChunk]:
@@ -92,12 +96,13 @@ class Submitting:
         stops it first: see :meth:`shutdown`.  If the pool breaks meanwhile,
         it fails with ``BrokenProcessPool``.
         """
-        chunk = _chunk_in(fn)
-        if chunk is not None:
-            # A map chunk, passed on by a subclass's submit(): its own options.
-            timeout, kind, options = chunk.options
-            call = chunk.call if fn is chunk else fn
-            return self._submit(call, args, kwargs, timeout, kind, **options)
+        if type(fn) in _CHUNK_CARRIERS and type(self).submit is not Submitting.submit:
+            chunk = _chunk_in(fn)
+            if chunk is not None:
+                # A map chunk, passed on by a subclass's submit(): its own options.
+                timeout, kind, options = chunk.options
+                call = chunk.call if fn is chunk else fn
+                return self._submit(call, args, kwargs, timeout, kind, **options)
         return self._submit(fn, args, kwargs, self._task_timeout, None)
 
     def _submit_chunk(

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 #: True in a process a task forked (set by the fork handler).
 forked = False
-#: The columns of the ``map`` chunk the worker is running (``_worker.run_chunk``).
+#: The columns of the ``map`` chunk the worker is running (``_chunks.run_chunk``).
 chunk: Optional[tuple[list[Any], ...]] = None
 #: The worker's own pipe ends: ``/dev/null`` in their place in a forked child.
 _pipes: list[int] = []
