@@ -7,9 +7,10 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, Future
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,14 +28,23 @@ def test_a_drain_lets_short_work_finish(ctx: object) -> None:
     assert [f.result(0) for f in futures] == list(range(1, 21))
 
 
-def test_a_drain_stops_overrunning_work_at_its_deadline(
-    ctx: object, tmp_path: Path, gate: Path
-) -> None:
-    pool = duckpool.ProcessPoolExecutor(1, ctx)  # type: ignore[arg-type]
+def _one_running_one_queued(
+    pool: duckpool.ProcessPoolExecutor, tmp_path: Path, gate: Path
+) -> tuple[Future[Any], Future[Any]]:
+    """A task that runs in the pool's one worker until ``gate`` exists (once
+    it has begun), and one queued behind it."""
     started = tmp_path / "started"
     running = pool.submit(tasks.touch_then_wait, str(started), str(gate))
     queued = pool.submit(tasks.add, 1, 1)
     wait_until(started.exists, TIMEOUT)
+    return running, queued
+
+
+def test_a_drain_stops_overrunning_work_at_its_deadline(
+    ctx: object, tmp_path: Path, gate: Path
+) -> None:
+    pool = duckpool.ProcessPoolExecutor(1, ctx)  # type: ignore[arg-type]
+    running, queued = _one_running_one_queued(pool, tmp_path, gate)
     pid = pool.worker_pids()[0]
     begun = time.monotonic()
     pool.shutdown(timeout=0.2)
@@ -279,10 +289,7 @@ def test_a_ctrl_c_caught_in_shutdown_leaves_the_pool_waiting_for_its_work(
     import threading
 
     pool = duckpool.ProcessPoolExecutor(1, ctx)  # type: ignore[arg-type]
-    started = tmp_path / "started"
-    running = pool.submit(tasks.touch_then_wait, str(started), str(gate))
-    queued = pool.submit(tasks.add, 1, 1)
-    wait_until(started.exists, TIMEOUT)
+    running, queued = _one_running_one_queued(pool, tmp_path, gate)
     main = threading.get_ident()
 
     def interrupt_the_join() -> None:

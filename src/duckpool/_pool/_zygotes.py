@@ -245,7 +245,7 @@ class Zygotes:
         core = self._core
         while self.zygote is not None and any(slot.requested for slot in core.slots):
             zygote = self.zygote
-            if not self._answer_comes(zygote):
+            if not _answer_comes(zygote, self.asked_at):
                 # Stopped, hung or dead: what it was starting is not awaited.
                 self.kill_hung(zygote)
                 with core.lock:
@@ -256,23 +256,6 @@ class Zygotes:
                     for slot in core.slots:
                         slot.requested = False
                 return
-
-    def _answer_comes(self, zygote: _zygote.Zygote) -> bool:
-        """Wait until ``zygote`` has an answer to read; False if it dies
-        first, is stopped (SIGSTOP, a debugger), or answers nothing for
-        ANSWER_SECONDS since it was asked, as the dispatcher would judge it
-        (``check_answers``)."""
-        asked_at = self.asked_at
-        deadline = (time.monotonic() if asked_at is None else asked_at) + ANSWER_SECONDS
-        while True:
-            ready = mp_connection.wait([zygote.control, zygote.sentinel], STOPPED_POLL_SECONDS)
-            if zygote.control in ready:
-                return True
-            # (Without pidfds its sentinel is a pipe its workers hold too.)
-            if ready or time.monotonic() >= deadline or not zygote.process.is_alive():
-                return False
-            if _child.found_stopped(zygote.process):
-                return False
 
     def on_started(self, zygote: _zygote.Zygote) -> bool:
         """Install what ``zygote`` answered with; False if no answer can come now.
@@ -542,6 +525,23 @@ def _close_dead_standbys(retired: list[_zygote.Zygote], reap: bool) -> None:
             if reap:
                 _orphans.reap_if_adopted(process.sentinel)
             process.close()
+
+
+def _answer_comes(zygote: _zygote.Zygote, asked_at: Optional[float]) -> bool:
+    """Wait until ``zygote`` has an answer to read; False if it dies
+    first, is stopped (SIGSTOP, a debugger), or answers nothing for
+    ANSWER_SECONDS since it was asked (``asked_at``), as the dispatcher
+    would judge it (``check_answers``)."""
+    deadline = (time.monotonic() if asked_at is None else asked_at) + ANSWER_SECONDS
+    while True:
+        ready = mp_connection.wait([zygote.control, zygote.sentinel], STOPPED_POLL_SECONDS)
+        if zygote.control in ready:
+            return True
+        # (Without pidfds its sentinel is a pipe its workers hold too.)
+        if ready or time.monotonic() >= deadline or not zygote.process.is_alive():
+            return False
+        if _child.found_stopped(zygote.process):
+            return False
 
 
 def _fork_zygote(
